@@ -1,0 +1,1 @@
+"""Attention backends behind one interface (torch SDPA on CPU; GPU backends slot in)."""

@@ -1,0 +1,49 @@
+"""EngineConfig: the engine's knobs (model, dtype, batch limits, KV cache size), validated once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+_DTYPES = ("float32", "bfloat16", "float16")
+_DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
+
+
+@dataclass
+class EngineConfig:
+    model: str | None = None  # checkpoint directory; None = the embedded default model
+    dtype: str = "auto"  # auto = the checkpoint's dtype
+    device: str | None = None  # None = cuda when available, else cpu
+    max_model_len: int | None = None  # None = the model's max_position_embeddings, capped by the KV cache
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    num_kv_blocks: int | None = None  # wins over kv_cache_memory
+    kv_cache_memory: int | None = None  # bytes; None = 2 GiB on CPU, 90% of free memory on CUDA
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.dtype != "auto" and self.dtype not in _DTYPES:
+            raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if self.max_model_len is not None and self.max_model_len < 2:
+            raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+    def torch_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def kv_cache_bytes(self, device: torch.device) -> int:
+        if self.kv_cache_memory is not None:
+            return self.kv_cache_memory
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(free * 0.9)
+        return _DEFAULT_CPU_KV_CACHE_BYTES

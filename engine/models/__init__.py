@@ -1,0 +1,1 @@
+"""Model implementations and the registry that picks one from a checkpoint config."""

@@ -1,0 +1,187 @@
+"""The Qwen3-Omni thinker's text decoder (Qwen3-MoE, interleaved M-RoPE) over a flat batch and paged KV cache.
+
+It maps token ids (or merged multimodal embeddings) to hidden states and logits; it owns no scheduling or sampling.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from omnistream.engine.attention.backend import AttentionBackend, AttentionMetadata
+from omnistream.engine.attention.torch_sdpa import TorchSDPABackend
+from omnistream.engine.config import TextConfig, ThinkerConfig
+from omnistream.engine.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from omnistream.engine.layers.linear import QKVParallelLinear, RowParallelLinear, copy_weight
+from omnistream.engine.layers.moe import SparseMoeBlock, expert_checkpoint_shards
+from omnistream.engine.layers.norm import RMSNorm
+from omnistream.engine.layers.rotary import MRotaryEmbedding, apply_rotary
+
+_QKV_SHARDS = {".q_proj.": "q", ".k_proj.": "k", ".v_proj.": "v"}
+
+
+class ThinkerAttention(nn.Module):
+    """GQA with per-head q/k RMSNorm before M-RoPE; K/V go through the backend into the paged cache."""
+
+    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.head_dim = text.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            text.hidden_size, text.head_dim, text.num_attention_heads, text.num_key_value_heads, text.attention_bias
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(text.num_attention_heads * text.head_dim, text.hidden_size, text.attention_bias)
+        self.q_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
+        self.k_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
+        self.backend = backend
+        self.scale = text.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rotary(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        o = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class ThinkerDecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then the sparse MoE."""
+
+    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.self_attn = ThinkerAttention(text, backend)
+        self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.mlp = SparseMoeBlock(
+            text.hidden_size,
+            text.moe_intermediate_size,
+            text.num_experts,
+            text.num_experts_per_tok,
+            text.norm_topk_prob,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn_metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class ThinkerTextModel(nn.Module):
+    """Embedding, decoder layers and final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
+        self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
+        self.layers = nn.ModuleList(ThinkerDecoderLayer(text, backend) for _ in range(text.num_hidden_layers))
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV caches (one per layer), got {len(kv_caches)}")
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            hidden = layer(hidden, cos, sin, kv_cache, attn_metadata)
+            # DeepStack: visual features are added to `hidden` here after layers 0..2 (multimodal issue).
+        return self.norm(hidden)
+
+
+class Qwen3OmniThinkerForCausalLM(nn.Module):
+    """Thinker text decoder + untied lm_head. Parameter names follow the thinker-only checkpoint."""
+
+    def __init__(self, config: ThinkerConfig, attn_backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        text = config.text
+        self.model = ThinkerTextModel(text, attn_backend or TorchSDPABackend())
+        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
+        attn = self.model.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def kv_cache_shape_per_layer(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """[2 (k, v), num_blocks, block_size, KV heads on this rank, head_dim]."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, H]; multimodal features are merged into these by the caller."""
+        return self.model.embed_tokens(input_ids)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, H] for a flat batch; positions are M-RoPE rows [3, T]."""
+        hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.model(hidden, positions, kv_caches, attn_metadata)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] in float32 (the projection itself runs in the model dtype, like HF)."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load thinker-only checkpoint names; return the parameters whose every shard was loaded.
+
+        Raises ValueError for a checkpoint name that matches no parameter.
+        """
+        params = dict(self.named_parameters())
+        loaded_shards: dict[str, set[object]] = defaultdict(set)
+        for name, tensor in weights:
+            for target, shard, shard_id in _route(name, tensor):
+                param = params.get(target)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the thinker")
+                getattr(param, "weight_loader", copy_weight)(param, shard, shard_id)
+                # shard id None means the whole parameter at once (e.g. an already-packed q|k|v tensor)
+                loaded_shards[target].update(getattr(param, "shard_ids", (None,)) if shard_id is None else {shard_id})
+        return {
+            name
+            for name, param in params.items()
+            if loaded_shards[name] >= set(getattr(param, "shard_ids", (None,)))
+        }
+
+
+def _route(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, object]]:
+    """Checkpoint name → (our parameter name, tensor, shard id) for packed q/k/v and fused experts."""
+    prefix, _, suffix = name.partition(".mlp.experts.")
+    expert_shards = expert_checkpoint_shards(suffix, tensor) if suffix else []
+    if expert_shards:
+        for param, shard, shard_id in expert_shards:
+            yield f"{prefix}.mlp.{param}", shard, shard_id
+        return
+    for proj, shard_id in _QKV_SHARDS.items():
+        if ".self_attn" + proj in name:
+            yield name.replace(proj, ".qkv_proj."), tensor, shard_id
+            return
+    yield name, tensor, None

@@ -1,0 +1,1 @@
+"""Input processors: media to features, placeholders and TM-RoPE position ids (no model weights)."""

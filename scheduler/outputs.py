@@ -1,0 +1,93 @@
+"""The contract between deciding and doing: SchedulerOutput in, ModelRunnerOutput back.
+
+These msgspec Structs are the only things the model runner is told and the only things it
+answers; they cross process boundaries (TP workers, engine core) as msgspec bytes.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from omnistream.scheduler.sampling_params import SamplingParams
+
+
+class NewRequestData(msgspec.Struct, kw_only=True):
+    """A request the runner has not seen (or must rebuild after preemption)."""
+
+    req_id: str
+    token_ids: list[int]  # every token known now: the prompt, plus earlier outputs when resumed
+    num_prompt_tokens: int  # token_ids[:num_prompt_tokens] is the prompt (penalties tell them apart)
+    sampling_params: SamplingParams
+    block_ids: list[int]  # the whole block table
+    num_computed_tokens: int  # tokens whose KV is already in the blocks (prefix-cache hits)
+
+
+class CachedRequestData(msgspec.Struct, kw_only=True):
+    """A request the runner already holds; only what changed since the last step."""
+
+    req_id: str
+    new_token_ids: list[int]  # tokens appended since the runner last heard of it (outputs, new input)
+    new_block_ids: list[int]  # appended to its block table
+    num_computed_tokens: int
+
+
+class SchedulerOutput(msgspec.Struct, kw_only=True):
+    """One step's plan. Tokens to compute per request are num_scheduled_tokens[req_id],
+    starting at that request's num_computed_tokens. A request samples a token this step
+    iff its computed tokens then reach the end of its known tokens."""
+
+    scheduled_new_reqs: list[NewRequestData]
+    scheduled_cached_reqs: list[CachedRequestData]
+    num_scheduled_tokens: dict[str, int]
+    total_num_scheduled_tokens: int
+    preempted_req_ids: list[str]  # the runner drops their state; they come back as new
+    finished_req_ids: list[str]  # finished or aborted since the last step; the runner drops them
+
+    @property
+    def is_empty(self) -> bool:
+        return self.total_num_scheduled_tokens == 0
+
+
+class TokenLogprobs(msgspec.Struct, array_like=True):
+    """Log-probabilities at one position: entry 0 is the chosen token, then the top-N."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    ranks: list[int]  # 1-based rank of each token in the full distribution
+
+
+class ModelRunnerOutput(msgspec.Struct, kw_only=True):
+    """What one executed step produced."""
+
+    sampled_req_ids: list[str]
+    sampled_token_ids: list[int]  # parallel to sampled_req_ids
+    logprobs: list[TokenLogprobs | None]  # parallel to sampled_req_ids; None when not asked for
+    # Prompt logprobs computed this step, per request, for positions 1.. of the prompt in order
+    # (the first prompt token has none); spread over several steps when the prefill is chunked.
+    prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+
+
+EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[])
+
+
+class EngineCoreOutput(msgspec.Struct, kw_only=True):
+    """What one request produced in one step, as the engine core reports it to the front end."""
+
+    req_id: str
+    new_token_ids: list[int]
+    new_logprobs: list[TokenLogprobs] = []
+    new_prompt_logprobs: list[TokenLogprobs] = []
+    finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
+    stop_reason: int | str | None = None  # the stop token id (or stop string) that ended it
+    num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+class SchedulerStats(msgspec.Struct, kw_only=True):
+    """A snapshot for metrics and logs."""
+
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float  # fraction of KV blocks referenced by requests
+    prefix_cache_queries: int  # tokens looked up in the prefix cache, cumulative
+    prefix_cache_hits: int  # tokens found there, cumulative
+    num_preemptions: int  # cumulative

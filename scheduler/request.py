@@ -1,0 +1,109 @@
+"""One request's state in the scheduler: its tokens, its progress and its status.
+
+`num_computed_tokens` is the single progress counter; prefill and decode both mean "chase num_tokens".
+"""
+
+from __future__ import annotations
+
+import enum
+
+from omnistream.scheduler.block_hash import BlockHash, ExtraKeys, hash_block_tokens
+from omnistream.scheduler.sampling_params import SamplingParams
+
+
+class RequestStatus(enum.IntEnum):
+    WAITING = enum.auto()
+    RUNNING = enum.auto()
+    PREEMPTED = enum.auto()
+    FINISHED_STOPPED = enum.auto()
+    FINISHED_LENGTH_CAPPED = enum.auto()
+    FINISHED_ABORTED = enum.auto()
+
+    @property
+    def is_finished(self) -> bool:
+        return self in _FINISH_REASONS
+
+    @property
+    def finish_reason(self) -> str | None:
+        """The OpenAI finish-reason string: "stop", "length" or "abort"; None while unfinished."""
+        return _FINISH_REASONS.get(self)
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: "stop",
+    RequestStatus.FINISHED_LENGTH_CAPPED: "length",
+    RequestStatus.FINISHED_ABORTED: "abort",
+}
+
+
+class Request:
+    """A token sequence that can grow (sampled outputs, later appended input) and its progress."""
+
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling_params: SamplingParams,
+        eos_token_ids: list[int],
+        arrival_time: float,
+        priority: int = 0,
+        *,
+        extra_keys: ExtraKeys = (),
+    ) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = list(prompt_token_ids)
+        self.sampling_params = sampling_params
+        self.eos_token_ids = list(eos_token_ids)
+        self.arrival_time = arrival_time
+        self.priority = priority
+        self.extra_keys = tuple(extra_keys)  # mixed into every block hash (later: per-block media hashes)
+
+        self.all_token_ids: list[int] = list(prompt_token_ids)
+        self.output_token_ids: list[int] = []
+        self.num_computed_tokens = 0  # tokens whose KV is in the blocks (or scheduled to be this step)
+        self.num_tokens_sent = 0  # all_token_ids[:num_tokens_sent] is what the model runner holds
+        self.num_cached_tokens = 0  # prefix-cache hit at first schedule
+        self.num_prompt_logprobs = 0  # prompt positions whose logprobs were reported (survives preemption)
+        self.status = RequestStatus.WAITING
+        self.stop_reason: int | str | None = None
+        self.max_tokens: int | None = sampling_params.max_tokens  # resolved by resolve_max_tokens
+        self.block_hashes: list[BlockHash] = []  # one per full block of all_token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.all_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status.is_finished
+
+    def resolve_max_tokens(self, max_model_len: int) -> int:
+        """Cap max_tokens so prompt + outputs fit max_model_len (None means "up to max_model_len")."""
+        room = max_model_len - self.num_prompt_tokens
+        requested = self.sampling_params.max_tokens
+        self.max_tokens = room if requested is None else min(requested, room)
+        return self.max_tokens
+
+    def append_output_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        self.all_token_ids.append(token_id)
+
+    def append_input_tokens(self, token_ids: list[int]) -> None:
+        """Grow the sequence with new input (e.g. streamed audio); it is prefilled like any other token."""
+        self.all_token_ids.extend(token_ids)
+
+    def update_block_hashes(self, block_size: int) -> list[BlockHash]:
+        """Extend block_hashes over the full blocks of all_token_ids that are not hashed yet."""
+        for start in range(len(self.block_hashes) * block_size, self.num_tokens - block_size + 1, block_size):
+            parent = self.block_hashes[-1] if self.block_hashes else None
+            block = self.all_token_ids[start : start + block_size]
+            self.block_hashes.append(hash_block_tokens(parent, block, self.extra_keys))
+        return self.block_hashes

@@ -1,0 +1,295 @@
+"""The Scheduler: each step, who runs, how many tokens each computes, and which KV blocks they use.
+
+One token budget per step: running requests first (decodes and unfinished chunked prefills, in
+order), then waiting ones (FCFS). When blocks run out, the newest running request is preempted.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable
+
+import msgspec
+
+from omnistream.scheduler.block_pool import KVCacheBlock
+from omnistream.scheduler.kv_cache_manager import KVCacheManager
+from omnistream.scheduler.outputs import (
+    CachedRequestData,
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    NewRequestData,
+    SchedulerOutput,
+    SchedulerStats,
+    TokenLogprobs,
+)
+from omnistream.scheduler.request import Request, RequestStatus
+from omnistream.scheduler.stop import check_stop
+
+
+class SchedulerConfig(msgspec.Struct, kw_only=True):
+    max_model_len: int
+    num_kv_blocks: int
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048  # the token budget of one step
+    block_size: int = 16
+    enable_prefix_caching: bool = True
+    long_prefill_token_threshold: int = 0  # the largest prefill chunk per request and step; 0: off
+
+    def __post_init__(self) -> None:
+        for name in ("max_model_len", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.kv_cache_manager = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}  # every unfinished request
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # oldest admitted first; preemption takes from the back
+        self.finished_req_ids: set[str] = set()  # since the last schedule()
+        self.num_preemptions = 0
+
+    # ---- requests in and out -------------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        """Queue a request; ValueError if it is malformed or could never finish even alone."""
+        cfg = self.config
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        if request.num_prompt_tokens == 0:
+            raise ValueError(f"request {request.request_id!r}: the prompt is empty")
+        if request.num_prompt_tokens >= cfg.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: the prompt has {request.num_prompt_tokens} tokens, "
+                f"max_model_len is {cfg.max_model_len} (at least one output token must fit)"
+            )
+        max_tokens = request.resolve_max_tokens(cfg.max_model_len)
+        # The last sampled token is never computed, so the KV holds at most prompt + max_tokens - 1.
+        num_blocks = -(-(request.num_prompt_tokens + max_tokens - 1) // cfg.block_size)
+        if num_blocks > cfg.num_kv_blocks:
+            raise ValueError(
+                f"request {request.request_id!r}: {request.num_prompt_tokens} prompt tokens + "
+                f"max_tokens {max_tokens} need {num_blocks} KV blocks of {cfg.block_size} tokens, "
+                f"but the pool has only {cfg.num_kv_blocks}"
+            )
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """Finish requests from outside (abort, stop string); unknown or finished ids are ignored."""
+        if not status.is_finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status.name}")
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for req_id in ids:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._release(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    def get_num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    def get_request(self, request_id: str) -> Request | None:
+        """An unfinished request by id (finished ones are forgotten)."""
+        return self.requests.get(request_id)
+
+    def make_stats(self) -> SchedulerStats:
+        kv = self.kv_cache_manager
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=kv.block_pool.usage,
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
+            num_preemptions=self.num_preemptions,
+        )
+
+    # ---- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        num_scheduled: dict[str, int] = {}
+        new_block_ids: dict[str, list[int]] = {}
+        new_reqs: list[Request] = []
+        preempted: list[Request] = []
+
+        # Running requests first, in order; make room by preempting from the back.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_tokens = self._num_tokens_to_schedule(request, request.num_computed_tokens, budget)
+            if num_tokens > 0:
+                blocks = self._allocate_or_preempt(request, num_tokens, preempted)
+                if blocks is None:
+                    break  # it preempted itself: it was the last running request
+                num_scheduled[request.request_id] = num_tokens
+                new_block_ids[request.request_id] = [block.block_id for block in blocks]
+                budget -= num_tokens
+            i += 1
+
+        # Then waiting requests, first come first served, unless this step is short of blocks.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
+            if self.kv_cache_manager.allocate_slots(request, num_tokens, hits) is None:
+                break
+            self.waiting.popleft()
+            if request.status == RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            new_reqs.append(request)
+            num_scheduled[request.request_id] = num_tokens
+            budget -= num_tokens
+
+        output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted)
+        for req_id, num_tokens in num_scheduled.items():
+            request = self.requests[req_id]
+            request.num_computed_tokens += num_tokens
+            request.num_tokens_sent = request.num_tokens
+        self.finished_req_ids = set()
+        return output
+
+    def update_from_output(
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Append sampled tokens, check stops, free finished requests; one output per request that
+        got a token or prompt logprobs this step."""
+        out = model_runner_output
+        sampled = {req_id: i for i, req_id in enumerate(out.sampled_req_ids)}
+        outputs = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            request = self.requests.get(req_id)
+            if request is None:
+                continue  # finished meanwhile (aborted)
+            prompt_logprobs = self._new_prompt_logprobs(request, scheduler_output, out)
+            if req_id not in sampled and not prompt_logprobs:
+                continue  # a prefill chunk with nothing to report
+            engine_output = EngineCoreOutput(
+                req_id=req_id,
+                new_token_ids=[],
+                new_prompt_logprobs=prompt_logprobs,
+                num_cached_tokens=request.num_cached_tokens,
+            )
+            if req_id in sampled:
+                self._append_sampled(request, out, sampled[req_id], engine_output)
+            outputs.append(engine_output)
+        self.running = [request for request in self.running if not request.is_finished]
+        return outputs
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _num_tokens_to_schedule(self, request: Request, num_computed_tokens: int, budget: int) -> int:
+        num_tokens = min(request.num_tokens - num_computed_tokens, budget)
+        if self.config.long_prefill_token_threshold > 0:
+            num_tokens = min(num_tokens, self.config.long_prefill_token_threshold)
+        return num_tokens
+
+    def _allocate_or_preempt(
+        self, request: Request, num_tokens: int, preempted: list[Request]
+    ) -> list[KVCacheBlock] | None:
+        """Allocate for a running request, preempting the newest running ones until it fits.
+        None when the request had to preempt itself."""
+        while True:
+            blocks = self.kv_cache_manager.allocate_slots(request, num_tokens)
+            if blocks is not None:
+                return blocks
+            victim = self.running.pop()
+            self._preempt(victim)
+            preempted.append(victim)
+            if victim is request:
+                return None
+
+    def _preempt(self, request: Request) -> None:
+        """Preempt by recompute: drop its KV; it goes to the front of the waiting queue."""
+        self.kv_cache_manager.free(request)
+        request.num_computed_tokens = 0
+        request.num_tokens_sent = 0
+        request.status = RequestStatus.PREEMPTED
+        self.waiting.appendleft(request)
+        self.num_preemptions += 1
+
+    def _make_output(
+        self,
+        num_scheduled: dict[str, int],
+        new_reqs: list[Request],
+        new_block_ids: dict[str, list[int]],
+        preempted: list[Request],
+    ) -> SchedulerOutput:
+        new_data = [
+            NewRequestData(
+                req_id=request.request_id,
+                token_ids=list(request.all_token_ids),
+                num_prompt_tokens=request.num_prompt_tokens,
+                sampling_params=request.sampling_params,
+                block_ids=self.kv_cache_manager.get_block_ids(request),
+                num_computed_tokens=request.num_computed_tokens,
+            )
+            for request in new_reqs
+        ]
+        cached_data = [
+            CachedRequestData(
+                req_id=req_id,
+                new_token_ids=self.requests[req_id].all_token_ids[self.requests[req_id].num_tokens_sent :],
+                new_block_ids=block_ids,
+                num_computed_tokens=self.requests[req_id].num_computed_tokens,
+            )
+            for req_id, block_ids in new_block_ids.items()
+        ]
+        return SchedulerOutput(
+            scheduled_new_reqs=new_data,
+            scheduled_cached_reqs=cached_data,
+            num_scheduled_tokens=num_scheduled,
+            total_num_scheduled_tokens=sum(num_scheduled.values()),
+            preempted_req_ids=[request.request_id for request in preempted],
+            finished_req_ids=sorted(self.finished_req_ids),
+        )
+
+    def _new_prompt_logprobs(
+        self, request: Request, scheduler_output: SchedulerOutput, out: ModelRunnerOutput
+    ) -> list[TokenLogprobs]:
+        """This step's prompt logprobs, less those already reported before a preemption recomputed them."""
+        entries = out.prompt_logprobs.get(request.request_id, [])
+        first_position = request.num_computed_tokens - scheduler_output.num_scheduled_tokens[request.request_id] + 1
+        entries = entries[max(0, request.num_prompt_logprobs - first_position + 1) :]
+        request.num_prompt_logprobs += len(entries)
+        return entries
+
+    def _append_sampled(
+        self, request: Request, out: ModelRunnerOutput, index: int, engine_output: EngineCoreOutput
+    ) -> None:
+        if request.num_computed_tokens < request.num_tokens:
+            raise ValueError(
+                f"request {request.request_id!r} sampled a token with {request.num_computed_tokens} of "
+                f"{request.num_tokens} tokens computed: the runner broke the SchedulerOutput contract"
+            )
+        token = out.sampled_token_ids[index]
+        request.append_output_token(token)
+        engine_output.new_token_ids.append(token)
+        if out.logprobs[index] is not None:
+            engine_output.new_logprobs.append(out.logprobs[index])
+        if check_stop(request, self.config.max_model_len):
+            engine_output.finish_reason = request.status.finish_reason
+            engine_output.stop_reason = request.stop_reason
+            self._release(request)
+
+    def _release(self, request: Request) -> None:
+        """Forget a finished request: free its blocks (cached ones stay hittable) and report it."""
+        self.kv_cache_manager.free(request)
+        del self.requests[request.request_id]
+        self.finished_req_ids.add(request.request_id)

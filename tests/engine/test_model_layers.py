@@ -1,0 +1,118 @@
+"""Unit parity of the thinker's building blocks against their HF transformers counterparts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Qwen3OmniMoeTextConfig
+from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
+
+from omnistream.engine.layers.moe import SparseMoeBlock, expert_checkpoint_shards
+from omnistream.engine.layers.norm import RMSNorm
+from omnistream.engine.layers.rotary import MRotaryEmbedding, apply_rotary, mrope_rows
+
+
+def hf_text_config(**overrides) -> Qwen3OmniMoeTextConfig:
+    values = dict(
+        vocab_size=1000, hidden_size=64, moe_intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=128, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+        rope_parameters=dict(rope_type="default", rope_theta=1e6, mrope_section=[24, 20, 20]),
+    )
+    values.update(overrides)
+    config = Qwen3OmniMoeTextConfig(**values)
+    config._experts_implementation = "eager"
+    return config
+
+
+def test_mrope_rows_match_doc_for_real_sections():
+    rows = mrope_rows((24, 20, 20))
+    assert torch.nonzero(rows == 0).flatten().tolist() == list(range(0, 60, 3)) + [60, 61, 62, 63]
+    assert torch.nonzero(rows == 1).flatten().tolist() == list(range(1, 60, 3))
+    assert torch.nonzero(rows == 2).flatten().tolist() == list(range(2, 60, 3))
+
+
+@pytest.mark.parametrize("section, head_dim", [((24, 20, 20), 128), ((12, 10, 10), 64), ((6, 5, 5), 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mrope_cos_sin_match_hf_for_distinct_rows(section, head_dim, dtype):
+    config = hf_text_config(head_dim=head_dim, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                                    mrope_section=list(section)))
+    reference = hf.Qwen3OmniMoeThinkerTextRotaryEmbedding(config)
+    positions = torch.randint(0, 5000, (3, 50), generator=torch.Generator().manual_seed(0))
+    x = torch.zeros(1, 50, 8, dtype=dtype)
+    hf_cos, hf_sin = reference(x, positions.unsqueeze(1).float())
+    cos, sin = MRotaryEmbedding(head_dim, 1e6, section)(positions, dtype)
+    assert cos.dtype == dtype
+    assert torch.equal(cos, hf_cos[0]) and torch.equal(sin, hf_sin[0])
+    q = torch.randn(50, 3, head_dim).to(dtype)
+    hf_q, _ = hf.apply_rotary_pos_emb(q.transpose(0, 1)[None], q.transpose(0, 1)[None], hf_cos, hf_sin)
+    assert torch.equal(apply_rotary(q, cos, sin), hf_q[0].transpose(0, 1))
+
+
+def test_mrope_one_dim_positions_are_equal_rows():
+    rope = MRotaryEmbedding(64, 1e6, (12, 10, 10))
+    positions = torch.arange(20)
+    for a, b in zip(rope(positions, torch.float32), rope(positions.expand(3, -1), torch.float32)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_hf(dtype):
+    reference = hf.Qwen3OmniMoeThinkerTextRMSNorm(64, eps=1e-6)
+    ours = RMSNorm(64, eps=1e-6)
+    weight = torch.randn(64)
+    reference.weight.data.copy_(weight)
+    ours.weight.data.copy_(weight)
+    reference.to(dtype)
+    ours.to(dtype)
+    x = (torch.randn(7, 3, 64) * 3).to(dtype)
+    assert torch.equal(ours(x), reference(x))
+
+
+def load_moe_from_hf(reference: torch.nn.Module, config, dtype: torch.dtype) -> SparseMoeBlock:
+    ours = SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
+                          config.num_experts_per_tok, config.norm_topk_prob).to(dtype)
+    ours.gate.weight.data.copy_(reference.gate.weight)
+    experts = reference.experts
+    for suffix, tensor in (("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj)):
+        for name, shard, shard_id in expert_checkpoint_shards(suffix, tensor.data):
+            param = getattr(ours, name)
+            param.weight_loader(param, shard, shard_id)
+    return ours
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_block_matches_hf_fp32(norm_topk_prob):
+    torch.manual_seed(0)
+    config = hf_text_config(norm_topk_prob=norm_topk_prob)
+    reference = hf.Qwen3OmniMoeThinkerTextSparseMoeBlock(config)
+    for param in reference.parameters():
+        param.data.normal_(0, 0.2)
+    ours = load_moe_from_hf(reference, config, torch.float32)
+    x = torch.randn(1, 1500, config.hidden_size)
+    with torch.no_grad():
+        err = (ours(x[0]) - reference(x)[0]).abs().max().item()
+    assert err < 1e-5, f"max |diff| = {err:.2e}"
+
+
+def test_moe_block_matches_hf_bf16():
+    torch.manual_seed(1)
+    config = hf_text_config()
+    reference = hf.Qwen3OmniMoeThinkerTextSparseMoeBlock(config)
+    for param in reference.parameters():
+        param.data.normal_(0, 0.2)
+    reference.to(torch.bfloat16)
+    ours = load_moe_from_hf(reference, config, torch.bfloat16)
+    x = torch.randn(1, 300, config.hidden_size, dtype=torch.bfloat16)
+    with torch.no_grad():
+        got, want = ours(x[0]), reference(x)[0]
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want.float()).abs().max().item() <= 2e-2 * want.float().abs().max().item()
+
+
+def test_moe_loader_rejects_bad_shapes_and_parts():
+    block = SparseMoeBlock(16, 8, 4, 2, True)
+    with pytest.raises(ValueError, match="does not fit"):
+        block.weight_loader(block.w13, torch.zeros(8, 17), (0, "gate"))
+    with pytest.raises(ValueError, match="out of range"):
+        block.weight_loader(block.w13, torch.zeros(8, 16), (4, "up"))
+    assert expert_checkpoint_shards("0.mystery.weight", torch.zeros(1)) == []

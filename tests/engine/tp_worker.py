@@ -1,0 +1,27 @@
+"""Worker for the tensor-parallel test: loads one checkpoint at TP=2 (gloo) and at TP=1, compares logits."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from omnistream.engine.distributed import set_tp_group
+from omnistream.engine.loader import load_model
+from tests.parity.paged_runner import Chunk, PagedRunner
+
+
+def compare_tp2_with_tp1(rank: int, checkpoint: str, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        ids = torch.randint(0, 256, (21,), generator=torch.Generator().manual_seed(0)).tolist()
+        set_tp_group(dist.group.WORLD)
+        sharded, _ = load_model(checkpoint, "float32")
+        got = PagedRunner(sharded, num_requests=2).step([Chunk(0, ids[:9]), Chunk(1, ids)])
+        set_tp_group(None)
+        full, _ = load_model(checkpoint, "float32")
+        want = PagedRunner(full, num_requests=2).step([Chunk(0, ids[:9]), Chunk(1, ids)])
+        err = (got - want).abs().max().item()
+        if err > 1e-4:
+            raise RuntimeError(f"rank {rank}: TP=2 logits differ from TP=1 by {err:.2e}")
+    finally:
+        dist.destroy_process_group()
