@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import msgspec
 
+from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.tensor_data import TensorData
 
 
 class NewRequestData(msgspec.Struct, kw_only=True):
@@ -20,6 +22,9 @@ class NewRequestData(msgspec.Struct, kw_only=True):
     sampling_params: SamplingParams
     block_ids: list[int]  # the whole block table
     num_computed_tokens: int  # tokens whose KV is already in the blocks (prefix-cache hits)
+    mm_features: list[MultiModalFeature] = []  # media items, in order of their placeholders
+    mrope_positions: TensorData | None = None  # [3, num_prompt_tokens] float32; None = 1-D (text only)
+    mrope_delta: float = 0.0  # token i past the prompt sits at i + delta on all three rows
 
 
 class CachedRequestData(msgspec.Struct, kw_only=True):
@@ -42,6 +47,9 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     total_num_scheduled_tokens: int
     preempted_req_ids: list[str]  # the runner drops their state; they come back as new
     finished_req_ids: list[str]  # finished or aborted since the last step; the runner drops them
+    # media to encode before this step's forward: req_id -> indices into that request's mm_features
+    scheduled_encoder_inputs: dict[str, list[int]] = {}
+    freed_encoder_ids: list[str] = []  # encoder outputs the runner may drop (evicted from its cache)
 
     @property
     def is_empty(self) -> bool:
@@ -91,3 +99,6 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     prefix_cache_queries: int  # tokens looked up in the prefix cache, cumulative
     prefix_cache_hits: int  # tokens found there, cumulative
     num_preemptions: int  # cumulative
+
+    encoder_cache_hits: int = 0  # media whose encoder output was reused, cumulative
+    num_encoded_media: int = 0  # media items sent to the encoders, cumulative

@@ -8,6 +8,8 @@ from __future__ import annotations
 import enum
 
 from omnistream.scheduler.block_hash import BlockHash, ExtraKeys, hash_block_tokens
+from omnistream.scheduler.mm_feature import MultiModalFeature
+from omnistream.scheduler.tensor_data import TensorData
 from omnistream.scheduler.sampling_params import SamplingParams
 
 
@@ -49,6 +51,9 @@ class Request:
         priority: int = 0,
         *,
         extra_keys: ExtraKeys = (),
+        mm_features: list[MultiModalFeature] | None = None,
+        mrope_positions: TensorData | None = None,
+        mrope_delta: float = 0.0,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -56,7 +61,10 @@ class Request:
         self.eos_token_ids = list(eos_token_ids)
         self.arrival_time = arrival_time
         self.priority = priority
-        self.extra_keys = tuple(extra_keys)  # mixed into every block hash (later: per-block media hashes)
+        self.extra_keys = tuple(extra_keys)  # a request-wide salt mixed into every block hash
+        self.mm_features = sorted(mm_features or [], key=lambda f: f.offset)
+        self.mrope_positions = mrope_positions  # [3, num_prompt_tokens] float32, opaque to the scheduler
+        self.mrope_delta = mrope_delta  # position of token i >= num_prompt_tokens is i + delta on all rows
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -105,5 +113,10 @@ class Request:
         for start in range(len(self.block_hashes) * block_size, self.num_tokens - block_size + 1, block_size):
             parent = self.block_hashes[-1] if self.block_hashes else None
             block = self.all_token_ids[start : start + block_size]
-            self.block_hashes.append(hash_block_tokens(parent, block, self.extra_keys))
+            self.block_hashes.append(hash_block_tokens(parent, block, self._block_extra_keys(start, block_size)))
         return self.block_hashes
+
+    def _block_extra_keys(self, start: int, block_size: int) -> ExtraKeys:
+        """The salt plus the identifiers of the media whose placeholders fall in this block."""
+        media = tuple(f.identifier for f in self.mm_features if f.overlaps(start, start + block_size))
+        return self.extra_keys + media

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import msgspec
 
 from omnistream.scheduler.block_pool import KVCacheBlock
+from omnistream.scheduler.encoder_cache_manager import EncoderCacheManager
 from omnistream.scheduler.kv_cache_manager import KVCacheManager
 from omnistream.scheduler.outputs import (
     CachedRequestData,
@@ -34,11 +35,17 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     block_size: int = 16
     enable_prefix_caching: bool = True
     long_prefill_token_threshold: int = 0  # the largest prefill chunk per request and step; 0: off
+    max_num_encoder_tokens: int = 0  # media embedding rows encoded per step; 0: max_num_batched_tokens
+    encoder_cache_size: int = 0  # media embedding rows the runner keeps; 0: 4 x the encoder budget
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_num_encoder_tokens == 0:
+            self.max_num_encoder_tokens = self.max_num_batched_tokens
+        if self.encoder_cache_size == 0:
+            self.encoder_cache_size = 4 * self.max_num_encoder_tokens
         if self.long_prefill_token_threshold < 0:
             raise ValueError(f"long_prefill_token_threshold must be >= 0, got {self.long_prefill_token_threshold}")
 
@@ -47,6 +54,7 @@ class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
         self.kv_cache_manager = KVCacheManager(config.num_kv_blocks, config.block_size, config.enable_prefix_caching)
+        self.encoder_cache = EncoderCacheManager(config.encoder_cache_size)
         self.requests: dict[str, Request] = {}  # every unfinished request
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []  # oldest admitted first; preemption takes from the back
@@ -115,14 +123,18 @@ class Scheduler:
             prefix_cache_queries=kv.prefix_cache_queries,
             prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
+            encoder_cache_hits=self.encoder_cache.num_hits,
+            num_encoded_media=self.encoder_cache.num_encoded,
         )
 
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
+        encoder_budget = self.config.max_num_encoder_tokens
         num_scheduled: dict[str, int] = {}
         new_block_ids: dict[str, list[int]] = {}
+        encoder_inputs: dict[str, list[int]] = {}
         new_reqs: list[Request] = []
         preempted: list[Request] = []
 
@@ -131,6 +143,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_tokens = self._num_tokens_to_schedule(request, request.num_computed_tokens, budget)
+            num_tokens, media = self._plan_encoder_inputs(request, request.num_computed_tokens, num_tokens, encoder_budget)
             if num_tokens > 0:
                 blocks = self._allocate_or_preempt(request, num_tokens, preempted)
                 if blocks is None:
@@ -138,6 +151,7 @@ class Scheduler:
                 num_scheduled[request.request_id] = num_tokens
                 new_block_ids[request.request_id] = [block.block_id for block in blocks]
                 budget -= num_tokens
+                encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
             i += 1
 
         # Then waiting requests, first come first served, unless this step is short of blocks.
@@ -145,7 +159,8 @@ class Scheduler:
             request = self.waiting[0]
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
-            if self.kv_cache_manager.allocate_slots(request, num_tokens, hits) is None:
+            num_tokens, media = self._plan_encoder_inputs(request, num_hit_tokens, num_tokens, encoder_budget)
+            if num_tokens == 0 or self.kv_cache_manager.allocate_slots(request, num_tokens, hits) is None:
                 break
             self.waiting.popleft()
             if request.status == RequestStatus.WAITING:
@@ -156,12 +171,14 @@ class Scheduler:
             new_reqs.append(request)
             num_scheduled[request.request_id] = num_tokens
             budget -= num_tokens
+            encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
-        output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted)
+        output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted, encoder_inputs)
         for req_id, num_tokens in num_scheduled.items():
             request = self.requests[req_id]
             request.num_computed_tokens += num_tokens
             request.num_tokens_sent = request.num_tokens
+            self._release_encoder_outputs(request, request.num_computed_tokens)
         self.finished_req_ids = set()
         return output
 
@@ -200,6 +217,46 @@ class Scheduler:
             num_tokens = min(num_tokens, self.config.long_prefill_token_threshold)
         return num_tokens
 
+    def _plan_encoder_inputs(
+        self, request: Request, start: int, num_tokens: int, encoder_budget: int
+    ) -> tuple[int, list[int]]:
+        """Which of the request's media must be encoded for tokens [start, start+num_tokens), within
+        the encoder budget and cache room; the span is cut short before media that do not fit.
+        Returns the (possibly smaller) token count and the media indices to encode."""
+        end = start + num_tokens
+        planned: list[int] = []
+        planned_rows = 0
+        for index, feature in enumerate(request.mm_features):
+            if feature.offset >= end:
+                break
+            if feature.end <= start or self.encoder_cache.lookup(request.request_id, feature.identifier):
+                continue
+            fresh_budget = encoder_budget == self.config.max_num_encoder_tokens and not planned
+            fits_budget = feature.length <= encoder_budget - planned_rows or fresh_budget
+            if not fits_budget or not self.encoder_cache.can_allocate(feature.length, planned_rows):
+                return max(0, feature.offset - start), planned
+            planned.append(index)
+            planned_rows += feature.length
+        return num_tokens, planned
+
+    def _commit_encoder_inputs(self, request: Request, media: list[int], encoder_inputs: dict[str, list[int]]) -> int:
+        """Reserve encoder-cache room for planned media; returns the encoder rows used."""
+        rows = 0
+        for index in media:
+            feature = request.mm_features[index]
+            if self.encoder_cache.lookup(request.request_id, feature.identifier):
+                continue  # the same media was planned by an earlier request this step
+            self.encoder_cache.allocate(request.request_id, feature.identifier, feature.length)
+            encoder_inputs.setdefault(request.request_id, []).append(index)
+            rows += feature.length
+        return rows
+
+    def _release_encoder_outputs(self, request: Request, computed_up_to: int) -> None:
+        """Media whose every row is computed (up to computed_up_to) are no longer needed by this request."""
+        for feature in request.mm_features:
+            if feature.end <= computed_up_to:
+                self.encoder_cache.release(request.request_id, feature.identifier)
+
     def _allocate_or_preempt(
         self, request: Request, num_tokens: int, preempted: list[Request]
     ) -> list[KVCacheBlock] | None:
@@ -218,6 +275,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Preempt by recompute: drop its KV; it goes to the front of the waiting queue."""
         self.kv_cache_manager.free(request)
+        self._release_encoder_outputs(request, request.num_tokens)
         request.num_computed_tokens = 0
         request.num_tokens_sent = 0
         request.status = RequestStatus.PREEMPTED
@@ -230,6 +288,7 @@ class Scheduler:
         new_reqs: list[Request],
         new_block_ids: dict[str, list[int]],
         preempted: list[Request],
+        encoder_inputs: dict[str, list[int]],
     ) -> SchedulerOutput:
         new_data = [
             NewRequestData(
@@ -239,6 +298,9 @@ class Scheduler:
                 sampling_params=request.sampling_params,
                 block_ids=self.kv_cache_manager.get_block_ids(request),
                 num_computed_tokens=request.num_computed_tokens,
+                mm_features=request.mm_features,
+                mrope_positions=request.mrope_positions,
+                mrope_delta=request.mrope_delta,
             )
             for request in new_reqs
         ]
@@ -258,6 +320,8 @@ class Scheduler:
             total_num_scheduled_tokens=sum(num_scheduled.values()),
             preempted_req_ids=[request.request_id for request in preempted],
             finished_req_ids=sorted(self.finished_req_ids),
+            scheduled_encoder_inputs=encoder_inputs,
+            freed_encoder_ids=self.encoder_cache.take_freed(),
         )
 
     def _new_prompt_logprobs(
@@ -291,5 +355,6 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         """Forget a finished request: free its blocks (cached ones stay hittable) and report it."""
         self.kv_cache_manager.free(request)
+        self._release_encoder_outputs(request, request.num_tokens)
         del self.requests[request.request_id]
         self.finished_req_ids.add(request.request_id)

@@ -22,7 +22,8 @@ def _digest(parent: bytes, token: int) -> bytes:
 
 class _RunnerRequest:
     def __init__(self, token_ids: list[int], num_prompt_tokens: int, params: SamplingParams, block_ids: list[int],
-                 computed: int):
+                 computed: int, features=()):
+        self.features = list(features)
         self.token_ids = list(token_ids)
         self.num_prompt_tokens = num_prompt_tokens
         self.params = params
@@ -47,6 +48,8 @@ class FakeRunner:
         self.scripts = {req_id: list(tokens) for req_id, tokens in (scripts or {}).items()}
         self.reqs: dict[str, _RunnerRequest] = {}
         self.kv: dict[tuple[int, int], bytes] = {}  # (block id, slot) -> digest
+        self.encoded: set[str] = set()  # media identifiers whose encoder output this runner holds
+        self.num_encoder_runs = 0
 
     def execute(self, out: SchedulerOutput) -> ModelRunnerOutput:
         assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
@@ -59,7 +62,8 @@ class FakeRunner:
             assert new.req_id not in self.reqs, "a request the runner holds was sent as new"
             assert new.num_computed_tokens < len(new.token_ids)
             self.reqs[new.req_id] = _RunnerRequest(
-                new.token_ids, new.num_prompt_tokens, new.sampling_params, new.block_ids, new.num_computed_tokens
+                new.token_ids, new.num_prompt_tokens, new.sampling_params, new.block_ids, new.num_computed_tokens,
+                new.mm_features,
             )
         for cached in out.scheduled_cached_reqs:
             req = self.reqs[cached.req_id]
@@ -68,6 +72,20 @@ class FakeRunner:
             req.block_ids.extend(cached.new_block_ids)
         scheduled_ids = {r.req_id for r in out.scheduled_new_reqs} | {r.req_id for r in out.scheduled_cached_reqs}
         assert scheduled_ids == set(out.num_scheduled_tokens)
+
+        # Encoder outputs: evictions first, then this step's encodes; every media row computed must be there.
+        self.encoded -= set(out.freed_encoder_ids)
+        for req_id, indices in out.scheduled_encoder_inputs.items():
+            for index in indices:
+                identifier = self.reqs[req_id].features[index].identifier
+                assert identifier not in self.encoded, f"{identifier} encoded twice while cached"
+                self.encoded.add(identifier)
+                self.num_encoder_runs += 1
+        for req_id, n in out.num_scheduled_tokens.items():
+            req = self.reqs[req_id]
+            for feature in req.features:
+                if feature.overlaps(req.num_computed_tokens, req.num_computed_tokens + n):
+                    assert feature.identifier in self.encoded, f"{req_id}: {feature.identifier} not encoded"
 
         # Write every scheduled position's KV first (as a layer does for the whole batch), then read.
         for req_id, n in out.num_scheduled_tokens.items():
