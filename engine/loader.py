@@ -6,8 +6,6 @@ Owns checkpoint file discovery and name normalisation to the thinker-only form; 
 from __future__ import annotations
 
 import json
-import logging
-from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +17,8 @@ from torch import nn
 from omnistream.engine.config import FULL_MODEL_TYPE, ThinkerConfig
 from omnistream.engine.models.registry import get_model_class
 
-logger = logging.getLogger(__name__)
-
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NOT_THINKER = ("talker.", "code2wav.")  # full-checkpoint parts that are out of scope
-_NOT_BUILT_YET = ("audio_tower.", "visual.")  # encoders: remove a prefix here once its module exists
 _HF_INTERNAL_PREFIXES = (  # HF-5.x state_dict names → checkpoint names
     ("model.language_model.", "model."),
     ("model.audio_tower.", "audio_tower."),
@@ -64,20 +59,12 @@ def resolve_dtype(dtype: torch.dtype | str | None, checkpoint_dtype: str | None)
 
 def iter_thinker_weights(model_dir: Path, full_layout: bool) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (thinker-only name, tensor), reading from disk only the tensors that are kept."""
-    skipped: Counter[str] = Counter()
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 name = thinker_name(key, full_layout)
-                if name is None:
-                    continue
-                deferred = next((p for p in _NOT_BUILT_YET if name.startswith(p)), None)
-                if deferred:
-                    skipped[deferred] += 1
-                    continue
-                yield name, f.get_tensor(key)
-    for prefix, count in skipped.items():
-        logger.debug("skipped %d %s* tensors: that encoder is not built yet", count, prefix)
+                if name is not None:
+                    yield name, f.get_tensor(key)
 
 
 def checkpoint_files(model_dir: Path) -> list[Path]:

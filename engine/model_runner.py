@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from omnistream.engine.attention.backend import AttentionMetadata
+from omnistream.engine.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.request_state import RunnerRequestState
 from omnistream.engine.sampler import SamplingRow, sample, top_logprobs
 from omnistream.scheduler.outputs import (
@@ -28,6 +29,7 @@ class FlatBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [3, T]
     metadata: AttentionMetadata
+    spans: list[tuple[str, int, int, int]]  # (req_id, first flat row, first position, count) per request
     req_ids: list[str]
     sample_rows: list[int]  # flat index of the last token of each request that samples
     sample_req_ids: list[str]
@@ -54,14 +56,20 @@ class ModelRunner:
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         self.requests: dict[str, RunnerRequestState] = {}
         self.generator = torch.Generator().manual_seed(seed)
+        self.encoder_cache: dict[str, EncoderOutput] = {}  # media identifier -> its embedding rows
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return EMPTY_MODEL_RUNNER_OUTPUT
+        self._run_encoders(scheduler_output)
         batch = self._prepare_inputs(scheduler_output)
-        hidden = self.model(batch.input_ids, batch.positions, self.kv_caches, batch.metadata)
+        embeds, deepstack = self._input_embeddings(batch)
+        hidden = self.model(
+            batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
+            inputs_embeds=embeds, deepstack_embeds=deepstack,
+        )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
         tokens, logprobs = self._sample(hidden, batch)
         return ModelRunnerOutput(
@@ -82,6 +90,39 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.num_computed_tokens = cached.num_computed_tokens
 
+    def _run_encoders(self, so: SchedulerOutput) -> None:
+        for identifier in so.freed_encoder_ids:
+            self.encoder_cache.pop(identifier, None)
+        for req_id, indices in so.scheduled_encoder_inputs.items():
+            for index in indices:
+                feature = self.requests[req_id].mm_features[index]
+                self.encoder_cache[feature.identifier] = encode_feature(self.model, feature, self.device)
+
+    def _input_embeddings(self, batch: FlatBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token embeddings with media rows copied into their placeholder positions, and the DeepStack
+        rows for visual positions (None for a text-only batch: the model then embeds by itself)."""
+        pieces = [
+            (flat_start, start, count, feature)
+            for req_id, flat_start, start, count in batch.spans
+            for feature in self.requests[req_id].mm_features
+            if feature.overlaps(start, start + count)
+        ]
+        if not pieces:
+            return None, None
+        embeds = self.model.embed_input_ids(batch.input_ids)
+        deepstack = None
+        for flat_start, start, count, feature in pieces:
+            output = self.encoder_cache[feature.identifier]
+            lo, hi = max(start, feature.offset), min(start + count, feature.end)
+            rows = slice(flat_start + lo - start, flat_start + hi - start)
+            item_rows = slice(lo - feature.offset, hi - feature.offset)
+            embeds[rows] = output.embeds[item_rows].to(embeds.dtype)
+            if output.deepstack is not None:
+                if deepstack is None:
+                    deepstack = embeds.new_zeros(output.deepstack.shape[0], *embeds.shape)
+                deepstack[:, rows] = output.deepstack[:, item_rows].to(embeds.dtype)
+        return embeds, deepstack
+
     def _prepare_inputs(self, so: SchedulerOutput) -> FlatBatch:
         req_ids = [r.req_id for r in so.scheduled_new_reqs] + [r.req_id for r in so.scheduled_cached_reqs]
         token_ids: list[int] = []
@@ -92,6 +133,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_req_ids: list[str] = []
         prompt_spans: list[tuple[str, int, int, int]] = []
+        spans: list[tuple[str, int, int, int]] = []
         max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
         block_tables = torch.zeros(len(req_ids), max_blocks, dtype=torch.long)
         for i, req_id in enumerate(req_ids):
@@ -100,11 +142,12 @@ class ModelRunner:
             end = start + count
             flat_start = query_start_loc[-1]
             token_ids.extend(state.token_ids[start:end])
+            spans.append((req_id, flat_start, start, count))
             pos = torch.arange(start, end)
             table = torch.tensor(state.block_ids, dtype=torch.long)
             block_tables[i, : len(state.block_ids)] = table
             slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            positions.append(pos)
+            positions.append(state.positions(start, end))
             query_start_loc.append(flat_start + count)
             seq_lens.append(end)
             if state.sampling_params.prompt_logprobs is not None:
@@ -122,11 +165,11 @@ class ModelRunner:
             block_tables=block_tables.to(self.device),
             block_size=self.block_size,
         )
-        flat_positions = torch.cat(positions)
         return FlatBatch(
             input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            positions=flat_positions.unsqueeze(0).expand(3, -1).to(self.device),
+            positions=torch.cat(positions, dim=1).to(self.device),
             metadata=metadata,
+            spans=spans,
             req_ids=req_ids,
             sample_rows=sample_rows,
             sample_req_ids=sample_req_ids,

@@ -1,12 +1,12 @@
-"""The Qwen3-Omni thinker's text decoder (Qwen3-MoE, interleaved M-RoPE) over a flat batch and paged KV cache.
-
-It maps token ids (or merged multimodal embeddings) to hidden states and logits; it owns no scheduling or sampling.
+"""The Qwen3-Omni thinker: text decoder (Qwen3-MoE, interleaved M-RoPE, DeepStack) over a flat batch and paged KV
+cache, plus its audio and vision encoders. It maps token ids or merged embeddings to hidden states and logits, and
+media to embeddings; merging embeddings into placeholder positions, scheduling and sampling belong to the caller.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -19,6 +19,8 @@ from omnistream.engine.layers.linear import QKVParallelLinear, RowParallelLinear
 from omnistream.engine.layers.moe import SparseMoeBlock, expert_checkpoint_shards
 from omnistream.engine.layers.norm import RMSNorm
 from omnistream.engine.layers.rotary import MRotaryEmbedding, apply_rotary
+from omnistream.engine.models.audio_encoder import AudioEncoder
+from omnistream.engine.models.vision_encoder import VisionEncoder
 
 _QKV_SHARDS = {".q_proj.": "q", ".k_proj.": "k", ".v_proj.": "v"}
 
@@ -100,18 +102,31 @@ class ThinkerTextModel(nn.Module):
         positions: torch.Tensor,
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
+        deepstack_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV caches (one per layer), got {len(kv_caches)}")
+        num_levels = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
+        if deepstack_embeds is not None and (
+            deepstack_embeds.dim() != 3 or deepstack_embeds.shape[1:] != hidden.shape or num_levels > len(self.layers)
+        ):
+            raise ValueError(
+                f"deepstack_embeds must be [levels <= {len(self.layers)}, {hidden.shape[0]}, {hidden.shape[1]}], "
+                f"got {tuple(deepstack_embeds.shape)}"
+            )
         cos, sin = self.rotary_emb(positions, hidden.dtype)
-        for layer, kv_cache in zip(self.layers, kv_caches):
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
             hidden = layer(hidden, cos, sin, kv_cache, attn_metadata)
-            # DeepStack: visual features are added to `hidden` here after layers 0..2 (multimodal issue).
+            if index < num_levels:  # DeepStack: rows are zero except at image/video placeholder positions
+                hidden = hidden + deepstack_embeds[index].to(hidden.dtype)
         return self.norm(hidden)
 
 
 class Qwen3OmniThinkerForCausalLM(nn.Module):
-    """Thinker text decoder + untied lm_head. Parameter names follow the thinker-only checkpoint."""
+    """Thinker text decoder + untied lm_head + audio_tower / visual encoders (each built when its config is given).
+
+    Parameter names follow the thinker-only checkpoint.
+    """
 
     def __init__(self, config: ThinkerConfig, attn_backend: AttentionBackend | None = None) -> None:
         super().__init__()
@@ -119,6 +134,8 @@ class Qwen3OmniThinkerForCausalLM(nn.Module):
         text = config.text
         self.model = ThinkerTextModel(text, attn_backend or TorchSDPABackend())
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
+        self.audio_tower = AudioEncoder(config.audio_config) if config.audio_config else None
+        self.visual = VisionEncoder(config.vision_config) if config.vision_config else None
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
 
@@ -134,6 +151,22 @@ class Qwen3OmniThinkerForCausalLM(nn.Module):
         """Token embeddings [T, H]; multimodal features are merged into these by the caller."""
         return self.model.embed_tokens(input_ids)
 
+    def embed_audio(self, features: list[torch.Tensor], window_frames: int | None = None) -> list[torch.Tensor]:
+        """Audio token embeddings [N_i, H] per clip of log-mel frames [128, T_i] (attention window in mel frames)."""
+        if self.audio_tower is None:
+            raise ValueError("this checkpoint has no audio encoder (config.json lacks audio_config)")
+        return [e.to(self.lm_head.weight.dtype) for e in self.audio_tower(list(features), window_frames)]
+
+    def embed_visual(
+        self, pixel_values: torch.Tensor, grid_thw: Sequence[tuple[int, int, int]] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image or video tokens [Σ t·h·w/4, H] and DeepStack features [levels, Σ t·h·w/4, H], items in order."""
+        if self.visual is None:
+            raise ValueError("this checkpoint has no vision encoder (config.json lacks vision_config)")
+        embeds, deepstack = self.visual(pixel_values, grid_thw)
+        dtype = self.lm_head.weight.dtype
+        return embeds.to(dtype), deepstack.to(dtype)
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -141,10 +174,14 @@ class Qwen3OmniThinkerForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         attn_metadata: AttentionMetadata,
         inputs_embeds: torch.Tensor | None = None,
+        deepstack_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Final-norm hidden states [T, H] for a flat batch; positions are M-RoPE rows [3, T]."""
+        """Final-norm hidden states [T, H] for a flat batch; positions are M-RoPE rows [3, T].
+
+        deepstack_embeds [levels, T, H] (zero rows outside image/video placeholders) is added after layers 0..levels-1.
+        """
         hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
-        return self.model(hidden, positions, kv_caches, attn_metadata)
+        return self.model(hidden, positions, kv_caches, attn_metadata, deepstack_embeds)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Logits [N, vocab] in float32 (the projection itself runs in the model dtype, like HF)."""

@@ -71,3 +71,35 @@ def hf_logits(model: Qwen3OmniMoeThinkerForConditionalGeneration, token_ids: lis
     input_ids = torch.tensor([token_ids])
     out = model(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
     return out.logits[0].float()
+
+
+def encoder_variant_config() -> dict:
+    """TINY's text decoder with other encoder shapes: audio head_dim 64 (the real one), 3 layers; ViT head_dim 72
+    (the real one), depth 4 and 3 DeepStack levels taken after blocks 0, 2 and 3."""
+    cfg = copy.deepcopy(TINY)
+    cfg["audio_config"].update(d_model=192, encoder_attention_heads=3, encoder_layers=3, encoder_ffn_dim=256,
+                               downsample_hidden_size=16)
+    cfg["vision_config"].update(hidden_size=144, num_heads=2, depth=4, intermediate_size=160,
+                                deepstack_visual_indexes=[0, 2, 3])
+    return cfg
+
+
+@torch.no_grad()
+def hf_audio_features(model: Qwen3OmniMoeThinkerForConditionalGeneration, features: torch.Tensor) -> torch.Tensor:
+    """HF audio tower output [N_tok, out] for one clip of log-mel frames [128, T] (a batch of one, all frames valid)."""
+    mask = torch.ones(1, features.shape[1], dtype=torch.long)
+    out = model.get_audio_features(input_features=features[None], feature_attention_mask=mask)
+    return out.pooler_output if out.pooler_output is not None else out.last_hidden_state
+
+
+@torch.no_grad()
+def hf_visual_features(
+    model: Qwen3OmniMoeThinkerForConditionalGeneration, pixel_values: torch.Tensor, grid_thw: list, video: bool
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """HF ViT output for all items: (merged tokens [N/4, out], one [N/4, out] tensor per DeepStack level)."""
+    grid = torch.tensor(grid_thw)
+    if video:
+        out = model.get_video_features(pixel_values_videos=pixel_values, video_grid_thw=grid)
+    else:
+        out = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)
+    return torch.cat(out.pooler_output), [torch.cat(level) for level in out.deepstack_features]

@@ -1,0 +1,53 @@
+"""Runs the encoders for one media item and shapes the result as rows for its placeholder span."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from omnistream.engine.tensor_codec import from_tensor_data
+from omnistream.scheduler.mm_feature import MultiModalFeature
+
+
+@dataclass
+class EncoderOutput:
+    embeds: torch.Tensor  # [length, hidden]: one row per placeholder position of the item
+    deepstack: torch.Tensor | None  # [levels, length, hidden] for visual items (zero rows at audio positions)
+
+
+def _visual(model: torch.nn.Module, feature: MultiModalFeature) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = from_tensor_data(feature.inputs["pixel_values"])
+    grid = from_tensor_data(feature.inputs["grid_thw"]).reshape(-1, 3).tolist()
+    return model.embed_visual(pixels, grid)
+
+
+def _audio(model: torch.nn.Module, feature: MultiModalFeature) -> torch.Tensor:
+    mel = from_tensor_data(feature.inputs["input_features"])
+    window = feature.options.get("window_frames")
+    return model.embed_audio([mel], None if window is None else int(window))[0]
+
+
+def encode_feature(model: torch.nn.Module, feature: MultiModalFeature, device: torch.device) -> EncoderOutput:
+    """Encoder output rows for `feature`, checked against its placeholder count."""
+    if feature.modality == "audio":
+        result = EncoderOutput(_audio(model, feature), None)
+    elif feature.modality in ("image", "video"):
+        result = EncoderOutput(*_visual(model, feature))
+    elif feature.modality == "video_audio":
+        video, deepstack = _visual(model, feature)
+        audio = _audio(model, feature)
+        is_video = from_tensor_data(feature.inputs["video_mask"]).to(torch.bool)
+        embeds = video.new_empty(feature.length, video.shape[-1])
+        embeds[is_video], embeds[~is_video] = video, audio.to(video.dtype)
+        full_deepstack = deepstack.new_zeros(deepstack.shape[0], feature.length, deepstack.shape[-1])
+        full_deepstack[:, is_video] = deepstack
+        result = EncoderOutput(embeds, full_deepstack)
+    else:
+        raise ValueError(f"unknown media modality {feature.modality!r}")
+    if result.embeds.shape[0] != feature.length:
+        raise ValueError(
+            f"{feature.modality} item {feature.identifier[:12]} encoded to {result.embeds.shape[0]} rows "
+            f"but has {feature.length} placeholder tokens"
+        )
+    return result

@@ -1,0 +1,141 @@
+"""Audio input: decode any supported file (or a raw array) to float32 mono 16 kHz with PyAV.
+
+Owns decoding, downmixing (mean of channels) and resampling; it never truncates or pads the signal.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import BinaryIO, Union
+
+import av
+import numpy as np
+import torch
+
+from .errors import EmptyMediaError, MediaDecodeError, MediaError
+
+TARGET_RATE = 16000
+_MAX_CHANNELS = 8  # a raw 2-D array is [channels, samples]; more rows than this means it is transposed
+_BLOCK = 1 << 20  # raw arrays are resampled in blocks of this many samples
+_PADDING_S = 0.1  # decoded audio past the declared duration, up to this much, is codec padding
+
+MediaFile = Union[str, Path, bytes, bytearray, memoryview, BinaryIO]
+AudioSource = Union[MediaFile, np.ndarray, torch.Tensor, tuple]
+
+
+def open_container(source: MediaFile, modality: str) -> av.container.InputContainer:
+    """Open a path, encoded bytes or a file-like object with PyAV; failures become MediaDecodeError."""
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        source = io.BytesIO(bytes(source))
+    elif isinstance(source, Path):
+        source = str(source)
+    elif hasattr(source, "seek") and hasattr(source, "read") and source.seekable():
+        source.seek(0)
+    try:
+        return av.open(source, mode="r")
+    except (av.FFmpegError, OSError) as exc:
+        raise MediaDecodeError(f"{modality}: cannot open the file ({exc})") from exc
+
+
+def has_audio_stream(source: MediaFile) -> bool:
+    """Whether an encoded file (e.g. a video) holds at least one audio stream."""
+    with open_container(source, "audio") as container:
+        return bool(container.streams.audio)
+
+
+class _Samples:
+    """A growing float32 buffer, preallocated from the declared duration, so long files need no final concat."""
+
+    def __init__(self, expected: int) -> None:
+        self.data, self.size = np.empty(max(expected, _BLOCK), dtype=np.float32), 0
+
+    def append(self, block: np.ndarray) -> None:
+        if self.size + block.size > self.data.size:
+            self.data = np.resize(self.data, max(2 * self.data.size, self.size + block.size))
+        self.data[self.size : self.size + block.size] = block
+        self.size += block.size
+
+    def result(self, limit: int | None = None) -> np.ndarray:
+        size = self.size if limit is None else min(self.size, limit)
+        return self.data[:size] if size > self.data.size // 2 else self.data[:size].copy()
+
+
+def _append_frames(frames: list[av.AudioFrame], out: _Samples) -> None:
+    for frame in frames:
+        out.append(frame.to_ndarray().mean(axis=0, dtype=np.float32))  # fltp: [channels, samples]
+
+
+def _decode_file(source: MediaFile) -> np.ndarray:
+    with open_container(source, "audio") as container:
+        if not container.streams.audio:
+            raise EmptyMediaError("audio: the file has no audio stream")
+        stream = container.streams.audio[0]
+        declared = float(stream.duration * stream.time_base) if stream.duration else None
+        resampler = av.AudioResampler(format="fltp", rate=TARGET_RATE)  # keeps the layout; we average channels
+        out = _Samples(int((declared or 0) * TARGET_RATE * 1.05))
+        try:
+            for frame in container.decode(stream):
+                _append_frames(resampler.resample(frame), out)
+            _append_frames(resampler.resample(None), out)
+        except av.FFmpegError as exc:
+            raise MediaDecodeError(f"audio: corrupt or truncated data ({exc})") from exc
+    if out.size == 0:
+        raise EmptyMediaError("audio: the file decodes to zero samples")
+    if declared is None:
+        return out.result()
+    decoded_s = out.size / TARGET_RATE
+    if decoded_s < declared - max(0.5, 0.05 * declared):
+        raise MediaDecodeError(f"audio: truncated file, decoded {decoded_s:.2f} s of {declared:.2f} s declared")
+    excess = out.size - round(declared * TARGET_RATE)
+    return out.result(limit=round(declared * TARGET_RATE) if 0 < excess <= _PADDING_S * TARGET_RATE else None)
+
+
+def _to_float(samples: np.ndarray) -> np.ndarray:
+    if np.issubdtype(samples.dtype, np.floating):
+        return samples.astype(np.float32, copy=False)
+    if np.issubdtype(samples.dtype, np.signedinteger):
+        return (samples / float(np.iinfo(samples.dtype).max + 1)).astype(np.float32)
+    raise MediaError(f"audio: unsupported sample dtype {samples.dtype}; use float or signed integers")
+
+
+def _from_array(samples: np.ndarray | torch.Tensor, sample_rate: int | None) -> np.ndarray:
+    """Raw samples: 1-D mono, or 2-D [channels, samples] (≤ 8 channels), at `sample_rate`."""
+    if sample_rate is None or sample_rate <= 0:
+        raise MediaError("audio: a raw array needs a positive sample_rate")
+    if isinstance(samples, torch.Tensor):
+        samples = samples.detach().cpu().numpy()
+    samples = np.asarray(samples)
+    if samples.ndim == 2:
+        if samples.shape[0] > _MAX_CHANNELS:
+            raise MediaError(f"audio: 2-D arrays are [channels, samples]; got shape {samples.shape} (transpose it)")
+        samples = _to_float(samples).mean(axis=0, dtype=np.float32)
+    elif samples.ndim != 1:
+        raise MediaError(f"audio: a raw array must be 1-D or 2-D, got shape {samples.shape}")
+    samples = _to_float(samples)
+    if samples.size == 0:
+        raise EmptyMediaError("audio: the array has zero samples")
+    if sample_rate == TARGET_RATE:
+        return np.ascontiguousarray(samples)
+    resampler = av.AudioResampler(format="flt", layout="mono", rate=TARGET_RATE)
+    out = _Samples(int(samples.size * TARGET_RATE / sample_rate) + 1)
+    for start in range(0, samples.size, _BLOCK):
+        frame = av.AudioFrame.from_ndarray(np.ascontiguousarray(samples[None, start : start + _BLOCK]), "flt", "mono")
+        frame.sample_rate, frame.pts = sample_rate, start
+        _append_frames(resampler.resample(frame), out)
+    _append_frames(resampler.resample(None), out)
+    return out.result()
+
+
+def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarray:
+    """Float32 mono samples at 16 kHz from a path, encoded bytes, a file-like, or a raw array.
+
+    A raw array (numpy or torch; 1-D mono or 2-D [channels, samples]) needs `sample_rate`, or comes as
+    `(array, sample_rate)`. Encoded files may be any container PyAV reads, including a video's soundtrack.
+    """
+    if isinstance(source, tuple):
+        samples, sample_rate = source
+        return _from_array(samples, sample_rate)
+    if isinstance(source, (np.ndarray, torch.Tensor)):
+        return _from_array(source, sample_rate)
+    return _decode_file(source)
