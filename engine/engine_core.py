@@ -84,6 +84,9 @@ class EngineCore:
                 eos_token_ids=self.eos_token_ids,
                 arrival_time=request.arrival_time,
                 priority=request.priority,
+                mm_features=request.mm_features,
+                mrope_positions=request.mrope_positions,
+                mrope_delta=request.mrope_delta,
             )
         )
 
