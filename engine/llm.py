@@ -16,6 +16,8 @@ from omnistream.engine.messages import EngineCoreRequest
 from omnistream.engine.output_processor import OutputProcessor
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.tokenizer import Tokenizer
+from omnistream.multimodal.chat_media import collect_media
+from omnistream.multimodal.processor import InputProcessor, MediaLimits, ProcessedPrompt
 from omnistream.scheduler.sampling_params import SamplingParams
 
 PromptType = Union[str, dict[str, Any]]
@@ -39,6 +41,7 @@ class LLM:
         num_kv_blocks: int | None = None,
         kv_cache_memory: int | None = None,
         seed: int = 0,
+        limit_mm_per_prompt: dict[str, int] | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -56,6 +59,8 @@ class LLM:
         self.engine = EngineCore(config)
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.output_processor = OutputProcessor(self.tokenizer)
+        limits = MediaLimits() if limit_mm_per_prompt is None else MediaLimits(max_items=dict(limit_mm_per_prompt))
+        self.input_processor = InputProcessor(self.tokenizer, self.engine.model_config, limits)
         self._ids = itertools.count()
 
     def get_tokenizer(self) -> Tokenizer:
@@ -67,7 +72,9 @@ class LLM:
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
     ) -> list[RequestOutput]:
-        """Prompts are strings, {"prompt": str} or {"prompt_token_ids": [...]}; outputs come in input order."""
+        """Prompts are strings or dicts with "prompt" (text) or "prompt_token_ids", optionally with
+        "multi_modal_data" ({"audio"|"image"|"video": item or list}) and "mm_processor_kwargs"
+        (use_audio_in_video, fps, audio_window_s, ...). Outputs come in input order."""
         prompt_list = [prompts] if isinstance(prompts, (str, dict)) else list(prompts)
         params_list = self._params_per_prompt(sampling_params, len(prompt_list))
         request_ids: list[str] = []
@@ -87,13 +94,20 @@ class LLM:
         use_tqdm: bool = True,
         add_generation_prompt: bool = True,
         chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """One conversation (a list of messages) or several; rendered with the model's chat template."""
+        """One conversation (a list of messages) or several, rendered with the model's chat template.
+        Content may be a string or OpenAI-style parts (text, image_url, input_audio, audio_url, video_url,
+        image, audio, video); the media are taken from the parts in order."""
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [
-            self.tokenizer.apply_chat_template(
-                conv, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
-            )
+            {
+                "prompt": self.tokenizer.apply_chat_template(
+                    conv, add_generation_prompt=add_generation_prompt, **(chat_template_kwargs or {})
+                ),
+                "multi_modal_data": collect_media(conv),
+                "mm_processor_kwargs": mm_processor_kwargs,
+            }
             for conv in conversations
         ]
         return self.generate(prompts, sampling_params, use_tqdm)
@@ -110,20 +124,23 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {count} prompts")
         return list(params)
 
-    def _tokenize(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+    def _process(self, prompt: PromptType) -> ProcessedPrompt:
         if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if "prompt_token_ids" in prompt:
-            ids = [int(t) for t in prompt["prompt_token_ids"]]
-            return prompt.get("prompt"), ids
-        if "prompt" in prompt:
-            return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-        raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+            return self.input_processor.process(prompt)
+        if "prompt_token_ids" not in prompt and "prompt" not in prompt:
+            raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+        return self.input_processor.process(
+            prompt.get("prompt"),
+            prompt.get("prompt_token_ids"),
+            prompt.get("multi_modal_data"),
+            prompt.get("mm_processor_kwargs"),
+        )
 
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
-        text, token_ids = self._tokenize(prompt)
+        processed = self._process(prompt)
+        token_ids = processed.token_ids
         request_id = str(next(self._ids))
-        child_ids = self.output_processor.add_request(request_id, text, token_ids, params)
+        child_ids = self.output_processor.add_request(request_id, processed.prompt, token_ids, params)
         now = time.monotonic()
         try:
             for index, child_id in enumerate(child_ids):
@@ -137,6 +154,9 @@ class LLM:
                         prompt_token_ids=token_ids,
                         sampling_params=child_params,
                         arrival_time=now,
+                        mm_features=processed.mm_features,
+                        mrope_positions=processed.mrope_positions,
+                        mrope_delta=processed.mrope_delta,
                     )
                 )
         except ValueError:

@@ -25,7 +25,8 @@ def _visual(model: torch.nn.Module, feature: MultiModalFeature) -> tuple[torch.T
 def _audio(model: torch.nn.Module, feature: MultiModalFeature) -> torch.Tensor:
     mel = from_tensor_data(feature.inputs["input_features"])
     window = feature.options.get("window_frames")
-    return model.embed_audio([mel], None if window is None else int(window))[0]
+    part = bool(feature.options.get("part_of_longer_clip", False))
+    return model.embed_audio([mel], None if window is None else int(window), part)[0]
 
 
 def encode_feature(model: torch.nn.Module, feature: MultiModalFeature, device: torch.device) -> EncoderOutput:

@@ -193,16 +193,19 @@ class AudioEncoder(nn.Module):
                              f"{MAX_WINDOW_CHUNKS * chunk} mel frames, got {window_frames}")
         return window_frames
 
-    def forward(self, features: torch.Tensor | list[torch.Tensor],
-                window_frames: int | None = None) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, features: torch.Tensor | list[torch.Tensor], window_frames: int | None = None,
+                part_of_longer_clip: bool = False) -> torch.Tensor | list[torch.Tensor]:
         """Encode one clip [num_mel_bins, T] → [N_tok, output_dim], or a list of clips → a list of outputs.
 
         Attention is bidirectional inside windows of `window_frames` mel frames (default n_window_infer),
         each window covering window_frames/100 chunks of 13 tokens; the last window of a clip holds the rest.
+        `part_of_longer_clip`: the frames are whole windows cut from a clip of at least one chunk, so a short
+        last chunk is zero-padded as in that clip's offline encoding (even when these frames are < 1 chunk).
         """
         if isinstance(features, torch.Tensor):
-            return self.forward([features], window_frames)[0]
-        return self._encode([(clip, 0, clip.shape[1]) for clip in features], self.check_window_frames(window_frames))
+            return self.forward([features], window_frames, part_of_longer_clip)[0]
+        return self._encode([(clip, 0, clip.shape[1]) for clip in features], self.check_window_frames(window_frames),
+                            part_of_longer_clip)
 
     def encode_range(self, features: torch.Tensor, start: int, end: int,
                      window_frames: int | None = None) -> torch.Tensor:
@@ -217,13 +220,14 @@ class AudioEncoder(nn.Module):
                              f"and lie within the {features.shape[1]} frames given")
         return self._encode([(features, start, end)], window_frames)[0]
 
-    def _encode(self, ranges: list[tuple[torch.Tensor, int, int]], window_frames: int) -> list[torch.Tensor]:
+    def _encode(self, ranges: list[tuple[torch.Tensor, int, int]], window_frames: int,
+                part_of_longer_clip: bool = False) -> list[torch.Tensor]:
         """Encode frames [start, end) of each clip (start on a window boundary), in bounded groups of windows."""
         for clip, _, _ in ranges:
             if clip.dim() != 2 or clip.shape[0] != self.config.num_mel_bins:
                 raise ValueError(f"audio features must be [{self.config.num_mel_bins}, T], got {tuple(clip.shape)}")
         # (range index, window frames, whether its chunks are zero-padded to a full chunk)
-        windows = [(i, clip[:, s : min(s + window_frames, end)], end >= self.config.chunk_frames)
+        windows = [(i, clip[:, s : min(s + window_frames, end)], part_of_longer_clip or end >= self.config.chunk_frames)
                    for i, (clip, start, end) in enumerate(ranges) for s in range(start, end, window_frames)]
         outputs: list[list[torch.Tensor]] = [[] for _ in ranges]
         windows_per_group = max(1, self.config.conv_chunksize * self.config.chunk_frames // window_frames)

@@ -151,11 +151,13 @@ class Qwen3OmniThinkerForCausalLM(nn.Module):
         """Token embeddings [T, H]; multimodal features are merged into these by the caller."""
         return self.model.embed_tokens(input_ids)
 
-    def embed_audio(self, features: list[torch.Tensor], window_frames: int | None = None) -> list[torch.Tensor]:
-        """Audio token embeddings [N_i, H] per clip of log-mel frames [128, T_i] (attention window in mel frames)."""
+    def embed_audio(self, features: list[torch.Tensor], window_frames: int | None = None,
+                    part_of_longer_clip: bool = False) -> list[torch.Tensor]:
+        """Audio token embeddings [N_i, H] per clip of log-mel frames [128, T_i] (attention window in mel frames);
+        `part_of_longer_clip`: the frames are windows cut from a longer clip (see AudioEncoder.forward)."""
         if self.audio_tower is None:
             raise ValueError("this checkpoint has no audio encoder (config.json lacks audio_config)")
-        return [e.to(self.lm_head.weight.dtype) for e in self.audio_tower(list(features), window_frames)]
+        return [e.to(self.lm_head.weight.dtype) for e in self.audio_tower(list(features), window_frames, part_of_longer_clip)]
 
     def embed_visual(
         self, pixel_values: torch.Tensor, grid_thw: Sequence[tuple[int, int, int]] | torch.Tensor
