@@ -1,4 +1,8 @@
-"""Portable attention backend: scaled_dot_product_attention over KV gathered from the paged cache."""
+"""Portable attention backend: scaled_dot_product_attention over KV gathered from the paged cache.
+
+Decodes (one query each) are batched into one padded SDPA call with a length mask; prefill chunks run
+one request at a time with a causal mask shifted to the chunk's offset.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +20,15 @@ def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tenso
     flat[1].index_copy_(0, slot_mapping, value.to(kv_cache.dtype))
 
 
-class TorchSDPABackend(AttentionBackend):
-    """Per request: gather its blocks, then SDPA with a causal mask shifted to the query's offset."""
+def gather_kv(kv_cache: torch.Tensor, block_table: torch.Tensor, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values [rows, kv_heads, num_blocks * block_size, head_dim] of the first num_blocks blocks."""
+    blocks = block_table[..., :num_blocks]
+    k = kv_cache[0, blocks].flatten(-4, -3).transpose(-3, -2)
+    v = kv_cache[1, blocks].flatten(-4, -3).transpose(-3, -2)
+    return k, v
 
+
+class TorchSDPABackend(AttentionBackend):
     def forward(
         self,
         query: torch.Tensor,
@@ -29,26 +39,41 @@ class TorchSDPABackend(AttentionBackend):
         scale: float,
     ) -> torch.Tensor:
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
-        num_heads, num_kv_heads = query.shape[1], kv_cache.shape[3]
-        group = num_heads // num_kv_heads
         out = torch.empty_like(query)
-        block_size = metadata.block_size
+        starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
+        decodes = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
+        if decodes:
+            self._decode(query, kv_cache, metadata, decodes, scale, out)
         for i in range(metadata.num_reqs):
-            start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
-            seq_len = metadata.seq_lens[i]
-            num_query = end - start
-            num_blocks = (seq_len + block_size - 1) // block_size
-            blocks = metadata.block_tables[i, :num_blocks]
-            k = kv_cache[0, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
-            v = kv_cache[1, blocks].reshape(-1, num_kv_heads, kv_cache.shape[4])[:seq_len]
-            q = query[start:end].transpose(0, 1)  # [H, q, D]
-            k = k.transpose(0, 1).repeat_interleave(group, dim=0)
-            v = v.transpose(0, 1).repeat_interleave(group, dim=0)
-            mask = None
-            if num_query > 1:
-                # query j sits at absolute position seq_len - num_query + j and sees keys <= it
-                q_pos = torch.arange(seq_len - num_query, seq_len).unsqueeze(1)
-                mask = torch.arange(seq_len).unsqueeze(0) <= q_pos
-            o = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask, scale=scale)
-            out[start:end] = o.transpose(0, 1).to(out.dtype)
+            if starts[i + 1] - starts[i] > 1:
+                self._prefill(query, kv_cache, metadata, i, scale, out)
         return out
+
+    @staticmethod
+    def _decode(query, kv_cache, metadata, rows: list[int], scale: float, out: torch.Tensor) -> None:
+        block_size = metadata.block_size
+        lens = torch.tensor([metadata.seq_lens[i] for i in rows])
+        num_blocks = -(-int(lens.max()) // block_size)
+        table = metadata.block_tables[rows]
+        if table.shape[1] < num_blocks:
+            table = F.pad(table, (0, num_blocks - table.shape[1]))
+        k, v = gather_kv(kv_cache, table, num_blocks)
+        mask = (torch.arange(num_blocks * block_size) < lens[:, None]).to(k.device)[:, None, None, :]
+        flat_rows = torch.tensor([metadata.query_start_loc[i] for i in rows], device=query.device)
+        q = query[flat_rows].unsqueeze(2).to(k.dtype)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[flat_rows] = o.squeeze(2).to(out.dtype)
+
+    @staticmethod
+    def _prefill(query, kv_cache, metadata, i: int, scale: float, out: torch.Tensor) -> None:
+        start, end = metadata.query_start_loc[i], metadata.query_start_loc[i + 1]
+        seq_len, num_query = metadata.seq_lens[i], end - start
+        num_blocks = -(-seq_len // metadata.block_size)
+        k, v = gather_kv(kv_cache, metadata.block_tables[i], num_blocks)
+        k, v = k[:, :seq_len], v[:, :seq_len]
+        # query j sits at absolute position seq_len - num_query + j and sees keys <= it
+        q_pos = torch.arange(seq_len - num_query, seq_len, device=k.device).unsqueeze(1)
+        mask = torch.arange(seq_len, device=k.device).unsqueeze(0) <= q_pos
+        q = query[start:end].transpose(0, 1).to(k.dtype)  # [H, q, D]
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = o.transpose(0, 1).to(out.dtype)
