@@ -85,8 +85,7 @@ class EngineCore:
                 arrival_time=request.arrival_time,
                 priority=request.priority,
                 mm_features=request.mm_features,
-                mrope_positions=request.mrope_positions,
-                mrope_delta=request.mrope_delta,
+                position_segments=request.position_segments,
             )
         )
 

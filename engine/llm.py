@@ -155,8 +155,7 @@ class LLM:
                         sampling_params=child_params,
                         arrival_time=now,
                         mm_features=processed.mm_features,
-                        mrope_positions=processed.mrope_positions,
-                        mrope_delta=processed.mrope_delta,
+                        position_segments=processed.position_segments,
                     )
                 )
         except ValueError:

@@ -6,7 +6,7 @@ import msgspec
 
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
-from omnistream.scheduler.tensor_data import TensorData
+from omnistream.scheduler.tensor_data import PositionSegment
 
 
 class EngineCoreRequest(msgspec.Struct, kw_only=True):
@@ -16,5 +16,4 @@ class EngineCoreRequest(msgspec.Struct, kw_only=True):
     arrival_time: float
     priority: int = 0
     mm_features: list[MultiModalFeature] = []
-    mrope_positions: TensorData | None = None  # [3, len(prompt_token_ids)] float32; None for text only
-    mrope_delta: float = 0.0
+    position_segments: list[PositionSegment] = []  # explicit M-RoPE ids; none for text-only prompts

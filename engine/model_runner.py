@@ -88,6 +88,8 @@ class ModelRunner:
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
             state.block_ids.extend(cached.new_block_ids)
+            state.mm_features.extend(cached.new_mm_features)
+            state.add_segments(cached.new_position_segments)
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _run_encoders(self, so: SchedulerOutput) -> None:

@@ -34,7 +34,7 @@ from omnistream.multimodal.placeholders import (
 )
 from omnistream.multimodal.video import load_video, preprocess_video
 from omnistream.scheduler.mm_feature import MultiModalFeature
-from omnistream.scheduler.tensor_data import TensorData
+from omnistream.scheduler.tensor_data import PositionSegment
 
 MODALITIES = ("audio", "image", "video")
 SAMPLE_RATE = 16_000
@@ -56,8 +56,7 @@ class ProcessedPrompt:
     prompt: str | None
     token_ids: list[int]
     mm_features: list[MultiModalFeature]
-    mrope_positions: TensorData | None  # None for text-only prompts (1-D positions)
-    mrope_delta: float
+    position_segments: list[PositionSegment]  # explicit M-RoPE ids; empty for text-only prompts
     num_media_tokens: dict[str, int]  # placeholder tokens per modality, for usage reports
     audio_seconds: float  # audio processed, soundtracks included
 
@@ -100,7 +99,7 @@ class InputProcessor:
         token_ids = [int(t) for t in prompt_token_ids]
         data = {k: v for k, v in (multi_modal_data or {}).items() if v is not None}
         if not data:
-            return ProcessedPrompt(prompt, token_ids, [], None, 0.0, {}, 0.0)
+            return ProcessedPrompt(prompt, token_ids, [], [], {}, 0.0)
         kwargs = dict(mm_processor_kwargs or {})
         window = self._window_frames(kwargs)
         loaded = self._load_all(data, kwargs, window)
@@ -108,7 +107,7 @@ class InputProcessor:
         expanded, ranges = expand_placeholders(
             token_ids, items, self.token_ids, position_id_per_seconds=self.config.position_id_per_seconds
         )
-        positions, delta = mrope_positions_for_prompt(
+        positions, _ = mrope_positions_for_prompt(
             expanded, items, self.token_ids, position_id_per_seconds=self.config.position_id_per_seconds
         )
         features: list[MultiModalFeature] = []
@@ -120,7 +119,7 @@ class InputProcessor:
             counts[placeholder.modality] += placeholder.length
         seconds = sum(e.mel.shape[1] for e in loaded if e.mel is not None) / FRAMES_PER_SECOND
         return ProcessedPrompt(
-            prompt, expanded, features, to_tensor_data(positions), delta,
+            prompt, expanded, features, [PositionSegment(start=0, positions=to_tensor_data(positions))],
             {m: n for m, n in counts.items() if n}, seconds,
         )
 

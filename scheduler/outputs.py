@@ -10,7 +10,7 @@ import msgspec
 
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
-from omnistream.scheduler.tensor_data import TensorData
+from omnistream.scheduler.tensor_data import PositionSegment, TensorData
 
 
 class NewRequestData(msgspec.Struct, kw_only=True):
@@ -23,8 +23,7 @@ class NewRequestData(msgspec.Struct, kw_only=True):
     block_ids: list[int]  # the whole block table
     num_computed_tokens: int  # tokens whose KV is already in the blocks (prefix-cache hits)
     mm_features: list[MultiModalFeature] = []  # media items, in order of their placeholders
-    mrope_positions: TensorData | None = None  # [3, num_prompt_tokens] float32; None = 1-D (text only)
-    mrope_delta: float = 0.0  # token i past the prompt sits at i + delta on all three rows
+    position_segments: list[PositionSegment] = []  # explicit M-RoPE ids of media-bearing input
 
 
 class CachedRequestData(msgspec.Struct, kw_only=True):
@@ -34,6 +33,8 @@ class CachedRequestData(msgspec.Struct, kw_only=True):
     new_token_ids: list[int]  # tokens appended since the runner last heard of it (outputs, new input)
     new_block_ids: list[int]  # appended to its block table
     num_computed_tokens: int
+    new_mm_features: list[MultiModalFeature] = []  # media appended with new input (streaming)
+    new_position_segments: list[PositionSegment] = []
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):

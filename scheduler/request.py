@@ -9,7 +9,7 @@ import enum
 
 from omnistream.scheduler.block_hash import BlockHash, ExtraKeys, hash_block_tokens
 from omnistream.scheduler.mm_feature import MultiModalFeature
-from omnistream.scheduler.tensor_data import TensorData
+from omnistream.scheduler.tensor_data import PositionSegment
 from omnistream.scheduler.sampling_params import SamplingParams
 
 
@@ -52,8 +52,7 @@ class Request:
         *,
         extra_keys: ExtraKeys = (),
         mm_features: list[MultiModalFeature] | None = None,
-        mrope_positions: TensorData | None = None,
-        mrope_delta: float = 0.0,
+        position_segments: list[PositionSegment] | None = None,
     ) -> None:
         self.request_id = request_id
         self.prompt_token_ids = list(prompt_token_ids)
@@ -63,8 +62,9 @@ class Request:
         self.priority = priority
         self.extra_keys = tuple(extra_keys)  # a request-wide salt mixed into every block hash
         self.mm_features = sorted(mm_features or [], key=lambda f: f.offset)
-        self.mrope_positions = mrope_positions  # [3, num_prompt_tokens] float32, opaque to the scheduler
-        self.mrope_delta = mrope_delta  # position of token i >= num_prompt_tokens is i + delta on all rows
+        self.position_segments = list(position_segments or [])  # opaque to the scheduler
+        self.num_mm_features_sent = 0  # mm_features[:n] and position_segments[:m] are known to the runner
+        self.num_position_segments_sent = 0
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.output_token_ids: list[int] = []

@@ -178,6 +178,8 @@ class Scheduler:
             request = self.requests[req_id]
             request.num_computed_tokens += num_tokens
             request.num_tokens_sent = request.num_tokens
+            request.num_mm_features_sent = len(request.mm_features)
+            request.num_position_segments_sent = len(request.position_segments)
             self._release_encoder_outputs(request, request.num_computed_tokens)
         self.finished_req_ids = set()
         return output
@@ -277,7 +279,7 @@ class Scheduler:
         self.kv_cache_manager.free(request)
         self._release_encoder_outputs(request, request.num_tokens)
         request.num_computed_tokens = 0
-        request.num_tokens_sent = 0
+        request.num_tokens_sent = request.num_mm_features_sent = request.num_position_segments_sent = 0
         request.status = RequestStatus.PREEMPTED
         self.waiting.appendleft(request)
         self.num_preemptions += 1
@@ -299,20 +301,11 @@ class Scheduler:
                 block_ids=self.kv_cache_manager.get_block_ids(request),
                 num_computed_tokens=request.num_computed_tokens,
                 mm_features=request.mm_features,
-                mrope_positions=request.mrope_positions,
-                mrope_delta=request.mrope_delta,
+                position_segments=request.position_segments,
             )
             for request in new_reqs
         ]
-        cached_data = [
-            CachedRequestData(
-                req_id=req_id,
-                new_token_ids=self.requests[req_id].all_token_ids[self.requests[req_id].num_tokens_sent :],
-                new_block_ids=block_ids,
-                num_computed_tokens=self.requests[req_id].num_computed_tokens,
-            )
-            for req_id, block_ids in new_block_ids.items()
-        ]
+        cached_data = [self._cached_data(self.requests[req_id], ids) for req_id, ids in new_block_ids.items()]
         return SchedulerOutput(
             scheduled_new_reqs=new_data,
             scheduled_cached_reqs=cached_data,
@@ -322,6 +315,18 @@ class Scheduler:
             finished_req_ids=sorted(self.finished_req_ids),
             scheduled_encoder_inputs=encoder_inputs,
             freed_encoder_ids=self.encoder_cache.take_freed(),
+        )
+
+    @staticmethod
+    def _cached_data(request: Request, new_block_ids: list[int]) -> CachedRequestData:
+        """What the runner has not heard about this request yet: tokens, blocks, media, positions."""
+        return CachedRequestData(
+            req_id=request.request_id,
+            new_token_ids=request.all_token_ids[request.num_tokens_sent :],
+            new_block_ids=new_block_ids,
+            num_computed_tokens=request.num_computed_tokens,
+            new_mm_features=request.mm_features[request.num_mm_features_sent :],
+            new_position_segments=request.position_segments[request.num_position_segments_sent :],
         )
 
     def _new_prompt_logprobs(

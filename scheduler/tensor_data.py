@@ -11,3 +11,13 @@ class TensorData(msgspec.Struct, array_like=True):
     dtype: str  # torch dtype name without the "torch." prefix, e.g. "float32"
     shape: list[int]
     data: bytes
+
+
+class PositionSegment(msgspec.Struct, array_like=True):
+    """Explicit M-RoPE ids [3, n] (float32) of the n input tokens starting at token index `start`.
+
+    Tokens no segment covers (text-only prompts, sampled outputs) continue from the largest
+    position so far plus one, consecutively, which is how HF places text and decoded tokens."""
+
+    start: int
+    positions: TensorData
