@@ -90,6 +90,7 @@ class ModelRunner:
             state.block_ids.extend(cached.new_block_ids)
             state.mm_features.extend(cached.new_mm_features)
             state.add_segments(cached.new_position_segments)
+            state.num_prompt_tokens = cached.num_prompt_tokens
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _run_encoders(self, so: SchedulerOutput) -> None:
@@ -127,6 +128,7 @@ class ModelRunner:
 
     def _prepare_inputs(self, so: SchedulerOutput) -> FlatBatch:
         req_ids = [r.req_id for r in so.scheduled_new_reqs] + [r.req_id for r in so.scheduled_cached_reqs]
+        no_sample = set(so.no_sample_req_ids)
         token_ids: list[int] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
@@ -156,7 +158,7 @@ class ModelRunner:
                 last_scored = min(end, state.num_prompt_tokens - 1)  # position p scores token p + 1
                 if last_scored > start:
                     prompt_spans.append((req_id, flat_start, start, last_scored - start))
-            if end == len(state.token_ids):
+            if end == len(state.token_ids) and req_id not in no_sample:
                 sample_rows.append(flat_start + count - 1)
                 sample_req_ids.append(req_id)
             state.num_computed_tokens = end

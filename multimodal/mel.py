@@ -1,7 +1,8 @@
 """Log-mel features for the audio tower, equal to HF `WhisperFeatureExtractor` (128 bins, 16 kHz) for one clip.
 
 Frames are transformed in small chunks (rfft of windowed frames, written into one output) so long clips stay
-cache-friendly and need no padded copy of the waveform.
+cache-friendly and need no padded copy of the waveform. `streaming_mel` makes the same frames incrementally
+through the same per-frame code (`_log_mel_into`, `_frames`, `normalize_log_mel`).
 """
 
 from __future__ import annotations
@@ -86,26 +87,61 @@ def _frames(wave: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return piece.unfold(0, N_FFT, HOP)
 
 
+def _log_mel_into(
+    frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tensor, band_out: torch.Tensor
+) -> torch.Tensor:
+    """Unclamped log10 mel of raw frames [n, 400] written into out [128, n] (any column stride).
+
+    `windowed` ([≥n, 400]) and `band_out` ([4, ≥n, 32]) are scratch. Returns the band-major values
+    ([4, n, 32], the same numbers as `out`) so callers can take their max without a strided pass. This is the
+    only per-frame computation: the offline and the streaming front ends both call it, so a frame made from the
+    same 400 samples gives the same floats whichever path made it.
+    """
+    n, bands = frames.shape[0], _bands()
+    frames = torch.mul(frames, _window(), out=windowed[:n])
+    squares = torch.view_as_real(torch.fft.rfft(frames)).reshape(n, 2 * (N_FFT // 2 + 1)).square_()
+    mel = band_out[:, :n]
+    for band, (lo, hi, filters) in enumerate(bands):
+        torch.matmul(squares[:, 2 * lo : 2 * hi], filters, out=mel[band])
+    mel.clamp_(min=1e-10).log10_()
+    out.view(len(bands), _BAND_MELS, n).copy_(mel.transpose(1, 2))
+    return mel
+
+
+def log_mel_frames(frames: torch.Tensor) -> torch.Tensor:
+    """[128, n] unclamped log10 mel (before the Whisper max-8 clamp and (x+4)/4) of raw 400-sample frames [n, 400]."""
+    n = frames.shape[0]
+    out = torch.empty(N_MELS, n)
+    if n:
+        _log_mel_into(frames, out, torch.empty(n, N_FFT), torch.empty(N_MELS // _BAND_MELS, n, _BAND_MELS))
+    return out
+
+
 def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     """[128, floor(L/160)] float32 log-mel of a mono 16 kHz clip, normalised like Whisper (max over the clip)."""
     wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
     if wave.numel() < MIN_SAMPLES:
         raise MediaTooSmallError(f"audio: {wave.numel()} samples, need at least {MIN_SAMPLES} for one mel frame")
     num_frames = num_mel_frames(wave.numel())
-    window, bands = _window(), _bands()
     log_spec = torch.empty(N_MELS, num_frames)
     windowed = torch.empty(min(_CHUNK_FRAMES, num_frames), N_FFT)
-    band_out = torch.empty(len(bands), windowed.shape[0], _BAND_MELS)
+    band_out = torch.empty(N_MELS // _BAND_MELS, windowed.shape[0], _BAND_MELS)
     peak = torch.tensor(float("-inf"))
     for start in range(0, num_frames, _CHUNK_FRAMES):
         n = min(_CHUNK_FRAMES, num_frames - start)
-        frames = torch.mul(_frames(wave, start, start + n), window, out=windowed[:n])
-        squares = torch.view_as_real(torch.fft.rfft(frames)).reshape(n, 2 * (N_FFT // 2 + 1)).square_()
-        mel = band_out[:, :n]
-        for band, (lo, hi, filters) in enumerate(bands):
-            torch.matmul(squares[:, 2 * lo : 2 * hi], filters, out=mel[band])
-        mel.clamp_(min=1e-10).log10_()
+        mel = _log_mel_into(_frames(wave, start, start + n), log_spec[:, start : start + n], windowed, band_out)
         peak = torch.maximum(peak, mel.max())
-        log_spec[:, start : start + n].view(len(bands), _BAND_MELS, n).copy_(mel.transpose(1, 2))
-    # max(x, peak - 8) then (x + 4) / 4, as HF; in place, one pass.
-    return log_spec.clamp_(min=float(peak - 8.0)).add_(4.0).div_(4.0)
+    return normalize_log_mel(log_spec, peak, out=log_spec)
+
+
+def normalize_log_mel(
+    log_spec: torch.Tensor, peak: float | torch.Tensor, *, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Whisper's normalisation of unclamped log10 mel: (max(x, peak − 8) + 4) / 4, the threshold in float32.
+
+    Offline `peak` is the clip's max; streaming passes the running max. `out=log_spec` works in place.
+    """
+    floor = float(torch.as_tensor(peak, dtype=torch.float32) - 8.0)
+    if out is None:
+        return log_spec.clamp(min=floor).add_(4.0).div_(4.0)
+    return torch.clamp(log_spec, min=floor, out=out).add_(4.0).div_(4.0)

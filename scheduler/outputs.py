@@ -35,12 +35,13 @@ class CachedRequestData(msgspec.Struct, kw_only=True):
     num_computed_tokens: int
     new_mm_features: list[MultiModalFeature] = []  # media appended with new input (streaming)
     new_position_segments: list[PositionSegment] = []
+    num_prompt_tokens: int = 0  # where the current turn's outputs start (moves at each turn of a session)
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):
     """One step's plan. Tokens to compute per request are num_scheduled_tokens[req_id],
     starting at that request's num_computed_tokens. A request samples a token this step
-    iff its computed tokens then reach the end of its known tokens."""
+    iff its computed tokens then reach the end of its known tokens, unless it is in no_sample_req_ids."""
 
     scheduled_new_reqs: list[NewRequestData]
     scheduled_cached_reqs: list[CachedRequestData]
@@ -51,6 +52,7 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     # media to encode before this step's forward: req_id -> indices into that request's mm_features
     scheduled_encoder_inputs: dict[str, list[int]] = {}
     freed_encoder_ids: list[str] = []  # encoder outputs the runner may drop (evicted from its cache)
+    no_sample_req_ids: list[str] = []  # open sessions between turns: prefill their input, sample nothing
 
     @property
     def is_empty(self) -> bool:
@@ -89,6 +91,7 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True):
     finish_reason: str | None = None  # "stop", "length" or "abort"; None while running
     stop_reason: int | str | None = None  # the stop token id (or stop string) that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    session_open: bool = False  # finish_reason ended a turn of an open session, which goes on
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):

@@ -39,7 +39,13 @@ _FINISH_REASONS = {
 
 
 class Request:
-    """A token sequence that can grow (sampled outputs, later appended input) and its progress."""
+    """A token sequence that can grow (sampled outputs, appended input) and its progress.
+
+    An open-input request (a live session) alternates between accepting input (appended tokens are
+    prefilled, nothing is sampled) and generating (after commit_turn, until a stop), keeping its KV.
+    The "prompt" is everything before the current turn's outputs, so stops, max_tokens and penalties
+    apply per turn.
+    """
 
     def __init__(
         self,
@@ -53,9 +59,9 @@ class Request:
         extra_keys: ExtraKeys = (),
         mm_features: list[MultiModalFeature] | None = None,
         position_segments: list[PositionSegment] | None = None,
+        open_input: bool = False,
     ) -> None:
         self.request_id = request_id
-        self.prompt_token_ids = list(prompt_token_ids)
         self.sampling_params = sampling_params
         self.eos_token_ids = list(eos_token_ids)
         self.arrival_time = arrival_time
@@ -67,7 +73,10 @@ class Request:
         self.num_position_segments_sent = 0
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
-        self.output_token_ids: list[int] = []
+        self.num_prompt_tokens = len(self.all_token_ids)  # where the current turn's outputs start
+        self.open_input = open_input
+        self.accepting_input = open_input  # open and between turns: input is prefilled, nothing sampled
+        self.pending_since: float | None = None  # arrival time of the oldest appended input not yet scheduled
         self.num_computed_tokens = 0  # tokens whose KV is in the blocks (or scheduled to be this step)
         self.num_tokens_sent = 0  # all_token_ids[:num_tokens_sent] is what the model runner holds
         self.num_cached_tokens = 0  # prefix-cache hit at first schedule
@@ -78,8 +87,22 @@ class Request:
         self.block_hashes: list[BlockHash] = []  # one per full block of all_token_ids
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
+    def prompt_token_ids(self) -> list[int]:
+        return self.all_token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        """The current turn's sampled tokens."""
+        return self.all_token_ids[self.num_prompt_tokens :]
+
+    @property
+    def last_token_id(self) -> int:
+        return self.all_token_ids[-1]
+
+    @property
+    def has_work(self) -> bool:
+        """Tokens are waiting to be computed."""
+        return self.num_computed_tokens < self.num_tokens
 
     @property
     def num_tokens(self) -> int:
@@ -87,7 +110,7 @@ class Request:
 
     @property
     def num_output_tokens(self) -> int:
-        return len(self.output_token_ids)
+        return self.num_tokens - self.num_prompt_tokens
 
     @property
     def is_finished(self) -> bool:
@@ -101,12 +124,35 @@ class Request:
         return self.max_tokens
 
     def append_output_token(self, token_id: int) -> None:
-        self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
 
-    def append_input_tokens(self, token_ids: list[int]) -> None:
-        """Grow the sequence with new input (e.g. streamed audio); it is prefilled like any other token."""
+    def append_input(
+        self,
+        token_ids: list[int],
+        mm_features: list[MultiModalFeature],
+        position_segments: list[PositionSegment],
+        arrival_time: float,
+    ) -> None:
+        """Grow an accepting request with new input (e.g. a streamed audio window); it is prefilled as
+        soon as the budget allows. Feature offsets and segment starts are absolute token indices."""
         self.all_token_ids.extend(token_ids)
+        self.num_prompt_tokens = self.num_tokens
+        self.mm_features.extend(sorted(mm_features, key=lambda f: f.offset))
+        self.position_segments.extend(position_segments)
+        if self.pending_since is None and token_ids:
+            self.pending_since = arrival_time
+
+    def start_turn(self, sampling_params: SamplingParams, max_model_len: int) -> None:
+        """Input committed: the next sampled tokens are this turn's answer."""
+        self.sampling_params = sampling_params
+        self.accepting_input = False
+        self.stop_reason = None
+        self.resolve_max_tokens(max_model_len)
+
+    def end_turn(self) -> None:
+        """The answer stopped: back to accepting input, keeping every token and its KV."""
+        self.accepting_input = True
+        self.num_prompt_tokens = self.num_tokens
 
     def update_block_hashes(self, block_size: int) -> list[BlockHash]:
         """Extend block_hashes over the full blocks of all_token_ids that are not hashed yet."""

@@ -9,11 +9,14 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Iterable
 
+import time
+
 import msgspec
 
 from omnistream.scheduler.block_pool import KVCacheBlock
 from omnistream.scheduler.encoder_cache_manager import EncoderCacheManager
 from omnistream.scheduler.kv_cache_manager import KVCacheManager
+from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
     CachedRequestData,
     EngineCoreOutput,
@@ -23,7 +26,10 @@ from omnistream.scheduler.outputs import (
     SchedulerStats,
     TokenLogprobs,
 )
+from omnistream.scheduler.policy import make_policy, preemption_victim
 from omnistream.scheduler.request import Request, RequestStatus
+from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.tensor_data import PositionSegment
 from omnistream.scheduler.stop import check_stop
 
 
@@ -37,6 +43,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     long_prefill_token_threshold: int = 0  # the largest prefill chunk per request and step; 0: off
     max_num_encoder_tokens: int = 0  # media embedding rows encoded per step; 0: max_num_batched_tokens
     encoder_cache_size: int = 0  # media embedding rows the runner keeps; 0: 4 x the encoder budget
+    policy: str = "fcfs"  # fcfs, priority or deadline (see scheduler/policy.py)
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -60,6 +67,8 @@ class Scheduler:
         self.running: list[Request] = []  # oldest admitted first; preemption takes from the back
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0
+        self.policy = make_policy(config.policy)
+        self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -68,25 +77,79 @@ class Scheduler:
         cfg = self.config
         if request.request_id in self.requests:
             raise ValueError(f"duplicate request id {request.request_id!r}")
-        if request.num_prompt_tokens == 0:
+        if request.num_prompt_tokens == 0 and not request.open_input:
             raise ValueError(f"request {request.request_id!r}: the prompt is empty")
-        if request.num_prompt_tokens >= cfg.max_model_len:
-            raise ValueError(
-                f"request {request.request_id!r}: the prompt has {request.num_prompt_tokens} tokens, "
-                f"max_model_len is {cfg.max_model_len} (at least one output token must fit)"
-            )
-        max_tokens = request.resolve_max_tokens(cfg.max_model_len)
-        # The last sampled token is never computed, so the KV holds at most prompt + max_tokens - 1.
-        num_blocks = -(-(request.num_prompt_tokens + max_tokens - 1) // cfg.block_size)
-        if num_blocks > cfg.num_kv_blocks:
-            raise ValueError(
-                f"request {request.request_id!r}: {request.num_prompt_tokens} prompt tokens + "
-                f"max_tokens {max_tokens} need {num_blocks} KV blocks of {cfg.block_size} tokens, "
-                f"but the pool has only {cfg.num_kv_blocks}"
-            )
+        max_tokens = 1 if request.open_input else request.resolve_max_tokens(cfg.max_model_len)
+        self._check_room(request.request_id, request.num_prompt_tokens, max_tokens)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def _check_room(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
+        """ValueError unless prompt + max_tokens fits max_model_len and, alone, the whole KV pool."""
+        cfg = self.config
+        if num_prompt_tokens >= cfg.max_model_len:
+            raise ValueError(
+                f"request {request_id!r}: the prompt has {num_prompt_tokens} tokens, "
+                f"max_model_len is {cfg.max_model_len} (at least one output token must fit)"
+            )
+        # The last sampled token is never computed, so the KV holds at most prompt + max_tokens - 1.
+        num_blocks = -(-(num_prompt_tokens + max_tokens - 1) // cfg.block_size)
+        if num_blocks > cfg.num_kv_blocks:
+            raise ValueError(
+                f"request {request_id!r}: {num_prompt_tokens} prompt tokens + "
+                f"max_tokens {max_tokens} need {num_blocks} KV blocks of {cfg.block_size} tokens, "
+                f"but the pool has only {cfg.num_kv_blocks}"
+            )
+
+    def _open_request(self, request_id: str, accepting: bool) -> Request:
+        request = self.requests.get(request_id)
+        if request is None or not request.open_input:
+            raise ValueError(f"no open session {request_id!r}")
+        if request.accepting_input != accepting:
+            state = "is generating an answer" if accepting else "has no turn in progress"
+            raise ValueError(f"session {request_id!r} {state}")
+        return request
+
+    def append_input(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        mm_features: list[MultiModalFeature] | None = None,
+        position_segments: list[PositionSegment] | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        """Append input to an open session between turns; it is prefilled as soon as the budget allows."""
+        request = self._open_request(request_id, accepting=True)
+        self._check_room(request_id, request.num_tokens + len(token_ids), 1)
+        request.append_input(
+            token_ids, mm_features or [], position_segments or [],
+            time.monotonic() if arrival_time is None else arrival_time,
+        )
+
+    def commit_turn(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        sampling_params: SamplingParams,
+        position_segments: list[PositionSegment] | None = None,
+    ) -> None:
+        """End the user's input with `token_ids` (e.g. the assistant prompt) and generate an answer."""
+        request = self._open_request(request_id, accepting=True)
+        num_prompt_tokens = request.num_tokens + len(token_ids)
+        room = self.config.max_model_len - num_prompt_tokens
+        max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
+        self._check_room(request_id, num_prompt_tokens, max(max_tokens, 1))
+        self.append_input(request_id, token_ids, None, position_segments)
+        request.start_turn(sampling_params, self.config.max_model_len)
+
+    def cancel_turn(self, request_id: str) -> bool:
+        """Stop the answer being generated (the session stays open); False if none was."""
+        request = self.requests.get(request_id)
+        if request is None or not request.open_input or request.accepting_input:
+            return False
+        request.end_turn()
+        return True
 
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Finish requests from outside (abort, stop string); unknown or finished ids are ignored."""
@@ -138,31 +201,36 @@ class Scheduler:
         new_reqs: list[Request] = []
         preempted: list[Request] = []
 
-        # Running requests first, in order; make room by preempting from the back.
-        i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
+        # Running requests first, in policy order; make room by preempting (idle sessions, then the newest).
+        for request in self.policy.running_order(self.running):
+            if budget == 0:
+                break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted earlier in this step
             num_tokens = self._num_tokens_to_schedule(request, request.num_computed_tokens, budget)
             num_tokens, media = self._plan_encoder_inputs(request, request.num_computed_tokens, num_tokens, encoder_budget)
             if num_tokens > 0:
-                blocks = self._allocate_or_preempt(request, num_tokens, preempted)
+                blocks = self._allocate_or_preempt(request, num_tokens, preempted, num_scheduled)
                 if blocks is None:
-                    break  # it preempted itself: it was the last running request
+                    continue  # it was chosen as the victim itself
                 num_scheduled[request.request_id] = num_tokens
                 new_block_ids[request.request_id] = [block.block_id for block in blocks]
                 budget -= num_tokens
                 encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
-            i += 1
 
-        # Then waiting requests, first come first served, unless this step is short of blocks.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
-            request = self.waiting[0]
+        # Then waiting requests in policy order, unless this step is short of blocks. Open sessions
+        # with no input yet wait without holding anyone up.
+        for request in [] if preempted else self.policy.waiting_order(self.waiting):
+            if budget == 0 or len(self.running) >= self.config.max_num_seqs:
+                break
+            if not request.has_work:
+                continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
             num_tokens, media = self._plan_encoder_inputs(request, num_hit_tokens, num_tokens, encoder_budget)
             if num_tokens == 0 or self.kv_cache_manager.allocate_slots(request, num_tokens, hits) is None:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(request)
             if request.status == RequestStatus.WAITING:
                 request.num_cached_tokens = num_hit_tokens
             request.num_computed_tokens = num_hit_tokens
@@ -174,8 +242,12 @@ class Scheduler:
             encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
         output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted, encoder_inputs)
+        now = time.monotonic()
         for req_id, num_tokens in num_scheduled.items():
             request = self.requests[req_id]
+            if request.pending_since is not None:
+                self.stream_lags.append(now - request.pending_since)
+                request.pending_since = None
             request.num_computed_tokens += num_tokens
             request.num_tokens_sent = request.num_tokens
             request.num_mm_features_sent = len(request.mm_features)
@@ -260,15 +332,16 @@ class Scheduler:
                 self.encoder_cache.release(request.request_id, feature.identifier)
 
     def _allocate_or_preempt(
-        self, request: Request, num_tokens: int, preempted: list[Request]
+        self, request: Request, num_tokens: int, preempted: list[Request], scheduled: dict[str, int]
     ) -> list[KVCacheBlock] | None:
-        """Allocate for a running request, preempting the newest running ones until it fits.
-        None when the request had to preempt itself."""
+        """Allocate for a running request, preempting others not scheduled yet this step (idle sessions
+        first, then the newest) until it fits. None when the request had to preempt itself."""
         while True:
             blocks = self.kv_cache_manager.allocate_slots(request, num_tokens)
             if blocks is not None:
                 return blocks
-            victim = self.running.pop()
+            victim = preemption_victim([r for r in self.running if r.request_id not in scheduled])
+            self.running.remove(victim)
             self._preempt(victim)
             preempted.append(victim)
             if victim is request:
@@ -315,6 +388,7 @@ class Scheduler:
             finished_req_ids=sorted(self.finished_req_ids),
             scheduled_encoder_inputs=encoder_inputs,
             freed_encoder_ids=self.encoder_cache.take_freed(),
+            no_sample_req_ids=[r for r in num_scheduled if self.requests[r].accepting_input],
         )
 
     @staticmethod
@@ -327,6 +401,7 @@ class Scheduler:
             num_computed_tokens=request.num_computed_tokens,
             new_mm_features=request.mm_features[request.num_mm_features_sent :],
             new_position_segments=request.position_segments[request.num_position_segments_sent :],
+            num_prompt_tokens=request.num_prompt_tokens,
         )
 
     def _new_prompt_logprobs(
@@ -342,7 +417,7 @@ class Scheduler:
     def _append_sampled(
         self, request: Request, out: ModelRunnerOutput, index: int, engine_output: EngineCoreOutput
     ) -> None:
-        if request.num_computed_tokens < request.num_tokens:
+        if request.num_computed_tokens < request.num_tokens or request.accepting_input:
             raise ValueError(
                 f"request {request.request_id!r} sampled a token with {request.num_computed_tokens} of "
                 f"{request.num_tokens} tokens computed: the runner broke the SchedulerOutput contract"
@@ -355,7 +430,12 @@ class Scheduler:
         if check_stop(request, self.config.max_model_len):
             engine_output.finish_reason = request.status.finish_reason
             engine_output.stop_reason = request.stop_reason
-            self._release(request)
+            if request.open_input and request.num_tokens < self.config.max_model_len:
+                request.status = RequestStatus.RUNNING  # the turn ended; the session goes on
+                request.end_turn()
+                engine_output.session_open = True
+            else:
+                self._release(request)
 
     def _release(self, request: Request) -> None:
         """Forget a finished request: free its blocks (cached ones stay hittable) and report it."""

@@ -12,7 +12,7 @@ from omnistream.scheduler.request import Request, RequestStatus
 def check_stop(request: Request, max_model_len: int) -> bool:
     """Set the request's finished status (and stop_reason) if its last token ends it; True if so."""
     params = request.sampling_params
-    token = request.output_token_ids[-1]
+    token = request.last_token_id
     if request.num_output_tokens >= params.min_tokens:
         if token in params.stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED

@@ -70,6 +70,8 @@ class FakeRunner:
             assert req.num_computed_tokens == cached.num_computed_tokens
             req.token_ids.extend(cached.new_token_ids)
             req.block_ids.extend(cached.new_block_ids)
+            req.features.extend(cached.new_mm_features)
+            req.num_prompt_tokens = cached.num_prompt_tokens
         scheduled_ids = {r.req_id for r in out.scheduled_new_reqs} | {r.req_id for r in out.scheduled_cached_reqs}
         assert scheduled_ids == set(out.num_scheduled_tokens)
 
@@ -107,7 +109,7 @@ class FakeRunner:
                 positions = range(start + 1, min(req.num_computed_tokens, req.num_prompt_tokens - 1) + 1)
                 if positions:
                     prompt_logprobs[req_id] = [TokenLogprobs([req.token_ids[p]], [-1.0], [1]) for p in positions]
-            if req.num_computed_tokens == len(req.token_ids):
+            if req.num_computed_tokens == len(req.token_ids) and req_id not in out.no_sample_req_ids:
                 token = self._sample(req_id, req)
                 sampled_ids.append(req_id)
                 sampled.append(token)

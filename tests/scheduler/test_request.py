@@ -17,9 +17,10 @@ def test_tokens_and_max_tokens():
     req = Request("r", [1, 2, 3], SamplingParams(max_tokens=None), [0], arrival_time=1.0)
     assert req.resolve_max_tokens(10) == 7
     req.append_output_token(5)
-    req.append_input_tokens([6, 7])
-    assert req.all_token_ids == [1, 2, 3, 5, 6, 7] and req.output_token_ids == [5]
-    assert (req.num_tokens, req.num_prompt_tokens, req.num_output_tokens) == (6, 3, 1)
+    assert req.output_token_ids == [5] and (req.num_tokens, req.num_prompt_tokens, req.num_output_tokens) == (4, 3, 1)
+    req.append_input([6, 7], [], [], 0.0)  # appended input folds the earlier answer into the prompt
+    assert req.all_token_ids == [1, 2, 3, 5, 6, 7] and req.output_token_ids == []
+    assert (req.num_tokens, req.num_prompt_tokens, req.num_output_tokens) == (6, 6, 0)
     capped = Request("c", [1, 2, 3], SamplingParams(max_tokens=100), [0], arrival_time=1.0)
     assert capped.resolve_max_tokens(10) == 7
     assert Request("s", [1], SamplingParams(max_tokens=4), [0], 0.0).resolve_max_tokens(10) == 4

@@ -79,19 +79,6 @@ def test_output_contract_new_then_cached(make_scheduler, make_request, fake_runn
     assert len(plan.scheduled_cached_reqs[0].new_block_ids) == 1
 
 
-def test_appended_input_is_prefilled_like_any_token(make_scheduler, make_request, fake_runner, helpers):
-    sched = make_scheduler()
-    runner = fake_runner(4)
-    sched.add_request(make_request("a", 5, max_tokens=5))
-    _, results = helpers.step(sched, runner)
-    sampled = results[0].new_token_ids[0]
-    sched.get_request("a").append_input_tokens([50, 51, 52])
-    plan, results = helpers.step(sched, runner)
-    assert plan.scheduled_cached_reqs[0].new_token_ids == [sampled, 50, 51, 52]
-    assert plan.num_scheduled_tokens["a"] == 4 and len(results[0].new_token_ids) == 1
-    helpers.complete(sched, runner)
-
-
 def test_empty_step(make_scheduler, fake_runner, helpers):
     sched = make_scheduler()
     plan, results = helpers.step(sched, fake_runner(4))

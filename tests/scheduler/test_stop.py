@@ -55,18 +55,6 @@ def test_max_model_len_caps_unbounded_requests(make_scheduler, make_request, fak
     assert len(outputs["r"]) == 7
 
 
-def test_max_model_len_caps_appended_input(make_scheduler, make_request, fake_runner, helpers):
-    sched = make_scheduler(max_model_len=12)
-    sched.add_request(make_request("r", 5, max_tokens=5))
-    runner = fake_runner(4)
-    helpers.step(sched, runner)
-    sched.get_request("r").append_input_tokens([1, 1, 1, 1])  # 10 tokens known
-    _, results = helpers.step(sched, runner)
-    assert results[0].finish_reason is None
-    _, results = helpers.step(sched, runner)  # the 12th token
-    assert results[0].finish_reason == "length"
-
-
 def test_logprobs_are_passed_through(make_scheduler, make_request, fake_runner, helpers):
     sched = make_scheduler()
     sched.add_request(make_request("r", 5, max_tokens=2, logprobs=1))

@@ -1,0 +1,137 @@
+"""Open-input requests (live sessions): appended input is prefilled without sampling, a committed turn
+decodes until a stop and returns to accepting input with its KV kept; idle sessions are preempted first."""
+
+import pytest
+
+from omnistream.scheduler.request import Request
+from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
+from tests.scheduler.conftest import EOS, FakeRunner, check_invariants, run_step, run_to_completion
+
+
+def _session(req_id: str, prompt: list[int]) -> Request:
+    return Request(req_id, prompt, SamplingParams(max_tokens=1), [EOS], arrival_time=0.0, open_input=True)
+
+
+def _scheduler(**kwargs) -> Scheduler:
+    config = dict(max_model_len=512, num_kv_blocks=64, block_size=4, max_num_batched_tokens=64)
+    config.update(kwargs)
+    return Scheduler(SchedulerConfig(**config))
+
+
+def _run_turn(sched: Scheduler, runner: FakeRunner, req_id: str) -> list[int]:
+    tokens: list[int] = []
+    for _ in range(100):
+        _, results = run_step(sched, runner)
+        for result in results:
+            if result.req_id == req_id:
+                tokens.extend(result.new_token_ids)
+                if result.finish_reason is not None:
+                    assert result.session_open
+                    return tokens
+    raise AssertionError("the turn never ended")
+
+
+def _drain(sched: Scheduler, runner: FakeRunner) -> None:
+    """Step until nothing is left to compute (open sessions stay open)."""
+    for _ in range(1000):
+        plan, _ = run_step(sched, runner)
+        if plan.is_empty:
+            return
+    raise AssertionError("work never ran out")
+
+
+def test_input_is_prefilled_as_it_arrives_and_nothing_is_sampled_until_commit():
+    sched, runner = _scheduler(), FakeRunner(4)
+    sched.add_request(_session("s", [1, 2, 3]))
+    plan, results = run_step(sched, runner)
+    assert plan.num_scheduled_tokens == {"s": 3} and plan.no_sample_req_ids == ["s"] and results == []
+    plan, _ = run_step(sched, runner)
+    assert plan.is_empty  # an idle session costs nothing
+    sched.append_input("s", [50, 51, 52])
+    plan, results = run_step(sched, runner)
+    assert plan.scheduled_cached_reqs[0].new_token_ids == [50, 51, 52] and results == []
+    sched.commit_turn("s", [60, 61], SamplingParams(max_tokens=3, ignore_eos=True))
+    answer = _run_turn(sched, runner, "s")
+    assert len(answer) == 3
+    assert not sched.cancel_turn("s")  # the turn is over: nothing to cancel, the session accepts input
+    sched.append_input("s", [70])
+
+
+def test_second_turn_keeps_the_kv_and_equals_one_request_with_the_whole_conversation():
+    sched, runner = _scheduler(), FakeRunner(4)
+    sched.add_request(_session("s", [1, 2, 3, 4, 5]))
+    sched.append_input("s", [6, 7, 8])
+    sched.commit_turn("s", [9], SamplingParams(max_tokens=4, ignore_eos=True))
+    first = _run_turn(sched, runner, "s")
+    computed_before = sched.get_request("s").num_computed_tokens
+    sched.append_input("s", [20, 21, 22])
+    plan, _ = run_step(sched, runner)
+    # only the last answer token (never computed) and the new input: nothing is recomputed
+    assert plan.num_scheduled_tokens["s"] == 4 and computed_before == sched.get_request("s").num_tokens - 4
+    sched.commit_turn("s", [23], SamplingParams(max_tokens=4, ignore_eos=True))
+    second = _run_turn(sched, runner, "s")
+    # the fake runner samples from the digest of all tokens: same conversation -> same answer
+    whole = [1, 2, 3, 4, 5, 6, 7, 8, 9] + first + [20, 21, 22, 23]
+    other, other_runner = _scheduler(), FakeRunner(4)
+    other.add_request(Request("r", whole, SamplingParams(max_tokens=4, ignore_eos=True), [EOS], 0.0))
+    assert run_to_completion(other, other_runner)["r"] == second
+
+
+def test_generation_is_rejected_while_accepting_and_input_while_generating():
+    sched, runner = _scheduler(), FakeRunner(4)
+    sched.add_request(_session("s", [1, 2]))
+    sched.commit_turn("s", [3], SamplingParams(max_tokens=50, ignore_eos=True))
+    run_step(sched, runner)
+    with pytest.raises(ValueError, match="is generating"):
+        sched.append_input("s", [4])
+    assert sched.cancel_turn("s")  # barge-in: the answer stops, the session accepts input again
+    sched.append_input("s", [4])
+    plan, results = run_step(sched, runner)
+    assert results == [] and "s" in plan.no_sample_req_ids
+
+
+def test_cancel_frees_every_block_and_max_model_len_ends_the_session():
+    sched, runner = _scheduler(max_model_len=12), FakeRunner(4)
+    sched.add_request(_session("s", [1, 2, 3, 4, 5]))
+    sched.append_input("s", [6, 7, 8, 9])
+    sched.commit_turn("s", [10], SamplingParams(max_tokens=5, ignore_eos=True))
+    outputs = run_to_completion(sched, runner)
+    assert len(outputs["s"]) == 2  # capped by max_model_len, and the session is over
+    assert sched.get_request("s") is None
+    sched, runner = _scheduler(), FakeRunner(4)
+    sched.add_request(_session("t", [1, 2, 3]))
+    sched.append_input("t", list(range(20, 30)))
+    run_step(sched, runner)
+    sched.finish_requests("t", sched.get_request("t").status.FINISHED_ABORTED)
+    run_step(sched, runner)
+    check_invariants(sched)
+    assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 64
+
+
+def test_too_long_input_is_refused():
+    sched = _scheduler(max_model_len=10)
+    sched.add_request(_session("s", [1, 2]))
+    with pytest.raises(ValueError, match="max_model_len"):
+        sched.append_input("s", list(range(20)))
+    assert sched.get_request("s").num_tokens == 2  # nothing was appended
+
+
+def test_idle_sessions_lose_their_kv_first_and_live_input_goes_before_plain_prefill():
+    sched, runner = _scheduler(num_kv_blocks=12, max_num_batched_tokens=16), FakeRunner(4)
+    sched.add_request(_session("idle", list(range(1, 17))))  # 4 blocks, then idle
+    run_step(sched, runner)
+    run_step(sched, runner)
+    sched.add_request(Request("busy", list(range(100, 140)), SamplingParams(max_tokens=4, ignore_eos=True), [EOS], 1.0))
+    plan, _ = run_step(sched, runner)
+    assert "busy" in plan.num_scheduled_tokens
+    for _ in range(3):
+        plan, _ = run_step(sched, runner)
+        if plan.preempted_req_ids:
+            break
+    assert plan.preempted_req_ids == ["idle"]
+    _drain(sched, runner)
+    assert sched.get_request("busy") is None
+    sched.append_input("idle", [7])  # the session comes back (through the prefix cache)
+    _drain(sched, runner)
+    assert sched.get_request("idle").num_computed_tokens == sched.get_request("idle").num_tokens
