@@ -23,15 +23,19 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # wins over kv_cache_memory
     kv_cache_memory: int | None = None  # bytes; None = 2 GiB on CPU, 90% of free memory on CUDA
     seed: int = 0
+    tensor_parallel_size: int = 1  # ranks (one per device); > 1 spawns worker processes (see engine/executor.py)
+    distributed_timeout_s: float = 300.0  # a collective or worker start that takes longer ends the engine
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of auto, {', '.join(_DTYPES)}; got {self.dtype!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "tensor_parallel_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
+        if not self.distributed_timeout_s > 0:
+            raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

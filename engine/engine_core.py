@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import logging
-import math
-
-import torch
+import time
 
 from omnistream.engine.default_model import default_model_path
 from omnistream.engine.engine_config import EngineConfig
-from omnistream.engine.loader import load_model
+from omnistream.engine.executor import make_executor
 from omnistream.engine.messages import EngineCoreRequest
-from omnistream.engine.model_runner import ModelRunner
 from omnistream.engine.tokenizer import Tokenizer
 from omnistream.scheduler.outputs import EngineCoreOutput
 from omnistream.scheduler.request import Request, RequestStatus
+from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
@@ -24,14 +22,18 @@ class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.model_path = str(config.model or default_model_path())
-        device = config.torch_device()
-        self.model, self.model_config = load_model(
-            self.model_path, None if config.dtype == "auto" else config.dtype, device
-        )
-        dtype = next(self.model.parameters()).dtype
         self.tokenizer = Tokenizer(self.model_path)
         self.eos_token_ids = list(self.tokenizer.eos_token_ids)
-        num_blocks = self._num_kv_blocks(dtype, device)
+        self.executor = make_executor(config, self.model_path, self.eos_token_ids)
+        try:
+            self._finish_init(config)
+        except BaseException:
+            self.executor.shutdown()
+            raise
+
+    def _finish_init(self, config: EngineConfig) -> None:
+        self.model, self.model_config = self.executor.model, self.executor.model_config  # rank 0's shard
+        dtype, device, num_blocks = self.executor.dtype, self.executor.device, self.executor.num_kv_blocks
         capacity = num_blocks * config.block_size
         model_max = self.model_config.text.max_position_embeddings
         if config.max_model_len is not None and config.max_model_len > model_max:
@@ -52,28 +54,15 @@ class EngineCore:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
-        self.runner = ModelRunner(
-            self.model,
-            num_kv_blocks=num_blocks,
-            block_size=config.block_size,
-            dtype=dtype,
-            device=device,
-            eos_token_ids=self.eos_token_ids,
-            seed=config.seed,
-        )
+        self.runner = self.executor  # step() calls runner.execute_model: in process (TP=1) or on every TP rank
         logger.info(
-            "engine ready: model=%s dtype=%s device=%s kv_blocks=%d (%d tokens) max_model_len=%d",
-            self.model_path, dtype, device, num_blocks, capacity, self.max_model_len,
+            "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d",
+            self.model_path, dtype, device, config.tensor_parallel_size, num_blocks, capacity, self.max_model_len,
         )
 
-    def _num_kv_blocks(self, dtype: torch.dtype, device: torch.device) -> int:
-        if self.config.num_kv_blocks is not None:
-            return self.config.num_kv_blocks
-        per_block = math.prod(self.model.kv_cache_shape_per_layer(1, self.config.block_size)) * self.model.num_layers
-        num_blocks = self.config.kv_cache_bytes(device) // (per_block * dtype.itemsize)
-        if num_blocks < 1:
-            raise ValueError("kv_cache_memory is too small for a single KV block")
-        return int(num_blocks)
+    def shutdown(self) -> None:
+        """Stop the executor (and its worker processes); safe to call twice."""
+        self.executor.shutdown()
 
     def add_request(self, request: EngineCoreRequest) -> None:
         self.scheduler.add_request(
@@ -98,6 +87,43 @@ class EngineCore:
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests()
+
+    def has_work(self) -> bool:
+        """Something to compute or report (open sessions between turns do not count)."""
+        return any(r.has_work for r in self.scheduler.requests.values()) or bool(self.scheduler.finished_req_ids)
+
+    # ---- live sessions (open-input requests) ---------------------------------------------------
+
+    def open_session(self, session_id: str, prompt_token_ids: list[int], position_segments: list) -> None:
+        self.scheduler.add_request(
+            Request(
+                request_id=session_id,
+                prompt_token_ids=prompt_token_ids,
+                sampling_params=SamplingParams(max_tokens=1),
+                eos_token_ids=self.eos_token_ids,
+                arrival_time=time.monotonic(),
+                position_segments=position_segments,
+                open_input=True,
+            )
+        )
+
+    def append_input(self, session_id: str, token_ids: list[int], mm_features: list, position_segments: list) -> None:
+        self.scheduler.append_input(session_id, token_ids, mm_features, position_segments)
+
+    def commit_turn(
+        self, session_id: str, token_ids: list[int], sampling_params: SamplingParams, position_segments: list
+    ) -> None:
+        self.scheduler.commit_turn(session_id, token_ids, sampling_params, position_segments)
+
+    def cancel_turn(self, session_id: str) -> bool:
+        return self.scheduler.cancel_turn(session_id)
+
+    def session_tail(self, session_id: str) -> tuple[int, int | None]:
+        """(number of tokens, last token id) of an open session."""
+        request = self.scheduler.get_request(session_id)
+        if request is None:
+            raise ValueError(f"no open session {session_id!r}")
+        return request.num_tokens, (request.last_token_id if request.num_tokens else None)
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -42,6 +43,8 @@ class LLM:
         kv_cache_memory: int | None = None,
         seed: int = 0,
         limit_mm_per_prompt: dict[str, int] | None = None,
+        tensor_parallel_size: int = 1,
+        distributed_timeout_s: float = EngineConfig.distributed_timeout_s,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -55,8 +58,11 @@ class LLM:
             num_kv_blocks=num_kv_blocks,
             kv_cache_memory=kv_cache_memory,
             seed=seed,
+            tensor_parallel_size=tensor_parallel_size,
+            distributed_timeout_s=distributed_timeout_s,
         )
         self.engine = EngineCore(config)
+        self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object
         self.tokenizer: Tokenizer = self.engine.tokenizer
         self.output_processor = OutputProcessor(self.tokenizer)
         limits = MediaLimits() if limit_mm_per_prompt is None else MediaLimits(max_items=dict(limit_mm_per_prompt))
@@ -65,6 +71,16 @@ class LLM:
 
     def get_tokenizer(self) -> Tokenizer:
         return self.tokenizer
+
+    def shutdown(self) -> None:
+        """Stop the engine and its tensor-parallel worker processes (also done at exit); safe to call twice."""
+        self._finalizer()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.shutdown()
 
     def generate(
         self,

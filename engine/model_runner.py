@@ -91,6 +91,8 @@ class ModelRunner:
             state.mm_features.extend(cached.new_mm_features)
             state.add_segments(cached.new_position_segments)
             state.num_prompt_tokens = cached.num_prompt_tokens
+            if cached.new_sampling_params is not None:
+                state.sampling_params = cached.new_sampling_params
             state.num_computed_tokens = cached.num_computed_tokens
 
     def _run_encoders(self, so: SchedulerOutput) -> None:

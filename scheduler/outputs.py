@@ -36,6 +36,7 @@ class CachedRequestData(msgspec.Struct, kw_only=True):
     new_mm_features: list[MultiModalFeature] = []  # media appended with new input (streaming)
     new_position_segments: list[PositionSegment] = []
     num_prompt_tokens: int = 0  # where the current turn's outputs start (moves at each turn of a session)
+    new_sampling_params: SamplingParams | None = None  # a session's next turn decodes with these
 
 
 class SchedulerOutput(msgspec.Struct, kw_only=True):

@@ -71,6 +71,7 @@ class Request:
         self.position_segments = list(position_segments or [])  # opaque to the scheduler
         self.num_mm_features_sent = 0  # mm_features[:n] and position_segments[:m] are known to the runner
         self.num_position_segments_sent = 0
+        self.sampling_params_sent = True  # False after a new turn's params, until the runner has them
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.all_token_ids)  # where the current turn's outputs start
@@ -145,6 +146,7 @@ class Request:
     def start_turn(self, sampling_params: SamplingParams, max_model_len: int) -> None:
         """Input committed: the next sampled tokens are this turn's answer."""
         self.sampling_params = sampling_params
+        self.sampling_params_sent = False
         self.accepting_input = False
         self.stop_reason = None
         self.resolve_max_tokens(max_model_len)

@@ -252,6 +252,7 @@ class Scheduler:
             request.num_tokens_sent = request.num_tokens
             request.num_mm_features_sent = len(request.mm_features)
             request.num_position_segments_sent = len(request.position_segments)
+            request.sampling_params_sent = True
             self._release_encoder_outputs(request, request.num_computed_tokens)
         self.finished_req_ids = set()
         return output
@@ -402,6 +403,7 @@ class Scheduler:
             new_mm_features=request.mm_features[request.num_mm_features_sent :],
             new_position_segments=request.position_segments[request.num_position_segments_sent :],
             num_prompt_tokens=request.num_prompt_tokens,
+            new_sampling_params=None if request.sampling_params_sent else request.sampling_params,
         )
 
     def _new_prompt_logprobs(

@@ -72,6 +72,8 @@ class FakeRunner:
             req.block_ids.extend(cached.new_block_ids)
             req.features.extend(cached.new_mm_features)
             req.num_prompt_tokens = cached.num_prompt_tokens
+            if cached.new_sampling_params is not None:
+                req.params = cached.new_sampling_params
         scheduled_ids = {r.req_id for r in out.scheduled_new_reqs} | {r.req_id for r in out.scheduled_cached_reqs}
         assert scheduled_ids == set(out.num_scheduled_tokens)
 

@@ -1,0 +1,208 @@
+"""StreamingSession: one live conversation whose audio is encoded and prefilled while the user speaks.
+
+Audio is turned into log-mel frames as it arrives (multimodal.streaming_mel); each finished attention
+window becomes audio placeholder tokens plus its mel features, appended to the open request at once,
+so the engine prefills it under its token budget while the user is still talking. commit() closes the
+turn (last partial window, <|audio_end|>, the assistant prompt) and streams the answer; the session
+then takes the next turn's input with all its KV kept. Positions continue through one MRopeBuilder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from omnistream.engine.outputs import RequestOutput
+from omnistream.engine.tensor_codec import to_tensor_data
+from omnistream.multimodal.hashing import hash_media
+from omnistream.multimodal.mrope import MRopeBuilder
+from omnistream.multimodal.placeholders import MultimodalTokenIds
+from omnistream.multimodal.streaming_mel import AudioWindow, StreamingAudioWindows
+from omnistream.scheduler.mm_feature import MultiModalFeature
+from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.tensor_data import PositionSegment
+
+if TYPE_CHECKING:
+    from omnistream.engine.async_llm import AsyncLLM
+
+FRAMES_PER_SECOND = 100
+
+
+class StreamingSession:
+    def __init__(
+        self,
+        llm: AsyncLLM,
+        session_id: str,
+        system_prompt: str | None,
+        sampling_params: SamplingParams,
+        audio_window_s: float,
+    ) -> None:
+        window_frames = audio_window_s * FRAMES_PER_SECOND
+        if not 1 <= audio_window_s <= 8 or window_frames != int(window_frames) or int(window_frames) % 100:
+            raise ValueError(f"audio_window_s must be a whole number of seconds from 1 to 8, got {audio_window_s}")
+        self.llm = llm
+        self.session_id = session_id
+        self.system_prompt = system_prompt
+        self.sampling_params = sampling_params
+        self.window_frames = int(window_frames)
+        config = llm.engine.model_config
+        self.ids = MultimodalTokenIds.from_config(config)
+        self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
+        self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
+        self._audio: StreamingAudioWindows | None = None  # the current turn's audio, while it streams
+        self._audio_frames = 0
+        self._turn = 0
+        self._in_user_turn = False
+        self._answering = False
+        self._closed = False
+        self._lock = asyncio.Lock()  # appends and commits apply in the order they were called
+
+    # ---- the conversation ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        text = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
+        tokens = self.llm.tokenizer.encode(text) if text else []
+        segments = [self._segment(0, self.positions.add_text(len(tokens)))] if tokens else []
+        await self.llm._call(lambda: self.llm.engine.open_session(self.session_id, tokens, segments))
+        self.llm._sessions.add(self.session_id)
+
+    async def append_audio(self, pcm: np.ndarray | bytes, sample_rate: int = 16_000) -> None:
+        """PCM of the user's speech: float samples, int16 samples, or PCM16 little-endian bytes."""
+        async with self._lock:
+            self._check_open()
+            if self._audio is None:
+                await self._begin_user_turn()
+                self._audio = StreamingAudioWindows(self.window_frames, sample_rate)
+                self._audio_frames = 0
+                await self._append_tokens([self.ids.audio_start], self.positions.add_start())
+            windows = await asyncio.to_thread(self._audio.feed, pcm)
+            for window in windows:
+                await self._append_window(window)
+
+    async def append_text(self, text: str) -> None:
+        """Typed input inside the user's turn (ends any audio segment in progress)."""
+        async with self._lock:
+            self._check_open()
+            await self._begin_user_turn()
+            await self._end_audio()
+            tokens = self.llm.tokenizer.encode(text)
+            if tokens:
+                await self._append_tokens(tokens, self.positions.add_text(len(tokens)))
+
+    async def commit(self, sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """End the user's turn and stream the answer (cumulative RequestOutputs, the last one finished)."""
+        params = sampling_params or self.sampling_params
+        async with self._lock:
+            self._check_open()
+            await self._begin_user_turn()
+            await self._end_audio()
+            tokens = self.llm.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
+            start = self._num_tokens
+            segment = self._segment(start, self.positions.add_text(len(tokens)))
+            queue = self.llm._open_stream(self.session_id)
+            self._in_user_turn = False
+            self._answering = True
+            self._turn += 1
+            try:
+                await self.llm._call(lambda: self._commit_on_engine(tokens, params, segment))
+            except BaseException:
+                self.llm._streams.pop(self.session_id, None)
+                raise
+        return self._answer(queue)
+
+    async def cancel(self) -> None:
+        """Stop the answer being generated (its stream ends with finish_reason "abort"); the session
+        stays open for the next turn."""
+        await self.llm._call(lambda: self.llm._cancel_turn(self.session_id))
+
+    async def close(self) -> None:
+        """End the session and free everything it holds."""
+        if self._closed:
+            return
+        self._closed = True
+        self.llm._sessions.discard(self.session_id)
+        await self.llm._call(lambda: self.llm._abort(self.session_id))
+
+    # ---- internals -----------------------------------------------------------------------------
+
+    @property
+    def _num_tokens(self) -> int:
+        return self.positions.num_tokens  # the single count of the session's tokens
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ValueError(f"session {self.session_id!r} is closed")
+
+    def _segment(self, start: int, positions: Any) -> PositionSegment:
+        return PositionSegment(start=start, positions=to_tensor_data(positions))
+
+    async def _begin_user_turn(self) -> None:
+        if self._in_user_turn:
+            return
+        if self._answering:  # the user speaks over the answer: stop it (barge-in)
+            await self.llm._call(lambda: self.llm._cancel_turn(self.session_id))
+            self._answering = False
+        text = "<|im_start|>user\n"
+        if self._turn:
+            # the answer's tokens (however many were sampled before it stopped) continue the positions;
+            # an answer cut short (length, cancel) is closed with <|im_end|> as the chat format wants
+            total, last = await self.llm._call(lambda: self.llm.engine.session_tail(self.session_id))
+            self.positions.add_text(total - self._num_tokens)
+            text = ("\n" if last == self.im_end else "<|im_end|>\n") + text
+        self._in_user_turn = True
+        tokens = self.llm.tokenizer.encode(text)
+        await self._append_tokens(tokens, self.positions.add_text(len(tokens)))
+
+    async def _append_tokens(self, tokens: list[int], positions: Any, features: list | None = None) -> None:
+        start = self._num_tokens - len(tokens)
+        segment = self._segment(start, positions)
+        await self.llm._call(
+            lambda: self.llm.engine.append_input(self.session_id, tokens, features or [], [segment])
+        )
+
+    async def _append_window(self, window: AudioWindow) -> None:
+        positions = self.positions.add_audio(window.num_tokens)
+        offset = self._num_tokens - window.num_tokens
+        self._audio_frames = window.stop_frame
+        feature = MultiModalFeature(
+            modality="audio",
+            identifier=hash_media("audio-window", window.features, window_frames=self.window_frames),
+            offset=offset,
+            length=window.num_tokens,
+            inputs={"input_features": to_tensor_data(window.features.contiguous())},
+            options={"window_frames": self.window_frames, "part_of_longer_clip": window.stop_frame >= 100},
+        )
+        await self._append_tokens([self.ids.audio_pad] * window.num_tokens, positions, [feature])
+
+    async def _end_audio(self) -> None:
+        if self._audio is None:
+            return
+        windows = await asyncio.to_thread(self._audio.flush)
+        self._audio = None
+        for window in windows:
+            await self._append_window(window)
+        await self._append_tokens([self.ids.audio_end], self.positions.add_end())
+
+    def _commit_on_engine(self, tokens: list[int], params: SamplingParams, segment: PositionSegment) -> None:
+        self.llm.output_processor.add_request(self.session_id, None, tokens, params)
+        try:
+            self.llm.engine.commit_turn(self.session_id, tokens, params, [segment])
+        except ValueError:
+            self.llm.output_processor.forget(self.session_id)
+            raise
+
+    async def _answer(self, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        try:
+            async for output in self.llm._drain(queue):
+                yield output
+                if output.finished:
+                    self._answering = False
+                    return
+        finally:
+            self.llm._streams.pop(self.session_id, None)
+            if self._answering:  # the caller stopped reading: stop generating
+                self.llm._post(lambda: self.llm._cancel_turn(self.session_id))
+                self._answering = False
