@@ -40,21 +40,32 @@ def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int) -> 
     ]
 
 
-def _apply_penalties(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
-    for i, row in enumerate(rows):
-        p = row.params
-        if p.repetition_penalty != 1.0:
-            seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
-            vals = logits[i, seen]
-            logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-        if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
-            out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
-            counts = torch.zeros(logits.shape[1], dtype=logits.dtype).scatter_add_(
-                0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype)
-            )
-            logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-        if row.blocked_token_ids:
-            logits[i, row.blocked_token_ids] = float("-inf")
+def _edits_logits(row: SamplingRow) -> bool:
+    p = row.params
+    return bool(
+        p.repetition_penalty != 1.0
+        or ((p.frequency_penalty or p.presence_penalty) and row.output_token_ids)
+        or row.blocked_token_ids
+    )
+
+
+def _penalized(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """A copy of one row's logits with its penalties and blocked tokens applied."""
+    p = row.params
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
+        vals = logits[seen]
+        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
+        out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
+        counts = torch.zeros(logits.shape[0], dtype=logits.dtype).scatter_add_(
+            0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype)
+        )
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    if row.blocked_token_ids:
+        logits[row.blocked_token_ids] = float("-inf")
+    return logits
 
 
 def _filter_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -78,13 +89,15 @@ def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], li
     """Sample one token per row of float32 logits [N, V]; returns token ids and optional logprobs."""
     want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
-    logits = logits.clone()
-    _apply_penalties(logits, rows)
-    chosen = logits.argmax(dim=-1)
+    chosen = logits.argmax(dim=-1)  # plain greedy rows are done here, without copying the logits
     for i, row in enumerate(rows):
-        if row.params.greedy:
+        if row.params.greedy and not _edits_logits(row):
             continue
-        probs = _filter_distribution(logits[i], row.params)
+        row_logits = _penalized(logits[i], row) if _edits_logits(row) else logits[i]
+        if row.params.greedy:
+            chosen[i] = row_logits.argmax()
+            continue
+        probs = _filter_distribution(row_logits, row.params)
         # exponential-race draw: argmax(p / Exp(1)) is a sample from p, one generator per request
         noise = torch.empty_like(probs).exponential_(generator=row.generator)
         chosen[i] = (probs / noise).argmax()

@@ -1,7 +1,7 @@
 """Portable attention backend: scaled_dot_product_attention over KV gathered from the paged cache.
 
-Decodes (one query each) are batched into one padded SDPA call with a length mask; prefill chunks run
-one request at a time with a causal mask shifted to the chunk's offset.
+Decodes (one query each) are batched into padded SDPA calls with a length mask, one per bucket of
+similar lengths; prefill chunks run one request at a time with a causal mask shifted to the chunk's offset.
 """
 
 from __future__ import annotations
@@ -41,9 +41,13 @@ class TorchSDPABackend(AttentionBackend):
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(query)
         starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
-        decodes = [i for i in range(metadata.num_reqs) if starts[i + 1] - starts[i] == 1]
-        if decodes:
-            self._decode(query, kv_cache, metadata, decodes, scale, out)
+        buckets: dict[int, list[int]] = {}  # decodes grouped by the power of two of their block count
+        for i in range(metadata.num_reqs):
+            if starts[i + 1] - starts[i] == 1:
+                num_blocks = -(-seq_lens[i] // metadata.block_size)
+                buckets.setdefault((num_blocks - 1).bit_length(), []).append(i)
+        for rows in buckets.values():  # padding within a bucket wastes at most half of its keys
+            self._decode(query, kv_cache, metadata, rows, scale, out)
         for i in range(metadata.num_reqs):
             if starts[i + 1] - starts[i] > 1:
                 self._prefill(query, kv_cache, metadata, i, scale, out)
