@@ -5,6 +5,9 @@ Owns only the group handle; process launch and `init_process_group` belong to th
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 
@@ -15,6 +18,18 @@ def set_tp_group(group: dist.ProcessGroup | None) -> None:
     """Install (or clear, with None) the process group that tensor-parallel layers shard over."""
     global _tp_group
     _tp_group = group
+
+
+@contextmanager
+def tp_group_hidden() -> Iterator[None]:
+    """Run as if at TP size 1: layers built or called inside hold whole weights and issue no collectives
+    (a replicated encoder on a TP rank, or a TP=1 engine beside a TP engine in one process)."""
+    global _tp_group
+    group, _tp_group = _tp_group, None
+    try:
+        yield
+    finally:
+        _tp_group = group
 
 
 def get_tp_world_size() -> int:

@@ -36,9 +36,9 @@ import torch.distributed as dist
 from torch import nn
 
 from omnistream.engine.config import ThinkerConfig
-from omnistream.engine.distributed import get_tp_world_size, set_tp_group
+from omnistream.engine.distributed import get_tp_world_size, set_tp_group, tp_group_hidden
 from omnistream.engine.engine_config import EngineConfig
-from omnistream.engine.loader import load_model, tp_group_hidden
+from omnistream.engine.loader import load_model
 from omnistream.engine.model_runner import ModelRunner
 from omnistream.engine.tp_worker import (
     ERROR_KEY,

@@ -77,7 +77,7 @@ def _build_model(model_class: type[nn.Module], config: ThinkerConfig) -> nn.Modu
         return model_class(config)
     model = model_class(dataclasses.replace(config, audio_config=None))
     model.config = config
-    with tp_group_hidden():  # so the tower's layers hold whole weights
+    with distributed.tp_group_hidden():  # so the tower's layers hold whole weights
         model.audio_tower = AudioEncoder(config.audio_config)
     for module in model.audio_tower.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear)):
@@ -231,17 +231,6 @@ def thinker_name(key: str, full_layout: bool) -> str | None:
         if key.startswith(old):
             return new + key.removeprefix(old)
     return key
-
-
-@contextmanager
-def tp_group_hidden() -> Iterator[None]:
-    """Run as if at TP size 1 (layers built or called inside are whole and issue no collectives)."""
-    group = distributed._tp_group  # the layers read the process-wide group; there is no public getter yet
-    distributed.set_tp_group(None)
-    try:
-        yield
-    finally:
-        distributed.set_tp_group(group)
 
 
 @contextmanager
