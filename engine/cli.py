@@ -1,13 +1,13 @@
-"""The `omnistream` command line: `omnistream generate` (the server subcommand comes with the server)."""
+"""The `omnistream` command line: `omnistream serve` (the OpenAI-compatible server) and `omnistream generate`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
-from omnistream.engine.llm import LLM
-from omnistream.scheduler.sampling_params import SamplingParams
+_MODALITIES = ("audio", "image", "video")
 
 
 def _add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -21,10 +21,40 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks, one per device")
     parser.add_argument("--log-level", default="warning")
 
 
+def _mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt '{"image": 2, "audio": 1}'."""
+    try:
+        limits = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(limits, dict) or not all(
+        k in _MODALITIES and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in limits.items()
+    ):
+        raise argparse.ArgumentTypeError(f"expected an object of {'/'.join(_MODALITIES)} to counts >= 0, got {text}")
+    return limits
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from omnistream.engine.server.run import serve
+
+    return serve(args)
+
+
 def _generate(args: argparse.Namespace) -> int:
+    from omnistream.engine.llm import LLM
+    from omnistream.scheduler.sampling_params import SamplingParams
+
     llm = LLM(
         args.model,
         dtype=args.dtype,
@@ -36,6 +66,7 @@ def _generate(args: argparse.Namespace) -> int:
         enable_prefix_caching=args.enable_prefix_caching,
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -55,9 +86,18 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="omnistream", description="Serve and run the Qwen3-Omni thinker.")
     sub = parser.add_subparsers(dest="command", required=True)
+    srv = sub.add_parser("serve", help="run the OpenAI-compatible HTTP server")
+    _add_engine_args(srv)
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8000)
+    srv.add_argument("--api-key", default=None, help="required as 'Authorization: Bearer KEY' (default: $OMNISTREAM_API_KEY)")
+    srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model path)")
+    srv.add_argument("--limit-mm-per-prompt", type=_mm_limits, default=None, help='media items per prompt, e.g. \'{"image": 2}\'')
+    srv.add_argument("--max-request-body-bytes", type=_positive, default=64 << 20)
+    srv.set_defaults(handler=_serve)
     gen = sub.add_parser("generate", help="run a generation offline and print it")
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
@@ -68,7 +108,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--top-k", type=int, default=0)
     gen.add_argument("--sampling-seed", type=int, default=None)
     gen.set_defaults(handler=_generate)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.handler(args)

@@ -1,0 +1,253 @@
+"""The OpenAI-compatible wire format: request bodies (validated by pydantic) and response bodies.
+
+Only shapes and their translation to SamplingParams live here; the values themselves are validated
+once, by SamplingParams, so the HTTP server and the Python API accept exactly the same settings.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from omnistream.scheduler.sampling_params import SamplingParams
+
+MAX_N = 128  # choices per request (each is one engine request)
+MAX_TOP_LOGPROBS = 20
+MM_PROCESSOR_KEYS = frozenset({"use_audio_in_video", "fps", "min_frames", "max_frames", "audio_window_s"})
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, metadata...) are ignored
+
+
+# ---- chat messages (only the content parts a server may accept: no local paths) --------------------
+
+
+class _URL(_Body):
+    url: str
+
+
+class _InputAudio(_Body):
+    data: str
+    format: str | None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ImageURLPart(_Body):
+    type: Literal["image_url"]
+    image_url: _URL
+
+
+class InputAudioPart(_Body):
+    type: Literal["input_audio"]
+    input_audio: _InputAudio
+
+
+class AudioURLPart(_Body):
+    type: Literal["audio_url"]
+    audio_url: _URL
+
+
+class VideoURLPart(_Body):
+    type: Literal["video_url"]
+    video_url: _URL
+
+
+ContentPart = Annotated[
+    Union[TextPart, ImageURLPart, InputAudioPart, AudioURLPart, VideoURLPart], Field(discriminator="type")
+]
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: Union[str, list[ContentPart], None] = None
+    name: str | None = None
+
+
+# ---- requests --------------------------------------------------------------------------------
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Body):
+    """Fields shared by chat and completions; None means "the SamplingParams default"."""
+
+    model: str | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
+    seed: int | None = None
+    stop: Union[str, list[str], None] = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+    min_tokens: int | None = None
+    skip_special_tokens: bool | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+    def _sampling_params(self, index: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+        """The params of choice `index`: choices are independent requests, so a seed advances per choice."""
+        fields = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens")
+        kwargs: dict[str, Any] = {f: getattr(self, f) for f in fields if getattr(self, f) is not None}
+        if self.stop is not None:
+            kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.seed is not None:
+            kwargs["seed"] = self.seed + index
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    mm_processor_kwargs: dict[str, Any] | None = None
+
+    def sampling_params(self, index: int) -> SamplingParams:
+        # no limit by default: the answer may use the rest of max_model_len
+        max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        logprobs = (self.top_logprobs or 0) if self.logprobs else None
+        return self._sampling_params(index, max_tokens, logprobs)
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: Union[str, list[int], list[str], list[list[int]]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+
+    def sampling_params(self, index: int) -> SamplingParams:
+        return self._sampling_params(index, 16 if self.max_tokens is None else self.max_tokens, self.logprobs)
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---- responses ---------------------------------------------------------------------------------
+
+
+class PromptTokensDetails(BaseModel):
+    """OpenAI's cached/audio counts plus ours: prompt tokens of each modality (text is the rest)."""
+
+    cached_tokens: int = 0
+    text_tokens: int = 0
+    audio_tokens: int = 0
+    image_tokens: int = 0
+    video_tokens: int = 0
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+    audio_seconds: float = 0.0  # decoded audio the prompt carried (input_audio / audio_url parts)
+
+
+class ChatLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class ChatTokenLogprob(ChatLogprob):
+    top_logprobs: list[ChatLogprob] = []
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob]
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str] = []
+    token_logprobs: list[float] = []
+    top_logprobs: list[dict[str, float]] = []
+    text_offset: list[int] = []
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    """Also the streamed chunk (object "text_completion" in both, as OpenAI sends it)."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None

@@ -1,0 +1,67 @@
+"""The real server (uvicorn + AsyncLLM on the embedded default model) in a background thread, on a free port."""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from omnistream.engine.cli import build_parser
+from omnistream.engine.server.run import build_server
+
+API_KEY = "test-key-123"
+
+
+@dataclass
+class RunningServer:
+    url: str
+    llm: Any
+    args: Any
+
+
+@contextmanager
+def running_server(*flags: str) -> Iterator[RunningServer]:
+    args = build_parser().parse_args(["serve", "--port", "0", "--api-key", API_KEY, *flags])
+    llm, server = build_server(args)
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("the server did not start")
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield RunningServer(f"http://127.0.0.1:{port}", llm, args)
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+        llm.shutdown()
+
+
+def png_data_url(size: int = 32) -> str:
+    pixels = (np.arange(size * size * 3).reshape(size, size, 3) % 256).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def wav_base64(seconds: float = 1.0, rate: int = 16000) -> str:
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+    return base64.b64encode(buffer.getvalue()).decode()
