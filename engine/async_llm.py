@@ -89,6 +89,11 @@ class AsyncLLM:
         await session.start()
         return session
 
+    @property
+    def errored(self) -> bool:
+        """True once the engine thread has stopped on an error."""
+        return self._error is not None
+
     def shutdown(self) -> None:
         self._stopping = True
         self._wake.set()

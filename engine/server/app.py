@@ -99,7 +99,10 @@ def build_app(llm: Any, args: argparse.Namespace) -> FastAPI:
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        return JSONResponse({})
+        """200 while the engine runs, 503 once it has died (so orchestrators restart the server)."""
+        if getattr(llm, "errored", False):
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

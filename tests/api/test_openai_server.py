@@ -250,10 +250,10 @@ def test_disconnect_aborts_the_request(server, monkeypatch, stream):
 # ---- engine failures (the app over a stand-in engine: no server needed) --------------------------------
 
 
-def _app_over(server, generate) -> TestClient:
+def _app_over(server, generate, errored: bool = False) -> TestClient:
     llm = server.llm
     stand_in = types.SimpleNamespace(generate=generate, tokenizer=llm.tokenizer, input_processor=llm.input_processor,
-                                     engine=llm.engine)
+                                     engine=llm.engine, errored=errored)
     return TestClient(build_app(stand_in, server.args), raise_server_exceptions=False)
 
 
@@ -265,8 +265,9 @@ def test_dead_engine_is_503_and_unexpected_errors_500(server, client):
 
         return generate
 
-    with _app_over(server, failing(EngineDeadError("gone"))) as app:
+    with _app_over(server, failing(EngineDeadError("gone")), errored=True) as app:
         assert _error(app.post("/v1/chat/completions", headers=AUTH, json={"messages": USER}), 503)["code"] == "engine_dead"
+        assert app.get("/health").status_code == 503  # health fails while the engine is dead
     with _app_over(server, failing(RuntimeError("secret detail"))) as app:
         error = _error(app.post("/v1/completions", headers=AUTH, json={"prompt": "hi"}), 500)
         assert "secret" not in error["message"]
