@@ -10,7 +10,7 @@ then takes the next turn's input with all its KV kept. Positions continue throug
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -79,8 +79,9 @@ class StreamingSession:
                 self._audio_frames = 0
                 await self._append_tokens([self.ids.audio_start], self.positions.add_start())
             windows = await asyncio.to_thread(self._audio.feed, pcm)
-            for window in windows:
-                await self._append_window(window)
+            if windows:  # every finished window in one engine command: they are scheduled together
+                ops = [self._window_op(window) for window in windows]
+                await self.llm._call(lambda: _run_all(ops))
 
     async def append_text(self, text: str) -> None:
         """Typed input inside the user's turn (ends any audio segment in progress)."""
@@ -98,7 +99,11 @@ class StreamingSession:
         async with self._lock:
             self._check_open()
             await self._begin_user_turn()
-            await self._end_audio()
+            # The last partial window, <|audio_end|> and the assistant prompt reach the engine in ONE
+            # command with the commit: one step then prefills them all and samples the first token.
+            # (As separate commands, each waited for the step the previous one had started: two or
+            # three steps between end of speech and the first token instead of one.)
+            ops = await self._end_audio_ops()
             tokens = self.llm.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
             start = self._num_tokens
             segment = self._segment(start, self.positions.add_text(len(tokens)))
@@ -107,7 +112,7 @@ class StreamingSession:
             self._answering = True
             self._turn += 1
             try:
-                await self.llm._call(lambda: self._commit_on_engine(tokens, params, segment))
+                await self.llm._call(lambda: (_run_all(ops), self._commit_on_engine(tokens, params, segment)))
             except BaseException:
                 self.llm._streams.pop(self.session_id, None)
                 raise
@@ -157,13 +162,15 @@ class StreamingSession:
         await self._append_tokens(tokens, self.positions.add_text(len(tokens)))
 
     async def _append_tokens(self, tokens: list[int], positions: Any, features: list | None = None) -> None:
+        await self.llm._call(self._input_op(tokens, positions, features))
+
+    def _input_op(self, tokens: list[int], positions: Any, features: list | None = None) -> Callable[[], None]:
+        """The engine-thread command appending `tokens` (whose positions were just added)."""
         start = self._num_tokens - len(tokens)
         segment = self._segment(start, positions)
-        await self.llm._call(
-            lambda: self.llm.engine.append_input(self.session_id, tokens, features or [], [segment])
-        )
+        return lambda: self.llm.engine.append_input(self.session_id, tokens, features or [], [segment])
 
-    async def _append_window(self, window: AudioWindow) -> None:
+    def _window_op(self, window: AudioWindow) -> Callable[[], None]:
         positions = self.positions.add_audio(window.num_tokens)
         offset = self._num_tokens - window.num_tokens
         self._audio_frames = window.stop_frame
@@ -175,16 +182,22 @@ class StreamingSession:
             inputs={"input_features": to_tensor_data(window.features.contiguous())},
             options={"window_frames": self.window_frames, "part_of_longer_clip": window.stop_frame >= 100},
         )
-        await self._append_tokens([self.ids.audio_pad] * window.num_tokens, positions, [feature])
+        return self._input_op([self.ids.audio_pad] * window.num_tokens, positions, [feature])
 
     async def _end_audio(self) -> None:
+        ops = await self._end_audio_ops()
+        if ops:
+            await self.llm._call(lambda: _run_all(ops))
+
+    async def _end_audio_ops(self) -> list[Callable[[], None]]:
+        """Close the audio segment in progress: the engine commands for its last window(s) and <|audio_end|>."""
         if self._audio is None:
-            return
+            return []
         windows = await asyncio.to_thread(self._audio.flush)
         self._audio = None
-        for window in windows:
-            await self._append_window(window)
-        await self._append_tokens([self.ids.audio_end], self.positions.add_end())
+        ops = [self._window_op(window) for window in windows]
+        ops.append(self._input_op([self.ids.audio_end], self.positions.add_end()))
+        return ops
 
     def _commit_on_engine(self, tokens: list[int], params: SamplingParams, segment: PositionSegment) -> None:
         self.llm.output_processor.add_request(self.session_id, None, tokens, params)
@@ -206,3 +219,8 @@ class StreamingSession:
             if self._answering:  # the caller stopped reading: stop generating
                 self.llm._post(lambda: self.llm._cancel_turn(self.session_id))
                 self._answering = False
+
+
+def _run_all(ops: list[Callable[[], None]]) -> None:
+    for op in ops:
+        op()

@@ -190,6 +190,19 @@ class Scheduler:
             num_encoded_media=self.encoder_cache.num_encoded,
         )
 
+    def lag_percentiles(self, percentiles: Iterable[float] = (50, 99)) -> dict[str, float | int | None]:
+        """Percentiles (nearest rank) of `stream_lags`, the seconds live input waited before it was
+        scheduled: {"p50": ..., "p99": ..., "max": ..., "count": n}; values are None with no samples."""
+        lags = sorted(self.stream_lags)
+        result: dict[str, float | int | None] = {"count": len(lags)}
+        for q in percentiles:
+            if not 0 <= q <= 100:
+                raise ValueError(f"percentile must be in [0, 100], got {q}")
+            rank = max(1, -(-len(lags) * q // 100)) if lags else 0
+            result[f"p{q:g}"] = lags[int(rank) - 1] if lags else None
+        result["max"] = lags[-1] if lags else None
+        return result
+
     # ---- one step ------------------------------------------------------------------------
 
     def schedule(self) -> SchedulerOutput:

@@ -135,3 +135,46 @@ def test_idle_sessions_lose_their_kv_first_and_live_input_goes_before_plain_pref
     sched.append_input("idle", [7])  # the session comes back (through the prefix cache)
     _drain(sched, runner)
     assert sched.get_request("idle").num_computed_tokens == sched.get_request("idle").num_tokens
+
+
+@pytest.mark.parametrize("budget", [64, 8, 6])
+def test_live_input_is_scheduled_every_step_alongside_running_decodes(budget):
+    """One live session gets 5 new tokens before every step while 3 requests decode: each step runs all
+    3 decodes and (budget allowing) all of the session's new input; with a budget short of that, the
+    decodes still all run and the session gets the rest, so its input never waits a whole step unscheduled."""
+    sched, runner = _scheduler(num_kv_blocks=128, max_num_batched_tokens=budget), FakeRunner(4)
+    for i in range(3):
+        sched.add_request(Request(f"r{i}", [5 + i, 6, 7], SamplingParams(max_tokens=40, ignore_eos=True), [EOS], 0.0))
+    sched.add_request(_session("s", [1, 2]))
+    while any(sched.get_request(f"r{i}").num_output_tokens == 0 for i in range(3)):
+        run_step(sched, runner)  # prefill everything first
+    session = sched.get_request("s")
+    for step in range(25):
+        sched.append_input("s", list(range(200 + 5 * step, 205 + 5 * step)))
+        pending = session.num_tokens - session.num_computed_tokens
+        num_lags = len(sched.stream_lags)
+        plan, _ = run_step(sched, runner)
+        scheduled = plan.num_scheduled_tokens
+        assert all(scheduled.get(f"r{i}") == 1 for i in range(3)), scheduled  # every decode, every step
+        assert "s" in plan.no_sample_req_ids
+        assert scheduled.get("s") == min(budget - 3, pending), scheduled  # all the rest of the budget
+        if budget >= 8:
+            assert pending == 5 and session.pending_since is None  # this step's input ran in this step
+            assert len(sched.stream_lags) == num_lags + 1
+        else:
+            assert scheduled["s"] > 0  # short of budget: a part of the pending input every step
+    stats = sched.lag_percentiles()
+    assert stats["count"] > 0 and stats["max"] < 1.0  # appended and scheduled at once: no lag to speak of
+
+
+def test_lag_percentiles_summarise_stream_lags():
+    sched = _scheduler()
+    assert sched.lag_percentiles() == {"count": 0, "p50": None, "p99": None, "max": None}
+    sched.stream_lags.extend(i / 100 for i in range(100, 0, -1))  # 0.01 .. 1.00, unordered
+    stats = sched.lag_percentiles((50, 90, 99))
+    assert stats == {"count": 100, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+    sched.stream_lags.clear()
+    sched.stream_lags.append(0.25)
+    assert sched.lag_percentiles() == {"count": 1, "p50": 0.25, "p99": 0.25, "max": 0.25}
+    with pytest.raises(ValueError):
+        sched.lag_percentiles((101,))
