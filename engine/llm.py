@@ -97,7 +97,7 @@ class LLM:
         try:
             for prompt, params in zip(prompt_list, params_list):
                 request_ids.append(self._add(prompt, params))
-        except ValueError:
+        except BaseException:  # any failure (not only MediaError) must not leave earlier prompts queued
             for request_id in request_ids:
                 self.engine.abort_requests(self.output_processor.forget(request_id))
             raise
@@ -174,7 +174,7 @@ class LLM:
                         position_segments=processed.position_segments,
                     )
                 )
-        except ValueError:
+        except BaseException:
             self.engine.abort_requests(self.output_processor.forget(request_id))
             raise
         return request_id

@@ -19,6 +19,7 @@ TARGET_RATE = 16000
 _MAX_CHANNELS = 8  # a raw 2-D array is [channels, samples]; more rows than this means it is transposed
 _BLOCK = 1 << 20  # raw arrays are resampled in blocks of this many samples
 _PADDING_S = 0.1  # decoded audio past the declared duration, up to this much, is codec padding
+_WAV_HEAD = 1 << 16  # bytes read to find a WAV's data chunk header
 
 MediaFile = Union[str, Path, bytes, bytearray, memoryview, BinaryIO]
 AudioSource = Union[MediaFile, np.ndarray, torch.Tensor, tuple]
@@ -36,6 +37,36 @@ def open_container(source: MediaFile, modality: str) -> av.container.InputContai
         return av.open(source, mode="r")
     except (av.FFmpegError, OSError) as exc:
         raise MediaDecodeError(f"{modality}: cannot open the file ({exc})") from exc
+
+
+def _wav_missing_bytes(source: MediaFile) -> int:
+    """How many bytes of samples a RIFF/WAVE header declares beyond the end of the file (0 if none or not a WAV).
+
+    FFmpeg estimates a WAV's duration from the file size, so a cut-off WAV would otherwise decode silently short.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = memoryview(source)
+        head, size = bytes(data[:_WAV_HEAD]), len(data)
+    elif isinstance(source, (str, Path)):
+        if not Path(source).is_file():
+            return 0  # missing files (and URLs) are reported by the decoder
+        with open(source, "rb") as file:
+            head, size = file.read(_WAV_HEAD), Path(source).stat().st_size
+    elif hasattr(source, "seek") and source.seekable():
+        source.seek(0)
+        head, size = source.read(_WAV_HEAD), source.seek(0, io.SEEK_END)
+        source.seek(0)
+    else:
+        return 0
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return 0
+    pos = 12
+    while pos + 8 <= len(head):
+        chunk, length = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if chunk == b"data":  # 0 and 0xFFFFFFFF: left unset by a streaming writer
+            return 0 if length in (0, 0xFFFFFFFF) else max(0, pos + 8 + length - size)
+        pos += 8 + length + (length & 1)
+    return 0
 
 
 def has_audio_stream(source: MediaFile) -> bool:
@@ -67,6 +98,12 @@ def _append_frames(frames: list[av.AudioFrame], out: _Samples) -> None:
 
 
 def _decode_file(source: MediaFile) -> np.ndarray:
+    try:
+        missing = _wav_missing_bytes(source)
+    except OSError as exc:
+        raise MediaDecodeError(f"audio: cannot open the file ({exc})") from exc
+    if missing:
+        raise MediaDecodeError(f"audio: truncated WAV file, {missing} bytes of samples its header declares are missing")
     with open_container(source, "audio") as container:
         if not container.streams.audio:
             raise EmptyMediaError("audio: the file has no audio stream")

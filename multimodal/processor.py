@@ -39,16 +39,20 @@ from omnistream.scheduler.tensor_data import PositionSegment
 MODALITIES = ("audio", "image", "video")
 SAMPLE_RATE = 16_000
 FRAMES_PER_SECOND = 100  # log-mel frames per second of audio (hop 160 at 16 kHz)
+_DEFAULT_MAX_ITEMS = {"audio": 8, "image": 8, "video": 2}
 
 
 @dataclass(frozen=True)
 class MediaLimits:
     """Per-prompt limits; exceeding one raises MediaLimitError naming it."""
 
-    max_items: Mapping[str, int] = field(default_factory=lambda: {"audio": 8, "image": 8, "video": 2})
+    max_items: Mapping[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_ITEMS))
     max_audio_seconds: float = 3600.0  # per clip, soundtracks included
     max_video_frames: int = 768  # frames sampled per video
     max_image_pixels: int = 64_000_000  # of an image as decoded, before resizing
+
+    def __post_init__(self) -> None:  # a modality left out of `max_items` keeps its default (as in vLLM)
+        object.__setattr__(self, "max_items", {**_DEFAULT_MAX_ITEMS, **self.max_items})
 
 
 @dataclass

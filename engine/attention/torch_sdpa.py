@@ -79,5 +79,6 @@ class TorchSDPABackend(AttentionBackend):
         q_pos = torch.arange(seq_len - num_query, seq_len, device=k.device).unsqueeze(1)
         mask = torch.arange(seq_len, device=k.device).unsqueeze(0) <= q_pos
         q = query[start:end].transpose(0, 1).to(k.dtype)  # [H, q, D]
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        # 4-D inputs (a batch of one) take torch's fused CPU kernel; 3-D ones fall back to a slow path
+        o = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=scale, enable_gqa=True)[0]
         out[start:end] = o.transpose(0, 1).to(out.dtype)
