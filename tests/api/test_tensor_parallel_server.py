@@ -19,8 +19,9 @@ PROMPTS = [
 ]
 
 
-def _answers(*flags: str) -> list[tuple[list[str], list[float]]]:
+def _answers(*flags: str) -> tuple[str, list[tuple[list[str], list[float]]]]:
     with running_server("--dtype", "float32", "--num-kv-blocks", "256", *flags) as server:
+        executor = type(server.llm.engine.executor).__name__
         client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
         results = []
         for messages in PROMPTS:
@@ -31,12 +32,14 @@ def _answers(*flags: str) -> list[tuple[list[str], list[float]]]:
             )
             content = reply.choices[0].logprobs.content
             results.append(([c.token for c in content], [c.logprob for c in content]))
-        return results
+        return executor, results
 
 
 def test_tp2_server_answers_like_tp1():
-    single = _answers()
-    sharded = _answers("--tensor-parallel-size", "2")
+    executor, single = _answers()
+    assert executor == "UniProcExecutor"
+    executor, sharded = _answers("--tensor-parallel-size", "2")
+    assert executor == "MultiprocTPExecutor"
     for (tokens1, logprobs1), (tokens2, logprobs2) in zip(single, sharded):
         assert tokens2 == tokens1
         assert max(abs(a - b) for a, b in zip(logprobs1, logprobs2)) < FP32_TOL
