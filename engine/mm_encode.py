@@ -16,14 +16,16 @@ class EncoderOutput:
     deepstack: torch.Tensor | None  # [levels, length, hidden] for visual items (zero rows at audio positions)
 
 
-def _visual(model: torch.nn.Module, feature: MultiModalFeature) -> tuple[torch.Tensor, torch.Tensor]:
-    pixels = from_tensor_data(feature.inputs["pixel_values"])
+def _visual(
+    model: torch.nn.Module, feature: MultiModalFeature, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = from_tensor_data(feature.inputs["pixel_values"]).to(device)
     grid = from_tensor_data(feature.inputs["grid_thw"]).reshape(-1, 3).tolist()
     return model.embed_visual(pixels, grid)
 
 
-def _audio(model: torch.nn.Module, feature: MultiModalFeature) -> torch.Tensor:
-    mel = from_tensor_data(feature.inputs["input_features"])
+def _audio(model: torch.nn.Module, feature: MultiModalFeature, device: torch.device) -> torch.Tensor:
+    mel = from_tensor_data(feature.inputs["input_features"]).to(device)
     window = feature.options.get("window_frames")
     part = bool(feature.options.get("part_of_longer_clip", False))
     return model.embed_audio([mel], None if window is None else int(window), part)[0]
@@ -32,13 +34,13 @@ def _audio(model: torch.nn.Module, feature: MultiModalFeature) -> torch.Tensor:
 def encode_feature(model: torch.nn.Module, feature: MultiModalFeature, device: torch.device) -> EncoderOutput:
     """Encoder output rows for `feature`, checked against its placeholder count."""
     if feature.modality == "audio":
-        result = EncoderOutput(_audio(model, feature), None)
+        result = EncoderOutput(_audio(model, feature, device), None)
     elif feature.modality in ("image", "video"):
-        result = EncoderOutput(*_visual(model, feature))
+        result = EncoderOutput(*_visual(model, feature, device))
     elif feature.modality == "video_audio":
-        video, deepstack = _visual(model, feature)
-        audio = _audio(model, feature)
-        is_video = from_tensor_data(feature.inputs["video_mask"]).to(torch.bool)
+        video, deepstack = _visual(model, feature, device)
+        audio = _audio(model, feature, device)
+        is_video = from_tensor_data(feature.inputs["video_mask"]).to(device=device, dtype=torch.bool)
         embeds = video.new_empty(feature.length, video.shape[-1])
         embeds[is_video], embeds[~is_video] = video, audio.to(video.dtype)
         full_deepstack = deepstack.new_zeros(deepstack.shape[0], feature.length, deepstack.shape[-1])
