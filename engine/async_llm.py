@@ -57,7 +57,7 @@ class AsyncLLM:
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative RequestOutputs of one request; closing the iterator aborts the request."""
         params = sampling_params or SamplingParams()
-        processed = await asyncio.to_thread(self._process, prompt)
+        processed = await asyncio.to_thread(self.input_processor.process_prompt, prompt)
         request_id = request_id or f"req-{next(self._ids)}"
         queue = self._open_stream(request_id)
         try:
@@ -102,26 +102,12 @@ class AsyncLLM:
 
     # ---- plumbing used by StreamingSession ----------------------------------------------------
 
-    def _process(self, prompt: str | dict[str, Any]) -> Any:
-        if isinstance(prompt, str):
-            return self.input_processor.process(prompt)
-        return self.input_processor.process(
-            prompt.get("prompt"), prompt.get("prompt_token_ids"), prompt.get("multi_modal_data"),
-            prompt.get("mm_processor_kwargs"),
-        )
-
     def _add(self, request_id: str, processed: Any, params: SamplingParams) -> None:
         if params.n != 1:
             raise ValueError("AsyncLLM.generate streams one sample per request; use n=1")
         self.output_processor.add_request(request_id, processed.prompt, processed.token_ids, params)
         try:
-            self.engine.add_request(
-                EngineCoreRequest(
-                    request_id=request_id, prompt_token_ids=processed.token_ids, sampling_params=params,
-                    arrival_time=time.monotonic(), mm_features=processed.mm_features,
-                    position_segments=processed.position_segments,
-                )
-            )
+            self.engine.add_request(EngineCoreRequest.from_processed(request_id, processed, params, time.monotonic()))
         except ValueError:
             self.output_processor.forget(request_id)
             raise

@@ -18,7 +18,7 @@ from omnistream.engine.output_processor import OutputProcessor
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.tokenizer import Tokenizer
 from omnistream.multimodal.chat_media import collect_media
-from omnistream.multimodal.processor import InputProcessor, MediaLimits, ProcessedPrompt
+from omnistream.multimodal.processor import InputProcessor, MediaLimits
 from omnistream.scheduler.sampling_params import SamplingParams
 
 PromptType = Union[str, dict[str, Any]]
@@ -140,23 +140,10 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling params for {count} prompts")
         return list(params)
 
-    def _process(self, prompt: PromptType) -> ProcessedPrompt:
-        if isinstance(prompt, str):
-            return self.input_processor.process(prompt)
-        if "prompt_token_ids" not in prompt and "prompt" not in prompt:
-            raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
-        return self.input_processor.process(
-            prompt.get("prompt"),
-            prompt.get("prompt_token_ids"),
-            prompt.get("multi_modal_data"),
-            prompt.get("mm_processor_kwargs"),
-        )
-
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
-        processed = self._process(prompt)
-        token_ids = processed.token_ids
+        processed = self.input_processor.process_prompt(prompt)
         request_id = str(next(self._ids))
-        child_ids = self.output_processor.add_request(request_id, processed.prompt, token_ids, params)
+        child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.token_ids, params)
         now = time.monotonic()
         try:
             for index, child_id in enumerate(child_ids):
@@ -164,16 +151,7 @@ class LLM:
                 if params.n > 1:
                     seed = None if params.seed is None else params.seed + index
                     child_params = msgspec.structs.replace(params, n=1, seed=seed)
-                self.engine.add_request(
-                    EngineCoreRequest(
-                        request_id=child_id,
-                        prompt_token_ids=token_ids,
-                        sampling_params=child_params,
-                        arrival_time=now,
-                        mm_features=processed.mm_features,
-                        position_segments=processed.position_segments,
-                    )
-                )
+                self.engine.add_request(EngineCoreRequest.from_processed(child_id, processed, child_params, now))
         except BaseException:
             self.engine.abort_requests(self.output_processor.forget(request_id))
             raise

@@ -127,6 +127,18 @@ class InputProcessor:
             {m: n for m, n in counts.items() if n}, seconds,
         )
 
+    def process_prompt(self, prompt: str | Mapping[str, Any]) -> ProcessedPrompt:
+        """A prompt as the Python APIs take it: a string, or a dict with "prompt" (text) or
+        "prompt_token_ids", optionally "multi_modal_data" and "mm_processor_kwargs"."""
+        if isinstance(prompt, str):
+            return self.process(prompt)
+        if not isinstance(prompt, Mapping) or ("prompt_token_ids" not in prompt and "prompt" not in prompt):
+            raise ValueError("a prompt must be a string, {'prompt': str} or {'prompt_token_ids': [...]}")
+        return self.process(
+            prompt.get("prompt"), prompt.get("prompt_token_ids"), prompt.get("multi_modal_data"),
+            prompt.get("mm_processor_kwargs"),
+        )
+
     def _window_frames(self, kwargs: dict[str, Any]) -> int:
         seconds = kwargs.pop("audio_window_s", None)
         if seconds is None:
