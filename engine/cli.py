@@ -97,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model path)")
     srv.add_argument("--limit-mm-per-prompt", type=_mm_limits, default=None, help='media items per prompt, e.g. \'{"image": 2}\'')
     srv.add_argument("--max-request-body-bytes", type=_positive, default=64 << 20)
+    srv.add_argument("--grpc-port", type=int, default=None,
+                     help="also serve the gRPC API (omnistream.v1) on this port, on the same engine (0: any free port)")
+    srv.add_argument("--grpc-only", action="store_true", help="serve only the gRPC API (needs --grpc-port)")
     srv.set_defaults(handler=_serve)
     gen = sub.add_parser("generate", help="run a generation offline and print it")
     _add_engine_args(gen)

@@ -1,4 +1,5 @@
-"""`omnistream serve`: builds the engine (AsyncLLM, in-process for now) and the app, then runs uvicorn.
+"""`omnistream serve`: builds the engine (AsyncLLM, in-process for now) and the app, then runs uvicorn,
+and with --grpc-port the gRPC server beside it on the same engine (--grpc-only: gRPC alone).
 
 uvicorn runs on uvloop when it is installed. SIGTERM/SIGINT stop accepting, let in-flight requests
 finish (bounded by the graceful timeout), then the engine is shut down.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
+import threading
 from typing import Any
 
 import uvicorn
@@ -45,11 +48,34 @@ def build_server(args: argparse.Namespace) -> tuple[AsyncLLM, uvicorn.Server]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    grpc_port, grpc_only = getattr(args, "grpc_port", None), getattr(args, "grpc_only", False)
+    if grpc_only and grpc_port is None:
+        raise ValueError("--grpc-only needs --grpc-port")
     llm, server = build_server(args)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key or $%s)", args.host, API_KEY_ENV)
+    grpc_server = None
     try:
-        server.run()
+        if grpc_port is not None:
+            from omnistream.engine.grpc_server import GrpcServer
+
+            grpc_server = GrpcServer(llm, args)
+            logger.info("gRPC API on %s:%d", args.host, grpc_server.start())
+        if grpc_only:
+            _wait_for_signal()
+        else:
+            server.run()
     finally:
+        if grpc_server is not None:
+            grpc_server.stop(grace=GRACEFUL_SHUTDOWN_S)
         llm.shutdown()
     return 0
+
+
+def _wait_for_signal() -> None:
+    """--grpc-only: block until SIGINT or SIGTERM."""
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.wait(1.0):
+        pass
