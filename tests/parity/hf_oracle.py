@@ -103,3 +103,18 @@ def hf_visual_features(
     else:
         out = model.get_image_features(pixel_values=pixel_values, image_grid_thw=grid)
     return torch.cat(out.pooler_output), [torch.cat(level) for level in out.deepstack_features]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
+
+
+def save_servable(model: Qwen3OmniMoeThinkerForConditionalGeneration, path) -> str:
+    """A thinker-only save plus the embedded model's tokenizer files: a checkpoint our engine can serve."""
+    import shutil
+
+    from omnistream.engine.default_model import default_model_path
+
+    model.save_pretrained(path)
+    for name in TOKENIZER_FILES:
+        shutil.copy(default_model_path() / name, path / name)
+    return str(path)

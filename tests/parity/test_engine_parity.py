@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
-from omnistream.engine.default_model import default_model_path
-from tests.parity.hf_oracle import TINY, build_hf_thinker, head_dim_128_config
+from tests.parity.hf_oracle import TINY, build_hf_thinker, head_dim_128_config, save_servable
 
 FP32_TOL = 1e-4
 NEW_TOKENS = 32
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 
 
 @pytest.fixture(scope="module", params=["tiny", "head_dim_128"])
@@ -21,11 +17,8 @@ def pair(request, tmp_path_factory):
     """(HF thinker, our LLM over its thinker-only save)."""
     cfg = TINY if request.param == "tiny" else head_dim_128_config()
     hf = build_hf_thinker(cfg, seed=3)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(default_model_path() / name, path / name)
-    return hf, LLM(str(path), dtype="float32", num_kv_blocks=128, max_num_batched_tokens=48)
+    path = save_servable(hf, tmp_path_factory.mktemp(request.param))
+    return hf, LLM(path, dtype="float32", num_kv_blocks=128, max_num_batched_tokens=48)
 
 
 def _prompts() -> list[list[int]]:

@@ -3,21 +3,17 @@ against HF generate on the same random-weight thinker, fed the same preprocessed
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
-from omnistream.engine.default_model import default_model_path
 from omnistream.engine.tensor_codec import from_tensor_data
 from tests.multimodal.media import encode_video
-from tests.parity.hf_oracle import TINY, build_hf_thinker, encoder_variant_config
+from tests.parity.hf_oracle import TINY, build_hf_thinker, encoder_variant_config, save_servable
 
 FP32_TOL = 1e-4
 NEW_TOKENS = 16
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json")
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
 IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 VIDEO = "<|vision_start|><|video_pad|><|vision_end|>"
@@ -62,11 +58,8 @@ CASES = {
 def pair(request, tmp_path_factory):
     cfg = TINY if request.param == "tiny" else encoder_variant_config()
     hf = build_hf_thinker(cfg, seed=5)
-    path = tmp_path_factory.mktemp(request.param)
-    hf.save_pretrained(path)
-    for name in TOKENIZER_FILES:
-        shutil.copy(default_model_path() / name, path / name)
-    return hf, LLM(str(path), dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64)
+    path = save_servable(hf, tmp_path_factory.mktemp(request.param))
+    return hf, LLM(path, dtype="float32", num_kv_blocks=256, max_num_batched_tokens=64)
 
 
 def _hf_inputs(processed) -> dict:
