@@ -1,4 +1,4 @@
-"""EngineCore: the loop of schedule -> execute -> update around one model runner."""
+"""EngineCore: the loop of schedule -> execute -> update around one executor (a model runner, or TP ranks)."""
 
 from __future__ import annotations
 
@@ -54,7 +54,6 @@ class EngineCore:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
-        self.runner = self.executor  # step() calls runner.execute_model: in process (TP=1) or on every TP rank
         logger.info(
             "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d",
             self.model_path, dtype, device, config.tensor_parallel_size, num_blocks, capacity, self.max_model_len,
@@ -127,5 +126,5 @@ class EngineCore:
 
     def step(self) -> list[EngineCoreOutput]:
         scheduler_output = self.scheduler.schedule()
-        model_output = self.runner.execute_model(scheduler_output)
+        model_output = self.executor.execute_model(scheduler_output)  # in process, or on every TP rank
         return self.scheduler.update_from_output(scheduler_output, model_output)
