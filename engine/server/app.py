@@ -13,23 +13,26 @@ import time
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from omnistream.engine.server.chat import create_chat_completion, template_messages
 from omnistream.engine.server.completions import check_token_ids, create_completion
 from omnistream.engine.server.errors import APIError, install_error_handlers
+from omnistream.engine.server.metrics import ServerMetrics
 from omnistream.engine.server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
     TokenizeRequest,
 )
+from omnistream.engine.server.transcriptions import create_transcription
 
 DEFAULT_MODEL_NAME = "omnistream-tiny"  # the embedded default model's served name
 DEFAULT_MAX_BODY_BYTES = 64 << 20
-_PUBLIC = frozenset({("GET", "/health"), ("HEAD", "/health")})  # liveness needs no key
+# liveness and readiness need no key (orchestrators probe them); /metrics does
+_PUBLIC = frozenset({("GET", "/health"), ("HEAD", "/health"), ("GET", "/ready"), ("HEAD", "/ready")})
 
 
 class _Guard:
@@ -89,6 +92,7 @@ def build_app(llm: Any, args: argparse.Namespace) -> FastAPI:
     app.add_middleware(_Guard, api_key=getattr(args, "api_key", None),
                        max_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES))
     created = int(time.time())
+    app.state.metrics = ServerMetrics(llm)  # one registry per app, never the global default one
     max_model_len = llm.engine.max_model_len
 
     def model_name(requested: str | None) -> str:
@@ -103,6 +107,23 @@ def build_app(llm: Any, args: argparse.Namespace) -> FastAPI:
         if getattr(llm, "errored", False):
             return JSONResponse({"status": "engine_dead"}, status_code=503)
         return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        """Readiness (public, like /health): 200 while the engine core runs, 503 once it has died."""
+        if getattr(llm, "errored", False):
+            return JSONResponse({"status": "engine_dead"}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        """Prometheus text format; needs the API key like every route but /health and /ready."""
+        payload, content_type = app.state.metrics.render()
+        return Response(payload, media_type=content_type)
+
+    @app.post("/v1/audio/transcriptions")
+    async def transcriptions(raw: Request) -> Any:
+        return await create_transcription(llm, raw, model_name)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:

@@ -117,7 +117,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
     k = body.top_logprobs or 0
     if not body.stream:
         async def run() -> list[RequestOutput]:
-            return await (await Choices.start(llm, jobs, rid)).final()
+            return await (await Choices.start(llm, jobs, rid, raw)).final()
 
         outputs = await cancel_on_disconnect(raw, run())
         choices = [
@@ -131,7 +131,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
                                           usage=usage(llm, outputs, body.n, seconds))
         return JSONResponse(response.model_dump())
 
-    choices = await Choices.start(llm, jobs, rid)
+    choices = await Choices.start(llm, jobs, rid, raw)
 
     async def chunks() -> AsyncIterator[str]:
         for index in range(body.n):

@@ -20,6 +20,7 @@ from pydantic import BaseModel
 
 from omnistream.engine.outputs import PositionLogprobs, RequestOutput
 from omnistream.engine.server.errors import APIError, to_api_error
+from omnistream.engine.server.metrics import RequestRecorder, observe_all, recorder_for
 from omnistream.engine.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -39,11 +40,15 @@ T = TypeVar("T")
 class Choices:
     """The engine requests behind one API call, in choice order, each already past its first output."""
 
-    def __init__(self, generators: list[AsyncIterator[RequestOutput]], first: list[RequestOutput]) -> None:
-        self.generators, self.first = generators, first
+    def __init__(self, generators: list[AsyncIterator[RequestOutput]], first: list[RequestOutput],
+                 recorder: RequestRecorder | None = None) -> None:
+        self.generators, self.first, self.recorder = generators, first, recorder
 
     @classmethod
-    async def start(cls, llm: Any, jobs: Sequence[tuple[dict[str, Any], SamplingParams]], request_id: str) -> Choices:
+    async def start(cls, llm: Any, jobs: Sequence[tuple[dict[str, Any], SamplingParams]], request_id: str,
+                    raw: Request | None = None) -> Choices:
+        """`raw`: the HTTP request, whose app's metrics (if any) record these engine requests."""
+        recorder = recorder_for(raw.app.state, len(jobs)) if raw is not None else None
         generators = [llm.generate(prompt, params, f"{request_id}-{i}") for i, (prompt, params) in enumerate(jobs)]
         try:
             first = await asyncio.gather(*(anext(g) for g in generators), return_exceptions=True)
@@ -54,7 +59,8 @@ class Choices:
         if failed:
             await _close_all(generators)
             raise failed[0] if not isinstance(failed[0], StopAsyncIteration) else RuntimeError("no output")
-        return cls(generators, list(first))
+        observe_all(recorder, first)
+        return cls(generators, list(first), recorder)
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, cumulative output) as they come, across all choices; closing aborts the rest."""
@@ -80,6 +86,8 @@ class Choices:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
+                    if self.recorder is not None:
+                        self.recorder.observe(index, item)
                     yield index, item
         finally:
             for task in tasks:
@@ -228,7 +236,7 @@ async def create_completion(llm: Any, body: CompletionRequest, model: str, raw: 
     k = body.logprobs or 0
     if not body.stream:
         async def run() -> list[RequestOutput]:
-            return await (await Choices.start(llm, jobs, rid)).final()
+            return await (await Choices.start(llm, jobs, rid, raw)).final()
 
         outputs = await cancel_on_disconnect(raw, run())
         choices = [
@@ -241,7 +249,7 @@ async def create_completion(llm: Any, body: CompletionRequest, model: str, raw: 
         response = CompletionResponse(id=rid, model=model, choices=choices, usage=usage(llm, outputs, body.n))
         return JSONResponse(response.model_dump())
 
-    choices = await Choices.start(llm, jobs, rid)
+    choices = await Choices.start(llm, jobs, rid, raw)
 
     async def chunks() -> AsyncIterator[str]:
         sent_text = [0] * len(jobs)

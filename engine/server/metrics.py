@@ -1,0 +1,157 @@
+"""GET /metrics: Prometheus text format, one registry per app (never the process-global default one).
+
+Engine state (running/waiting requests, KV usage, live sessions, streaming lag, preemptions, prefix- and
+encoder-cache counts) is read from the scheduler at scrape time; token counters, finish reasons and the
+latency histograms (TTFT, inter-token, end to end) are recorded by the HTTP handlers through a
+`RequestRecorder`, one per API call, fed every cumulative RequestOutput of every choice.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from omnistream.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "omnistream_"
+_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                    10.0, 20.0, 40.0, 80.0)
+_E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+                240.0, 480.0, 960.0)
+
+
+class _EngineCollector(Collector):
+    """Gauges and cumulative counters read from the engine's scheduler when Prometheus scrapes."""
+
+    def __init__(self, llm: Any) -> None:
+        self.llm = llm
+
+    def collect(self) -> Iterator[Metric]:
+        scheduler = getattr(getattr(self.llm, "engine", None), "scheduler", None)
+        if scheduler is None:
+            return
+        try:
+            stats = scheduler.make_stats()
+            lags = scheduler.lag_percentiles((50, 99))
+        except Exception:  # noqa: BLE001 - a scrape must never fail the server
+            logger.exception("could not read the scheduler stats")
+            return
+
+        def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
+            return GaugeMetricFamily(PREFIX + name, doc, value=value)
+
+        def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
+            return CounterMetricFamily(PREFIX + name, doc, value=value)
+
+        yield gauge("num_requests_running", "Requests scheduled in the running batch.", stats.num_running)
+        yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
+        yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", stats.kv_cache_usage)
+        yield gauge("live_sessions", "Open live (streaming-input) sessions.", len(getattr(self.llm, "_sessions", ())))
+        lag = GaugeMetricFamily(PREFIX + "streaming_lag_seconds",
+                                "Seconds live input waited before it was scheduled (NaN with no samples).",
+                                labels=["quantile"])
+        for quantile, key in (("0.5", "p50"), ("0.99", "p99")):
+            value = lags.get(key)
+            lag.add_metric([quantile], math.nan if value is None else float(value))
+        yield lag
+        yield counter("num_preemptions", "Requests preempted to free KV cache.", stats.num_preemptions)
+        yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
+        yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
+        yield counter("encoder_cache_hits", "Media encodings reused from the encoder cache.", stats.encoder_cache_hits)
+        yield counter("encoded_media", "Media items run through an encoder.", stats.num_encoded_media)
+
+
+class ServerMetrics:
+    """The registry of one app and the metrics the handlers record."""
+
+    def __init__(self, llm: Any) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_EngineCollector(llm))
+        r = self.registry
+        self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests (per engine request).",
+                                     registry=r)
+        self.generation_tokens = Counter(PREFIX + "generation_tokens", "Generated tokens of finished requests.",
+                                         registry=r)
+        self.request_success = Counter(PREFIX + "request_success", "Finished engine requests by finish_reason.",
+                                       ["finish_reason"], registry=r)
+        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Time from the API call to the first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(PREFIX + "inter_token_latency_seconds", "Time between consecutive generated tokens.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from the API call to the last token.",
+                             buckets=_E2E_BUCKETS, registry=r)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def recorder(self, num_choices: int) -> RequestRecorder:
+        return RequestRecorder(self, num_choices)
+
+
+class RequestRecorder:
+    """Latencies and counts of the engine requests behind one API call (each choice is one request)."""
+
+    def __init__(self, metrics: ServerMetrics, num_choices: int) -> None:
+        self.metrics = metrics
+        self.start = time.perf_counter()
+        self.tokens = [0] * num_choices
+        self.last_token_at: list[float | None] = [None] * num_choices
+        self.finished = [False] * num_choices
+
+    def observe(self, index: int, output: RequestOutput) -> None:
+        """A cumulative output of choice `index`: TTFT on its first token, inter-token latency after."""
+        if self.finished[index]:
+            return
+        now = time.perf_counter()
+        sample = output.outputs[0]
+        count = len(sample.token_ids)
+        new = count - self.tokens[index]
+        if new > 0:
+            previous = self.last_token_at[index]
+            if previous is None:
+                observe_ttft(self.metrics, now - self.start)
+            else:  # tokens that came in one output share the gap
+                for _ in range(new):
+                    observe_itl(self.metrics, (now - previous) / new)
+            self.tokens[index], self.last_token_at[index] = count, now
+        if output.finished or sample.finish_reason is not None:
+            self.finished[index] = True
+            observe_finished(self.metrics, output, now - self.start)
+
+
+def observe_ttft(metrics: ServerMetrics, seconds: float) -> None:
+    metrics.ttft.observe(seconds)
+
+
+def observe_itl(metrics: ServerMetrics, seconds: float) -> None:
+    metrics.itl.observe(seconds)
+
+
+def observe_finished(metrics: ServerMetrics, output: RequestOutput, e2e_seconds: float) -> None:
+    """One engine request finished: its tokens, its finish reason and its end-to-end latency."""
+    sample = output.outputs[0]
+    metrics.prompt_tokens.inc(len(output.prompt_token_ids or ()))
+    metrics.generation_tokens.inc(len(sample.token_ids))
+    metrics.request_success.labels(finish_reason=str(sample.finish_reason or "unknown")).inc()
+    metrics.e2e.observe(e2e_seconds)
+
+
+def recorder_for(app_state: Any, num_choices: int) -> RequestRecorder | None:
+    """The recorder of one API call, or None where the app keeps no metrics (`app.state.metrics`)."""
+    metrics: ServerMetrics | None = getattr(app_state, "metrics", None)
+    return metrics.recorder(num_choices) if metrics is not None else None
+
+
+def observe_all(recorder: RequestRecorder | None, outputs: Sequence[RequestOutput]) -> None:
+    if recorder is not None:
+        for index, output in enumerate(outputs):
+            recorder.observe(index, output)
