@@ -133,3 +133,32 @@ def test_closing_mid_stream_frees_every_block(llm):
 
     asyncio.run(run())
     assert pool.get_num_free_blocks() == 512
+
+
+def test_loud_speech_late_differs_only_within_the_running_max_bound(llm):
+    """The Whisper clamp uses the running max while streaming: windows before the loudest frame may
+    differ from the offline clip, only downwards (a lower floor); windows from the loudest frame on are exact."""
+    wave = _speech(6.0, 4, loud_first=False)
+    t = np.arange(1600) / 16000
+    wave[64000:65600] += 0.9 * np.sin(2 * np.pi * 440 * t)  # the loudest frames arrive at 4 s
+
+    async def run():
+        session = await llm.open_session(system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=2)
+        await _stream_turn(session, wave, GREEDY)
+        features = list(_runner(llm).requests[session.session_id].mm_features)
+        await session.close()
+        return features
+
+    from omnistream.engine.tensor_codec import from_tensor_data
+    from omnistream.multimodal.mel import log_mel_spectrogram
+
+    streamed = [from_tensor_data(f.inputs["input_features"]) for f in asyncio.run(run())]
+    offline = log_mel_spectrogram(wave)
+    gaps = []
+    for index, window in enumerate(streamed):
+        reference = offline[:, index * 200 : index * 200 + window.shape[1]]
+        gaps.append(float((window - reference).abs().max()))
+        # offline clamps at (global max - 8); streaming clamps at (running max - 8), never higher
+        assert float((window - reference).max()) < 1e-5
+    assert gaps[0] > 1e-3  # the first window really was clamped differently
+    assert max(gaps[2:]) < 1e-5  # from the window holding the loudest frames on, streaming is exact
