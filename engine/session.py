@@ -53,7 +53,6 @@ class StreamingSession:
         self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
         self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
         self._audio: StreamingAudioWindows | None = None  # the current turn's audio, while it streams
-        self._audio_frames = 0
         self._turn = 0
         self._in_user_turn = False
         self._answering = False
@@ -76,7 +75,6 @@ class StreamingSession:
             if self._audio is None:
                 await self._begin_user_turn()
                 self._audio = StreamingAudioWindows(self.window_frames, sample_rate)
-                self._audio_frames = 0
                 await self._append_tokens([self.ids.audio_start], self.positions.add_start())
             windows = await asyncio.to_thread(self._audio.feed, pcm)
             if windows:  # every finished window in one engine command: they are scheduled together
@@ -173,7 +171,6 @@ class StreamingSession:
     def _window_op(self, window: AudioWindow) -> Callable[[], None]:
         positions = self.positions.add_audio(window.num_tokens)
         offset = self._num_tokens - window.num_tokens
-        self._audio_frames = window.stop_frame
         feature = MultiModalFeature(
             modality="audio",
             identifier=hash_media("audio-window", window.features, window_frames=self.window_frames),
