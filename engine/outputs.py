@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -40,4 +40,3 @@ class RequestOutput:
     finished: bool = False
     prompt_logprobs: list[PositionLogprobs | None] | None = None  # first entry None, as in vLLM
     num_cached_tokens: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
