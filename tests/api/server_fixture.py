@@ -12,13 +12,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import numpy as np
+import openai
 from PIL import Image
 
 from omnistream.engine.cli import build_parser
 from omnistream.engine.server.run import build_server
 
 API_KEY = "test-key-123"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 @dataclass
@@ -46,6 +49,17 @@ def running_server(*flags: str) -> Iterator[RunningServer]:
         server.should_exit = True
         thread.join(timeout=10)
         llm.shutdown()
+
+
+def openai_client(server: RunningServer) -> openai.OpenAI:
+    """The official client against the running server, with the test key and no retries."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@contextmanager
+def http_client(server: RunningServer) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as client:
+        yield client
 
 
 def png_data_url(size: int = 32) -> str:

@@ -17,11 +17,10 @@ from fastapi.testclient import TestClient
 from omnistream.engine.executor import EngineDeadError
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
 
-from .server_fixture import API_KEY, png_data_url, running_server, wav_base64
+from .server_fixture import API_KEY, AUTH, http_client, openai_client, png_data_url, running_server, wav_base64
 
 MAX_MODEL_LEN = 256
 MAX_BODY = 1 << 20
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 USER = [{"role": "user", "content": "Hello!"}]
 
 
@@ -35,12 +34,12 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+    with http_client(server) as c:
         yield c
 
 

@@ -16,9 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
 
-from .server_fixture import API_KEY, running_server, wav_base64
+from .server_fixture import AUTH, http_client, openai_client, running_server, wav_base64
 
-AUTH = {"Authorization": f"Bearer {API_KEY}"}
 USER = [{"role": "user", "content": "Hello!"}]
 MAX_TOKENS = {"max_tokens": 4}  # extension field: the tiny random model would talk to the end of the context
 
@@ -32,12 +31,12 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+    return openai_client(server)
 
 
 @pytest.fixture(scope="module")
 def http(server):
-    with httpx.Client(base_url=server.url, headers=AUTH, timeout=60) as c:
+    with http_client(server) as c:
         yield c
 
 

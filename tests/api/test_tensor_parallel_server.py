@@ -3,10 +3,8 @@ logprobs within 1e-4 (fp32), for text and for audio + image chat prompts."""
 
 from __future__ import annotations
 
-import openai
-
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME
-from tests.api.server_fixture import API_KEY, png_data_url, running_server, wav_base64
+from tests.api.server_fixture import openai_client, png_data_url, running_server, wav_base64
 
 FP32_TOL = 1e-4
 PROMPTS = [
@@ -22,7 +20,7 @@ PROMPTS = [
 def _answers(*flags: str) -> tuple[str, list[tuple[list[str], list[float]]]]:
     with running_server("--dtype", "float32", "--num-kv-blocks", "256", *flags) as server:
         executor = type(server.llm.engine.executor).__name__
-        client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+        client = openai_client(server)
         results = []
         for messages in PROMPTS:
             reply = client.chat.completions.create(
