@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from omnistream.engine.outputs import PositionLogprobs, RequestOutput
 from omnistream.engine.server.completions import (
     Choices,
-    cancel_on_disconnect,
+    final_outputs,
     request_id,
     sse,
     streaming_response,
@@ -116,10 +116,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
     rid = request_id("chatcmpl")
     k = body.top_logprobs or 0
     if not body.stream:
-        async def run() -> list[RequestOutput]:
-            return await (await Choices.start(llm, jobs, rid, raw)).final()
-
-        outputs = await cancel_on_disconnect(raw, run())
+        outputs = await final_outputs(llm, jobs, rid, raw)
         choices = [
             ChatChoice(
                 index=i, message=ChatResponseMessage(content=o.outputs[0].text), finish_reason=o.outputs[0].finish_reason,

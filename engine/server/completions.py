@@ -126,6 +126,14 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
     return task.result()
 
 
+async def final_outputs(llm: Any, jobs: list, rid: str, raw: Request) -> list[RequestOutput]:
+    """The finished outputs of non-streamed jobs, aborted if the client disconnects first."""
+    async def run() -> list[RequestOutput]:
+        return await (await Choices.start(llm, jobs, rid, raw)).final()
+
+    return await cancel_on_disconnect(raw, run())
+
+
 def request_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
@@ -235,10 +243,7 @@ async def create_completion(llm: Any, body: CompletionRequest, model: str, raw: 
     rid = request_id("cmpl")
     k = body.logprobs or 0
     if not body.stream:
-        async def run() -> list[RequestOutput]:
-            return await (await Choices.start(llm, jobs, rid, raw)).final()
-
-        outputs = await cancel_on_disconnect(raw, run())
+        outputs = await final_outputs(llm, jobs, rid, raw)
         choices = [
             CompletionChoice(
                 index=i, text=o.outputs[0].text, finish_reason=o.outputs[0].finish_reason,

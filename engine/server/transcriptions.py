@@ -17,8 +17,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.datastructures import FormData, UploadFile
 
-from omnistream.engine.outputs import RequestOutput
-from omnistream.engine.server.completions import Choices, cancel_on_disconnect, request_id, sse, streaming_response
+from omnistream.engine.server.completions import Choices, final_outputs, request_id, sse, streaming_response
 from omnistream.engine.server.errors import APIError
 from omnistream.multimodal.audio import load_audio
 from omnistream.multimodal.errors import MediaLimitError
@@ -112,10 +111,7 @@ async def create_transcription(llm: Any, raw: Request, model_name: Callable[[str
     rid = request_id("trsc")
 
     if not stream:
-        async def run() -> list[RequestOutput]:
-            return await (await Choices.start(llm, [(prompt, params)], rid, raw)).final()
-
-        output = (await cancel_on_disconnect(raw, run()))[0]
+        output = (await final_outputs(llm, [(prompt, params)], rid, raw))[0]
         text = output.outputs[0].text
         if response_format == "text":
             return PlainTextResponse(text)
