@@ -107,3 +107,4 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
 
     encoder_cache_hits: int = 0  # media whose encoder output was reused, cumulative
     num_encoded_media: int = 0  # media items sent to the encoders, cumulative
+    num_live_prefill_tokens: int = 0  # open-session input prefilled before its turn was committed, cumulative

@@ -67,6 +67,7 @@ class Scheduler:
         self.running: list[Request] = []  # oldest admitted first; preemption takes from the back
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0
+        self.num_live_prefill_tokens = 0  # open-session input prefilled before its turn was committed
         self.policy = make_policy(config.policy)
         self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
 
@@ -188,6 +189,7 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             encoder_cache_hits=self.encoder_cache.num_hits,
             num_encoded_media=self.encoder_cache.num_encoded,
+            num_live_prefill_tokens=self.num_live_prefill_tokens,
         )
 
     def lag_percentiles(self, percentiles: Iterable[float] = (50, 99)) -> dict[str, float | int | None]:
@@ -261,6 +263,8 @@ class Scheduler:
             if request.pending_since is not None:
                 self.stream_lags.append(now - request.pending_since)
                 request.pending_since = None
+            if request.accepting_input:
+                self.num_live_prefill_tokens += num_tokens
             request.num_computed_tokens += num_tokens
             request.num_tokens_sent = request.num_tokens
             request.num_mm_features_sent = len(request.mm_features)

@@ -67,6 +67,8 @@ class _EngineCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("encoder_cache_hits", "Media encodings reused from the encoder cache.", stats.encoder_cache_hits)
+        yield counter("live_prefill_tokens", "Live-session input tokens prefilled before their turn was committed.",
+                      stats.num_live_prefill_tokens)
         yield counter("encoded_media", "Media items run through an encoder.", stats.num_encoded_media)
 
 

@@ -178,3 +178,16 @@ def test_lag_percentiles_summarise_stream_lags():
     assert sched.lag_percentiles() == {"count": 1, "p50": 0.25, "p99": 0.25, "max": 0.25}
     with pytest.raises(ValueError):
         sched.lag_percentiles((101,))
+
+
+def test_live_prefill_counts_only_input_prefilled_before_the_commit():
+    sched, runner = _scheduler(), FakeRunner(4)
+    sched.add_request(_session("s", [1, 2, 3]))
+    sched.add_request(Request("r", [9, 9], SamplingParams(max_tokens=2, ignore_eos=True), [EOS], arrival_time=0.0))
+    run_step(sched, runner)
+    sched.append_input("s", [50, 51])
+    run_step(sched, runner)
+    assert sched.make_stats().num_live_prefill_tokens == 5  # the ordinary request's prompt is not counted
+    sched.commit_turn("s", [60, 61], SamplingParams(max_tokens=2, ignore_eos=True))
+    _run_turn(sched, runner, "s")
+    assert sched.make_stats().num_live_prefill_tokens == 5  # the commit's own tokens are not live input
