@@ -27,6 +27,7 @@ from omnistream.engine.server.protocol import (
     DetokenizeRequest,
     TokenizeRequest,
 )
+from omnistream.engine.server.realtime import realtime_endpoint
 from omnistream.engine.server.transcriptions import create_transcription
 
 DEFAULT_MODEL_NAME = "omnistream-tiny"  # the embedded default model's served name
@@ -120,6 +121,8 @@ def build_app(llm: Any, args: argparse.Namespace) -> FastAPI:
         """Prometheus text format; needs the API key like every route but /health and /ready."""
         payload, content_type = app.state.metrics.render()
         return Response(payload, media_type=content_type)
+
+    app.add_api_websocket_route("/v1/realtime", realtime_endpoint(llm, model_name))
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(raw: Request) -> Any:
