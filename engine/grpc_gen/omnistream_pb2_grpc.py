@@ -77,7 +77,8 @@ class OmnistreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Abort(self, request, context):
-        """Stop a Generate call by its request_id; its stream then ends with FINISH_REASON_ABORT.
+        """Stop a Generate call by its request_id; each of its unfinished answers then ends with
+        FINISH_REASON_ABORT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,4 +1,5 @@
-"""The gRPC wire format ↔ the engine: SamplingParams, Generate prompts with their media, usage, finish reasons.
+"""The gRPC wire format ↔ the engine: SamplingParams (per answer), Generate prompts with their media,
+log-probabilities, usage, finish reasons.
 
 Only shapes are translated here; values are validated once, by SamplingParams and the input processor,
 so gRPC, HTTP and the Python API accept exactly the same settings. Runs no engine work.
@@ -8,9 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import msgspec
+
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_server.errors import invalid
-from omnistream.engine.outputs import RequestOutput
+from omnistream.engine.outputs import Logprob, PositionLogprobs, RequestOutput
+from omnistream.engine.server.protocol import MAX_N, MAX_TOP_LOGPROBS
 from omnistream.multimodal.audio import load_audio
 from omnistream.multimodal.errors import MediaLimitError
 from omnistream.multimodal.mel import num_mel_frames
@@ -27,15 +31,43 @@ FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_S
                   "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
 
 
-def sampling_params(message: pb.SamplingParams, max_tokens: int | None) -> SamplingParams:
+def sampling_params(message: pb.SamplingParams, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
     """SamplingParams from the message; `max_tokens` is the default when the message leaves it unset."""
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens}
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
     kwargs.update({name: getattr(message, name) for name in _OPTIONAL_SAMPLING if message.HasField(name)})
     if message.stop:
         kwargs["stop"] = list(message.stop)
     if message.stop_token_ids:
         kwargs["stop_token_ids"] = list(message.stop_token_ids)
     return SamplingParams(**kwargs)
+
+
+def choice_params(request: pb.GenerateRequest) -> list[SamplingParams]:
+    """The SamplingParams of each of the request's n answers: a seed advances by one per answer."""
+    n = request.n if request.HasField("n") else 1
+    if not 1 <= n <= MAX_N:
+        raise invalid(f"n: the number of answers must be from 1 to {MAX_N}, got {n}")
+    if request.HasField("logprobs") and request.logprobs > MAX_TOP_LOGPROBS:
+        raise invalid(f"logprobs: at most {MAX_TOP_LOGPROBS} alternatives per token, got {request.logprobs}")
+    logprobs = request.logprobs if request.HasField("logprobs") else None
+    params = sampling_params(request.sampling, max_tokens=None, logprobs=logprobs)  # default: the rest of the context
+    if params.seed is None:
+        return [params] * n
+    return [msgspec.structs.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+def token_logprobs(token_ids: list[int], positions: list[PositionLogprobs], k: int) -> list[pb.TokenLogprobs]:
+    """The wire form of the positions of `token_ids`: the sampled token and the k most likely, best first."""
+    entries = []
+    for token_id, position in zip(token_ids, positions):
+        ranked = sorted(position.items(), key=lambda item: -item[1].logprob)[:k]
+        sampled = _logprob(token_id, position.get(token_id, Logprob(logprob=float("-inf"), rank=0)))
+        entries.append(pb.TokenLogprobs(sampled=sampled, top=[_logprob(t, lp) for t, lp in ranked]))
+    return entries
+
+
+def _logprob(token_id: int, logprob: Logprob) -> pb.Logprob:
+    return pb.Logprob(token_id=token_id, token=logprob.decoded_token or "", logprob=logprob.logprob, rank=logprob.rank)
 
 
 def media_options(message: pb.MediaOptions) -> dict[str, Any]:
@@ -125,15 +157,16 @@ def _load_media(llm: Any, items: list[pb.MediaItem]) -> tuple[dict[str, list[Any
     return media, seconds
 
 
-def usage(llm: Any, output: RequestOutput, audio_seconds: float) -> pb.Usage:
-    """A Generate answer's token counts; per-modality counts come from its prompt's placeholder tokens."""
-    ids = output.prompt_token_ids
+def usage(llm: Any, outputs: list[RequestOutput], audio_seconds: float) -> pb.Usage:
+    """A Generate call's token counts over its answers (one prompt, counted once); per-modality counts come
+    from the prompt's placeholder tokens."""
+    ids = outputs[0].prompt_token_ids
     pad = llm.input_processor.token_ids
     audio, image, video = ids.count(pad.audio_pad), ids.count(pad.image_pad), ids.count(pad.video_pad)
-    completion = len(output.outputs[0].token_ids)
+    completion = sum(len(output.outputs[0].token_ids) for output in outputs)
     return pb.Usage(
         prompt_tokens=len(ids), completion_tokens=completion, total_tokens=len(ids) + completion,
-        cached_tokens=output.num_cached_tokens, text_tokens=len(ids) - audio - image - video,
+        cached_tokens=outputs[0].num_cached_tokens, text_tokens=len(ids) - audio - image - video,
         audio_tokens=audio, image_tokens=image, video_tokens=video, audio_seconds=round(audio_seconds, 3),
     )
 

@@ -1,5 +1,8 @@
 """The omnistream.v1.Omnistream service: Generate, Abort and GetModelInfo here; Session in session.py.
 
+Generate's n answers are n engine requests (the HTTP server's Choices), their responses interleaved and
+each tagged with its answer's index; the call's last response carries the usage of all of them.
+
 Every handler maps its exceptions to a status once (errors.py). A call that ends early (deadline,
 client cancel, Abort) closes its engine stream, which aborts the request and frees its KV.
 """
@@ -11,16 +14,25 @@ import contextlib
 import functools
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.engine.grpc_server.errors import GrpcError, invalid, to_status
-from omnistream.engine.grpc_server.protocol import FINISH_REASONS, generate_prompt, sampling_params, usage
+from omnistream.engine.grpc_server.protocol import (
+    FINISH_REASONS,
+    choice_params,
+    generate_prompt,
+    token_logprobs,
+    usage,
+)
 from omnistream.engine.grpc_server.session import LiveSession
 from omnistream.engine.outputs import RequestOutput
+from omnistream.engine.server.completions import Choices
+
+T = TypeVar("T")
 
 
 def _unary(method: Callable) -> Callable:
@@ -61,7 +73,7 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
     @_streaming
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
         self.check_model(request.model)
-        params = sampling_params(request.sampling, max_tokens=None)  # default: the rest of the context
+        params = choice_params(request)
         client_id = request.request_id or uuid.uuid4().hex
         engine_id = f"grpc-{client_id}"  # never collides with HTTP requests or sessions
         if engine_id in self._running:
@@ -69,27 +81,19 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
         aborted = self._running[engine_id] = asyncio.Event()
         try:
             prompt, seconds = await asyncio.to_thread(generate_prompt, self.llm, request)
-            sent_text = sent_tokens = 0
-            last: RequestOutput | None = None
-            outputs = _until(self.llm.generate(prompt, params, engine_id), aborted)
+            choices = await Choices.start(self.llm, [(prompt, p) for p in params], engine_id)
+            answers = _Answers(self.llm, client_id, choices.first, seconds, request.logprobs
+                               if request.HasField("logprobs") else None)
+            outputs = _until(choices.outputs(), aborted)
             async with contextlib.aclosing(outputs):
-                async for output in outputs:
-                    if output is None:  # Abort: the engine request is already gone
-                        final = usage(self.llm, last, seconds) if last is not None else pb.Usage()
-                        yield pb.GenerateResponse(request_id=client_id, finish_reason=pb.FINISH_REASON_ABORT,
-                                                  usage=final)
+                async for item in outputs:
+                    if item is None:  # Abort: the engine requests are already gone
+                        for response in answers.aborted():
+                            yield response
                         return
-                    last = output
-                    sample = output.outputs[0]
-                    if len(sample.token_ids) == sent_tokens and not output.finished:
-                        continue
-                    response = pb.GenerateResponse(request_id=client_id, text=sample.text[sent_text:],
-                                                   token_ids=sample.token_ids[sent_tokens:],
-                                                   finish_reason=FINISH_REASONS[sample.finish_reason])
-                    if output.finished:
-                        response.usage.CopyFrom(usage(self.llm, output, seconds))
-                    sent_text, sent_tokens = len(sample.text), len(sample.token_ids)
-                    yield response
+                    response = answers.update(*item)
+                    if response is not None:
+                        yield response
         finally:
             self._running.pop(engine_id, None)
 
@@ -115,7 +119,47 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
         )
 
 
-async def _until(stream: AsyncIterator[RequestOutput], stop: asyncio.Event) -> AsyncIterator[RequestOutput | None]:
+class _Answers:
+    """The n answers of one Generate call: what each has sent so far, and its next response."""
+
+    def __init__(self, llm: Any, request_id: str, first: list[RequestOutput], audio_seconds: float,
+                 logprobs: int | None) -> None:
+        self.llm, self.request_id, self.audio_seconds, self.logprobs = llm, request_id, audio_seconds, logprobs
+        self.last = list(first)
+        self.sent_text = [0] * len(first)
+        self.sent_tokens = [0] * len(first)
+        self.unfinished = len(first)
+
+    def update(self, index: int, output: RequestOutput) -> pb.GenerateResponse | None:
+        """The response for answer `index`'s new output; None when it adds nothing."""
+        self.last[index] = output
+        sample = output.outputs[0]
+        if len(sample.token_ids) == self.sent_tokens[index] and not output.finished:
+            return None
+        start = self.sent_tokens[index]
+        response = self._response(index, sample.finish_reason, text=sample.text[self.sent_text[index]:],
+                                  token_ids=sample.token_ids[start:])
+        if self.logprobs is not None:
+            response.logprobs.extend(token_logprobs(sample.token_ids[start:], (sample.logprobs or [])[start:],
+                                                    self.logprobs))
+        self.sent_text[index], self.sent_tokens[index] = len(sample.text), len(sample.token_ids)
+        return response
+
+    def aborted(self) -> list[pb.GenerateResponse]:
+        """The last response of every answer still running, ended by Abort."""
+        return [self._response(i, "abort") for i, output in enumerate(self.last) if not output.finished]
+
+    def _response(self, index: int, finish_reason: str | None, **delta: Any) -> pb.GenerateResponse:
+        response = pb.GenerateResponse(request_id=self.request_id, index=index,
+                                       finish_reason=FINISH_REASONS[finish_reason], **delta)
+        if finish_reason is not None:
+            self.unfinished -= 1
+            if not self.unfinished:  # the call's last response
+                response.usage.CopyFrom(usage(self.llm, self.last, self.audio_seconds))
+        return response
+
+
+async def _until(stream: AsyncIterator[T], stop: asyncio.Event) -> AsyncIterator[T | None]:
     """The stream's outputs until `stop` is set (then one None); the stream is closed on the way out."""
     stopper = asyncio.ensure_future(stop.wait())
     step: asyncio.Future | None = None

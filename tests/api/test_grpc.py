@@ -157,7 +157,7 @@ def _until_turn_ends(responses) -> tuple[list[pb.SessionOutput], pb.TurnEnded]:
 def test_generate_text_streams_deltas_and_usage(stub, llm):
     request = pb.GenerateRequest(text="Hello, my name is", request_id="hello-1", sampling=GREEDY)
     responses = list(stub.Generate(request, metadata=AUTH, timeout=60))
-    assert len(responses) >= 2 and all(r.request_id == "hello-1" for r in responses)
+    assert len(responses) >= 2 and all(r.request_id == "hello-1" and r.index == 0 for r in responses)
     assert all(r.finish_reason == pb.FINISH_REASON_UNSPECIFIED for r in responses[:-1])
     last = responses[-1]
     assert last.finish_reason == pb.FINISH_REASON_LENGTH
@@ -180,6 +180,50 @@ def test_generate_text_streams_deltas_and_usage(stub, llm):
     by_ids = list(stub.Generate(pb.GenerateRequest(token_ids=pb.TokenIds(ids=prompt_ids), sampling=GREEDY),
                                 metadata=AUTH, timeout=60))
     assert [t for r in by_ids for t in r.token_ids] == tokens
+
+
+def _by_answer(responses: list[pb.GenerateResponse], n: int) -> list[list[pb.GenerateResponse]]:
+    answers = [[r for r in responses if r.index == i] for i in range(n)]
+    assert sum(map(len, answers)) == len(responses)  # no response outside 0..n-1
+    return answers
+
+
+def test_generate_n_answers_with_logprobs_equal_the_offline_requests(stub, llm):
+    sampling = pb.SamplingParams(max_tokens=5, temperature=1.0, seed=11, ignore_eos=True)
+    request = pb.GenerateRequest(text="The weather today", sampling=sampling, n=3, logprobs=4)
+    responses = list(stub.Generate(request, metadata=AUTH, timeout=60))
+    assert [r.HasField("usage") for r in responses] == [False] * (len(responses) - 1) + [True]
+    prompt_ids = llm.tokenizer.encode("The weather today")
+    usage = responses[-1].usage
+    assert usage.prompt_tokens == len(prompt_ids) and usage.completion_tokens == 15  # the prompt counted once
+    assert usage.total_tokens == len(prompt_ids) + 15
+
+    async def offline(seed: int):
+        final = None
+        params = SamplingParams(max_tokens=5, temperature=1.0, seed=seed, ignore_eos=True, logprobs=4)
+        async for output in llm.generate("The weather today", params):
+            final = output
+        return final.outputs[0]
+
+    for index, answer in enumerate(_by_answer(responses, 3)):
+        assert [r.finish_reason for r in answer] == [pb.FINISH_REASON_UNSPECIFIED] * (len(answer) - 1) + [pb.FINISH_REASON_LENGTH]
+        tokens = [t for r in answer for t in r.token_ids]
+        logprobs = [lp for r in answer for lp in r.logprobs]
+        assert all(len(r.logprobs) == len(r.token_ids) for r in answer)
+        expected = asyncio.run(offline(11 + index))  # a seed advances by one per answer
+        assert tokens == expected.token_ids and "".join(r.text for r in answer) == expected.text
+        for token, entry, position in zip(tokens, logprobs, expected.logprobs):
+            assert entry.sampled.token_id == token and entry.sampled.logprob == pytest.approx(position[token].logprob)
+            assert entry.sampled.rank >= 1  # (its exact rank among ~150k near-equal logits varies with the batch)
+            assert entry.sampled.token == llm.tokenizer.decode([token], skip_special_tokens=False)
+            top = [(t.token_id, t.logprob) for t in entry.top]
+            assert len(top) == 4 and [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+            assert [t.rank for t in entry.top] == [1, 2, 3, 4] and entry.sampled.logprob <= top[0][1]
+            assert all(t.rank == entry.sampled.rank for t in entry.top if t.token_id == token)
+            assert all(lp == pytest.approx(position[t].logprob) for t, lp in top)
+    plain = list(stub.Generate(pb.GenerateRequest(text="The weather today", sampling=sampling), metadata=AUTH, timeout=60))
+    assert {r.index for r in plain} == {0} and not any(r.logprobs for r in plain)
+    assert plain[-1].usage.completion_tokens == 5
 
 
 def test_generate_with_audio_and_image_bytes(stub):
@@ -234,9 +278,12 @@ def _user(*parts: pb.ContentPart) -> pb.ChatMessages:
         (_bad(text=None, chat=_user(*[pb.ContentPart(media=pb.MediaItem(data=_png(), mime_type="image/png"))] * 2)),
          grpc.StatusCode.RESOURCE_EXHAUSTED, "image"),
         (_bad(model="gpt-4o"), grpc.StatusCode.NOT_FOUND, "gpt-4o"),
+        (_bad(n=0), grpc.StatusCode.INVALID_ARGUMENT, "n: the number of answers must be from 1 to 128, got 0"),
+        (_bad(n=129), grpc.StatusCode.INVALID_ARGUMENT, "got 129"),
+        (_bad(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs: at most 20"),
     ],
     ids=["no-prompt", "temperature", "top_p", "too-long", "token-id", "url", "mime", "corrupt-wav", "corrupt-png",
-         "chat-and-media", "role", "too-many-images", "unknown-model"],
+         "chat-and-media", "role", "too-many-images", "unknown-model", "n-zero", "n-too-many", "logprobs-too-many"],
 )
 def test_bad_requests_map_to_status_codes(stub, request_, code, words):
     got, details = _code(lambda: list(stub.Generate(request_, metadata=AUTH, timeout=60)))
@@ -364,6 +411,15 @@ def test_abort_ends_the_stream_with_abort(stub, llm):
     rest = list(call)
     assert rest[-1].finish_reason == pb.FINISH_REASON_ABORT and rest[-1].usage.completion_tokens < 200
     assert not stub.Abort(pb.AbortRequest(request_id="to-abort"), metadata=AUTH, timeout=10).aborted
+    _wait_until_kv_is_free(llm)
+
+    call = stub.Generate(pb.GenerateRequest(text="Once upon a time", request_id="two", sampling=LONG, n=2),
+                         metadata=AUTH, timeout=60)
+    assert next(call).request_id == "two"
+    assert stub.Abort(pb.AbortRequest(request_id="two"), metadata=AUTH, timeout=10).aborted
+    ends = [r for r in call if r.finish_reason != pb.FINISH_REASON_UNSPECIFIED]
+    assert sorted(r.index for r in ends) == [0, 1] and {r.finish_reason for r in ends} == {pb.FINISH_REASON_ABORT}
+    assert ends[-1].usage.completion_tokens < 400 and not ends[0].HasField("usage")
     _wait_until_kv_is_free(llm)
 
 
