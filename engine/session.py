@@ -53,6 +53,7 @@ class StreamingSession:
         self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
         self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
         self._audio: StreamingAudioWindows | None = None  # the current turn's audio, while it streams
+        self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
         self._turn = 0
         self._in_user_turn = False
         self._answering = False
@@ -170,6 +171,7 @@ class StreamingSession:
 
     def _window_op(self, window: AudioWindow) -> Callable[[], None]:
         positions = self.positions.add_audio(window.num_tokens)
+        self.num_audio_tokens += window.num_tokens
         offset = self._num_tokens - window.num_tokens
         feature = MultiModalFeature(
             modality="audio",

@@ -39,7 +39,7 @@ class LiveSession:
         self.sample_rate = DEFAULT_SAMPLE_RATE
         self.audio_format = pb.AUDIO_FORMAT_PCM16
         self.turn = 0
-        self.turn_samples = 0  # audio samples streamed since the last commit
+        self.turn_bytes = 0  # audio bytes streamed since the last commit
         self.answer: asyncio.Task | None = None  # the task streaming the current turn's answer
 
     async def run(self) -> AsyncIterator[pb.SessionOutput]:
@@ -97,7 +97,7 @@ class LiveSession:
         if kind == "audio":
             pcm = _samples(message.audio.data, self.audio_format)
             await self.session.append_audio(pcm, self.sample_rate)
-            self.turn_samples += len(pcm) // 2 if isinstance(pcm, bytes) else len(pcm)
+            self.turn_bytes += len(message.audio.data)
         elif kind == "text":
             await self.session.append_text(message.text.text)
         elif kind == "commit":
@@ -119,12 +119,14 @@ class LiveSession:
             await self.answer
         stream = await self.session.commit(params)
         self.turn += 1
-        prompt_tokens = self.session.positions.num_tokens  # the conversation up to the answer
-        seconds, self.turn_samples = self.turn_samples / self.sample_rate, 0
+        prompt = (self.session.positions.num_tokens, self.session.num_audio_tokens)  # the conversation so far
+        sample_bytes = 2 if self.audio_format == pb.AUDIO_FORMAT_PCM16 else 4
+        seconds, self.turn_bytes = self.turn_bytes // sample_bytes / self.sample_rate, 0
         self._send(turn_started=pb.TurnStarted(turn=self.turn))
-        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt_tokens, seconds))
+        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds))
 
-    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt_tokens: int, seconds: float) -> None:
+    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int], seconds: float) -> None:
+        """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens) at its commit."""
         sent_text = sent_tokens = 0
         try:
             async with contextlib.aclosing(stream):
@@ -136,7 +138,7 @@ class LiveSession:
                         sent_text, sent_tokens = len(sample.text), len(sample.token_ids)
                     if output.finished:
                         self._send(turn_ended=pb.TurnEnded(turn=turn, finish_reason=FINISH_REASONS[sample.finish_reason],
-                                                           usage=turn_usage(output, prompt_tokens, seconds)))
+                                                           usage=turn_usage(output, *prompt, seconds)))
         except Exception as exc:  # noqa: BLE001 - a dead engine ends the call
             self.outbox.put_nowait(exc)
 

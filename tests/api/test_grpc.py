@@ -319,6 +319,18 @@ def test_two_turn_session_streams_answers_equal_to_the_offline_request(stub, llm
     assert answer1 == offline.outputs[0].token_ids
     assert "".join(d.text for d in deltas) == offline.outputs[0].text
     assert ended.usage.prompt_tokens == len(offline.prompt_token_ids)
+    pad = llm.input_processor.token_ids.audio_pad
+    first_audio = offline.prompt_token_ids.count(pad)
+    assert first_audio > 0 and ended.usage.audio_tokens == first_audio
+    assert ended.usage.text_tokens == len(offline.prompt_token_ids) - first_audio
+    second_audio = llm.input_processor.process_prompt(
+        {"prompt": AUDIO, "multi_modal_data": {"audio": [(second / 32768.0, 16000)]},
+         "mm_processor_kwargs": {"audio_window_s": 2}}).token_ids.count(pad)
+    assert ended2.usage.audio_tokens == first_audio + second_audio  # the whole conversation's audio
+    assert ended2.usage.text_tokens == ended2.usage.prompt_tokens - first_audio - second_audio
+    assert ended2.usage.text_tokens > ended.usage.text_tokens + ended.usage.completion_tokens
+    assert ended2.usage.audio_seconds == pytest.approx(1.5)  # this turn's audio only
+    assert (ended.usage.image_tokens, ended.usage.video_tokens, ended2.usage.image_tokens) == (0, 0, 0)
     _wait_until_kv_is_free(llm)
 
 
