@@ -69,6 +69,16 @@ class KVCacheManager:
         self._num_hashed_blocks.pop(request.request_id, None)
         self.block_pool.free_blocks(reversed(table))
 
+    def truncate(self, request: Request, num_blocks: int) -> None:
+        """Keep only the first num_blocks blocks of the request's table; the rest are freed, tail first
+        (hashed ones stay in the prefix cache: their content still matches their hash)."""
+        table = self._blocks.get(request.request_id, [])
+        dropped = table[num_blocks:]
+        del table[num_blocks:]
+        if request.request_id in self._num_hashed_blocks:
+            self._num_hashed_blocks[request.request_id] = min(self._num_hashed_blocks[request.request_id], num_blocks)
+        self.block_pool.free_blocks(reversed(dropped))
+
     def get_block_ids(self, request: Request) -> list[int]:
         return [block.block_id for block in self._blocks.get(request.request_id, [])]
 

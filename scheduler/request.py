@@ -72,6 +72,7 @@ class Request:
         self.num_mm_features_sent = 0  # mm_features[:n] and position_segments[:m] are known to the runner
         self.num_position_segments_sent = 0
         self.sampling_params_sent = True  # False after a new turn's params, until the runner has them
+        self.resend_to_runner = False  # input was rolled back: the runner gets the request again in full
 
         self.all_token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(self.all_token_ids)  # where the current turn's outputs start
@@ -142,6 +143,32 @@ class Request:
         self.position_segments.extend(position_segments)
         if self.pending_since is None and token_ids:
             self.pending_since = arrival_time
+
+    def rollback_input(self, num_tokens: int) -> list[MultiModalFeature]:
+        """Drop everything after the first num_tokens tokens (input appended between turns, discarded before
+        its commit), with the media and position segments inside it; returns the dropped media. The cut
+        must not split a medium or a position segment."""
+        if not 0 <= num_tokens <= self.num_tokens:
+            raise ValueError(f"request {self.request_id!r}: cannot roll back to {num_tokens} of {self.num_tokens} tokens")
+        for feature in self.mm_features:
+            if feature.offset < num_tokens < feature.end:
+                raise ValueError(f"request {self.request_id!r}: rolling back to {num_tokens} tokens would split "
+                                 f"the medium at tokens {feature.offset}..{feature.end - 1}")
+        for segment in self.position_segments:
+            if segment.start < num_tokens < segment.start + segment.positions.shape[-1]:
+                raise ValueError(f"request {self.request_id!r}: rolling back to {num_tokens} tokens would split "
+                                 f"the position segment starting at token {segment.start}")
+        dropped = [feature for feature in self.mm_features if feature.offset >= num_tokens]
+        self.mm_features = [feature for feature in self.mm_features if feature.offset < num_tokens]
+        self.position_segments = [segment for segment in self.position_segments if segment.start < num_tokens]
+        del self.all_token_ids[num_tokens:]
+        self.num_prompt_tokens = min(self.num_prompt_tokens, num_tokens)
+        self.num_computed_tokens = min(self.num_computed_tokens, num_tokens)
+        self.num_prompt_logprobs = min(self.num_prompt_logprobs, num_tokens)
+        self.num_tokens_sent = min(self.num_tokens_sent, num_tokens)
+        self.num_mm_features_sent = min(self.num_mm_features_sent, len(self.mm_features))
+        self.num_position_segments_sent = min(self.num_position_segments_sent, len(self.position_segments))
+        return dropped
 
     def start_turn(self, sampling_params: SamplingParams, max_model_len: int) -> None:
         """Input committed: the next sampled tokens are this turn's answer."""

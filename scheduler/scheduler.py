@@ -152,6 +152,21 @@ class Scheduler:
         request.end_turn()
         return True
 
+    def rollback_input(self, request_id: str, num_tokens: int) -> None:
+        """Drop an open session's input after its first num_tokens tokens (input the user discarded before
+        committing it): the tokens, their media and position segments, and the KV blocks past the last full
+        block that stays (the few tokens of a partial block are recomputed, so no cached block ever changes
+        content). The runner gets the request again in full at its next step."""
+        request = self._open_request(request_id, accepting=True)
+        for feature in request.rollback_input(num_tokens):
+            self.encoder_cache.release(request_id, feature.identifier)
+        kept_blocks = num_tokens // self.config.block_size
+        request.num_computed_tokens = min(request.num_computed_tokens, kept_blocks * self.config.block_size)
+        del request.block_hashes[kept_blocks:]
+        self.kv_cache_manager.truncate(request, kept_blocks)
+        if request.num_tokens_sent:  # the runner holds its old tokens and media
+            request.resend_to_runner = True
+
     def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
         """Finish requests from outside (abort, stop string); unknown or finished ids are ignored."""
         if not status.is_finished:
@@ -270,6 +285,7 @@ class Scheduler:
             request.num_mm_features_sent = len(request.mm_features)
             request.num_position_segments_sent = len(request.position_segments)
             request.sampling_params_sent = True
+            request.resend_to_runner = False
             self._release_encoder_outputs(request, request.num_computed_tokens)
         self.finished_req_ids = set()
         return output
@@ -383,6 +399,8 @@ class Scheduler:
         preempted: list[Request],
         encoder_inputs: dict[str, list[int]],
     ) -> SchedulerOutput:
+        # a rolled-back request the runner holds is dropped there and sent again whole, its KV blocks kept
+        resent = [self.requests[req_id] for req_id in new_block_ids if self.requests[req_id].resend_to_runner]
         new_data = [
             NewRequestData(
                 req_id=request.request_id,
@@ -394,15 +412,16 @@ class Scheduler:
                 mm_features=request.mm_features,
                 position_segments=request.position_segments,
             )
-            for request in new_reqs
+            for request in new_reqs + resent
         ]
-        cached_data = [self._cached_data(self.requests[req_id], ids) for req_id, ids in new_block_ids.items()]
+        cached_data = [self._cached_data(self.requests[req_id], ids) for req_id, ids in new_block_ids.items()
+                       if not self.requests[req_id].resend_to_runner]
         return SchedulerOutput(
             scheduled_new_reqs=new_data,
             scheduled_cached_reqs=cached_data,
             num_scheduled_tokens=num_scheduled,
             total_num_scheduled_tokens=sum(num_scheduled.values()),
-            preempted_req_ids=[request.request_id for request in preempted],
+            preempted_req_ids=[request.request_id for request in preempted + resent],
             finished_req_ids=sorted(self.finished_req_ids),
             scheduled_encoder_inputs=encoder_inputs,
             freed_encoder_ids=self.encoder_cache.take_freed(),

@@ -55,8 +55,9 @@ class FakeRunner:
         assert out.total_num_scheduled_tokens == sum(out.num_scheduled_tokens.values())
         for req_id in out.finished_req_ids:
             self.reqs.pop(req_id, None)
+        resent = {new.req_id for new in out.scheduled_new_reqs}  # dropped and sent whole again (input rollback)
         for req_id in out.preempted_req_ids:
-            assert req_id not in out.num_scheduled_tokens
+            assert req_id not in out.num_scheduled_tokens or req_id in resent
             del self.reqs[req_id]
         for new in out.scheduled_new_reqs:
             assert new.req_id not in self.reqs, "a request the runner holds was sent as new"
