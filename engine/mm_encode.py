@@ -1,4 +1,5 @@
-"""Runs the encoders for one media item and shapes the result as rows for its placeholder span."""
+"""Runs the encoders for one media item and shapes the result as rows for its placeholder span (or, for a piece
+of a split item, for the whole item: the runner takes the piece's rows from `row_offset`)."""
 
 from __future__ import annotations
 
@@ -48,9 +49,9 @@ def encode_feature(model: torch.nn.Module, feature: MultiModalFeature, device: t
         result = EncoderOutput(embeds, full_deepstack)
     else:
         raise ValueError(f"unknown media modality {feature.modality!r}")
-    if result.embeds.shape[0] != feature.length:
+    if result.embeds.shape[0] != feature.num_encoder_rows:
         raise ValueError(
             f"{feature.modality} item {feature.identifier[:12]} encoded to {result.embeds.shape[0]} rows "
-            f"but has {feature.length} placeholder tokens"
+            f"but expects {feature.num_encoder_rows}"
         )
     return result

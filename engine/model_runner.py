@@ -120,7 +120,7 @@ class ModelRunner:
             output = self.encoder_cache[feature.identifier]
             lo, hi = max(start, feature.offset), min(start + count, feature.end)
             rows = slice(flat_start + lo - start, flat_start + hi - start)
-            item_rows = slice(lo - feature.offset, hi - feature.offset)
+            item_rows = slice(feature.row_offset + lo - feature.offset, feature.row_offset + hi - feature.offset)
             embeds[rows] = output.embeds[item_rows].to(embeds.dtype)
             if output.deepstack is not None:
                 if deepstack is None:
