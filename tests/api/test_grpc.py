@@ -1,16 +1,19 @@
 """The gRPC API, run for real (grpc.aio on a loopback port over AsyncLLM with the embedded default model)
 and driven with the generated stubs and a real grpcio client: Generate (text, chat, token ids, audio and
-image bytes), live Sessions (streamed audio, two turns, greedy parity with the offline request, cancel),
-Abort, deadlines and cancellation freeing the KV, the API key, status codes, health, reflection, and the
-committed stubs equal to a fresh protoc run."""
+image bytes, n answers with log-probabilities), live Sessions (streamed audio, two turns, greedy parity
+with the offline request, per-modality usage, cancel), Abort, deadlines and cancellation freeing the KV,
+the API key, status codes, health (NOT_SERVING and UNAVAILABLE once the engine dies), reflection, and
+the committed stubs equal to a fresh protoc run."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import queue
 import sys
 import time
+import types
 import wave
 from collections.abc import Iterator
 
@@ -21,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from omnistream.engine.cli import build_parser, main
+from omnistream.engine.executor import EngineDeadError
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.engine.grpc_gen.regenerate import HERE, generate
@@ -473,6 +477,42 @@ def test_health_and_reflection(channel):
     files = list(reflect.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(
         file_containing_symbol="omnistream.v1.Omnistream")]), metadata=AUTH, timeout=10))
     assert files[0].file_descriptor_response.file_descriptor_proto
+
+
+def test_health_turns_not_serving_and_calls_unavailable_when_the_engine_dies(server, llm):
+    async def dead_generate(*args, **kwargs):
+        raise EngineDeadError("the engine core process exited")
+        yield  # pragma: no cover
+
+    async def dead_open_session(*args, **kwargs):
+        raise EngineDeadError("the engine core process exited")
+
+    stand_in = types.SimpleNamespace(generate=dead_generate, open_session=dead_open_session, tokenizer=llm.tokenizer,
+                                     input_processor=llm.input_processor, errored=False)
+    dying = GrpcServer(stand_in, argparse.Namespace(**{**vars(server[0].args), "grpc_port": 0}))
+    port = dying.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            def statuses():
+                return [health.Check(health_pb2.HealthCheckRequest(service=s), timeout=10).status
+                        for s in ("", "omnistream.v1.Omnistream")]
+
+            assert statuses() == [health_pb2.HealthCheckResponse.SERVING] * 2
+            stand_in.errored = True
+            deadline = time.monotonic() + 10
+            while statuses() != [health_pb2.HealthCheckResponse.NOT_SERVING] * 2 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert statuses() == [health_pb2.HealthCheckResponse.NOT_SERVING] * 2
+            stub = pb_grpc.OmnistreamStub(channel)
+            calls = [lambda: list(stub.Generate(_bad(), metadata=AUTH, timeout=10)),
+                     lambda: list(stub.Session(iter([pb.SessionInput(config=pb.SessionConfig())]), metadata=AUTH, timeout=10))]
+            for call in calls:
+                got, details = _code(call)
+                assert got == grpc.StatusCode.UNAVAILABLE and "engine is not running" in details
+    finally:
+        dying.stop(grace=1)
 
 
 def test_committed_stubs_equal_a_fresh_protoc_run():
