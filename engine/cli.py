@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
+
+from omnistream.multimodal.media_fetch.policy import DEFAULT_MAX_MEDIA_BYTES, DEFAULT_TIMEOUT_S
 
 _MODALITIES = ("audio", "image", "video")
 
@@ -42,6 +45,13 @@ def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
 
 
@@ -97,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--served-model-name", nargs="+", default=None, help="model name(s) clients use (default: the model path)")
     srv.add_argument("--limit-mm-per-prompt", type=_mm_limits, default=None, help='media items per prompt, e.g. \'{"image": 2}\'')
     srv.add_argument("--max-request-body-bytes", type=_positive, default=64 << 20)
+    srv.add_argument("--allowed-media-domains", nargs="+", default=None, metavar="DOMAIN",
+                     help="fetch http(s) media URLs only from these domains and their subdomains (default: none, "
+                          "remote fetching off); addresses that are not public are refused whatever the name")
+    srv.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
+                     help="read file:// media URLs and paths only under this directory (default: none)")
+    srv.add_argument("--media-fetch-timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                     help="total time to fetch one media URL, redirects included")
+    srv.add_argument("--max-media-bytes", type=_positive, default=DEFAULT_MAX_MEDIA_BYTES,
+                     help="largest media file fetched from a URL or read from --allowed-local-media-path")
     srv.add_argument("--grpc-port", type=int, default=None,
                      help="also serve the gRPC API (omnistream.v1) on this port, on the same engine (0: any free port)")
     srv.add_argument("--grpc-only", action="store_true", help="serve only the gRPC API (needs --grpc-port)")

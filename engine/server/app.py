@@ -29,6 +29,7 @@ from omnistream.engine.server.protocol import (
 )
 from omnistream.engine.server.realtime import realtime_endpoint
 from omnistream.engine.server.transcriptions import create_transcription
+from omnistream.multimodal.media_fetch import MediaPolicy
 
 DEFAULT_MODEL_NAME = "omnistream-tiny"  # the embedded default model's served name
 DEFAULT_MAX_BODY_BYTES = 64 << 20
@@ -86,7 +87,8 @@ class _Guard:
         return wrapped
 
 
-def build_app(llm: Any, args: argparse.Namespace) -> FastAPI:
+def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | None = None) -> FastAPI:
+    media_policy = media_policy or MediaPolicy.from_args(args)
     names = list(getattr(args, "served_model_name", None) or [getattr(args, "model", None) or DEFAULT_MODEL_NAME])
     app = FastAPI(title="omnistream", docs_url=None, redoc_url=None, openapi_url=None)
     install_error_handlers(app)
@@ -137,7 +139,7 @@ def build_app(llm: Any, args: argparse.Namespace) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
-        return await create_chat_completion(llm, body, model_name(body.model), raw)
+        return await create_chat_completion(llm, body, model_name(body.model), raw, media_policy)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Any:

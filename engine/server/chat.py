@@ -1,7 +1,8 @@
 """POST /v1/chat/completions: messages → chat template + media → n engine requests → OpenAI responses.
 
-Media come only from data: URLs and base64 parts (remote and local URLs are refused until the media
-fetch policy lands). Audio is decoded here, once, so that usage can report the seconds processed.
+Media come from base64 parts and data: URLs, and from http(s) and file:// URLs as far as the server's
+MediaPolicy allows (fetched off the event loop). Audio is decoded here, once, so that usage can report the
+seconds processed.
 """
 
 from __future__ import annotations
@@ -44,15 +45,12 @@ from omnistream.engine.server.protocol import (
 )
 from omnistream.multimodal.audio import load_audio
 from omnistream.multimodal.chat_media import collect_media
-from omnistream.multimodal.errors import MediaError, MediaLimitError
+from omnistream.multimodal.errors import MediaLimitError
+from omnistream.multimodal.media_fetch import MediaPolicy
 from omnistream.multimodal.mel import num_mel_frames
 from omnistream.multimodal.processor import FRAMES_PER_SECOND, SAMPLE_RATE
 
 _PART_MODALITY = {ImageURLPart: "image", InputAudioPart: "audio", AudioURLPart: "audio", VideoURLPart: "video"}
-
-
-def _refuse_url(url: str, modality: str) -> Any:
-    raise MediaError(f"{modality}: only data: URLs are accepted (remote and local URLs are not fetched)")
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
@@ -79,11 +77,12 @@ def _check_item_counts(llm: Any, messages: list[ChatMessage]) -> None:
             raise MediaLimitError(modality, "items per prompt", count, limits.get(modality, 0))
 
 
-def _prompt(llm: Any, body: ChatCompletionRequest) -> tuple[dict[str, Any], float]:
-    """The engine prompt (template text + media) and the seconds of audio it carries; runs off the loop."""
+def _prompt(llm: Any, body: ChatCompletionRequest, media_policy: MediaPolicy) -> tuple[dict[str, Any], float]:
+    """The engine prompt (template text + media) and the seconds of audio it carries; runs off the loop
+    (media URLs are fetched here)."""
     _check_item_counts(llm, body.messages)
     messages = template_messages(body.messages)
-    media = collect_media(messages, fetch_url=_refuse_url)
+    media = collect_media(messages, fetch_url=media_policy.fetch)
     waves = [load_audio(source) for source in media.get("audio", [])]
     if waves:
         media["audio"] = [(wave, SAMPLE_RATE) for wave in waves]
@@ -106,12 +105,13 @@ def _chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs] | Non
     return ChatLogprobs(content=content)
 
 
-async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: str, raw: Request) -> Any:
+async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: str, raw: Request,
+                                 media_policy: MediaPolicy) -> Any:
     unknown = set(body.mm_processor_kwargs or {}) - MM_PROCESSOR_KEYS
     if unknown:
         raise APIError(400, f"unknown mm_processor_kwargs {sorted(unknown)}; use {sorted(MM_PROCESSOR_KEYS)}",
                        param="mm_processor_kwargs")
-    prompt, seconds = await asyncio.to_thread(_prompt, llm, body)
+    prompt, seconds = await asyncio.to_thread(_prompt, llm, body, media_policy)
     jobs = [(prompt, body.sampling_params(i)) for i in range(body.n)]
     rid = request_id("chatcmpl")
     k = body.top_logprobs or 0

@@ -18,6 +18,7 @@ import uvicorn
 
 from omnistream.engine.async_llm import AsyncLLM
 from omnistream.engine.server.app import build_app
+from omnistream.multimodal.media_fetch import MediaPolicy
 from omnistream.multimodal.processor import MediaLimits
 
 logger = logging.getLogger(__name__)
@@ -33,12 +34,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     return {name: getattr(args, name) for name in names}
 
 
-def build_server(args: argparse.Namespace) -> tuple[AsyncLLM, uvicorn.Server]:
-    """The engine and an unstarted uvicorn server for it (tests run the same pair in a thread)."""
+def build_server(args: argparse.Namespace, media_policy: MediaPolicy | None = None) -> tuple[AsyncLLM, uvicorn.Server]:
+    """The engine and an unstarted uvicorn server for it (tests run the same pair in a thread). The media
+    policy comes from the flags unless one is given (tests give one with a resolver of their own)."""
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    media_policy = media_policy or MediaPolicy.from_args(args)  # a bad media flag fails before the engine starts
     limits = {**MediaLimits().max_items, **(args.limit_mm_per_prompt or {})}  # unnamed modalities keep defaults
     llm = AsyncLLM(args.model, limit_mm_per_prompt=limits, **engine_kwargs(args))
-    app = build_app(llm, args)
+    app = build_app(llm, args, media_policy)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(),
         loop="auto",  # uvloop when installed, else asyncio

@@ -19,6 +19,7 @@ from PIL import Image
 
 from omnistream.engine.cli import build_parser
 from omnistream.engine.server.run import build_server
+from omnistream.multimodal.media_fetch import MediaPolicy
 
 API_KEY = "test-key-123"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -32,9 +33,9 @@ class RunningServer:
 
 
 @contextmanager
-def running_server(*flags: str) -> Iterator[RunningServer]:
+def running_server(*flags: str, media_policy: MediaPolicy | None = None) -> Iterator[RunningServer]:
     args = build_parser().parse_args(["serve", "--port", "0", "--api-key", API_KEY, *flags])
-    llm, server = build_server(args)
+    llm, server = build_server(args, media_policy)
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
