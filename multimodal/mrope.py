@@ -25,6 +25,7 @@ from omnistream.multimodal.placeholders import (
 # other block starts at max(last block) + 1. Both are float32 sums; the order of operations is kept as HF's even
 # though integer steps never round differently, so exactness does not rest on that argument.
 _TEXT, _START, _AUDIO, _VISION, _END = "text", "start", "audio", "vision", "end"
+_LIVE_VIDEO = "live video"  # a video (with or without its audio) given slice by slice
 _RUNS = (_TEXT, _START, _AUDIO, _END)  # arange blocks that a repeated call of the same kind extends
 
 
@@ -36,6 +37,9 @@ class MRopeBuilder:
     with its audio), one content call, then `add_end(n)` for the closing token(s). Repeated calls of the same
     kind extend one block: `add_audio(k); add_audio(m)` gives exactly `add_audio(k + m)`, so a live audio stream
     can append each encoded window as it comes and end with `add_end()` when the turn is committed.
+    A live video is given the same way, one temporal slice and one run of its audio at a time, in the
+    order of its tokens (`add_video_slice`, `add_soundtrack`): the result equals `add_video` or
+    `add_video_with_audio` of the whole video.
     """
 
     def __init__(self, *, spatial_merge_size: int = 2, position_id_per_seconds: float = 13.0) -> None:
@@ -47,13 +51,16 @@ class MRopeBuilder:
         self._count = 0  # tokens in that run
         self._last_max = torch.zeros((), dtype=torch.float32)  # max of the last block when it is not a run
         self._max = torch.full((), float("-inf"), dtype=torch.float32)  # max over everything so far
+        self._live_start = torch.zeros((), dtype=torch.float32)  # first position of the live video's block
+        self._live_audio = 0  # its audio tokens so far
+        self._live_tail_empty = True  # no video column since its last audio token
 
     # ---- block starts -------------------------------------------------------------------------------------
 
     def _start_for(self, kind: str) -> torch.Tensor:
         if self._kind is None:
             return torch.zeros((), dtype=torch.float32)
-        if (self._kind == _TEXT and kind == _START) or (self._kind == _START and kind in (_AUDIO, _VISION)):
+        if (self._kind == _TEXT and kind == _START) or (self._kind == _START and kind in (_AUDIO, _VISION, _LIVE_VIDEO)):
             return self._base + self._count
         return self._last_block_max() + 1
 
@@ -153,6 +160,33 @@ class MRopeBuilder:
             last_block_max = audio[0, -1]
         return self._block(positions, last_block_max), is_video
 
+    def add_video_slice(self, index: int, grid_thw: Sequence[int], second_per_grid: float) -> torch.Tensor:
+        """Temporal slice `index` (0, 1, ... in order) of a live video whose slices have the patch grid
+        `grid_thw` = (1, h, w); call it after `add_start` and between the `add_soundtrack` runs it falls
+        between (slice i at time i·second_per_grid·position_id_per_seconds, audio token k at k, ties to video)."""
+        start = self._live_block_start()
+        times = (torch.tensor([int(index)]) * torch.tensor(float(second_per_grid), dtype=torch.float32)
+                 * self.position_id_per_seconds).float()
+        positions = self._vision(start, times, grid_thw, "video slice")
+        # HF's last block of a video is the video columns after its last audio token
+        tail = positions.max()
+        self._last_max = tail if self._live_tail_empty else torch.maximum(self._last_max, tail)
+        self._live_tail_empty = False
+        return self._record(positions)
+
+    def add_soundtrack(self, num_tokens: int) -> torch.Tensor:
+        """The next `num_tokens` audio tokens of a live video's soundtrack (audio token k at block start + k)."""
+        if num_tokens < 0:
+            raise ValueError(f"number of tokens must be >= 0, got {num_tokens}")
+        start = self._live_block_start()
+        if num_tokens == 0:
+            return torch.empty((3, 0), dtype=torch.float32)
+        row = torch.arange(self._live_audio, self._live_audio + num_tokens, dtype=torch.float32) + start
+        self._live_audio += num_tokens
+        self._last_max = row[-1]
+        self._live_tail_empty = True
+        return self._record(row.expand(3, num_tokens).contiguous())
+
     def delta(self, num_tokens: int | None = None) -> float:
         """mrope_position_delta = max position + 1 − number of tokens; a decoded token at sequence index n gets
         position n + delta on all three rows. `num_tokens` defaults to the tokens added so far."""
@@ -166,6 +200,14 @@ class MRopeBuilder:
         return float(self._max)
 
     # ---- helpers ------------------------------------------------------------------------------------------
+
+    def _live_block_start(self) -> torch.Tensor:
+        if self._kind != _LIVE_VIDEO:
+            self._live_start = self._start_for(_LIVE_VIDEO)
+            self._live_audio = 0
+            self._live_tail_empty = True
+            self._kind = _LIVE_VIDEO
+        return self._live_start
 
     def _video_times(self, grid_thw: Sequence[int], second_per_grid: float) -> torch.Tensor:
         spg = torch.tensor(float(second_per_grid), dtype=torch.float32)

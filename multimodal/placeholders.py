@@ -1,6 +1,7 @@
 """Placeholder expansion: one pad token per media item → one pad per embedding row, and where each item's rows are.
 
-Owns the audio token count, the audio-in-video V/A interleave of the prompt and the special token ids. Pure
+Owns the audio token count, the audio-in-video V/A interleave of the prompt (whole, or live as the slices and the
+audio arrive: `LiveInterleave`) and the special token ids. Pure
 Python (no torch): it never looks at media or features, and it does not compute positions (see `mrope`).
 """
 
@@ -192,6 +193,82 @@ def audio_video_interleave(
         order += [True] * per_slice
     order += [False] * (num_audio_tokens - audio_done)
     return order
+
+
+@dataclass(frozen=True)
+class InterleaveRun:
+    """A run of a live video's pad tokens whose place is final: temporal slice `slice_index` (video), or audio
+    tokens [audio_start, audio_stop) of its soundtrack."""
+
+    slice_index: int | None = None
+    audio_start: int = 0
+    audio_stop: int = 0
+
+    @property
+    def is_video(self) -> bool:
+        return self.slice_index is not None
+
+
+class LiveInterleave:
+    """`audio_video_interleave` computed as a live video arrives: add temporal slices and audio tokens as they
+    exist, `take()` the runs whose place in the token order is settled, `end()` when the video is over.
+
+    Audio token k precedes slice i iff k < i·second_per_grid·position_id_per_seconds (ties go to video), so a
+    slice waits for the audio before it, and audio waits until the next slice is known (or the video ended).
+    The concatenated runs of a whole stream equal `audio_video_interleave` of the whole video, whatever the
+    order and grouping in which slices and audio arrived. A video `with_audio=False` is a silent one.
+    """
+
+    def __init__(self, second_per_grid: float, with_audio: bool = True, position_id_per_seconds: float = 13.0) -> None:
+        if not math.isfinite(second_per_grid) or second_per_grid <= 0:
+            raise ValueError(f"second_per_grid must be a positive number, got {second_per_grid}")
+        self.second_per_grid = float(second_per_grid)
+        self.position_id_per_seconds = float(position_id_per_seconds)
+        self.with_audio = with_audio
+        self.num_slices = 0  # slices added
+        self.num_audio_tokens = 0  # audio tokens added
+        self.ended = False
+        self._slices_out = 0
+        self._audio_out = 0
+
+    def add_slices(self, count: int = 1) -> None:
+        self._check_open()
+        if count < 0:
+            raise ValueError(f"number of slices must be >= 0, got {count}")
+        self.num_slices += count
+
+    def add_audio(self, num_tokens: int) -> None:
+        self._check_open()
+        if num_tokens < 0:
+            raise ValueError(f"number of audio tokens must be >= 0, got {num_tokens}")
+        if num_tokens and not self.with_audio:
+            raise ValueError("a silent live video takes no audio")
+        self.num_audio_tokens += num_tokens
+
+    def end(self) -> None:
+        """No more slices or audio: everything added can be taken."""
+        self.ended = True
+
+    def take(self) -> list[InterleaveRun]:
+        """The runs settled since the last call, in token order."""
+        runs: list[InterleaveRun] = []
+        audio_over = self.ended or not self.with_audio
+        while True:
+            before = math.ceil(self._slices_out * self.second_per_grid * self.position_id_per_seconds)
+            slice_known = self._slices_out < self.num_slices
+            audio_stop = min(before, self.num_audio_tokens) if slice_known or not self.ended else self.num_audio_tokens
+            if audio_stop > self._audio_out:
+                runs.append(InterleaveRun(audio_start=self._audio_out, audio_stop=audio_stop))
+                self._audio_out = audio_stop
+            if slice_known and (self._audio_out >= before or audio_over):
+                runs.append(InterleaveRun(slice_index=self._slices_out))
+                self._slices_out += 1
+                continue
+            return runs
+
+    def _check_open(self) -> None:
+        if self.ended:
+            raise ValueError("the live video has ended")
 
 
 def expand_placeholders(
