@@ -114,6 +114,10 @@ class EngineCore:
     ) -> None:
         self.scheduler.commit_turn(session_id, token_ids, sampling_params, position_segments)
 
+    def rollback_input(self, session_id: str, num_tokens: int) -> None:
+        """Drop an open session's input after its first num_tokens tokens (discarded before its commit)."""
+        self.scheduler.rollback_input(session_id, num_tokens)
+
     def cancel_turn(self, session_id: str) -> bool:
         return self.scheduler.cancel_turn(session_id)
 

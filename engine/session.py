@@ -10,6 +10,7 @@ then takes the next turn's input with all its KV kept. Positions continue throug
 from __future__ import annotations
 
 import asyncio
+import copy
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ class StreamingSession:
         self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
         self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
         self._audio: StreamingAudioWindows | None = None  # the current turn's audio, while it streams
+        self._before_audio: tuple[MRopeBuilder, int] | None = None  # positions and audio tokens before it
         self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
         self._turn = 0
         self._in_user_turn = False
@@ -75,6 +77,7 @@ class StreamingSession:
             self._check_open()
             if self._audio is None:
                 await self._begin_user_turn()
+                self._before_audio = (copy.copy(self.positions), self.num_audio_tokens)
                 self._audio = StreamingAudioWindows(self.window_frames, sample_rate)
                 await self._append_tokens([self.ids.audio_start], self.positions.add_start())
             windows = await asyncio.to_thread(self._audio.feed, pcm)
@@ -116,6 +119,19 @@ class StreamingSession:
                 self.llm._streams.pop(self.session_id, None)
                 raise
         return self._answer(queue)
+
+    async def clear_audio(self) -> None:
+        """Discard the audio segment in progress (appended since this turn's audio began, not yet ended by a
+        commit or by text) as if it had never been sent: the engine drops its tokens, media and KV, and the
+        positions go back to where the segment started. Nothing happens when no audio is in progress."""
+        async with self._lock:
+            self._check_open()
+            if self._audio is None:
+                return
+            positions, num_audio_tokens = self._before_audio
+            await self.llm._call(lambda: self.llm.engine.rollback_input(self.session_id, positions.num_tokens))
+            self.positions, self.num_audio_tokens = positions, num_audio_tokens
+            self._audio = self._before_audio = None
 
     async def cancel(self) -> None:
         """Stop the answer being generated (its stream ends with finish_reason "abort"); the session

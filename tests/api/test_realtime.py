@@ -202,6 +202,25 @@ def test_response_cancel_stops_the_answer_and_the_session_goes_on(client):
         assert text and done.response.status in ("completed", "incomplete") and done.response.usage.output_tokens <= 3
 
 
+def test_clear_discards_the_uncommitted_audio(client):
+    discarded, kept = speech(2.5, seed=5), speech(2.2, seed=6)
+
+    def answer(*appends: np.ndarray, clear_after_first: bool) -> str:
+        with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
+            setup(connection)
+            for index, pcm in enumerate(appends):
+                speak(connection, pcm)
+                if clear_after_first and index == 0:
+                    connection.input_audio_buffer.clear()
+                    recv_until(connection, "input_audio_buffer.cleared")
+            connection.input_audio_buffer.commit()
+            return respond(connection)[0]
+
+    cleared = answer(discarded, kept, clear_after_first=True)
+    assert cleared == answer(kept, clear_after_first=False)  # as if the discarded audio was never sent
+    assert cleared != answer(discarded, kept, clear_after_first=False)  # the test can tell the audio apart
+
+
 BAD_EVENTS = [
     ("not json", "invalid_json", None),
     ('["a list"]', "invalid_json", None),
