@@ -88,9 +88,12 @@ def load_video(
 ) -> DecodedVideo:
     """Decode a video file (path, bytes, file-like) sampling about `fps` frames per second, with its soundtrack.
 
-    An already-decoded `(frames uint8 [T,H,W,3], fps)` or `(list of PIL images, fps)` is taken as is (no sampling).
+    An already-decoded `(frames uint8 [T,H,W,3], fps)` or `(list of PIL images, fps)` is taken as is (no sampling);
+    a third element, anything `load_audio` takes (e.g. `(samples, sample_rate)`), is its soundtrack.
     """
     if isinstance(source, tuple):
+        if len(source) not in (2, 3):
+            raise MediaError("video: a decoded video is (frames, fps) or (frames, fps, soundtrack)")
         return _from_frames(*source)
     with open_container(source, "video") as container:
         if not container.streams.video:
@@ -103,7 +106,7 @@ def load_video(
     return DecodedVideo(frames, times, source_fps, duration, sample_fps, audio)
 
 
-def _from_frames(frames: np.ndarray | list, fps: float) -> DecodedVideo:
+def _from_frames(frames: np.ndarray | list, fps: float, soundtrack: object = None) -> DecodedVideo:
     if isinstance(frames, list):
         frames = np.stack([np.asarray(to_rgb(f)) if isinstance(f, PIL.Image.Image) else f for f in frames])
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
@@ -111,7 +114,8 @@ def _from_frames(frames: np.ndarray | list, fps: float) -> DecodedVideo:
     if len(frames) == 0:
         raise EmptyMediaError("video: zero frames")
     times = [i / fps for i in range(len(frames))]
-    return DecodedVideo(frames, times, float(fps), len(frames) / fps, float(fps), None)
+    audio = None if soundtrack is None else load_audio(soundtrack)
+    return DecodedVideo(frames, times, float(fps), len(frames) / fps, float(fps), audio)
 
 
 def preprocess_video(

@@ -4,7 +4,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from omnistream.multimodal.errors import EmptyMediaError, MediaDecodeError
+from omnistream.multimodal.errors import EmptyMediaError, MediaDecodeError, MediaError
 from omnistream.multimodal.image import normalized_frame, preprocess_image
 from omnistream.multimodal.video import load_video, num_sampled_frames, preprocess_video
 from tests.multimodal.media import encode_video
@@ -80,3 +80,12 @@ def test_decoded_inputs():
     assert video.timestamps_s == [0.0, 0.2, 0.4, 0.6, 0.8] and video.audio is None
     images = [PIL.Image.new("RGBA", (32, 32)) for _ in range(2)]
     assert load_video((images, 2.0)).frames.shape == (2, 32, 32, 3)
+
+
+def test_decoded_frames_with_a_soundtrack():
+    frames = np.zeros((4, 32, 32, 3), np.uint8)
+    wave = np.sin(np.arange(8000) / 7).astype(np.float32)
+    video = load_video((frames, 2.0, (wave, 8000)))
+    assert video.audio.shape == (16000,) and video.audio.dtype == np.float32  # resampled to 16 kHz
+    with pytest.raises(MediaError, match="frames, fps"):
+        load_video((frames,))
