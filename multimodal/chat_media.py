@@ -3,7 +3,8 @@
 Parts: `image_url`, `input_audio` ({data: base64, format}), `audio_url`, `video_url`, and the
 offline forms `image`, `audio`, `video` (a path, bytes, a PIL image, `(array, sample_rate)` for
 audio, `(frames, fps)` for video). URLs may be data: URLs or local paths (file://); remote URLs
-are fetched only by the server, under its media policy, so here they are an error.
+are fetched only by a server, through the `fetch_url` hook its media policy gives
+(multimodal/media_fetch), so without one they are an error.
 """
 
 from __future__ import annotations

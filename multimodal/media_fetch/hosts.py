@@ -38,8 +38,10 @@ class RemoteURL:
 
 def normalise_host(host: str) -> str:
     """The lower-case ASCII form of a host name (IDNA, one trailing dot dropped), or the canonical text of
-    an IP literal. ValueError for anything else."""
+    an IP literal (brackets optional). ValueError for anything else."""
     text = host.removesuffix(".")
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:

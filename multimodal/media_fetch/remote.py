@@ -64,7 +64,7 @@ class _Watchdog:
 
     def __init__(self, deadline: _Deadline, sock: socket.socket) -> None:
         self.sock = sock
-        self._timer = threading.Timer(deadline.left(), self._fire)
+        self._timer = threading.Timer(max(0.0, deadline.end - time.monotonic()), self._fire)
         self._timer.daemon = True
         self._timer.start()
 
@@ -86,10 +86,10 @@ def fetch_remote(url: str, modality: str, policy: MediaPolicy) -> bytes:
         if not host_allowed(target.host, policy.allowed_domains):
             raise MediaURLNotAllowed(f"{modality}: the media URL's host is not in --allowed-media-domains")
         addresses = _checked_addresses(target, modality, policy, deadline)
-        location = _exchange(target, addresses, modality, policy, deadline)
-        if isinstance(location, bytes):
-            return location
-        url = urljoin(url, location)
+        answer = _exchange(target, addresses, modality, policy, deadline)
+        if isinstance(answer, bytes):
+            return answer
+        url = urljoin(url, answer)
     raise MediaFetchError(f"{modality}: the media URL redirected more than {policy.max_redirects} times")
 
 

@@ -112,6 +112,11 @@ def test_redirects_are_followed_and_rechecked(server):
     assert policy.resolver.calls == ["media.test", "cdn.media.test", "cdn.media.test"]
 
 
+def test_the_next_checked_address_is_tried_when_one_refuses_connections(server):
+    policy = loopback_policy(table={"media.test": ["127.0.0.2", "127.0.0.1"]})  # nothing listens on 127.0.0.2
+    assert policy.fetch(server.url("/image.png"), "image") == PNG
+
+
 # ---- the default policy's refusals ------------------------------------------------------------------
 
 
@@ -217,7 +222,20 @@ def test_a_slow_server_runs_into_the_total_timeout(server, reply):
                       MediaFetchTimeout, "127.0.0.1")
     elapsed = time.monotonic() - started
     assert "--media-fetch-timeout" in message
-    assert 0.9 < elapsed < 3.0, elapsed  # each byte comes well within any per-read timeout: only a total one ends it
+    assert 0.9 < elapsed < 5.0, elapsed  # each byte comes well within any per-read timeout: only a total one ends it
+
+
+def test_a_slow_resolver_runs_into_the_total_timeout(server):
+    def slow(host: str, port: int) -> list[str]:
+        time.sleep(6.0)
+        return ["127.0.0.1"]
+
+    policy = MediaPolicy(allowed_domains=("media.test",), resolver=slow, blocked_networks=WITHOUT_LOOPBACK,
+                         timeout_s=0.5)
+    started = time.monotonic()
+    refused(lambda: policy.fetch(server.url("/image.png"), "image"), MediaFetchTimeout)
+    assert time.monotonic() - started < 3.0
+    assert server.seen == []
 
 
 # ---- TLS --------------------------------------------------------------------------------------------
