@@ -95,11 +95,15 @@ def speak(connection: Any, pcm: np.ndarray) -> None:
         connection.input_audio_buffer.append(audio=audio)
 
 
-def live_prefill_tokens(server) -> float:
+def metric(server, name: str) -> float:
     text = httpx.get(server.url + "/metrics", headers=AUTH, timeout=30).text
-    match = re.search(r"^omnistream_live_prefill_tokens_total (\S+)$", text, re.MULTILINE)
-    assert match, "the live prefill counter is missing from /metrics"
+    match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
+    assert match, f"{name} is missing from /metrics"
     return float(match.group(1))
+
+
+def live_prefill_tokens(server) -> float:
+    return metric(server, "omnistream_live_prefill_tokens_total")
 
 
 def direct_session_answers(server, turns: list[np.ndarray]) -> list[str]:
@@ -154,6 +158,9 @@ def test_two_spoken_turns_prefilled_before_commit_equal_a_streaming_session(clie
     first, second = (d.usage for d in dones)
     assert first.output_tokens <= MAX_TOKENS and second.input_tokens > first.input_tokens + first.output_tokens
     assert second.input_token_details.cached_tokens == first.input_tokens + first.output_tokens
+    for usage, seconds in ((first, 2.6), (second, 4.8)):  # the conversation's audio so far, 13 tokens a second
+        details = usage.input_token_details
+        assert abs(details.audio_tokens - 13 * seconds) <= 2 and details.text_tokens + details.audio_tokens == usage.input_tokens
     for response in dones:
         expected = ("completed", None) if response.usage.output_tokens < MAX_TOKENS else ("incomplete", "max_output_tokens")
         assert (response.status, response.status_details.reason) == expected
@@ -182,7 +189,7 @@ def test_server_vad_commits_after_silence_and_answers(client):
         assert abs(again[0].audio_start_ms - (4500 - 300)) <= 40
 
 
-def test_response_cancel_stops_the_answer_and_the_session_goes_on(client):
+def test_response_cancel_stops_the_answer_and_the_session_goes_on(client, server):
     with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
         setup(connection, max_output_tokens=300)
         connection.conversation.item.create(item={"type": "message", "role": "user",
@@ -200,6 +207,13 @@ def test_response_cancel_stops_the_answer_and_the_session_goes_on(client):
         assert error.code == "response_cancel_not_active"
         text, done, _ = respond(connection, max_output_tokens=3)
         assert text and done.response.status in ("completed", "incomplete") and done.response.usage.output_tokens <= 3
+        connection.response.create(response={"max_output_tokens": 300})
+        recv_until(connection, "response.output_text.delta")
+        assert metric(server, "omnistream_live_sessions") == 1
+    deadline = time.monotonic() + 10  # hanging up mid-answer ends the answer and closes the session
+    while metric(server, "omnistream_live_sessions") != 0:
+        assert time.monotonic() < deadline, "the session outlived its connection"
+        time.sleep(0.05)
 
 
 def test_clear_discards_the_uncommitted_audio(client):

@@ -12,10 +12,8 @@ Server events go out through `emit`, in order; the answer of each response is pu
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,7 +22,7 @@ from msgspec import UNSET
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.server.realtime import events
 from omnistream.engine.server.realtime.audio import decode_pcm16
-from omnistream.engine.server.realtime.config import SessionConfig, check_modalities
+from omnistream.engine.server.realtime.config import SessionConfig
 from omnistream.engine.server.realtime.protocol import (
     BufferAppend,
     BufferClear,
@@ -36,21 +34,12 @@ from omnistream.engine.server.realtime.protocol import (
     ResponseFields,
     SessionUpdate,
 )
+from omnistream.engine.server.realtime.response import Answer, Response, check_fields, closing_events, stream_answer
 from omnistream.engine.server.realtime.vad import EnergyVad
 from omnistream.engine.session import StreamingSession
 
 Emit = Callable[[dict[str, Any]], None]
 AUDIO_WINDOW_S = 2.0
-
-
-@dataclass
-class _Response:
-    id: str
-    item_id: str
-    max_output_tokens: int | None
-    metadata: dict[str, str] | None
-    cancel_reason: str = "client_cancelled"
-    task: asyncio.Task | None = None
 
 
 class Conversation:
@@ -71,7 +60,7 @@ class Conversation:
         self._segment_committed = False  # the engine's audio segment is committed but still open
         self._last_item: str | None = None
         self._context_tokens = 0  # the conversation's tokens when the last answer ended
-        self.response: _Response | None = None
+        self.response: Response | None = None
         self._reset_vad()
 
     # ---- client events ---------------------------------------------------------------------------------
@@ -271,86 +260,31 @@ class Conversation:
             raise RealtimeError("a response is already in progress; cancel it or wait for response.done",
                                 code="conversation_already_has_active_response")
         if fields is not None:
-            _check_response_fields(fields)
+            check_fields(fields)
         params = self.config.sampling_params(fields)
         session = await self._session()
         if self._buffer_samples:
             await self._commit_buffer(respond=False)
         stream = await session.commit(params)
         self._segment_committed = False
-        input_tokens = session.positions.num_tokens
         metadata = None if fields is None or fields.metadata is UNSET else fields.metadata
-        response = _Response(events.new_id("resp"), events.new_id("item"), params.max_tokens, metadata)
+        response = Response(params.max_tokens, metadata)
         self.response = response
-        self.emit(events.event("response.created", response=self._response_object(response, "in_progress")))
-        response.task = asyncio.ensure_future(self._pump(stream, response, input_tokens))
+        self.emit(events.event("response.created", response=response.object("in_progress")))
+        usage_base = (session.positions.num_tokens, session.num_audio_tokens)
+        response.task = asyncio.ensure_future(self._pump(stream, response, *usage_base))
 
-    async def _pump(self, stream: AsyncIterator[RequestOutput], response: _Response, input_tokens: int) -> None:
-        where = {"response_id": response.id, "item_id": response.item_id, "output_index": 0}
-        self.emit(events.event("response.output_item.added", response_id=response.id, output_index=0,
-                               item=events.assistant_item(response.item_id, None, "in_progress")))
-        self.emit(events.event("conversation.item.added", previous_item_id=self._last_item,
-                               item=events.assistant_item(response.item_id, None, "in_progress")))
+    async def _pump(self, stream: AsyncIterator[RequestOutput], response: Response, input_tokens: int,
+                    audio_tokens: int) -> None:
+        answer, previous = Answer(), self._last_item
         self._last_item = response.item_id
-        self.emit(events.event("response.content_part.added", **where, content_index=0,
-                               part={"type": "text", "text": ""}))
-        text, output_tokens, finish, failure = "", 0, "abort", None
         try:
-            async with contextlib.aclosing(stream):
-                async for output in stream:
-                    sample = output.outputs[0]
-                    if sample.text[len(text):]:
-                        self.emit(events.event("response.output_text.delta", **where, content_index=0,
-                                               delta=sample.text[len(text):]))
-                        text = sample.text
-                    output_tokens = len(sample.token_ids)
-                    if output.finished:
-                        finish = sample.finish_reason
-                        break
-        except Exception as exc:  # noqa: BLE001 - the response fails, its events still close properly
-            failure = exc
+            await stream_answer(response, stream, self.emit, previous, answer)
         finally:
-            self._finish(response, text, output_tokens, input_tokens, finish, failure)
-
-    def _finish(self, response: _Response, text: str, output_tokens: int, input_tokens: int, finish: str,
-                failure: BaseException | None) -> None:
-        where = {"response_id": response.id, "item_id": response.item_id, "output_index": 0}
-        status, reason = events.FINISH_STATUS.get(finish, ("completed", None))
-        if finish == "abort":
-            reason = response.cancel_reason
-        details = {"type": status, "reason": reason, "error": None}
-        if failure is not None:
-            status = "failed"
-            details = {"type": "failed", "reason": None,
-                       "error": {"type": "server_error", "code": "engine_error", "message": "the answer failed"}}
-        item = events.assistant_item(response.item_id, text, "completed" if status == "completed" else "incomplete")
-        self.emit(events.event("response.output_text.done", **where, content_index=0, text=text))
-        self.emit(events.event("response.content_part.done", **where, content_index=0,
-                               part={"type": "text", "text": text}))
-        self.emit(events.event("response.output_item.done", response_id=response.id, output_index=0, item=item))
-        self.emit(events.event("conversation.item.done", previous_item_id=None, item=item))
-        usage = events.usage(input_tokens, self._context_tokens, output_tokens)
-        self._context_tokens = input_tokens + output_tokens
-        self.response = None
-        self.emit(events.event("response.done", response=self._response_object(
-            response, status, output=[item], status_details=details, usage=usage)))
-        if failure is not None:
-            self.on_failure(failure)
-
-    def _response_object(self, response: _Response, status: str, **fields: Any) -> dict[str, Any]:
-        return events.response_object(response.id, status, max_output_tokens=response.max_output_tokens,
-                                      metadata=response.metadata, **fields)
-
-
-def _check_response_fields(fields: ResponseFields) -> None:
-    if fields.conversation not in (UNSET, "auto"):
-        raise RealtimeError("only responses in the default conversation (\"auto\") are supported",
-                            param="response.conversation")
-    for name in ("instructions", "input", "tools", "audio"):
-        if getattr(fields, name) not in (UNSET, None, []):
-            raise RealtimeError(f"response.{name} is not supported by this server; set the session's instead"
-                                if name == "instructions" else f"response.{name} is not supported by this server",
-                                param=f"response.{name}")
-    if fields.tool_choice not in (UNSET, "auto", "none"):
-        raise RealtimeError("tool_choice is not supported by this server", param="response.tool_choice")
-    check_modalities(fields.output_modalities, "response.output_modalities")
+            usage = events.usage(input_tokens, audio_tokens, self._context_tokens, answer.output_tokens)
+            self._context_tokens = input_tokens + answer.output_tokens
+            self.response = None
+            for event in closing_events(response, answer, previous, usage):
+                self.emit(event)
+            if answer.failure is not None:
+                self.on_failure(answer.failure)

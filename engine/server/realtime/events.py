@@ -57,7 +57,10 @@ FINISH_STATUS = {"stop": ("completed", None), "length": ("incomplete", "max_outp
                  "abort": ("cancelled", "client_cancelled")}
 
 
-def usage(input_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage(input_tokens: int, audio_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, Any]:
+    """A response's usage: its whole conversation as input (audio placeholders and the rest as text), the
+    part of it already in the KV before this turn's input as cached, and the answer's tokens as output."""
     return {"total_tokens": input_tokens + output_tokens, "input_tokens": input_tokens, "output_tokens": output_tokens,
-            "input_token_details": {"cached_tokens": cached_tokens},
+            "input_token_details": {"text_tokens": input_tokens - audio_tokens, "audio_tokens": audio_tokens,
+                                    "image_tokens": 0, "cached_tokens": cached_tokens},
             "output_token_details": {"text_tokens": output_tokens, "audio_tokens": 0}}
