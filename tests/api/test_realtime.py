@@ -22,7 +22,7 @@ from websockets.sync.client import connect as ws_connect
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME
 from omnistream.scheduler.sampling_params import SamplingParams
 
-from .server_fixture import API_KEY, AUTH, openai_client, running_server
+from .server_fixture import AUTH, openai_client, running_server
 
 RATE = 24_000
 CHUNK = RATE // 10  # 100 ms

@@ -109,7 +109,7 @@ def test_rollback_frees_the_blocks_and_media_it_drops():
 
 
 def test_rollback_refuses_bad_cuts_and_answering_sessions():
-    sched, runner = _scheduler(), FakeRunner(BLOCK)
+    sched = _scheduler()
     _open(sched, "s", [1, 2, 3])
     _media(sched, "s", "a", 8)
     with pytest.raises(ValueError, match="split the medium"):
