@@ -83,6 +83,11 @@ def setup(connection: Any, **overrides: Any) -> None:
 def respond(connection: Any, **response: Any) -> tuple[str, Any, list[Any]]:
     """response.create; the answer's text (from the deltas), its response.done and every event."""
     connection.response.create(**({"response": response} if response else {}))
+    return respond_events(connection)
+
+
+def respond_events(connection: Any) -> tuple[str, Any, list[Any]]:
+    """The next response's text (from the deltas), its response.done and every event up to it."""
     seen = recv_until(connection, "response.done")
     text = "".join(e.delta for e in seen if e.type == "response.output_text.delta")
     done = [e for e in seen if e.type == "response.output_text.done"]
@@ -214,6 +219,23 @@ def test_response_cancel_stops_the_answer_and_the_session_goes_on(client, server
     while metric(server, "omnistream_live_sessions") != 0:
         assert time.monotonic() < deadline, "the session outlived its connection"
         time.sleep(0.05)
+
+
+def test_speech_during_an_answer_interrupts_it(client):
+    with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
+        setup(connection, max_output_tokens=300)
+        connection.conversation.item.create(item={"type": "message", "role": "user",
+                                                  "content": [{"type": "input_text", "text": "Talk to me."}]})
+        connection.response.create()
+        recv_until(connection, "response.output_text.delta")
+        speak(connection, speech(1.0, seed=7))  # the user talks over the answer (barge-in)
+        connection.input_audio_buffer.commit()
+        connection.response.create(response={"max_output_tokens": 3})  # sent before the first answer has ended
+        seen = recv_until(connection, "response.done")
+        interrupted = seen[-1].response
+        assert interrupted.status == "cancelled" and interrupted.status_details.reason == "turn_detected"
+        text, done, _ = respond_events(connection)
+        assert text and done.response.id != interrupted.id and done.response.status in ("completed", "incomplete")
 
 
 def test_clear_discards_the_uncommitted_audio(client):

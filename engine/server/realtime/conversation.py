@@ -139,6 +139,7 @@ class Conversation:
                                 "the last item's id)", param="previous_item_id")
         if not item.content:
             raise RealtimeError("the message has no content", param="item.content")
+        await self._let_cancelled_response_end()
         if self.response is not None:
             raise RealtimeError("a response is in progress: wait for response.done or cancel it",
                                 code="conversation_already_has_active_response")
@@ -169,7 +170,7 @@ class Conversation:
         if event.response_id not in (None, response.id):
             raise RealtimeError(f"response {event.response_id!r} is not the one in progress ({response.id!r})",
                                 param="response_id", code="response_cancel_not_active")
-        response.cancel_reason = "client_cancelled"
+        response.cancel_reason, response.cancelling = "client_cancelled", True
         await self.session.cancel()
 
     async def close(self) -> None:
@@ -196,8 +197,8 @@ class Conversation:
             return
         session = await self._session()
         await self._close_segment()
-        if self.response is not None:
-            self.response.cancel_reason = "turn_detected"  # the session stops the answer (barge-in)
+        if self.response is not None:  # the session stops the answer (barge-in)
+            self.response.cancel_reason, self.response.cancelling = "turn_detected", True
         await session.append_audio(pcm, self.config.sample_rate)
         self._buffer_samples += len(pcm)
 
@@ -216,9 +217,6 @@ class Conversation:
         self.emit(events.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=self._last_item))
         self._add_item(events.user_item(item_id, [events.audio_content()]))
         if respond:
-            if self.response is not None:  # interrupted by this speech: let its answer end first
-                await self.session.cancel()
-                await asyncio.gather(self.response.task, return_exceptions=True)
             await self._respond(None)
 
     def _buffer_item_id(self) -> str:
@@ -255,7 +253,13 @@ class Conversation:
 
     # ---- responses ----------------------------------------------------------------------------------------
 
+    async def _let_cancelled_response_end(self) -> None:
+        """A response whose cancel (or interruption) was sent ends before the conversation goes on."""
+        if self.response is not None and self.response.cancelling:
+            await asyncio.gather(self.response.task, return_exceptions=True)
+
     async def _respond(self, fields: ResponseFields | None) -> None:
+        await self._let_cancelled_response_end()
         if self.response is not None:
             raise RealtimeError("a response is already in progress; cancel it or wait for response.done",
                                 code="conversation_already_has_active_response")

@@ -31,6 +31,7 @@ class Response:
     id: str = field(default_factory=lambda: events.new_id("resp"))
     item_id: str = field(default_factory=lambda: events.new_id("item"))
     cancel_reason: str = "client_cancelled"
+    cancelling: bool = False  # a cancel (or speech) was sent to the engine; the answer is about to end
     task: asyncio.Task | None = None
 
     def object(self, status: str, **fields: Any) -> dict[str, Any]:
