@@ -1,19 +1,34 @@
-"""Time omnistream's log-mel against HF `WhisperFeatureExtractor` on a synthetic 10-minute clip.
+"""Time omnistream's log-mel against HF `WhisperFeatureExtractor(feature_size=128)` on a synthetic 10-minute clip.
 
-Checks the largest absolute difference and prints the speed ratio (best of N interleaved runs each). Example:
-    python benchmarks/mel.py --minutes 10 --repeats 5 --threads 1
+All variants run interleaved (so background load hits them alike) and the table gives median wall and CPU
+(process) time and each one's ratio to the HF baseline, plus the largest absolute difference from HF. Rows:
+- `hf`: the extractor as a user calls it on a long clip (`return_tensors="pt", padding="longest",
+  truncation=False`; the defaults pad/truncate to 30 s). With torch installed it always takes its torch path
+  (`torch.stft`), on `device="cpu"` unless told otherwise; `return_tensors` only converts the result.
+- `hf-qwen`: as Qwen3-Omni's processor calls it (`padding=True, truncation=False, return_attention_mask=True`).
+- `hf-fbank`: HF's feature computation alone (`_torch_extract_fbank_features`), without its padding and
+  conversions: the least HF can take.
+- `ours`: `log_mel_spectrogram`; `ours@REV`: the same function at git revision REV (`--compare-ref REV`).
+Example:
+    python benchmarks/mel.py --minutes 10 --repeats 15 --threads 1 --compare-ref HEAD~1
 """
 
 from __future__ import annotations
 
 import argparse
+import subprocess
 import time
+import types
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import WhisperFeatureExtractor
 
 from omnistream.multimodal.mel import SAMPLE_RATE, log_mel_spectrogram
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic_clip(minutes: float, seed: int = 0) -> np.ndarray:
@@ -24,39 +39,59 @@ def synthetic_clip(minutes: float, seed: int = 0) -> np.ndarray:
     return (0.3 * tone + noise).astype(np.float32)
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+def mel_module_at(rev: str) -> types.ModuleType:
+    """multimodal/mel.py as it was at git revision `rev`, loaded beside the current one."""
+    source = subprocess.run(["git", "show", f"{rev}:multimodal/mel.py"], cwd=REPO, check=True,
+                            capture_output=True, text=True).stdout
+    module = types.ModuleType(f"omnistream.multimodal.mel_at_{rev}")
+    module.__package__ = "omnistream.multimodal"
+    exec(compile(source, f"{rev}:multimodal/mel.py", "exec"), module.__dict__)
+    return module
+
+
+def variants(wave: np.ndarray, compare_ref: str | None) -> dict[str, Callable[[], torch.Tensor]]:
+    extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, hop_length=160, n_fft=400)
+    fns = {
+        "hf": lambda: extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest",
+                                truncation=False)["input_features"][0],
+        "hf-qwen": lambda: extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding=True,
+                                     truncation=False, return_attention_mask=True)["input_features"][0],
+        "hf-fbank": lambda: torch.from_numpy(extractor._torch_extract_fbank_features(wave[None]))[0],
+        "ours": lambda: log_mel_spectrogram(wave),
+    }
+    if compare_ref:
+        fns[f"ours@{compare_ref}"] = lambda old=mel_module_at(compare_ref): old.log_mel_spectrogram(wave)
+    return fns
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--compare-ref", default=None, help="also time log_mel_spectrogram at this git revision")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     wave = synthetic_clip(args.minutes)
-    extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, hop_length=160, n_fft=400)
-
-    def hf() -> torch.Tensor:
-        out = extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest", truncation=False)
-        return out["input_features"][0]
-
-    def ours() -> torch.Tensor:
-        return log_mel_spectrogram(wave)
-
-    diff = (hf() - ours()).abs().max().item()
-    hf_s, ours_s = float("inf"), float("inf")
-    for _ in range(args.repeats):  # interleaved, so background load hits both alike
-        hf_s = min(hf_s, seconds(hf))
-        ours_s = min(ours_s, seconds(ours))
-    print(f"clip {args.minutes:g} min, {wave.size} samples, torch threads {torch.get_num_threads()}")
-    print(f"HF WhisperFeatureExtractor: {hf_s * 1e3:8.1f} ms")
-    print(f"omnistream log_mel:         {ours_s * 1e3:8.1f} ms")
-    print(f"speed ratio: {hf_s / ours_s:.2f}x   max abs diff: {diff:.2e}")
+    fns = variants(wave, args.compare_ref)
+    reference = fns["hf"]()
+    diffs = {name: (fn() - reference).abs().max().item() for name, fn in fns.items()}
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.repeats):
+        for name, fn in fns.items():
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            fn()
+            cpu[name].append(time.process_time() - cpu_start)
+            wall[name].append(time.perf_counter() - wall_start)
+    hf_wall, hf_cpu = np.median(wall["hf"]), np.median(cpu["hf"])
+    print(f"clip {args.minutes:g} min, {wave.size} samples, torch threads {torch.get_num_threads()}, "
+          f"{args.repeats} interleaved repeats, medians")
+    print(f"{'variant':<16}{'wall ms':>9}{'cpu ms':>9}{'hf/x wall':>11}{'hf/x cpu':>10}{'max |diff|':>12}")
+    for name in fns:
+        w, c = np.median(wall[name]), np.median(cpu[name])
+        print(f"{name:<16}{w * 1e3:9.1f}{c * 1e3:9.1f}{hf_wall / w:10.2f}x{hf_cpu / c:9.2f}x{diffs[name]:12.2e}")
 
 
 if __name__ == "__main__":

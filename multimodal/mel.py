@@ -1,8 +1,10 @@
 """Log-mel features for the audio tower, equal to HF `WhisperFeatureExtractor` (128 bins, 16 kHz) for one clip.
 
-Frames are transformed in small chunks (rfft of windowed frames, written into one output) so long clips stay
-cache-friendly and need no padded copy of the waveform. `streaming_mel` makes the same frames incrementally
-through the same per-frame code (`_log_mel_into`, `_frames`, `normalize_log_mel`).
+Frames are transformed in chunks of `_CHUNK_FRAMES` small enough to stay in L2 (window, rfft, power, banded mel
+product, log10), each written straight into its columns of the one [128, n] output, so a long clip needs no padded
+copy of the waveform, no full-clip spectrum and no transpose. Whisper's (x + 4) / 4 is applied per chunk while it is
+in cache; only the clamp at the clip's max − 8 needs a second pass. `streaming_mel` makes the same frames
+incrementally through the same per-frame code (`_log_mel_into`, `_frames`, `normalize_log_mel`).
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ N_FFT = 400
 HOP = 160
 N_MELS = 128
 _HALF = N_FFT // 2
-_CHUNK_FRAMES = 4096  # few enough parallel regions for busy OpenMP pools, small enough for cache
-_BAND_MELS = 32
+_BINS = N_FFT // 2 + 1
+_CHUNK_FRAMES = 1024  # one thread: the chunk's frames, spectrum and output columns stay in a 1 MiB L2
+_PARALLEL_CHUNK_FRAMES = 4096  # several threads: each op is a parallel region, so fewer, larger chunks
+_BAND_MELS = 16
 MIN_SAMPLES = _HALF + 1  # center reflect-padding by 200 needs more than 200 samples (torch.stft fails too)
 
 
@@ -61,11 +65,11 @@ def _window() -> torch.Tensor:
 
 
 @lru_cache(maxsize=1)
-def _bands() -> tuple[tuple[int, int, torch.Tensor], ...]:
-    """The filters in groups of 32 mels, each with the only bins it reads: (lo, hi, [2·(hi-lo), 32]).
+def _bands() -> tuple[tuple[int, int, int, torch.Tensor], ...]:
+    """The filters in groups of 16 mels, each with the only bins it reads: (first mel, lo, hi, [16, hi-lo]).
 
-    Rows are doubled to act on interleaved (re², im²) pairs, so the matmul also sums re² + im². The bands
-    hold a quarter of the dense bank's work; skipped entries are exact zeros.
+    A group's product reads a [hi-lo]-bin slice of the power spectrum, a sixth of the dense bank's work in all;
+    the skipped entries are exact zeros, so the sums are the dense product's.
     """
     filters = mel_filters()
     bands = []
@@ -73,7 +77,7 @@ def _bands() -> tuple[tuple[int, int, torch.Tensor], ...]:
         group = filters[:, first : first + _BAND_MELS]
         used = group.ne(0).any(1).nonzero()[:, 0]
         lo, hi = int(used.min()), int(used.max()) + 1
-        bands.append((lo, hi, group[lo:hi].repeat_interleave(2, dim=0).contiguous()))
+        bands.append((first, lo, hi, group[lo:hi].t().contiguous()))
     return tuple(bands)
 
 
@@ -87,25 +91,20 @@ def _frames(wave: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return piece.unfold(0, N_FFT, HOP)
 
 
-def _log_mel_into(
-    frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tensor, band_out: torch.Tensor
-) -> torch.Tensor:
-    """Unclamped log10 mel of raw frames [n, 400] written into out [128, n] (any column stride).
+def _log_mel_into(frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tensor, power: torch.Tensor) -> None:
+    """Unclamped log10 mel of raw frames [n, 400] written into out [128, n] (rows of stride ≥ n, unit column stride).
 
-    `windowed` ([≥n, 400]) and `band_out` ([4, ≥n, 32]) are scratch. Returns the band-major values
-    ([4, n, 32], the same numbers as `out`) so callers can take their max without a strided pass. This is the
-    only per-frame computation: the offline and the streaming front ends both call it, so a frame made from the
-    same 400 samples gives the same floats whichever path made it.
+    `windowed` ([≥n, 400]) and `power` ([≥n, 201]) are scratch. This is the only per-frame computation: the offline
+    and the streaming front ends both call it, so a frame made from the same 400 samples gives the same floats
+    whichever path made it.
     """
-    n, bands = frames.shape[0], _bands()
+    n = frames.shape[0]
     frames = torch.mul(frames, _window(), out=windowed[:n])
-    squares = torch.view_as_real(torch.fft.rfft(frames)).reshape(n, 2 * (N_FFT // 2 + 1)).square_()
-    mel = band_out[:, :n]
-    for band, (lo, hi, filters) in enumerate(bands):
-        torch.matmul(squares[:, 2 * lo : 2 * hi], filters, out=mel[band])
-    mel.clamp_(min=1e-10).log10_()
-    out.view(len(bands), _BAND_MELS, n).copy_(mel.transpose(1, 2))
-    return mel
+    squares = torch.view_as_real(torch.fft.rfft(frames)).square_()
+    power = torch.add(squares[..., 0], squares[..., 1], out=power[:n])
+    for first, lo, hi, filters in _bands():
+        torch.matmul(filters, power[:, lo:hi].t(), out=out[first : first + _BAND_MELS])
+    out.clamp_(min=1e-10).log10_()
 
 
 def log_mel_frames(frames: torch.Tensor) -> torch.Tensor:
@@ -113,7 +112,7 @@ def log_mel_frames(frames: torch.Tensor) -> torch.Tensor:
     n = frames.shape[0]
     out = torch.empty(N_MELS, n)
     if n:
-        _log_mel_into(frames, out, torch.empty(n, N_FFT), torch.empty(N_MELS // _BAND_MELS, n, _BAND_MELS))
+        _log_mel_into(frames, out, torch.empty(n, N_FFT), torch.empty(n, _BINS))
     return out
 
 
@@ -124,14 +123,21 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise MediaTooSmallError(f"audio: {wave.numel()} samples, need at least {MIN_SAMPLES} for one mel frame")
     num_frames = num_mel_frames(wave.numel())
     log_spec = torch.empty(N_MELS, num_frames)
-    windowed = torch.empty(min(_CHUNK_FRAMES, num_frames), N_FFT)
-    band_out = torch.empty(N_MELS // _BAND_MELS, windowed.shape[0], _BAND_MELS)
-    peak = torch.tensor(float("-inf"))
-    for start in range(0, num_frames, _CHUNK_FRAMES):
-        n = min(_CHUNK_FRAMES, num_frames - start)
-        mel = _log_mel_into(_frames(wave, start, start + n), log_spec[:, start : start + n], windowed, band_out)
-        peak = torch.maximum(peak, mel.max())
-    return normalize_log_mel(log_spec, peak, out=log_spec)
+    step = _CHUNK_FRAMES if torch.get_num_threads() == 1 else _PARALLEL_CHUNK_FRAMES
+    windowed = torch.empty(min(step, num_frames), N_FFT)
+    power = torch.empty(windowed.shape[0], _BINS)
+    one, peak = torch.tensor(1.0), torch.tensor(float("-inf"))
+    for start in range(0, num_frames, step):
+        chunk = log_spec[:, start : start + step]
+        _log_mel_into(_frames(wave, start, start + chunk.shape[1]), chunk, windowed, power)
+        peak = torch.maximum(peak, chunk.amax())
+        torch.add(one, chunk, alpha=0.25, out=chunk)  # (x + 4) / 4 while in cache; the clamp below commutes
+    return log_spec.clamp_(min=_normalized_floor(peak))
+
+
+def _normalized_floor(peak: float | torch.Tensor) -> float:
+    """(peak − 8 + 4) / 4 rounded as Whisper rounds it (float32): the value every bin below peak − 8 becomes."""
+    return float((torch.as_tensor(peak, dtype=torch.float32) - 8.0 + 4.0) * 0.25)
 
 
 def normalize_log_mel(
@@ -139,9 +145,10 @@ def normalize_log_mel(
 ) -> torch.Tensor:
     """Whisper's normalisation of unclamped log10 mel: (max(x, peak − 8) + 4) / 4, the threshold in float32.
 
-    Offline `peak` is the clip's max; streaming passes the running max. `out=log_spec` works in place.
+    Offline `peak` is the clip's max; streaming passes the running max. `out=log_spec` works in place. Scaling
+    first and clamping at the scaled floor gives the same floats: x·0.25 + 1 rounds like (x + 4) / 4 (0.25 and 4
+    are powers of two) and rounding is monotonic, so a value below the threshold lands at or below the floor.
     """
-    floor = float(torch.as_tensor(peak, dtype=torch.float32) - 8.0)
     if out is None:
-        return log_spec.clamp(min=floor).add_(4.0).div_(4.0)
-    return torch.clamp(log_spec, min=floor, out=out).add_(4.0).div_(4.0)
+        out = torch.empty_like(log_spec)
+    return torch.mul(log_spec, 0.25, out=out).add_(1.0).clamp_(min=_normalized_floor(peak))

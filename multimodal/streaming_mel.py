@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .errors import MediaError, MediaTooSmallError
 from .mel import (
-    _BAND_MELS,
+    _BINS,
     _CHUNK_FRAMES,
     _HALF,
     HOP,
@@ -183,13 +183,13 @@ class StreamingLogMel:
         if n == 0:
             return out
         windowed = torch.empty(min(n, _CHUNK_FRAMES), N_FFT)
-        band_out = torch.empty(N_MELS // _BAND_MELS, windowed.shape[0], _BAND_MELS)
+        power = torch.empty(windowed.shape[0], _BINS)
         for first in range(0, n, _CHUNK_FRAMES):
             count = min(_CHUNK_FRAMES, n - first)
             start = self._next + first
-            frames = self._frames_at(start, start + count)
-            mel = _log_mel_into(frames, out[:, first : first + count], windowed, band_out)
-            self._peak = max(self._peak, float(mel.max()))
+            chunk = out[:, first : first + count]
+            _log_mel_into(self._frames_at(start, start + count), chunk, windowed, power)
+            self._peak = max(self._peak, float(chunk.amax()))
         self._next = stop
         if stop >= 2:  # frames 0 and 1 reflect the first 201 samples; later frames need 160t-200 on
             keep_from = stop * HOP - _HALF
