@@ -1,10 +1,13 @@
-"""StreamingSession: one live conversation whose audio is encoded and prefilled while the user speaks.
+"""StreamingSession: one live conversation whose audio (and camera frames) are encoded and prefilled while the
+user speaks.
 
 Audio is turned into log-mel frames as it arrives (multimodal.streaming_mel); each finished attention
 window becomes audio placeholder tokens plus its mel features, appended to the open request at once,
 so the engine prefills it under its token budget while the user is still talking. commit() closes the
 turn (last partial window, <|audio_end|>, the assistant prompt) and streams the answer; the session
 then takes the next turn's input with all its KV kept. Positions continue through one MRopeBuilder.
+Frames with timestamps (append_frame) make the turn's media a video with its audio, interleaved by time as
+offline with use_audio_in_video, or a silent video (engine.live_segment says how a segment is decided).
 """
 
 from __future__ import annotations
@@ -16,13 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from omnistream.engine.live_segment import LiveSegment
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.tensor_codec import to_tensor_data
-from omnistream.multimodal.hashing import hash_media
+from omnistream.multimodal.image import ImageSource
 from omnistream.multimodal.mrope import MRopeBuilder
 from omnistream.multimodal.placeholders import MultimodalTokenIds
-from omnistream.multimodal.streaming_mel import AudioWindow, StreamingAudioWindows
-from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.tensor_data import PositionSegment
 
@@ -53,8 +55,10 @@ class StreamingSession:
         self.ids = MultimodalTokenIds.from_config(config)
         self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
         self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
-        self._audio: StreamingAudioWindows | None = None  # the current turn's audio, while it streams
-        self._before_audio: tuple[MRopeBuilder, int] | None = None  # positions and audio tokens before it
+        self._media: LiveSegment | None = None  # the turn's media segment in progress (speech, video or both)
+        self._before_media: tuple[MRopeBuilder, int] | None = None  # positions and audio tokens before it
+        self._media_out: list = []  # engine commands the segment made in the current call
+        self.video_fps = 2.0  # frame rate of live video: frame n of a segment at t0 + n / video_fps
         self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
         self._turn = 0
         self._in_user_turn = False
@@ -75,14 +79,31 @@ class StreamingSession:
         """PCM of the user's speech: float samples, int16 samples, or PCM16 little-endian bytes."""
         async with self._lock:
             self._check_open()
-            if self._audio is None:
-                await self._begin_user_turn()
-                self._before_audio = (copy.copy(self.positions), self.num_audio_tokens)
-                self._audio = StreamingAudioWindows(self.window_frames, sample_rate)
-                await self._append_tokens([self.ids.audio_start], self.positions.add_start())
-            windows = await asyncio.to_thread(self._audio.feed, pcm)
-            if windows:  # every finished window in one engine command: they are scheduled together
-                ops = [self._window_op(window) for window in windows]
+            if self._media is not None and not self._media.takes_audio:
+                await self._end_media()  # speech after a silent video: a new segment
+            await self._open_media()
+            ops = await asyncio.to_thread(self._media_ops, self._media.feed_audio, pcm, sample_rate)
+            if ops:  # every finished window in one engine command: they are scheduled together
+                await self.llm._call(lambda: _run_all(ops))
+
+    async def append_frame(self, image: ImageSource, timestamp_s: float) -> None:
+        """A camera frame (encoded bytes, PIL image or HWC uint8 array) captured at `timestamp_s` seconds.
+
+        Frames beside the turn's speech make it a video with its audio (exactly the offline request for that
+        video with use_audio_in_video); frames without speech, a silent video. A segment's clock starts at its
+        first frame: frame n must come at t0 + n / video_fps (± half an interval), else ValueError (frames
+        out of order, missing or early). Frames are resized to the first frame's grid (the offline video
+        pixel budget). A frame during speech alone (its first window already prefilled) or speech after a
+        silent video starts a new segment. Consecutive frames are encoded in pairs, each prefilled once the
+        audio before it is.
+        """
+        async with self._lock:
+            self._check_open()
+            if self._media is not None and not self._media.takes_frames:
+                await self._end_media()  # a camera turned on during speech: a new segment
+            await self._open_media()
+            ops = await asyncio.to_thread(self._media_ops, self._media.feed_frame, image, timestamp_s)
+            if ops:
                 await self.llm._call(lambda: _run_all(ops))
 
     async def append_text(self, text: str) -> None:
@@ -90,7 +111,7 @@ class StreamingSession:
         async with self._lock:
             self._check_open()
             await self._begin_user_turn()
-            await self._end_audio()
+            await self._end_media()
             tokens = self.llm.tokenizer.encode(text)
             if tokens:
                 await self._append_tokens(tokens, self.positions.add_text(len(tokens)))
@@ -105,7 +126,7 @@ class StreamingSession:
             # command with the commit: one step then prefills them all and samples the first token.
             # (As separate commands, each waited for the step the previous one had started: two or
             # three steps between end of speech and the first token instead of one.)
-            ops = await self._end_audio_ops()
+            ops = await self._end_media_ops()
             tokens = self.llm.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
             start = self._num_tokens
             segment = self._segment(start, self.positions.add_text(len(tokens)))
@@ -121,17 +142,17 @@ class StreamingSession:
         return self._answer(queue)
 
     async def clear_audio(self) -> None:
-        """Discard the audio segment in progress (appended since this turn's audio began, not yet ended by a
-        commit or by text) as if it had never been sent: the engine drops its tokens, media and KV, and the
+        """Discard the media segment in progress (its audio and frames, appended since it began, not yet ended by
+        a commit or by text) as if it had never been sent: the engine drops its tokens, media and KV, and the
         positions go back to where the segment started. Nothing happens when no audio is in progress."""
         async with self._lock:
             self._check_open()
-            if self._audio is None:
+            if self._media is None:
                 return
-            positions, num_audio_tokens = self._before_audio
+            positions, num_audio_tokens = self._before_media
             await self.llm._call(lambda: self.llm.engine.rollback_input(self.session_id, positions.num_tokens))
             self.positions, self.num_audio_tokens = positions, num_audio_tokens
-            self._audio = self._before_audio = None
+            self._media = self._before_media = None
 
     async def cancel(self) -> None:
         """Stop the answer being generated (its stream ends with finish_reason "abort"); the session
@@ -185,34 +206,36 @@ class StreamingSession:
         segment = self._segment(start, positions)
         return lambda: self.llm.engine.append_input(self.session_id, tokens, features or [], [segment])
 
-    def _window_op(self, window: AudioWindow) -> Callable[[], None]:
-        positions = self.positions.add_audio(window.num_tokens)
-        self.num_audio_tokens += window.num_tokens
-        offset = self._num_tokens - window.num_tokens
-        feature = MultiModalFeature(
-            modality="audio",
-            identifier=hash_media("audio-window", window.features, window_frames=self.window_frames),
-            offset=offset,
-            length=window.num_tokens,
-            inputs={"input_features": to_tensor_data(window.features.contiguous())},
-            options={"window_frames": self.window_frames, "part_of_longer_clip": window.stop_frame >= 100},
-        )
-        return self._input_op([self.ids.audio_pad] * window.num_tokens, positions, [feature])
+    async def _open_media(self) -> None:
+        if self._media is None:
+            await self._begin_user_turn()
+            self._before_media = (copy.copy(self.positions), self.num_audio_tokens)
+            self._media = LiveSegment(self.positions, self.ids, self.window_frames, self.video_fps, self._media_op)
 
-    async def _end_audio(self) -> None:
-        ops = await self._end_audio_ops()
+    def _media_op(self, tokens: list[int], positions: Any, features: list) -> None:
+        """The segment's output: an engine command for tokens whose positions it just added."""
+        self.num_audio_tokens += tokens.count(self.ids.audio_pad)
+        self._media_out.append(self._input_op(tokens, positions, features))
+
+    def _media_ops(self, call: Any, *args: Any) -> list:
+        """Run a segment call; the engine commands it made."""
+        try:
+            call(*args)
+        finally:
+            ops, self._media_out = self._media_out, []
+        return ops
+
+    async def _end_media(self) -> None:
+        ops = await self._end_media_ops()
         if ops:
             await self.llm._call(lambda: _run_all(ops))
 
-    async def _end_audio_ops(self) -> list[Callable[[], None]]:
-        """Close the audio segment in progress: the engine commands for its last window(s) and <|audio_end|>."""
-        if self._audio is None:
+    async def _end_media_ops(self) -> list:
+        """Close the media segment in progress: the engine commands for its last content and closing tokens."""
+        if self._media is None:
             return []
-        windows = await asyncio.to_thread(self._audio.flush)
-        self._audio = None
-        ops = [self._window_op(window) for window in windows]
-        ops.append(self._input_op([self.ids.audio_end], self.positions.add_end()))
-        return ops
+        media, self._media = self._media, None
+        return await asyncio.to_thread(self._media_ops, media.close)
 
     def _commit_on_engine(self, tokens: list[int], params: SamplingParams, segment: PositionSegment) -> None:
         self.llm.output_processor.add_request(self.session_id, None, tokens, params)
