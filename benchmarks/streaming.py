@@ -106,11 +106,6 @@ def greedy(max_tokens: int):
     return SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
 
 
-async def engine_call(llm, fn):
-    """Run fn on the engine thread between steps (the scheduler is only touched there)."""
-    return await llm._call(fn)
-
-
 # ---- one streamed turn / one offline request ---------------------------------------------------------
 
 
@@ -243,23 +238,22 @@ async def live_stream(llm, index: int, decoding: bool, args, ingest: list[float]
 
 async def run_concurrency(args: argparse.Namespace) -> dict:
     llm = make_llm(args)
-    scheduler = llm.engine.scheduler
     try:
         await streamed_turn(llm, speech(2.0, 999), argparse.Namespace(**{**vars(args), "speed": 50.0}),
                             greedy(args.answer_tokens))
         rows = []
         for n in args.streams:
-            await engine_call(llm, scheduler.stream_lags.clear)
+            await llm.get_stats(reset_lag_samples=True)
             ingest: list[float] = []
             eos_first: list[float] = []
             n_decoding = round(n * args.decoding_fraction)
             started = time.monotonic()
             await asyncio.gather(*(live_stream(llm, i, i < n_decoding, args, ingest, eos_first) for i in range(n)))
-            sched = await engine_call(llm, lambda: scheduler.lag_percentiles((50, 99)))
+            sched = await llm.get_stats()
             row = {
                 "streams": n, "decoding_streams": n_decoding,
                 "ingest_lag_p50_s": pct(ingest, 50), "ingest_lag_p99_s": pct(ingest, 99),
-                "sched_lag_p50_s": sched["p50"], "sched_lag_p99_s": sched["p99"], "sched_lag_samples": sched["count"],
+                "sched_lag_p50_s": sched.lag_p50, "sched_lag_p99_s": sched.lag_p99, "sched_lag_samples": sched.lag_count,
                 "eos_to_first_p50_s": pct(eos_first, 50), "eos_to_first_p99_s": pct(eos_first, 99),
                 "turns": len(eos_first), "wall_s": time.monotonic() - started,
             }

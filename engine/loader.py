@@ -42,8 +42,7 @@ def load_model(
 ) -> tuple[nn.Module, ThinkerConfig]:
     """Build the registered model for `model_dir` in `dtype` (None/"auto": the checkpoint's) and load its weights."""
     model_dir = Path(model_dir)
-    with open(model_dir / "config.json") as f:
-        raw = json.load(f)
+    raw = read_model_config(model_dir)
     config = ThinkerConfig.from_dict(raw)
     model_dtype = resolve_dtype(dtype, config.dtype)
     with torch.device(device), _default_dtype(model_dtype):
@@ -54,6 +53,12 @@ def load_model(
     if missing:
         raise ValueError(f"checkpoint in {model_dir} lacks weights for {len(missing)} parameters: {missing[:10]}")
     return model.eval(), config
+
+
+def read_model_config(model_dir: str | Path) -> dict:
+    """The checkpoint's config.json as a dict (`ThinkerConfig.from_dict` reads either layout)."""
+    with open(Path(model_dir) / "config.json") as f:
+        return json.load(f)
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, checkpoint_dtype: str | None) -> torch.dtype:

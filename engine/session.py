@@ -14,11 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import copy
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from omnistream.engine.core_messages import (
+    AppendInput,
+    Batch,
+    CancelTurn,
+    CommitTurn,
+    OpenSession,
+    RollbackInput,
+    SessionTail,
+)
 from omnistream.engine.live_segment import LiveSegment
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.tensor_codec import to_tensor_data
@@ -51,7 +60,7 @@ class StreamingSession:
         self.system_prompt = system_prompt
         self.sampling_params = sampling_params
         self.window_frames = int(window_frames)
-        config = llm.engine.model_config
+        config = llm.model_config
         self.ids = MultimodalTokenIds.from_config(config)
         self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
         self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
@@ -72,7 +81,7 @@ class StreamingSession:
         text = f"<|im_start|>system\n{self.system_prompt}<|im_end|>\n" if self.system_prompt else ""
         tokens = self.llm.tokenizer.encode(text) if text else []
         segments = [self._segment(0, self.positions.add_text(len(tokens)))] if tokens else []
-        await self.llm._call(lambda: self.llm.engine.open_session(self.session_id, tokens, segments))
+        await self.llm._call(OpenSession(session_id=self.session_id, prompt_token_ids=tokens, position_segments=segments))
         self.llm._sessions.add(self.session_id)
 
     async def append_audio(self, pcm: np.ndarray | bytes, sample_rate: int = 16_000) -> None:
@@ -84,7 +93,7 @@ class StreamingSession:
             await self._open_media()
             ops = await asyncio.to_thread(self._media_ops, self._media.feed_audio, pcm, sample_rate)
             if ops:  # every finished window in one engine command: they are scheduled together
-                await self.llm._call(lambda: _run_all(ops))
+                await self.llm._call(Batch(commands=ops))
 
     async def append_frame(self, image: ImageSource, timestamp_s: float) -> None:
         """A camera frame (encoded bytes, PIL image or HWC uint8 array) captured at `timestamp_s` seconds.
@@ -104,7 +113,7 @@ class StreamingSession:
             await self._open_media()
             ops = await asyncio.to_thread(self._media_ops, self._media.feed_frame, image, timestamp_s)
             if ops:
-                await self.llm._call(lambda: _run_all(ops))
+                await self.llm._call(Batch(commands=ops))
 
     async def append_text(self, text: str) -> None:
         """Typed input inside the user's turn (ends any audio segment in progress)."""
@@ -130,13 +139,17 @@ class StreamingSession:
             tokens = self.llm.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
             start = self._num_tokens
             segment = self._segment(start, self.positions.add_text(len(tokens)))
+            ops.append(CommitTurn(session_id=self.session_id, token_ids=tokens, sampling_params=params,
+                                  position_segments=[segment]))
             queue = self.llm._open_stream(self.session_id)
             self._in_user_turn = False
             self._answering = True
             self._turn += 1
+            self.llm._register(self.session_id, tokens, params)
             try:
-                await self.llm._call(lambda: (_run_all(ops), self._commit_on_engine(tokens, params, segment)))
+                await self.llm._call(Batch(commands=ops))
             except BaseException:
+                self.llm._forget(self.session_id)
                 self.llm._streams.pop(self.session_id, None)
                 raise
         return self._answer(queue)
@@ -150,14 +163,14 @@ class StreamingSession:
             if self._media is None:
                 return
             positions, num_audio_tokens = self._before_media
-            await self.llm._call(lambda: self.llm.engine.rollback_input(self.session_id, positions.num_tokens))
+            await self.llm._call(RollbackInput(session_id=self.session_id, num_tokens=positions.num_tokens))
             self.positions, self.num_audio_tokens = positions, num_audio_tokens
             self._media = self._before_media = None
 
     async def cancel(self) -> None:
         """Stop the answer being generated (its stream ends with finish_reason "abort"); the session
         stays open for the next turn."""
-        await self.llm._call(lambda: self.llm._cancel_turn(self.session_id))
+        await self.llm._call(CancelTurn(session_id=self.session_id))
 
     async def close(self) -> None:
         """End the session and free everything it holds."""
@@ -165,7 +178,7 @@ class StreamingSession:
             return
         self._closed = True
         self.llm._sessions.discard(self.session_id)
-        await self.llm._call(lambda: self.llm._abort(self.session_id))
+        await self.llm.abort(self.session_id)
 
     # ---- internals -----------------------------------------------------------------------------
 
@@ -184,15 +197,15 @@ class StreamingSession:
         if self._in_user_turn:
             return
         if self._answering:  # the user speaks over the answer: stop it (barge-in)
-            await self.llm._call(lambda: self.llm._cancel_turn(self.session_id))
+            await self.llm._call(CancelTurn(session_id=self.session_id))
             self._answering = False
         text = "<|im_start|>user\n"
         if self._turn:
             # the answer's tokens (however many were sampled before it stopped) continue the positions;
             # an answer cut short (length, cancel) is closed with <|im_end|> as the chat format wants
-            total, last = await self.llm._call(lambda: self.llm.engine.session_tail(self.session_id))
-            self.positions.add_text(total - self._num_tokens)
-            text = ("\n" if last == self.im_end else "<|im_end|>\n") + text
+            tail = await self.llm._call(SessionTail(session_id=self.session_id))
+            self.positions.add_text(tail.num_tokens - self._num_tokens)
+            text = ("\n" if tail.last_token_id == self.im_end else "<|im_end|>\n") + text
         self._in_user_turn = True
         tokens = self.llm.tokenizer.encode(text)
         await self._append_tokens(tokens, self.positions.add_text(len(tokens)))
@@ -200,11 +213,11 @@ class StreamingSession:
     async def _append_tokens(self, tokens: list[int], positions: Any, features: list | None = None) -> None:
         await self.llm._call(self._input_op(tokens, positions, features))
 
-    def _input_op(self, tokens: list[int], positions: Any, features: list | None = None) -> Callable[[], None]:
-        """The engine-thread command appending `tokens` (whose positions were just added)."""
+    def _input_op(self, tokens: list[int], positions: Any, features: list | None = None) -> AppendInput:
+        """The engine command appending `tokens` (whose positions were just added)."""
         start = self._num_tokens - len(tokens)
-        segment = self._segment(start, positions)
-        return lambda: self.llm.engine.append_input(self.session_id, tokens, features or [], [segment])
+        return AppendInput(session_id=self.session_id, token_ids=tokens, mm_features=features or [],
+                           position_segments=[self._segment(start, positions)])
 
     async def _open_media(self) -> None:
         if self._media is None:
@@ -228,7 +241,7 @@ class StreamingSession:
     async def _end_media(self) -> None:
         ops = await self._end_media_ops()
         if ops:
-            await self.llm._call(lambda: _run_all(ops))
+            await self.llm._call(Batch(commands=ops))
 
     async def _end_media_ops(self) -> list:
         """Close the media segment in progress: the engine commands for its last content and closing tokens."""
@@ -236,14 +249,6 @@ class StreamingSession:
             return []
         media, self._media = self._media, None
         return await asyncio.to_thread(self._media_ops, media.close)
-
-    def _commit_on_engine(self, tokens: list[int], params: SamplingParams, segment: PositionSegment) -> None:
-        self.llm.output_processor.add_request(self.session_id, None, tokens, params)
-        try:
-            self.llm.engine.commit_turn(self.session_id, tokens, params, [segment])
-        except ValueError:
-            self.llm.output_processor.forget(self.session_id)
-            raise
 
     async def _answer(self, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         try:
@@ -255,10 +260,6 @@ class StreamingSession:
         finally:
             self.llm._streams.pop(self.session_id, None)
             if self._answering:  # the caller stopped reading: stop generating
-                self.llm._post(lambda: self.llm._cancel_turn(self.session_id))
+                self.llm._post(CancelTurn(session_id=self.session_id))
                 self._answering = False
 
-
-def _run_all(ops: list[Callable[[], None]]) -> None:
-    for op in ops:
-        op()

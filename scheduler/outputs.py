@@ -108,3 +108,4 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     encoder_cache_hits: int = 0  # media whose encoder output was reused, cumulative
     num_encoded_media: int = 0  # media items sent to the encoders, cumulative
     num_live_prefill_tokens: int = 0  # open-session input prefilled before its turn was committed, cumulative
+    num_aborted_requests: int = 0  # unfinished requests and sessions aborted from outside, cumulative

@@ -68,6 +68,7 @@ class Scheduler:
         self.finished_req_ids: set[str] = set()  # since the last schedule()
         self.num_preemptions = 0
         self.num_live_prefill_tokens = 0  # open-session input prefilled before its turn was committed
+        self.num_aborted_requests = 0  # unfinished requests (and sessions) aborted from outside
         self.policy = make_policy(config.policy)
         self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
 
@@ -181,6 +182,8 @@ class Scheduler:
             else:
                 self.waiting.remove(request)
             request.status = status
+            if status == RequestStatus.FINISHED_ABORTED:
+                self.num_aborted_requests += 1
             self._release(request)
 
     def has_unfinished_requests(self) -> bool:
@@ -205,6 +208,7 @@ class Scheduler:
             encoder_cache_hits=self.encoder_cache.num_hits,
             num_encoded_media=self.encoder_cache.num_encoded,
             num_live_prefill_tokens=self.num_live_prefill_tokens,
+            num_aborted_requests=self.num_aborted_requests,
         )
 
     def lag_percentiles(self, percentiles: Iterable[float] = (50, 99)) -> dict[str, float | int | None]:

@@ -113,7 +113,7 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
     @_unary
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Any) -> pb.ModelInfo:
         return pb.ModelInfo(
-            served_model_names=self.names, root=self.root, max_model_len=self.llm.engine.max_model_len,
+            served_model_names=self.names, root=self.root, max_model_len=self.llm.max_model_len,
             vocab_size=self.llm.input_processor.config.text.vocab_size,
             max_media_items=dict(self.llm.input_processor.limits.max_items),
         )

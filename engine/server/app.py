@@ -1,7 +1,7 @@
 """The FastAPI app: routes, the API-key and body-size guard, and nothing about how the engine runs.
 
 `build_app(llm, args)` takes any object with AsyncLLM's interface (`generate`, `tokenizer`,
-`input_processor`, `engine.max_model_len`), so the engine can move behind a process boundary unchanged.
+`input_processor`, `max_model_len`, `errored`, `get_stats`).
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
                        max_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES))
     created = int(time.time())
     app.state.metrics = ServerMetrics(llm)  # one registry per app, never the global default one
-    max_model_len = llm.engine.max_model_len
+    max_model_len = llm.max_model_len
 
     def model_name(requested: str | None) -> str:
         if requested is None or requested in names:
@@ -121,7 +121,7 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
     @app.get("/metrics")
     async def metrics() -> Response:
         """Prometheus text format; needs the API key like every route but /health and /ready."""
-        payload, content_type = app.state.metrics.render()
+        payload, content_type = await app.state.metrics.render()
         return Response(payload, media_type=content_type)
 
     app.add_api_websocket_route("/v1/realtime", realtime_endpoint(llm, model_name))

@@ -1,7 +1,7 @@
 """GET /metrics: Prometheus text format, one registry per app (never the process-global default one).
 
 Engine state (running/waiting requests, KV usage, live sessions, streaming lag, preemptions, prefix- and
-encoder-cache counts) is read from the scheduler at scrape time; token counters, finish reasons and the
+encoder-cache counts) is asked of the engine core at scrape time (`AsyncLLM.get_stats`); token counters, finish reasons and the
 latency histograms (TTFT, inter-token, end to end) are recorded by the HTTP handlers through a
 `RequestRecorder`, one per API call, fed every cumulative RequestOutput of every choice.
 """
@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from omnistream.engine.core_messages import EngineStats
 from omnistream.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -30,21 +31,18 @@ _E2E_BUCKETS = (0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 3
 
 
 class _EngineCollector(Collector):
-    """Gauges and cumulative counters read from the engine's scheduler when Prometheus scrapes."""
+    """Gauges and cumulative counters from the engine core's latest snapshot (taken just before rendering)."""
 
     def __init__(self, llm: Any) -> None:
         self.llm = llm
+        self.snapshot: EngineStats | None = None
 
     def collect(self) -> Iterator[Metric]:
-        scheduler = getattr(getattr(self.llm, "engine", None), "scheduler", None)
-        if scheduler is None:
+        snapshot = self.snapshot
+        if snapshot is None:
             return
-        try:
-            stats = scheduler.make_stats()
-            lags = scheduler.lag_percentiles((50, 99))
-        except Exception:  # noqa: BLE001 - a scrape must never fail the server
-            logger.exception("could not read the scheduler stats")
-            return
+        stats = snapshot.scheduler
+        lags = {"p50": snapshot.lag_p50, "p99": snapshot.lag_p99}
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
             return GaugeMetricFamily(PREFIX + name, doc, value=value)
@@ -55,7 +53,7 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_running", "Requests scheduled in the running batch.", stats.num_running)
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", stats.kv_cache_usage)
-        yield gauge("live_sessions", "Open live (streaming-input) sessions.", len(getattr(self.llm, "_sessions", ())))
+        yield gauge("live_sessions", "Open live (streaming-input) sessions.", getattr(self.llm, "num_live_sessions", 0))
         lag = GaugeMetricFamily(PREFIX + "streaming_lag_seconds",
                                 "Seconds live input waited before it was scheduled (NaN with no samples).",
                                 labels=["quantile"])
@@ -69,6 +67,8 @@ class _EngineCollector(Collector):
         yield counter("encoder_cache_hits", "Media encodings reused from the encoder cache.", stats.encoder_cache_hits)
         yield counter("live_prefill_tokens", "Live-session input tokens prefilled before their turn was committed.",
                       stats.num_live_prefill_tokens)
+        yield counter("aborted_requests", "Unfinished requests and sessions aborted (client gone, cancel, abort).",
+                      stats.num_aborted_requests)
         yield counter("encoded_media", "Media items run through an encoder.", stats.num_encoded_media)
 
 
@@ -77,7 +77,8 @@ class ServerMetrics:
 
     def __init__(self, llm: Any) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(_EngineCollector(llm))
+        self._engine = _EngineCollector(llm)
+        self.registry.register(self._engine)
         r = self.registry
         self.prompt_tokens = Counter(PREFIX + "prompt_tokens", "Prompt tokens of finished requests (per engine request).",
                                      registry=r)
@@ -92,7 +93,13 @@ class ServerMetrics:
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from the API call to the last token.",
                              buckets=_E2E_BUCKETS, registry=r)
 
-    def render(self) -> tuple[bytes, str]:
+    async def render(self) -> tuple[bytes, str]:
+        """The text exposition, with the engine core's state read now (none once the core has died)."""
+        try:
+            self._engine.snapshot = await self._engine.llm.get_stats()
+        except Exception:  # noqa: BLE001 - a scrape must never fail the server; the rest still renders
+            logger.warning("could not read the engine core's stats", exc_info=True)
+            self._engine.snapshot = None
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
     def recorder(self, num_choices: int) -> RequestRecorder:

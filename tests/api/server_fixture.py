@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import threading
@@ -50,6 +51,21 @@ def running_server(*flags: str, media_policy: MediaPolicy | None = None) -> Iter
         server.should_exit = True
         thread.join(timeout=10)
         llm.shutdown()
+
+
+def engine_stats(llm: Any) -> Any:
+    """The engine core's EngineStats, asked from this (non-async) test thread."""
+    return asyncio.run(llm.get_stats())
+
+
+def wait_until_idle(llm: Any, timeout: float = 15) -> Any:
+    """Poll the engine core until it holds no request (or the timeout passes); its last EngineStats."""
+    deadline = time.monotonic() + timeout
+    stats = engine_stats(llm)
+    while (stats.num_requests or stats.num_free_blocks != stats.num_blocks) and time.monotonic() < deadline:
+        time.sleep(0.05)
+        stats = engine_stats(llm)
+    return stats
 
 
 def openai_client(server: RunningServer) -> openai.OpenAI:

@@ -33,7 +33,7 @@ from omnistream.engine.server.app import DEFAULT_MODEL_NAME
 from omnistream.engine.server.run import build_server
 from omnistream.scheduler.sampling_params import SamplingParams
 
-from .server_fixture import png_data_url, wav_base64
+from .server_fixture import engine_stats, png_data_url, wait_until_idle, wav_base64
 
 API_KEY = "grpc-key-456"
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
@@ -115,12 +115,9 @@ def _offline(llm, prompt: str, clips: list[np.ndarray], params: SamplingParams):
     return asyncio.run(run())
 
 
-def _wait_until_kv_is_free(llm, timeout: float = 15) -> None:
-    pool = llm.engine.scheduler.kv_cache_manager.block_pool
-    deadline = time.monotonic() + timeout
-    while (pool.get_num_free_blocks() != NUM_BLOCKS or llm.engine.has_unfinished_requests()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert pool.get_num_free_blocks() == NUM_BLOCKS and not llm.engine.has_unfinished_requests()
+def _wait_until_kv_is_free(llm) -> None:
+    stats = wait_until_idle(llm)
+    assert stats.num_free_blocks == NUM_BLOCKS and stats.num_requests == 0
 
 
 def _code(call) -> grpc.StatusCode:
@@ -399,7 +396,7 @@ def test_session_must_start_with_config(stub):
 def test_client_cancel_and_deadline_free_the_kv(stub, llm):
     call = stub.Generate(pb.GenerateRequest(text="Once upon a time", sampling=LONG), metadata=AUTH, timeout=60)
     assert next(call).token_ids
-    assert llm.engine.has_unfinished_requests()
+    assert engine_stats(llm).num_requests == 1
     call.cancel()
     _wait_until_kv_is_free(llm)
 

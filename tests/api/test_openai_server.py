@@ -17,7 +17,17 @@ from fastapi.testclient import TestClient
 from omnistream.engine.executor import EngineDeadError
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
 
-from .server_fixture import API_KEY, AUTH, http_client, openai_client, png_data_url, running_server, wav_base64
+from .server_fixture import (
+    API_KEY,
+    AUTH,
+    engine_stats,
+    http_client,
+    openai_client,
+    png_data_url,
+    running_server,
+    wait_until_idle,
+    wav_base64,
+)
 
 MAX_MODEL_LEN = 256
 MAX_BODY = 1 << 20
@@ -221,29 +231,25 @@ def test_api_key_guards_every_route_but_health(server, headers):
 
 
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "non-stream"])
-def test_disconnect_aborts_the_request(server, monkeypatch, stream):
-    engine = server.llm.engine
-    aborted_live: list[str] = []
-    abort = engine.abort_requests
-
-    def spy(request_ids):  # runs on the engine thread: which ids were still generating when aborted
-        aborted_live.extend(r for r in request_ids if engine.scheduler.get_request(r) is not None)
-        abort(request_ids)
-
-    monkeypatch.setattr(engine, "abort_requests", spy)
+def test_disconnect_aborts_the_request(server, stream):
+    llm = server.llm
+    before = engine_stats(llm)
     body = {"messages": USER, "max_tokens": 200, "ignore_eos": True, "stream": stream}
     if stream:
         with httpx.stream("POST", server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60) as raw:
-            assert next(raw.iter_lines()).startswith("data: ")
-            assert engine.has_unfinished_requests()
+            lines = raw.iter_lines()  # held: a dropped iterator closes the response
+            assert next(lines).startswith("data: ")  # the role chunk: sent as the request is added
+            deadline = time.monotonic() + 10
+            while engine_stats(llm).num_requests != 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine_stats(llm).num_requests == 1
     else:  # 200 tokens take seconds here; the client gives up after half a second
         with pytest.raises(httpx.TimeoutException):
             httpx.post(server.url + "/v1/chat/completions", headers=AUTH, json=body, timeout=0.5)
-    deadline = time.monotonic() + 10
-    while engine.has_unfinished_requests() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not engine.has_unfinished_requests()
-    assert len(aborted_live) == 1 and aborted_live[0].startswith("chatcmpl-")
+    stats = wait_until_idle(llm)
+    assert stats.num_requests == 0 and stats.num_free_blocks == stats.num_blocks
+    # it was aborted while generating (not finished by itself), exactly once
+    assert stats.scheduler.num_aborted_requests == before.scheduler.num_aborted_requests + 1
 
 
 # ---- engine failures (the app over a stand-in engine: no server needed) --------------------------------
@@ -252,7 +258,7 @@ def test_disconnect_aborts_the_request(server, monkeypatch, stream):
 def _app_over(server, generate, errored: bool = False) -> TestClient:
     llm = server.llm
     stand_in = types.SimpleNamespace(generate=generate, tokenizer=llm.tokenizer, input_processor=llm.input_processor,
-                                     engine=llm.engine, errored=errored)
+                                     max_model_len=llm.max_model_len, get_stats=llm.get_stats, errored=errored)
     return TestClient(build_app(stand_in, server.args), raise_server_exceptions=False)
 
 

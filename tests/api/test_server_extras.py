@@ -80,8 +80,8 @@ def test_ready_is_public(server):
     response = httpx.get(server.url + "/ready")
     assert response.status_code == 200 and response.json() == {"status": "ready"}
     llm = server.llm
-    dead = types.SimpleNamespace(tokenizer=llm.tokenizer, input_processor=llm.input_processor, engine=llm.engine,
-                                 errored=True)
+    dead = types.SimpleNamespace(tokenizer=llm.tokenizer, input_processor=llm.input_processor,
+                                 max_model_len=llm.max_model_len, get_stats=llm.get_stats, errored=True)
     with TestClient(build_app(dead, server.args)) as app:  # a second app: its own metrics registry
         assert app.get("/ready").status_code == 503
         assert app.get("/metrics").status_code == 401 and app.get("/metrics", headers=AUTH).status_code == 200

@@ -19,7 +19,7 @@ PROMPTS = [
 
 def _answers(*flags: str) -> tuple[str, list[tuple[list[str], list[float]]]]:
     with running_server("--dtype", "float32", "--num-kv-blocks", "256", *flags) as server:
-        executor = type(server.llm.engine.executor).__name__
+        executor = server.llm.core.ready.executor
         client = openai_client(server)
         results = []
         for messages in PROMPTS:

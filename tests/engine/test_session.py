@@ -30,7 +30,8 @@ def _speech(seconds: float, seed: int, loud_first: bool = True) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def llm():
-    engine = AsyncLLM(dtype="float32", num_kv_blocks=512, max_num_batched_tokens=64)
+    # the engine core in this process: the tests compare the runner's encoder outputs and scheduler state
+    engine = AsyncLLM(dtype="float32", num_kv_blocks=512, max_num_batched_tokens=64, engine_process=False)
     yield engine
     engine.shutdown()
 
@@ -55,7 +56,7 @@ async def _offline(llm: AsyncLLM, prompt_ids: list[int] | None, prompt: str | No
 
 
 def _runner(llm: AsyncLLM):
-    return llm.engine.executor.runner
+    return llm.core.engine.executor.runner
 
 
 def test_streamed_turn_equals_the_offline_request(llm):
@@ -103,7 +104,7 @@ def test_second_turn_reuses_the_kv_and_equals_one_request_of_the_whole_conversat
         return answer1, answer2, same_state, tokens
 
     answer1, answer2, same_state, tokens = asyncio.run(run())
-    assert same_state and llm.engine.scheduler.num_preemptions == 0
+    assert same_state and llm.core.engine.scheduler.num_preemptions == 0
     tok = llm.tokenizer
     head = tok.encode(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n")
     turn_end = tok.encode("<|im_end|>\n<|im_start|>assistant\n")
@@ -116,7 +117,7 @@ def test_second_turn_reuses_the_kv_and_equals_one_request_of_the_whole_conversat
 
 
 def test_closing_mid_stream_frees_every_block(llm):
-    pool = llm.engine.scheduler.kv_cache_manager.block_pool
+    pool = llm.core.engine.scheduler.kv_cache_manager.block_pool
 
     async def run():
         session = await llm.open_session(system_prompt=SYSTEM, audio_window_s=1)

@@ -3,7 +3,7 @@ decodes until a stop and returns to accepting input with its KV kept; idle sessi
 
 import pytest
 
-from omnistream.scheduler.request import Request
+from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
 from tests.scheduler.conftest import EOS, FakeRunner, check_invariants, run_step, run_to_completion
@@ -191,3 +191,13 @@ def test_live_prefill_counts_only_input_prefilled_before_the_commit():
     sched.commit_turn("s", [60, 61], SamplingParams(max_tokens=2, ignore_eos=True))
     _run_turn(sched, runner, "s")
     assert sched.make_stats().num_live_prefill_tokens == 5  # the commit's own tokens are not live input
+
+
+def test_aborts_of_unfinished_requests_are_counted_once():
+    sched, runner = _scheduler(), FakeRunner(4)
+    sched.add_request(_session("s", [1, 2, 3]))
+    sched.add_request(Request("r", [9, 9], SamplingParams(max_tokens=1), [EOS], arrival_time=0.0))
+    run_step(sched, runner)
+    sched.finish_requests(["s", "r", "unknown"], RequestStatus.FINISHED_ABORTED)
+    sched.finish_requests(["s"], RequestStatus.FINISHED_ABORTED)
+    assert sched.make_stats().num_aborted_requests == 1  # "r" had finished by itself, "s" counts once
