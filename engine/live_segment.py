@@ -1,19 +1,6 @@
-"""The media segment in progress in a live session's user turn: speech alone, a video with its audio, or a
-silent video; it turns audio chunks and camera frames into placeholder tokens, positions and media features
-in the exact order and form of the offline request for the same clip or video (`use_audio_in_video`).
-
-A segment runs from its first audio chunk or frame until text or the commit ends it. What it is gets fixed
-by whichever content is complete first: the first audio window (`audio_window_s` of speech) or the first
-frame pair (two frames). A frame that arrived before the first audio window makes it a video with its audio;
-audio that arrived before the first pair completed makes a video take that audio; otherwise it is speech
-alone (`<|audio_start|>`…) or a silent video (`<|vision_start|>`…). Both streams start at the segment's
-start: the first audio sample and the first frame are taken as simultaneous. Once fixed, content of a kind
-the segment cannot take does not fit in it: `takes_audio`/`takes_frames` tell the session to end it and
-start the next segment (as an offline request with two items would hold them).
-
-Frame pairs and audio tokens are merged by time (`LiveInterleave`): a pair is emitted once the audio before
-it is encoded, audio once the next pair (or the end) is known. An audio window cut by pairs is sent as
-pieces sharing one encoder run (`MultiModalFeature.row_offset`).
+"""One media segment of a live session's user turn (speech, a video with its audio, or a silent video): audio
+chunks and camera frames in, the placeholder tokens, positions and media features of the offline request for the
+same clip or video out, as soon as each is final. Does not talk to the engine (the session sends what it emits).
 """
 
 from __future__ import annotations
@@ -48,7 +35,20 @@ class _Window:
 
 class LiveSegment:
     """One media segment. Every public call hands what became final to `emit(tokens, positions, features)`
-    (at most once per call), right after adding those tokens' positions to `positions`."""
+    (at most once per call), right after adding those tokens' positions to `positions`.
+
+    A segment runs from its first audio chunk or frame until text or the commit ends it. Its kind is fixed by
+    whichever content is complete first: the first audio window or the first frame pair. A frame that came
+    before the first audio window makes it a video with its audio; audio that came before the first pair
+    completed does too; otherwise it is speech alone (`<|audio_start|>`…) or a silent video (`<|vision_start|>`…).
+    Both streams start at the segment's start (the first audio sample and the first frame are taken as
+    simultaneous). Content of a kind a fixed segment cannot take (`takes_audio`, `takes_frames`) belongs in the
+    next segment, as an offline request with two items would hold it.
+
+    Frame pairs and audio tokens are merged by time (`LiveInterleave`): a pair is emitted once the audio before
+    it is encoded, audio once the next pair (or the end) is known. An audio window cut by pairs is sent as
+    pieces that share one encoder run (`MultiModalFeature.row_offset`).
+    """
 
     def __init__(
         self,

@@ -1,10 +1,5 @@
-"""Camera frames of a live video segment, checked against the segment's frame clock and turned into ViT patches
-one temporal pair at a time, exactly as `video.preprocess_video` turns the same frames of a whole video.
-
-The clock: the segment's first frame is its time zero; frame n must carry timestamp t0 + n/fps, give or take
-half a frame interval. A frame that goes back in time, skips a slot (a missing frame) or comes a slot early
-is refused with a MediaError (a ValueError) naming the expected time. Every frame is resized to the segment's
-size, which `smart_resize` picks (video pixel bounds) from the first frame.
+"""Camera frames of a live video segment: checked against the segment's frame clock, resized to one size and
+turned into ViT patches one temporal pair at a time, exactly as `video.preprocess_video` does for a whole video.
 """
 
 from __future__ import annotations
@@ -19,7 +14,13 @@ from .video import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
 
 
 class LiveFrames:
-    """Frames in (with timestamps), temporal pairs of patches out: rows [h/16 · w/16, 1536] with grid (1, h/16, w/16)."""
+    """Frames in (with timestamps), temporal pairs of patches out: rows [h/16 · w/16, 1536], grid (1, h/16, w/16).
+
+    The clock: the first frame is time t0; frame n must carry timestamp t0 + n/fps, give or take half a frame
+    interval. A frame that goes back in time, skips a slot (a missing frame) or comes a slot early is refused
+    with a MediaError (a ValueError) naming the expected time. Every frame is resized to the size that
+    `smart_resize` (video pixel bounds) picks for the first frame.
+    """
 
     def __init__(self, fps: float, min_pixels: int = VIDEO_MIN_PIXELS, max_pixels: int = VIDEO_MAX_PIXELS) -> None:
         if not math.isfinite(fps) or not 0 < fps <= 60:

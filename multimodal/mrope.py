@@ -60,7 +60,8 @@ class MRopeBuilder:
     def _start_for(self, kind: str) -> torch.Tensor:
         if self._kind is None:
             return torch.zeros((), dtype=torch.float32)
-        if (self._kind == _TEXT and kind == _START) or (self._kind == _START and kind in (_AUDIO, _VISION, _LIVE_VIDEO)):
+        content = (_AUDIO, _VISION, _LIVE_VIDEO)
+        if (self._kind == _TEXT and kind == _START) or (self._kind == _START and kind in content):
             return self._base + self._count
         return self._last_block_max() + 1
 
