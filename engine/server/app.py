@@ -51,8 +51,8 @@ class _Guard:
             return
         headers = Headers(scope=scope)
         if self.api_key is not None and (scope.get("method"), scope["path"]) not in _PUBLIC and not self._authorized(headers):
-            if scope["type"] == "websocket":
-                await send({"type": "websocket.close", "code": 1008})
+            if scope["type"] == "websocket" and "websocket.http.response" not in scope.get("extensions", {}):
+                await send({"type": "websocket.close", "code": 1008})  # the server cannot answer the upgrade itself
                 return
             await APIError(401, "missing or invalid API key", code="invalid_api_key").response()(scope, receive, send)
             return
