@@ -1,6 +1,6 @@
 """One live gRPC Session: the client's inputs drive a StreamingSession, its answers stream back per turn.
 
-A reader task applies the inputs in order (audio, text, commit, cancel) while each committed turn's
+A reader task applies the inputs in order (audio, video frames, text, commit, cancel) while each committed turn's
 answer is pumped out by its own task, so the user can speak over (barge-in) or cancel an answer.
 Ending the call, however it ends, closes the session and frees its KV. Holds no engine state itself.
 """
@@ -13,7 +13,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import grpc
 import numpy as np
 
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
@@ -105,8 +104,13 @@ class LiveSession:
         elif kind == "cancel":
             await self.session.cancel()
         elif kind == "video_frame":
-            self._send(error=pb.SessionError(code=code_number(grpc.StatusCode.UNIMPLEMENTED),
-                                             message="video_frame: live video frames are not supported yet"))
+            frame = message.video_frame
+            if frame.mime_type and not frame.mime_type.startswith("image/"):
+                raise ValueError(f"video_frame: mime_type must be an image type (image/jpeg, image/png...), "
+                                 f"got {frame.mime_type!r}")
+            if not frame.data:
+                raise ValueError("video_frame: data is empty (send an encoded image)")
+            await self.session.append_frame(frame.data, frame.timestamp_s)
         elif kind == "config":
             raise invalid("config: a session takes one config, as its first input")
         else:
