@@ -17,6 +17,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+from omnistream.engine.admission import Admission
 from omnistream.engine.config import ThinkerConfig
 from omnistream.engine.core_client import CoreClient, InprocCoreClient, MPCoreClient
 from omnistream.engine.core_messages import (
@@ -45,7 +46,8 @@ from omnistream.scheduler.sampling_params import SamplingParams
 
 class AsyncLLM:
     def __init__(self, model: str | None = None, limit_mm_per_prompt: dict[str, int] | None = None,
-                 engine_process: bool = True, **engine_kwargs: Any) -> None:
+                 engine_process: bool = True, max_queued_requests: int | None = None,
+                 max_live_sessions: int | None = None, **engine_kwargs: Any) -> None:
         model_path = str(model or default_model_path())  # built here once, so the core never races to build it
         config = EngineConfig(model=model_path, **engine_kwargs)
         self.model_path = model_path
@@ -59,6 +61,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sessions: set[str] = set()
         self._stopping = False
+        self.admission = Admission(max_queued_requests, max_live_sessions)
         client_type = MPCoreClient if engine_process else InprocCoreClient
         self.core: CoreClient = client_type(config, self._deliver, self._engine_died)
         self.max_model_len = self.core.ready.max_model_len
@@ -75,9 +78,15 @@ class AsyncLLM:
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("AsyncLLM.generate streams one sample per request; use n=1")
-        processed = await asyncio.to_thread(self.input_processor.process_prompt, prompt)
-        request_id = request_id or f"req-{next(self._ids)}"
-        queue = self._open_stream(request_id)
+        self.admission.admit_request()
+        waiting = True  # for its first output: counted against max_queued_requests
+        try:
+            processed = await asyncio.to_thread(self.input_processor.process_prompt, prompt)
+            request_id = request_id or f"req-{next(self._ids)}"
+            queue = self._open_stream(request_id)
+        except BaseException:
+            self.admission.request_started()
+            raise
         try:
             request = EngineCoreRequest.from_processed(request_id, processed, params, time.monotonic())
             with self._outputs_lock:
@@ -88,10 +97,15 @@ class AsyncLLM:
                 self._forget(request_id)
                 raise
             async for output in self._drain(queue):
+                if waiting:
+                    waiting = False
+                    self.admission.request_started()
                 yield output
                 if output.finished:
                     return
         finally:
+            if waiting:
+                self.admission.request_started()
             self._streams.pop(request_id, None)
             if not self._stopping and self.core.dead is None:
                 self._post(AbortRequests(request_ids=self._forget(request_id)))
@@ -107,11 +121,16 @@ class AsyncLLM:
         session_id: str | None = None,
     ) -> StreamingSession:
         """A live conversation: append audio/text as it arrives, commit a turn, stream the answer."""
-        session = StreamingSession(
-            self, session_id or f"session-{next(self._ids)}", system_prompt,
-            sampling_params or SamplingParams(max_tokens=256), audio_window_s,
-        )
-        await session.start()
+        self.admission.admit_session()
+        try:
+            session = StreamingSession(
+                self, session_id or f"session-{next(self._ids)}", system_prompt,
+                sampling_params or SamplingParams(max_tokens=256), audio_window_s,
+            )
+            await session.start()
+        except BaseException:
+            self.admission.session_closed()
+            raise
         return session
 
     async def get_stats(self, reset_lag_samples: bool = False) -> EngineStats:

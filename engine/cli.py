@@ -116,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total time to fetch one media URL, redirects included")
     srv.add_argument("--max-media-bytes", type=_positive, default=DEFAULT_MAX_MEDIA_BYTES,
                      help="largest media file fetched from a URL or read from --allowed-local-media-path")
+    srv.add_argument("--max-queued-requests", type=_positive, default=None, metavar="N",
+                     help="refuse new requests (HTTP 429, gRPC RESOURCE_EXHAUSTED) while N wait for their first "
+                          "token (default: no limit)")
+    srv.add_argument("--max-live-sessions", type=_positive, default=None, metavar="N",
+                     help="refuse new live sessions (Realtime, gRPC Session) while N are open (default: no limit)")
+    srv.add_argument("--engine-in-process", action="store_true",
+                     help="run the engine core in a thread of the server process instead of its own process")
     srv.add_argument("--grpc-port", type=int, default=None,
                      help="also serve the gRPC API (omnistream.v1) on this port, on the same engine (0: any free port)")
     srv.add_argument("--grpc-only", action="store_true", help="serve only the gRPC API (needs --grpc-port)")

@@ -178,6 +178,7 @@ class StreamingSession:
             return
         self._closed = True
         self.llm._sessions.discard(self.session_id)
+        self.llm.admission.session_closed()
         await self.llm.abort(self.session_id)
 
     # ---- internals -----------------------------------------------------------------------------

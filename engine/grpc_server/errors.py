@@ -10,6 +10,7 @@ import logging
 
 import grpc
 
+from omnistream.engine.admission import EngineOverloadedError
 from omnistream.engine.executor import EngineDeadError
 from omnistream.multimodal.errors import MediaLimitError
 
@@ -34,7 +35,7 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return exc.code, exc.message
     if isinstance(exc, EngineDeadError):
         return grpc.StatusCode.UNAVAILABLE, "the engine is not running; retry later or restart the server"
-    if isinstance(exc, MediaLimitError):
+    if isinstance(exc, (MediaLimitError, EngineOverloadedError)):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, ValueError):  # SamplingParams, media (MediaError), the scheduler (prompt too long)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)

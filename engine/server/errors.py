@@ -1,7 +1,7 @@
 """Every exception a request can raise, mapped once to an HTTP status and an OpenAI error body.
 
 `{"error": {"message", "type", "param", "code"}}`: invalid input (ValueError, MediaError, schema) is
-400, a dead engine 503, anything unexpected 500 with a generic message (the details go to the log).
+400, a load limit 429, a dead engine 503, anything unexpected 500 with a generic message (the details go to the log).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
+from omnistream.engine.admission import EngineOverloadedError
 from omnistream.engine.executor import EngineDeadError
 from omnistream.multimodal.errors import MediaLimitError
 
@@ -25,6 +26,7 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    429: "rate_limit_error",
     500: "internal_server_error",
     503: "service_unavailable",
 }
@@ -45,6 +47,8 @@ class APIError(HTTPException):
 
     def response(self) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        if self.status == 429:
+            headers = {"Retry-After": "1"}
         return JSONResponse(self.body(), status_code=self.status, headers=headers)
 
 
@@ -59,6 +63,8 @@ def to_api_error(exc: BaseException) -> APIError:
         return APIError(exc.status_code, message)
     if isinstance(exc, EngineDeadError):
         return APIError(503, "the engine is not running; retry later or restart the server", code="engine_dead")
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(429, str(exc), code="server_overloaded")
     if isinstance(exc, MediaLimitError):
         return APIError(400, str(exc), param=exc.modality, code="limit_exceeded")
     if isinstance(exc, ValueError):  # SamplingParams, the input processor, the scheduler (prompt too long)

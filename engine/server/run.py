@@ -1,4 +1,4 @@
-"""`omnistream serve`: builds the engine (AsyncLLM, in-process for now) and the app, then runs uvicorn,
+"""`omnistream serve`: builds the engine (AsyncLLM: its engine core in its own process) and the app, then runs uvicorn,
 and with --grpc-port the gRPC server beside it on the same engine (--grpc-only: gRPC alone).
 
 uvicorn runs on uvloop when it is installed. SIGTERM/SIGINT stop accepting, let in-flight requests
@@ -40,7 +40,9 @@ def build_server(args: argparse.Namespace, media_policy: MediaPolicy | None = No
     args.api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     media_policy = media_policy or MediaPolicy.from_args(args)  # a bad media flag fails before the engine starts
     limits = {**MediaLimits().max_items, **(args.limit_mm_per_prompt or {})}  # unnamed modalities keep defaults
-    llm = AsyncLLM(args.model, limit_mm_per_prompt=limits, **engine_kwargs(args))
+    llm = AsyncLLM(args.model, limit_mm_per_prompt=limits, engine_process=not args.engine_in_process,
+                   max_queued_requests=args.max_queued_requests, max_live_sessions=args.max_live_sessions,
+                   **engine_kwargs(args))
     app = build_app(llm, args, media_policy)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(),

@@ -14,6 +14,7 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
+from omnistream.engine.admission import EngineOverloadedError
 from omnistream.engine.executor import EngineDeadError
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
 
@@ -273,6 +274,11 @@ def test_dead_engine_is_503_and_unexpected_errors_500(server, client):
     with _app_over(server, failing(EngineDeadError("gone")), errored=True) as app:
         assert _error(app.post("/v1/chat/completions", headers=AUTH, json={"messages": USER}), 503)["code"] == "engine_dead"
         assert app.get("/health").status_code == 503  # health fails while the engine is dead
+    with _app_over(server, failing(EngineOverloadedError("5 requests wait (--max-queued-requests)"))) as app:
+        response = app.post("/v1/chat/completions", headers=AUTH, json={"messages": USER})
+        error = _error(response, 429)
+        assert error["code"] == "server_overloaded" and "--max-queued-requests" in error["message"]
+        assert response.headers["retry-after"] == "1"
     with _app_over(server, failing(RuntimeError("secret detail"))) as app:
         error = _error(app.post("/v1/completions", headers=AUTH, json={"prompt": "hi"}), 500)
         assert "secret" not in error["message"]

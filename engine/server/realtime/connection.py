@@ -19,6 +19,7 @@ import msgspec
 from fastapi import WebSocket
 from starlette.websockets import WebSocketDisconnect
 
+from omnistream.engine.admission import EngineOverloadedError
 from omnistream.engine.executor import EngineDeadError
 from omnistream.engine.server.errors import APIError
 from omnistream.engine.server.realtime import events
@@ -80,6 +81,9 @@ class RealtimeConnection:
         except EngineDeadError:
             self._fail(RealtimeError("the engine is not running; reconnect later", code="engine_dead",
                                      kind="server_error", event_id=event_id), INTERNAL_ERROR)
+        except EngineOverloadedError as exc:  # no session could be opened: the client may retry the event
+            self._emit(events.error_event(RealtimeError(str(exc), code="server_overloaded", kind="server_error",
+                                                        event_id=event_id)))
         except ValueError as exc:  # the engine refused the input (e.g. the conversation outgrew the model)
             self._emit(events.error_event(RealtimeError(str(exc), event_id=event_id)))
         except Exception:  # noqa: BLE001 - logged; the client gets a generic error and the connection ends
