@@ -135,11 +135,26 @@ def _assert_same_prompt(llm, streamed_state, offline, media, kwargs) -> None:
     assert (layout - _audio_layout(processed.mm_features, n)).abs().max() < 1e-5
 
 
+async def _open(llm: AsyncLLM, **kwargs):
+    """A session whose media features are recorded as it sends them (the runner drops the encoder inputs of
+    media it has computed)."""
+    session = await llm.open_session(**kwargs)
+    session.sent_features = []
+    send = session._media_op
+
+    def record(tokens, positions, features):
+        session.sent_features.extend(features)
+        send(tokens, positions, features)
+
+    session._media_op = record
+    return session
+
+
 class _Snapshot:
     def __init__(self, llm, session) -> None:
         state = _runner(llm).requests[session.session_id]
         self.token_ids = list(state.token_ids)
-        self.mm_features = list(state.mm_features)
+        self.mm_features = list(session.sent_features)
         self._positions = state.positions(0, len(state.token_ids)).clone()
 
     def positions(self, start: int, end: int) -> torch.Tensor:
@@ -153,7 +168,7 @@ def test_streamed_speech_and_frames_equal_the_offline_video_with_audio(llm, wind
     kwargs = {"audio_window_s": window_s, "use_audio_in_video": True}
 
     async def run():
-        session = await llm.open_session(system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=window_s)
+        session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=window_s)
         session.video_fps = fps
         await _stream(session, wave, frames, fps, t0=12.25)  # timestamps on any clock: the first frame is t0
         answer = await _answer(session)
@@ -175,7 +190,7 @@ def test_frames_alone_equal_the_offline_silent_video(llm):
     media = {"video": [(frames, 2.0)]}
 
     async def run():
-        session = await llm.open_session(system_prompt=SYSTEM, sampling_params=GREEDY)
+        session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY)
         await _stream(session, None, frames, 2.0)
         await session.append_text("What is shown?")
         answer = await _answer(session)
@@ -200,7 +215,7 @@ def test_camera_turned_on_during_speech_starts_a_new_segment(llm):
     kwargs = {"audio_window_s": 1, "use_audio_in_video": True}
 
     async def run():
-        session = await llm.open_session(system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=1)
+        session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=1)
         for start in range(0, split, CHUNK):
             await session.append_audio(wave[start : start + CHUNK], RATE)
         await _stream(session, wave[split:], frames, 2.0, t0=1.5)
