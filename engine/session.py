@@ -65,10 +65,11 @@ class StreamingSession:
         self.im_end = llm.tokenizer.encode("<|im_end|>")[0]
         self.positions = MRopeBuilder(position_id_per_seconds=config.position_id_per_seconds)
         self._media: LiveSegment | None = None  # the turn's media segment in progress (speech, video or both)
-        self._before_media: tuple[MRopeBuilder, int] | None = None  # positions and audio tokens before it
+        self._before_media: tuple[MRopeBuilder, int, int] | None = None  # positions, audio and video tokens before it
         self._media_out: list = []  # engine commands the segment made in the current call
         self.video_fps = 2.0  # frame rate of live video: frame n of a segment at t0 + n / video_fps
         self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
+        self.num_video_tokens = 0  # video placeholder tokens in the conversation so far (for usage)
         self._turn = 0
         self._in_user_turn = False
         self._answering = False
@@ -162,9 +163,9 @@ class StreamingSession:
             self._check_open()
             if self._media is None:
                 return
-            positions, num_audio_tokens = self._before_media
+            positions, num_audio_tokens, num_video_tokens = self._before_media
             await self.llm._call(RollbackInput(session_id=self.session_id, num_tokens=positions.num_tokens))
-            self.positions, self.num_audio_tokens = positions, num_audio_tokens
+            self.positions, self.num_audio_tokens, self.num_video_tokens = positions, num_audio_tokens, num_video_tokens
             self._media = self._before_media = None
 
     async def cancel(self) -> None:
@@ -223,12 +224,13 @@ class StreamingSession:
     async def _open_media(self) -> None:
         if self._media is None:
             await self._begin_user_turn()
-            self._before_media = (copy.copy(self.positions), self.num_audio_tokens)
+            self._before_media = (copy.copy(self.positions), self.num_audio_tokens, self.num_video_tokens)
             self._media = LiveSegment(self.positions, self.ids, self.window_frames, self.video_fps, self._media_op)
 
     def _media_op(self, tokens: list[int], positions: Any, features: list) -> None:
         """The segment's output: an engine command for tokens whose positions it just added."""
         self.num_audio_tokens += tokens.count(self.ids.audio_pad)
+        self.num_video_tokens += tokens.count(self.ids.video_pad)
         self._media_out.append(self._input_op(tokens, positions, features))
 
     def _media_ops(self, call: Any, *args: Any) -> list:

@@ -122,6 +122,9 @@ def _audio_layout(features, length: int) -> torch.Tensor:
 def _assert_same_prompt(llm, streamed_state, offline, media, kwargs) -> None:
     n = len(offline.prompt_token_ids)
     assert list(streamed_state.token_ids[:n]) == offline.prompt_token_ids
+    ids = llm.input_processor.token_ids
+    assert streamed_state.counts == (offline.prompt_token_ids.count(ids.audio_pad),
+                                     offline.prompt_token_ids.count(ids.video_pad))
     processed = llm.input_processor.process(offline.prompt, None, media, dict(kwargs))
     assert torch.equal(streamed_state.positions(0, n), from_tensor_data(processed.position_segments[0].positions))
     streamed = [f for f in streamed_state.mm_features if f.offset < n]
@@ -155,6 +158,7 @@ class _Snapshot:
         state = _runner(llm).requests[session.session_id]
         self.token_ids = list(state.token_ids)
         self.mm_features = list(session.sent_features)
+        self.counts = (session.num_audio_tokens, session.num_video_tokens)  # for usage
         self._positions = state.positions(0, len(state.token_ids)).clone()
 
     def positions(self, start: int, end: int) -> torch.Tensor:
