@@ -9,8 +9,10 @@ All variants run interleaved (so background load hits them alike) and the table 
 - `hf-fbank`: HF's feature computation alone (`_torch_extract_fbank_features`), without its padding and
   conversions: the least HF can take.
 - `ours`: `log_mel_spectrogram`; `ours@REV`: the same function at git revision REV (`--compare-ref REV`).
+`--chunk-sweep 256,1024,...` also times `ours` with those frames per chunk (`ours/N` rows). `--profile` prints where the time goes: self CPU time per ATen op per call, for `hf-fbank` and `ours`
+(torch.profiler; its per-op overhead inflates the many small ops of the chunked path a little).
 Example:
-    python benchmarks/mel.py --minutes 10 --repeats 15 --threads 1 --compare-ref HEAD~1
+    python benchmarks/mel.py --minutes 10 --repeats 15 --threads 1 --compare-ref HEAD~1 --profile
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import WhisperFeatureExtractor
 
+from omnistream.multimodal import mel
 from omnistream.multimodal.mel import SAMPLE_RATE, log_mel_spectrogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +53,17 @@ def mel_module_at(rev: str) -> types.ModuleType:
     return module
 
 
-def variants(wave: np.ndarray, compare_ref: str | None) -> dict[str, Callable[[], torch.Tensor]]:
+def with_chunk_frames(frames: int, wave: np.ndarray) -> torch.Tensor:
+    """`log_mel_spectrogram` with `frames` frames per chunk, whatever the thread count."""
+    default = mel._chunk_frames
+    mel._chunk_frames = lambda: frames
+    try:
+        return log_mel_spectrogram(wave)
+    finally:
+        mel._chunk_frames = default
+
+
+def variants(wave: np.ndarray, compare_ref: str | None, chunk_sweep: list[int]) -> dict[str, Callable[[], torch.Tensor]]:
     extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, hop_length=160, n_fft=400)
     fns = {
         "hf": lambda: extractor(wave, sampling_rate=SAMPLE_RATE, return_tensors="pt", padding="longest",
@@ -61,7 +75,23 @@ def variants(wave: np.ndarray, compare_ref: str | None) -> dict[str, Callable[[]
     }
     if compare_ref:
         fns[f"ours@{compare_ref}"] = lambda old=mel_module_at(compare_ref): old.log_mel_spectrogram(wave)
+    for frames in chunk_sweep:
+        fns[f"ours/{frames}"] = lambda frames=frames: with_chunk_frames(frames, wave)
     return fns
+
+
+def print_profile(name: str, fn: Callable[[], torch.Tensor], calls: int = 5, rows: int = 10) -> None:
+    """Self CPU time per ATen op, per call of `fn`, largest first."""
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    events = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in events) / calls / 1e3
+    print(f"\n{name}: {total:.1f} ms of self CPU time per call under the profiler")
+    for event in events[:rows]:
+        ms = event.self_cpu_time_total / calls / 1e3
+        print(f"  {event.key:<24}{ms:8.1f} ms {ms / total:6.1%}  {event.count // calls:5d} calls")
 
 
 def main() -> None:
@@ -70,11 +100,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--compare-ref", default=None, help="also time log_mel_spectrogram at this git revision")
+    parser.add_argument("--chunk-sweep", default="", help="comma-separated frames per chunk to time ours with")
+    parser.add_argument("--profile", action="store_true", help="print the per-op time of hf-fbank and ours")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     wave = synthetic_clip(args.minutes)
-    fns = variants(wave, args.compare_ref)
+    fns = variants(wave, args.compare_ref, [int(n) for n in args.chunk_sweep.split(",") if n])
     reference = fns["hf"]()
     diffs = {name: (fn() - reference).abs().max().item() for name, fn in fns.items()}
     wall: dict[str, list[float]] = {name: [] for name in fns}
@@ -92,6 +124,9 @@ def main() -> None:
     for name in fns:
         w, c = np.median(wall[name]), np.median(cpu[name])
         print(f"{name:<16}{w * 1e3:9.1f}{c * 1e3:9.1f}{hf_wall / w:10.2f}x{hf_cpu / c:9.2f}x{diffs[name]:12.2e}")
+    if args.profile:
+        for name in ("hf-fbank", "ours"):
+            print_profile(name, fns[name])
 
 
 if __name__ == "__main__":

@@ -1,11 +1,11 @@
 """Log-mel features for the audio tower, equal to HF `WhisperFeatureExtractor` (128 bins, 16 kHz) for one clip.
 
-Frames are transformed in chunks of `_CHUNK_FRAMES` small enough to stay in L2 (window, rfft, power, banded mel
-product, log10), each written straight into its columns of the one [128, n] output, so a long clip needs no padded
-copy of the waveform, no full-clip spectrum and no transpose. Whisper's (x + 4) / 4 is applied per chunk while it is
-in cache; only the clamp at the clip's max − 8 needs a second pass. `streaming_mel` makes the same frames
-incrementally through the same per-frame code (`_log_mel_into`, `_frames`, `normalize_log_mel`).
-"""
+Frames are transformed in chunks of about a thousand (window, rfft, power, banded mel product, log10), each written
+straight into its columns of the one [128, n] output while the chunk is in cache, so a long clip needs no padded
+copy of the waveform, no full-clip spectrum and no transpose; Whisper's (x + 4) / 4 is applied per chunk too, and
+only the clamp at the clip's max − 8 takes a second pass. The rfft is about 40% of the time (see
+benchmarks/mel.py --profile). `streaming_mel` makes the same frames incrementally through the same per-frame code
+(`_log_mel_into`, `_frames`, `normalize_log_mel`)."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ HOP = 160
 N_MELS = 128
 _HALF = N_FFT // 2
 _BINS = N_FFT // 2 + 1
-_CHUNK_FRAMES = 1024  # one thread: the chunk's frames, spectrum and output columns stay in a 1 MiB L2
-_PARALLEL_CHUNK_FRAMES = 4096  # several threads: each op is a parallel region, so fewer, larger chunks
+_CHUNK_FRAMES = 1024  # one thread (benchmarks/mel.py --chunk-sweep: 1024–2048 fastest, 65536 about 2.7× slower)
+_THREAD_CHUNK_FRAMES = 4096  # per thread when several: each op is a parallel region, so fewer, larger chunks
 _BAND_MELS = 16
 MIN_SAMPLES = _HALF + 1  # center reflect-padding by 200 needs more than 200 samples (torch.stft fails too)
 
@@ -123,7 +123,7 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         raise MediaTooSmallError(f"audio: {wave.numel()} samples, need at least {MIN_SAMPLES} for one mel frame")
     num_frames = num_mel_frames(wave.numel())
     log_spec = torch.empty(N_MELS, num_frames)
-    step = _CHUNK_FRAMES if torch.get_num_threads() == 1 else _PARALLEL_CHUNK_FRAMES
+    step = _chunk_frames()
     windowed = torch.empty(min(step, num_frames), N_FFT)
     power = torch.empty(windowed.shape[0], _BINS)
     one, peak = torch.tensor(1.0), torch.tensor(float("-inf"))
@@ -133,6 +133,12 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
         peak = torch.maximum(peak, chunk.amax())
         torch.add(one, chunk, alpha=0.25, out=chunk)  # (x + 4) / 4 while in cache; the clamp below commutes
     return log_spec.clamp_(min=_normalized_floor(peak))
+
+
+def _chunk_frames() -> int:
+    """Frames per chunk of `log_mel_spectrogram` for the current torch thread count."""
+    threads = torch.get_num_threads()
+    return _CHUNK_FRAMES if threads == 1 else _THREAD_CHUNK_FRAMES * threads
 
 
 def _normalized_floor(peak: float | torch.Tensor) -> float:
