@@ -48,11 +48,13 @@ def _runner(llm: AsyncLLM):
     return llm.core.engine.executor.runner
 
 
-async def _stream(session, wave: np.ndarray | None, frames: np.ndarray, fps: float, t0: float = 0.0) -> None:
-    """Real-time order: the frames captured by the start of each 100 ms of audio, then that audio."""
+async def _stream(session, wave: np.ndarray | None, frames: np.ndarray, fps: float, t0: float = 0.0,
+                  camera_lag_s: float = 0.0) -> None:
+    """Real-time order: the frames captured by the start of each 100 ms of audio (each frame arriving
+    `camera_lag_s` late), then that audio."""
     sent = 0
     for start in range(0, 0 if wave is None else len(wave), CHUNK):
-        while sent < len(frames) and sent / fps <= start / RATE:
+        while sent < len(frames) and sent / fps + camera_lag_s <= start / RATE:
             await session.append_frame(frames[sent], t0 + sent / fps)
             sent += 1
         await session.append_audio(wave[start : start + CHUNK], RATE)
@@ -165,8 +167,9 @@ class _Snapshot:
         return self._positions[:, start:end]
 
 
-@pytest.mark.parametrize("window_s, fps", [(2, 2.0), (1, 1.0)])
-def test_streamed_speech_and_frames_equal_the_offline_video_with_audio(llm, window_s, fps):
+@pytest.mark.parametrize("window_s, fps, camera_lag_s", [(2, 2.0, 0.0), (1, 1.0, 0.0), (2, 2.0, 0.7)])
+def test_streamed_speech_and_frames_equal_the_offline_video_with_audio(llm, window_s, fps, camera_lag_s):
+    """A camera that starts after the speech, but before its first window is encoded, still joins it."""
     wave, frames = _speech(3.3, 0), _frames(7, 1)  # an odd frame count: the last pair repeats its frame
     media = {"video": [(frames, fps, (wave, RATE))]}
     kwargs = {"audio_window_s": window_s, "use_audio_in_video": True}
@@ -174,7 +177,7 @@ def test_streamed_speech_and_frames_equal_the_offline_video_with_audio(llm, wind
     async def run():
         session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=window_s)
         session.video_fps = fps
-        await _stream(session, wave, frames, fps, t0=12.25)  # timestamps on any clock: the first frame is t0
+        await _stream(session, wave, frames, fps, t0=12.25, camera_lag_s=camera_lag_s)  # timestamps on any clock: the first frame is t0
         answer = await _answer(session)
         snapshot = _Snapshot(llm, session)
         prompt = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{VIDEO}<|im_end|>\n<|im_start|>assistant\n"
