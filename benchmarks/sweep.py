@@ -1,5 +1,6 @@
 """A load sweep over benchmarks/serve.py: one run per concurrency (or request rate), then the knee, the
-highest load whose latency percentile still meets every `--slo` with no failed request; writes the table
+highest load that, like every lower load of the sweep, meets every `--slo` at `--slo-percentile` with no
+failed request (a higher load passing by luck after a failing one is not "held"); writes the table
 as JSON and, with `--plot`, throughput and latency against load as PNGs (needs matplotlib). Everything
 after `--` goes to serve.py unchanged:
 
@@ -19,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -67,6 +69,12 @@ def _point_row(load_name: str, value: float, result: dict[str, Any], slo: dict[s
     return row
 
 
+def knee_point(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The last row of the leading run of rows (in increasing load) that meet the SLO; None if the first fails."""
+    held = list(itertools.takewhile(lambda row: row["meets_slo"], rows))
+    return held[-1] if held else None
+
+
 async def sweep(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, Any]:
     slo = parse_slo(args.slo)
     pct = str(int(args.slo_percentile)) if args.slo_percentile == int(args.slo_percentile) else str(args.slo_percentile)
@@ -83,8 +91,7 @@ async def sweep(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, An
         results.append(result)
         rows.append(_point_row(load_name, value, result, slo, pct))
         print(json.dumps(rows[-1]))
-    passing = [row for row in rows if row["meets_slo"]]
-    knee = passing[-1] if passing else None
+    knee = knee_point(rows)
     sha, dirty = serve.git_state()
     summary = {"load": load_name, "slo": slo, "slo_percentile": args.slo_percentile, "points": rows,
                "knee": knee[load_name] if knee else None, "knee_point": knee, "git_sha": sha, "git_dirty": dirty,
@@ -137,6 +144,7 @@ def write_plots(summary: dict[str, Any], out_dir: Path, stem: str, pct: str) -> 
         ax.axvline(summary["knee"], color="gray", linestyle=":", label="knee")
     ax.set(xlabel=load, ylabel="ms", title="latency vs load (dashed: SLO)")
     ax.set_yscale("symlog", linthresh=1.0)  # log above 1 ms; a chunk lag of 0 stays on the plot
+    ax.set_ylim(bottom=0)
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()

@@ -294,6 +294,12 @@ def test_sweep_of_live_streams_finds_the_knee(server, grpc_target, tmp_path):
         assert [Path(p).name for p in summary["plots"]] == ["live-throughput.png", "live-latency.png"]
 
 
+def test_the_knee_is_held_by_every_lower_load():
+    sweep = _load_sweep()
+    rows = [{"load": 1, "meets_slo": True}, {"load": 2, "meets_slo": False}, {"load": 4, "meets_slo": True}]
+    assert sweep.knee_point(rows)["load"] == 1 and sweep.knee_point(rows[1:]) is None
+
+
 def test_live_slo_needs_the_session_backend():
     sweep = _load_sweep()
     args = sweep.build_parser().parse_args(["--concurrency", "1", "--slo", "chunk_lag:100"])
