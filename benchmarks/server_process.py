@@ -1,6 +1,8 @@
 """A benchmark's server in a child process: its own process group on a free loopback port, ready when
-GET /health answers 200, and stopped as a whole group (SIGTERM, then SIGKILL after a grace period) so
-that no engine-core or worker process outlives it, whatever ends the benchmark (error, Ctrl-C, SIGTERM).
+GET /health answers 200, and stopped with every process it started (SIGTERM to its group, then SIGKILL
+after a grace period to the group and to any descendant that left it, as omnistream's engine core does
+with a session of its own), so that nothing outlives it, whatever ends the benchmark (error, Ctrl-C,
+SIGTERM). Descendants are found through /proc (Linux); elsewhere the group alone is stopped.
 """
 
 from __future__ import annotations
@@ -81,36 +83,84 @@ class ServerProcess:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        """SIGTERM to the whole group, SIGKILL to whatever is left after the grace period; idempotent."""
+        """SIGTERM to the group, SIGKILL to whatever of it and its descendants is left after the grace
+        period; idempotent."""
         if self.process is None:
             return
         group = self.process.pid  # start_new_session: the group id is the leader's pid
-        self._signal_group(group, signal.SIGTERM)
+        descendants = _descendants(group)
+        _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         try:
             self.process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             pass
-        while self._group_alive(group) and time.monotonic() < deadline:
+        while (_group_alive(group) or _any_alive(descendants)) and time.monotonic() < deadline:
             time.sleep(0.2)
-        if self._group_alive(group):
-            self._signal_group(group, signal.SIGKILL)
+        if _group_alive(group):
+            _signal_group(group, signal.SIGKILL)
+        for pid, start in descendants.items():
+            if _start_time(pid) == start:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         self.process.wait()
         self.process = None
 
-    @staticmethod
-    def _signal_group(group: int, sig: signal.Signals) -> None:
-        try:
-            os.killpg(group, sig)
-        except ProcessLookupError:
-            pass
 
-    @staticmethod
-    def _group_alive(group: int) -> bool:
-        try:
-            os.killpg(group, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
+def _stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (field 3 onwards), None when gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def _start_time(pid: int) -> str | None:
+    fields = _stat_fields(pid)
+    return fields[19] if fields else None  # field 22: start time, tells a pid from its reuse
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """{pid: start time} of every live descendant of `root` ({} without /proc)."""
+    parents: dict[int, list[int]] = {}
+    for entry in Path("/proc").glob("[0-9]*"):
+        fields = _stat_fields(int(entry.name))
+        if fields:
+            parents.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: dict[int, str] = {}
+    stack = list(parents.get(root, []))
+    while stack:
+        pid = stack.pop()
+        start = _start_time(pid)
+        if start is not None and pid not in found:
+            found[pid] = start
+            stack.extend(parents.get(pid, []))
+    return found
+
+
+def _any_alive(processes: dict[int, str]) -> bool:
+    return any(_start_time(pid) == start for pid, start in processes.items())
+
+
+def _signal_group(group: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _group_alive(group: int) -> bool:
+    """Whether a live (not zombie) process is still in the group."""
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
         return True
+    if not Path("/proc").is_dir():
+        return True
+    return any((fields := _stat_fields(int(e.name))) is not None and fields[2] == str(group)
+               for e in Path("/proc").glob("[0-9]*"))

@@ -1,12 +1,13 @@
 """benchmarks/compare_servers.py run briefly with vLLM disabled (omnistream alone, a tiny workload, as a
 subprocess like a user would): the JSON and the printed table carry every metric and key, the values are
-sane, the server is gone afterwards; and its ServerProcess stops a whole process group, a child that
-ignores SIGTERM included, and reports a server that dies before it is ready with its log."""
+sane, the server is gone afterwards; and its ServerProcess stops a whole process group and the
+descendants that left it, children that ignore SIGTERM included, and reports a server that dies before it is ready with its log."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -94,14 +95,18 @@ def test_server_is_gone_afterwards(run):
 
 _GROUP_SERVER = textwrap.dedent("""
     import http.server, os, signal, sys, time
-    if os.fork() == 0:  # a grandchild in the same group that ignores SIGTERM, like a stuck worker
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        open(sys.argv[2], "w").write(str(os.getpid()))
-        while True:
-            time.sleep(1)
+    for own_session in (False, True):  # stuck workers that ignore SIGTERM: one in the group, one in a session of its own
+        if os.fork() == 0:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            if own_session:
+                os.setsid()
+            open(sys.argv[2] + str(own_session), "w").write(str(os.getpid()))
+            while True:
+                time.sleep(1)
     class Health(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
-            self.send_response(200 if os.path.exists(sys.argv[2]) else 503)
+            ready = all(os.path.exists(sys.argv[2] + str(own)) for own in (False, True))
+            self.send_response(200 if ready else 503)
             self.end_headers()
         def log_message(self, *args):
             pass
@@ -112,24 +117,29 @@ _GROUP_SERVER = textwrap.dedent("""
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(")")[-1].split()[0] != "Z"
+            return stat.read().split(")")[-1].split()[0] not in ("Z", "X")
     except FileNotFoundError:
         return False
 
 
-def test_server_process_stops_the_whole_group(tmp_path):
+def test_server_process_stops_the_whole_group_and_its_descendants(tmp_path):
     port = free_port()
-    pid_file = tmp_path / "grandchild.pid"
-    argv = [sys.executable, "-c", _GROUP_SERVER, str(port), str(pid_file)]
+    prefix = str(tmp_path / "worker")
+    argv = [sys.executable, "-c", _GROUP_SERVER, str(port), prefix]
     with ServerProcess("group", argv, port, tmp_path / "log.txt", ready_timeout_s=30, stop_timeout_s=2) as server:
         leader = server.process.pid
-        grandchild = int(pid_file.read_text())
-        assert _alive(leader) and _alive(grandchild)
-    deadline = time.monotonic() + 5
-    while _alive(grandchild) and time.monotonic() < deadline:  # reaped by init once killed
-        time.sleep(0.05)
-    assert not _alive(leader) and not _alive(grandchild)
-    assert server.process is None and not _port_open(server.url)
+        workers = [int(Path(prefix + own).read_text()) for own in ("False", "True")]
+        assert _alive(leader) and all(map(_alive, workers))
+        assert os.getpgid(workers[0]) == leader != os.getpgid(workers[1])
+    try:
+        deadline = time.monotonic() + 5
+        while any(map(_alive, workers)) and time.monotonic() < deadline:  # SIGKILLed; reaped by init
+            time.sleep(0.05)
+        assert not _alive(leader) and not any(map(_alive, workers))
+        assert server.process is None and not _port_open(server.url)
+    finally:  # a failure here leaves no stray process behind
+        for pid in filter(_alive, workers):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_server_that_dies_before_ready_reports_its_log(tmp_path):
