@@ -119,13 +119,15 @@ class AsyncLLM:
         sampling_params: SamplingParams | None = None,
         audio_window_s: float = 2.0,
         session_id: str | None = None,
+        video_fps: float = 2.0,
     ) -> StreamingSession:
-        """A live conversation: append audio/text as it arrives, commit a turn, stream the answer."""
+        """A live conversation: append audio, camera frames (at `video_fps`) and text as they arrive, commit a
+        turn, stream the answer."""
         self.admission.admit_session()
         try:
             session = StreamingSession(
                 self, session_id or f"session-{next(self._ids)}", system_prompt,
-                sampling_params or SamplingParams(max_tokens=256), audio_window_s,
+                sampling_params or SamplingParams(max_tokens=256), audio_window_s, video_fps,
             )
             await session.start()
         except BaseException:

@@ -205,6 +205,7 @@ class MPCoreClient(CoreClient):
             self._closing = True
             self._close()
             raise
+        logger.info("engine core ready in process %d (%s)", self._proc.pid, self.ready.executor)
         self._thread = threading.Thread(target=self._read_events, name="omnistream-core-events", daemon=True)
         self._thread.start()
 

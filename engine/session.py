@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from omnistream.engine.async_llm import AsyncLLM
 
 FRAMES_PER_SECOND = 100
+MAX_VIDEO_FPS = 30.0  # a camera's rate; Qwen3-Omni is trained at 2
 
 
 class StreamingSession:
@@ -51,10 +52,13 @@ class StreamingSession:
         system_prompt: str | None,
         sampling_params: SamplingParams,
         audio_window_s: float,
+        video_fps: float = 2.0,
     ) -> None:
         window_frames = audio_window_s * FRAMES_PER_SECOND
         if not 1 <= audio_window_s <= 8 or window_frames != int(window_frames) or int(window_frames) % 100:
             raise ValueError(f"audio_window_s must be a whole number of seconds from 1 to 8, got {audio_window_s}")
+        if not 0 < video_fps <= MAX_VIDEO_FPS:
+            raise ValueError(f"video_fps must be in (0, {MAX_VIDEO_FPS}], got {video_fps}")
         self.llm = llm
         self.session_id = session_id
         self.system_prompt = system_prompt
@@ -67,7 +71,7 @@ class StreamingSession:
         self._media: LiveSegment | None = None  # the turn's media segment in progress (speech, video or both)
         self._before_media: tuple[MRopeBuilder, int, int] | None = None  # positions, audio and video tokens before it
         self._media_out: list = []  # engine commands the segment made in the current call
-        self.video_fps = 2.0  # frame rate of live video: frame n of a segment at t0 + n / video_fps
+        self.video_fps = video_fps  # frame rate of live video: frame n of a segment at t0 + n / video_fps
         self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
         self.num_video_tokens = 0  # video placeholder tokens in the conversation so far (for usage)
         self._turn = 0

@@ -175,8 +175,8 @@ def test_streamed_speech_and_frames_equal_the_offline_video_with_audio(llm, wind
     kwargs = {"audio_window_s": window_s, "use_audio_in_video": True}
 
     async def run():
-        session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=window_s)
-        session.video_fps = fps
+        session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=window_s,
+                              video_fps=fps)
         await _stream(session, wave, frames, fps, t0=12.25, camera_lag_s=camera_lag_s)  # timestamps on any clock: the first frame is t0
         answer = await _answer(session)
         snapshot = _Snapshot(llm, session)
@@ -257,3 +257,9 @@ def test_frames_out_of_order_or_missing_are_refused_and_the_session_goes_on(llm)
         return tokens
 
     assert asyncio.run(run()) == GREEDY.max_tokens
+
+
+def test_a_frame_rate_out_of_range_is_refused(llm):
+    for fps in (0.0, -2.0, 60.0):
+        with pytest.raises(ValueError, match="video_fps"):
+            asyncio.run(llm.open_session(video_fps=fps))

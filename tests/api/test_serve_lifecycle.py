@@ -1,0 +1,72 @@
+"""`omnistream serve` as a real process: SIGTERM lets the answer in flight finish, then the server and its
+engine-core process exit (no orphan)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+
+from .server_fixture import API_KEY, AUTH
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _start_server() -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "omnistream.engine.cli", "serve", "--port", "0", "--api-key", API_KEY,
+         "--dtype", "float32", "--num-kv-blocks", "64"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen, timeout: float = 120) -> re.Match:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in list(lines):
+            if match := re.search(pattern, line):
+                return match
+        assert proc.poll() is None, "".join(lines)
+        time.sleep(0.05)
+    raise AssertionError(f"no {pattern!r} in the server log:\n{''.join(lines)}")
+
+
+def test_sigterm_drains_the_answer_in_flight_then_exits_with_its_engine_core():
+    proc, lines = _start_server()
+    try:
+        core = int(_wait_for(lines, r"engine core ready in process (\d+)", proc).group(1))
+        url = _wait_for(lines, r"Uvicorn running on (http://\S+)", proc).group(1)
+        body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 60, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60) as response:
+            events = response.iter_lines()
+            assert next(events).startswith("data: ")
+            proc.send_signal(signal.SIGTERM)
+            chunks = [json.loads(line[6:]) for line in events if line.startswith("data: {")]
+        finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
+        assert finish[-1] == "length"  # the answer in flight ran to its end
+        assert proc.wait(60) == 0, "".join(lines)
+        deadline = time.monotonic() + 10
+        while _running(core) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _running(core)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
