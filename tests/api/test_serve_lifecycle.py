@@ -14,7 +14,7 @@ import time
 
 import httpx
 
-from .server_fixture import API_KEY, AUTH
+from .server_fixture import API_KEY, AUTH, http_client, running_server
 
 
 def _running(pid: int) -> bool:
@@ -36,7 +36,7 @@ def _start_server() -> tuple[subprocess.Popen, list[str]]:
     return proc, lines
 
 
-def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen, timeout: float = 120) -> re.Match:
+def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen, timeout: float = 300) -> re.Match:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in list(lines):
@@ -70,3 +70,23 @@ def test_sigterm_drains_the_answer_in_flight_then_exits_with_its_engine_core():
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_killed_engine_core_turns_health_and_requests_into_503_within_seconds():
+    with running_server("--dtype", "float32", "--num-kv-blocks", "64") as server:
+        with http_client(server) as client:
+            body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 400, "ignore_eos": True,
+                    "stream": True}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                events = response.iter_lines()
+                assert next(events).startswith("data: ")
+                os.kill(server.llm.core.pid, signal.SIGKILL)
+                killed = time.monotonic()
+                rest = list(events)  # the stream in flight ends with an error event, it does not hang
+            assert any('"engine_dead"' in line for line in rest) and time.monotonic() - killed < 10
+            while client.get("/health").status_code != 503:
+                assert time.monotonic() - killed < 5
+                time.sleep(0.05)
+            assert client.get("/ready").status_code == 503
+            refused = client.post("/v1/chat/completions", json={"messages": body["messages"], "max_tokens": 2})
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "engine_dead"

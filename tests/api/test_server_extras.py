@@ -7,8 +7,10 @@ import base64
 import io
 import json
 import types
+import wave
 
 import httpx
+import numpy as np
 import openai
 import pytest
 from fastapi.testclient import TestClient
@@ -99,6 +101,46 @@ def test_transcription_json_text_verbose(client):
                                                  response_format="verbose_json", extra_body=MAX_TOKENS)
     assert verbose.duration == pytest.approx(1.5, abs=0.01) and verbose.language == "en"
     assert isinstance(verbose.text, str)
+
+
+def _pcm_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def test_transcription_segments_follow_the_speech(client, http):
+    rate = 16000
+    tone = lambda seconds, hz: (0.3 * 32767 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate))
+    pcm = np.concatenate([tone(1.0, 440), np.zeros(int(1.5 * rate)), tone(0.8, 330)]).astype(np.int16)
+    verbose = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("two.wav", _pcm_wav(pcm)),
+                                                 response_format="verbose_json", timestamp_granularities=["segment"],
+                                                 temperature=0, extra_body=MAX_TOKENS)
+    segments = verbose.segments
+    assert len(segments) == 2 and verbose.duration == pytest.approx(3.3, abs=0.01)
+    # speech 0-1.0 s and 2.5-3.3 s; a segment ends 0.5 s into the silence, starts 0.3 s before the speech
+    assert (segments[0].start, segments[0].end) == (0.0, pytest.approx(1.5, abs=0.03))
+    assert (segments[1].start, segments[1].end) == (pytest.approx(2.2, abs=0.03), pytest.approx(3.3, abs=0.01))
+    assert segments[0].no_speech_prob == pytest.approx(1 / 3, abs=0.03)  # 0.5 s of its 1.5 s are silent
+    for segment in segments:  # each is the transcription of its own stretch of audio
+        piece = pcm[round(segment.start * rate) : round(segment.end * rate)]
+        alone = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("piece.wav", _pcm_wav(piece)),
+                                                   temperature=0, extra_body=MAX_TOKENS)
+        assert segment.text == alone.text.strip() and len(segment.tokens) == MAX_TOKENS["max_tokens"]
+        assert segment.avg_logprob < 0 and segment.compression_ratio > 0
+    assert verbose.text == " ".join(s.text for s in segments if s.text)
+    silent = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("quiet.wav", _pcm_wav(np.zeros(rate))),
+                                                response_format="verbose_json", extra_body=MAX_TOKENS)
+    assert silent.segments == [] and silent.text == ""
+    for fields in ({"response_format": "verbose_json", "timestamp_granularities[]": "word"},
+                   {"response_format": "json", "timestamp_granularities[]": "segment"}):
+        response = http.post("/v1/audio/transcriptions", data={"model": DEFAULT_MODEL_NAME, **fields},
+                             files={"file": ("a.wav", _wav(0.5), "audio/wav")})
+        assert response.status_code == 400 and response.json()["error"]["param"] == "timestamp_granularities"
 
 
 def test_transcription_stream(client, server):

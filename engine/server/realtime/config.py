@@ -15,7 +15,7 @@ from typing import Any
 from msgspec import UNSET
 
 from omnistream.engine.server.realtime.protocol import RealtimeError, ResponseFields, SessionFields, TurnDetection
-from omnistream.engine.server.realtime.vad import FRAME_MS, threshold_db
+from omnistream.multimodal.vad import FRAME_MS, threshold_db
 from omnistream.scheduler.sampling_params import SamplingParams
 
 SAMPLE_RATES = (24_000, 16_000)

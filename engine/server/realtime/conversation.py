@@ -35,7 +35,7 @@ from omnistream.engine.server.realtime.protocol import (
     SessionUpdate,
 )
 from omnistream.engine.server.realtime.response import Answer, Response, check_fields, closing_events, stream_answer
-from omnistream.engine.server.realtime.vad import EnergyVad
+from omnistream.multimodal.vad import EnergyVad
 from omnistream.engine.session import StreamingSession
 
 Emit = Callable[[dict[str, Any]], None]

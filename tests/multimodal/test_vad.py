@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from omnistream.engine.server.realtime.vad import FRAME_MS, EnergyVad, threshold_db
+from omnistream.multimodal.vad import FRAME_MS, EnergyVad, threshold_db
 
 RATE = 16_000
 

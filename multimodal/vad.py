@@ -1,4 +1,5 @@
-"""Server VAD: an energy-based voice activity detector for the Realtime API's `server_vad` turn detection.
+"""An energy-based voice activity detector: the Realtime API's `server_vad` turn detection, and the speech
+segments of a transcription (`speech_spans`).
 
 Audio is cut into 20 ms frames; a frame is voiced when its RMS level (dBFS) reaches the level that the
 0..1 `threshold` maps to, linearly from -60 dBFS (0.0) to -20 dBFS (1.0): 0.5, the API's default, is
@@ -58,9 +59,9 @@ class EnergyVad:
         whole = len(buffer) // self.frame * self.frame
         self._pending = buffer[whole:]
         events: list[VadEvent] = []
-        for index, frame in enumerate(buffer[:whole].reshape(-1, self.frame)):
+        for index, level in enumerate(frame_levels_db(buffer[:whole], self.frame)):
             start = first + index * self.frame
-            voiced = _rms_db(frame) >= self.level_db
+            voiced = level >= self.level_db
             if not self.speaking and voiced:
                 self.speaking, self._quiet_frames = True, 0
                 events.append(VadEvent("started", start))
@@ -77,6 +78,39 @@ class EnergyVad:
         self._quiet_frames = 0
 
 
-def _rms_db(frame: np.ndarray) -> float:
-    power = float(np.mean(np.square(frame, dtype=np.float64)))
-    return 10.0 * np.log10(max(power, 1e-12))
+def frame_levels_db(samples: np.ndarray, frame: int) -> np.ndarray:
+    """RMS level in dBFS of each whole `frame`-sample frame of float samples in [-1, 1]."""
+    frames = samples[: len(samples) // frame * frame].reshape(-1, frame)
+    power = np.mean(np.square(frames, dtype=np.float64), axis=1)
+    return 10.0 * np.log10(np.maximum(power, 1e-12))
+
+
+@dataclass(frozen=True)
+class SpeechSpan:
+    start: int  # first sample (prefix padding included)
+    end: int  # one past the last sample
+    voiced_fraction: float  # share of its frames at or above the threshold level
+
+
+def speech_spans(wave: np.ndarray, sample_rate: int, max_samples: int, threshold: float = 0.5,
+                 prefix_padding_ms: int = 300, silence_duration_ms: int = 500) -> list[SpeechSpan]:
+    """The speech in a whole recording: each stretch the detector finds (from its start less the prefix padding
+    to where the silence after it reached `silence_duration_ms`), cut into equal parts of at most max_samples."""
+    vad = EnergyVad(sample_rate, threshold, prefix_padding_ms, silence_duration_ms)
+    bounds, start = [], None
+    for event in vad.feed(wave):
+        if event.kind == "started":
+            start = max(0, event.sample - vad.prefix_samples)
+        else:
+            bounds.append((start, event.sample))
+    if vad.speaking:
+        bounds.append((start, len(wave)))
+    spans = []
+    for first, last in bounds:
+        parts = -(-(last - first) // max_samples)
+        edges = [first + (last - first) * i // parts for i in range(parts + 1)]
+        for a, b in zip(edges, edges[1:]):
+            levels = frame_levels_db(wave[a:b].astype(np.float32), vad.frame)
+            voiced = float(np.mean(levels >= vad.level_db)) if len(levels) else 0.0
+            spans.append(SpeechSpan(a, b, voiced))
+    return spans
