@@ -14,6 +14,7 @@ from omnistream.engine.attention.backend import AttentionMetadata
 from omnistream.engine.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.request_state import RunnerRequestState
 from omnistream.engine.sampler import SamplingRow, sample, top_logprobs
+from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
     ModelRunnerOutput,
@@ -29,11 +30,11 @@ class FlatBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [3, T]
     metadata: AttentionMetadata
-    spans: list[tuple[str, int, int, int]]  # (req_id, first flat row, first position, count) per request
     req_ids: list[str]
     sample_rows: list[int]  # flat index of the last token of each request that samples
     sample_req_ids: list[str]
     prompt_logprob_spans: list[tuple[str, int, int, int]]  # (req_id, first flat row, first position, count)
+    media: list[tuple[int, int, int, MultiModalFeature]]  # (first flat row, first position, count, feature) per overlap
 
 
 class ModelRunner:
@@ -87,7 +88,7 @@ class ModelRunner:
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             state.token_ids.extend(cached.new_token_ids)
-            state.block_ids.extend(cached.new_block_ids)
+            state.add_blocks(cached.new_block_ids)
             state.mm_features.extend(cached.new_mm_features)
             state.add_segments(cached.new_position_segments)
             state.num_prompt_tokens = cached.num_prompt_tokens
@@ -106,17 +107,11 @@ class ModelRunner:
     def _input_embeddings(self, batch: FlatBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Token embeddings with media rows copied into their placeholder positions, and the DeepStack
         rows for visual positions (None for a text-only batch: the model then embeds by itself)."""
-        pieces = [
-            (flat_start, start, count, feature)
-            for req_id, flat_start, start, count in batch.spans
-            for feature in self.requests[req_id].mm_features
-            if feature.overlaps(start, start + count)
-        ]
-        if not pieces:
+        if not batch.media:
             return None, None
         embeds = self.model.embed_input_ids(batch.input_ids)
         deepstack = None
-        for flat_start, start, count, feature in pieces:
+        for flat_start, start, count, feature in batch.media:
             output = self.encoder_cache[feature.identifier]
             lo, hi = max(start, feature.offset), min(start + count, feature.end)
             rows = slice(flat_start + lo - start, flat_start + hi - start)
@@ -139,7 +134,7 @@ class ModelRunner:
         sample_rows: list[int] = []
         sample_req_ids: list[str] = []
         prompt_spans: list[tuple[str, int, int, int]] = []
-        spans: list[tuple[str, int, int, int]] = []
+        media: list[tuple[int, int, int, MultiModalFeature]] = []
         max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
         block_tables = torch.zeros(len(req_ids), max_blocks, dtype=torch.long)
         for i, req_id in enumerate(req_ids):
@@ -148,7 +143,7 @@ class ModelRunner:
             end = start + count
             flat_start = query_start_loc[-1]
             token_ids.extend(state.token_ids[start:end])
-            spans.append((req_id, flat_start, start, count))
+            media.extend((flat_start, start, count, feature) for feature in state.live_features(start, end))
             pos = torch.arange(start, end)
             table = torch.tensor(state.block_ids, dtype=torch.long)
             block_tables[i, : len(state.block_ids)] = table
@@ -164,22 +159,24 @@ class ModelRunner:
                 sample_rows.append(flat_start + count - 1)
                 sample_req_ids.append(req_id)
             state.num_computed_tokens = end
+            state.take_done_features(end)
         metadata = AttentionMetadata(
             query_start_loc=query_start_loc,
             seq_lens=seq_lens,
             slot_mapping=torch.cat(slots).to(self.device),
             block_tables=block_tables.to(self.device),
             block_size=self.block_size,
+            block_runs=[self.requests[req_id].block_runs for req_id in req_ids],
         )
         return FlatBatch(
             input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
             positions=torch.cat(positions, dim=1).to(self.device),
             metadata=metadata,
-            spans=spans,
             req_ids=req_ids,
             sample_rows=sample_rows,
             sample_req_ids=sample_req_ids,
             prompt_logprob_spans=prompt_spans,
+            media=media,
         )
 
     def _prompt_logprobs(self, hidden: torch.Tensor, batch: FlatBatch) -> dict[str, list[TokenLogprobs]]:

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from omnistream.engine.attention.kv_views import block_runs
+
 
 @dataclass
 class AttentionMetadata:
@@ -21,6 +23,14 @@ class AttentionMetadata:
     slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset for every new token
     block_tables: torch.Tensor  # [B, max_blocks] int64, padded with 0
     block_size: int
+    block_runs: list[list[tuple[int, int]]] | None = None  # per request: (first block, count) runs of its table
+
+    def runs(self, i: int) -> list[tuple[int, int]]:
+        """Request i's block runs (kv_views.block_runs of its table row when the runner gave none)."""
+        if self.block_runs is not None:
+            return self.block_runs[i]
+        num_blocks = -(-self.seq_lens[i] // self.block_size)
+        return block_runs(self.block_tables[i, :num_blocks].tolist())
 
     @property
     def num_reqs(self) -> int:

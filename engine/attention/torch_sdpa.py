@@ -1,7 +1,9 @@
-"""Portable attention backend: scaled_dot_product_attention over KV gathered from the paged cache.
+"""Portable attention backend: scaled_dot_product_attention over the paged cache.
 
-Decodes (one query each) are batched into padded SDPA calls with a length mask, one per bucket of
-similar lengths; prefill chunks run one request at a time with a causal mask shifted to the chunk's offset.
+On CPU, a request with a long context attends alone, straight from its paged blocks (cpu_flash: no copy
+of the context per layer and step). Otherwise decodes (one query each) are batched into padded SDPA calls
+over gathered KV with a length mask, one per bucket of similar lengths, and prefill chunks run one request
+at a time over gathered KV with a causal mask shifted to the chunk's offset.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from omnistream.engine.attention.backend import AttentionBackend, AttentionMetadata
+from omnistream.engine.attention.cpu_flash import attend_request
+
+LONG_CONTEXT_BLOCKS = 32  # on CPU, a request attending over at least this many blocks reads them in place
 
 
 def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -41,16 +46,21 @@ class TorchSDPABackend(AttentionBackend):
         write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
         out = torch.empty_like(query)
         starts, seq_lens = metadata.query_start_loc, metadata.seq_lens
+        in_place = kv_cache.device.type == "cpu"
         buckets: dict[int, list[int]] = {}  # decodes grouped by the power of two of their block count
         for i in range(metadata.num_reqs):
-            if starts[i + 1] - starts[i] == 1:
-                num_blocks = -(-seq_lens[i] // metadata.block_size)
+            start, end = starts[i], starts[i + 1]
+            num_blocks = -(-seq_lens[i] // metadata.block_size)
+            if in_place and num_blocks >= LONG_CONTEXT_BLOCKS:
+                out[start:end] = attend_request(
+                    query[start:end], key[start:end], value[start:end], kv_cache, metadata.runs(i), seq_lens[i], scale
+                ).to(out.dtype)
+            elif end - start == 1:
                 buckets.setdefault((num_blocks - 1).bit_length(), []).append(i)
+            else:
+                self._prefill(query, kv_cache, metadata, i, scale, out)
         for rows in buckets.values():  # padding within a bucket wastes at most half of its keys
             self._decode(query, kv_cache, metadata, rows, scale, out)
-        for i in range(metadata.num_reqs):
-            if starts[i + 1] - starts[i] > 1:
-                self._prefill(query, kv_cache, metadata, i, scale, out)
         return out
 
     @staticmethod
