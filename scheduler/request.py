@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import bisect
 import enum
 
 from omnistream.scheduler.block_hash import BlockHash, ExtraKeys, hash_block_tokens
@@ -193,5 +194,15 @@ class Request:
 
     def _block_extra_keys(self, start: int, block_size: int) -> ExtraKeys:
         """The salt plus the identifiers of the media whose placeholders fall in this block."""
-        media = tuple(f.identifier for f in self.mm_features if f.overlaps(start, start + block_size))
-        return self.extra_keys + media
+        media = []
+        for index in range(self.first_media_ending_after(start), len(self.mm_features)):
+            feature = self.mm_features[index]
+            if feature.offset >= start + block_size:
+                break
+            media.append(feature.identifier)
+        return self.extra_keys + tuple(media)
+
+    def first_media_ending_after(self, position: int) -> int:
+        """Index of the first media item with placeholders at or after `position` (items never overlap and
+        are kept in offset order, so their ends are sorted too)."""
+        return bisect.bisect_right(self.mm_features, position, key=lambda feature: feature.end)

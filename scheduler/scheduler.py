@@ -290,7 +290,7 @@ class Scheduler:
             request.num_position_segments_sent = len(request.position_segments)
             request.sampling_params_sent = True
             request.resend_to_runner = False
-            self._release_encoder_outputs(request, request.num_computed_tokens)
+            self._release_encoder_outputs(request, request.num_computed_tokens, request.num_computed_tokens - num_tokens)
         self.finished_req_ids = set()
         return output
 
@@ -338,10 +338,11 @@ class Scheduler:
         end = start + num_tokens
         planned: list[int] = []
         planned_rows = 0
-        for index, feature in enumerate(request.mm_features):
+        for index in range(request.first_media_ending_after(start), len(request.mm_features)):
+            feature = request.mm_features[index]
             if feature.offset >= end:
                 break
-            if feature.end <= start or self.encoder_cache.lookup(request.request_id, feature.identifier):
+            if self.encoder_cache.lookup(request.request_id, feature.identifier):
                 continue
             fresh_budget = encoder_budget == self.config.max_num_encoder_tokens and not planned
             fits_budget = feature.length <= encoder_budget - planned_rows or fresh_budget
@@ -363,11 +364,14 @@ class Scheduler:
             rows += feature.length
         return rows
 
-    def _release_encoder_outputs(self, request: Request, computed_up_to: int) -> None:
-        """Media whose every row is computed (up to computed_up_to) are no longer needed by this request."""
-        for feature in request.mm_features:
-            if feature.end <= computed_up_to:
-                self.encoder_cache.release(request.request_id, feature.identifier)
+    def _release_encoder_outputs(self, request: Request, computed_up_to: int, computed_before: int = 0) -> None:
+        """Media whose every row is computed (up to computed_up_to) are no longer needed by this request;
+        those already wholly computed at computed_before were released then."""
+        for index in range(request.first_media_ending_after(computed_before), len(request.mm_features)):
+            feature = request.mm_features[index]
+            if feature.end > computed_up_to:
+                break
+            self.encoder_cache.release(request.request_id, feature.identifier)
 
     def _allocate_or_preempt(
         self, request: Request, num_tokens: int, preempted: list[Request], scheduled: dict[str, int]
