@@ -30,7 +30,10 @@ concurrency  For each N in --streams (default 1,2,4,8), N live sessions run conc
              it and every smaller N in the sweep hold is reported.
 
 A 600 s duration at 1x takes 10 minutes of wall time (plus its offline run): --quick runs 10, 30 and
-120 s at 1x. --speed > 1 shortens runs but the headline figures are the 1x ones.
+120 s at 1x. --speed > 1 shortens runs but the headline figures are the 1x ones. --fill-speed S (fast
+mode) appends all but the last chunk at S x real time (0: as fast as the engine takes them), waits until
+the engine has prefilled it all, then hands over the last chunk and measures the same end of speech ->
+first token (the session then holds what a 1x run holds at end of speech); --repeats N reports medians.
 
 Examples:
     python benchmarks/streaming.py latency --quick
@@ -140,11 +143,30 @@ async def first_token_after(stream, since: float) -> tuple[float | None, int]:
     return first, n
 
 
+async def prefill_then_last_chunk(llm, session, wave: np.ndarray, chunk: int, fill_speed: float) -> float:
+    """Fast mode: append all but the last chunk at fill_speed x real time (0: as fast as appends return),
+    wait until the engine has prefilled every token appended so far, then hand over the last chunk one
+    chunk period later. Returns the end-of-speech instant (when the last chunk was handed over)."""
+    base = (await llm.get_stats()).scheduler.num_live_prefill_tokens - session.positions.num_tokens
+    last = (len(wave) - 1) // chunk * chunk
+    await stream_audio(session, wave[:last], chunk, fill_speed or float("inf"), None)
+    while (await llm.get_stats()).scheduler.num_live_prefill_tokens - base < session.positions.num_tokens:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(chunk / SAMPLE_RATE)
+    eos = time.monotonic()
+    await session.append_audio(wave[last:], SAMPLE_RATE)
+    return eos
+
+
 async def streamed_turn(llm, wave, args, params) -> dict:
     session = await llm.open_session(system_prompt=SYSTEM, sampling_params=params, audio_window_s=args.window_s)
     try:
         lags: list[float] = []
-        eos = await stream_audio(session, wave, int(args.chunk_ms * SAMPLE_RATE / 1000), args.speed, lags)
+        chunk = int(args.chunk_ms * SAMPLE_RATE / 1000)
+        if getattr(args, "fill_speed", None) is None:
+            eos = await stream_audio(session, wave, chunk, args.speed, lags)
+        else:
+            eos = await prefill_then_last_chunk(llm, session, wave, chunk, args.fill_speed)
         t_commit = time.monotonic()
         stream = await session.commit(params)
         t_committed = time.monotonic()
@@ -174,18 +196,27 @@ async def run_latency(args: argparse.Namespace) -> dict:
         # warm-up: one short streamed turn and one short offline request
         await streamed_turn(llm, speech(2.0, 999), argparse.Namespace(**{**vars(args), "speed": 50.0}), params)
         await offline_request(llm, speech(2.0, 998), args, params)
+        samples: dict[float, list[tuple[dict, dict]]] = {seconds: [] for seconds in args.durations}
+        started = time.monotonic()
+        for repeat in range(args.repeats):  # repeats interleave the durations, so noise hits them alike
+            for seconds in args.durations:
+                seed = int(seconds) * 2 + 1 + 10_000 * repeat  # fresh audio: no encoder-cache reuse
+                streamed = await streamed_turn(llm, speech(seconds, seed), args, params)
+                offline = await offline_request(llm, speech(seconds, seed + 1), args, params)
+                samples[seconds].append((streamed, offline))
+                print(f"  {seconds:g} s done: streaming {ms(streamed['eos_to_first_s'])} ms, "
+                      f"offline {ms(offline['first_token_s'])} ms", file=sys.stderr, flush=True)
         rows = []
-        for seconds in args.durations:
-            started = time.monotonic()
-            streamed = await streamed_turn(llm, speech(seconds, int(seconds) * 2 + 1), args, params)
-            offline = await offline_request(llm, speech(seconds, int(seconds) * 2 + 2), args, params)
-            s, o = streamed["eos_to_first_s"], offline["first_token_s"]
-            row = {"audio_s": seconds, "speed": args.speed, "streaming_eos_to_first_s": s,
-                   "offline_first_s": o, "ratio": (s / o) if s and o else None,
-                   "commit_call_s": streamed["commit_call_s"], "append_lag_p99_s": streamed["append_lag_p99_s"],
-                   "wall_s": time.monotonic() - started}
-            rows.append(row)
-            print(f"  {seconds:g} s done: streaming {ms(s)} ms, offline {ms(o)} ms", file=sys.stderr, flush=True)
+        for seconds, pairs in samples.items():
+            streaming = [p[0]["eos_to_first_s"] for p in pairs]
+            offline_s = [p[1]["first_token_s"] for p in pairs]
+            s, o = statistics.median(streaming), statistics.median(offline_s)
+            rows.append({"audio_s": seconds, "speed": args.speed, "fill_speed": args.fill_speed,
+                         "streaming_eos_to_first_s": s, "offline_first_s": o, "ratio": s / o,
+                         "streaming_samples_s": streaming, "offline_samples_s": offline_s,
+                         "commit_call_s": statistics.median(p[0]["commit_call_s"] for p in pairs),
+                         "append_lag_p99_s": max((p[0]["append_lag_p99_s"] or 0.0) for p in pairs)})
+        print(f"  all done in {time.monotonic() - started:.0f} s", file=sys.stderr, flush=True)
         return {"mode": "latency", "config": _config(args), "rows": rows, "checks": _latency_checks(rows)}
     finally:
         llm.shutdown()
@@ -205,9 +236,11 @@ def _latency_checks(rows: list[dict]) -> dict:
 
 
 def print_latency(result: dict) -> None:
-    speed = result["config"]["speed"]
-    print(f"\nEnd of speech -> first token (audio paced at {speed:g}x real time, "
-          f"{result['config']['chunk_ms']:g} ms chunks, window {result['config']['window_s']:g} s)")
+    cfg = result["config"]
+    pacing = (f"paced at {cfg['speed']:g}x real time" if cfg["fill_speed"] is None else
+              f"fast mode: all but the last chunk prefilled at {cfg['fill_speed'] or 'full'} speed")
+    print(f"\nEnd of speech -> first token (audio {pacing}, {cfg['chunk_ms']:g} ms chunks, window "
+          f"{cfg['window_s']:g} s; medians of {cfg['repeats']})")
     print(f"{'audio s':>8} {'streaming ms':>13} {'offline ms':>11} {'ratio':>7} {'append p99 ms':>14}")
     for r in result["rows"]:
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.3f}"
@@ -322,7 +355,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                      help="comma-separated audio lengths in seconds (default 10,30,120,600; 600 s at 1x = 10 min)")
     lat.add_argument("--quick", action="store_true", help="preset: durations 10,30,120 at 1x real time")
     lat.add_argument("--speed", type=float, default=1.0, help="pacing, x real time (default 1; headline figures: 1)")
+    lat.add_argument("--fill-speed", type=float, default=None,
+                     help="fast mode: append all but the last chunk at this x real time (0: as fast as the engine "
+                          "takes them), wait until it is prefilled, then time the last chunk -> first token")
     lat.add_argument("--max-tokens", type=int, default=8, help="answer length (greedy; default 8)")
+    lat.add_argument("--repeats", type=int, default=1, help="runs per duration, reported as medians (default 1)")
 
     con = sub.add_parser("concurrency", parents=[common], help="sweep of concurrent live streams")
     con.add_argument("--streams", type=_ints, default=[1, 2, 4, 8], help="comma-separated stream counts (default 1,2,4,8)")
