@@ -16,6 +16,7 @@ from omnistream.engine.grpc_server.errors import invalid
 from omnistream.engine.outputs import Logprob, PositionLogprobs, RequestOutput
 from omnistream.engine.server.protocol import MAX_N, MAX_TOP_LOGPROBS
 from omnistream.multimodal.audio import load_audio
+from omnistream.multimodal.chat_media import UrlFetcher
 from omnistream.multimodal.errors import MediaLimitError
 from omnistream.multimodal.mel import num_mel_frames
 from omnistream.multimodal.processor import FRAMES_PER_SECOND, SAMPLE_RATE
@@ -74,9 +75,9 @@ def media_options(message: pb.MediaOptions) -> dict[str, Any]:
     return {name: getattr(message, name) for name in _MEDIA_OPTIONS if message.HasField(name)}
 
 
-def generate_prompt(llm: Any, request: pb.GenerateRequest) -> tuple[dict[str, Any], float]:
-    """The engine prompt (text or ids + media) and the seconds of audio it carries; decodes media, so
-    it runs off the event loop."""
+def generate_prompt(llm: Any, request: pb.GenerateRequest, fetch_url: UrlFetcher) -> tuple[dict[str, Any], float]:
+    """The engine prompt (text or ids + media) and the seconds of audio it carries; fetches media URLs
+    (`fetch_url`: the server's media policy) and decodes media, so it runs off the event loop."""
     kind = request.WhichOneof("prompt")
     if kind is None:
         raise invalid("prompt: give one of text, chat or token_ids")
@@ -97,7 +98,7 @@ def generate_prompt(llm: Any, request: pb.GenerateRequest) -> tuple[dict[str, An
         if bad is not None:
             raise invalid(f"token_ids: token id {bad} is outside the vocabulary (0..{vocab - 1})")
         prompt, items = {"prompt_token_ids": ids}, list(request.media)
-    media, seconds = _load_media(llm, items)
+    media, seconds = _load_media(llm, items, fetch_url)
     prompt["multi_modal_data"] = media
     prompt["mm_processor_kwargs"] = media_options(request.media_options)
     return prompt, seconds
@@ -132,9 +133,9 @@ def media_modality(item: pb.MediaItem, field: str) -> str:
     return modality
 
 
-def _load_media(llm: Any, items: list[pb.MediaItem]) -> tuple[dict[str, list[Any]], float]:
+def _load_media(llm: Any, items: list[pb.MediaItem], fetch_url: UrlFetcher) -> tuple[dict[str, list[Any]], float]:
     """multi_modal_data for the items (audio decoded here, once, to report its seconds); counts are
-    checked before anything is decoded."""
+    checked before anything is fetched or decoded."""
     fields = [f"media[{i}]" for i in range(len(items))]
     modalities = [media_modality(item, field) for item, field in zip(items, fields)]
     limits = llm.input_processor.limits.max_items
@@ -145,12 +146,9 @@ def _load_media(llm: Any, items: list[pb.MediaItem]) -> tuple[dict[str, list[Any
     media: dict[str, list[Any]] = {}
     seconds = 0.0
     for item, field, modality in zip(items, fields, modalities):
-        if item.WhichOneof("source") != "data":
-            raise invalid(f"{field}: media URLs are not fetched yet (the remote media policy is not "
-                          "implemented); send the file's bytes in `data`")
-        source: Any = item.data
+        source: Any = item.data if item.WhichOneof("source") == "data" else fetch_url(item.url, modality)
         if modality == "audio":
-            wave = load_audio(item.data)
+            wave = load_audio(source)
             seconds += num_mel_frames(len(wave)) / FRAMES_PER_SECOND
             source = (wave, SAMPLE_RATE)
         media.setdefault(modality, []).append(source)

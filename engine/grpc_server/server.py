@@ -22,6 +22,7 @@ from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.engine.grpc_server.auth import ApiKeyInterceptor
 from omnistream.engine.grpc_server.servicer import OmnistreamServicer
 from omnistream.engine.server.app import DEFAULT_MAX_BODY_BYTES, DEFAULT_MODEL_NAME
+from omnistream.multimodal.media_fetch import MediaPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -30,9 +31,10 @@ _HEALTH_POLL_S = 1.0
 
 
 class GrpcServer:
-    def __init__(self, llm: Any, args: argparse.Namespace) -> None:
+    def __init__(self, llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | None = None) -> None:
         self.llm = llm
         self.args = args
+        self.media_policy = media_policy or MediaPolicy.from_args(args)  # media URLs: the HTTP server's rules
         self.port: int | None = None  # the bound port (args.grpc_port may be 0: any free port)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopping: asyncio.Event | None = None
@@ -84,7 +86,7 @@ class GrpcServer:
         )
         root = getattr(args, "model", None) or DEFAULT_MODEL_NAME
         names = list(getattr(args, "served_model_name", None) or [root])
-        pb_grpc.add_OmnistreamServicer_to_server(OmnistreamServicer(self.llm, names, root), server)
+        pb_grpc.add_OmnistreamServicer_to_server(OmnistreamServicer(self.llm, names, root, self.media_policy.fetch), server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

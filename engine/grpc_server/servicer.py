@@ -31,6 +31,7 @@ from omnistream.engine.grpc_server.protocol import (
 from omnistream.engine.grpc_server.session import LiveSession
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.server.completions import Choices
+from omnistream.multimodal.chat_media import UrlFetcher
 
 T = TypeVar("T")
 
@@ -59,10 +60,11 @@ def _streaming(method: Callable) -> Callable:
 
 
 class OmnistreamServicer(pb_grpc.OmnistreamServicer):
-    def __init__(self, llm: Any, served_model_names: list[str], root: str) -> None:
+    def __init__(self, llm: Any, served_model_names: list[str], root: str, fetch_url: UrlFetcher) -> None:
         self.llm = llm
         self.names = served_model_names
         self.root = root
+        self.fetch_url = fetch_url
         self._running: dict[str, asyncio.Event] = {}  # engine request id -> set by Abort
 
     def check_model(self, model: str) -> None:
@@ -80,7 +82,7 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
             raise invalid(f"request_id: {client_id!r} is already running")
         aborted = self._running[engine_id] = asyncio.Event()
         try:
-            prompt, seconds = await asyncio.to_thread(generate_prompt, self.llm, request)
+            prompt, seconds = await asyncio.to_thread(generate_prompt, self.llm, request, self.fetch_url)
             choices = await Choices.start(self.llm, [(prompt, p) for p in params], engine_id)
             answers = _Answers(self.llm, client_id, choices.first, seconds, request.logprobs
                                if request.HasField("logprobs") else None)

@@ -266,7 +266,7 @@ def _user(*parts: pb.ContentPart) -> pb.ChatMessages:
         (_bad(text="hello " * (MAX_MODEL_LEN + 10)), grpc.StatusCode.INVALID_ARGUMENT, "max_model_len"),
         (_bad(text=None, token_ids=pb.TokenIds(ids=[10**9])), grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
         (_bad(media=[pb.MediaItem(url="https://example.com/a.wav", mime_type="audio/wav")]),
-         grpc.StatusCode.INVALID_ARGUMENT, "not fetched"),
+         grpc.StatusCode.INVALID_ARGUMENT, "--allowed-media-domains"),  # remote fetching is off by default
         (_bad(media=[pb.MediaItem(data=b"x", mime_type="text/plain")]), grpc.StatusCode.INVALID_ARGUMENT, "mime_type"),
         (_bad(text=AUDIO, media=[pb.MediaItem(data=b"RIFF0000WAVEnot really", mime_type="audio/wav")]),
          grpc.StatusCode.INVALID_ARGUMENT, "audio"),

@@ -1,20 +1,25 @@
 """Media URLs through the real server and the official openai client: an http URL on an allow-listed host
 (mapped to a loopback test server by the injected resolver) and a file under the allowed directory give
 the same answer as the same bytes sent inline; URLs the policy refuses give a 400 OpenAI error body that
-names the rule and leaks no address or path."""
+names the rule and leaks no address or path; gRPC media URLs go through the same policy."""
 
 from __future__ import annotations
 
+import argparse
 import base64
 
+import grpc
 import openai
 import pytest
 
+from omnistream.engine.grpc_gen import omnistream_pb2 as pb
+from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
+from omnistream.engine.grpc_server import GrpcServer
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME
 from omnistream.multimodal.media_fetch import MediaPolicy
 from tests.multimodal.media_server import WITHOUT_LOOPBACK, Reply, Resolver, media_server
 
-from .server_fixture import openai_client, png_data_url, running_server, wav_base64
+from .server_fixture import API_KEY, openai_client, png_data_url, running_server, wav_base64
 
 PNG_URL = png_data_url()
 PNG = base64.b64decode(PNG_URL.partition(",")[2])
@@ -42,12 +47,33 @@ def media_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def client(media_host, media_root):
-    policy = MediaPolicy(allowed_domains=("media.test",), allowed_local_path=media_root,
-                         blocked_networks=WITHOUT_LOOPBACK, resolver=Resolver({"media.test": ["127.0.0.1"], "inside.media.test": [PRIVATE]}))
+def policy(media_root):
+    return MediaPolicy(allowed_domains=("media.test",), allowed_local_path=media_root,
+                       blocked_networks=WITHOUT_LOOPBACK,
+                       resolver=Resolver({"media.test": ["127.0.0.1"], "inside.media.test": [PRIVATE]}))
+
+
+@pytest.fixture(scope="module")
+def server(media_host, policy):
     with running_server("--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "128",
-                        "--max-num-batched-tokens", "256", media_policy=policy) as server:
-        yield openai_client(server)
+                        "--max-num-batched-tokens", "256", media_policy=policy) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
+
+
+@pytest.fixture(scope="module")
+def grpc_stub(server, policy):
+    grpc_server = GrpcServer(server.llm, argparse.Namespace(**{**vars(server.args), "grpc_port": 0}), policy)
+    port = grpc_server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.OmnistreamStub(channel)
+    finally:
+        grpc_server.stop(grace=1)
 
 
 def _ask(client: openai.OpenAI, part: dict) -> object:
@@ -94,3 +120,19 @@ def test_refused_urls_are_400_error_bodies(client, media_host, media_root, where
     for secret in ("127.0.0.1", PRIVATE, str(media_root.parent), "/etc"):
         assert secret not in error["message"]
     assert len(media_host.seen) - requests_before == (1 if where.startswith("{media}") else 0)
+
+
+def _generate(stub, item: pb.MediaItem) -> str:
+    request = pb.GenerateRequest(text="<|audio_start|><|audio_pad|><|audio_end|>What is this?", media=[item],
+                                 sampling=pb.SamplingParams(max_tokens=6, temperature=0.0))
+    return "".join(response.text for response in stub.Generate(request, metadata=[("authorization", f"Bearer {API_KEY}")]))
+
+
+def test_grpc_media_urls_follow_the_same_policy(grpc_stub, media_host):
+    fetched = _generate(grpc_stub, pb.MediaItem(url=media_host.url("/audio.wav"), mime_type="audio/wav"))
+    assert fetched == _generate(grpc_stub, pb.MediaItem(data=WAV, mime_type="audio/wav"))
+    with pytest.raises(grpc.RpcError) as refused:
+        _generate(grpc_stub, pb.MediaItem(url=f"http://inside.media.test:{media_host.port}/audio.wav",
+                                          mime_type="audio/wav"))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "address" in refused.value.details()
+    assert PRIVATE not in refused.value.details()
