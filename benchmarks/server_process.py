@@ -31,7 +31,8 @@ class ServerProcess:
     def __init__(self, name: str, argv: list[str], port: int, log_path: Path, env: dict[str, str] | None = None,
                  ready_timeout_s: float = 600.0, stop_timeout_s: float = 30.0) -> None:
         self.name, self.argv, self.port, self.log_path = name, argv, port, log_path
-        self.env = {**os.environ, **(env or {})}
+        self.extra_env = dict(env or {})
+        self.env = {**os.environ, **self.extra_env}
         self.ready_timeout_s, self.stop_timeout_s = ready_timeout_s, stop_timeout_s
         self.url = f"http://127.0.0.1:{port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -84,15 +85,23 @@ class ServerProcess:
 
     def stop(self) -> None:
         """SIGTERM to the group, SIGKILL to whatever of it and its descendants is left after the grace
-        period; idempotent."""
+        period; idempotent. Ctrl-C and SIGTERM are held until it is done (then they act as usual)."""
         if self.process is None:
             return
-        group = self.process.pid  # start_new_session: the group id is the leader's pid
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})  # a 2nd Ctrl-C waits
+        try:
+            self._stop_processes(self.process)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        self.process = None
+
+    def _stop_processes(self, process: subprocess.Popen[bytes]) -> None:
+        group = process.pid  # start_new_session: the group id is the leader's pid
         descendants = _descendants(group)
         _signal_group(group, signal.SIGTERM)
         deadline = time.monotonic() + self.stop_timeout_s
         try:
-            self.process.wait(timeout=self.stop_timeout_s)
+            process.wait(timeout=self.stop_timeout_s)
         except subprocess.TimeoutExpired:
             pass
         while (_group_alive(group) or _any_alive(descendants)) and time.monotonic() < deadline:
@@ -105,8 +114,7 @@ class ServerProcess:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-        self.process.wait()
-        self.process = None
+        process.wait()
 
 
 def _stat_fields(pid: int) -> list[str] | None:

@@ -41,7 +41,8 @@ def run(tmp_path_factory):
     argv = [sys.executable, str(BENCHMARKS / "compare_servers.py"), "--no-vllm",
             "--max-concurrency", ",".join(map(str, LEVELS)), "--num-prompts", str(NUM_PROMPTS), "--input-len", "8",
             "--output-len", str(OUTPUT_LEN), "--num-warmups", "0", "--agreement-prompts", "1",
-            "--agreement-tokens", "2", "--max-model-len", "64", "--max-num-batched-tokens", "64", "--out", str(out)]
+            "--agreement-tokens", "2", "--max-model-len", "64", "--max-num-batched-tokens", "64", "--omnistream-threads", "1",
+            "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "VLLM_PYTHON": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
@@ -56,6 +57,7 @@ def test_json_has_every_key_and_sane_values(run):
     assert set(result["servers"]) == {"omnistream"} and result["agreement"] is None
     assert result["versions"]["torch"] and result["versions"]["omnistream"]
     ours = result["servers"]["omnistream"]
+    assert ours["env"]["OMP_NUM_THREADS"] == "1" and "--no-enable-prefix-caching" in ours["command"]
     assert ours["startup_s"] > 0 and len(ours["loadavg_before"]) == 3 and len(ours["loadavg_after"]) == 3
     assert len(ours["greedy_texts"]) == 1 and ours["greedy_texts"][0]
     assert [level["max_concurrency"] for level in ours["levels"]] == list(LEVELS)
