@@ -196,20 +196,22 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "system_prompt", "sampling", "audio_format", "sample_rate", "audio_window_s")
+    __slots__ = ("model", "system_prompt", "sampling", "audio_format", "sample_rate", "audio_window_s", "video_fps")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FORMAT_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
+    VIDEO_FPS_FIELD_NUMBER: _ClassVar[int]
     model: str
     system_prompt: str
     sampling: SamplingParams
     audio_format: AudioFormat
     sample_rate: int
     audio_window_s: float
-    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., audio_format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate: _Optional[int] = ..., audio_window_s: _Optional[float] = ...) -> None: ...
+    video_fps: float
+    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., audio_format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate: _Optional[int] = ..., audio_window_s: _Optional[float] = ..., video_fps: _Optional[float] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)

@@ -24,6 +24,7 @@ from omnistream.engine.session import StreamingSession
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_SAMPLE_RATE = 16_000
 DEFAULT_WINDOW_S = 2.0
+DEFAULT_VIDEO_FPS = 2.0
 _END = object()  # the outbox's last item
 
 
@@ -70,7 +71,7 @@ class LiveSession:
             raise invalid(f"config.audio_format: unknown format {config.audio_format}")
         self.session = await self.llm.open_session(
             config.system_prompt or None, self.params, config.audio_window_s or DEFAULT_WINDOW_S,
-            session_id=f"grpc-session-{uuid.uuid4().hex}",
+            session_id=f"grpc-session-{uuid.uuid4().hex}", video_fps=config.video_fps or DEFAULT_VIDEO_FPS,
         )
         return pb.SessionOutput(started=pb.SessionStarted(session_id=self.session.session_id))
 
@@ -123,14 +124,17 @@ class LiveSession:
             await self.answer
         stream = await self.session.commit(params)
         self.turn += 1
-        prompt = (self.session.positions.num_tokens, self.session.num_audio_tokens)  # the conversation so far
+        prompt = (self.session.positions.num_tokens, self.session.num_audio_tokens,  # the conversation so far
+                  self.session.num_video_tokens)
         sample_bytes = 2 if self.audio_format == pb.AUDIO_FORMAT_PCM16 else 4
         seconds, self.turn_bytes = self.turn_bytes // sample_bytes / self.sample_rate, 0
         self._send(turn_started=pb.TurnStarted(turn=self.turn))
         self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds))
 
-    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int], seconds: float) -> None:
-        """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens) at its commit."""
+    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int, int],
+                    seconds: float) -> None:
+        """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens, video tokens) at its
+        commit."""
         sent_text = sent_tokens = 0
         try:
             async with contextlib.aclosing(stream):

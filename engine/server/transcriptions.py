@@ -151,8 +151,8 @@ async def create_transcription(llm: Any, raw: Request, model_name: Callable[[str
         model_name(_text_field(form, "model") or None)
         response_format = _text_field(form, "response_format") or "json"
         if response_format not in RESPONSE_FORMATS:
-            raise APIError(400, f"response_format {response_format!r} is not supported; use one of {list(RESPONSE_FORMATS)}",
-                           param="response_format")
+            raise APIError(400, f"response_format {response_format!r} is not supported; use one of "
+                                f"{list(RESPONSE_FORMATS)}", param="response_format")
         language = _text_field(form, "language") or None
         user_prompt = _text_field(form, "prompt") or None
         temperature = _float_field(form, "temperature", 0.0)

@@ -86,7 +86,8 @@ def test_session_with_video_frames_answers_like_the_offline_video_with_audio(ser
     speech = _speech(2.6)
     frames = np.random.default_rng(4).integers(0, 256, (5, 64, 96, 3), dtype=np.uint8)
     t0 = 31.5  # seconds since the session started: a segment's clock starts at its first frame
-    config = pb.SessionConfig(system_prompt=SYSTEM, audio_window_s=2, audio_format=pb.AUDIO_FORMAT_PCM16,
+    config = pb.SessionConfig(system_prompt=SYSTEM, audio_window_s=2, video_fps=FPS,
+                              audio_format=pb.AUDIO_FORMAT_PCM16,
                               sample_rate=16000, sampling=pb.SamplingParams(max_tokens=8, temperature=0.0,
                                                                            ignore_eos=True))
     inputs = _Inputs()
@@ -131,6 +132,9 @@ def test_session_with_video_frames_answers_like_the_offline_video_with_audio(ser
     expected = asyncio.run(offline())
     assert len(answer) == 8 and answer == expected.outputs[0].token_ids
     ended = seen[-1].turn_ended
-    assert ended.usage.prompt_tokens == len(expected.prompt_token_ids)
+    ids, pads = expected.prompt_token_ids, llm.input_processor.token_ids
+    assert ended.usage.prompt_tokens == len(ids)
+    assert (ended.usage.video_tokens, ended.usage.audio_tokens) == (ids.count(pads.video_pad), ids.count(pads.audio_pad))
+    assert ended.usage.text_tokens == len(ids) - ended.usage.video_tokens - ended.usage.audio_tokens
     stats = wait_until_idle(llm)
     assert stats.num_free_blocks == NUM_BLOCKS and stats.num_requests == 0

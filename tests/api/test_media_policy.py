@@ -125,7 +125,8 @@ def test_refused_urls_are_400_error_bodies(client, media_host, media_root, where
 def _generate(stub, item: pb.MediaItem) -> str:
     request = pb.GenerateRequest(text="<|audio_start|><|audio_pad|><|audio_end|>What is this?", media=[item],
                                  sampling=pb.SamplingParams(max_tokens=6, temperature=0.0))
-    return "".join(response.text for response in stub.Generate(request, metadata=[("authorization", f"Bearer {API_KEY}")]))
+    metadata = [("authorization", f"Bearer {API_KEY}")]
+    return "".join(response.text for response in stub.Generate(request, metadata=metadata))
 
 
 def test_grpc_media_urls_follow_the_same_policy(grpc_stub, media_host):
