@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--grpc-port", type=int, default=None,
                      help="also serve the gRPC API (omnistream.v1) on this port, on the same engine (0: any free port)")
     srv.add_argument("--grpc-only", action="store_true", help="serve only the gRPC API (needs --grpc-port)")
-    srv.set_defaults(handler=_serve)
+    srv.set_defaults(handler=_serve, log_level="info")  # a server says where it listens
     gen = sub.add_parser("generate", help="run a generation offline and print it")
     _add_engine_args(gen)
     gen.add_argument("--prompt", action="append", help="a prompt (repeat for several)")

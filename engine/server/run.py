@@ -69,12 +69,21 @@ def serve(args: argparse.Namespace) -> int:
         if grpc_only:
             _wait_for_signal()
         else:
+            _absorb_stop_signals()
             server.run()
     finally:
         if grpc_server is not None:
             grpc_server.stop(grace=GRACEFUL_SHUTDOWN_S)
         llm.shutdown()
     return 0
+
+
+def _absorb_stop_signals() -> None:
+    """SIGINT/SIGTERM do nothing by themselves from now on. uvicorn handles them while it serves and, once it has
+    drained, raises the one that stopped it again: with the default handlers that would end the process before
+    the gRPC server and the engine core are stopped in order (and exit non-zero)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
 
 
 def _wait_for_signal() -> None:

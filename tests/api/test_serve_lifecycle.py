@@ -28,7 +28,7 @@ def _running(pid: int) -> bool:
 def _start_server() -> tuple[subprocess.Popen, list[str]]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "omnistream.engine.cli", "serve", "--port", "0", "--api-key", API_KEY,
-         "--dtype", "float32", "--num-kv-blocks", "64"],
+         "--dtype", "float32", "--num-kv-blocks", "64", "--log-level", "info"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )
     lines: list[str] = []
@@ -36,7 +36,7 @@ def _start_server() -> tuple[subprocess.Popen, list[str]]:
     return proc, lines
 
 
-def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen, timeout: float = 300) -> re.Match:
+def _wait_for(lines: list[str], pattern: str, proc: subprocess.Popen, timeout: float = 120) -> re.Match:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         for line in list(lines):
