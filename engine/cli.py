@@ -25,6 +25,9 @@ def _add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-kv-blocks", type=int, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks, one per device")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch CPU threads of the engine (default: all cores; serve: all but one, kept for "
+                             "the front end)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -77,6 +80,7 @@ def _generate(args: argparse.Namespace) -> int:
         num_kv_blocks=args.num_kv_blocks,
         seed=args.seed,
         tensor_parallel_size=args.tensor_parallel_size,
+        cpu_threads=args.cpu_threads,
     )
     params = SamplingParams(
         max_tokens=args.max_tokens,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import itertools
 import logging
 import os
@@ -187,6 +188,8 @@ class MPCoreClient(CoreClient):
         self._closing = False
         lifeline_read, self._lifeline = os.pipe()  # the core sees EOF on it when we die
         self._exit_pipe, exit_write = os.pipe()  # we see EOF on it when the core dies (it holds the write end)
+        if config.cpu_threads is None:
+            config = dataclasses.replace(config, cpu_threads=max(1, len(os.sched_getaffinity(0)) - 1))
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "omnistream.engine.core_process", "--commands", command_address,
              "--events", event_address, "--lifeline-fd", str(lifeline_read),

@@ -126,6 +126,7 @@ class Ready(msgspec.Struct, tag=True):
     max_model_len: int
     executor: str  # the executor class, e.g. UniProcExecutor
     num_kv_blocks: int
+    cpu_threads: int  # torch CPU threads of the core
 
 
 class StartupFailed(msgspec.Struct, tag=True):

@@ -6,6 +6,8 @@ thing whichever carries it. Commands run between steps, never during one.
 
 from __future__ import annotations
 
+import torch
+
 from omnistream.engine.core_messages import (
     AbortRequests,
     AddRequest,
@@ -37,7 +39,7 @@ class CoreService:
     def ready(self) -> Ready:
         executor = self.engine.executor
         return Ready(max_model_len=self.engine.max_model_len, executor=type(executor).__name__,
-                     num_kv_blocks=executor.num_kv_blocks)
+                     num_kv_blocks=executor.num_kv_blocks, cpu_threads=torch.get_num_threads())
 
     def apply(self, command: Command | Batch) -> EngineStats | SessionTailValue | None:
         """Apply one command (or a batch, in order); raises what the engine raises (ValueError: bad input)."""

@@ -25,6 +25,9 @@ class EngineConfig:
     seed: int = 0
     tensor_parallel_size: int = 1  # ranks (one per device); > 1 spawns worker processes (see engine/executor.py)
     distributed_timeout_s: float = 300.0  # a collective or worker start that takes longer ends the engine
+    # torch CPU threads of the engine; None: torch's default (all cores), or all but one when the engine core
+    # runs in its own process beside a serving front end (which needs a core of its own)
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -36,6 +39,8 @@ class EngineConfig:
             raise ValueError(f"num_kv_blocks must be positive, got {self.num_kv_blocks}")
         if not self.distributed_timeout_s > 0:
             raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be positive, got {self.cpu_threads}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

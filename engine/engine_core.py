@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
+import torch
+
 from omnistream.engine.default_model import default_model_path
 from omnistream.engine.engine_config import EngineConfig
 from omnistream.engine.executor import make_executor
@@ -21,6 +23,8 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.model_path = str(config.model or default_model_path())
         self.tokenizer = Tokenizer(self.model_path)
         self.eos_token_ids = list(self.tokenizer.eos_token_ids)

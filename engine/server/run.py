@@ -30,7 +30,7 @@ GRACEFUL_SHUTDOWN_S = 30
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig fields from the shared command-line engine flags."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size")
+             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads")
     return {name: getattr(args, name) for name in names}
 
 

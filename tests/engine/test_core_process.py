@@ -122,3 +122,8 @@ def test_the_core_exits_when_its_front_end_dies():
     while time.monotonic() < deadline and _running(core):
         time.sleep(0.1)
     assert not _running(core)
+
+
+def test_the_core_process_leaves_a_core_to_the_front_end(engines):
+    _, separate = engines
+    assert separate.core.ready.cpu_threads == max(1, len(os.sched_getaffinity(0)) - 1)
