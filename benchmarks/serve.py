@@ -1,6 +1,7 @@
 """Online serving benchmark: an asyncio load generator against any OpenAI-compatible server (omnistream,
 vLLM, SGLang) and omnistream's gRPC API. It only measures from the client side; it never imports the
-engine (the gRPC backends, in serve_grpc.py, import only the generated client stubs).
+engine (the gRPC backends, in serve_grpc.py, import only the generated client stubs; the realtime backend is in
+serve_realtime.py).
 
     python benchmarks/serve.py --base-url http://127.0.0.1:8000 --backend openai-chat \
         --dataset-name random,image,audio --num-prompts 200 --request-rate 8 --max-concurrency 32 \
@@ -9,17 +10,21 @@ engine (the gRPC backends, in serve_grpc.py, import only the generated client st
     python benchmarks/serve.py --backend grpc --grpc-target 127.0.0.1:50051 --dataset-name random,audio,image,video
     python benchmarks/serve.py --backend grpc-session --grpc-target 127.0.0.1:50051 --audio-seconds 5:15 \
         --max-concurrency 4 --num-prompts 16 --random-output-len 16 --ignore-eos
+    python benchmarks/serve.py --backend realtime --base-url http://127.0.0.1:8000 --model omnistream-tiny \
+        --audio-seconds 5:15 --max-concurrency 4 --num-prompts 16 --random-output-len 16
 
 Backends: `openai-chat` and `openai-completions` stream SSE (`stream_options.include_usage`); `grpc` makes
 one streamed Generate call per request (chat prompt, media as bytes; a JSONL `prompt` string is a raw text
 prompt); `grpc-session` opens one live Session per request, streams its speech (dataset `audio` only: the
 WAV's PCM16 samples) in `--chunk-ms` chunks (default 100), each sent once its audio exists at `--pace` x
-real time (default 1), then commits and half-closes. `realtime` is reserved for the WebSocket driver.
+real time (default 1), then commits and half-closes; `realtime` does the same over one `/v1/realtime`
+WebSocket per request (OpenAI Realtime GA events, no turn detection: input_audio_buffer.append per chunk,
+then commit and response.create; `--model` is required; `--extra-body` keys go into session.update).
 TTFT is the time to the first non-empty text delta, ITL the gaps between later deltas, E2EL the whole
-request (for grpc-session all three count from the first audio chunk), TPOT = (E2EL - TTFT) /
+request (for the live backends all three count from the first audio chunk), TPOT = (E2EL - TTFT) /
 (output_tokens - 1) where output_tokens comes from the final usage (the number of deltas when a server
 sends no usage). Arrivals are Poisson at `--request-rate` (gamma with shape `--burstiness`), capped at
-`--max-concurrency` in flight (for grpc-session: concurrent live streams); `--num-warmups` requests go
+`--max-concurrency` in flight (for the live backends: concurrent live streams); `--num-warmups` requests go
 first and are not measured.
 
 Datasets (`--dataset-name`, several comma-separated are interleaved round-robin): `random` (text of
@@ -43,16 +48,16 @@ The JSON result (`--save-result`) has the keys of `vllm bench serve`:
 written). Input lengths are the server's `usage.prompt_tokens` (the
 chat template and media tokens included) when it reports them, else the dataset's text token count.
 
-`--backend grpc-session` adds the live-audio keys:
+`--backend grpc-session` and `--backend realtime` add the live-audio keys:
     total_audio_seconds audio_seconds_per_s eos_ttfts chunk_lags max_chunk_lag_ms
     {mean,median,std,p50,p90,p99}_{eos_ttft,chunk_lag}_ms
 where eos_ttft is end of speech (the instant the last chunk's audio existed) -> the first answer token,
 chunk_lag how long after its due time (the instant its audio existed) each chunk's send completed (it
-grows when the server stops reading: gRPC flow control then blocks the writer), audio_seconds_per_s the
+grows when the server stops reading: gRPC or TCP flow control then blocks the writer), audio_seconds_per_s the
 audio of the completed streams divided by the duration, eos_ttfts one value per request and chunk_lags
 one list per request (seconds).
 
-`--plot` writes latency CDFs (TTFT, TPOT, ITL, E2EL; grpc-session adds EOS_TTFT and CHUNK_LAG) as PNGs;
+`--plot` writes latency CDFs (TTFT, TPOT, ITL, E2EL; the live backends add EOS_TTFT and CHUNK_LAG) as PNGs;
 it needs matplotlib, which is not a runtime dependency: `pip install matplotlib` (it is in the `test`
 extra).
 """
@@ -83,11 +88,14 @@ import httpx
 import numpy as np
 from tqdm import tqdm
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the backend drivers beside this file
+
 BACKENDS = ("openai-chat", "openai-completions", "grpc", "grpc-session", "realtime")
 ENDPOINTS = {"openai-chat": "/v1/chat/completions", "openai-completions": "/v1/completions"}
+LIVE_BACKENDS = ("grpc-session", "realtime")  # speech streamed at real time, then one answer
 DATASETS = ("random", "audio", "image", "video", "jsonl")
 METRICS = ("ttft", "tpot", "itl", "e2el")
-SESSION_METRICS = ("eos_ttft", "chunk_lag")  # grpc-session only
+SESSION_METRICS = ("eos_ttft", "chunk_lag")  # the live backends only
 _FALLBACK_WORDS = (
     "time person year way day thing man world life hand part child eye woman place work week case point "
     "number group problem fact water room mother area money story month lot right study book job word "
@@ -123,9 +131,9 @@ class RequestResult:
     itl: list[float] = field(default_factory=list)
     delta_times: list[float] = field(default_factory=list)  # seconds after the benchmark started
     generated_text: str = ""
-    eos_ttft: float = 0.0  # grpc-session: end of speech -> first token
-    audio_seconds: float = 0.0  # grpc-session: the audio streamed
-    chunk_lags: list[float] = field(default_factory=list)  # grpc-session: seconds each chunk was sent after its due time
+    eos_ttft: float = 0.0  # live backends: end of speech -> first token
+    audio_seconds: float = 0.0  # live backends: the audio streamed
+    chunk_lags: list[float] = field(default_factory=list)  # live backends: seconds each chunk was sent after its due time
     _clock: tuple[float, float] = (0.0, 0.0)  # (perf_counter at begin, at the last delta)
     _parts: list[str] = field(default_factory=list)
 
@@ -294,8 +302,8 @@ def _jsonl_requests(path: str) -> list[SampleRequest]:
 def sample_requests(args: argparse.Namespace, count: int, text: TextSource | None = None) -> list[SampleRequest]:
     """`count` requests interleaving the named datasets, reproducible from --seed."""
     names = args.dataset_name
-    chat = args.backend in ("openai-chat", "grpc", "grpc-session")
-    live = args.backend == "grpc-session"
+    chat = args.backend in ("openai-chat", "grpc", *LIVE_BACKENDS)
+    live = args.backend in LIVE_BACKENDS
     rng = random.Random(args.seed)
     text = text or TextSource(args.tokenizer)
     custom = _jsonl_requests(args.dataset_path) if "jsonl" in names else []
@@ -424,16 +432,17 @@ class HttpDriver:
 
 def make_driver(args: argparse.Namespace) -> Any:
     """The backend's driver: an async context manager with `model`, `payload(request)` and
-    `send(payload, result, origin)`. The gRPC drivers live in serve_grpc.py (they need grpcio and the stubs)."""
+    `send(payload, result, origin)`. The gRPC drivers live in serve_grpc.py (they need grpcio and the stubs),
+    the realtime one in serve_realtime.py (websockets)."""
     if args.backend in ENDPOINTS:
         return HttpDriver(args)
-    name = "omnistream_bench_serve_grpc"
-    module = sys.modules.get(name)
-    if module is None:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("serve_grpc.py"))
-        module = sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    return module.GenerateDriver(args) if args.backend == "grpc" else module.SessionDriver(args)
+    if args.backend == "realtime":
+        import serve_realtime
+
+        return serve_realtime.RealtimeDriver(args)
+    import serve_grpc
+
+    return serve_grpc.GenerateDriver(args) if args.backend == "grpc" else serve_grpc.SessionDriver(args)
 
 
 # ---- load generation --------------------------------------------------------------------------------------
@@ -555,7 +564,7 @@ def compute_metrics(results: list[RequestResult], duration: float, args: argpars
         entry["requested"] += 1
         entry["completed" if r.success else "failed"] += 1
     metrics["modality_counts"] = counts
-    if args.backend == "grpc-session":
+    if args.backend in LIVE_BACKENDS:
         metrics.update(session_metrics(results, duration, args.metric_percentiles))
     return metrics
 
@@ -612,7 +621,7 @@ def write_plots(result: dict[str, Any], out_dir: Path, stem: str) -> list[str]:
         "itl": [gap for gaps, good in zip(result["itls"], ok) if good for gap in gaps],
         "e2el": e2els,
     }
-    if "eos_ttfts" in result:  # grpc-session
+    if "eos_ttfts" in result:  # the live backends
         series["eos_ttft"] = [t for t, good in zip(result["eos_ttfts"], ok) if good]
         series["chunk_lag"] = [lag for lags, good in zip(result["chunk_lags"], ok) if good for lag in lags]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -666,8 +675,6 @@ def print_summary(result: dict[str, Any]) -> None:
 
 async def benchmark(args: argparse.Namespace) -> dict[str, Any]:
     """Warm up, run the measured load, and return the result dict (also saved/plotted when asked)."""
-    if args.backend == "realtime":
-        raise SystemExit("--backend realtime: not implemented yet (openai-chat, openai-completions, grpc, grpc-session)")
     text = TextSource(args.tokenizer)
     async with make_driver(args) as driver:
         model = driver.model
@@ -744,7 +751,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default=None)
     p.add_argument("--tokenizer", default=None, help="a folder with tokenizer.json for random text")
     p.add_argument("--dataset-name", type=lambda s: s.split(","), default=None,
-                   help=f"comma-separated, interleaved: {', '.join(DATASETS)} (default random; grpc-session: audio)")
+                   help=f"comma-separated, interleaved: {', '.join(DATASETS)} (default random; live backends: audio)")
     p.add_argument("--dataset-path", default=None, help="the JSONL of custom requests (dataset jsonl)")
     p.add_argument("--num-prompts", type=int, default=100)
     p.add_argument("--num-warmups", type=int, default=1)
@@ -758,8 +765,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video-fps", type=float, default=2.0)
     p.add_argument("--video-audio", choices=("with", "without", "both"), default="both")
     p.add_argument("--pace", type=float, default=1.0,
-                   help="grpc-session: audio sent at this many times real time (1: as a microphone)")
-    p.add_argument("--chunk-ms", type=float, default=100.0, help="grpc-session: audio per chunk")
+                   help="live backends: audio sent at this many times real time (1: as a microphone)")
+    p.add_argument("--chunk-ms", type=float, default=100.0, help="live backends: audio per chunk")
     p.add_argument("--audio-window-s", type=float, default=2.0, help="grpc-session: the encoder window, 1 to 8 s")
     p.add_argument("--request-rate", type=float, default=float("inf"), help="requests/s (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape; 1 is Poisson, <1 burstier")
@@ -787,7 +794,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.goodput = _goodput(args.goodput) if args.goodput else None
     except argparse.ArgumentTypeError as exc:
         parser.error(str(exc))
-    live = args.backend == "grpc-session"
+    live = args.backend in LIVE_BACKENDS
     args.dataset_name = args.dataset_name or (["audio"] if live else ["random"])
     unknown = set(args.dataset_name) - set(DATASETS)
     if unknown:
@@ -796,7 +803,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if media and args.backend == "openai-completions":
         parser.error(f"datasets {media} need --backend openai-chat")
     if live and args.dataset_name != ["audio"]:
-        parser.error("--backend grpc-session streams speech: --dataset-name audio only")
+        parser.error(f"--backend {args.backend} streams speech: --dataset-name audio only")
     if args.backend.startswith("grpc") and not args.grpc_target:
         parser.error(f"--backend {args.backend} needs --grpc-target HOST:PORT")
     if args.pace <= 0 or args.chunk_ms <= 0:

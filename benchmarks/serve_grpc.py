@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import io
 import time
-import wave
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
+from live_audio import PacedSpeech, wav_samples
 
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
@@ -152,14 +151,6 @@ class LiveTurn:
     sample_rate: int
 
 
-def wav_samples(data: bytes) -> tuple[np.ndarray, int]:
-    """int16 mono samples and the rate of a 16-bit mono WAV file."""
-    with wave.open(io.BytesIO(data), "rb") as wav:
-        if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
-            raise ValueError("grpc-session streams 16-bit mono WAV audio")
-        return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2"), wav.getframerate()
-
-
 class SessionDriver(_Driver):
     def payload(self, request: Any) -> LiveTurn:
         audio = [p for m in request.prompt if isinstance(m.get("content"), list) for p in m["content"]
@@ -189,8 +180,8 @@ class SessionDriver(_Driver):
             if first_token.done():
                 result.eos_ttft = first_token.result() - eos
         except Exception as exc:  # noqa: BLE001 - a benchmark records failures, it does not stop on them
-            if call.done():  # a write failed because the call ended: its status says why
-                await asyncio.wait({reader}, timeout=5)
+            if call.done() or isinstance(exc, (grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+                await asyncio.wait({reader}, timeout=5)  # a write failed as the call ended: its status says why
             if reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
             return result.fail(failure_text(exc))
@@ -205,18 +196,11 @@ class SessionDriver(_Driver):
 
     async def _stream(self, call: Any, turn: LiveTurn, result: Any) -> float:
         """Send the chunks, each once its audio exists; returns the end of speech (perf_counter)."""
-        chunk = max(1, int(turn.sample_rate * self.args.chunk_ms / 1000))
-        start = time.perf_counter()
-        due = start
-        for offset in range(0, len(turn.pcm), chunk):
-            piece = turn.pcm[offset:offset + chunk]
-            due = start + (offset + len(piece)) / turn.sample_rate / self.args.pace
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
+        speech = PacedSpeech(turn.pcm, turn.sample_rate, self.args.chunk_ms, self.args.pace)
+        result.chunk_lags = speech.lags
+        async for piece in speech.chunks():
             await call.write(pb.SessionInput(audio=pb.AudioChunk(data=piece.tobytes())))
-            result.chunk_lags.append(max(0.0, time.perf_counter() - due))
-        return due
+        return speech.end
 
     @staticmethod
     async def _read(call: Any, result: Any, origin: float, first_token: asyncio.Future) -> pb.Usage | None:

@@ -7,7 +7,7 @@ after `--` goes to serve.py unchanged:
     python benchmarks/sweep.py --concurrency 1,2,4,8,16 --slo ttft:500 tpot:50 --out results/sweep.json \
         --plot -- --base-url http://127.0.0.1:8000 --dataset-name random --num-prompts 64 --ignore-eos
 
-Live streams: with `-- --backend grpc-session ...` the load is the number of concurrent live audio
+Live streams: with `-- --backend grpc-session ...` (or `realtime`) the load is the number of concurrent live audio
 streams, and the SLO may also bound `eos_ttft` (end of speech -> first token) and `chunk_lag` (how late
 audio chunks were sent); the rows then carry those percentiles and the ingested audio seconds per second:
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import serve  # noqa: E402
 
 SLO_METRICS = ("ttft", "tpot", "itl", "e2el")
-LIVE_METRICS = ("eos_ttft", "chunk_lag")  # grpc-session only
+LIVE_METRICS = ("eos_ttft", "chunk_lag")  # the live backends (grpc-session, realtime) only
 
 
 def parse_slo(pairs: list[str]) -> dict[str, float]:
@@ -83,8 +83,8 @@ async def sweep(args: argparse.Namespace, serve_argv: list[str]) -> dict[str, An
     runs = [serve.parse_args([*serve_argv, flag, str(value), "--disable-summary",
                               "--metric-percentiles", f"50,{args.slo_percentile}"]) for value in sorted(points)]
     live = [m for m in slo if m in LIVE_METRICS]
-    if live and runs[0].backend != "grpc-session":
-        raise SystemExit(f"--slo {', '.join(live)}: live-stream metrics need `-- --backend grpc-session`")
+    if live and runs[0].backend not in serve.LIVE_BACKENDS:
+        raise SystemExit(f"--slo {', '.join(live)}: live-stream metrics need `-- --backend grpc-session` or realtime")
     rows, results = [], []
     for value, run_args in zip(sorted(points), runs):
         result = await serve.benchmark(run_args)

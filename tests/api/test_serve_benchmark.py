@@ -55,7 +55,7 @@ def documented_keys() -> set[str]:
 
 def documented_live_keys() -> set[str]:
     """The keys the docstring promises for --backend grpc-session, on top of the others."""
-    return _expand(serve.__doc__.split("`--backend grpc-session` adds the live-audio keys:")[1].split("\nwhere")[0])
+    return _expand(serve.__doc__.split("`--backend realtime` add the live-audio keys:")[1].split("\nwhere")[0])
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +148,11 @@ def test_failures_are_counted_with_reasons(server):
     assert result["request_throughput"] == 0 and result["p99_ttft_ms"] == 0
 
 
-def test_realtime_is_not_implemented_yet():
-    with pytest.raises(SystemExit, match="not implemented yet"):
-        asyncio.run(serve.benchmark(serve.parse_args(["--backend", "realtime"])))
+def test_realtime_needs_a_model_and_speech():
+    with pytest.raises(SystemExit, match="--model"):
+        asyncio.run(serve.benchmark(serve.parse_args(["--backend", "realtime", "--num-prompts", "1"])))
+    with pytest.raises(SystemExit):
+        serve.parse_args(["--backend", "realtime", "--dataset-name", "random"])
 
 
 def _check_common(saved: dict, n: int, output_range: tuple[int, int]) -> None:
@@ -228,6 +230,23 @@ def test_grpc_session_plots(live_result):
     pytest.importorskip("matplotlib")
     names = sorted(Path(p).name for p in live_result["plots"])
     assert names == [f"live-{m}-cdf.png" for m in ("chunk_lag", "e2el", "eos_ttft", "itl", "tpot", "ttft")]
+
+
+def test_realtime_backend_streams_speech_over_the_websocket(server):
+    result = _run(server, "--backend", "realtime", "--model", "omnistream-tiny", "--num-prompts", "2",
+                  "--num-warmups", "0", "--max-concurrency", "2", "--audio-seconds", "0.6:0.8", "--pace", "2",
+                  "--random-output-len", "3", "--seed", "5", "--disable-tqdm")
+    assert documented_keys() | documented_live_keys() <= set(result)
+    assert result["completed"] == 2 and result["failed"] == 0, result["failure_reasons"]
+    assert result["total_output_tokens"] == 2 * 3  # max_output_tokens reached the session
+    assert all(6 <= len(lags) <= 8 for lags in result["chunk_lags"])  # one per 100 ms chunk
+    for eos, ttft in zip(result["eos_ttfts"], result["ttfts"]):
+        assert 0 < eos < ttft
+    wrong = serve.parse_args(["--base-url", server.url, "--api-key", "wrong", "--backend", "realtime", "--model",
+                              "omnistream-tiny", "--num-prompts", "1", "--num-warmups", "0", "--audio-seconds", "0.3",
+                              "--pace", "4", "--disable-tqdm", "--disable-summary"])
+    refused = asyncio.run(serve.benchmark(wrong))
+    assert refused["failed"] == 1 and "401" in next(iter(refused["failure_reasons"]))
 
 
 def test_grpc_failures_are_counted_with_reasons(server, grpc_target):
