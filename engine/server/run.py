@@ -14,6 +14,7 @@ import signal
 import threading
 from typing import Any
 
+import torch
 import uvicorn
 
 from omnistream.engine.async_llm import AsyncLLM
@@ -57,6 +58,10 @@ def serve(args: argparse.Namespace) -> int:
     if grpc_only and grpc_port is None:
         raise ValueError("--grpc-only needs --grpc-port")
     llm, server = build_server(args)
+    if not args.engine_in_process:
+        # the engine core computes in its own process; the front end's torch work (log-mel, image resizing)
+        # takes one thread, so the two never make each other's OpenMP threads wait
+        torch.set_num_threads(1)
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key or $%s)", args.host, API_KEY_ENV)
     grpc_server = None
