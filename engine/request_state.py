@@ -25,7 +25,7 @@ class RunnerRequestState:
     num_computed_tokens: int
     mm_features: list[MultiModalFeature]
     pending_segments: dict[int, torch.Tensor] = field(default_factory=dict)  # start -> [3, n] explicit ids
-    resolved_positions: torch.Tensor = field(default_factory=lambda: torch.empty(3, 64))  # [:, :K]: ids of tokens 0..K-1
+    resolved_positions: torch.Tensor = field(default_factory=lambda: _positions_buffer(64))  # [:, :K]: ids of tokens 0..K-1
     num_resolved: int = 0  # K; the buffer grows by doubling, so resolving new tokens never copies the old ones
     max_position: float = -1.0  # the largest id resolved so far
     num_done_features: int = 0  # mm_features[:n] are wholly computed (their inputs dropped)
@@ -86,7 +86,7 @@ class RunnerRequestState:
     def _append_positions(self, segment: torch.Tensor) -> None:
         needed = self.num_resolved + segment.shape[1]
         if needed > self.resolved_positions.shape[1]:
-            grown = torch.empty(3, max(needed, 2 * self.resolved_positions.shape[1]))
+            grown = _positions_buffer(max(needed, 2 * self.resolved_positions.shape[1]))
             grown[:, : self.num_resolved] = self.resolved_positions[:, : self.num_resolved]
             self.resolved_positions = grown
         self.resolved_positions[:, self.num_resolved : needed] = segment
@@ -116,3 +116,10 @@ class RunnerRequestState:
     @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens :]
+
+
+def _positions_buffer(columns: int) -> torch.Tensor:
+    """An M-RoPE id buffer [3, columns] that is a normal tensor even when made inside the runner's inference
+    mode, so positions() can also fill it outside (an inference tensor refuses in-place updates there)."""
+    with torch.inference_mode(False):
+        return torch.empty(3, columns)
