@@ -165,7 +165,8 @@ class InprocCoreClient(CoreClient):
 
 
 class MPCoreClient(CoreClient):
-    """The engine core in its own (spawned) process, reached over ZMQ `ipc://` sockets."""
+    """The engine core in its own process (`python -m omnistream.engine.core_process`), reached over ZMQ `ipc://`
+    sockets."""
 
     def __init__(self, config: EngineConfig, on_outputs: OutputsCallback, on_dead: DeadCallback) -> None:
         super().__init__(on_outputs, on_dead)
