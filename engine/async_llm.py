@@ -15,7 +15,7 @@ import itertools
 import threading
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Protocol
 
 from omnistream.engine.admission import Admission
 from omnistream.engine.config import ThinkerConfig
@@ -44,6 +44,18 @@ from omnistream.scheduler.outputs import EngineCoreOutput
 from omnistream.scheduler.sampling_params import SamplingParams
 
 
+class RequestListener(Protocol):
+    """Hears every engine request of every caller (server metrics): its start (a request, or a session's
+    turn), each cumulative output (on the core client's thread), and its end without a finished output
+    (aborted). Times are time.monotonic()."""
+
+    def on_start(self, request_id: str, now: float) -> None: ...
+
+    def on_output(self, output: RequestOutput, now: float) -> None: ...
+
+    def on_drop(self, request_id: str) -> None: ...
+
+
 class AsyncLLM:
     def __init__(self, model: str | None = None, limit_mm_per_prompt: dict[str, int] | None = None,
                  engine_process: bool = True, max_queued_requests: int | None = None,
@@ -61,6 +73,7 @@ class AsyncLLM:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._sessions: set[str] = set()
         self._stopping = False
+        self._listeners: list[RequestListener] = []
         self.admission = Admission(max_queued_requests, max_live_sessions)
         client_type = MPCoreClient if engine_process else InprocCoreClient
         self.core: CoreClient = client_type(config, self._deliver, self._engine_died)
@@ -91,6 +104,7 @@ class AsyncLLM:
             request = EngineCoreRequest.from_processed(request_id, processed, params, time.monotonic())
             with self._outputs_lock:
                 self.output_processor.add_request(request_id, processed.prompt, processed.token_ids, params)
+            self._started(request_id)
             try:
                 await self._call(AddRequest(request=request))
             except ValueError:
@@ -140,6 +154,9 @@ class AsyncLLM:
         afresh after this call with `reset_lag_samples`)."""
         return await self._call(GetStats(reset_lag_samples=reset_lag_samples))
 
+    def add_request_listener(self, listener: RequestListener) -> None:
+        self._listeners.append(listener)
+
     @property
     def errored(self) -> bool:
         """True once the engine core has stopped on an error (or its process died)."""
@@ -168,12 +185,20 @@ class AsyncLLM:
 
     def _forget(self, request_id: str) -> list[str]:
         """Drop a request from the output processor; the engine-core ids to abort."""
+        for listener in self._listeners:
+            listener.on_drop(request_id)
         with self._outputs_lock:
             return self.output_processor.forget(request_id) or [request_id]
 
     def _register(self, request_id: str, token_ids: list[int], params: SamplingParams) -> None:
         with self._outputs_lock:
             self.output_processor.add_request(request_id, None, token_ids, params)
+        self._started(request_id)
+
+    def _started(self, request_id: str) -> None:
+        now = time.monotonic()
+        for listener in self._listeners:
+            listener.on_start(request_id, now)
 
     def _open_stream(self, request_id: str) -> asyncio.Queue:
         if request_id in self._streams:
@@ -201,7 +226,10 @@ class AsyncLLM:
                 self._post(CancelTurn(session_id=request_id, announce=False))
             else:
                 self._post(FinishStopped(request_ids=[request_id]))
+        now = time.monotonic()
         for output in outputs:
+            for listener in self._listeners:
+                listener.on_output(output, now)
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 loop, queue = stream

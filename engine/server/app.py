@@ -96,6 +96,8 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
                        max_body_bytes=getattr(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES))
     created = int(time.time())
     app.state.metrics = ServerMetrics(llm)  # one registry per app, never the global default one
+    if hasattr(llm, "add_request_listener"):
+        llm.add_request_listener(app.state.metrics)  # every front end's requests: HTTP, gRPC, Realtime
     max_model_len = llm.max_model_len
 
     def model_name(requested: str | None) -> str:

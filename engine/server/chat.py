@@ -128,7 +128,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
                                           usage=usage(llm, outputs, body.n, seconds))
         return JSONResponse(response.model_dump())
 
-    choices = await Choices.start(llm, jobs, rid, raw)
+    choices = await Choices.start(llm, jobs, rid)
 
     async def chunks() -> AsyncIterator[str]:
         for index in range(body.n):

@@ -20,7 +20,6 @@ from pydantic import BaseModel
 
 from omnistream.engine.outputs import PositionLogprobs, RequestOutput
 from omnistream.engine.server.errors import APIError, to_api_error
-from omnistream.engine.server.metrics import RequestRecorder, observe_all, recorder_for
 from omnistream.engine.server.protocol import (
     CompletionChoice,
     CompletionLogprobs,
@@ -40,15 +39,11 @@ T = TypeVar("T")
 class Choices:
     """The engine requests behind one API call, in choice order, each already past its first output."""
 
-    def __init__(self, generators: list[AsyncIterator[RequestOutput]], first: list[RequestOutput],
-                 recorder: RequestRecorder | None = None) -> None:
-        self.generators, self.first, self.recorder = generators, first, recorder
+    def __init__(self, generators: list[AsyncIterator[RequestOutput]], first: list[RequestOutput]) -> None:
+        self.generators, self.first = generators, first
 
     @classmethod
-    async def start(cls, llm: Any, jobs: Sequence[tuple[dict[str, Any], SamplingParams]], request_id: str,
-                    raw: Request | None = None) -> Choices:
-        """`raw`: the HTTP request, whose app's metrics (if any) record these engine requests."""
-        recorder = recorder_for(raw.app.state, len(jobs)) if raw is not None else None
+    async def start(cls, llm: Any, jobs: Sequence[tuple[dict[str, Any], SamplingParams]], request_id: str) -> Choices:
         generators = [llm.generate(prompt, params, f"{request_id}-{i}") for i, (prompt, params) in enumerate(jobs)]
         try:
             first = await asyncio.gather(*(anext(g) for g in generators), return_exceptions=True)
@@ -59,8 +54,7 @@ class Choices:
         if failed:
             await _close_all(generators)
             raise failed[0] if not isinstance(failed[0], StopAsyncIteration) else RuntimeError("no output")
-        observe_all(recorder, first)
-        return cls(generators, list(first), recorder)
+        return cls(generators, list(first))
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, cumulative output) as they come, across all choices; closing aborts the rest."""
@@ -86,8 +80,6 @@ class Choices:
                 elif isinstance(item, BaseException):
                     raise item
                 else:
-                    if self.recorder is not None:
-                        self.recorder.observe(index, item)
                     yield index, item
         finally:
             for task in tasks:
@@ -129,7 +121,7 @@ async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
 async def final_outputs(llm: Any, jobs: list, rid: str, raw: Request) -> list[RequestOutput]:
     """The finished outputs of non-streamed jobs, aborted if the client disconnects first."""
     async def run() -> list[RequestOutput]:
-        return await (await Choices.start(llm, jobs, rid, raw)).final()
+        return await (await Choices.start(llm, jobs, rid)).final()
 
     return await cancel_on_disconnect(raw, run())
 
@@ -254,7 +246,7 @@ async def create_completion(llm: Any, body: CompletionRequest, model: str, raw: 
         response = CompletionResponse(id=rid, model=model, choices=choices, usage=usage(llm, outputs, body.n))
         return JSONResponse(response.model_dump())
 
-    choices = await Choices.start(llm, jobs, rid, raw)
+    choices = await Choices.start(llm, jobs, rid)
 
     async def chunks() -> AsyncIterator[str]:
         sent_text = [0] * len(jobs)

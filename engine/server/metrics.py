@@ -1,17 +1,19 @@
 """GET /metrics: Prometheus text format, one registry per app (never the process-global default one).
 
 Engine state (running/waiting requests, KV usage, live sessions, streaming lag, preemptions, prefix- and
-encoder-cache counts) is asked of the engine core at scrape time (`AsyncLLM.get_stats`); token counters, finish reasons and the
-latency histograms (TTFT, inter-token, end to end) are recorded by the HTTP handlers through a
-`RequestRecorder`, one per API call, fed every cumulative RequestOutput of every choice.
+encoder-cache counts) is asked of the engine core at scrape time (`AsyncLLM.get_stats`); token counters,
+finish reasons and the latency histograms (TTFT, inter-token, end to end) are recorded for every engine
+request of every front end (HTTP, gRPC, Realtime, live sessions) by ServerMetrics as AsyncLLM's
+RequestListener.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import time
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -92,6 +94,8 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from the API call to the last token.",
                              buckets=_E2E_BUCKETS, registry=r)
+        self._live: dict[str, _Timing] = {}  # engine requests being timed
+        self._lock = threading.Lock()  # outputs come from the core client's thread, starts from event loops
 
     async def render(self) -> tuple[bytes, str]:
         """The text exposition, with the engine core's state read now (none once the core has died)."""
@@ -102,65 +106,41 @@ class ServerMetrics:
             self._engine.snapshot = None
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
 
-    def recorder(self, num_choices: int) -> RequestRecorder:
-        return RequestRecorder(self, num_choices)
+    # ---- AsyncLLM's RequestListener: every engine request of every front end (HTTP, gRPC, Realtime) ----
+
+    def on_start(self, request_id: str, now: float) -> None:
+        with self._lock:
+            self._live[request_id] = _Timing(start=now, last=now)
+
+    def on_output(self, output: RequestOutput, now: float) -> None:
+        """TTFT on the first token, inter-token latency after, counters and end-to-end latency at the end."""
+        with self._lock:
+            timing = self._live.get(output.request_id)
+            if timing is None:
+                return
+            sample = output.outputs[0]
+            new = len(sample.token_ids) - timing.tokens
+            if new > 0:
+                if timing.tokens == 0:
+                    self.ttft.observe(now - timing.start)
+                else:  # tokens that came in one output share the gap
+                    for _ in range(new):
+                        self.itl.observe((now - timing.last) / new)
+                timing.tokens, timing.last = len(sample.token_ids), now
+            if output.finished or sample.finish_reason is not None:
+                del self._live[output.request_id]
+                self.prompt_tokens.inc(len(output.prompt_token_ids or ()))
+                self.generation_tokens.inc(len(sample.token_ids))
+                self.request_success.labels(finish_reason=str(sample.finish_reason or "unknown")).inc()
+                self.e2e.observe(now - timing.start)
+
+    def on_drop(self, request_id: str) -> None:
+        with self._lock:
+            self._live.pop(request_id, None)
 
 
-class RequestRecorder:
-    """Latencies and counts of the engine requests behind one API call (each choice is one request)."""
-
-    def __init__(self, metrics: ServerMetrics, num_choices: int) -> None:
-        self.metrics = metrics
-        self.start = time.perf_counter()
-        self.tokens = [0] * num_choices
-        self.last_token_at: list[float | None] = [None] * num_choices
-        self.finished = [False] * num_choices
-
-    def observe(self, index: int, output: RequestOutput) -> None:
-        """A cumulative output of choice `index`: TTFT on its first token, inter-token latency after."""
-        if self.finished[index]:
-            return
-        now = time.perf_counter()
-        sample = output.outputs[0]
-        count = len(sample.token_ids)
-        new = count - self.tokens[index]
-        if new > 0:
-            previous = self.last_token_at[index]
-            if previous is None:
-                observe_ttft(self.metrics, now - self.start)
-            else:  # tokens that came in one output share the gap
-                for _ in range(new):
-                    observe_itl(self.metrics, (now - previous) / new)
-            self.tokens[index], self.last_token_at[index] = count, now
-        if output.finished or sample.finish_reason is not None:
-            self.finished[index] = True
-            observe_finished(self.metrics, output, now - self.start)
-
-
-def observe_ttft(metrics: ServerMetrics, seconds: float) -> None:
-    metrics.ttft.observe(seconds)
-
-
-def observe_itl(metrics: ServerMetrics, seconds: float) -> None:
-    metrics.itl.observe(seconds)
-
-
-def observe_finished(metrics: ServerMetrics, output: RequestOutput, e2e_seconds: float) -> None:
-    """One engine request finished: its tokens, its finish reason and its end-to-end latency."""
-    sample = output.outputs[0]
-    metrics.prompt_tokens.inc(len(output.prompt_token_ids or ()))
-    metrics.generation_tokens.inc(len(sample.token_ids))
-    metrics.request_success.labels(finish_reason=str(sample.finish_reason or "unknown")).inc()
-    metrics.e2e.observe(e2e_seconds)
-
-
-def recorder_for(app_state: Any, num_choices: int) -> RequestRecorder | None:
-    """The recorder of one API call, or None where the app keeps no metrics (`app.state.metrics`)."""
-    metrics: ServerMetrics | None = getattr(app_state, "metrics", None)
-    return metrics.recorder(num_choices) if metrics is not None else None
-
-
-def observe_all(recorder: RequestRecorder | None, outputs: Sequence[RequestOutput]) -> None:
-    if recorder is not None:
-        for index, output in enumerate(outputs):
-            recorder.observe(index, output)
+@dataclass
+class _Timing:
+    start: float
+    last: float
+    tokens: int = 0

@@ -187,7 +187,7 @@ async def create_transcription(llm: Any, raw: Request, model_name: Callable[[str
                          "total_tokens": prompt_tokens + completion}
         return JSONResponse(body)
 
-    choices = await Choices.start(llm, [(prompt, params)], rid, raw)
+    choices = await Choices.start(llm, [(prompt, params)], rid)
 
     async def events() -> AsyncIterator[str]:
         sent = 0

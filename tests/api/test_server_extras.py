@@ -3,6 +3,7 @@ POST /v1/audio/transcriptions (multipart; json, text, verbose_json, streaming) w
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -17,6 +18,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
+from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import AUTH, http_client, openai_client, running_server, wav_base64
 
@@ -76,6 +78,31 @@ def test_metrics_need_the_key_and_count_a_chat_request(server, client, http):
                     "omnistream_prefix_cache_hits_total", "omnistream_encoder_cache_hits_total"):
         assert counter in after
     assert after["omnistream_prefix_cache_queries_total"] > 0
+
+
+def test_metrics_count_requests_of_every_front_end(server, http):
+    """A request and a live-session turn that never touched HTTP (as gRPC and Realtime make them) are timed
+    and counted like chat requests."""
+    before = _samples(http.get("/metrics").text)
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+
+    async def engine_requests() -> None:
+        async for _ in server.llm.generate("Hello", params):
+            pass
+        session = await server.llm.open_session(sampling_params=params)
+        await session.append_text("Hi there")
+        async for _ in await session.commit():
+            pass
+        await session.close()
+
+    asyncio.run(engine_requests())
+    after = _samples(http.get("/metrics").text)
+    grew = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
+    assert grew["omnistream_generation_tokens_total"] == 2 * params.max_tokens
+    assert grew['omnistream_request_success_total{"finish_reason": "length"}'] == 2
+    assert grew["omnistream_time_to_first_token_seconds_count"] == 2
+    assert grew["omnistream_inter_token_latency_seconds_count"] == 2 * (params.max_tokens - 1)
+    assert grew["omnistream_e2e_request_latency_seconds_count"] == 2
 
 
 def test_ready_is_public(server):
