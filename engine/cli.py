@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import sys
+from typing import Any
 
 from omnistream.multimodal.media_fetch.policy import DEFAULT_MAX_MEDIA_BYTES, DEFAULT_TIMEOUT_S
 
@@ -58,6 +59,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields from the engine flags every subcommand shares (`_add_engine_args`)."""
+    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads")
+    return {name: getattr(args, name) for name in names}
+
+
 def _serve(args: argparse.Namespace) -> int:
     from omnistream.engine.server.run import serve
 
@@ -68,20 +76,7 @@ def _generate(args: argparse.Namespace) -> int:
     from omnistream.engine.llm import LLM
     from omnistream.scheduler.sampling_params import SamplingParams
 
-    llm = LLM(
-        args.model,
-        dtype=args.dtype,
-        device=args.device,
-        max_model_len=args.max_model_len,
-        max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        block_size=args.block_size,
-        enable_prefix_caching=args.enable_prefix_caching,
-        num_kv_blocks=args.num_kv_blocks,
-        seed=args.seed,
-        tensor_parallel_size=args.tensor_parallel_size,
-        cpu_threads=args.cpu_threads,
-    )
+    llm = LLM(args.model, **engine_kwargs(args))
     params = SamplingParams(
         max_tokens=args.max_tokens,
         temperature=args.temperature,

@@ -45,6 +45,7 @@ class LLM:
         limit_mm_per_prompt: dict[str, int] | None = None,
         tensor_parallel_size: int = 1,
         distributed_timeout_s: float = EngineConfig.distributed_timeout_s,
+        cpu_threads: int | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -60,6 +61,7 @@ class LLM:
             seed=seed,
             tensor_parallel_size=tensor_parallel_size,
             distributed_timeout_s=distributed_timeout_s,
+            cpu_threads=cpu_threads,
         )
         self.engine = EngineCore(config)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object

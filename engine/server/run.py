@@ -12,12 +12,12 @@ import logging
 import os
 import signal
 import threading
-from typing import Any
 
 import torch
 import uvicorn
 
 from omnistream.engine.async_llm import AsyncLLM
+from omnistream.engine.cli import engine_kwargs
 from omnistream.engine.server.app import build_app
 from omnistream.multimodal.media_fetch import MediaPolicy
 from omnistream.multimodal.processor import MediaLimits
@@ -26,13 +26,6 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "OMNISTREAM_API_KEY"
 GRACEFUL_SHUTDOWN_S = 30
-
-
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """EngineConfig fields from the shared command-line engine flags."""
-    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads")
-    return {name: getattr(args, name) for name in names}
 
 
 def build_server(args: argparse.Namespace, media_policy: MediaPolicy | None = None) -> tuple[AsyncLLM, uvicorn.Server]:
