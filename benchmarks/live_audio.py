@@ -4,10 +4,12 @@ PCM16 samples, and its chunks released at real time (or `pace` times it), each c
 from __future__ import annotations
 
 import asyncio
+import base64
 import io
 import time
 import wave
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 
@@ -18,6 +20,15 @@ def wav_samples(data: bytes) -> tuple[np.ndarray, int]:
         if wav.getsampwidth() != 2 or wav.getnchannels() != 1:
             raise ValueError("live audio backends stream 16-bit mono WAV audio")
         return np.frombuffer(wav.readframes(wav.getnframes()), dtype="<i2"), wav.getframerate()
+
+
+def request_speech(request: Any, backend: str) -> tuple[np.ndarray, int]:
+    """The PCM16 samples and rate of a live request's one `input_audio` part (dataset audio)."""
+    audio = [p for m in request.prompt if isinstance(m.get("content"), list) for p in m["content"]
+             if p.get("type") == "input_audio"]
+    if len(audio) != 1:
+        raise ValueError(f"a {backend} request needs exactly one input_audio part (dataset audio)")
+    return wav_samples(base64.b64decode(audio[0]["input_audio"]["data"]))
 
 
 class PacedSpeech:

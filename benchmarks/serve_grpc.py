@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 import numpy as np
-from live_audio import PacedSpeech, wav_samples
+from live_audio import PacedSpeech, request_speech
 
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
@@ -153,11 +153,7 @@ class LiveTurn:
 
 class SessionDriver(_Driver):
     def payload(self, request: Any) -> LiveTurn:
-        audio = [p for m in request.prompt if isinstance(m.get("content"), list) for p in m["content"]
-                 if p.get("type") == "input_audio"]
-        if len(audio) != 1:
-            raise ValueError("a grpc-session request needs exactly one input_audio part (dataset audio)")
-        pcm, rate = wav_samples(base64.b64decode(audio[0]["input_audio"]["data"]))
+        pcm, rate = request_speech(request, "grpc-session")
         sampling = self.sampling(request.output_len, {**self.args.extra_body, **request.extra_body})
         config = pb.SessionConfig(model=self.model, sampling=sampling, audio_format=pb.AUDIO_FORMAT_PCM16,
                                   sample_rate=rate, audio_window_s=self.args.audio_window_s)

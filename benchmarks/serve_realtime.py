@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from live_audio import PacedSpeech, wav_samples
+from live_audio import PacedSpeech, request_speech
 from websockets.asyncio.client import connect
 
 RATES = (16000, 24000)  # the PCM rates the Realtime API takes
@@ -46,11 +46,7 @@ class RealtimeDriver:
         return None
 
     def payload(self, request: Any) -> RealtimeTurn:
-        audio = [p for m in request.prompt if isinstance(m.get("content"), list) for p in m["content"]
-                 if p.get("type") == "input_audio"]
-        if len(audio) != 1:
-            raise ValueError("a realtime request needs exactly one input_audio part (dataset audio)")
-        pcm, rate = wav_samples(base64.b64decode(audio[0]["input_audio"]["data"]))
+        pcm, rate = request_speech(request, "realtime")
         if rate not in RATES:
             raise ValueError(f"the Realtime API takes PCM16 at {RATES} Hz, not {rate}")
         session: dict[str, Any] = {

@@ -80,11 +80,15 @@ def _decode(llm: Any, data: bytes) -> np.ndarray:
     return load_audio(data)
 
 
-def _prompt(llm: Any, wave: np.ndarray, text: str) -> dict[str, Any]:
-    """The engine prompt transcribing `wave`."""
+def _chat(llm: Any, text: str) -> str:
+    """The chat-template prompt of one audio item followed by the instruction `text`."""
     messages = [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}},
                                              {"type": "text", "text": text}]}]
-    chat = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    return llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+
+
+def _prompt(chat: str, wave: np.ndarray) -> dict[str, Any]:
+    """The engine prompt transcribing `wave` with the rendered `chat`."""
     return {"prompt": chat, "multi_modal_data": {"audio": [(wave, SAMPLE_RATE)]}, "mm_processor_kwargs": None}
 
 
@@ -114,12 +118,12 @@ def _segment(index: int, span: SpeechSpan, output: RequestOutput, temperature: f
     }
 
 
-async def _verbose(llm: Any, raw: Request, rid: str, wave: np.ndarray, text: str, temperature: float,
+async def _verbose(llm: Any, raw: Request, rid: str, wave: np.ndarray, chat: str, temperature: float,
                    max_tokens: int | None, language: str | None) -> dict[str, Any]:
     """verbose_json: every speech segment transcribed on its own, all at once."""
     spans = await asyncio.to_thread(speech_spans, wave, SAMPLE_RATE, MAX_SEGMENT_S * SAMPLE_RATE)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens, logprobs=0)
-    jobs = [(_prompt(llm, wave[span.start : span.end], text), params) for span in spans]
+    jobs = [(_prompt(chat, wave[span.start : span.end]), params) for span in spans]
     outputs = await final_outputs(llm, jobs, rid, raw) if jobs else []
     segments = [_segment(i, span, output, temperature) for i, (span, output) in enumerate(zip(spans, outputs))]
     body: dict[str, Any] = {"task": "transcribe", "duration": round(len(wave) / SAMPLE_RATE, 3),
@@ -169,11 +173,11 @@ async def create_transcription(llm: Any, raw: Request, model_name: Callable[[str
         await form.close()
 
     wave = await asyncio.to_thread(_decode, llm, data)
-    text = instruction(language, user_prompt)
+    chat = _chat(llm, instruction(language, user_prompt))
     rid = request_id("trsc")
     if response_format == "verbose_json" and not stream:
-        return JSONResponse(await _verbose(llm, raw, rid, wave, text, temperature, max_tokens, language))
-    prompt = await asyncio.to_thread(_prompt, llm, wave, text)
+        return JSONResponse(await _verbose(llm, raw, rid, wave, chat, temperature, max_tokens, language))
+    prompt = _prompt(chat, wave)
     params = SamplingParams(temperature=temperature, max_tokens=max_tokens)
 
     if not stream:

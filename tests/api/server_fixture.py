@@ -86,13 +86,17 @@ def png_data_url(size: int = 32) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def wav_base64(seconds: float = 1.0, rate: int = 16000) -> str:
-    t = np.arange(int(seconds * rate)) / rate
-    samples = (0.3 * np.sin(2 * np.pi * 440 * t) * 32767).astype("<i2")
+def wav_bytes(samples: np.ndarray, rate: int = 16000) -> bytes:
+    """A 16-bit mono WAV file of the samples (int16 values)."""
     buffer = io.BytesIO()
     with wave.open(buffer, "wb") as out:
         out.setnchannels(1)
         out.setsampwidth(2)
         out.setframerate(rate)
-        out.writeframes(samples.tobytes())
-    return base64.b64encode(buffer.getvalue()).decode()
+        out.writeframes(np.asarray(samples).astype("<i2").tobytes())
+    return buffer.getvalue()
+
+
+def wav_base64(seconds: float = 1.0, rate: int = 16000) -> str:
+    t = np.arange(int(seconds * rate)) / rate
+    return base64.b64encode(wav_bytes(0.3 * np.sin(2 * np.pi * 440 * t) * 32767, rate)).decode()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import queue
 import sys
 import time
 import types
@@ -34,6 +33,7 @@ from omnistream.engine.server.run import build_server
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import engine_stats, png_data_url, wait_until_idle, wav_base64
+from .session_inputs import SessionInputs
 
 API_KEY = "grpc-key-456"
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
@@ -124,23 +124,6 @@ def _code(call) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as error:
         call()
     return error.value.code(), error.value.details()
-
-
-class _Inputs:
-    """A session's request stream, fed from the test as the answers arrive."""
-
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-
-    def put(self, *messages: pb.SessionInput) -> None:
-        for message in messages:
-            self.queue.put(message)
-
-    def close(self) -> None:
-        self.queue.put(None)
-
-    def __iter__(self) -> Iterator[pb.SessionInput]:
-        return iter(self.queue.get, None)
 
 
 def _until_turn_ends(responses) -> tuple[list[pb.SessionOutput], pb.TurnEnded]:
@@ -298,7 +281,7 @@ def test_two_turn_session_streams_answers_equal_to_the_offline_request(stub, llm
     first, second = _speech(2.4, 1), _speech(1.5, 2)
     config = pb.SessionConfig(system_prompt=SYSTEM, sampling=GREEDY, audio_format=pb.AUDIO_FORMAT_PCM16,
                               sample_rate=16000, audio_window_s=2)
-    inputs = _Inputs()
+    inputs = SessionInputs()
     responses = stub.Session(iter(inputs), metadata=AUTH, timeout=120)
     inputs.put(pb.SessionInput(config=config))
     assert next(responses).started.session_id
@@ -336,7 +319,7 @@ def test_two_turn_session_streams_answers_equal_to_the_offline_request(stub, llm
 
 
 def test_session_cancel_mid_answer(stub, llm):
-    inputs = _Inputs()
+    inputs = SessionInputs()
     responses = stub.Session(iter(inputs), metadata=AUTH, timeout=120)
     inputs.put(pb.SessionInput(config=pb.SessionConfig(sampling=LONG)))
     assert next(responses).HasField("started")
@@ -356,7 +339,7 @@ def test_session_cancel_mid_answer(stub, llm):
 
 
 def test_commit_over_an_answer_replaces_it_and_bad_input_is_reported(stub, llm):
-    inputs = _Inputs()
+    inputs = SessionInputs()
     responses = stub.Session(iter(inputs), metadata=AUTH, timeout=120)
     floats = (_speech(1.0, 5) / 32768.0).astype("<f4")
     inputs.put(pb.SessionInput(config=pb.SessionConfig(sampling=LONG, audio_format=pb.AUDIO_FORMAT_FLOAT32)),
@@ -402,7 +385,7 @@ def test_client_cancel_and_deadline_free_the_kv(stub, llm):
     assert got == grpc.StatusCode.DEADLINE_EXCEEDED
     _wait_until_kv_is_free(llm)
 
-    inputs = _Inputs()
+    inputs = SessionInputs()
     session = stub.Session(iter(inputs), metadata=AUTH, timeout=1.5)  # the deadline falls inside the answer
     inputs.put(pb.SessionInput(config=pb.SessionConfig(sampling=LONG)), *_chunks(_speech(1.0, 3)),
                pb.SessionInput(commit=pb.Commit()))

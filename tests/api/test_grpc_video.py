@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import queue
-from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -22,6 +20,7 @@ from omnistream.engine.server.run import build_server
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import wait_until_idle
+from .session_inputs import SessionInputs
 
 API_KEY = "grpc-video-key"
 AUTH = (("authorization", f"Bearer {API_KEY}"),)
@@ -62,21 +61,6 @@ def _png(frame: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-class _Inputs:
-    def __init__(self) -> None:
-        self.queue: queue.Queue = queue.Queue()
-
-    def put(self, *messages: pb.SessionInput) -> None:
-        for message in messages:
-            self.queue.put(message)
-
-    def close(self) -> None:
-        self.queue.put(None)
-
-    def __iter__(self) -> Iterator[pb.SessionInput]:
-        return iter(self.queue.get, None)
-
-
 def _frame(frame: np.ndarray, timestamp_s: float, mime_type: str = "image/png") -> pb.SessionInput:
     return pb.SessionInput(video_frame=pb.VideoFrame(data=_png(frame), mime_type=mime_type, timestamp_s=timestamp_s))
 
@@ -90,7 +74,7 @@ def test_session_with_video_frames_answers_like_the_offline_video_with_audio(ser
                               audio_format=pb.AUDIO_FORMAT_PCM16,
                               sample_rate=16000, sampling=pb.SamplingParams(max_tokens=8, temperature=0.0,
                                                                            ignore_eos=True))
-    inputs = _Inputs()
+    inputs = SessionInputs()
     with grpc.insecure_channel(address) as channel:
         responses = pb_grpc.OmnistreamStub(channel).Session(iter(inputs), metadata=AUTH, timeout=120)
         inputs.put(pb.SessionInput(config=config), _frame(frames[0], t0, mime_type="audio/wav"))

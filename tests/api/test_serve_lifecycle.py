@@ -14,15 +14,9 @@ import time
 
 import httpx
 
+from tests.processes import gone_within
+
 from .server_fixture import API_KEY, AUTH, http_client, running_server
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _start_server() -> tuple[subprocess.Popen, list[str]]:
@@ -62,10 +56,7 @@ def test_sigterm_drains_the_answer_in_flight_then_exits_with_its_engine_core():
         finish = [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]]
         assert finish[-1] == "length"  # the answer in flight ran to its end
         assert proc.wait(60) == 0, "".join(lines)
-        deadline = time.monotonic() + 10
-        while _running(core) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _running(core)
+        assert gone_within(core, 10)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -8,7 +8,6 @@ import base64
 import io
 import json
 import types
-import wave
 
 import httpx
 import numpy as np
@@ -20,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
 from omnistream.scheduler.sampling_params import SamplingParams
 
-from .server_fixture import AUTH, http_client, openai_client, running_server, wav_base64
+from .server_fixture import AUTH, http_client, openai_client, running_server, wav_base64, wav_bytes
 
 USER = [{"role": "user", "content": "Hello!"}]
 MAX_TOKENS = {"max_tokens": 4}  # extension field: the tiny random model would talk to the end of the context
@@ -130,21 +129,11 @@ def test_transcription_json_text_verbose(client):
     assert isinstance(verbose.text, str)
 
 
-def _pcm_wav(samples: np.ndarray, rate: int = 16000) -> bytes:
-    buffer = io.BytesIO()
-    with wave.open(buffer, "wb") as out:
-        out.setnchannels(1)
-        out.setsampwidth(2)
-        out.setframerate(rate)
-        out.writeframes(samples.astype("<i2").tobytes())
-    return buffer.getvalue()
-
-
 def test_transcription_segments_follow_the_speech(client, http):
     rate = 16000
     tone = lambda seconds, hz: (0.3 * 32767 * np.sin(2 * np.pi * hz * np.arange(int(seconds * rate)) / rate))
     pcm = np.concatenate([tone(1.0, 440), np.zeros(int(1.5 * rate)), tone(0.8, 330)]).astype(np.int16)
-    verbose = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("two.wav", _pcm_wav(pcm)),
+    verbose = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("two.wav", wav_bytes(pcm)),
                                                  response_format="verbose_json", timestamp_granularities=["segment"],
                                                  temperature=0, extra_body=MAX_TOKENS)
     segments = verbose.segments
@@ -155,12 +144,12 @@ def test_transcription_segments_follow_the_speech(client, http):
     assert segments[0].no_speech_prob == pytest.approx(1 / 3, abs=0.03)  # 0.5 s of its 1.5 s are silent
     for segment in segments:  # each is the transcription of its own stretch of audio
         piece = pcm[round(segment.start * rate) : round(segment.end * rate)]
-        alone = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("piece.wav", _pcm_wav(piece)),
+        alone = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("piece.wav", wav_bytes(piece)),
                                                    temperature=0, extra_body=MAX_TOKENS)
         assert segment.text == alone.text.strip() and len(segment.tokens) == MAX_TOKENS["max_tokens"]
         assert segment.avg_logprob < 0 and segment.compression_ratio > 0
     assert verbose.text == " ".join(s.text for s in segments if s.text)
-    silent = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("quiet.wav", _pcm_wav(np.zeros(rate))),
+    silent = client.audio.transcriptions.create(model=DEFAULT_MODEL_NAME, file=("quiet.wav", wav_bytes(np.zeros(rate))),
                                                 response_format="verbose_json", extra_body=MAX_TOKENS)
     assert silent.segments == [] and silent.text == ""
     for fields in ({"response_format": "verbose_json", "timestamp_granularities[]": "word"},

@@ -16,16 +16,9 @@ import pytest
 from omnistream.engine.async_llm import AsyncLLM
 from omnistream.engine.executor import EngineDeadError
 from omnistream.scheduler.sampling_params import SamplingParams
+from tests.processes import gone_within, running
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def _answer(llm: AsyncLLM, prompt: str) -> list[int]:
@@ -64,7 +57,7 @@ def engines():
 
 def test_the_core_process_answers_like_the_in_process_core(engines):
     in_process, separate = engines
-    assert separate.core.pid != os.getpid() and _running(separate.core.pid)
+    assert separate.core.pid != os.getpid() and running(separate.core.pid)
 
     async def both(llm):
         return await _answer(llm, "Tell me a story"), await _session_answers(llm)
@@ -118,10 +111,7 @@ def test_the_core_exits_when_its_front_end_dies():
     front = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert front.returncode == -signal.SIGKILL, front.stderr
     core = int(front.stdout.split()[-1])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and _running(core):
-        time.sleep(0.1)
-    assert not _running(core)
+    assert gone_within(core, 10)
 
 
 def test_the_core_process_leaves_a_core_to_the_front_end(engines):

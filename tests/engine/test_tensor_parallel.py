@@ -20,6 +20,7 @@ from omnistream.engine.distributed import get_tp_world_size
 from omnistream.engine.executor import EngineDeadError
 from omnistream.engine.layers.linear import ColumnParallelLinear, RowParallelLinear
 from omnistream.engine.loader import CheckpointSlice
+from tests.processes import gone_within, running
 
 FP32_TOL = 1e-4
 # 64 batched tokens: the long prompt prefills in chunks; a short timeout so a bug fails fast instead of hanging
@@ -59,15 +60,6 @@ def assert_same_generations(want: list, got: list) -> None:
 
 def param_bytes(model: torch.nn.Module, prefix: str = "") -> int:
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if n.startswith(prefix))
-
-
-def running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +153,4 @@ def test_workers_exit_when_the_engine_process_dies():
     engine = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert engine.returncode == -signal.SIGKILL, engine.stderr
     worker = int(engine.stdout.split()[-1])
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and running(worker):
-        time.sleep(0.1)
-    assert not running(worker)
+    assert gone_within(worker, 10)
