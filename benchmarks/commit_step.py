@@ -8,6 +8,12 @@ step that samples the first token. Reported: that step's thread CPU time, the pa
 the rest; for attention read in place (engine/attention/cpu_flash.py, the default) and, as the baseline in the
 same run, with every request on the gather path (LONG_CONTEXT_BLOCKS raised past any context).
 
+Also reported: the attention's arithmetic (q new tokens over their context in every layer: 4·heads·head_dim·
+Σ keys per query, QKᵀ and PV) and its rate, next to this machine's rate on one plain matmul of the same shape
+class measured in the same run ([kv_heads, group·q, head_dim] @ [kv_heads, head_dim, context], hot caches). The
+attention cannot go much below GFLOP / reference rate: that is the CPU floor of what the commit step adds with the
+session's length.
+
     python benchmarks/commit_step.py
     python benchmarks/commit_step.py --durations 10,600 --repeats 3
 """
@@ -116,15 +122,39 @@ def commit_step(engine: EngineCore, clock: AttentionClock, seconds: float, seed:
         drain(engine)
     session.commit(wave[last:], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
     clock.seconds = 0.0
+    before = engine.scheduler.requests[session_id].num_computed_tokens
     start = time.thread_time()
     outputs = engine.step()
     cpu = time.thread_time() - start
     if not any(o.req_id == session_id and o.new_token_ids for o in outputs):
         raise RuntimeError("the commit step did not sample the first token")
-    context = engine.scheduler.requests[session_id].num_tokens
+    context = engine.scheduler.requests[session_id].num_computed_tokens  # the keys: every prompt token, no output yet
     engine.abort_requests([session_id])
     drain(engine)
-    return {"cpu_s": cpu, "attention_s": clock.seconds, "context_tokens": context}
+    return {"cpu_s": cpu, "attention_s": clock.seconds, "context_tokens": context,
+            "new_tokens": context - before, "attention_gflop": attention_flop(engine, before, context - before) / 1e9}
+
+
+def attention_flop(engine: EngineCore, past: int, new: int) -> float:
+    """Multiply-adds ×2 of QKᵀ and PV for `new` queries after `past` cached tokens (query j sees past + j + 1 keys)."""
+    text = engine.model_config.text
+    keys = new * past + new * (new + 1) // 2
+    return 4.0 * text.num_attention_heads * text.head_dim * text.num_hidden_layers * keys
+
+
+def reference_gflops(engine: EngineCore, new: int, context: int, repeats: int = 30) -> float:
+    """This machine's GFLOP/s on the attention's matmul shape: a kv head's grouped queries against its keys."""
+    text = engine.model_config.text
+    group = text.num_attention_heads // text.num_key_value_heads
+    q = torch.randn(text.num_key_value_heads, group * new, text.head_dim)
+    k = torch.randn(text.num_key_value_heads, text.head_dim, context)
+    out = torch.empty(text.num_key_value_heads, group * new, context)
+    torch.bmm(q, k, out=out)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.bmm(q, k, out=out)
+    seconds = (time.perf_counter() - start) / repeats
+    return 2.0 * q.numel() * context / seconds / 1e9
 
 
 def main() -> None:
@@ -153,20 +183,31 @@ def main() -> None:
         cpu = statistics.median(r["cpu_s"] for r in results)
         attention = statistics.median(r["attention_s"] for r in results)
         rest = statistics.median(r["cpu_s"] - r["attention_s"] for r in results)
+        gflop = results[0]["attention_gflop"]
         rows.append({"path": path, "audio_s": seconds, "context_tokens": results[0]["context_tokens"],
-                     "step_cpu_ms": cpu * 1e3, "attention_cpu_ms": attention * 1e3, "rest_cpu_ms": rest * 1e3})
+                     "step_cpu_ms": cpu * 1e3, "attention_cpu_ms": attention * 1e3, "rest_cpu_ms": rest * 1e3,
+                     "attention_gflop": gflop, "attention_gflops": gflop / attention if attention else None})
+    longest = samples[("in_place", max(durations))][0]
+    reference = reference_gflops(engine, longest["new_tokens"], longest["context_tokens"])
     print(f"Commit step of a live session (first token), thread CPU time, medians of {args.repeats}")
-    print(f"{'path':>9} {'audio s':>8} {'context':>8} {'step ms':>8} {'attention ms':>13} {'rest ms':>8} {'vs shortest':>12}")
+    print(f"{'path':>9} {'audio s':>8} {'context':>8} {'step ms':>8} {'attention ms':>13} {'rest ms':>8} "
+          f"{'vs shortest':>12} {'attn GFLOP':>11} {'attn GFLOP/s':>13}")
     for path in ("in_place", "gather"):
         mine = [r for r in rows if r["path"] == path]
         shortest = min(mine, key=lambda r: r["audio_s"])
         for r in sorted(mine, key=lambda r: r["audio_s"]):
             r["vs_shortest"] = r["step_cpu_ms"] / shortest["step_cpu_ms"]
             print(f"{path:>9} {r['audio_s']:>8g} {r['context_tokens']:>8} {r['step_cpu_ms']:>8.1f} "
-                  f"{r['attention_cpu_ms']:>13.1f} {r['rest_cpu_ms']:>8.1f} {r['vs_shortest']:>11.2f}x")
+                  f"{r['attention_cpu_ms']:>13.1f} {r['rest_cpu_ms']:>8.1f} {r['vs_shortest']:>11.2f}x "
+                  f"{r['attention_gflop']:>11.3f} {r['attention_gflops'] or 0:>13.1f}")
+    floor_ms = longest["attention_gflop"] / reference * 1e3
+    print(f"reference: one bmm of the attention's shape ({longest['new_tokens']} queries over "
+          f"{longest['context_tokens']} keys) runs at {reference:.1f} GFLOP/s here, so the {max(durations):g} s "
+          f"commit's attention needs at least ~{floor_ms:.1f} ms of CPU at that rate")
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"config": vars(args), "rows": rows, "reference_gflops": reference,
+                       "attention_floor_ms": floor_ms}, f, indent=2)
     engine.shutdown()
 
 

@@ -100,6 +100,8 @@ def make_llm(args: argparse.Namespace):
         kwargs["num_kv_blocks"] = args.num_kv_blocks
     if args.max_model_len:
         kwargs["max_model_len"] = args.max_model_len
+    if args.cpu_threads:
+        kwargs["cpu_threads"] = args.cpu_threads
     return AsyncLLM(args.model, **kwargs)
 
 
@@ -346,6 +348,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     common.add_argument("--max-num-batched-tokens", type=int, default=2048, help="engine token budget per step")
     common.add_argument("--num-kv-blocks", type=int, default=None, help="KV blocks (default: the engine's)")
     common.add_argument("--max-model-len", type=int, default=None, help="engine max_model_len (default: the engine's)")
+    common.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch threads of the engine core (default: the engine's, all cores but one)")
     common.add_argument("--prefix-caching", action="store_true", help="enable prefix caching (default off)")
     common.add_argument("--output-json", default=None, help="also write the results to this JSON file")
     sub = parser.add_subparsers(dest="mode", required=True)
