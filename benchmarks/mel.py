@@ -9,7 +9,9 @@ HF. Rows:
 - `hf-qwen`: as Qwen3-Omni's processor calls it (`padding=True, truncation=False, return_attention_mask=True`).
 - `hf-fbank`: HF's feature computation alone (`_torch_extract_fbank_features`), without its padding and
   conversions: the least HF can take.
-- `ours`: `log_mel_spectrogram`; `ours@REV`: the same function at git revision REV (`--compare-ref REV`).
+- `ours`: `log_mel_spectrogram` with the kernel it picks (the compiled one of `mel_kernel` when a C compiler works;
+  the table's header says which); `ours-torch`: the same with the pure-torch fallback forced (what
+  `OMNISTREAM_MEL_KERNEL=torch` gives); `ours@REV`: the function at git revision REV (`--compare-ref REV`).
 `--chunk-sweep 256,1024,...` also times `ours` with those frames per chunk (`ours/N` rows). `--profile` prints where the time goes: self CPU time per ATen op per call, for `hf-fbank` and `ours`
 (torch.profiler; its per-op overhead inflates the many small ops of the chunked path a little).
 Example:
@@ -30,7 +32,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from transformers import WhisperFeatureExtractor
 
-from omnistream.multimodal import mel
+from omnistream.multimodal import mel, mel_kernel
 from omnistream.multimodal.mel import SAMPLE_RATE, log_mel_spectrogram
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,6 +66,16 @@ def with_chunk_frames(frames: int, wave: np.ndarray) -> torch.Tensor:
         mel._chunk_frames = default
 
 
+def torch_fallback(wave: np.ndarray) -> torch.Tensor:
+    """`log_mel_spectrogram` on its pure-torch path, whatever kernel is available."""
+    default = mel_kernel.active_kernel
+    mel_kernel.active_kernel = lambda: "torch"
+    try:
+        return log_mel_spectrogram(wave)
+    finally:
+        mel_kernel.active_kernel = default
+
+
 def variants(wave: np.ndarray, compare_ref: str | None, chunk_sweep: list[int]) -> dict[str, Callable[[], torch.Tensor]]:
     extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=SAMPLE_RATE, hop_length=160, n_fft=400)
     fns = {
@@ -73,6 +85,7 @@ def variants(wave: np.ndarray, compare_ref: str | None, chunk_sweep: list[int]) 
                                      truncation=False, return_attention_mask=True)["input_features"][0],
         "hf-fbank": lambda: torch.from_numpy(extractor._torch_extract_fbank_features(wave[None]))[0],
         "ours": lambda: log_mel_spectrogram(wave),
+        "ours-torch": lambda: torch_fallback(wave),
     }
     if compare_ref:
         fns[f"ours@{compare_ref}"] = lambda old=mel_module_at(compare_ref): old.log_mel_spectrogram(wave)
@@ -120,7 +133,7 @@ def main() -> None:
             wall[name].append(time.perf_counter() - wall_start)
     hf_wall, hf_cpu = np.median(wall["hf"]), np.median(cpu["hf"])
     print(f"clip {args.minutes:g} min, {wave.size} samples, torch threads {torch.get_num_threads()}, "
-          f"{args.repeats} interleaved repeats, medians")
+          f"{args.repeats} interleaved repeats, medians; ours uses the {mel_kernel.active_kernel()} kernel")
     print(f"{'variant':<16}{'wall ms':>9}{'cpu ms':>9}{'hf/x wall':>11}{'hf/x cpu':>10}{'min wall':>10}"
           f"{'max |diff|':>12}")
     for name in fns:

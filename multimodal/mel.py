@@ -1,11 +1,14 @@
 """Log-mel features for the audio tower, equal to HF `WhisperFeatureExtractor` (128 bins, 16 kHz) for one clip.
 
-Frames are transformed in chunks of about a thousand (window, rfft, power, banded mel product, log10), each written
-straight into its columns of the one [128, n] output while the chunk is in cache, so a long clip needs no padded
-copy of the waveform, no full-clip spectrum and no transpose; Whisper's (x + 4) / 4 is applied per chunk too, and
-only the clamp at the clip's max − 8 takes a second pass. The rfft is about 40% of the time (see
-benchmarks/mel.py --profile). `streaming_mel` makes the same frames incrementally through the same per-frame code
-(`_log_mel_into`, `_frames`, `normalize_log_mel`)."""
+Frames go through the one per-frame computation `_log_mel_into` (window, rfft, power, Slaney mel product, log10) in
+chunks of about a thousand, each written straight into its columns of the one [128, n] output while the chunk is in
+cache (no padded copy of the waveform, no full-clip spectrum, no transpose), with Whisper's x / 4 + 1 applied per
+chunk too; only the floor at the clip's max − 8 takes a second pass. The rfft is always torch's (MKL, as HF's). Around
+it, the compiled passes of `mel_kernel` (window; then power, mel, log10, max and scaling in one pass per 8 frames;
+`mel_kernel.active_kernel()` says whether they are in use) or, without a C compiler or with
+`OMNISTREAM_MEL_KERNEL=torch`, pure-torch ops (banded matmuls); both equal HF within float rounding.
+`streaming_mel` makes the same frames incrementally through the same per-frame code (`_log_mel_into`, `_frames`,
+`normalize_log_mel`)."""
 
 from __future__ import annotations
 
@@ -15,6 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import mel_kernel
 from .errors import MediaTooSmallError
 
 SAMPLE_RATE = 16000
@@ -28,6 +32,7 @@ _CHUNK_FRAMES = 1024  # one thread (benchmarks/mel.py --chunk-sweep: 1024–2048
 # more than the cache misses of large chunks (2 threads, load ~6: 16384 frames a chunk about 1.8× faster than 4096).
 # 16384 frames hold ~65 MB of scratch.
 _PARALLEL_CHUNK_FRAMES = 16384
+_LOG10_FLOOR = -10.0  # Whisper clamps the mel at 1e-10 before its log10
 _BAND_MELS = 16
 MIN_SAMPLES = _HALF + 1  # center reflect-padding by 200 needs more than 200 samples (torch.stft fails too)
 
@@ -68,6 +73,11 @@ def _window() -> torch.Tensor:
 
 
 @lru_cache(maxsize=1)
+def _one() -> torch.Tensor:
+    return torch.tensor(1.0)
+
+
+@lru_cache(maxsize=1)
 def _bands() -> tuple[tuple[int, int, int, torch.Tensor], ...]:
     """The filters in groups of 16 mels, each with the only bins it reads: (first mel, lo, hi, [16, hi-lo]).
 
@@ -94,28 +104,38 @@ def _frames(wave: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return piece.unfold(0, N_FFT, HOP)
 
 
-def _log_mel_into(frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tensor, power: torch.Tensor) -> None:
-    """Unclamped log10 mel of raw frames [n, 400] written into out [128, n] (rows of stride ≥ n, unit column stride).
+def _log_mel_into(frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tensor | None,
+                  power: torch.Tensor | None, *, scaled: bool = False) -> float:
+    """log10 mel of raw frames [n, 400] written into out [128, n] (rows of stride ≥ n, unit column stride), or
+    log10 mel / 4 + 1 when `scaled`; returns the max of the unscaled values (-inf for no frames).
 
-    `windowed` ([≥n, 400]) and `power` ([≥n, 201]) are scratch. This is the only per-frame computation: the offline
-    and the streaming front ends both call it, so a frame made from the same 400 samples gives the same floats
-    whichever path made it.
+    Not clamped: a mel of exactly 0 gives -inf, which the floor of `normalize_log_mel` lifts like Whisper's clamp at
+    1e-10. `windowed` ([≥n, 400]) and `power` ([≥n, 201], torch path only) are scratch (None: allocated here).
+    This is the only per-frame computation: the offline and the streaming front ends both call it, so a frame made
+    from the same 400 samples gives the same floats whichever front end made it.
     """
     n = frames.shape[0]
+    if n == 0:
+        return float("-inf")
+    windowed = torch.empty(n, N_FFT) if windowed is None else windowed
+    if mel_kernel.active_kernel() == "c":
+        return mel_kernel.log_mel_into(frames, out, windowed[:n], scaled)
+    power = torch.empty(n, _BINS) if power is None else power
     frames = torch.mul(frames, _window(), out=windowed[:n])
     squares = torch.view_as_real(torch.fft.rfft(frames)).square_()
     power = torch.add(squares[..., 0], squares[..., 1], out=power[:n])
     for first, lo, hi, filters in _bands():
         torch.matmul(filters, power[:, lo:hi].t(), out=out[first : first + _BAND_MELS])
-    out.clamp_(min=1e-10).log10_()
+    peak = float(out.log10_().amax())
+    if scaled:
+        torch.add(_one(), out, alpha=0.25, out=out)  # one pass; rounds like (x + 4) / 4 (see normalize_log_mel)
+    return peak
 
 
 def log_mel_frames(frames: torch.Tensor) -> torch.Tensor:
     """[128, n] unclamped log10 mel (before the Whisper max-8 clamp and (x+4)/4) of raw 400-sample frames [n, 400]."""
-    n = frames.shape[0]
-    out = torch.empty(N_MELS, n)
-    if n:
-        _log_mel_into(frames, out, torch.empty(n, N_FFT), torch.empty(n, _BINS))
+    out = torch.empty(N_MELS, frames.shape[0])
+    _log_mel_into(frames, out, None, None)
     return out
 
 
@@ -128,13 +148,12 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     log_spec = torch.empty(N_MELS, num_frames)
     step = _chunk_frames()
     windowed = torch.empty(min(step, num_frames), N_FFT)
-    power = torch.empty(windowed.shape[0], _BINS)
-    one, peak = torch.tensor(1.0), torch.tensor(float("-inf"))
+    power = torch.empty(windowed.shape[0], _BINS) if mel_kernel.active_kernel() == "torch" else None
+    peak = float("-inf")
     for start in range(0, num_frames, step):
         chunk = log_spec[:, start : start + step]
-        _log_mel_into(_frames(wave, start, start + chunk.shape[1]), chunk, windowed, power)
-        peak = torch.maximum(peak, chunk.amax())
-        torch.add(one, chunk, alpha=0.25, out=chunk)  # (x + 4) / 4 while in cache; the clamp below commutes
+        frames = _frames(wave, start, start + chunk.shape[1])
+        peak = max(peak, _log_mel_into(frames, chunk, windowed, power, scaled=True))
     return log_spec.clamp_(min=_normalized_floor(peak))
 
 
@@ -144,14 +163,19 @@ def _chunk_frames() -> int:
 
 
 def _normalized_floor(peak: float | torch.Tensor) -> float:
-    """(peak − 8 + 4) / 4 rounded as Whisper rounds it (float32): the value every bin below peak − 8 becomes."""
-    return float((torch.as_tensor(peak, dtype=torch.float32) - 8.0 + 4.0) * 0.25)
+    """(max(peak − 8, −10) + 4) / 4 rounded as Whisper rounds it (float32): the value every bin below it becomes.
+
+    Whisper clamps the mel at 1e-10 before the log and then at its max − 8; on unclamped values one floor at
+    max(peak − 8, −10) gives the same floats (the log is monotonic, and max(peak, −10) − 8 ≤ −10 when peak ≤ −2).
+    """
+    threshold = torch.as_tensor(peak, dtype=torch.float32) - 8.0
+    return float((threshold.clamp(min=_LOG10_FLOOR) + 4.0) * 0.25)
 
 
 def normalize_log_mel(
     log_spec: torch.Tensor, peak: float | torch.Tensor, *, out: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """Whisper's normalisation of unclamped log10 mel: (max(x, peak − 8) + 4) / 4, the threshold in float32.
+    """Whisper's normalisation of unclamped log10 mel: (max(x, peak − 8, −10) + 4) / 4, the threshold in float32.
 
     Offline `peak` is the clip's max; streaming passes the running max. `out=log_spec` works in place. Scaling
     first and clamping at the scaled floor gives the same floats: x·0.25 + 1 rounds like (x + 4) / 4 (0.25 and 4

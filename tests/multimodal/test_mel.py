@@ -1,12 +1,18 @@
+import logging
+import shutil
+
 import numpy as np
 import pytest
 import torch
 from transformers import WhisperFeatureExtractor
 
+from omnistream.multimodal import mel_kernel
 from omnistream.multimodal.errors import MediaTooSmallError
-from omnistream.multimodal.mel import log_mel_spectrogram, num_mel_frames
+from omnistream.multimodal.mel import _frames, log_mel_frames, log_mel_spectrogram, num_mel_frames
+from omnistream.multimodal.streaming_mel import StreamingLogMel
 
 EXTRACTOR = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400)
+HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
 
 
 def hf_features(wave: np.ndarray) -> torch.Tensor:
@@ -14,19 +20,71 @@ def hf_features(wave: np.ndarray) -> torch.Tensor:
     return out["input_features"][0]
 
 
-@pytest.mark.parametrize("length", [201, 1000, 40000, 40100, 40159, 40160, 160 * 1024, 160 * 1024 + 37,
-                                    160 * 4096, 160 * 4096 + 37])
-def test_matches_whisper_feature_extractor(length):
+@pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("mel-kernel-cache")
+
+
+def use_kernel(monkeypatch, cache_dir, choice: str) -> None:
+    """Reload the kernel choice with OMNISTREAM_MEL_KERNEL=choice and a private cache dir."""
+    monkeypatch.setenv("OMNISTREAM_CACHE_DIR", str(cache_dir))
+    monkeypatch.setenv(mel_kernel.ENV_KERNEL, choice)
+    mel_kernel._load.cache_clear()
+
+
+@pytest.fixture(params=["auto", "torch"])
+def kernel(request, monkeypatch, kernel_cache):
+    """Each test once with the compiled kernel (where a compiler exists) and once with the forced torch fallback."""
+    use_kernel(monkeypatch, kernel_cache, request.param)
+    expected = "c" if request.param == "auto" and HAS_COMPILER else "torch"
+    assert mel_kernel.active_kernel() == expected
+    yield expected
+    mel_kernel._load.cache_clear()
+
+
+def tone_and_noise(length: int) -> np.ndarray:
     rng = np.random.default_rng(length)
     t = np.arange(length) / 16000
-    wave = (0.3 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, length) + 0.01 * rng.standard_normal(length))
-    wave = wave.astype(np.float32)
+    return (0.3 * np.sin(2 * np.pi * 440 * t) * np.linspace(0, 1, length) + 0.01 * rng.standard_normal(length))
+
+
+@pytest.mark.parametrize("length", [201, 1000, 40000, 40100, 40159, 40160, 160 * 1024, 160 * 1024 + 37,
+                                    160 * 4096, 160 * 4096 + 37])
+def test_matches_whisper_feature_extractor(kernel, length):
+    wave = tone_and_noise(length).astype(np.float32)
     ours = log_mel_spectrogram(wave)
     assert ours.dtype == torch.float32 and ours.shape == (128, length // 160) == (128, num_mel_frames(length))
     assert (ours - hf_features(wave)).abs().max().item() < 1e-4
 
 
-def test_silence_and_torch_input():
+def brown_noise(length: int) -> np.ndarray:
+    """A steep 1/f² spectrum: the top bins are ~80 dB under the bottom ones, right at the max − 8 floor."""
+    return np.cumsum(np.random.default_rng(3).standard_normal(length)) * 1e-3
+
+
+def level_steps(length: int) -> np.ndarray:
+    """White noise whose level jumps by up to 70 dB every second."""
+    rng = np.random.default_rng(4)
+    levels = np.exp(rng.uniform(-8, 0, length // 16000 + 1)).repeat(16000)[:length]
+    return rng.standard_normal(length) * levels
+
+
+@pytest.mark.parametrize("name,make", [
+    ("digital zeros", np.zeros),
+    ("very quiet", lambda n: 1e-7 * np.random.default_rng(1).standard_normal(n)),  # every mel under 1e-10
+    ("subnormal samples", lambda n: 1e-40 * np.random.default_rng(2).standard_normal(n)),
+    ("zeros then a click", lambda n: np.where(np.arange(n) == n // 2, 0.5, 0.0)),
+    ("brown noise", brown_noise),
+    ("level steps", level_steps),
+    ("full scale square wave", lambda n: np.sign(np.sin(2 * np.pi * 250 * np.arange(n) / 16000))),
+])
+def test_hard_clips_match_whisper(kernel, name, make):
+    wave = make(160 * 3000 + 19).astype(np.float32)
+    ours, reference = log_mel_spectrogram(wave), hf_features(wave)
+    assert (ours - reference).abs().max().item() < 1e-4
+
+
+def test_silence_and_torch_input(kernel):
     wave = torch.zeros(16000)
     ours = log_mel_spectrogram(wave)
     assert torch.equal(ours, hf_features(wave.numpy()))
@@ -38,7 +96,7 @@ def test_too_short():
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_silence_then_burst_with_either_chunking(threads):
+def test_silence_then_burst_with_either_chunking(kernel, threads):
     """Digital silence (mel exactly 0, clamped at 1e-10), a quiet stretch below the clip's max − 8 and a loud burst,
     spread over several chunks; one thread and several threads chunk the clip differently."""
     length = 160 * 9000 + 11
@@ -58,3 +116,76 @@ def test_silence_then_burst_with_either_chunking(threads):
     assert (reference == floor).float().mean() > 0.3  # the clamp at max − 8 is exercised
     assert (ours - reference).abs().max().item() < 1e-4
     assert torch.equal(ours == floor, reference == floor)
+
+
+def test_kernels_agree_on_unclamped_frames(monkeypatch, kernel_cache):
+    """Both kernels give the same unclamped log10 frames up to float rounding (zeros give -inf in both)."""
+    wave = torch.from_numpy(tone_and_noise(160 * 700).astype(np.float32))
+    wave[: 160 * 50] = 0.0
+    results = {}
+    for choice in ("auto", "torch"):
+        use_kernel(monkeypatch, kernel_cache, choice)
+        results[choice] = log_mel_frames(_frames(wave, 0, 700))
+    mel_kernel._load.cache_clear()
+    compiled, fallback = results["auto"], results["torch"]
+    assert torch.equal(compiled.isinf(), fallback.isinf()) and compiled.isinf().any()
+    finite = fallback.isfinite()
+    assert (compiled[finite] - fallback[finite]).abs().max().item() < 1e-5
+
+
+def test_streaming_frames_bit_identical_to_offline(kernel):
+    """The per-frame code does not depend on how frames are batched, so streamed frames equal offline ones exactly
+    with the compiled kernel (the torch fallback is only within sgemm rounding: see test_streaming_mel)."""
+    length = 160 * 2500 + 77
+    wave = tone_and_noise(length).astype(np.float32)
+    stream, parts, first = StreamingLogMel(), [], 0
+    rng = np.random.default_rng(0)
+    while first < length:
+        n = int(rng.integers(1, 7000))
+        parts.append(stream.feed(wave[first : first + n]))
+        first += n
+    parts.append(stream.finish())
+    streamed = torch.cat(parts, dim=1)
+    offline = log_mel_frames(_frames(torch.from_numpy(wave), 0, length // 160))
+    if kernel == "c":
+        assert torch.equal(streamed, offline)
+    else:
+        assert (streamed - offline).abs().max().item() <= 1e-5
+
+
+def test_compile_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CC", shutil.which("false") or "/bin/false")
+    use_kernel(monkeypatch, tmp_path, "auto")
+    try:
+        with caplog.at_level(logging.WARNING, logger=mel_kernel.__name__):
+            assert mel_kernel.active_kernel() == "torch"
+        assert any("compiled kernel unavailable" in r.getMessage() for r in caplog.records)
+        wave = tone_and_noise(40000).astype(np.float32)
+        assert (log_mel_spectrogram(wave) - hf_features(wave)).abs().max().item() < 1e-4
+        assert not list(tmp_path.glob("*.so*"))  # no half-written library left behind
+    finally:
+        mel_kernel._load.cache_clear()
+
+
+def test_compiled_once_into_the_cache_dir(monkeypatch, tmp_path):
+    use_kernel(monkeypatch, tmp_path, "auto")
+    try:
+        assert mel_kernel.active_kernel() == ("c" if HAS_COMPILER else "torch")
+        if not HAS_COMPILER:
+            return
+        (library,) = tmp_path.glob("mel_kernel-*.so")
+        stamp = library.stat().st_mtime_ns
+        mel_kernel._load.cache_clear()
+        assert mel_kernel.active_kernel() == "c" and library.stat().st_mtime_ns == stamp  # reused, not rebuilt
+        assert [p.name for p in tmp_path.iterdir()] == [library.name]
+    finally:
+        mel_kernel._load.cache_clear()
+
+
+def test_unknown_kernel_choice_is_an_error(monkeypatch, tmp_path):
+    use_kernel(monkeypatch, tmp_path, "fast")
+    try:
+        with pytest.raises(ValueError, match="OMNISTREAM_MEL_KERNEL"):
+            mel_kernel.active_kernel()
+    finally:
+        mel_kernel._load.cache_clear()
