@@ -196,7 +196,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "system_prompt", "sampling", "audio_format", "sample_rate", "audio_window_s", "video_fps")
+    __slots__ = ("model", "system_prompt", "sampling", "audio_format", "sample_rate", "audio_window_s", "video_fps", "logprobs")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +204,7 @@ class SessionConfig(_message.Message):
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     AUDIO_WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FPS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     model: str
     system_prompt: str
     sampling: SamplingParams
@@ -211,7 +212,8 @@ class SessionConfig(_message.Message):
     sample_rate: int
     audio_window_s: float
     video_fps: float
-    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., audio_format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate: _Optional[int] = ..., audio_window_s: _Optional[float] = ..., video_fps: _Optional[float] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., audio_format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate: _Optional[int] = ..., audio_window_s: _Optional[float] = ..., video_fps: _Optional[float] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -226,10 +228,12 @@ class TextInput(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("sampling",)
+    __slots__ = ("sampling", "logprobs")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     sampling: SamplingParams
-    def __init__(self, sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
+    logprobs: int
+    def __init__(self, sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
@@ -274,14 +278,16 @@ class TurnStarted(_message.Message):
     def __init__(self, turn: _Optional[int] = ...) -> None: ...
 
 class TextDelta(_message.Message):
-    __slots__ = ("turn", "text", "token_ids")
+    __slots__ = ("turn", "text", "token_ids", "logprobs")
     TURN_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     turn: int
     text: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, turn: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
+    def __init__(self, turn: _Optional[int] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
 
 class TurnEnded(_message.Message):
     __slots__ = ("turn", "finish_reason", "usage")

@@ -48,13 +48,21 @@ def choice_params(request: pb.GenerateRequest) -> list[SamplingParams]:
     n = request.n if request.HasField("n") else 1
     if not 1 <= n <= MAX_N:
         raise invalid(f"n: the number of answers must be from 1 to {MAX_N}, got {n}")
-    if request.HasField("logprobs") and request.logprobs > MAX_TOP_LOGPROBS:
-        raise invalid(f"logprobs: at most {MAX_TOP_LOGPROBS} alternatives per token, got {request.logprobs}")
-    logprobs = request.logprobs if request.HasField("logprobs") else None
-    params = sampling_params(request.sampling, max_tokens=None, logprobs=logprobs)  # default: the rest of the context
+    params = sampling_params(request.sampling, max_tokens=None,  # default: the rest of the context
+                             logprobs=num_logprobs(request, "logprobs"))
     if params.seed is None:
         return [params] * n
     return [msgspec.structs.replace(params, seed=params.seed + i) for i in range(n)]
+
+
+def num_logprobs(message: pb.GenerateRequest | pb.SessionConfig | pb.Commit, field: str) -> int | None:
+    """The message's `logprobs`: alternatives per token, 0 to MAX_TOP_LOGPROBS; None when unset. More is a
+    ValueError naming `field` (INVALID_ARGUMENT: a status, or a SessionError for a commit)."""
+    if not message.HasField("logprobs"):
+        return None
+    if message.logprobs > MAX_TOP_LOGPROBS:
+        raise ValueError(f"{field}: at most {MAX_TOP_LOGPROBS} alternatives per token, got {message.logprobs}")
+    return message.logprobs
 
 
 def token_logprobs(token_ids: list[int], positions: list[PositionLogprobs], k: int) -> list[pb.TokenLogprobs]:

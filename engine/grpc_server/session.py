@@ -1,4 +1,5 @@
-"""One live gRPC Session: the client's inputs drive a StreamingSession, its answers stream back per turn.
+"""One live gRPC Session: the client's inputs drive a StreamingSession, its answers stream back per turn (with
+their log-probabilities when the config or the commit asks).
 
 A reader task applies the inputs in order (audio, video frames, text, commit, cancel) while each committed turn's
 answer is pumped out by its own task, so the user can speak over (barge-in) or cancel an answer.
@@ -13,11 +14,18 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import msgspec
 import numpy as np
 
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_server.errors import GrpcError, code_number, invalid, to_status
-from omnistream.engine.grpc_server.protocol import FINISH_REASONS, sampling_params, turn_usage
+from omnistream.engine.grpc_server.protocol import (
+    FINISH_REASONS,
+    num_logprobs,
+    sampling_params,
+    token_logprobs,
+    turn_usage,
+)
 from omnistream.engine.outputs import RequestOutput
 from omnistream.engine.session import StreamingSession
 
@@ -36,6 +44,7 @@ class LiveSession:
         self.outbox: asyncio.Queue = asyncio.Queue()  # SessionOutputs, then _END or the fatal exception
         self.session: StreamingSession | None = None
         self.params = None
+        self.logprobs: int | None = None  # the session's alternatives per token (None: no log-probabilities)
         self.sample_rate = DEFAULT_SAMPLE_RATE
         self.audio_format = pb.AUDIO_FORMAT_PCM16
         self.turn = 0
@@ -64,7 +73,8 @@ class LiveSession:
 
     async def _open(self, config: pb.SessionConfig) -> pb.SessionOutput:
         self.check_model(config.model)
-        self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS)
+        self.logprobs = num_logprobs(config, "config.logprobs")
+        self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=self.logprobs)
         self.sample_rate = config.sample_rate or DEFAULT_SAMPLE_RATE
         self.audio_format = config.audio_format or pb.AUDIO_FORMAT_PCM16
         if self.audio_format not in (pb.AUDIO_FORMAT_PCM16, pb.AUDIO_FORMAT_FLOAT32):
@@ -118,7 +128,12 @@ class LiveSession:
             raise ValueError("SessionInput: the message sets none of its inputs")
 
     async def _commit(self, commit: pb.Commit) -> None:
-        params = sampling_params(commit.sampling, max_tokens=DEFAULT_MAX_TOKENS) if commit.HasField("sampling") else None
+        override = num_logprobs(commit, "commit.logprobs")
+        logprobs = self.logprobs if override is None else override
+        if commit.HasField("sampling"):
+            params = sampling_params(commit.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=logprobs)
+        else:
+            params = msgspec.structs.replace(self.params, logprobs=logprobs)
         if self.answer is not None and not self.answer.done():  # a commit during an answer replaces it
             await self.session.cancel()
             await self.answer
@@ -129,20 +144,24 @@ class LiveSession:
         sample_bytes = 2 if self.audio_format == pb.AUDIO_FORMAT_PCM16 else 4
         seconds, self.turn_bytes = self.turn_bytes // sample_bytes / self.sample_rate, 0
         self._send(turn_started=pb.TurnStarted(turn=self.turn))
-        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds))
+        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds, logprobs))
 
     async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int, int],
-                    seconds: float) -> None:
+                    seconds: float, logprobs: int | None) -> None:
         """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens, video tokens) at its
-        commit."""
+        commit; `logprobs` the alternatives per token its deltas carry (None: no log-probabilities)."""
         sent_text = sent_tokens = 0
         try:
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     sample = output.outputs[0]
                     if len(sample.token_ids) > sent_tokens or sample.text[sent_text:]:
-                        self._send(delta=pb.TextDelta(turn=turn, text=sample.text[sent_text:],
-                                                      token_ids=sample.token_ids[sent_tokens:]))
+                        delta = pb.TextDelta(turn=turn, text=sample.text[sent_text:],
+                                             token_ids=sample.token_ids[sent_tokens:])
+                        if logprobs is not None:
+                            delta.logprobs.extend(token_logprobs(sample.token_ids[sent_tokens:],
+                                                                 (sample.logprobs or [])[sent_tokens:], logprobs))
+                        self._send(delta=delta)
                         sent_text, sent_tokens = len(sample.text), len(sample.token_ids)
                     if output.finished:
                         self._send(turn_ended=pb.TurnEnded(turn=turn, finish_reason=FINISH_REASONS[sample.finish_reason],
