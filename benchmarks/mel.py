@@ -9,9 +9,10 @@ HF. Rows:
 - `hf-qwen`: as Qwen3-Omni's processor calls it (`padding=True, truncation=False, return_attention_mask=True`).
 - `hf-fbank`: HF's feature computation alone (`_torch_extract_fbank_features`), without its padding and
   conversions: the least HF can take.
-- `ours`: `log_mel_spectrogram` with the kernel it picks (the compiled one of `mel_kernel` when a C compiler works;
-  the table's header says which); `ours-torch`: the same with the pure-torch fallback forced (what
-  `OMNISTREAM_MEL_KERNEL=torch` gives); `ours@REV`: the function at git revision REV (`--compare-ref REV`).
+- `ours`: `log_mel_spectrogram` with the kernel it picks (see `multimodal/mel_kernel.py`; the table's header says
+  which); `ours-c`: the compiled passes around `torch.fft.rfft` (what `OMNISTREAM_MEL_KERNEL=c` gives);
+  `ours-torch`: the pure-torch fallback (`OMNISTREAM_MEL_KERNEL=torch`); `ours@REV`: the function at git revision
+  REV (`--compare-ref REV`).
 `--chunk-sweep 256,1024,...` also times `ours` with those frames per chunk (`ours/N` rows). `--profile` prints where the time goes: self CPU time per ATen op per call, for `hf-fbank` and `ours`
 (torch.profiler; its per-op overhead inflates the many small ops of the chunked path a little).
 Example:
@@ -21,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import time
 import types
@@ -59,21 +61,25 @@ def mel_module_at(rev: str) -> types.ModuleType:
 def with_chunk_frames(frames: int, wave: np.ndarray) -> torch.Tensor:
     """`log_mel_spectrogram` with `frames` frames per chunk, whatever the thread count."""
     default = mel._chunk_frames
-    mel._chunk_frames = lambda: frames
+    mel._chunk_frames = lambda kernel, threads: frames
     try:
         return log_mel_spectrogram(wave)
     finally:
         mel._chunk_frames = default
 
 
-def torch_fallback(wave: np.ndarray) -> torch.Tensor:
-    """`log_mel_spectrogram` on its pure-torch path, whatever kernel is available."""
-    default = mel_kernel.active_kernel
-    mel_kernel.active_kernel = lambda: "torch"
+def with_kernel(name: str, wave: np.ndarray) -> torch.Tensor:
+    """`log_mel_spectrogram` with kernel "c" or "torch" in place of the one loaded."""
+    original = mel_kernel._kernel
+    loaded = original()
+    if name == "c" and loaded is None:
+        raise RuntimeError("no compiled log-mel kernel to time")
+    forced = None if name == "torch" else dataclasses.replace(loaded, mkl=False)
+    mel_kernel._kernel = lambda: forced
     try:
         return log_mel_spectrogram(wave)
     finally:
-        mel_kernel.active_kernel = default
+        mel_kernel._kernel = original
 
 
 def variants(wave: np.ndarray, compare_ref: str | None, chunk_sweep: list[int]) -> dict[str, Callable[[], torch.Tensor]]:
@@ -85,8 +91,10 @@ def variants(wave: np.ndarray, compare_ref: str | None, chunk_sweep: list[int]) 
                                      truncation=False, return_attention_mask=True)["input_features"][0],
         "hf-fbank": lambda: torch.from_numpy(extractor._torch_extract_fbank_features(wave[None]))[0],
         "ours": lambda: log_mel_spectrogram(wave),
-        "ours-torch": lambda: torch_fallback(wave),
+        "ours-torch": lambda: with_kernel("torch", wave),
     }
+    if mel_kernel.active_kernel() == "c-mkl":
+        fns["ours-c"] = lambda: with_kernel("c", wave)
     if compare_ref:
         fns[f"ours@{compare_ref}"] = lambda old=mel_module_at(compare_ref): old.log_mel_spectrogram(wave)
     for frames in chunk_sweep:

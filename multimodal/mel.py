@@ -1,13 +1,12 @@
 """Log-mel features for the audio tower, equal to HF `WhisperFeatureExtractor` (128 bins, 16 kHz) for one clip.
 
 Frames go through the one per-frame computation `_log_mel_into` (window, rfft, power, Slaney mel product, log10) in
-chunks of about a thousand, each written straight into its columns of the one [128, n] output while the chunk is in
-cache (no padded copy of the waveform, no full-clip spectrum, no transpose), with Whisper's x / 4 + 1 applied per
-chunk too; only the floor at the clip's max − 8 takes a second pass. The rfft is always torch's (MKL, as HF's). Around
-it, the compiled passes of `mel_kernel` (window; then power, mel, log10, max and scaling in one pass per 8 frames;
-`mel_kernel.active_kernel()` says whether they are in use; with several torch threads, chunks run on a thread pool)
-or, without a C compiler or with `OMNISTREAM_MEL_KERNEL=torch`, pure-torch ops (banded matmuls); both equal HF
-within float rounding.
+chunks, each written straight into its columns of the one [128, n] output while the chunk is in cache (no padded copy
+of the waveform, no full-clip spectrum, no transpose), with Whisper's x / 4 + 1 applied per chunk too; only the
+floor at the clip's max − 8 takes a second pass. The rfft is always MKL's, as in HF's extractor. Around it, the
+compiled passes of `mel_kernel` (`mel_kernel.active_kernel()` says which kernel is in use, and the chunks run on a
+thread pool when torch has several threads) or, without a C compiler or with `OMNISTREAM_MEL_KERNEL=torch`,
+pure-torch ops (banded matmuls); all equal HF within float rounding (benchmarks/mel.py times each against HF).
 `streaming_mel` makes the same frames incrementally through the same per-frame code (`_log_mel_into`, `_frames`,
 `normalize_log_mel`)."""
 
@@ -29,15 +28,17 @@ HOP = 160
 N_MELS = 128
 _HALF = N_FFT // 2
 _BINS = N_FFT // 2 + 1
-_CHUNK_FRAMES = 1024  # one thread (benchmarks/mel.py --chunk-sweep: 1024–2048 fastest, 65536 about 2.7× slower)
+_CHUNK_FRAMES = 1024  # torch and "c" kernels, one thread (benchmarks/mel.py --chunk-sweep, torch path: 1024–2048
+# fastest, 65536 about 2.7× slower)
 # Several threads: each op is a parallel region that waits for its slowest thread, which on a loaded machine costs
 # more than the cache misses of large chunks (2 threads, load ~6: 16384 frames a chunk about 1.8× faster than 4096).
 # 16384 frames hold ~65 MB of scratch.
 _PARALLEL_CHUNK_FRAMES = 16384
-_LOG10_FLOOR = -10.0  # Whisper clamps the mel at 1e-10 before its log10
-_PARALLEL_KERNEL_CHUNK_FRAMES = 4096  # compiled kernel, several threads: one task of the pool (2 threads: 512–4096
-# frames within 15%, 4096 fastest; the pool is about 2× faster than one thread running torch's parallel rfft)
+_POOL_CHUNK_FRAMES = 4096  # compiled kernels, several threads: one task of the pool (2 threads, "c": 512–4096 frames
+# within 15%, 4096 fastest; the pool is about 2× faster than one thread running torch's parallel rfft)
+_MKL_CHUNK_FRAMES = 16384  # "c-mkl", one thread: it works on 64 frames at a time inside, chunks only save calls
 _BAND_MELS = 16
+_LOG10_FLOOR = -10.0  # Whisper clamps the mel at 1e-10 before its log10
 MIN_SAMPLES = _HALF + 1  # center reflect-padding by 200 needs more than 200 samples (torch.stft fails too)
 
 
@@ -121,9 +122,9 @@ def _log_mel_into(frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tenso
     n = frames.shape[0]
     if n == 0:
         return float("-inf")
+    if mel_kernel.active_kernel() != "torch":
+        return mel_kernel.log_mel_into(frames, out, windowed, scaled)
     windowed = torch.empty(n, N_FFT) if windowed is None else windowed
-    if mel_kernel.active_kernel() == "c":
-        return mel_kernel.log_mel_into(frames, out, windowed[:n], scaled)
     power = torch.empty(n, _BINS) if power is None else power
     frames = torch.mul(frames, _window(), out=windowed[:n])
     squares = torch.view_as_real(torch.fft.rfft(frames)).square_()
@@ -149,38 +150,35 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     if wave.numel() < MIN_SAMPLES:
         raise MediaTooSmallError(f"audio: {wave.numel()} samples, need at least {MIN_SAMPLES} for one mel frame")
     log_spec = torch.empty(N_MELS, num_mel_frames(wave.numel()))
-    threads = torch.get_num_threads()
-    if mel_kernel.active_kernel() == "c" and threads > 1:
-        peak = _fill_parallel(wave, log_spec, threads)
+    kernel, threads = mel_kernel.active_kernel(), torch.get_num_threads()
+    spans = _spans(wave.numel(), log_spec.shape[1], _chunk_frames(kernel, threads), edges_apart=kernel != "torch")
+    if kernel != "torch" and threads > 1 and len(spans) > 1:  # ctypes and the rfft release the GIL
+        peaks = _pool(threads).map(lambda span: _fill(wave, log_spec, span, None, None), spans)
     else:
-        peak = _fill(wave, log_spec)
-    return log_spec.clamp_(min=_normalized_floor(peak))
+        most = max(stop - start for start, stop in spans)
+        windowed = torch.empty(most, N_FFT) if kernel in ("c", "torch") else None
+        power = torch.empty(most, _BINS) if kernel == "torch" else None
+        peaks = [_fill(wave, log_spec, span, windowed, power) for span in spans]
+    return log_spec.clamp_(min=_normalized_floor(max(peaks)))
 
 
-def _fill(wave: torch.Tensor, log_spec: torch.Tensor) -> float:
-    """Scaled log-mel of every frame into log_spec, chunk after chunk with shared scratch; returns the unscaled max."""
-    num_frames = log_spec.shape[1]
-    step = _chunk_frames()
-    windowed = torch.empty(min(step, num_frames), N_FFT)
-    power = torch.empty(windowed.shape[0], _BINS) if mel_kernel.active_kernel() == "torch" else None
-    peak = float("-inf")
-    for start in range(0, num_frames, step):
-        chunk = log_spec[:, start : start + step]
-        frames = _frames(wave, start, start + chunk.shape[1])
-        peak = max(peak, _log_mel_into(frames, chunk, windowed, power, scaled=True))
-    return peak
+def _fill(wave: torch.Tensor, log_spec: torch.Tensor, span: tuple[int, int], windowed: torch.Tensor | None,
+          power: torch.Tensor | None) -> float:
+    """Scaled log-mel of frames span[0]..span[1]-1 into their columns; returns their unscaled max."""
+    start, stop = span
+    return _log_mel_into(_frames(wave, start, stop), log_spec[:, start:stop], windowed, power, scaled=True)
 
 
-def _fill_parallel(wave: torch.Tensor, log_spec: torch.Tensor, threads: int) -> float:
-    """`_fill` with the compiled kernel on a pool of `threads` threads, a chunk at a time each (ctypes and the rfft
-    release the GIL); each frame is made by the same code, so the result is `_fill`'s."""
-    num_frames = log_spec.shape[1]
-
-    def run(start: int) -> float:
-        chunk = log_spec[:, start : start + _PARALLEL_KERNEL_CHUNK_FRAMES]
-        return _log_mel_into(_frames(wave, start, start + chunk.shape[1]), chunk, None, None, scaled=True)
-
-    return max(_pool(threads).map(run, range(0, num_frames, _PARALLEL_KERNEL_CHUNK_FRAMES)))
+def _spans(num_samples: int, num_frames: int, step: int, edges_apart: bool) -> list[tuple[int, int]]:
+    """Chunks of at most `step` frames covering all frames. With `edges_apart` the few frames that reflect at either
+    end get chunks of their own, so that every other chunk is a view of the wave, never a padded copy (the torch
+    path keeps plain chunks: its sgemm rounds a frame by the chunk's shape, and the streaming tests compare it)."""
+    if not edges_apart:
+        return [(start, min(start + step, num_frames)) for start in range(0, num_frames, step)]
+    first_inner = min(2, num_frames)  # frames 0 and 1 start before sample 0
+    last_inner = max(first_inner, min(num_frames, (num_samples - _HALF) // HOP + 1))  # frame t ends at 160t + 199
+    bounds = [0, *range(first_inner, last_inner, step), last_inner, num_frames]
+    return [(start, stop) for start, stop in zip(bounds, bounds[1:]) if stop > start]
 
 
 @lru_cache(maxsize=4)
@@ -188,9 +186,11 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="log-mel")
 
 
-def _chunk_frames() -> int:
-    """Frames per chunk of `log_mel_spectrogram` for the current torch thread count."""
-    return _CHUNK_FRAMES if torch.get_num_threads() == 1 else _PARALLEL_CHUNK_FRAMES
+def _chunk_frames(kernel: str, threads: int) -> int:
+    """Frames per chunk of `log_mel_spectrogram` for a kernel and torch thread count."""
+    if threads > 1:
+        return _PARALLEL_CHUNK_FRAMES if kernel == "torch" else _POOL_CHUNK_FRAMES
+    return _MKL_CHUNK_FRAMES if kernel == "c-mkl" else _CHUNK_FRAMES
 
 
 def _normalized_floor(peak: float | torch.Tensor) -> float:

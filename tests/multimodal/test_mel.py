@@ -13,6 +13,10 @@ from omnistream.multimodal.streaming_mel import StreamingLogMel
 
 EXTRACTOR = WhisperFeatureExtractor(feature_size=128, sampling_rate=16000, hop_length=160, n_fft=400)
 HAS_COMPILER = any(shutil.which(name) for name in ("cc", "gcc", "clang"))
+# torch's x86 builds link MKL in and export its DFTI functions: there the kernel must call MKL itself
+HAS_MKL = torch.backends.mkl.is_available()
+EXPECTED = {"auto": "c-mkl" if HAS_COMPILER and HAS_MKL else "c" if HAS_COMPILER else "torch",
+            "c": "c" if HAS_COMPILER else "torch", "torch": "torch"}
 
 
 def hf_features(wave: np.ndarray) -> torch.Tensor:
@@ -32,13 +36,13 @@ def use_kernel(monkeypatch, cache_dir, choice: str) -> None:
     mel_kernel._load.cache_clear()
 
 
-@pytest.fixture(params=["auto", "torch"])
+@pytest.fixture(params=["auto", "c", "torch"])
 def kernel(request, monkeypatch, kernel_cache):
-    """Each test once with the compiled kernel (where a compiler exists) and once with the forced torch fallback."""
+    """Each test with the kernel picked by default (MKL called from C where available), with the compiled passes
+    around torch.fft.rfft, and with the forced torch fallback."""
     use_kernel(monkeypatch, kernel_cache, request.param)
-    expected = "c" if request.param == "auto" and HAS_COMPILER else "torch"
-    assert mel_kernel.active_kernel() == expected
-    yield expected
+    assert mel_kernel.active_kernel() == EXPECTED[request.param]
+    yield EXPECTED[request.param]
     mel_kernel._load.cache_clear()
 
 
@@ -119,14 +123,16 @@ def test_silence_then_burst_with_either_chunking(kernel, threads):
 
 
 def test_kernels_agree_on_unclamped_frames(monkeypatch, kernel_cache):
-    """Both kernels give the same unclamped log10 frames up to float rounding (zeros give -inf in both)."""
+    """The compiled kernels give the same floats (MKL called from C or through torch.fft.rfft), and the same
+    unclamped log10 frames as the torch path up to float rounding (zeros give -inf in all)."""
     wave = torch.from_numpy(tone_and_noise(160 * 700).astype(np.float32))
     wave[: 160 * 50] = 0.0
     results = {}
-    for choice in ("auto", "torch"):
+    for choice in ("auto", "c", "torch"):
         use_kernel(monkeypatch, kernel_cache, choice)
         results[choice] = log_mel_frames(_frames(wave, 0, 700))
     mel_kernel._load.cache_clear()
+    assert torch.equal(results["auto"], results["c"])
     compiled, fallback = results["auto"], results["torch"]
     assert torch.equal(compiled.isinf(), fallback.isinf()) and compiled.isinf().any()
     finite = fallback.isfinite()
@@ -147,7 +153,7 @@ def test_streaming_frames_bit_identical_to_offline(kernel):
     parts.append(stream.finish())
     streamed = torch.cat(parts, dim=1)
     offline = log_mel_frames(_frames(torch.from_numpy(wave), 0, length // 160))
-    if kernel == "c":
+    if kernel != "torch":
         assert torch.equal(streamed, offline)
     else:
         assert (streamed - offline).abs().max().item() <= 1e-5
@@ -170,14 +176,25 @@ def test_compile_failure_falls_back_to_torch(monkeypatch, tmp_path, caplog):
 def test_compiled_once_into_the_cache_dir(monkeypatch, tmp_path):
     use_kernel(monkeypatch, tmp_path, "auto")
     try:
-        assert mel_kernel.active_kernel() == ("c" if HAS_COMPILER else "torch")
+        assert mel_kernel.active_kernel() == EXPECTED["auto"]
         if not HAS_COMPILER:
             return
         (library,) = tmp_path.glob("mel_kernel-*.so")
         stamp = library.stat().st_mtime_ns
         mel_kernel._load.cache_clear()
-        assert mel_kernel.active_kernel() == "c" and library.stat().st_mtime_ns == stamp  # reused, not rebuilt
+        assert mel_kernel.active_kernel() == EXPECTED["auto"] and library.stat().st_mtime_ns == stamp  # reused
         assert [p.name for p in tmp_path.iterdir()] == [library.name]
+    finally:
+        mel_kernel._load.cache_clear()
+
+
+def test_without_mkl_the_kernel_calls_torch_rfft(monkeypatch, kernel_cache):
+    monkeypatch.setattr(mel_kernel, "_mkl_addresses", lambda: None)
+    use_kernel(monkeypatch, kernel_cache, "auto")
+    try:
+        assert mel_kernel.active_kernel() == EXPECTED["c"]
+        wave = tone_and_noise(40000).astype(np.float32)
+        assert (log_mel_spectrogram(wave) - hf_features(wave)).abs().max().item() < 1e-4
     finally:
         mel_kernel._load.cache_clear()
 
