@@ -12,6 +12,7 @@ pure-torch ops (banded matmuls); all equal HF within float rounding (benchmarks/
 
 from __future__ import annotations
 
+import os
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 
@@ -153,7 +154,7 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     kernel, threads = mel_kernel.active_kernel(), torch.get_num_threads()
     spans = _spans(wave.numel(), log_spec.shape[1], _chunk_frames(kernel, threads), edges_apart=kernel != "torch")
     if kernel != "torch" and threads > 1 and len(spans) > 1:  # ctypes and the rfft release the GIL
-        peaks = _pool(threads).map(lambda span: _fill(wave, log_spec, span, None, None), spans)
+        peaks = _pool(threads, os.getpid()).map(lambda span: _fill(wave, log_spec, span, None, None), spans)
     else:
         most = max(stop - start for start, stop in spans)
         windowed = torch.empty(most, N_FFT) if kernel in ("c", "torch") else None
@@ -182,7 +183,8 @@ def _spans(num_samples: int, num_frames: int, step: int, edges_apart: bool) -> l
 
 
 @lru_cache(maxsize=4)
-def _pool(threads: int) -> ThreadPoolExecutor:
+def _pool(threads: int, pid: int) -> ThreadPoolExecutor:
+    """A pool per thread count and process (a forked child cannot use its parent's threads)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="log-mel")
 
 

@@ -174,8 +174,11 @@ float mel_kernel_mel(const float *spectrum, int64_t n, float *out, int64_t out_s
                 block[m][tile] = scaled ? value * splat(0.25f) + splat(1.0f) : value;
             }
         }
-        for (int m = 0; m < MELS; m++) /* whole cache lines of each output row at once */
-            memcpy(out + m * out_stride + start, block[m], (stop - start) * sizeof(float));
+        for (int m = 0; m < MELS; m++) /* whole cache lines of each output row at once, inlined when full */
+            if (stop - start == BLOCK_TILES * LANES)
+                memcpy(out + m * out_stride + start, block[m], sizeof block[m]);
+            else
+                memcpy(out + m * out_stride + start, block[m], (stop - start) * sizeof(float));
     }
     float best = -INFINITY;
     for (int lane = 0; lane < LANES; lane++)
