@@ -13,8 +13,9 @@ HF. Rows:
   which); `ours-c`: the compiled passes around `torch.fft.rfft` (what `OMNISTREAM_MEL_KERNEL=c` gives);
   `ours-torch`: the pure-torch fallback (`OMNISTREAM_MEL_KERNEL=torch`); `ours@REV`: the function at git revision
   REV (`--compare-ref REV`).
-`--chunk-sweep 256,1024,...` also times `ours` with those frames per chunk (`ours/N` rows). `--profile` prints where the time goes: self CPU time per ATen op per call, for `hf-fbank` and `ours`
-(torch.profiler; its per-op overhead inflates the many small ops of the chunked path a little).
+`--chunk-sweep 256,1024,...` also times `ours` with those frames per chunk (`ours/N` rows). `--profile` prints where
+the time goes: self CPU time per ATen op per call, for `hf-fbank` and `ours-torch` (torch.profiler; its per-op
+overhead inflates the many small ops of the chunked path a little; it does not see inside the compiled kernel).
 Example:
     python benchmarks/mel.py --minutes 10 --repeats 15 --threads 1 --compare-ref HEAD~1 --profile
 """
@@ -149,7 +150,7 @@ def main() -> None:
         print(f"{name:<16}{w * 1e3:9.1f}{c * 1e3:9.1f}{hf_wall / w:10.2f}x{hf_cpu / c:9.2f}x{min(wall[name]) * 1e3:10.1f}"
               f"{diffs[name]:12.2e}")
     if args.profile:
-        for name in ("hf-fbank", "ours"):
+        for name in ("hf-fbank", "ours-torch"):
             print_profile(name, fns[name])
 
 
