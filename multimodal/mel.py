@@ -150,6 +150,7 @@ def log_mel_spectrogram(wave: np.ndarray | torch.Tensor) -> torch.Tensor:
     wave = torch.as_tensor(wave, dtype=torch.float32).reshape(-1)
     if wave.numel() < MIN_SAMPLES:
         raise MediaTooSmallError(f"audio: {wave.numel()} samples, need at least {MIN_SAMPLES} for one mel frame")
+    wave = wave.contiguous()  # a strided view (one channel of interleaved audio) is copied once, not per chunk
     log_spec = torch.empty(N_MELS, num_mel_frames(wave.numel()))
     kernel, threads = mel_kernel.active_kernel(), torch.get_num_threads()
     spans = _spans(wave.numel(), log_spec.shape[1], _chunk_frames(kernel, threads), edges_apart=kernel != "torch")

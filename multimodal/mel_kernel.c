@@ -1,6 +1,7 @@
 /* The log-mel work around the FFT. The FFT itself stays MKL's rfft, the one torch.fft.rfft and so HF's extractor
- * use: an FFT of our own was about twice as fast but rounds differently, and on steep spectra such as brown noise
- * even an exact FFT differs from HF's float32 one by more than the 1e-4 parity budget.
+ * use. (Tried: a 400-point FFT of our own, vectorised across frames and fused with the rest, made a clip about 1.4x
+ * faster still, but it rounds differently from MKL, and on steep spectra such as brown noise even an exact FFT
+ * differs from HF's float32 one by more than the 1e-4 parity budget.)
  *
  * - mel_kernel_window: frames times the Hann window into a contiguous [n, 400] array (the same float products as
  *   torch.mul).

@@ -16,12 +16,12 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
-import math
 import threading
 from dataclasses import dataclass
 from functools import lru_cache

@@ -94,6 +94,13 @@ def test_silence_and_torch_input(kernel):
     assert torch.equal(ours, hf_features(wave.numpy()))
 
 
+def test_strided_and_float64_input(kernel):
+    stereo = np.stack([tone_and_noise(160 * 1500 + 3), np.zeros(160 * 1500 + 3)], axis=1)  # float64, interleaved
+    left = stereo[:, 0]
+    assert not left.flags.c_contiguous
+    assert torch.equal(log_mel_spectrogram(left), log_mel_spectrogram(np.ascontiguousarray(left, np.float32)))
+
+
 def test_too_short():
     with pytest.raises(MediaTooSmallError):
         log_mel_spectrogram(np.zeros(200, np.float32))
