@@ -112,7 +112,7 @@ static inline __attribute__((always_inline)) vf log10_normal(vf x) {
 static inline __attribute__((always_inline)) vf log10_lanes(vf x) {
     const vi normal = (x >= splat(1.17549435e-38f)) & (x < splat(INFINITY));
     vi all_normal = normal;
-    for (int half = LANES / 2; half > 0; half /= 2) /* an and-reduction the compiler turns into a vector test */
+    for (int half = LANES / 2; half > 0; half /= 2) /* and across the lanes (a few shuffles) */
         for (int lane = 0; lane < half; lane++)
             all_normal[lane] &= all_normal[lane + half];
     if (__builtin_expect(all_normal[0] != 0, 1))
