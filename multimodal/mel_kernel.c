@@ -216,7 +216,7 @@ static void *plan(long count) {
     if (dfti_set(handle, DFTI_PLACEMENT, DFTI_NOT_INPLACE) || dfti_set(handle, DFTI_CONJUGATE_EVEN_STORAGE,
                                                                         DFTI_COMPLEX_COMPLEX) ||
         dfti_set(handle, DFTI_NUMBER_OF_TRANSFORMS, count) || dfti_set(handle, DFTI_INPUT_DISTANCE, (long)N_FFT) ||
-        dfti_set(handle, DFTI_OUTPUT_DISTANCE, (long)BINS) || dfti_set(handle, DFTI_THREAD_LIMIT, 1) ||
+        dfti_set(handle, DFTI_OUTPUT_DISTANCE, (long)BINS) || dfti_set(handle, DFTI_THREAD_LIMIT, 1L) ||
         dfti_commit(handle)) {
         dfti_free(&handle);
         return NULL;

@@ -21,6 +21,7 @@ from omnistream.multimodal.errors import MediaError, MediaLimitError
 from omnistream.multimodal.hashing import hash_media
 from omnistream.multimodal.image import preprocess_image
 from omnistream.multimodal.mel import log_mel_spectrogram
+from omnistream.multimodal.mel_kernel import active_kernel
 from omnistream.multimodal.mrope import mrope_positions_for_prompt
 from omnistream.multimodal.placeholders import (
     AudioItem,
@@ -86,6 +87,7 @@ class InputProcessor:
         self.limits = limits or MediaLimits()
         self.token_ids = MultimodalTokenIds.from_config(config)
         self.default_window_frames = int(config.audio_config.get("n_window_infer", 800))
+        active_kernel()  # build (or load) the compiled log-mel kernel now rather than on the first audio
 
     def process(
         self,

@@ -6,9 +6,10 @@ Exactness contract (tested in tests/multimodal/test_streaming_mel.py):
   160·t + 200 samples exist (frames 0 and 1 read the reflected start, known once 201 samples exist); `finish` emits
   the rest with reflect padding at the true end. Every frame is made from the same 400 samples by the same code as
   `mel.log_mel_spectrogram` (`mel._frames` / `mel._log_mel_into`), so the concatenated unclamped log10 frames equal
-  the offline ones: floor(L/160) of them (the last STFT frame dropped, like Whisper), none twice, and equal to
-  ≤ 1e-5. Not always bit-exact: the frames go through the mel matmul in other batches than offline, and MKL's
-  sgemm rounds a frame differently depending on how the batch is blocked (seen: ≤ 9.5e-7, about 1 ulp).
+  the offline ones: floor(L/160) of them (the last STFT frame dropped, like Whisper), none twice, bit for bit with
+  the compiled kernel (mel_kernel: a frame's floats never depend on its batch). With the pure-torch fallback they
+  agree to ≤ 1e-5, not always bit-exact: MKL's sgemm rounds a frame's mel product differently depending on how
+  the batch is blocked (seen: ≤ 9.5e-7, about 1 ulp).
 - Normalisation. Whisper clamps with the clip's max, max(x, max − 8), which a stream does not know yet; streaming
   uses the running max m_w (max over all frames emitted when window w is handed out). With the global max M ≥ m_w:
   streamed = offline wherever x ≥ M − 8 (offline is above its floor (M − 4)/4 there), and everywhere
