@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     from omnistream.engine.async_llm import AsyncLLM
 
 FRAMES_PER_SECOND = 100
+_DISCARDED = "the media segment in progress (its audio and frames since it began) was discarded"
 MAX_VIDEO_FPS = 30.0  # a camera's rate; Qwen3-Omni is trained at 2
 
 
@@ -97,8 +98,7 @@ class StreamingSession:
                 await self._end_media()  # speech after a silent video: a new segment
             await self._open_media()
             ops = await asyncio.to_thread(self._media_ops, self._media.feed_audio, pcm, sample_rate)
-            if ops:  # every finished window in one engine command: they are scheduled together
-                await self.llm._call(Batch(commands=ops))
+            await self._send_media(ops)  # every finished window in one engine command: they are scheduled together
 
     async def append_frame(self, image: ImageSource, timestamp_s: float) -> None:
         """A camera frame (encoded bytes, PIL image or HWC uint8 array) captured at `timestamp_s` seconds.
@@ -117,8 +117,7 @@ class StreamingSession:
                 await self._end_media()  # a camera turned on during speech: a new segment
             await self._open_media()
             ops = await asyncio.to_thread(self._media_ops, self._media.feed_frame, image, timestamp_s)
-            if ops:
-                await self.llm._call(Batch(commands=ops))
+            await self._send_media(ops)
 
     async def append_text(self, text: str) -> None:
         """Typed input inside the user's turn (ends any audio segment in progress)."""
@@ -140,6 +139,8 @@ class StreamingSession:
             # command with the commit: one step then prefills them all and samples the first token.
             # (As separate commands, each waited for the step the previous one had started: two or
             # three steps between end of speech and the first token instead of one.)
+            in_media = self._media is not None
+            before_commit = copy.copy(self.positions)
             ops = await self._end_media_ops()
             tokens = self.llm.tokenizer.encode("<|im_end|>\n<|im_start|>assistant\n")
             start = self._num_tokens
@@ -153,10 +154,17 @@ class StreamingSession:
             self.llm._register(self.session_id, tokens, params)
             try:
                 await self.llm._call(Batch(commands=ops))
-            except BaseException:
+            except BaseException as exc:
                 self.llm._forget(self.session_id)
                 self.llm._streams.pop(self.session_id, None)
-                raise
+                self._in_user_turn, self._answering, self._turn = True, False, self._turn - 1
+                if not isinstance(exc, ValueError):
+                    raise
+                if not in_media:  # CommitTurn alone, refused whole: only the positions moved
+                    self.positions = before_commit
+                    raise
+                await self._roll_back(*self._before_media, exc)  # the segment's last window may have been applied
+                raise ValueError(f"{exc}; {_DISCARDED}") from exc
         return self._answer(queue)
 
     async def clear_audio(self) -> None:
@@ -169,8 +177,7 @@ class StreamingSession:
                 return
             positions, num_audio_tokens, num_video_tokens = self._before_media
             await self.llm._call(RollbackInput(session_id=self.session_id, num_tokens=positions.num_tokens))
-            self.positions, self.num_audio_tokens, self.num_video_tokens = positions, num_audio_tokens, num_video_tokens
-            self._media = self._before_media = None
+            self._restore(positions, num_audio_tokens, num_video_tokens)
 
     async def cancel(self) -> None:
         """Stop the answer being generated (its stream ends with finish_reason "abort"); the session
@@ -245,10 +252,35 @@ class StreamingSession:
             ops, self._media_out = self._media_out, []
         return ops
 
+    async def _send_media(self, ops: list) -> None:
+        """Send a segment's engine commands. If the engine refuses them (the session is full: max_model_len or
+        the KV pool), the segment in progress is discarded on both sides, as clear_audio() does, so that the
+        conversation stays consistent (commit() answers what came before it); the ValueError then says so."""
+        if not ops:
+            return
+        try:
+            await self.llm._call(Batch(commands=ops))
+        except ValueError as exc:
+            await self._roll_back(*self._before_media, exc)
+            raise ValueError(f"{exc}; {_DISCARDED}") from exc
+
+    async def _roll_back(self, positions: MRopeBuilder, num_audio_tokens: int, num_video_tokens: int,
+                         cause: ValueError) -> None:
+        """After a refused batch (the commands before the refused one were applied): the engine drops the
+        session's input past `positions`, and the session goes back to that state."""
+        try:
+            await self.llm._call(RollbackInput(session_id=self.session_id, num_tokens=positions.num_tokens))
+        except ValueError as exc:
+            raise ValueError(f"{cause}; the session could not be rolled back ({exc}): close it") from cause
+        self._restore(positions, num_audio_tokens, num_video_tokens)
+
+    def _restore(self, positions: MRopeBuilder, num_audio_tokens: int, num_video_tokens: int) -> None:
+        self.positions, self.num_audio_tokens, self.num_video_tokens = positions, num_audio_tokens, num_video_tokens
+        self._media = self._before_media = None
+
     async def _end_media(self) -> None:
         ops = await self._end_media_ops()
-        if ops:
-            await self.llm._call(Batch(commands=ops))
+        await self._send_media(ops)
 
     async def _end_media_ops(self) -> list:
         """Close the media segment in progress: the engine commands for its last content and closing tokens."""
