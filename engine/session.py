@@ -42,6 +42,11 @@ if TYPE_CHECKING:
 
 FRAMES_PER_SECOND = 100
 _DISCARDED = "the media segment in progress (its audio and frames since it began) was discarded"
+
+
+class SegmentDiscardedError(ValueError):
+    """The engine refused a live session's input (the session is full) and the media segment in progress, every
+    chunk and frame since it began, was discarded on both sides; the session goes on from before that segment."""
 MAX_VIDEO_FPS = 30.0  # a camera's rate; Qwen3-Omni is trained at 2
 
 
@@ -164,7 +169,7 @@ class StreamingSession:
                     self.positions = before_commit
                     raise
                 await self._roll_back(*self._before_media, exc)  # the segment's last window may have been applied
-                raise ValueError(f"{exc}; {_DISCARDED}") from exc
+                raise SegmentDiscardedError(f"{exc}; {_DISCARDED}") from exc
         return self._answer(queue)
 
     async def clear_audio(self) -> None:
@@ -262,7 +267,7 @@ class StreamingSession:
             await self.llm._call(Batch(commands=ops))
         except ValueError as exc:
             await self._roll_back(*self._before_media, exc)
-            raise ValueError(f"{exc}; {_DISCARDED}") from exc
+            raise SegmentDiscardedError(f"{exc}; {_DISCARDED}") from exc
 
     async def _roll_back(self, positions: MRopeBuilder, num_audio_tokens: int, num_video_tokens: int,
                          cause: ValueError) -> None:

@@ -12,6 +12,7 @@ import pytest
 from omnistream.engine.async_llm import AsyncLLM
 from omnistream.engine.core_messages import SessionTail
 from omnistream.engine.default_model import default_model_path
+from omnistream.engine.session import SegmentDiscardedError
 from omnistream.engine.tokenizer import Tokenizer
 from omnistream.scheduler.sampling_params import SamplingParams
 
@@ -83,7 +84,7 @@ def test_refused_window_discards_the_segment_and_the_session_goes_on(llm):
         reference = await _answer_to(llm, _speech(1.0, 2), None)
         session = await llm.open_session(SYSTEM, GREEDY, audio_window_s=2)
         try:
-            with pytest.raises(ValueError, match="max_model_len.*segment in progress.*discarded"):
+            with pytest.raises(SegmentDiscardedError, match="max_model_len.*segment in progress.*discarded"):
                 await _append(session, _speech(2.5, 1))  # its first full window does not fit
             assert session.positions.num_tokens == await _engine_length(llm, session) == BEFORE_AUDIO - 1
             assert session.num_audio_tokens == 0
@@ -103,7 +104,7 @@ def test_refused_commit_discards_the_segment_and_keeps_the_turn_open(llm):
             await _append(session, _speech(1.5, 3))
             # no full window yet, so nothing of the segment was sent (its <|audio_start|> goes with its first window)
             assert await _engine_length(llm, session) == BEFORE_AUDIO - 1
-            with pytest.raises(ValueError, match="max_model_len.*segment in progress.*discarded"):
+            with pytest.raises(SegmentDiscardedError, match="max_model_len.*segment in progress.*discarded"):
                 await session.commit(GREEDY)  # its window and <|audio_end|> are applied, the assistant prompt is refused
             assert session.positions.num_tokens == await _engine_length(llm, session) == BEFORE_AUDIO - 1
             await session.append_text("Hello")  # the user's turn is still open

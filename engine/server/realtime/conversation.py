@@ -36,7 +36,7 @@ from omnistream.engine.server.realtime.protocol import (
 )
 from omnistream.engine.server.realtime.response import Answer, Response, check_fields, closing_events, stream_answer
 from omnistream.multimodal.vad import EnergyVad
-from omnistream.engine.session import StreamingSession
+from omnistream.engine.session import SegmentDiscardedError, StreamingSession
 
 Emit = Callable[[dict[str, Any]], None]
 AUDIO_WINDOW_S = 2.0
@@ -199,7 +199,12 @@ class Conversation:
         await self._close_segment()
         if self.response is not None:  # the session stops the answer (barge-in)
             self.response.cancel_reason, self.response.cancelling = "turn_detected", True
-        await session.append_audio(pcm, self.config.sample_rate)
+        try:
+            await session.append_audio(pcm, self.config.sample_rate)
+        except SegmentDiscardedError:  # the conversation is full: the buffer's audio is gone from the engine too
+            self._buffer_samples, self._buffer_item = 0, None
+            self._reset_vad()
+            raise
         self._buffer_samples += len(pcm)
 
     async def _close_segment(self) -> None:
