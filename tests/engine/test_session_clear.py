@@ -10,6 +10,7 @@ import pytest
 
 from omnistream.engine.async_llm import AsyncLLM
 from omnistream.scheduler.sampling_params import SamplingParams
+from tests.engine.live_turns import append_speech, commit_answer
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 RATE = 16_000
@@ -28,18 +29,6 @@ def llm():
     engine.shutdown()
 
 
-async def _append(session, wave: np.ndarray) -> None:
-    for start in range(0, len(wave), 1600):
-        await session.append_audio(wave[start:start + 1600], RATE)
-
-
-async def _answer(session) -> list[int]:
-    final = None
-    async for output in await session.commit(GREEDY):
-        final = output
-    return final.outputs[0].token_ids
-
-
 async def _conversation(llm: AsyncLLM, turns: list[list[tuple[np.ndarray, bool]]]) -> tuple[list[list[int]], int, int]:
     """Each turn: (audio, clear it afterwards) pairs, then a commit. Answers, tokens, audio tokens."""
     session = await llm.open_session("You are a helpful assistant.", GREEDY, audio_window_s=2)
@@ -47,10 +36,10 @@ async def _conversation(llm: AsyncLLM, turns: list[list[tuple[np.ndarray, bool]]
     try:
         for turn in turns:
             for wave, clear in turn:
-                await _append(session, wave)
+                await append_speech(session, wave)
                 if clear:
                     await session.clear_audio()
-            answers.append(await _answer(session))
+            answers.append(await commit_answer(session, GREEDY))
         return answers, session.positions.num_tokens, session.num_audio_tokens
     finally:
         await session.close()

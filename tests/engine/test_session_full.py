@@ -15,6 +15,7 @@ from omnistream.engine.default_model import default_model_path
 from omnistream.engine.session import SegmentDiscardedError
 from omnistream.engine.tokenizer import Tokenizer
 from omnistream.scheduler.sampling_params import SamplingParams
+from tests.engine.live_turns import append_speech, commit_answer
 
 SYSTEM = "You are a helpful assistant."
 RATE = 16_000
@@ -49,19 +50,6 @@ def llm():
     engine.shutdown()
 
 
-async def _append(session, wave: np.ndarray) -> None:
-    for start in range(0, len(wave), 1600):
-        await session.append_audio(wave[start:start + 1600], RATE)
-
-
-async def _answer(session) -> list[int]:
-    final = None
-    async for output in await session.commit(GREEDY):
-        final = output
-    assert final.finished
-    return final.outputs[0].token_ids
-
-
 async def _engine_length(llm: AsyncLLM, session) -> int:
     return (await llm._call(SessionTail(session_id=session.session_id))).num_tokens
 
@@ -71,10 +59,10 @@ async def _answer_to(llm: AsyncLLM, wave: np.ndarray | None, text: str | None) -
     session = await llm.open_session(SYSTEM, GREEDY, audio_window_s=2)
     try:
         if wave is not None:
-            await _append(session, wave)
+            await append_speech(session, wave)
         if text is not None:
             await session.append_text(text)
-        return await _answer(session)
+        return await commit_answer(session, GREEDY)
     finally:
         await session.close()
 
@@ -85,11 +73,11 @@ def test_refused_window_discards_the_segment_and_the_session_goes_on(llm):
         session = await llm.open_session(SYSTEM, GREEDY, audio_window_s=2)
         try:
             with pytest.raises(SegmentDiscardedError, match="max_model_len.*segment in progress.*discarded"):
-                await _append(session, _speech(2.5, 1))  # its first full window does not fit
+                await append_speech(session, _speech(2.5, 1))  # its first full window does not fit
             assert session.positions.num_tokens == await _engine_length(llm, session) == BEFORE_AUDIO - 1
             assert session.num_audio_tokens == 0
-            await _append(session, _speech(1.0, 2))
-            assert await _answer(session) == reference
+            await append_speech(session, _speech(1.0, 2))
+            assert await commit_answer(session, GREEDY) == reference
         finally:
             await session.close()
 
@@ -101,14 +89,14 @@ def test_refused_commit_discards_the_segment_and_keeps_the_turn_open(llm):
         reference = await _answer_to(llm, None, "Hello")
         session = await llm.open_session(SYSTEM, GREEDY, audio_window_s=2)
         try:
-            await _append(session, _speech(1.5, 3))
+            await append_speech(session, _speech(1.5, 3))
             # no full window yet, so nothing of the segment was sent (its <|audio_start|> goes with its first window)
             assert await _engine_length(llm, session) == BEFORE_AUDIO - 1
             with pytest.raises(SegmentDiscardedError, match="max_model_len.*segment in progress.*discarded"):
                 await session.commit(GREEDY)  # its window and <|audio_end|> are applied, the assistant prompt is refused
             assert session.positions.num_tokens == await _engine_length(llm, session) == BEFORE_AUDIO - 1
             await session.append_text("Hello")  # the user's turn is still open
-            assert await _answer(session) == reference
+            assert await commit_answer(session, GREEDY) == reference
         finally:
             await session.close()
 

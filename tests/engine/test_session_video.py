@@ -17,6 +17,7 @@ from omnistream.engine.tensor_codec import from_tensor_data
 from omnistream.multimodal.errors import MediaError
 from omnistream.multimodal.placeholders import audio_token_count
 from omnistream.scheduler.sampling_params import SamplingParams
+from tests.engine.live_turns import commit_answer
 
 SYSTEM = "You are a helpful assistant."
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
@@ -60,14 +61,6 @@ async def _stream(session, wave: np.ndarray | None, frames: np.ndarray, fps: flo
         await session.append_audio(wave[start : start + CHUNK], RATE)
     for index in range(sent, len(frames)):  # frames after the audio ended (or with no audio)
         await session.append_frame(frames[index], t0 + index / fps)
-
-
-async def _answer(session) -> list[int]:
-    final = None
-    async for output in await session.commit(GREEDY):
-        final = output
-    assert final.finished
-    return final.outputs[0].token_ids
 
 
 async def _offline(llm: AsyncLLM, prompt: str, media: dict, kwargs: dict):
@@ -178,7 +171,7 @@ def test_streamed_speech_and_frames_equal_the_offline_video_with_audio(llm, wind
         session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=window_s,
                               video_fps=fps)
         await _stream(session, wave, frames, fps, t0=12.25, camera_lag_s=camera_lag_s)  # timestamps on any clock: the first frame is t0
-        answer = await _answer(session)
+        answer = await commit_answer(session, GREEDY)
         snapshot = _Snapshot(llm, session)
         prompt = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{VIDEO}<|im_end|>\n<|im_start|>assistant\n"
         offline = await _offline(llm, prompt, media, kwargs)
@@ -200,7 +193,7 @@ def test_frames_alone_equal_the_offline_silent_video(llm):
         session = await _open(llm, system_prompt=SYSTEM, sampling_params=GREEDY)
         await _stream(session, None, frames, 2.0)
         await session.append_text("What is shown?")
-        answer = await _answer(session)
+        answer = await commit_answer(session, GREEDY)
         snapshot = _Snapshot(llm, session)
         prompt = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{VIDEO}What is shown?<|im_end|>\n"
                   "<|im_start|>assistant\n")
@@ -226,7 +219,7 @@ def test_camera_turned_on_during_speech_starts_a_new_segment(llm):
         for start in range(0, split, CHUNK):
             await session.append_audio(wave[start : start + CHUNK], RATE)
         await _stream(session, wave[split:], frames, 2.0, t0=1.5)
-        answer = await _answer(session)
+        answer = await commit_answer(session, GREEDY)
         snapshot = _Snapshot(llm, session)
         prompt = (f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{AUDIO}{VIDEO}<|im_end|>\n"
                   "<|im_start|>assistant\n")
@@ -252,7 +245,7 @@ def test_frames_out_of_order_or_missing_are_refused_and_the_session_goes_on(llm)
             await session.append_frame(frames[2], 7.0)
         await session.append_frame(frames[2], 6.0)
         await session.append_frame(frames[3], 6.5)
-        tokens = len(await _answer(session))
+        tokens = len(await commit_answer(session, GREEDY))
         await session.close()
         return tokens
 
