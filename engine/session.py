@@ -41,13 +41,13 @@ if TYPE_CHECKING:
     from omnistream.engine.async_llm import AsyncLLM
 
 FRAMES_PER_SECOND = 100
+MAX_VIDEO_FPS = 30.0  # a camera's rate; Qwen3-Omni is trained at 2
 _DISCARDED = "the media segment in progress (its audio and frames since it began) was discarded"
 
 
 class SegmentDiscardedError(ValueError):
     """The engine refused a live session's input (the session is full) and the media segment in progress, every
     chunk and frame since it began, was discarded on both sides; the session goes on from before that segment."""
-MAX_VIDEO_FPS = 30.0  # a camera's rate; Qwen3-Omni is trained at 2
 
 
 class StreamingSession:
@@ -260,7 +260,7 @@ class StreamingSession:
     async def _send_media(self, ops: list) -> None:
         """Send a segment's engine commands. If the engine refuses them (the session is full: max_model_len or
         the KV pool), the segment in progress is discarded on both sides, as clear_audio() does, so that the
-        conversation stays consistent (commit() answers what came before it); the ValueError then says so."""
+        conversation stays consistent (commit() answers what came before it); SegmentDiscardedError says so."""
         if not ops:
             return
         try:
