@@ -75,7 +75,7 @@ def default_model_path(preset: str = "tiny") -> Path:
         raise ValueError(f"unknown default-model preset {preset!r}; choose from {sorted(PRESETS)}")
     spec = json.dumps({"preset": PRESETS[preset], "format": FORMAT_VERSION}, sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-    final = _cache_dir() / "models" / f"{preset}-{digest}"
+    final = cache_dir() / "models" / f"{preset}-{digest}"
     if final.is_dir():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -282,5 +282,6 @@ def _write_json(path: Path, obj: Any) -> None:
     path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _cache_dir() -> Path:
+def cache_dir() -> Path:
+    """The project's cache dir: $OMNISTREAM_CACHE_DIR, else ~/.cache/omnistream (models, compiled kernels)."""
     return Path(os.environ.get("OMNISTREAM_CACHE_DIR") or Path.home() / ".cache" / "omnistream")

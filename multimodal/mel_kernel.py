@@ -29,6 +29,8 @@ from pathlib import Path
 
 import torch
 
+from omnistream.engine.default_model import cache_dir
+
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mel_kernel.c")
@@ -180,7 +182,7 @@ def _build() -> Path:
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity()]))
-        target = _cache_dir() / f"mel_kernel-{key.hexdigest()[:20]}.so"
+        target = cache_dir() / f"mel_kernel-{key.hexdigest()[:20]}.so"
         if target.exists():
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -208,8 +210,3 @@ def _cpu_identity() -> bytes:
         lines = []
     parts += [line for line in lines if line.startswith(("model name", "flags", "Features"))][:2]
     return "\n".join(parts).encode()
-
-
-def _cache_dir() -> Path:
-    """The project cache dir, as engine/default_model.py resolves it."""
-    return Path(os.environ.get("OMNISTREAM_CACHE_DIR") or Path.home() / ".cache" / "omnistream")
