@@ -160,15 +160,25 @@ class SessionDriver(_Driver):
         return LiveTurn(config, pcm, rate)
 
     async def send(self, payload: LiveTurn, result: Any, origin: float) -> Any:
-        """One live turn: config, the audio paced at --pace x real time in --chunk-ms chunks, commit, half-close;
-        the answer is read concurrently. End of speech is the instant the last chunk's audio existed."""
+        """One live turn: config, the audio paced at --pace x real time in --chunk-ms chunks once the server has
+        opened the session, commit, half-close; the answer is read concurrently. End of speech is the instant the
+        last chunk's audio existed."""
         result.begin(origin)
         result.audio_seconds = len(payload.pcm) / payload.sample_rate
         call = self.stub.Session(metadata=self.metadata, timeout=self.args.request_timeout)
         first_token = asyncio.get_running_loop().create_future()
-        reader = asyncio.ensure_future(self._read(call, result, origin, first_token))
+        reader = None
         try:
+            # Nothing is written before the server has accepted the call and opened the session: a write racing its
+            # refusal (e.g. a wrong API key) would end the call as INTERNAL in grpc's client and hide the status.
+            await call.initial_metadata()
+            if call.done():
+                return result.fail(f"gRPC {(await call.code()).name}: {await call.details()}")
             await call.write(pb.SessionInput(config=payload.config))
+            opening = await call.read()
+            if opening is grpc.aio.EOF or opening.WhichOneof("output") != "started":
+                return result.fail(f"the session did not start (got {opening})")
+            reader = asyncio.ensure_future(self._read(call, result, origin, first_token))
             eos = await self._stream(call, payload, result)
             await call.write(pb.SessionInput(commit=pb.Commit()))
             await call.done_writing()
@@ -176,16 +186,17 @@ class SessionDriver(_Driver):
             if first_token.done():
                 result.eos_ttft = first_token.result() - eos
         except Exception as exc:  # noqa: BLE001 - a benchmark records failures, it does not stop on them
-            if call.done() or isinstance(exc, (grpc.aio.AioRpcError, asyncio.InvalidStateError)):
+            if reader is not None and (call.done() or isinstance(exc, (grpc.aio.AioRpcError, asyncio.InvalidStateError))):
                 await asyncio.wait({reader}, timeout=5)  # a write failed as the call ended: its status says why
-            if reader.done() and not reader.cancelled() and reader.exception() is not None:
+            if reader is not None and reader.done() and not reader.cancelled() and reader.exception() is not None:
                 exc = reader.exception()
             return result.fail(failure_text(exc))
         finally:
             if not call.done():
                 call.cancel()
-            reader.cancel()
-            await asyncio.gather(reader, return_exceptions=True)
+            if reader is not None:
+                reader.cancel()
+                await asyncio.gather(reader, return_exceptions=True)
         if usage is None:
             return result.fail("the session ended before the turn")
         return result.finish(usage.prompt_tokens, usage.completion_tokens)
@@ -203,7 +214,7 @@ class SessionDriver(_Driver):
         """The session's outputs to its end (the server ends it after the answer, as the client half-closed):
         deltas timed, a SessionError raised as a failure; the turn's usage (None if it never ended)."""
         usage = None
-        async for output in call:
+        while (output := await call.read()) is not grpc.aio.EOF:
             kind = output.WhichOneof("output")
             if kind == "delta":
                 if output.delta.token_ids and not first_token.done():

@@ -101,6 +101,9 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
 
     @_streaming
     async def Session(self, inputs: AsyncIterator[pb.SessionInput], context: Any) -> AsyncIterator[pb.SessionOutput]:
+        # headers at once: a client can await them to know the call was accepted before it writes (grpc's Python
+        # client reports a write that races a refusal, e.g. a wrong API key, as INTERNAL instead of the status)
+        await context.send_initial_metadata(())
         async for output in LiveSession(self.llm, self.check_model, inputs).run():
             yield output
 
