@@ -91,6 +91,7 @@ class AsyncLLM:
         params = sampling_params or SamplingParams()
         if params.n != 1:
             raise ValueError("AsyncLLM.generate streams one sample per request; use n=1")
+        params.check_vocab(self.model_config.text.vocab_size)
         self.admission.admit_request()
         waiting = True  # for its first output: counted against max_queued_requests
         try:

@@ -143,6 +143,7 @@ class LLM:
         return list(params)
 
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
+        params.check_vocab(self.engine.model_config.text.vocab_size)
         processed = self.input_processor.process_prompt(prompt)
         request_id = str(next(self._ids))
         child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.token_ids, params)

@@ -65,6 +65,7 @@ class StreamingSession:
             raise ValueError(f"audio_window_s must be a whole number of seconds from 1 to 8, got {audio_window_s}")
         if not 0 < video_fps <= MAX_VIDEO_FPS:
             raise ValueError(f"video_fps must be in (0, {MAX_VIDEO_FPS}], got {video_fps}")
+        sampling_params.check_vocab(llm.model_config.text.vocab_size)
         self.llm = llm
         self.session_id = session_id
         self.system_prompt = system_prompt
@@ -137,6 +138,7 @@ class StreamingSession:
     async def commit(self, sampling_params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
         """End the user's turn and stream the answer (cumulative RequestOutputs, the last one finished)."""
         params = sampling_params or self.sampling_params
+        params.check_vocab(self.llm.model_config.text.vocab_size)
         async with self._lock:
             self._check_open()
             await self._begin_user_turn()

@@ -53,12 +53,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}",
             ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
+            (
+                all(t >= 0 for t in self.stop_token_ids),
+                f"stop_token_ids: token ids are non-negative, got {min(self.stop_token_ids, default=0)}",
+            ),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(message)
         if self.top_k == -1:
             self.top_k = 0
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Raise ValueError naming the field when a token id of these params is not in a vocabulary of
+        `vocab_size` ids (the model's: only the front end that built the request knows it)."""
+        bad = next((t for t in self.stop_token_ids if t >= vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
 
     @property
     def greedy(self) -> bool:

@@ -265,9 +265,12 @@ def _user(*parts: pb.ContentPart) -> pb.ChatMessages:
         (_bad(n=0), grpc.StatusCode.INVALID_ARGUMENT, "n: the number of answers must be from 1 to 128, got 0"),
         (_bad(n=129), grpc.StatusCode.INVALID_ARGUMENT, "got 129"),
         (_bad(logprobs=21), grpc.StatusCode.INVALID_ARGUMENT, "logprobs: at most 20"),
+        (_bad(sampling=pb.SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[999_999_999])),
+         grpc.StatusCode.INVALID_ARGUMENT, "stop_token_ids: token id 999999999 is outside the vocabulary"),
     ],
     ids=["no-prompt", "temperature", "top_p", "too-long", "token-id", "url", "mime", "corrupt-wav", "corrupt-png",
-         "chat-and-media", "role", "too-many-images", "unknown-model", "n-zero", "n-too-many", "logprobs-too-many"],
+         "chat-and-media", "role", "too-many-images", "unknown-model", "n-zero", "n-too-many", "logprobs-too-many",
+         "stop-token-id"],
 )
 def test_bad_requests_map_to_status_codes(stub, request_, code, words):
     got, details = _code(lambda: list(stub.Generate(request_, metadata=AUTH, timeout=60)))

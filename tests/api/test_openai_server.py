@@ -189,6 +189,18 @@ def test_bad_requests_are_400(http, body):
     assert "/etc/passwd" not in error["message"]
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("token_id", [999_999_999, -1])
+def test_out_of_vocabulary_stop_token_ids_are_400_and_the_engine_lives_on(http, route, token_id):
+    prompt = {"messages": USER} if route.endswith("chat/completions") else {"prompt": "Hello"}
+    body = {**prompt, "max_tokens": 4, "min_tokens": 2, "stop_token_ids": [token_id]}
+    error = _error(http.post(route, json=body), 400)
+    assert "stop_token_ids" in error["message"] and str(token_id) in error["message"]
+    answer = http.post(route, json={**prompt, "max_tokens": 2, "min_tokens": 2, "stop_token_ids": [7]})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["usage"]["completion_tokens"] == 2
+
+
 def test_openai_client_sees_typed_errors(client):
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(model=DEFAULT_MODEL_NAME, messages=_audio_part("###"), max_tokens=2)

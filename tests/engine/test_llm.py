@@ -97,5 +97,8 @@ def test_bad_requests_raise_clear_errors_and_leave_nothing_behind(llm):
         llm.generate(["ok", {"prompt_token_ids": list(range(10)) * 1000}], GREEDY, use_tqdm=False)
     with pytest.raises(ValueError):
         llm.generate(["a", "b"], [GREEDY], use_tqdm=False)
+    outside = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[llm.engine.model_config.text.vocab_size])
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate(["ok", "not ok"], [GREEDY, outside], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
     assert llm.generate("still works", GREEDY, use_tqdm=False)[0].outputs[0].finish_reason == "length"

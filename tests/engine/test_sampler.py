@@ -75,8 +75,15 @@ def test_logprobs_are_raw_with_ranks_and_top_n():
 @pytest.mark.parametrize(
     "kwargs",
     [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(max_tokens=0), dict(min_tokens=5, max_tokens=2),
-     dict(n=0), dict(logprobs=-1), dict(stop=[""]), dict(repetition_penalty=0)],
+     dict(n=0), dict(logprobs=-1), dict(stop=[""]), dict(repetition_penalty=0), dict(stop_token_ids=[5, -1])],
 )
 def test_invalid_sampling_params_raise(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)
+
+
+def test_stop_token_ids_outside_the_vocabulary_name_the_field():
+    params = SamplingParams(stop_token_ids=[3, 99])
+    params.check_vocab(100)
+    with pytest.raises(ValueError, match=r"stop_token_ids: token id 99 is outside the vocabulary \(0..98\)"):
+        params.check_vocab(99)

@@ -164,3 +164,20 @@ def test_loud_speech_late_differs_only_within_the_running_max_bound(llm):
         assert float((window - reference).max()) < 1e-5
     assert gaps[0] > 1e-3  # the first window really was clamped differently
     assert max(gaps[2:]) < 1e-5  # from the window holding the loudest frames on, streaming is exact
+
+
+def test_out_of_vocabulary_stop_token_ids_are_refused_at_open_and_at_commit(llm):
+    outside = SamplingParams(max_tokens=4, min_tokens=2, stop_token_ids=[10**9])
+
+    async def run():
+        with pytest.raises(ValueError, match="stop_token_ids: token id 1000000000"):
+            await llm.open_session(system_prompt=SYSTEM, sampling_params=outside)
+        session = await llm.open_session(system_prompt=SYSTEM, sampling_params=GREEDY, audio_window_s=1)
+        await session.append_text("Hello")
+        with pytest.raises(ValueError, match="outside the vocabulary"):
+            await session.commit(outside)
+        answer = await _stream_turn(session, _speech(1.0, 5), GREEDY)  # the session and the engine live on
+        assert len(answer) == GREEDY.max_tokens
+        await session.close()
+
+    asyncio.run(run())

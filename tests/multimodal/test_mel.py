@@ -126,7 +126,8 @@ def test_silence_then_burst_with_either_chunking(kernel, threads):
     floor = reference.min().item()
     assert (reference == floor).float().mean() > 0.3  # the clamp at max − 8 is exercised
     assert (ours - reference).abs().max().item() < 1e-4
-    assert torch.equal(ours == floor, reference == floor)
+    # the same frames are clamped; the floor itself (peak − 8) may differ by the peak's last bit (< 1e-4 above)
+    assert torch.equal(ours == ours.min(), reference == floor)
 
 
 def test_kernels_agree_on_unclamped_frames(monkeypatch, kernel_cache):
