@@ -10,9 +10,10 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "LLM": "omnistream.engine.llm",
-    "RequestOutput": "omnistream.engine.outputs",
-    "CompletionOutput": "omnistream.engine.outputs",
+    "LLM": "omnistream.engine.entrypoints.llm",
+    "AsyncLLM": "omnistream.engine.frontend.async_llm",
+    "RequestOutput": "omnistream.engine.frontend.outputs",
+    "CompletionOutput": "omnistream.engine.frontend.outputs",
     "SamplingParams": "omnistream.scheduler.sampling_params",
 }
 

@@ -1,4 +1,4 @@
-"""Paged attention on CPU over long contexts: the in-place path (engine/attention/cpu_flash.py: the paged
+"""Paged attention on CPU over long contexts: the in-place path (engine/model_executor/attention/cpu_flash.py: the paged
 blocks read where they lie, log-sum-exp merge) against the gather path (the request's whole KV copied out of
 the cache, then SDPA with a causal mask), on the same cache and queries in the same run.
 
@@ -20,10 +20,13 @@ import time
 
 import torch
 
-from omnistream.engine.attention.backend import AttentionMetadata
-from omnistream.engine.attention.cpu_flash import attend_request
-from omnistream.engine.attention.kv_views import block_runs
-from omnistream.engine.attention.torch_sdpa import TorchSDPABackend, write_kv_cache
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.cpu_flash import attend_request
+from omnistream.engine.model_executor.attention.kv_views import block_runs
+from omnistream.engine.model_executor.attention.torch_sdpa import (
+    TorchSDPABackend,
+    write_kv_cache,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 16
 

@@ -5,7 +5,7 @@ prefix caching): opens a session, appends N s of speech-like audio window by win
 StreamingSession does (StreamingAudioWindows + MRopeBuilder), stepping the engine until each window is
 prefilled (no pacing), then appends the last chunk, flushes the last window, commits the turn and runs the
 step that samples the first token. Reported: that step's thread CPU time, the part spent in attention, and
-the rest; for attention read in place (engine/attention/cpu_flash.py, the default) and, as the baseline in the
+the rest; for attention read in place (engine/model_executor/attention/cpu_flash.py, the default) and, as the baseline in the
 same run, with every request on the gather path (LONG_CONTEXT_BLOCKS raised past any context).
 
 Also reported: the attention's arithmetic (q new tokens over their context in every layer: 4·heads·head_dim·
@@ -32,14 +32,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from streaming import SAMPLE_RATE, SYSTEM, speech  # noqa: E402
 
-import omnistream.engine.attention.torch_sdpa as torch_sdpa  # noqa: E402
+import omnistream.engine.model_executor.attention.torch_sdpa as torch_sdpa  # noqa: E402
+from omnistream.engine.core.engine_core import EngineCore  # noqa: E402
 from omnistream.engine.engine_config import EngineConfig  # noqa: E402
-from omnistream.engine.engine_core import EngineCore  # noqa: E402
-from omnistream.engine.tensor_codec import to_tensor_data  # noqa: E402
 from omnistream.multimodal.hashing import hash_media  # noqa: E402
 from omnistream.multimodal.mrope import MRopeBuilder  # noqa: E402
 from omnistream.multimodal.placeholders import MultimodalTokenIds  # noqa: E402
 from omnistream.multimodal.streaming_mel import AudioWindow, StreamingAudioWindows  # noqa: E402
+from omnistream.multimodal.tensor_codec import to_tensor_data  # noqa: E402
 from omnistream.scheduler.mm_feature import MultiModalFeature  # noqa: E402
 from omnistream.scheduler.sampling_params import SamplingParams  # noqa: E402
 from omnistream.scheduler.tensor_data import PositionSegment  # noqa: E402

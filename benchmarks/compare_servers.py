@@ -103,7 +103,7 @@ def engine_flags(args: argparse.Namespace, port: int) -> list[str]:
 
 def omnistream_server(args: argparse.Namespace, model_dir: str, log_dir: Path) -> ServerProcess:
     port = free_port()
-    argv = [sys.executable, "-m", "omnistream.engine.cli", "serve", model_dir, *engine_flags(args, port)]
+    argv = [sys.executable, "-m", "omnistream.engine.entrypoints.cli", "serve", model_dir, *engine_flags(args, port)]
     env = {"OMNISTREAM_API_KEY": ""}
     if args.omnistream_threads:
         env["OMP_NUM_THREADS"] = str(args.omnistream_threads)
@@ -336,7 +336,7 @@ def _raise_on_sigterm(signum: int, frame: Any) -> None:
 
 def compare(args: argparse.Namespace) -> dict[str, Any]:
     """Run both servers in turn and return the result (printed and written by main)."""
-    from omnistream.engine.default_model import default_model_path
+    from omnistream.engine.checkpoint.default_model import default_model_path
 
     model_dir = str(args.model or default_model_path())
     prefix, vllm_python, how = vllm_launcher(args)

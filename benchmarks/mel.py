@@ -36,7 +36,8 @@ from torch.profiler import ProfilerActivity, profile
 from transformers import WhisperFeatureExtractor
 
 from omnistream.multimodal import mel, mel_kernel
-from omnistream.multimodal.mel import SAMPLE_RATE, log_mel_spectrogram
+from omnistream.multimodal.mel import log_mel_spectrogram
+from omnistream.multimodal.mel_filters import SAMPLE_RATE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -88,7 +88,7 @@ def ms(value: float | None) -> str:
 
 
 def make_llm(args: argparse.Namespace):
-    from omnistream.engine.async_llm import AsyncLLM
+    from omnistream.engine.frontend.async_llm import AsyncLLM
 
     kwargs: dict[str, Any] = dict(
         dtype=args.dtype, max_num_batched_tokens=args.max_num_batched_tokens,

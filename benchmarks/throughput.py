@@ -119,7 +119,7 @@ def main() -> None:
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
 
-    from omnistream.engine.default_model import default_model_path
+    from omnistream.engine.checkpoint.default_model import default_model_path
 
     model_dir = str(args.model or default_model_path())
     workload = make_workload(args.num_prompts, tuple(args.input_len_range), tuple(args.output_len_range), args.seed)

@@ -23,7 +23,7 @@ class EngineConfig:
     num_kv_blocks: int | None = None  # wins over kv_cache_memory
     kv_cache_memory: int | None = None  # bytes; None = 2 GiB on CPU, 90% of free memory on CUDA
     seed: int = 0
-    tensor_parallel_size: int = 1  # ranks (one per device); > 1 spawns worker processes (see engine/executor.py)
+    tensor_parallel_size: int = 1  # ranks (one per device); > 1 spawns worker processes (see engine/worker/executor.py)
     distributed_timeout_s: float = 300.0  # a collective or worker start that takes longer ends the engine
     # torch CPU threads of the engine; None: torch's default (all cores), or all but one when the engine core
     # runs in its own process beside a serving front end (which needs a core of its own)

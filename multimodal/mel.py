@@ -22,11 +22,8 @@ import torch.nn.functional as F
 
 from . import mel_kernel
 from .errors import MediaTooSmallError
+from .mel_filters import HOP, N_FFT, N_MELS, hann_window, mel_filters
 
-SAMPLE_RATE = 16000
-N_FFT = 400
-HOP = 160
-N_MELS = 128
 _HALF = N_FFT // 2
 _BINS = N_FFT // 2 + 1
 _CHUNK_FRAMES = 1024  # torch and "c" kernels, one thread (benchmarks/mel.py --chunk-sweep, torch path: 1024–2048
@@ -46,36 +43,6 @@ MIN_SAMPLES = _HALF + 1  # center reflect-padding by 200 needs more than 200 sam
 def num_mel_frames(num_samples: int) -> int:
     """Frames of a single clip: the STFT gives L//160 + 1 frames and the last one is dropped."""
     return num_samples // HOP
-
-
-def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
-    """Slaney mel scale: linear below 1 kHz (3 mels per 200 Hz), logarithmic above."""
-    hz = np.asarray(hz, dtype=np.float64)
-    log_step = 27.0 / np.log(6.4)
-    return np.where(hz < 1000.0, 3.0 * hz / 200.0, 15.0 + np.log(np.maximum(hz, 1e-9) / 1000.0) * log_step)
-
-
-def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
-    mel = np.asarray(mel, dtype=np.float64)
-    log_step = np.log(6.4) / 27.0
-    return np.where(mel < 15.0, 200.0 * mel / 3.0, 1000.0 * np.exp(log_step * (mel - 15.0)))
-
-
-@lru_cache(maxsize=1)
-def mel_filters() -> torch.Tensor:
-    """Slaney-normalised triangular filters over 0–8 kHz, [201 frequency bins, 128 mels], float32."""
-    fft_hz = np.linspace(0.0, SAMPLE_RATE / 2, N_FFT // 2 + 1)
-    edges_hz = _mel_to_hz(np.linspace(_hz_to_mel(0.0), _hz_to_mel(8000.0), N_MELS + 2))
-    widths = np.diff(edges_hz)
-    rising = (fft_hz[:, None] - edges_hz[None, :-2]) / widths[None, :-1]
-    falling = (edges_hz[None, 2:] - fft_hz[:, None]) / widths[None, 1:]
-    filters = np.maximum(0.0, np.minimum(rising, falling)) * (2.0 / (edges_hz[2:] - edges_hz[:-2]))[None, :]
-    return torch.from_numpy(filters.astype(np.float32))
-
-
-@lru_cache(maxsize=1)
-def _window() -> torch.Tensor:
-    return torch.hann_window(N_FFT, periodic=True, dtype=torch.float32)
 
 
 @lru_cache(maxsize=1)
@@ -127,7 +94,7 @@ def _log_mel_into(frames: torch.Tensor, out: torch.Tensor, windowed: torch.Tenso
         return mel_kernel.log_mel_into(frames, out, windowed, scaled)
     windowed = torch.empty(n, N_FFT) if windowed is None else windowed
     power = torch.empty(n, _BINS) if power is None else power
-    frames = torch.mul(frames, _window(), out=windowed[:n])
+    frames = torch.mul(frames, hann_window(), out=windowed[:n])
     squares = torch.view_as_real(torch.fft.rfft(frames)).square_()
     power = torch.add(squares[..., 0], squares[..., 1], out=power[:n])
     for first, lo, hi, filters in _bands():

@@ -6,22 +6,16 @@ Kernels (`active_kernel()`), best first:
 - "c": the compiled passes around `torch.fft.rfft` (window; then power, mel, log10, max and scaling).
 - "torch": `mel` uses its pure-torch path: no working C compiler, or `OMNISTREAM_MEL_KERNEL=torch`.
 `OMNISTREAM_MEL_KERNEL` is "auto" (default), "c" (never call MKL directly) or "torch". The shared library is
-compiled once per source, compiler and CPU (`cc -O3 -march=native`) into the project cache dir
-(`OMNISTREAM_CACHE_DIR`, default ~/.cache/omnistream) under a name that hashes all three, written to a temporary
-name and renamed, so concurrent first uses never load a half-written file.
+compiled once per source, compiler and CPU into the project cache dir by `native_build.build_shared_library`.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import math
 import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
@@ -29,14 +23,13 @@ from pathlib import Path
 
 import torch
 
-from omnistream.engine.default_model import cache_dir
+from omnistream.multimodal.mel_filters import hann_window, mel_filters
+from omnistream.multimodal.native_build import build_shared_library
 
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("mel_kernel.c")
 ENV_KERNEL = "OMNISTREAM_MEL_KERNEL"
-_FLAG_SETS = (["-O3", "-march=native"], ["-O3"])  # the second for compilers that reject -march=native
-_COMPILE_TIMEOUT_S = 120
 _MKL_FUNCTIONS = ("DftiCreateDescriptor_s_1d", "DftiSetValue", "DftiCommitDescriptor", "DftiComputeForward",
                   "DftiFreeDescriptor")
 _lock = threading.Lock()
@@ -111,7 +104,7 @@ def _load() -> _Kernel | None:
         logger.info("log-mel: %s=torch, using the pure-torch path", ENV_KERNEL)
         return None
     try:
-        library = ctypes.CDLL(str(_build()))
+        library = ctypes.CDLL(str(build_shared_library(SOURCE)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         logger.warning("log-mel: compiled kernel unavailable (%s); using the pure-torch path", exc)
         return None
@@ -162,51 +155,10 @@ def _mkl_addresses() -> list[int] | None:
 
 
 def _initialise(library: ctypes.CDLL) -> None:
-    from .mel import _window, mel_filters  # mel imports this module at its top
-
     filters = mel_filters().t().contiguous()  # [128 mels, 201 bins]
     used = filters.ne(0)
     bins = torch.arange(filters.shape[1]).expand_as(filters)
     lo = torch.where(used, bins, filters.shape[1]).amin(1).to(torch.int32)
     hi = (torch.where(used, bins, -1).amax(1) + 1).to(torch.int32)
-    window = _window().contiguous()
+    window = hann_window().contiguous()
     library.mel_kernel_init(window.data_ptr(), filters.data_ptr(), lo.data_ptr(), hi.data_ptr())
-
-
-def _build() -> Path:
-    """Path of the compiled library for this source, compiler and CPU, compiling it if it is not cached yet."""
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if compiler is None:
-        raise RuntimeError("no C compiler found (cc, gcc, clang or $CC)")
-    source = SOURCE.read_bytes()
-    errors = []
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256(b"\0".join([source, compiler.encode(), " ".join(flags).encode(), _cpu_identity()]))
-        target = cache_dir() / f"mel_kernel-{key.hexdigest()[:20]}.so"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=target.parent)
-        os.close(fd)
-        try:
-            result = subprocess.run([compiler, *flags, "-shared", "-fPIC", "-o", temp, str(SOURCE), "-lm"],
-                                    capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S)
-            if result.returncode == 0:
-                os.replace(temp, target)
-                return target
-            errors.append(f"{compiler} {' '.join(flags)}: {result.stderr.strip()[-500:]}")
-        finally:
-            if os.path.exists(temp):
-                os.unlink(temp)
-    raise RuntimeError("; ".join(errors))
-
-
-def _cpu_identity() -> bytes:
-    """What -march=native depends on: the machine type and, on Linux, the CPU model and feature flags."""
-    parts = [platform.machine(), platform.system()]
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        lines = []
-    parts += [line for line in lines if line.startswith(("model name", "flags", "Features"))][:2]
-    return "\n".join(parts).encode()

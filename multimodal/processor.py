@@ -9,13 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from omnistream.engine.config import ThinkerConfig
-from omnistream.engine.tensor_codec import to_tensor_data
 from omnistream.multimodal.audio import load_audio
 from omnistream.multimodal.errors import MediaError, MediaLimitError
 from omnistream.multimodal.hashing import hash_media
@@ -33,6 +31,7 @@ from omnistream.multimodal.placeholders import (
     audio_token_count,
     expand_placeholders,
 )
+from omnistream.multimodal.tensor_codec import to_tensor_data
 from omnistream.multimodal.video import load_video, preprocess_video
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.tensor_data import PositionSegment
@@ -80,8 +79,16 @@ def _as_list(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list) else [value]
 
 
+class MediaConfig(Protocol):
+    """What the processor reads of the thinker's config (the engine's ThinkerConfig is one): the audio tower's
+    settings, TM-RoPE's rate and, through MultimodalTokenIds.from_config, the `*_token_id` fields."""
+
+    audio_config: dict[str, Any]
+    position_id_per_seconds: float
+
+
 class InputProcessor:
-    def __init__(self, tokenizer: Any, config: ThinkerConfig, limits: MediaLimits | None = None) -> None:
+    def __init__(self, tokenizer: Any, config: MediaConfig, limits: MediaLimits | None = None) -> None:
         self.tokenizer = tokenizer
         self.config = config
         self.limits = limits or MediaLimits()

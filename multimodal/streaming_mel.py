@@ -36,15 +36,12 @@ from .mel import (
     _BINS,
     _CHUNK_FRAMES,
     _HALF,
-    HOP,
     MIN_SAMPLES,
-    N_FFT,
-    N_MELS,
-    SAMPLE_RATE,
     _frames,
     _log_mel_into,
     normalize_log_mel,
 )
+from .mel_filters import HOP, N_FFT, N_MELS, SAMPLE_RATE
 from .placeholders import AUDIO_CHUNK_FRAMES, audio_token_count
 
 __all__ = ["AudioWindow", "StreamingAudioWindows", "StreamingLogMel", "StreamingResampler", "normalize_log_mel"]

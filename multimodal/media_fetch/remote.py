@@ -18,21 +18,22 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from typing import TYPE_CHECKING
+from typing import Protocol
 from urllib.parse import urljoin
 
 from omnistream.multimodal.errors import MediaError
-from omnistream.multimodal.media_fetch.addresses import is_blocked
+from omnistream.multimodal.media_fetch.addresses import IPNetwork, Resolver, is_blocked
 from omnistream.multimodal.media_fetch.errors import (
     MediaFetchError,
     MediaFetchTimeout,
     MediaTooLargeError,
     MediaURLNotAllowed,
 )
-from omnistream.multimodal.media_fetch.hosts import RemoteURL, host_allowed, parse_remote_url
-
-if TYPE_CHECKING:
-    from omnistream.multimodal.media_fetch.policy import MediaPolicy
+from omnistream.multimodal.media_fetch.hosts import (
+    RemoteURL,
+    host_allowed,
+    parse_remote_url,
+)
 
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 1 << 16
@@ -78,7 +79,20 @@ class _Watchdog:
         self._timer.cancel()
 
 
-def fetch_remote(url: str, modality: str, policy: MediaPolicy) -> bytes:
+class RemotePolicy(Protocol):
+    """What a fetch reads of the media policy (policy.MediaPolicy is one; declared here so that the policy,
+    which calls fetch_remote, is not imported back)."""
+
+    allowed_domains: tuple[str, ...]
+    timeout_s: float
+    max_bytes: int
+    max_redirects: int
+    resolver: Resolver
+    blocked_networks: tuple[IPNetwork, ...]
+    ssl_context: ssl.SSLContext
+
+
+def fetch_remote(url: str, modality: str, policy: RemotePolicy) -> bytes:
     """The body of an http(s) URL under the policy, following its redirects."""
     deadline = _Deadline(policy.timeout_s, modality)
     for _ in range(policy.max_redirects + 1):
@@ -93,7 +107,7 @@ def fetch_remote(url: str, modality: str, policy: MediaPolicy) -> bytes:
     raise MediaFetchError(f"{modality}: the media URL redirected more than {policy.max_redirects} times")
 
 
-def _checked_addresses(target: RemoteURL, modality: str, policy: MediaPolicy, deadline: _Deadline) -> list[str]:
+def _checked_addresses(target: RemoteURL, modality: str, policy: RemotePolicy, deadline: _Deadline) -> list[str]:
     """The host's addresses, refused when any of them is in a blocked network."""
     if target.is_ip_literal:
         found: list[str] = [target.host]
@@ -117,7 +131,7 @@ def _checked_addresses(target: RemoteURL, modality: str, policy: MediaPolicy, de
     return [str(address) for address in addresses]
 
 
-def _exchange(target: RemoteURL, addresses: list[str], modality: str, policy: MediaPolicy,
+def _exchange(target: RemoteURL, addresses: list[str], modality: str, policy: RemotePolicy,
               deadline: _Deadline) -> bytes | str:
     """One GET over a pinned connection: the body (bytes), or a redirect's Location (str)."""
     raw = _connect(target, addresses, modality, deadline)

@@ -18,8 +18,8 @@ import numpy as np
 import openai
 from PIL import Image
 
-from omnistream.engine.cli import build_parser
-from omnistream.engine.server.run import build_server
+from omnistream.engine.entrypoints.cli import build_parser
+from omnistream.engine.entrypoints.serve import build_server
 from omnistream.multimodal.media_fetch import MediaPolicy
 
 API_KEY = "test-key-123"

@@ -22,14 +22,14 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from omnistream.engine.cli import build_parser, main
-from omnistream.engine.executor import EngineDeadError
+from omnistream.engine.entrypoints.cli import build_parser, main
+from omnistream.engine.entrypoints.grpc_server import GrpcServer
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
+from omnistream.engine.entrypoints.serve import build_server
+from omnistream.engine.errors import EngineDeadError
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.engine.grpc_gen.regenerate import HERE, generate
-from omnistream.engine.grpc_server import GrpcServer
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME
-from omnistream.engine.server.run import build_server
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import engine_stats, png_data_url, wait_until_idle, wav_base64
@@ -441,7 +441,7 @@ def test_api_key_guards_every_call_but_health(stub, channel, metadata):
 def test_model_info(stub, llm):
     info = stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=AUTH, timeout=10)
     assert list(info.served_model_names) == [DEFAULT_MODEL_NAME] and info.max_model_len == MAX_MODEL_LEN
-    assert info.vocab_size == llm.input_processor.config.text.vocab_size and info.max_media_items["image"] == 1
+    assert info.vocab_size == llm.model_config.text.vocab_size and info.max_media_items["image"] == 1
 
 
 def test_health_and_reflection(channel):

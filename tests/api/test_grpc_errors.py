@@ -1,10 +1,10 @@
-"""Exceptions map to gRPC status codes once (engine/grpc_server/errors.py)."""
+"""Exceptions map to gRPC status codes once (engine/entrypoints/grpc_server/errors.py)."""
 
 import grpc
 
-from omnistream.engine.admission import EngineOverloadedError
-from omnistream.engine.executor import EngineDeadError
-from omnistream.engine.grpc_server.errors import to_status
+from omnistream.engine.entrypoints.grpc_server.errors import to_status
+from omnistream.engine.errors import EngineDeadError
+from omnistream.engine.frontend.admission import EngineOverloadedError
 from omnistream.multimodal.errors import MediaError
 
 

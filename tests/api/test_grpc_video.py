@@ -12,11 +12,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from omnistream.engine.cli import build_parser
+from omnistream.engine.entrypoints.cli import build_parser
+from omnistream.engine.entrypoints.grpc_server import GrpcServer
+from omnistream.engine.entrypoints.serve import build_server
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
-from omnistream.engine.grpc_server import GrpcServer
-from omnistream.engine.server.run import build_server
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import wait_until_idle

@@ -12,14 +12,25 @@ import grpc
 import openai
 import pytest
 
+from omnistream.engine.entrypoints.grpc_server import GrpcServer
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
-from omnistream.engine.grpc_server import GrpcServer
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME
 from omnistream.multimodal.media_fetch import MediaPolicy
-from tests.multimodal.media_server import WITHOUT_LOOPBACK, Reply, Resolver, media_server
+from tests.multimodal.media_server import (
+    WITHOUT_LOOPBACK,
+    Reply,
+    Resolver,
+    media_server,
+)
 
-from .server_fixture import API_KEY, openai_client, png_data_url, running_server, wav_base64
+from .server_fixture import (
+    API_KEY,
+    openai_client,
+    png_data_url,
+    running_server,
+    wav_base64,
+)
 
 PNG_URL = png_data_url()
 PNG = base64.b64decode(PNG_URL.partition(",")[2])

@@ -14,9 +14,9 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 
-from omnistream.engine.admission import EngineOverloadedError
-from omnistream.engine.executor import EngineDeadError
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME, build_app
+from omnistream.engine.errors import EngineDeadError
+from omnistream.engine.frontend.admission import EngineOverloadedError
 
 from .server_fixture import (
     API_KEY,

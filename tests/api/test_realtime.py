@@ -19,7 +19,7 @@ import pytest
 import websockets
 from websockets.sync.client import connect as ws_connect
 
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import AUTH, openai_client, running_server

@@ -8,7 +8,7 @@ import base64
 
 import pytest
 
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 
 from .server_fixture import openai_client, running_server
 from .test_realtime import recv_until, respond, setup, speak, speech

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from omnistream.engine.grpc_server import GrpcServer
+from omnistream.engine.entrypoints.grpc_server import GrpcServer
 
 from .server_fixture import API_KEY, running_server
 

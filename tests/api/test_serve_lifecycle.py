@@ -21,7 +21,7 @@ from .server_fixture import API_KEY, AUTH, http_client, running_server
 
 def _start_server() -> tuple[subprocess.Popen, list[str]]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "omnistream.engine.cli", "serve", "--port", "0", "--api-key", API_KEY,
+        [sys.executable, "-m", "omnistream.engine.entrypoints.cli", "serve", "--port", "0", "--api-key", API_KEY,
          "--dtype", "float32", "--num-kv-blocks", "64", "--log-level", "info"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )

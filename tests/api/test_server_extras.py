@@ -16,10 +16,17 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME, build_app
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME, build_app
 from omnistream.scheduler.sampling_params import SamplingParams
 
-from .server_fixture import AUTH, http_client, openai_client, running_server, wav_base64, wav_bytes
+from .server_fixture import (
+    AUTH,
+    http_client,
+    openai_client,
+    running_server,
+    wav_base64,
+    wav_bytes,
+)
 
 USER = [{"role": "user", "content": "Hello!"}]
 MAX_TOKENS = {"max_tokens": 4}  # extension field: the tiny random model would talk to the end of the context

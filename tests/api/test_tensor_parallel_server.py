@@ -3,8 +3,13 @@ logprobs within 1e-4 (fp32), for text and for audio + image chat prompts."""
 
 from __future__ import annotations
 
-from omnistream.engine.server.app import DEFAULT_MODEL_NAME
-from tests.api.server_fixture import openai_client, png_data_url, running_server, wav_base64
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
+from tests.api.server_fixture import (
+    openai_client,
+    png_data_url,
+    running_server,
+    wav_base64,
+)
 
 FP32_TOL = 1e-4
 PROMPTS = [

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from omnistream.engine.session import StreamingSession
+from omnistream.engine.frontend.session import StreamingSession
 from omnistream.scheduler.sampling_params import SamplingParams
 
 

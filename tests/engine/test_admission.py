@@ -7,8 +7,8 @@ import asyncio
 
 import pytest
 
-from omnistream.engine.admission import EngineOverloadedError
-from omnistream.engine.async_llm import AsyncLLM
+from omnistream.engine.frontend.admission import EngineOverloadedError
+from omnistream.engine.frontend.async_llm import AsyncLLM
 from omnistream.scheduler.sampling_params import SamplingParams
 
 PARAMS = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)

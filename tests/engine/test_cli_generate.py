@@ -1,6 +1,6 @@
 """`omnistream generate`: every shared engine flag reaches the engine, and the answer is printed."""
 
-from omnistream.engine.cli import main
+from omnistream.engine.entrypoints.cli import main
 
 
 def test_generate_prints_the_answer(capsys):

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from omnistream.engine.async_llm import AsyncLLM
-from omnistream.engine.executor import EngineDeadError
+from omnistream.engine.errors import EngineDeadError
+from omnistream.engine.frontend.async_llm import AsyncLLM
 from omnistream.scheduler.sampling_params import SamplingParams
 from tests.processes import gone_within, running
 
@@ -103,7 +103,7 @@ def test_a_killed_core_fails_streams_and_calls_at_once():
 
 def test_the_core_exits_when_its_front_end_dies():
     script = ("import os, signal\n"
-              "from omnistream.engine.async_llm import AsyncLLM\n"
+              "from omnistream.engine.frontend.async_llm import AsyncLLM\n"
               "if __name__ == '__main__':\n"
               "    llm = AsyncLLM(dtype='float32', num_kv_blocks=8)\n"
               "    print(llm.core.pid, flush=True)\n"

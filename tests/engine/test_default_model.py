@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from omnistream.engine.default_model import (
+from omnistream.engine.checkpoint.default_model import (
     PRESETS,
     build_config,
     default_model_path,

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from omnistream.engine.default_model import default_model_path
-from omnistream.engine.detokenizer import IncrementalDetokenizer
-from omnistream.engine.tokenizer import Tokenizer
+from omnistream.engine.checkpoint.default_model import default_model_path
+from omnistream.engine.checkpoint.tokenizer import Tokenizer
+from omnistream.engine.frontend.detokenizer import IncrementalDetokenizer
 
 PROMPT = "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
 TEXT = "Sure! 你好世界 🤖👍🏽🇯🇵 naïve café — `x = {1: 'ß'}`\n<|im_end|>"

@@ -6,9 +6,11 @@ import copy
 
 import pytest
 
-from omnistream.engine.config import ThinkerConfig
-from omnistream.engine.models.qwen3_omni_thinker import Qwen3OmniThinkerForCausalLM
-from omnistream.engine.models.registry import get_model_class
+from omnistream.engine.checkpoint.model_config import ThinkerConfig
+from omnistream.engine.model_executor.models.qwen3_omni_thinker import (
+    Qwen3OmniThinkerForCausalLM,
+)
+from omnistream.engine.model_executor.models.registry import get_model_class
 
 THINKER = {
     "architectures": ["Qwen3OmniMoeThinkerForConditionalGeneration"],

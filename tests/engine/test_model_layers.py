@@ -7,9 +7,16 @@ import torch
 from transformers import Qwen3OmniMoeTextConfig
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
-from omnistream.engine.layers.moe import SparseMoeBlock, expert_checkpoint_shards
-from omnistream.engine.layers.norm import RMSNorm
-from omnistream.engine.layers.rotary import MRotaryEmbedding, apply_rotary, mrope_rows
+from omnistream.engine.model_executor.layers.moe import (
+    SparseMoeBlock,
+    expert_checkpoint_shards,
+)
+from omnistream.engine.model_executor.layers.norm import RMSNorm
+from omnistream.engine.model_executor.layers.rotary import (
+    MRotaryEmbedding,
+    apply_rotary,
+    mrope_rows,
+)
 
 
 def hf_text_config(**overrides) -> Qwen3OmniMoeTextConfig:

@@ -8,9 +8,17 @@ import random
 import pytest
 import torch
 
-from omnistream.engine.attention.backend import AttentionMetadata
-from omnistream.engine.attention.kv_views import MIN_VIEW_BLOCKS, block_runs, kv_pieces
-from omnistream.engine.attention.torch_sdpa import LONG_CONTEXT_BLOCKS, TorchSDPABackend, write_kv_cache
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.kv_views import (
+    MIN_VIEW_BLOCKS,
+    block_runs,
+    kv_pieces,
+)
+from omnistream.engine.model_executor.attention.torch_sdpa import (
+    LONG_CONTEXT_BLOCKS,
+    TorchSDPABackend,
+    write_kv_cache,
+)
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 32, 16
 SCALE = HEAD_DIM**-0.5

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from omnistream.engine.attention.kv_views import block_runs
-from omnistream.engine.request_state import RunnerRequestState
-from omnistream.engine.tensor_codec import to_tensor_data
+from omnistream.engine.model_executor.attention.kv_views import block_runs
+from omnistream.engine.worker.request_state import RunnerRequestState
+from omnistream.multimodal.tensor_codec import to_tensor_data
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.tensor_data import PositionSegment

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from omnistream.engine.sampler import SamplingRow, sample
+from omnistream.engine.worker.sampler import SamplingRow, sample
 from omnistream.scheduler.sampling_params import SamplingParams
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.engine.async_llm import AsyncLLM
+from omnistream.engine.frontend.async_llm import AsyncLLM
 from omnistream.scheduler.sampling_params import SamplingParams
 
 SYSTEM = "You are a helpful assistant."
@@ -79,7 +79,7 @@ def test_streamed_turn_equals_the_offline_request(llm):
     assert tokens[:n] == offline.prompt_token_ids
     processed = llm.input_processor.process(offline.prompt, None, {"audio": [(_speech(5.3, 0), 16000)]},
                                             {"audio_window_s": 2})
-    from omnistream.engine.tensor_codec import from_tensor_data
+    from omnistream.multimodal.tensor_codec import from_tensor_data
 
     assert torch.equal(positions[:, :n], from_tensor_data(processed.position_segments[0].positions))
     model = _runner(llm).model
@@ -151,8 +151,8 @@ def test_loud_speech_late_differs_only_within_the_running_max_bound(llm):
         await session.close()
         return features
 
-    from omnistream.engine.tensor_codec import from_tensor_data
     from omnistream.multimodal.mel import log_mel_spectrogram
+    from omnistream.multimodal.tensor_codec import from_tensor_data
 
     streamed = [from_tensor_data(f.inputs["input_features"]) for f in asyncio.run(run())]
     offline = log_mel_spectrogram(wave)

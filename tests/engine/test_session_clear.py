@@ -8,7 +8,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from omnistream.engine.async_llm import AsyncLLM
+from omnistream.engine.frontend.async_llm import AsyncLLM
 from omnistream.scheduler.sampling_params import SamplingParams
 from tests.engine.live_turns import append_speech, commit_answer
 

@@ -9,11 +9,11 @@ import asyncio
 import numpy as np
 import pytest
 
-from omnistream.engine.async_llm import AsyncLLM
-from omnistream.engine.core_messages import SessionTail
-from omnistream.engine.default_model import default_model_path
-from omnistream.engine.session import SegmentDiscardedError
-from omnistream.engine.tokenizer import Tokenizer
+from omnistream.engine.checkpoint.default_model import default_model_path
+from omnistream.engine.checkpoint.tokenizer import Tokenizer
+from omnistream.engine.core.messages import SessionTail
+from omnistream.engine.frontend.async_llm import AsyncLLM
+from omnistream.engine.frontend.session import SegmentDiscardedError
 from omnistream.scheduler.sampling_params import SamplingParams
 from tests.engine.live_turns import append_speech, commit_answer
 
@@ -51,7 +51,7 @@ def llm():
 
 
 async def _engine_length(llm: AsyncLLM, session) -> int:
-    return (await llm._call(SessionTail(session_id=session.session_id))).num_tokens
+    return (await llm.streams.call(SessionTail(session_id=session.session_id))).num_tokens
 
 
 async def _answer_to(llm: AsyncLLM, wave: np.ndarray | None, text: str | None) -> list[int]:

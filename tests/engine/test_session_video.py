@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.engine.async_llm import AsyncLLM
-from omnistream.engine.mm_encode import encode_feature
-from omnistream.engine.tensor_codec import from_tensor_data
+from omnistream.engine.frontend.async_llm import AsyncLLM
+from omnistream.engine.worker.mm_encode import encode_feature
 from omnistream.multimodal.errors import MediaError
 from omnistream.multimodal.placeholders import audio_token_count
+from omnistream.multimodal.tensor_codec import from_tensor_data
 from omnistream.scheduler.sampling_params import SamplingParams
 from tests.engine.live_turns import commit_answer
 

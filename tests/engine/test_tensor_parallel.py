@@ -15,11 +15,14 @@ import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
-from omnistream.engine.default_model import default_model_path
-from omnistream.engine.distributed import get_tp_world_size
-from omnistream.engine.executor import EngineDeadError
-from omnistream.engine.layers.linear import ColumnParallelLinear, RowParallelLinear
-from omnistream.engine.loader import CheckpointSlice
+from omnistream.engine.checkpoint.default_model import default_model_path
+from omnistream.engine.errors import EngineDeadError
+from omnistream.engine.model_executor.distributed import get_tp_world_size
+from omnistream.engine.model_executor.layers.linear import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+)
+from omnistream.engine.model_executor.loader import CheckpointSlice
 from tests.processes import gone_within, running
 
 FP32_TOL = 1e-4

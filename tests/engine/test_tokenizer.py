@@ -5,8 +5,8 @@ import json
 import jinja2
 import pytest
 
-from omnistream.engine.default_model import default_model_path
-from omnistream.engine.tokenizer import Tokenizer
+from omnistream.engine.checkpoint.default_model import default_model_path
+from omnistream.engine.checkpoint.tokenizer import Tokenizer
 
 OMNI_TOKENS = {
     "<|audio_start|>": 151669,

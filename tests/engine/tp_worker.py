@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from omnistream.engine.distributed import set_tp_group
-from omnistream.engine.loader import load_model
+from omnistream.engine.model_executor.distributed import set_tp_group
+from omnistream.engine.model_executor.loader import load_model
 from tests.parity.paged_runner import Chunk, PagedRunner
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from omnistream.engine.cli import build_parser
+from omnistream.engine.entrypoints.cli import build_parser
 from omnistream.multimodal.errors import MediaError, MediaLimitError
 from omnistream.multimodal.image import load_image
 from omnistream.multimodal.media_fetch import (
@@ -39,6 +39,7 @@ from tests.multimodal.media_server import (
     make_certificates,
     media_server,
 )
+
 
 def _png() -> bytes:
     pixels = (np.arange(24 * 24 * 3).reshape(24, 24, 3) % 251).astype(np.uint8)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import copy
 
 import torch
-from transformers import Qwen3OmniMoeThinkerConfig, Qwen3OmniMoeThinkerForConditionalGeneration
+from transformers import (
+    Qwen3OmniMoeThinkerConfig,
+    Qwen3OmniMoeThinkerForConditionalGeneration,
+)
 
 # doc §9 recipe scaled to the "tiny" preset; the token ids must be explicit (HF defaults are wrong or missing)
 TINY = dict(
@@ -112,7 +115,7 @@ def save_servable(model: Qwen3OmniMoeThinkerForConditionalGeneration, path) -> s
     """A thinker-only save plus the embedded model's tokenizer files: a checkpoint our engine can serve."""
     import shutil
 
-    from omnistream.engine.default_model import default_model_path
+    from omnistream.engine.checkpoint.default_model import default_model_path
 
     model.save_pretrained(path)
     for name in TOKENIZER_FILES:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from omnistream.engine.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 
 BLOCK_SIZE = 16
 

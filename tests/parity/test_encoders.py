@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omnistream.engine.attention.backend import AttentionMetadata
-from omnistream.engine.loader import load_model
-from omnistream.engine.models.audio_encoder import audio_output_length
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.loader import load_model
+from omnistream.engine.model_executor.models.audio_encoder import audio_output_length
 from tests.parity.hf_oracle import (
     TINY,
     build_hf_thinker,

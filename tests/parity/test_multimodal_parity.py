@@ -8,9 +8,14 @@ import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
-from omnistream.engine.tensor_codec import from_tensor_data
+from omnistream.multimodal.tensor_codec import from_tensor_data
 from tests.multimodal.media import encode_video
-from tests.parity.hf_oracle import TINY, build_hf_thinker, encoder_variant_config, save_servable
+from tests.parity.hf_oracle import (
+    TINY,
+    build_hf_thinker,
+    encoder_variant_config,
+    save_servable,
+)
 
 FP32_TOL = 1e-4
 NEW_TOKENS = 16

@@ -10,8 +10,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omnistream.engine.loader import load_model
-from tests.parity.hf_oracle import TINY, build_hf_thinker, head_dim_128_config, hf_logits
+from omnistream.engine.model_executor.loader import load_model
+from tests.parity.hf_oracle import (
+    TINY,
+    build_hf_thinker,
+    head_dim_128_config,
+    hf_logits,
+)
 from tests.parity.paged_runner import Chunk, PagedRunner
 
 FP32_TOL = 1e-4

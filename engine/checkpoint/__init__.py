@@ -1,0 +1,1 @@
+"""The checkpoint: the thinker config, the tokenizer and the embedded default model."""

@@ -1,0 +1,1 @@
+"""Entry points users call: the OpenAI HTTP server (+ Realtime), gRPC, the CLI, `omnistream serve` and `LLM`."""

@@ -1,0 +1,66 @@
+"""The flags and validators that the CLI's subcommands and `omnistream serve` share (engine flags, media limits).
+
+Imported by cli.py (which builds the parser) and serve.py (which turns parsed flags into the engine's arguments),
+so neither imports the other's module to get them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any
+
+_MODALITIES = ("audio", "image", "video")
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the embedded tiny model)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--max-model-len", type=int, default=None)
+    parser.add_argument("--max-num-seqs", type=int, default=256)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--num-kv-blocks", type=int, default=None)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="ranks, one per device")
+    parser.add_argument("--cpu-threads", type=int, default=None,
+                        help="torch CPU threads of the engine (default: all cores; serve: all but one, kept for "
+                             "the front end)")
+    parser.add_argument("--log-level", default="warning")
+
+
+def mm_limits(text: str) -> dict[str, int]:
+    """--limit-mm-per-prompt '{"image": 2, "audio": 1}'."""
+    try:
+        limits = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from exc
+    if not isinstance(limits, dict) or not all(
+        k in _MODALITIES and isinstance(v, int) and not isinstance(v, bool) and v >= 0 for k, v in limits.items()
+    ):
+        raise argparse.ArgumentTypeError(f"expected an object of {'/'.join(_MODALITIES)} to counts >= 0, got {text}")
+    return limits
+
+
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """EngineConfig fields from the engine flags every subcommand shares (`add_engine_args`)."""
+    names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
+             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads")
+    return {name: getattr(args, name) for name in names}

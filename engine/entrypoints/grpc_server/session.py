@@ -1,0 +1,187 @@
+"""One live gRPC Session: the client's inputs drive a StreamingSession, its answers stream back per turn (with
+their log-probabilities when the config or the commit asks).
+
+A reader task applies the inputs in order (audio, video frames, text, commit, cancel) while each committed turn's
+answer is pumped out by its own task, so the user can speak over (barge-in) or cancel an answer.
+Ending the call, however it ends, closes the session and frees its KV. Holds no engine state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from omnistream.engine.entrypoints.grpc_server.errors import (
+    GrpcError,
+    code_number,
+    invalid,
+    to_status,
+)
+from omnistream.engine.entrypoints.grpc_server.protocol import (
+    FINISH_REASONS,
+    num_logprobs,
+    sampling_params,
+    token_logprobs,
+    turn_usage,
+)
+from omnistream.engine.frontend.outputs import RequestOutput
+from omnistream.engine.frontend.session import StreamingSession
+from omnistream.engine.grpc_gen import omnistream_pb2 as pb
+
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_SAMPLE_RATE = 16_000
+DEFAULT_WINDOW_S = 2.0
+DEFAULT_VIDEO_FPS = 2.0
+_END = object()  # the outbox's last item
+
+
+class LiveSession:
+    def __init__(self, llm: Any, check_model: Callable[[str], None], inputs: AsyncIterator[pb.SessionInput]) -> None:
+        self.llm = llm
+        self.check_model = check_model
+        self.inputs = inputs
+        self.outbox: asyncio.Queue = asyncio.Queue()  # SessionOutputs, then _END or the fatal exception
+        self.session: StreamingSession | None = None
+        self.params = None
+        self.logprobs: int | None = None  # the session's alternatives per token (None: no log-probabilities)
+        self.sample_rate = DEFAULT_SAMPLE_RATE
+        self.audio_format = pb.AUDIO_FORMAT_PCM16
+        self.turn = 0
+        self.turn_bytes = 0  # audio bytes streamed since the last commit
+        self.answer: asyncio.Task | None = None  # the task streaming the current turn's answer
+
+    async def run(self) -> AsyncIterator[pb.SessionOutput]:
+        first = await anext(self.inputs, None)
+        if first is None:
+            return
+        if first.WhichOneof("input") != "config":
+            raise invalid("the first SessionInput of a session must be `config`")
+        yield await self._open(first.config)
+        reader = asyncio.ensure_future(self._read())
+        try:
+            while (item := await self.outbox.get()) is not _END:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            for task in (reader, self.answer):
+                if task is not None and not task.done():
+                    task.cancel()
+            await asyncio.gather(*(t for t in (reader, self.answer) if t is not None), return_exceptions=True)
+            await self.session.close()
+
+    async def _open(self, config: pb.SessionConfig) -> pb.SessionOutput:
+        self.check_model(config.model)
+        self.logprobs = num_logprobs(config, "config.logprobs")
+        self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=self.logprobs)
+        self.sample_rate = config.sample_rate or DEFAULT_SAMPLE_RATE
+        self.audio_format = config.audio_format or pb.AUDIO_FORMAT_PCM16
+        if self.audio_format not in (pb.AUDIO_FORMAT_PCM16, pb.AUDIO_FORMAT_FLOAT32):
+            raise invalid(f"config.audio_format: unknown format {config.audio_format}")
+        self.session = await self.llm.open_session(
+            config.system_prompt or None, self.params, config.audio_window_s or DEFAULT_WINDOW_S,
+            session_id=f"grpc-session-{uuid.uuid4().hex}", video_fps=config.video_fps or DEFAULT_VIDEO_FPS,
+        )
+        return pb.SessionOutput(started=pb.SessionStarted(session_id=self.session.session_id))
+
+    async def _read(self) -> None:
+        """Apply the inputs in order; bad input is reported and skipped; a half-close waits for the answer."""
+        try:
+            async for message in self.inputs:
+                try:
+                    await self._apply(message)
+                except GrpcError:
+                    raise
+                except ValueError as exc:  # bad input (MediaError included): the session goes on
+                    code, text = to_status(exc)
+                    self._send(error=pb.SessionError(code=code_number(code), message=text))
+            if self.answer is not None:
+                await self.answer
+            self.outbox.put_nowait(_END)
+        except Exception as exc:  # noqa: BLE001 - ends the call with its status
+            self.outbox.put_nowait(exc)
+
+    async def _apply(self, message: pb.SessionInput) -> None:
+        kind = message.WhichOneof("input")
+        if kind == "audio":
+            pcm = _samples(message.audio.data, self.audio_format)
+            await self.session.append_audio(pcm, self.sample_rate)
+            self.turn_bytes += len(message.audio.data)
+        elif kind == "text":
+            await self.session.append_text(message.text.text)
+        elif kind == "commit":
+            await self._commit(message.commit)
+        elif kind == "cancel":
+            await self.session.cancel()
+        elif kind == "video_frame":
+            frame = message.video_frame
+            if frame.mime_type and not frame.mime_type.startswith("image/"):
+                raise ValueError(f"video_frame: mime_type must be an image type (image/jpeg, image/png...), "
+                                 f"got {frame.mime_type!r}")
+            if not frame.data:
+                raise ValueError("video_frame: data is empty (send an encoded image)")
+            await self.session.append_frame(frame.data, frame.timestamp_s)
+        elif kind == "config":
+            raise invalid("config: a session takes one config, as its first input")
+        else:
+            raise ValueError("SessionInput: the message sets none of its inputs")
+
+    async def _commit(self, commit: pb.Commit) -> None:
+        override = num_logprobs(commit, "commit.logprobs")
+        logprobs = self.logprobs if override is None else override
+        if commit.HasField("sampling"):
+            params = sampling_params(commit.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=logprobs)
+        else:
+            params = msgspec.structs.replace(self.params, logprobs=logprobs)
+        if self.answer is not None and not self.answer.done():  # a commit during an answer replaces it
+            await self.session.cancel()
+            await self.answer
+        stream = await self.session.commit(params)
+        self.turn += 1
+        prompt = (self.session.positions.num_tokens, self.session.num_audio_tokens,  # the conversation so far
+                  self.session.num_video_tokens)
+        sample_bytes = 2 if self.audio_format == pb.AUDIO_FORMAT_PCM16 else 4
+        seconds, self.turn_bytes = self.turn_bytes // sample_bytes / self.sample_rate, 0
+        self._send(turn_started=pb.TurnStarted(turn=self.turn))
+        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds, logprobs))
+
+    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int, int],
+                    seconds: float, logprobs: int | None) -> None:
+        """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens, video tokens) at its
+        commit; `logprobs` the alternatives per token its deltas carry (None: no log-probabilities)."""
+        sent_text = sent_tokens = 0
+        try:
+            async with contextlib.aclosing(stream):
+                async for output in stream:
+                    sample = output.outputs[0]
+                    if len(sample.token_ids) > sent_tokens or sample.text[sent_text:]:
+                        delta = pb.TextDelta(turn=turn, text=sample.text[sent_text:],
+                                             token_ids=sample.token_ids[sent_tokens:])
+                        if logprobs is not None:
+                            delta.logprobs.extend(token_logprobs(sample.token_ids[sent_tokens:],
+                                                                 (sample.logprobs or [])[sent_tokens:], logprobs))
+                        self._send(delta=delta)
+                        sent_text, sent_tokens = len(sample.text), len(sample.token_ids)
+                    if output.finished:
+                        self._send(turn_ended=pb.TurnEnded(turn=turn, finish_reason=FINISH_REASONS[sample.finish_reason],
+                                                           usage=turn_usage(output, *prompt, seconds)))
+        except Exception as exc:  # noqa: BLE001 - a dead engine ends the call
+            self.outbox.put_nowait(exc)
+
+    def _send(self, **field: Any) -> None:
+        self.outbox.put_nowait(pb.SessionOutput(**field))
+
+
+def _samples(data: bytes, audio_format: int) -> bytes | np.ndarray:
+    """PCM16 passes as bytes (the session keeps a half sample split across chunks); float32 is decoded."""
+    if audio_format == pb.AUDIO_FORMAT_PCM16:
+        return data
+    if len(data) % 4:
+        raise ValueError(f"audio: a FLOAT32 chunk must hold whole samples (4 bytes each), got {len(data)} bytes")
+    return np.frombuffer(data, dtype="<f4").astype(np.float32)

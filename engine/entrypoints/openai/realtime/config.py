@@ -1,0 +1,184 @@
+"""A Realtime connection's session configuration: its defaults, session.update applied field by field with
+every unsupported choice refused by name, the `session` object the server reports, and the sampling
+parameters of a response.
+
+Text output only (the thinker has no talker); input audio is PCM16 little-endian at 24 kHz (the GA
+default) or 16 kHz; turn detection is this server's energy VAD (`server_vad`) or off (null).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from msgspec import UNSET
+
+from omnistream.engine.entrypoints.openai.realtime.protocol import (
+    RealtimeError,
+    ResponseFields,
+    SessionFields,
+    TurnDetection,
+)
+from omnistream.multimodal.vad import FRAME_MS, threshold_db
+from omnistream.scheduler.sampling_params import SamplingParams
+
+SAMPLE_RATES = (24_000, 16_000)
+MAX_SILENCE_MS = 10_000
+MAX_PADDING_MS = 5_000
+
+
+@dataclass
+class Vad:
+    threshold: float = 0.5
+    prefix_padding_ms: int = 300
+    silence_duration_ms: int = 500
+    create_response: bool = True
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"type": "server_vad", "threshold": self.threshold, "prefix_padding_ms": self.prefix_padding_ms,
+                "silence_duration_ms": self.silence_duration_ms, "create_response": self.create_response,
+                "interrupt_response": True, "idle_timeout_ms": None}
+
+
+@dataclass
+class SessionConfig:
+    model: str
+    instructions: str = ""
+    sample_rate: int = 24_000
+    vad: Vad | None = field(default_factory=Vad)
+    max_output_tokens: int | None = None  # None: "inf", up to the model's length
+    sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed when given
+
+    def as_dict(self, session_id: str) -> dict[str, Any]:
+        """The GA `session` object of session.created / session.updated."""
+        return {
+            "type": "realtime", "object": "realtime.session", "id": session_id, "model": self.model,
+            "output_modalities": ["text"], "instructions": self.instructions,
+            "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.sample_rate}, "transcription": None,
+                                "noise_reduction": None,
+                                "turn_detection": self.vad.as_dict() if self.vad else None}},
+            "tools": [], "tool_choice": "auto",
+            "max_output_tokens": "inf" if self.max_output_tokens is None else self.max_output_tokens,
+            **self.sampling,
+        }
+
+    def updated(self, fields: SessionFields, *, conversation_started: bool) -> SessionConfig:
+        """A new configuration with `fields` applied; RealtimeError (nothing changed) if any is refused."""
+        new = dataclasses.replace(self, sampling=dict(self.sampling))
+        if fields.type != "realtime":
+            raise RealtimeError(f"session.type {fields.type!r} is not supported; this server runs \"realtime\" "
+                                "sessions only", param="session.type")
+        if fields.model is not UNSET and fields.model != self.model:
+            raise RealtimeError(f"session.model cannot change within a connection (it is {self.model!r})",
+                                param="session.model")
+        if fields.instructions is not UNSET and fields.instructions != self.instructions:
+            if conversation_started:
+                raise RealtimeError("session.instructions can only change before the conversation's first input",
+                                    param="session.instructions")
+            new.instructions = fields.instructions
+        check_modalities(fields.output_modalities, "session.output_modalities")
+        if fields.tools is not UNSET and fields.tools:
+            raise RealtimeError("tools are not supported by this server", param="session.tools")
+        if fields.tool_choice not in (UNSET, "auto", "none"):
+            raise RealtimeError("tool_choice is not supported by this server", param="session.tool_choice")
+        if fields.max_output_tokens is not UNSET:
+            new.max_output_tokens = max_tokens(fields.max_output_tokens, "session.max_output_tokens")
+        new.sampling.update(sampling_fields(fields, "session"))
+        if fields.audio is not UNSET:
+            if fields.audio.output not in (UNSET, None):
+                raise RealtimeError("audio output is not available: this server answers in text only",
+                                    code="unsupported_modality", param="session.audio.output")
+            if fields.audio.input is not UNSET:
+                self._apply_input(new, fields.audio.input)
+        return new
+
+    @staticmethod
+    def _apply_input(new: SessionConfig, audio_input: Any) -> None:
+        for name in ("transcription", "noise_reduction"):
+            if getattr(audio_input, name) not in (UNSET, None):
+                raise RealtimeError(f"input audio {name} is not supported by this server",
+                                    param=f"session.audio.input.{name}")
+        if audio_input.format is not UNSET:
+            audio_format = audio_input.format
+            if audio_format.type != "audio/pcm":
+                raise RealtimeError(f"input audio format {audio_format.type!r} is not supported; use \"audio/pcm\" "
+                                    "(PCM16 little-endian, mono)", param="session.audio.input.format.type")
+            if audio_format.rate not in SAMPLE_RATES:
+                raise RealtimeError(f"input audio rate {audio_format.rate} is not supported; use 24000 or 16000",
+                                    param="session.audio.input.format.rate")
+            new.sample_rate = audio_format.rate
+        if audio_input.turn_detection is None:
+            new.vad = None
+        elif audio_input.turn_detection is not UNSET:
+            new.vad = _vad(audio_input.turn_detection, new.vad or Vad())
+
+    def sampling_params(self, response: ResponseFields | None = None) -> SamplingParams:
+        """The answer's sampling parameters: the session's, overridden by response.create's own fields."""
+        values: dict[str, Any] = dict(self.sampling)
+        limit = self.max_output_tokens
+        if response is not None:
+            values.update(sampling_fields(response, "response"))
+            if response.max_output_tokens is not UNSET:
+                limit = max_tokens(response.max_output_tokens, "response.max_output_tokens")
+        try:
+            return SamplingParams(max_tokens=limit, **values)
+        except ValueError as exc:
+            raise RealtimeError(str(exc), param="response" if response is not None else "session") from None
+
+
+def _vad(given: TurnDetection, current: Vad) -> Vad:
+    param = "session.audio.input.turn_detection"
+    if given.type != "server_vad":
+        raise RealtimeError(f"turn_detection type {given.type!r} is not supported; use \"server_vad\" or null",
+                            param=f"{param}.type")
+    if given.interrupt_response is False:
+        raise RealtimeError("interrupt_response false is not supported: speech during an answer always "
+                            "interrupts it", param=f"{param}.interrupt_response")
+    if given.idle_timeout_ms not in (UNSET, None):
+        raise RealtimeError("idle_timeout_ms is not supported by this server", param=f"{param}.idle_timeout_ms")
+    vad = dataclasses.replace(current)
+    if given.threshold is not UNSET:
+        try:
+            threshold_db(given.threshold)
+        except ValueError as exc:
+            raise RealtimeError(str(exc), param=f"{param}.threshold") from None
+        vad.threshold = given.threshold
+    if given.prefix_padding_ms is not UNSET:
+        if not 0 <= given.prefix_padding_ms <= MAX_PADDING_MS:
+            raise RealtimeError(f"prefix_padding_ms must be from 0 to {MAX_PADDING_MS}, got {given.prefix_padding_ms}",
+                                param=f"{param}.prefix_padding_ms")
+        vad.prefix_padding_ms = given.prefix_padding_ms
+    if given.silence_duration_ms is not UNSET:
+        if not FRAME_MS <= given.silence_duration_ms <= MAX_SILENCE_MS:
+            raise RealtimeError(f"silence_duration_ms must be from {FRAME_MS} to {MAX_SILENCE_MS}, "
+                                f"got {given.silence_duration_ms}", param=f"{param}.silence_duration_ms")
+        vad.silence_duration_ms = given.silence_duration_ms
+    if given.create_response is not UNSET:
+        vad.create_response = given.create_response
+    return vad
+
+
+def check_modalities(modalities: Any, param: str) -> None:
+    if modalities is not UNSET and modalities != ["text"]:
+        raise RealtimeError(f"output_modalities {modalities} is not supported: this server answers in text only "
+                            "(use [\"text\"])", code="unsupported_modality", param=param)
+
+
+def max_tokens(value: int | str, param: str) -> int | None:
+    if value == "inf":
+        return None
+    if value < 1:
+        raise RealtimeError(f"max_output_tokens must be at least 1 or \"inf\", got {value}", param=param)
+    return int(value)
+
+
+def sampling_fields(fields: SessionFields | ResponseFields, prefix: str) -> dict[str, Any]:
+    """The sampling knobs the client set (this server's additions to the GA schema)."""
+    values = {name: getattr(fields, name) for name in ("temperature", "top_p", "top_k", "seed")
+              if getattr(fields, name) is not UNSET}
+    try:
+        SamplingParams(**values)
+    except ValueError as exc:
+        raise RealtimeError(str(exc), param=prefix) from None
+    return values

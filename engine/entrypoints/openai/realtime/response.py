@@ -1,0 +1,113 @@
+"""One Realtime response: the checks on response.create's fields, and its server events, from
+response.created through the text deltas of the StreamingSession's answer to response.done with usage.
+
+One assistant message item with one text part per response (output_index 0, content_index 0). The answer's
+finish reason gives the status: stop → completed, length → incomplete (max_output_tokens), abort →
+cancelled (client_cancelled, or turn_detected when speech interrupted it); an engine failure → failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from msgspec import UNSET
+
+from omnistream.engine.entrypoints.openai.realtime import events
+from omnistream.engine.entrypoints.openai.realtime.config import check_modalities
+from omnistream.engine.entrypoints.openai.realtime.protocol import (
+    RealtimeError,
+    ResponseFields,
+)
+from omnistream.engine.frontend.outputs import RequestOutput
+
+Emit = Callable[[dict[str, Any]], None]
+
+
+@dataclass
+class Response:
+    max_output_tokens: int | None
+    metadata: dict[str, str] | None
+    id: str = field(default_factory=lambda: events.new_id("resp"))
+    item_id: str = field(default_factory=lambda: events.new_id("item"))
+    cancel_reason: str = "client_cancelled"
+    cancelling: bool = False  # a cancel (or speech) was sent to the engine; the answer is about to end
+    task: asyncio.Task | None = None
+
+    def object(self, status: str, **fields: Any) -> dict[str, Any]:
+        return events.response_object(self.id, status, max_output_tokens=self.max_output_tokens,
+                                      metadata=self.metadata, **fields)
+
+
+@dataclass
+class Answer:
+    """What the answer's stream gave so far."""
+
+    text: str = ""
+    output_tokens: int = 0
+    finish_reason: str = "abort"  # until the stream says otherwise (a cancelled pump never hears)
+    failure: BaseException | None = None
+
+
+def check_fields(fields: ResponseFields) -> None:
+    """response.create's own fields: only what applies to a text answer in the default conversation."""
+    if fields.conversation not in (UNSET, "auto"):
+        raise RealtimeError("only responses in the default conversation (\"auto\") are supported",
+                            param="response.conversation")
+    if fields.instructions is not UNSET:
+        raise RealtimeError("response.instructions is not supported by this server; set the session's before "
+                            "the first input", param="response.instructions")
+    for name in ("input", "tools", "audio"):
+        if getattr(fields, name) not in (UNSET, None, []):
+            raise RealtimeError(f"response.{name} is not supported by this server", param=f"response.{name}")
+    if fields.tool_choice not in (UNSET, "auto", "none"):
+        raise RealtimeError("tool_choice is not supported by this server", param="response.tool_choice")
+    check_modalities(fields.output_modalities, "response.output_modalities")
+
+
+async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput], emit: Emit,
+                        previous_item: str | None, answer: Answer) -> None:
+    """The events up to the last text delta; `answer` follows the stream (it is read even if this is cancelled)."""
+    where = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
+    item = events.assistant_item(response.item_id, None, "in_progress")
+    emit(events.event("response.output_item.added", response_id=response.id, output_index=0, item=item))
+    emit(events.event("conversation.item.added", previous_item_id=previous_item, item=item))
+    emit(events.event("response.content_part.added", **where, part={"type": "text", "text": ""}))
+    try:
+        async with contextlib.aclosing(stream):
+            async for output in stream:
+                sample = output.outputs[0]
+                if sample.text[len(answer.text):]:
+                    emit(events.event("response.output_text.delta", **where, delta=sample.text[len(answer.text):]))
+                    answer.text = sample.text
+                answer.output_tokens = len(sample.token_ids)
+                if output.finished:
+                    answer.finish_reason = sample.finish_reason
+                    return
+    except Exception as exc:  # noqa: BLE001 - the response fails; its closing events still go out
+        answer.failure = exc
+
+
+def closing_events(response: Response, answer: Answer, previous_item: str | None,
+                   usage: dict[str, Any]) -> list[dict[str, Any]]:
+    """output_text.done through response.done."""
+    status, reason = events.FINISH_STATUS.get(answer.finish_reason, ("completed", None))
+    details: dict[str, Any] = {"type": status, "reason": response.cancel_reason if status == "cancelled" else reason,
+                               "error": None}
+    if answer.failure is not None:
+        status = "failed"
+        details = {"type": "failed", "reason": None,
+                   "error": {"type": "server_error", "code": "engine_error", "message": "the answer failed"}}
+    item = events.assistant_item(response.item_id, answer.text, "completed" if status == "completed" else "incomplete")
+    where = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
+    return [
+        events.event("response.output_text.done", **where, text=answer.text),
+        events.event("response.content_part.done", **where, part={"type": "text", "text": answer.text}),
+        events.event("response.output_item.done", response_id=response.id, output_index=0, item=item),
+        events.event("conversation.item.done", previous_item_id=previous_item, item=item),
+        events.event("response.done", response=response.object(status, output=[item], status_details=details,
+                                                               usage=usage)),
+    ]

@@ -1,0 +1,1 @@
+"""The front-end engine: AsyncLLM, live sessions, admission, output processing and detokenizing (no model code)."""

@@ -1,0 +1,1 @@
+"""The model executor: models, layers, attention backends, distributed groups and weight loading."""

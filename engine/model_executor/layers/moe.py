@@ -1,0 +1,112 @@
+"""Sparse MoE block: replicated fp32-softmax top-k router and fused SiLU-GLU experts sharded on the expert width.
+
+Experts live in `w13 [E, 2*I/tp, H]` (gate rows, then up rows) and `w2 [E, H, I/tp]`; one all-reduce per block.
+Accumulates like HF: weighted expert outputs index_add'ed, in expert order, into zeros of the hidden dtype.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omnistream.engine.model_executor.distributed import (
+    get_tp_rank,
+    get_tp_world_size,
+    tensor_model_parallel_all_reduce,
+)
+from omnistream.engine.model_executor.layers.linear import (
+    ReplicatedLinear,
+    check_shape,
+    divide,
+)
+
+_PER_EXPERT = re.compile(r"(\d+)\.(gate_proj|up_proj|down_proj)\.weight")
+
+
+def expert_checkpoint_shards(suffix: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor, tuple[int, str]]]:
+    """Map a checkpoint tensor named `experts.<suffix>` to (param name, tensor, (expert, part)) for the loaders.
+
+    Accepts per-expert tensors (`3.gate_proj.weight`, `3.up_proj.weight`, `3.down_proj.weight`) and the HF-5.x
+    fused ones (`gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`). Any other suffix maps to nothing ([]).
+    """
+    match = _PER_EXPERT.fullmatch(suffix)
+    if match:
+        expert, proj = int(match.group(1)), match.group(2)
+        part = proj.removesuffix("_proj")
+        return [("w2" if part == "down" else "w13", tensor, (expert, part))]
+    if suffix == "gate_up_proj":
+        gate, up = tensor.chunk(2, dim=1)
+        return [("w13", g, (e, "gate")) for e, g in enumerate(gate)] + [
+            ("w13", u, (e, "up")) for e, u in enumerate(up)
+        ]
+    if suffix == "down_proj":
+        return [("w2", d, (e, "down")) for e, d in enumerate(tensor)]
+    return []
+
+
+class SparseMoeBlock(nn.Module):
+    """y = sum over the top-k experts of weight_e * down_e(silu(gate_e(x)) * up_e(x)); no shared expert."""
+
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, norm_topk_prob: bool
+    ) -> None:
+        super().__init__()
+        self.tp_rank, self.tp_size = get_tp_rank(), get_tp_world_size()
+        self.num_experts, self.top_k, self.norm_topk_prob = num_experts, top_k, norm_topk_prob
+        self.local_width = divide(intermediate_size, self.tp_size, "moe_intermediate_size")
+        self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False)
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local_width, hidden_size), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.local_width), requires_grad=False)
+        self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
+        experts = range(num_experts)
+        self.w13.shard_ids = tuple((e, part) for e in experts for part in ("gate", "up"))
+        self.w2.shard_ids = tuple((e, "down") for e in experts)
+
+    def weight_loader(self, param: nn.Parameter, loaded_weight: torch.Tensor, shard_id: tuple[int, str]) -> None:
+        """Copy this rank's slice of one expert's gate [I, H], up [I, H] or down [H, I] matrix."""
+        expert, part = shard_id
+        if not 0 <= expert < self.num_experts:
+            raise ValueError(f"expert index {expert} out of range (num_experts={self.num_experts})")
+        width, start = self.local_width, self.tp_rank * self.local_width
+        if part == "down":
+            target, shard = param.data[expert], loaded_weight.narrow(1, start, width)
+        elif part in ("gate", "up"):
+            offset = 0 if part == "gate" else width
+            target, shard = param.data[expert].narrow(0, offset, width), loaded_weight.narrow(0, start, width)
+        else:
+            raise ValueError(f"expert part must be 'gate', 'up' or 'down', got {part!r}")
+        check_shape(target, shard)
+        target.copy_(shard)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k weights (model dtype) and expert ids, each [T, k]: softmax in fp32, then top-k, then renormalise."""
+        logits = self.gate(x)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, experts = torch.topk(probs, self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), experts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, experts = self.route(x)
+        flat_experts = experts.reshape(-1)
+        order = torch.argsort(flat_experts, stable=True)  # grouped by expert, tokens ascending within a group
+        token_ids = order // self.top_k
+        sorted_weights = weights.reshape(-1)[order].unsqueeze(-1)
+        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
+        outputs = []
+        start = 0
+        for expert, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            gate, up = F.linear(x[token_ids[rows]], self.w13[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            outputs.append(y * sorted_weights[rows])
+            start += count
+        out = torch.zeros_like(x)
+        out.index_add_(0, token_ids, torch.cat(outputs).to(out.dtype))
+        return tensor_model_parallel_all_reduce(out)

@@ -1,0 +1,242 @@
+"""The Qwen3-Omni thinker: text decoder (Qwen3-MoE, interleaved M-RoPE, DeepStack) over a flat batch and paged KV
+cache, plus its audio and vision encoders. It maps token ids or merged embeddings to hidden states and logits, and
+media to embeddings; merging embeddings into placeholder positions, scheduling and sampling belong to the caller.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from omnistream.engine.checkpoint.model_config import TextConfig, ThinkerConfig
+from omnistream.engine.model_executor.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+)
+from omnistream.engine.model_executor.attention.torch_sdpa import TorchSDPABackend
+from omnistream.engine.model_executor.layers.embedding import (
+    ParallelLMHead,
+    VocabParallelEmbedding,
+)
+from omnistream.engine.model_executor.layers.linear import (
+    QKVParallelLinear,
+    RowParallelLinear,
+    copy_weight,
+)
+from omnistream.engine.model_executor.layers.moe import (
+    SparseMoeBlock,
+    expert_checkpoint_shards,
+)
+from omnistream.engine.model_executor.layers.norm import RMSNorm
+from omnistream.engine.model_executor.layers.rotary import (
+    MRotaryEmbedding,
+    apply_rotary,
+)
+from omnistream.engine.model_executor.models.audio_encoder import AudioEncoder
+from omnistream.engine.model_executor.models.vision_encoder import VisionEncoder
+
+_QKV_SHARDS = {".q_proj.": "q", ".k_proj.": "k", ".v_proj.": "v"}
+
+
+class ThinkerAttention(nn.Module):
+    """GQA with per-head q/k RMSNorm before M-RoPE; K/V go through the backend into the paged cache."""
+
+    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.head_dim = text.head_dim
+        self.qkv_proj = QKVParallelLinear(
+            text.hidden_size, text.head_dim, text.num_attention_heads, text.num_key_value_heads, text.attention_bias
+        )
+        self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        self.o_proj = RowParallelLinear(text.num_attention_heads * text.head_dim, text.hidden_size, text.attention_bias)
+        self.q_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
+        self.k_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
+        self.backend = backend
+        self.scale = text.head_dim**-0.5
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
+        q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rotary(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        o = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
+        return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
+
+
+class ThinkerDecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then the sparse MoE."""
+
+    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.self_attn = ThinkerAttention(text, backend)
+        self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+        self.mlp = SparseMoeBlock(
+            text.hidden_size,
+            text.moe_intermediate_size,
+            text.num_experts,
+            text.num_experts_per_tok,
+            text.norm_topk_prob,
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn_metadata)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+class ThinkerTextModel(nn.Module):
+    """Embedding, decoder layers and final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+        super().__init__()
+        self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
+        self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
+        self.layers = nn.ModuleList(ThinkerDecoderLayer(text, backend) for _ in range(text.num_hidden_layers))
+        self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+        deepstack_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if len(kv_caches) != len(self.layers):
+            raise ValueError(f"expected {len(self.layers)} KV caches (one per layer), got {len(kv_caches)}")
+        num_levels = 0 if deepstack_embeds is None else deepstack_embeds.shape[0]
+        if deepstack_embeds is not None and (
+            deepstack_embeds.dim() != 3 or deepstack_embeds.shape[1:] != hidden.shape or num_levels > len(self.layers)
+        ):
+            raise ValueError(
+                f"deepstack_embeds must be [levels <= {len(self.layers)}, {hidden.shape[0]}, {hidden.shape[1]}], "
+                f"got {tuple(deepstack_embeds.shape)}"
+            )
+        cos, sin = self.rotary_emb(positions, hidden.dtype)
+        for index, (layer, kv_cache) in enumerate(zip(self.layers, kv_caches)):
+            hidden = layer(hidden, cos, sin, kv_cache, attn_metadata)
+            if index < num_levels:  # DeepStack: rows are zero except at image/video placeholder positions
+                hidden = hidden + deepstack_embeds[index].to(hidden.dtype)
+        return self.norm(hidden)
+
+
+class Qwen3OmniThinkerForCausalLM(nn.Module):
+    """Thinker text decoder + untied lm_head + audio_tower / visual encoders (each built when its config is given).
+
+    Parameter names follow the thinker-only checkpoint.
+    """
+
+    def __init__(self, config: ThinkerConfig, attn_backend: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        text = config.text
+        self.model = ThinkerTextModel(text, attn_backend or TorchSDPABackend())
+        self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
+        self.audio_tower = AudioEncoder(config.audio_config) if config.audio_config else None
+        self.visual = VisionEncoder(config.vision_config) if config.vision_config else None
+        attn = self.model.layers[0].self_attn
+        self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.layers)
+
+    def kv_cache_shape_per_layer(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        """[2 (k, v), num_blocks, block_size, KV heads on this rank, head_dim]."""
+        return (2, num_blocks, block_size, self.num_kv_heads, self.head_dim)
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [T, H]; multimodal features are merged into these by the caller."""
+        return self.model.embed_tokens(input_ids)
+
+    def embed_audio(self, features: list[torch.Tensor], window_frames: int | None = None,
+                    part_of_longer_clip: bool = False) -> list[torch.Tensor]:
+        """Audio token embeddings [N_i, H] per clip of log-mel frames [128, T_i] (attention window in mel frames);
+        `part_of_longer_clip`: the frames are windows cut from a longer clip (see AudioEncoder.forward)."""
+        if self.audio_tower is None:
+            raise ValueError("this checkpoint has no audio encoder (config.json lacks audio_config)")
+        return [e.to(self.lm_head.weight.dtype) for e in self.audio_tower(list(features), window_frames, part_of_longer_clip)]
+
+    def embed_visual(
+        self, pixel_values: torch.Tensor, grid_thw: Sequence[tuple[int, int, int]] | torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image or video tokens [Σ t·h·w/4, H] and DeepStack features [levels, Σ t·h·w/4, H], items in order."""
+        if self.visual is None:
+            raise ValueError("this checkpoint has no vision encoder (config.json lacks vision_config)")
+        embeds, deepstack = self.visual(pixel_values, grid_thw)
+        dtype = self.lm_head.weight.dtype
+        return embeds.to(dtype), deepstack.to(dtype)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+        inputs_embeds: torch.Tensor | None = None,
+        deepstack_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final-norm hidden states [T, H] for a flat batch; positions are M-RoPE rows [3, T].
+
+        deepstack_embeds [levels, T, H] (zero rows outside image/video placeholders) is added after layers 0..levels-1.
+        """
+        hidden = self.embed_input_ids(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.model(hidden, positions, kv_caches, attn_metadata, deepstack_embeds)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [N, vocab] in float32 (the projection itself runs in the model dtype, like HF)."""
+        return self.lm_head(hidden).float()
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Load thinker-only checkpoint names; return the parameters whose every shard was loaded.
+
+        Raises ValueError for a checkpoint name that matches no parameter.
+        """
+        params = dict(self.named_parameters())
+        loaded_shards: dict[str, set[object]] = defaultdict(set)
+        for name, tensor in weights:
+            for target, shard, shard_id in _route(name, tensor):
+                param = params.get(target)
+                if param is None:
+                    raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the thinker")
+                getattr(param, "weight_loader", copy_weight)(param, shard, shard_id)
+                # shard id None means the whole parameter at once (e.g. an already-packed q|k|v tensor)
+                loaded_shards[target].update(getattr(param, "shard_ids", (None,)) if shard_id is None else {shard_id})
+        return {
+            name
+            for name, param in params.items()
+            if loaded_shards[name] >= set(getattr(param, "shard_ids", (None,)))
+        }
+
+
+def _route(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, object]]:
+    """Checkpoint name → (our parameter name, tensor, shard id) for packed q/k/v and fused experts."""
+    prefix, _, suffix = name.partition(".mlp.experts.")
+    expert_shards = expert_checkpoint_shards(suffix, tensor) if suffix else []
+    if expert_shards:
+        for param, shard, shard_id in expert_shards:
+            yield f"{prefix}.mlp.{param}", shard, shard_id
+        return
+    for proj, shard_id in _QKV_SHARDS.items():
+        if ".self_attn" + proj in name:
+            yield name.replace(proj, ".qkv_proj."), tensor, shard_id
+            return
+    yield name, tensor, None

@@ -1,0 +1,1 @@
+"""The worker: executors and TP ranks, the model runner (batch building, encoders), sampling."""

@@ -1,0 +1,217 @@
+"""The model runner: holds the paged KV tensors and per-request state, executes one SchedulerOutput.
+
+It builds the flat batch (token ids, 3-D positions, slot mapping, block tables, query offsets),
+runs the model, and samples. The SchedulerOutput is the only thing it is told.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
+from omnistream.engine.worker.request_state import RunnerRequestState
+from omnistream.engine.worker.sampler import SamplingRow, sample, top_logprobs
+from omnistream.scheduler.mm_feature import MultiModalFeature
+from omnistream.scheduler.outputs import (
+    EMPTY_MODEL_RUNNER_OUTPUT,
+    ModelRunnerOutput,
+    SchedulerOutput,
+    TokenLogprobs,
+)
+
+_PROMPT_LOGPROBS_ROWS = 256  # rows of full-vocab logits materialised at once for prompt logprobs
+
+
+@dataclass
+class FlatBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [3, T]
+    metadata: AttentionMetadata
+    req_ids: list[str]
+    sample_rows: list[int]  # flat index of the last token of each request that samples
+    sample_req_ids: list[str]
+    prompt_logprob_spans: list[tuple[str, int, int, int]]  # (req_id, first flat row, first position, count)
+    media: list[tuple[int, int, int, MultiModalFeature]]  # (first flat row, first position, count, feature) per overlap
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        num_kv_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        eos_token_ids: list[int],
+        seed: int = 0,
+    ) -> None:
+        self.model = model
+        self.block_size = block_size
+        self.device = device
+        self.eos_token_ids = list(eos_token_ids)
+        shape = model.kv_cache_shape_per_layer(num_kv_blocks, block_size)
+        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.requests: dict[str, RunnerRequestState] = {}
+        self.generator = torch.Generator().manual_seed(seed)
+        self.encoder_cache: dict[str, EncoderOutput] = {}  # media identifier -> its embedding rows
+
+    @torch.inference_mode()
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(scheduler_output)
+        if scheduler_output.is_empty:
+            return EMPTY_MODEL_RUNNER_OUTPUT
+        self._run_encoders(scheduler_output)
+        batch = self._prepare_inputs(scheduler_output)
+        embeds, deepstack = self._input_embeddings(batch)
+        hidden = self.model(
+            batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
+            inputs_embeds=embeds, deepstack_embeds=deepstack,
+        )
+        prompt_logprobs = self._prompt_logprobs(hidden, batch)
+        tokens, logprobs = self._sample(hidden, batch)
+        return ModelRunnerOutput(
+            sampled_req_ids=batch.sample_req_ids,
+            sampled_token_ids=tokens,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+        )
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids + so.preempted_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = RunnerRequestState.from_new(new)
+        for cached in so.scheduled_cached_reqs:
+            state = self.requests[cached.req_id]
+            state.token_ids.extend(cached.new_token_ids)
+            state.add_blocks(cached.new_block_ids)
+            state.mm_features.extend(cached.new_mm_features)
+            state.add_segments(cached.new_position_segments)
+            state.num_prompt_tokens = cached.num_prompt_tokens
+            if cached.new_sampling_params is not None:
+                state.sampling_params = cached.new_sampling_params
+            state.num_computed_tokens = cached.num_computed_tokens
+
+    def _run_encoders(self, so: SchedulerOutput) -> None:
+        for identifier in so.freed_encoder_ids:
+            self.encoder_cache.pop(identifier, None)
+        for req_id, indices in so.scheduled_encoder_inputs.items():
+            for index in indices:
+                feature = self.requests[req_id].mm_features[index]
+                self.encoder_cache[feature.identifier] = encode_feature(self.model, feature, self.device)
+
+    def _input_embeddings(self, batch: FlatBatch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Token embeddings with media rows copied into their placeholder positions, and the DeepStack
+        rows for visual positions (None for a text-only batch: the model then embeds by itself)."""
+        if not batch.media:
+            return None, None
+        embeds = self.model.embed_input_ids(batch.input_ids)
+        deepstack = None
+        for flat_start, start, count, feature in batch.media:
+            output = self.encoder_cache[feature.identifier]
+            lo, hi = max(start, feature.offset), min(start + count, feature.end)
+            rows = slice(flat_start + lo - start, flat_start + hi - start)
+            item_rows = slice(feature.row_offset + lo - feature.offset, feature.row_offset + hi - feature.offset)
+            embeds[rows] = output.embeds[item_rows].to(embeds.dtype)
+            if output.deepstack is not None:
+                if deepstack is None:
+                    deepstack = embeds.new_zeros(output.deepstack.shape[0], *embeds.shape)
+                deepstack[:, rows] = output.deepstack[:, item_rows].to(embeds.dtype)
+        return embeds, deepstack
+
+    def _prepare_inputs(self, so: SchedulerOutput) -> FlatBatch:
+        req_ids = [r.req_id for r in so.scheduled_new_reqs] + [r.req_id for r in so.scheduled_cached_reqs]
+        no_sample = set(so.no_sample_req_ids)
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []
+        sample_req_ids: list[str] = []
+        prompt_spans: list[tuple[str, int, int, int]] = []
+        media: list[tuple[int, int, int, MultiModalFeature]] = []
+        max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
+        block_tables = torch.zeros(len(req_ids), max_blocks, dtype=torch.long)
+        for i, req_id in enumerate(req_ids):
+            state = self.requests[req_id]
+            start, count = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
+            end = start + count
+            flat_start = query_start_loc[-1]
+            token_ids.extend(state.token_ids[start:end])
+            media.extend((flat_start, start, count, feature) for feature in state.live_features(start, end))
+            pos = torch.arange(start, end)
+            table = torch.tensor(state.block_ids, dtype=torch.long)
+            block_tables[i, : len(state.block_ids)] = table
+            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
+            positions.append(state.positions(start, end))
+            query_start_loc.append(flat_start + count)
+            seq_lens.append(end)
+            if state.sampling_params.prompt_logprobs is not None:
+                last_scored = min(end, state.num_prompt_tokens - 1)  # position p scores token p + 1
+                if last_scored > start:
+                    prompt_spans.append((req_id, flat_start, start, last_scored - start))
+            if end == len(state.token_ids) and req_id not in no_sample:
+                sample_rows.append(flat_start + count - 1)
+                sample_req_ids.append(req_id)
+            state.num_computed_tokens = end
+            state.take_done_features(end)
+        metadata = AttentionMetadata(
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            slot_mapping=torch.cat(slots).to(self.device),
+            block_tables=block_tables.to(self.device),
+            block_size=self.block_size,
+            block_runs=[self.requests[req_id].block_runs for req_id in req_ids],
+        )
+        return FlatBatch(
+            input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            positions=torch.cat(positions, dim=1).to(self.device),
+            metadata=metadata,
+            req_ids=req_ids,
+            sample_rows=sample_rows,
+            sample_req_ids=sample_req_ids,
+            prompt_logprob_spans=prompt_spans,
+            media=media,
+        )
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, batch: FlatBatch) -> dict[str, list[TokenLogprobs]]:
+        result: dict[str, list[TokenLogprobs]] = {}
+        for req_id, flat_start, first_pos, count in batch.prompt_logprob_spans:
+            state = self.requests[req_id]
+            rows: list[TokenLogprobs] = []
+            for off in range(0, count, _PROMPT_LOGPROBS_ROWS):
+                n = min(_PROMPT_LOGPROBS_ROWS, count - off)
+                logprobs = self.model.compute_logits(hidden[flat_start + off : flat_start + off + n]).log_softmax(-1)
+                p0 = first_pos + off
+                targets = torch.tensor(state.token_ids[p0 + 1 : p0 + 1 + n], dtype=torch.long, device=logprobs.device)
+                rows.extend(top_logprobs(logprobs, targets, state.sampling_params.prompt_logprobs))
+            result[req_id] = rows
+        return result
+
+    def _sample(self, hidden: torch.Tensor, batch: FlatBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+        if not batch.sample_rows:
+            return [], []
+        logits = self.model.compute_logits(hidden[batch.sample_rows]).float().cpu()
+        rows = []
+        for req_id in batch.sample_req_ids:
+            state = self.requests[req_id]
+            params = state.sampling_params
+            outputs = state.output_token_ids
+            blocked: list[int] = []
+            if len(outputs) < params.min_tokens:
+                blocked = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
+            rows.append(
+                SamplingRow(
+                    params=params,
+                    prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
+                    output_token_ids=outputs,
+                    generator=state.generator(self.generator),
+                    blocked_token_ids=blocked,
+                )
+            )
+        return sample(logits, rows)
