@@ -1,4 +1,4 @@
-"""Unit parity of the thinker's building blocks against their HF transformers counterparts."""
+"""Unit parity of the thinker's norm and rotary embedding against HF transformers (the MoE block: test_moe.py)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,6 @@ import torch
 from transformers import Qwen3OmniMoeTextConfig
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
-from omnistream.engine.model_executor.layers.moe import (
-    SparseMoeBlock,
-    expert_checkpoint_shards,
-)
 from omnistream.engine.model_executor.layers.norm import RMSNorm
 from omnistream.engine.model_executor.layers.rotary import (
     MRotaryEmbedding,
@@ -73,53 +69,3 @@ def test_rms_norm_matches_hf(dtype):
     ours.to(dtype)
     x = (torch.randn(7, 3, 64) * 3).to(dtype)
     assert torch.equal(ours(x), reference(x))
-
-
-def load_moe_from_hf(reference: torch.nn.Module, config, dtype: torch.dtype) -> SparseMoeBlock:
-    ours = SparseMoeBlock(config.hidden_size, config.moe_intermediate_size, config.num_experts,
-                          config.num_experts_per_tok, config.norm_topk_prob).to(dtype)
-    ours.gate.weight.data.copy_(reference.gate.weight)
-    experts = reference.experts
-    for suffix, tensor in (("gate_up_proj", experts.gate_up_proj), ("down_proj", experts.down_proj)):
-        for name, shard, shard_id in expert_checkpoint_shards(suffix, tensor.data):
-            param = getattr(ours, name)
-            param.weight_loader(param, shard, shard_id)
-    return ours
-
-
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_moe_block_matches_hf_fp32(norm_topk_prob):
-    torch.manual_seed(0)
-    config = hf_text_config(norm_topk_prob=norm_topk_prob)
-    reference = hf.Qwen3OmniMoeThinkerTextSparseMoeBlock(config)
-    for param in reference.parameters():
-        param.data.normal_(0, 0.2)
-    ours = load_moe_from_hf(reference, config, torch.float32)
-    x = torch.randn(1, 1500, config.hidden_size)
-    with torch.no_grad():
-        err = (ours(x[0]) - reference(x)[0]).abs().max().item()
-    assert err < 1e-5, f"max |diff| = {err:.2e}"
-
-
-def test_moe_block_matches_hf_bf16():
-    torch.manual_seed(1)
-    config = hf_text_config()
-    reference = hf.Qwen3OmniMoeThinkerTextSparseMoeBlock(config)
-    for param in reference.parameters():
-        param.data.normal_(0, 0.2)
-    reference.to(torch.bfloat16)
-    ours = load_moe_from_hf(reference, config, torch.bfloat16)
-    x = torch.randn(1, 300, config.hidden_size, dtype=torch.bfloat16)
-    with torch.no_grad():
-        got, want = ours(x[0]), reference(x)[0]
-    assert got.dtype == torch.bfloat16
-    assert (got.float() - want.float()).abs().max().item() <= 2e-2 * want.float().abs().max().item()
-
-
-def test_moe_loader_rejects_bad_shapes_and_parts():
-    block = SparseMoeBlock(16, 8, 4, 2, True)
-    with pytest.raises(ValueError, match="does not fit"):
-        block.weight_loader(block.w13, torch.zeros(8, 17), (0, "gate"))
-    with pytest.raises(ValueError, match="out of range"):
-        block.weight_loader(block.w13, torch.zeros(8, 16), (4, "up"))
-    assert expert_checkpoint_shards("0.mystery.weight", torch.zeros(1)) == []

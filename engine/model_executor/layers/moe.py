@@ -1,7 +1,9 @@
 """Sparse MoE block: replicated fp32-softmax top-k router and fused SiLU-GLU experts sharded on the expert width.
 
 Experts live in `w13 [E, 2*I/tp, H]` (gate rows, then up rows) and `w2 [E, H, I/tp]`; one all-reduce per block.
-Accumulates like HF: weighted expert outputs index_add'ed, in expert order, into zeros of the hidden dtype.
+The forward never reads the routing on the host: rows are sorted by expert on the device and each projection is
+one grouped GEMM. Each token's k weighted outputs are then added into zeros of the hidden dtype in ascending
+expert id, the order of HF's eager per-expert loop, so the result equals it bit for bit on CPU in fp32 and bf16.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from omnistream.engine.model_executor.distributed import (
     get_tp_world_size,
     tensor_model_parallel_all_reduce,
 )
+from omnistream.engine.model_executor.layers.grouped_gemm import grouped_gemm
 from omnistream.engine.model_executor.layers.linear import (
     ReplicatedLinear,
     check_shape,
@@ -91,22 +94,23 @@ class SparseMoeBlock(nn.Module):
         return weights.to(logits.dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]; no host sync: group sizes stay on the device, as the offsets of a grouped GEMM."""
         weights, experts = self.route(x)
+        num_tokens, top_k = experts.shape
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)  # grouped by expert, tokens ascending within a group
-        token_ids = order // self.top_k
-        sorted_weights = weights.reshape(-1)[order].unsqueeze(-1)
-        counts = torch.bincount(flat_experts, minlength=self.num_experts).tolist()
-        outputs = []
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            gate, up = F.linear(x[token_ids[rows]], self.w13[expert]).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, self.w2[expert])
-            outputs.append(y * sorted_weights[rows])
-            start += count
+        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
+        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
+        offs = counts.cumsum(0).to(torch.int32)
+        gate, up = grouped_gemm(x.index_select(0, order // top_k), self.w13, offs).chunk(2, dim=-1)
+        y = grouped_gemm(F.silu(gate) * up, self.w2, offs)
+        y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        # HF's eager loop adds each token's expert outputs one index_add_ per expert, in ascending expert id;
+        # the same k adds in the same order give the same bits (one summed reduction rounds differently).
+        sorted_row = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
+        rows = sorted_row.view(num_tokens, top_k).gather(1, torch.argsort(experts, dim=1))
+        y = y.index_select(0, rows.reshape(-1)).view(num_tokens, top_k, -1)
         out = torch.zeros_like(x)
-        out.index_add_(0, token_ids, torch.cat(outputs).to(out.dtype))
+        for slot in range(top_k):
+            out.add_(y[:, slot])
         return tensor_model_parallel_all_reduce(out)
