@@ -37,7 +37,7 @@ def hf_block(num_experts: int, top_k: int, dtype: torch.dtype, hidden: int = 64,
 
 
 def ours_from(reference: hf.Qwen3OmniMoeThinkerTextSparseMoeBlock) -> SparseMoeBlock:
-    """Our block holding the reference's weights, loaded through the checkpoint loaders (HF-5.x fused layout)."""
+    """Our block with the reference's weights, loaded through the checkpoint loaders (HF-5.x fused layout)."""
     experts = reference.experts
     ours = SparseMoeBlock(experts.hidden_dim, experts.intermediate_dim, experts.num_experts,
                           reference.gate.top_k, reference.gate.norm_topk_prob).to(experts.gate_up_proj.dtype)
@@ -101,6 +101,36 @@ def test_grouped_gemm_falls_back_to_the_loop_where_strides_do_not_allow_grouped_
     assert torch.equal(grouped_gemm(x, w, offs), grouped_gemm_loop(x, w, offs))
 
 
+def operand_layouts(dtype: torch.dtype) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """x [10, K] and w [3, N, K] in contiguous, transposed and sliced storage, aligned or not."""
+    layouts = []
+    for k in (60, 64):
+        xs = {"x": torch.randn(10, k), "x.T-stored": torch.randn(k, 10).t(),
+              "x-sliced": torch.randn(10, 70)[:, :k]}
+        ws = {"w": torch.randn(3, 12, k), "w.T-stored": torch.randn(3, k, 12).transpose(1, 2),
+              "w-sliced": torch.randn(3, 12, 70)[..., :k]}
+        layouts += [(f"{xn},{wn},K={k}", x.to(dtype), w.to(dtype))
+                    for xn, x in xs.items() for wn, w in ws.items()]
+    return layouts
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+def test_fits_grouped_mm_agrees_with_grouped_mm_own_checks(dtype):
+    offs = expert_offsets([4, 0, 6])
+    verdicts = set()
+    for name, x, w in operand_layouts(dtype):
+        try:
+            torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+            accepted = True
+        except RuntimeError:
+            accepted = False
+        assert fits_grouped_mm(x, w, offs) == accepted, name
+        got = grouped_gemm(x, w, offs)
+        assert got.is_contiguous() and torch.equal(got, grouped_gemm_loop(x, w, offs)), name
+        verdicts.add(accepted)
+    assert verdicts == {True, False}
+
+
 def test_grouped_mm_is_refused_for_int64_offsets_mixed_dtypes_and_non_matrices():
     x, w, offs = torch.randn(10, 64), torch.randn(3, 8, 64), expert_offsets([4, 0, 6])
     assert fits_grouped_mm(x, w, offs)
@@ -111,7 +141,7 @@ def test_grouped_mm_is_refused_for_int64_offsets_mixed_dtypes_and_non_matrices()
 
 
 class HostTensorTripwire(TorchDispatchMode):
-    """Fails on any op that produces a tensor outside the `meta` device: a host-built tensor inside the forward."""
+    """Fails on any op producing a tensor off the `meta` device: a host-built tensor inside the forward."""
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))

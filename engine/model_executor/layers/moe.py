@@ -1,9 +1,9 @@
 """Sparse MoE block: replicated fp32-softmax top-k router and fused SiLU-GLU experts sharded on the expert width.
 
 Experts live in `w13 [E, 2*I/tp, H]` (gate rows, then up rows) and `w2 [E, H, I/tp]`; one all-reduce per block.
-The forward never reads the routing on the host: rows are sorted by expert on the device and each projection is
-one grouped GEMM. Each token's k weighted outputs are then added into zeros of the hidden dtype in ascending
-expert id, the order of HF's eager per-expert loop, so the result equals it bit for bit on CPU in fp32 and bf16.
+The forward never reads the routing on the host: rows are sorted by expert on the device and each projection
+is one grouped GEMM. Each token's k weighted outputs are then added into zeros of the hidden dtype in ascending
+expert id, the order of HF's eager per-expert loop, so the result equals it bit for bit on CPU (fp32, bf16).
 """
 
 from __future__ import annotations
@@ -94,9 +94,13 @@ class SparseMoeBlock(nn.Module):
         return weights.to(logits.dtype), experts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]; no host sync: group sizes stay on the device, as the offsets of a grouped GEMM."""
+        """x [T, H] -> [T, H] with no host sync: group sizes stay on the device as a grouped GEMM's offsets."""
         weights, experts = self.route(x)
         num_tokens, top_k = experts.shape
+        # HF's eager loop adds each token's expert outputs one index_add_ per expert, in ascending expert id;
+        # the same k adds in the same order give the same bits (one summed reduction rounds differently).
+        experts, slots = experts.sort(dim=-1)
+        weights = weights.gather(-1, slots)
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)  # grouped by expert, tokens ascending within a group
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
@@ -105,11 +109,7 @@ class SparseMoeBlock(nn.Module):
         gate, up = grouped_gemm(x.index_select(0, order // top_k), self.w13, offs).chunk(2, dim=-1)
         y = grouped_gemm(F.silu(gate) * up, self.w2, offs)
         y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        # HF's eager loop adds each token's expert outputs one index_add_ per expert, in ascending expert id;
-        # the same k adds in the same order give the same bits (one summed reduction rounds differently).
-        sorted_row = torch.empty_like(order).index_copy_(0, order, torch.arange(order.numel(), device=x.device))
-        rows = sorted_row.view(num_tokens, top_k).gather(1, torch.argsort(experts, dim=1))
-        y = y.index_select(0, rows.reshape(-1)).view(num_tokens, top_k, -1)
+        y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, -1)  # token-major again
         out = torch.zeros_like(x)
         for slot in range(top_k):
             out.add_(y[:, slot])

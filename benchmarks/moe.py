@@ -1,0 +1,130 @@
+"""Time the sparse MoE block's forward: the sync-free grouped-GEMM path against the expert loop it replaced.
+
+Variants, run interleaved on the same weights and inputs (so background load hits them alike):
+- `loop`: the previous forward, kept here as the baseline: `bincount(...).tolist()` (a host sync), one pair of
+  `F.linear` per expert that received tokens, one `index_add_` of all weighted outputs.
+- `grouped`: `SparseMoeBlock.forward` as it is (routing on the device, `omnistream::grouped_gemm`).
+- `grouped-loop`: the same forward with the grouped GEMM replaced by its per-expert loop twin, to separate the
+  GEMMs from the routing and accumulation around them.
+Shapes: `tiny` is the embedded default model's (hidden 128, expert width 128, 8 experts top-2); `real` the
+Qwen3-Omni-30B-A3B thinker's (hidden 2048, expert width 768, 128 experts top-8). Each of `--layers` layers has
+its own random weights and the calls cycle through them, so one layer's weights are not left warm in cache for
+the next call. The table gives the median wall time per layer call and each variant's ratio to `loop`.
+Example (about a minute on one core):
+    python benchmarks/moe.py --threads 1 --tokens 1,16,64,256 --shapes tiny,real --dtypes fp32,bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from omnistream.engine.model_executor.layers import moe
+from omnistream.engine.model_executor.layers.grouped_gemm import grouped_gemm_loop
+from omnistream.engine.model_executor.layers.moe import SparseMoeBlock
+
+SHAPES = {  # hidden, expert width, experts, top-k
+    "tiny": (128, 128, 8, 2),
+    "real": (2048, 768, 128, 8),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def loop_forward(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """The forward this benchmark's baseline stands for: expert sizes read on the host, one GEMM pair each."""
+    weights, experts = block.route(x)
+    flat_experts = experts.reshape(-1)
+    order = torch.argsort(flat_experts, stable=True)
+    token_ids = order // block.top_k
+    sorted_weights = weights.reshape(-1)[order].unsqueeze(-1)
+    counts = torch.bincount(flat_experts, minlength=block.num_experts).tolist()
+    outputs, start = [], 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        gate, up = F.linear(x[token_ids[rows]], block.w13[expert]).chunk(2, dim=-1)
+        outputs.append(F.linear(F.silu(gate) * up, block.w2[expert]) * sorted_weights[rows])
+        start += count
+    return torch.zeros_like(x).index_add_(0, token_ids, torch.cat(outputs).to(x.dtype))
+
+
+def grouped_loop_forward(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
+    """The current forward with the grouped GEMM op swapped for its per-expert loop twin."""
+    op = moe.grouped_gemm
+    moe.grouped_gemm = grouped_gemm_loop
+    try:
+        return block(x)
+    finally:
+        moe.grouped_gemm = op
+
+
+VARIANTS: dict[str, Callable[[SparseMoeBlock, torch.Tensor], torch.Tensor]] = {
+    "loop": loop_forward,
+    "grouped": SparseMoeBlock.forward,
+    "grouped-loop": grouped_loop_forward,
+}
+
+
+def random_layers(shape: str, dtype: torch.dtype, layers: int) -> list[SparseMoeBlock]:
+    hidden, width, experts, top_k = SHAPES[shape]
+    blocks = []
+    for _ in range(layers):
+        block = SparseMoeBlock(hidden, width, experts, top_k, norm_topk_prob=True)
+        for param in block.parameters():
+            param.data.normal_(0, param.shape[-1] ** -0.5)
+        blocks.append(block.to(dtype))
+    return blocks
+
+
+def time_shape(shape: str, dtype_name: str, tokens: list[int], layers: int, repeats: int) -> None:
+    blocks = random_layers(shape, DTYPES[dtype_name], layers)
+    hidden = SHAPES[shape][0]
+    for num_tokens in tokens:
+        inputs = [torch.randn(num_tokens, hidden).to(DTYPES[dtype_name]) for _ in blocks]
+        with torch.inference_mode():  # as the model runner calls the model
+            outputs = {name: [fn(b, x) for b, x in zip(blocks, inputs)] for name, fn in VARIANTS.items()}
+            for name in VARIANTS:
+                for got, want in zip(outputs[name], outputs["grouped"]):
+                    if name != "loop" and not torch.equal(got, want):
+                        raise AssertionError(f"{name} != grouped at {shape} {dtype_name} T={num_tokens}")
+            samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
+            for _ in range(repeats):
+                for name, fn in VARIANTS.items():
+                    start = time.perf_counter()
+                    for block, x in zip(blocks, inputs):
+                        fn(block, x)
+                    samples[name].append((time.perf_counter() - start) / len(blocks))
+        base = statistics.median(samples["loop"])
+        cells = [f"{name} {statistics.median(s) * 1e3:8.3f} ms ({base / statistics.median(s):4.2f}x)"
+                 for name, s in samples.items()]
+        print(f"{shape:4} {dtype_name} T={num_tokens:<4} " + "  ".join(cells), flush=True)
+    del blocks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", default="1,16,64,256", help="token counts per call, comma-separated")
+    parser.add_argument("--shapes", default="tiny,real", help=f"comma-separated, of {sorted(SHAPES)}")
+    parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {sorted(DTYPES)}")
+    parser.add_argument("--layers", type=int, default=2,
+                        help="layers with their own weights (real fp32: 2.4 GB each)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.layers} layer(s), "
+          f"median of {args.repeats}; ratio = loop time / variant time")
+    for shape in args.shapes.split(","):
+        for dtype_name in args.dtypes.split(","):
+            time_shape(shape, dtype_name, [int(t) for t in args.tokens.split(",")], args.layers, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
