@@ -9,8 +9,9 @@ Variants, run interleaved on the same weights and inputs (so background load hit
 Shapes: `tiny` is the embedded default model's (hidden 128, expert width 128, 8 experts top-2); `real` the
 Qwen3-Omni-30B-A3B thinker's (hidden 2048, expert width 768, 128 experts top-8). Each of `--layers` layers has
 its own random weights and the calls cycle through them, so one layer's weights are not left warm in cache for
-the next call. The table gives the median wall time per layer call and each variant's ratio to `loop`.
-Example (about a minute on one core):
+the next call. A timed sample repeats the calls for at least ~50 ms; the table gives the median over
+`--repeats` samples of the wall time per layer call and each variant's ratio to `loop`.
+Example (a few minutes on one core; the real shapes hold 2.4 GB per fp32 layer):
     python benchmarks/moe.py --threads 1 --tokens 1,16,64,256 --shapes tiny,real --dtypes fp32,bf16
 """
 
@@ -33,6 +34,7 @@ SHAPES = {  # hidden, expert width, experts, top-k
     "real": (2048, 768, 128, 8),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MIN_SAMPLE_S = 0.05  # a timed sample repeats the layer calls until it lasts about this long
 
 
 def loop_forward(block: SparseMoeBlock, x: torch.Tensor) -> torch.Tensor:
@@ -93,13 +95,18 @@ def time_shape(shape: str, dtype_name: str, tokens: list[int], layers: int, repe
                 for got, want in zip(outputs[name], outputs["grouped"]):
                     if name != "loop" and not torch.equal(got, want):
                         raise AssertionError(f"{name} != grouped at {shape} {dtype_name} T={num_tokens}")
+            start = time.perf_counter()
+            for block, x in zip(blocks, inputs):
+                loop_forward(block, x)
+            rounds = max(1, round(MIN_SAMPLE_S / (time.perf_counter() - start)))
             samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
             for _ in range(repeats):
                 for name, fn in VARIANTS.items():
                     start = time.perf_counter()
-                    for block, x in zip(blocks, inputs):
-                        fn(block, x)
-                    samples[name].append((time.perf_counter() - start) / len(blocks))
+                    for _ in range(rounds):
+                        for block, x in zip(blocks, inputs):
+                            fn(block, x)
+                    samples[name].append((time.perf_counter() - start) / (rounds * len(blocks)))
         base = statistics.median(samples["loop"])
         cells = [f"{name} {statistics.median(s) * 1e3:8.3f} ms ({base / statistics.median(s):4.2f}x)"
                  for name, s in samples.items()]
@@ -114,7 +121,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {sorted(DTYPES)}")
     parser.add_argument("--layers", type=int, default=2,
                         help="layers with their own weights (real fp32: 2.4 GB each)")
-    parser.add_argument("--repeats", type=int, default=7, help="timed rounds; the median is reported")
+    parser.add_argument("--repeats", type=int, default=5, help="timed samples; the median is reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
