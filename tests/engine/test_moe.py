@@ -80,6 +80,11 @@ def test_experts_that_receive_no_tokens_change_nothing(dtype):
     assert_equals_hf(reference, x)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_an_empty_batch_gives_an_empty_output(dtype):
+    assert_equals_hf(hf_block(8, 2, dtype), torch.randn(0, 64).to(dtype))
+
+
 def expert_offsets(counts: list[int]) -> torch.Tensor:
     return torch.tensor(counts).cumsum(0).to(torch.int32)
 

@@ -109,7 +109,7 @@ class SparseMoeBlock(nn.Module):
         gate, up = grouped_gemm(x.index_select(0, order // top_k), self.w13, offs).chunk(2, dim=-1)
         y = grouped_gemm(F.silu(gate) * up, self.w2, offs)
         y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
-        y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, -1)  # token-major again
+        y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, x.shape[-1])  # token-major
         out = torch.zeros_like(x)
         for slot in range(top_k):
             out.add_(y[:, slot])
