@@ -103,6 +103,7 @@ class SparseMoeBlock(nn.Module):
         weights = weights.gather(-1, slots)
         flat_experts = experts.reshape(-1)
         order = torch.argsort(flat_experts, stable=True)  # grouped by expert, tokens ascending within a group
+        # scatter_add_ rather than bincount, which sizes its output from the data (a host read)
         counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
         counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
         offs = counts.cumsum(0).to(torch.int32)
