@@ -54,6 +54,10 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     scheduled_encoder_inputs: dict[str, list[int]] = {}
     freed_encoder_ids: list[str] = []  # encoder outputs the runner may drop (evicted from its cache)
     no_sample_req_ids: list[str] = []  # open sessions between turns: prefill their input, sample nothing
+    # Structured outputs: the rows of requests that sample under a grammar this step, and their allowed
+    # tokens as little-endian int32 words (bit t % 32 of word t // 32 set = token t allowed), row after row.
+    grammar_req_ids: list[str] = []
+    grammar_bitmask: bytes = b""
 
     @property
     def is_empty(self) -> bool:

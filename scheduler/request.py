@@ -88,6 +88,7 @@ class Request:
         self.stop_reason: int | str | None = None
         self.max_tokens: int | None = sampling_params.max_tokens  # resolved by resolve_max_tokens
         self.block_hashes: list[BlockHash] = []  # one per full block of all_token_ids
+        self.grammar_pending = False  # its structured output's grammar is compiling: not scheduled until ready
 
     @property
     def prompt_token_ids(self) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import msgspec
 
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams
+
 _GREEDY_EPS = 1e-5
 
 
@@ -28,6 +30,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (JSON, regex, ...)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):

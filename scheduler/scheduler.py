@@ -239,8 +239,8 @@ class Scheduler:
         for request in self.policy.running_order(self.running):
             if budget == 0:
                 break
-            if request.status != RequestStatus.RUNNING:
-                continue  # preempted earlier in this step
+            if request.status != RequestStatus.RUNNING or request.grammar_pending:
+                continue  # preempted earlier in this step, or waiting for its grammar
             num_tokens = self._num_tokens_to_schedule(request, request.num_computed_tokens, budget)
             num_tokens, media = self._plan_encoder_inputs(request, request.num_computed_tokens, num_tokens, encoder_budget)
             if num_tokens > 0:
@@ -257,7 +257,7 @@ class Scheduler:
         for request in [] if preempted else self.policy.waiting_order(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not request.has_work:
+            if not request.has_work or request.grammar_pending:
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
@@ -295,10 +295,13 @@ class Scheduler:
         return output
 
     def update_from_output(
-        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput
+        self, scheduler_output: SchedulerOutput, model_runner_output: ModelRunnerOutput,
+        grammar_complete: Iterable[str] = (),
     ) -> list[EngineCoreOutput]:
         """Append sampled tokens, check stops, free finished requests; one output per request that
-        got a token or prompt logprobs this step."""
+        got a token or prompt logprobs this step. Requests in `grammar_complete` end with their token
+        (their structured output is complete)."""
+        complete = set(grammar_complete)
         out = model_runner_output
         sampled = {req_id: i for i, req_id in enumerate(out.sampled_req_ids)}
         outputs = []
@@ -316,7 +319,7 @@ class Scheduler:
                 num_cached_tokens=request.num_cached_tokens,
             )
             if req_id in sampled:
-                self._append_sampled(request, out, sampled[req_id], engine_output)
+                self._append_sampled(request, out, sampled[req_id], engine_output, req_id in complete)
             outputs.append(engine_output)
         self.running = [request for request in self.running if not request.is_finished]
         return outputs
@@ -461,7 +464,8 @@ class Scheduler:
         return entries
 
     def _append_sampled(
-        self, request: Request, out: ModelRunnerOutput, index: int, engine_output: EngineCoreOutput
+        self, request: Request, out: ModelRunnerOutput, index: int, engine_output: EngineCoreOutput,
+        grammar_complete: bool = False,
     ) -> None:
         if request.num_computed_tokens < request.num_tokens or request.accepting_input:
             raise ValueError(
@@ -473,7 +477,7 @@ class Scheduler:
         engine_output.new_token_ids.append(token)
         if out.logprobs[index] is not None:
             engine_output.new_logprobs.append(out.logprobs[index])
-        if check_stop(request, self.config.max_model_len):
+        if check_stop(request, self.config.max_model_len, grammar_complete):
             engine_output.finish_reason = request.status.finish_reason
             engine_output.stop_reason = request.stop_reason
             if request.open_input and request.num_tokens < self.config.max_model_len:

@@ -1,4 +1,5 @@
-"""When a request stops: stop token ids, EOS, max_tokens and max_model_len, checked after each token.
+"""When a request stops: a completed structured output, stop token ids, EOS, max_tokens and max_model_len,
+checked after each token.
 
 Stop strings need detokenized text; they are found outside the scheduler and reported back
 through Scheduler.finish_requests.
@@ -9,10 +10,14 @@ from __future__ import annotations
 from omnistream.scheduler.request import Request, RequestStatus
 
 
-def check_stop(request: Request, max_model_len: int) -> bool:
-    """Set the request's finished status (and stop_reason) if its last token ends it; True if so."""
+def check_stop(request: Request, max_model_len: int, grammar_complete: bool = False) -> bool:
+    """Set the request's finished status (and stop_reason) if its last token ends it; True if so.
+    `grammar_complete`: its structured output is complete and nothing may follow, which stops it."""
     params = request.sampling_params
     token = request.last_token_id
+    if grammar_complete:
+        request.status = RequestStatus.FINISHED_STOPPED
+        return True
     if request.num_output_tokens >= params.min_tokens:
         if token in params.stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED

@@ -43,6 +43,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._tok.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The whole tokenizer as tokenizer.json text: what a grammar backend builds its token trie from."""
+        return self._tok.to_str()
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, added tokens included (may be below the model's embedding rows)."""

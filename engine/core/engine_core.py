@@ -10,6 +10,8 @@ import torch
 from omnistream.engine.checkpoint.default_model import default_model_path
 from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.engine.core.request import EngineCoreRequest
+from omnistream.engine.core.structured_output.compiler import GrammarCompiler
+from omnistream.engine.core.structured_output.manager import StructuredOutputManager
 from omnistream.engine.engine_config import EngineConfig
 from omnistream.engine.worker.executor import make_executor
 from omnistream.scheduler.outputs import EngineCoreOutput
@@ -18,6 +20,8 @@ from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
+
+GRAMMAR_WAIT_S = 0.005  # an idle step waits this long for a grammar being compiled
 
 
 class EngineCore:
@@ -58,6 +62,8 @@ class EngineCore:
                 enable_prefix_caching=config.enable_prefix_caching,
             )
         )
+        vocab_size = self.model_config.text.vocab_size
+        self.structured_output = StructuredOutputManager(GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids))
         logger.info(
             "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d",
             self.model_path, dtype, device, config.tensor_parallel_size, num_blocks, capacity, self.max_model_len,
@@ -65,10 +71,12 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Stop the executor (and its worker processes); safe to call twice."""
+        if hasattr(self, "structured_output"):
+            self.structured_output.shutdown()
         self.executor.shutdown()
 
     def add_request(self, request: EngineCoreRequest) -> None:
-        self.scheduler.add_request(
+        self._add(
             Request(
                 request_id=request.request_id,
                 prompt_token_ids=request.prompt_token_ids,
@@ -81,8 +89,14 @@ class EngineCore:
             )
         )
 
+    def _add(self, request: Request) -> None:
+        self.scheduler.add_request(request)
+        self.structured_output.attach(request, request.sampling_params.structured_outputs)
+
     def abort_requests(self, request_ids: list[str]) -> None:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_ABORTED)
+        for req_id in request_ids:
+            self.structured_output.forget(req_id)
 
     def finish_stopped(self, request_ids: list[str]) -> None:
         """Requests that the front end found a stop string in."""
@@ -117,6 +131,7 @@ class EngineCore:
         self, session_id: str, token_ids: list[int], sampling_params: SamplingParams, position_segments: list
     ) -> None:
         self.scheduler.commit_turn(session_id, token_ids, sampling_params, position_segments)
+        self.structured_output.attach(self.scheduler.requests[session_id], sampling_params.structured_outputs)
 
     def rollback_input(self, session_id: str, num_tokens: int) -> None:
         """Drop an open session's input after its first num_tokens tokens (discarded before its commit)."""
@@ -133,6 +148,17 @@ class EngineCore:
         return request.num_tokens, (request.last_token_id if request.num_tokens else None)
 
     def step(self) -> list[EngineCoreOutput]:
+        grammars = self.structured_output
+        requests = self.scheduler.requests
+        failed = grammars.release_compiled(requests)
+        self.abort_requests([output.req_id for output in failed])
         scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty and grammars.compiling and not failed:
+            failed = grammars.release_compiled(requests, wait_s=GRAMMAR_WAIT_S)  # nothing else to do: wait
+            self.abort_requests([output.req_id for output in failed])
+        grammars.fill_bitmask(scheduler_output, requests)
         model_output = self.executor.execute_model(scheduler_output)  # in process, or on every TP rank
-        return self.scheduler.update_from_output(scheduler_output, model_output)
+        complete = grammars.advance(model_output)
+        outputs = self.scheduler.update_from_output(scheduler_output, model_output, complete)
+        grammars.forget_finished(requests)
+        return failed + outputs

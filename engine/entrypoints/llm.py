@@ -144,6 +144,8 @@ class LLM:
 
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
         params.check_vocab(self.engine.model_config.text.vocab_size)
+        if params.structured_outputs is not None:  # a spec that does not compile is refused here (GrammarError)
+            self.engine.structured_output.compiler.compile(params.structured_outputs)
         processed = self.input_processor.process_prompt(prompt)
         request_id = str(next(self._ids))
         child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.token_ids, params)

@@ -24,6 +24,7 @@ from omnistream.engine.core.messages import AddRequest, EngineStats, GetStats
 from omnistream.engine.core.request import EngineCoreRequest
 from omnistream.engine.engine_config import EngineConfig
 from omnistream.engine.frontend.admission import Admission
+from omnistream.engine.frontend.grammar_check import DEFAULT_TIMEOUT_S, GrammarCheck
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import StreamingSession
 from omnistream.engine.frontend.streams import EngineStreams, RequestListener
@@ -34,7 +35,8 @@ from omnistream.scheduler.sampling_params import SamplingParams
 class AsyncLLM:
     def __init__(self, model: str | None = None, limit_mm_per_prompt: dict[str, int] | None = None,
                  engine_process: bool = True, max_queued_requests: int | None = None,
-                 max_live_sessions: int | None = None, **engine_kwargs: Any) -> None:
+                 max_live_sessions: int | None = None, grammar_compile_timeout_s: float = DEFAULT_TIMEOUT_S,
+                 **engine_kwargs: Any) -> None:
         model_path = str(model or default_model_path())  # built here once, so the core never races to build it
         config = EngineConfig(model=model_path, **engine_kwargs)
         self.model_path = model_path
@@ -44,6 +46,7 @@ class AsyncLLM:
         self.input_processor = InputProcessor(self.tokenizer, self.model_config, limits)
         self._ids = itertools.count()
         self.admission = Admission(max_queued_requests, max_live_sessions)
+        self.grammar_check = GrammarCheck(self.tokenizer, self.model_config.text.vocab_size, grammar_compile_timeout_s)
         self.streams = EngineStreams(config, self.tokenizer, engine_process)
         self.max_model_len = self.core.ready.max_model_len
 
@@ -60,6 +63,7 @@ class AsyncLLM:
         if params.n != 1:
             raise ValueError("AsyncLLM.generate streams one sample per request; use n=1")
         params.check_vocab(self.model_config.text.vocab_size)
+        await self.grammar_check.check(params.structured_outputs)
         self.admission.admit_request()
         waiting = True  # for its first output: counted against max_queued_requests
         try:
@@ -108,7 +112,7 @@ class AsyncLLM:
             session = StreamingSession(
                 self.streams, self.tokenizer, self.model_config, self.admission.session_closed,
                 session_id or f"session-{next(self._ids)}", system_prompt,
-                sampling_params or SamplingParams(max_tokens=256), audio_window_s, video_fps,
+                sampling_params or SamplingParams(max_tokens=256), audio_window_s, video_fps, self.grammar_check,
             )
             await session.start()
         except BaseException:
@@ -138,4 +142,5 @@ class AsyncLLM:
         return len(self.streams.sessions)
 
     def shutdown(self) -> None:
+        self.grammar_check.shutdown()
         self.streams.shutdown()

@@ -30,6 +30,7 @@ from omnistream.engine.core.messages import (
     RollbackInput,
     SessionTail,
 )
+from omnistream.engine.frontend.grammar_check import GrammarCheck
 from omnistream.engine.frontend.live_segment import LiveSegment
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.streams import EngineStreams
@@ -62,6 +63,7 @@ class StreamingSession:
         sampling_params: SamplingParams,
         audio_window_s: float,
         video_fps: float = 2.0,
+        grammar_check: GrammarCheck | None = None,
     ) -> None:
         window_frames = audio_window_s * FRAMES_PER_SECOND
         if not 1 <= audio_window_s <= 8 or window_frames != int(window_frames) or int(window_frames) % 100:
@@ -76,6 +78,7 @@ class StreamingSession:
         self.session_id = session_id
         self.system_prompt = system_prompt
         self.sampling_params = sampling_params
+        self.grammar_check = grammar_check  # compiles a committed turn's structured output before the engine
         self.window_frames = int(window_frames)
         config = model_config
         self.ids = MultimodalTokenIds.from_config(config)
@@ -145,6 +148,8 @@ class StreamingSession:
         """End the user's turn and stream the answer (cumulative RequestOutputs, the last one finished)."""
         params = sampling_params or self.sampling_params
         params.check_vocab(self.model_config.text.vocab_size)
+        if self.grammar_check is not None:
+            await self.grammar_check.check(params.structured_outputs)
         async with self._lock:
             self._check_open()
             await self._begin_user_turn()

@@ -14,6 +14,7 @@ from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import SamplingRow, sample, top_logprobs
+from omnistream.engine.worker.token_bitmask import apply_token_bitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
@@ -72,7 +73,7 @@ class ModelRunner:
             inputs_embeds=embeds, deepstack_embeds=deepstack,
         )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
-        tokens, logprobs = self._sample(hidden, batch)
+        tokens, logprobs = self._sample(hidden, batch, scheduler_output)
         return ModelRunnerOutput(
             sampled_req_ids=batch.sample_req_ids,
             sampled_token_ids=tokens,
@@ -193,10 +194,17 @@ class ModelRunner:
             result[req_id] = rows
         return result
 
-    def _sample(self, hidden: torch.Tensor, batch: FlatBatch) -> tuple[list[int], list[TokenLogprobs | None]]:
+    def _sample(
+        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput
+    ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if not batch.sample_rows:
             return [], []
         logits = self.model.compute_logits(hidden[batch.sample_rows]).float().cpu()
+        if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
+            words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
+            bitmask = words.view(len(so.grammar_req_ids), -1)
+            rows = {req_id: i for i, req_id in enumerate(batch.sample_req_ids)}
+            apply_token_bitmask(logits, bitmask, [rows[req_id] for req_id in so.grammar_req_ids])
         rows = []
         for req_id in batch.sample_req_ids:
             state = self.requests[req_id]

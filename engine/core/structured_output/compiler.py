@@ -1,0 +1,111 @@
+"""GrammarCompiler: a StructuredOutputsParams spec -> a compiled llguidance matcher, cached per distinct spec.
+
+The backend is llguidance. Measured on this project's 2-core CPU with the 152064-token vocabulary
+(`python benchmarks/structured_output.py --backends llguidance,xgrammar`): a 200-property JSON schema
+compiles in about 8 ms with llguidance against about 430 ms with xgrammar, and the masks of 64 rows take
+about 2 ms per decode step with either (the step itself is some 100 ms). Compile time is what a user with a
+new schema waits for, and llguidance also has no dependencies, while xgrammar requires torch, transformers
+and triton (a CUDA-sized install beside our CPU torch). So llguidance it is.
+
+Compiled grammars are cached (least recently used, bounded); a request gets a deep copy of the cached
+matcher, which costs microseconds. Errors (invalid JSON or schema, bad regex, unknown grammar rule, a spec
+that matches nothing) raise GrammarError naming the field and the problem. Thread-safe: the engine core
+compiles on a worker thread (llguidance drops the GIL while it compiles) and the front end validates here.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+
+import llguidance
+
+from omnistream.engine.checkpoint.tokenizer import Tokenizer
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams
+
+CACHE_SIZE = 256  # distinct compiled specs kept
+# JSON is written the way json.dumps writes it (", " and ": ", no other whitespace): a model cannot pad a
+# document with endless whitespace, so a complete value always comes within reach of max_tokens.
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class GrammarError(ValueError):
+    """A structured-output spec that cannot be compiled; the message names the field and the problem."""
+
+
+class GrammarCompiler:
+    """Compiles specs against one tokenizer's vocabulary (padded to the model's `vocab_size` rows)."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int],
+                 cache_size: int = CACHE_SIZE) -> None:
+        self._tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._eos_token_ids = list(eos_token_ids)
+        self._cache_size = cache_size
+        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._lock = threading.Lock()
+        self._llg_tokenizer: llguidance.LLTokenizer | None = None
+
+    @property
+    def llg_tokenizer(self) -> llguidance.LLTokenizer:
+        """The vocabulary as llguidance indexes it; built on first use (about a second), then kept."""
+        with self._lock:
+            if self._llg_tokenizer is None:
+                self._llg_tokenizer = llguidance.LLTokenizer(
+                    self._tokenizer.to_json(), n_vocab=self.vocab_size, eos_token=self._eos_token_ids
+                )
+            return self._llg_tokenizer
+
+    def cached(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher | None:
+        """A fresh matcher for `spec` if it is compiled already, else None."""
+        with self._lock:
+            template = self._cache.get(spec.key)
+            if template is None:
+                return None
+            self._cache.move_to_end(spec.key)
+            return template.deep_copy()
+
+    def compile(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
+        """A fresh matcher for `spec`, compiled now unless cached; GrammarError if it cannot be."""
+        matcher = self.cached(spec)
+        if matcher is not None:
+            return matcher
+        template = self._build(spec)
+        with self._lock:
+            self._cache[spec.key] = template
+            self._cache.move_to_end(spec.key)
+            while len(self._cache) > self._cache_size:
+                self._cache.popitem(last=False)
+        return template.deep_copy()
+
+    def _build(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
+        kind, text = spec.key
+        field = "json_object" if spec.json_object else kind
+        try:
+            grammar = _grammar_text(kind, text)
+        except ValueError as exc:
+            raise GrammarError(f"structured_outputs.{field}: {exc}") from None
+        matcher = llguidance.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
+        if matcher.is_error():
+            raise GrammarError(f"structured_outputs.{field}: {matcher.get_error()}")
+        if not matcher.is_accepting() and not any(matcher.compute_bitmask()):
+            raise GrammarError(f"structured_outputs.{field}: it matches no text at all (unsatisfiable)")
+        return matcher
+
+
+def _grammar_text(kind: str, text: str) -> str:
+    """The llguidance grammar for one kind of spec; ValueError for text that is not what the kind needs."""
+    if kind == "json":
+        try:
+            schema = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"the schema is not valid JSON ({exc})") from None
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError("a JSON schema is an object (or true/false)")
+        return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=JSON_OPTIONS)
+    if kind == "regex":
+        return llguidance.LLMatcher.grammar_from_regex(text)
+    if kind == "choice":
+        return llguidance.grammar_from("choice", text)
+    return llguidance.grammar_from("grammar", text)

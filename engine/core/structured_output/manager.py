@@ -1,0 +1,146 @@
+"""StructuredOutputManager: the engine core's matchers, one per constrained request (or session turn).
+
+A request whose grammar is not compiled yet is added to the scheduler marked `grammar_pending`, which the
+scheduler skips; the grammar compiles on a worker thread while other requests keep stepping, and the
+request is released when it is ready. Each step, the rows that sample under a grammar get their bitmask of
+allowed tokens, filled in parallel by llguidance into the SchedulerOutput (so with tensor parallelism it is
+computed once, on rank 0, and every rank receives the same bytes); after the step each matcher consumes
+its sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
+request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a
+preemption recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from dataclasses import dataclass
+
+import llguidance
+import llguidance.numpy
+
+from omnistream.engine.core.structured_output.compiler import GrammarCompiler
+from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from omnistream.scheduler.request import Request
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams
+
+logger = logging.getLogger(__name__)
+
+COMPILE_THREADS = 1
+MASK_THREADS = 2  # llguidance threads filling the rows' masks
+
+
+@dataclass
+class _Grammar:
+    template: llguidance.LLMatcher  # at the start of the output; copied to rebuild `matcher`
+    matcher: llguidance.LLMatcher
+    num_consumed: int = 0  # output tokens the matcher has consumed
+
+
+class StructuredOutputManager:
+    def __init__(self, compiler: GrammarCompiler) -> None:
+        self.compiler = compiler
+        self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        self._executor: llguidance.LLExecutor | None = None
+        self._compiling: dict[str, concurrent.futures.Future] = {}
+        self._grammars: dict[str, _Grammar] = {}
+
+    def attach(self, request: Request, spec: StructuredOutputsParams | None) -> None:
+        """Give `request` (new, or a session at a new turn) the grammar of `spec`: at once when compiled
+        already, else mark it pending and compile in the background. None removes a session's grammar."""
+        req_id = request.request_id
+        self.forget(req_id)
+        if spec is None:
+            return
+        matcher = self.compiler.cached(spec)
+        if matcher is not None:
+            self._grammars[req_id] = _Grammar(matcher, matcher.deep_copy())
+            return
+        request.grammar_pending = True
+        self._compiling[req_id] = self._pool.submit(self.compiler.compile, spec)
+
+    def forget(self, req_id: str) -> None:
+        self._grammars.pop(req_id, None)
+        future = self._compiling.pop(req_id, None)
+        if future is not None:
+            future.cancel()
+
+    @property
+    def compiling(self) -> bool:
+        return bool(self._compiling)
+
+    def release_compiled(self, requests: dict[str, Request], wait_s: float = 0.0) -> list[EngineCoreOutput]:
+        """Release requests whose grammar is compiled (waiting up to `wait_s` for one); a grammar that failed
+        to compile (the front end validates first, so this is a backstop) aborts its request: returned."""
+        if wait_s and self._compiling:
+            concurrent.futures.wait(self._compiling.values(), wait_s, concurrent.futures.FIRST_COMPLETED)
+        failed = []
+        for req_id, future in list(self._compiling.items()):
+            if not future.done():
+                continue
+            del self._compiling[req_id]
+            request = requests.get(req_id)
+            if request is None:
+                continue
+            try:
+                matcher = future.result()
+            except Exception as exc:  # noqa: BLE001 - reported as this request's end, the engine goes on
+                logger.warning("request %s: its grammar did not compile: %s", req_id, exc)
+                failed.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason="abort"))
+                continue
+            self._grammars[req_id] = _Grammar(matcher, matcher.deep_copy())
+            request.grammar_pending = False
+        return failed
+
+    def fill_bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> None:
+        """Write the allowed-token masks of this step's constrained sampling rows into the SchedulerOutput."""
+        no_sample = set(scheduler_output.no_sample_req_ids)
+        rows = []
+        for req_id in scheduler_output.num_scheduled_tokens:
+            grammar = self._grammars.get(req_id)
+            request = requests[req_id]
+            if grammar is None or req_id in no_sample or request.num_computed_tokens < request.num_tokens:
+                continue
+            self._sync(grammar, request.output_token_ids)
+            rows.append(req_id)
+        if not rows:
+            return
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), self.compiler.vocab_size)
+        matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        scheduler_output.grammar_req_ids = rows
+        scheduler_output.grammar_bitmask = bitmask.astype("<i4", copy=False).tobytes()
+
+    def advance(self, model_output: ModelRunnerOutput) -> set[str]:
+        """Consume each constrained row's sampled token; the ids of requests whose output is now complete."""
+        complete = set()
+        for req_id, token in zip(model_output.sampled_req_ids, model_output.sampled_token_ids):
+            grammar = self._grammars.get(req_id)
+            if grammar is None:
+                continue
+            grammar.num_consumed += 1
+            if not grammar.matcher.consume_token(token):
+                logger.warning("request %s: token %d is outside its grammar (%s); it stops here",
+                               req_id, token, grammar.matcher.get_error())
+                complete.add(req_id)
+            elif grammar.matcher.is_stopped():
+                complete.add(req_id)
+        return complete
+
+    def forget_finished(self, requests: dict[str, Request]) -> None:
+        for req_id in [r for r in self._grammars if r not in requests]:
+            del self._grammars[req_id]
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    @staticmethod
+    def _sync(grammar: _Grammar, outputs: list[int]) -> None:
+        """Rebuild the matcher from its grammar and replay `outputs` when it has not seen exactly them."""
+        if grammar.num_consumed == len(outputs):
+            return
+        grammar.matcher = grammar.template.deep_copy()
+        grammar.matcher.consume_tokens(outputs)
+        grammar.num_consumed = len(outputs)
