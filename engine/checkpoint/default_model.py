@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from omnistream.multimodal.native_build import cache_dir
 
 # Bump when the files written for a preset change, so old cache entries are not reused.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -49,9 +49,32 @@ OMNI_SPECIAL_TOKENS = {
     151675: "<|audio_pad|>",
 }
 
-# ChatML; each content part renders in order with no separator, media as their single placeholder.
+# ChatML; each content part renders in order with no separator, media as their single placeholder. With
+# `tools`, Qwen3-Omni's tool section: the functions as JSON lines inside <tools></tools> in the system turn,
+# the assistant's calls as <tool_call> JSON blocks, and consecutive tool results as <tool_response> blocks of
+# one user turn (the layout of the checkpoint's own template, so prompts match the real model's).
+_TOOLS_SYSTEM_HEAD = "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n" \
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>"
+_TOOLS_SYSTEM_TAIL = "\\n</tools>\\n\\nFor each function call, return a json object with function name and " \
+    "arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\\"name\\\": <function-name>, " \
+    "\\\"arguments\\\": <args-json-object>}\\n</tool_call><|im_end|>\\n"
 CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
+    "{%- set ns = namespace(first=0) -%}"
+    "{%- if tools -%}"
+    "{{- '<|im_start|>system\\n' -}}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{{- messages[0]['content'] + '\\n\\n' -}}{%- set ns.first = 1 -%}"
+    "{%- endif -%}"
+    "{{- \"" + _TOOLS_SYSTEM_HEAD + "\" -}}"
+    "{%- for tool in tools -%}{{- '\\n' -}}{{- tool | tojson -}}{%- endfor -%}"
+    "{{- \"" + _TOOLS_SYSTEM_TAIL + "\" -}}"
+    "{%- endif -%}"
+    "{%- for message in messages[ns.first:] -%}"
+    "{%- if message['role'] == 'tool' -%}"
+    "{%- if loop.first or loop.previtem['role'] != 'tool' -%}{{- '<|im_start|>user' -}}{%- endif -%}"
+    "{{- '\\n<tool_response>\\n' + message['content'] + '\\n</tool_response>' -}}"
+    "{%- if loop.last or loop.nextitem['role'] != 'tool' -%}{{- '<|im_end|>\\n' -}}{%- endif -%}"
+    "{%- else -%}"
     "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
     "{%- if message['content'] is string -%}{{- message['content'] -}}"
     "{%- elif message['content'] is not none -%}"
@@ -65,7 +88,16 @@ CHAT_TEMPLATE = (
     "{%- endif -%}"
     "{%- endfor -%}"
     "{%- endif -%}"
+    "{%- for call in message.get('tool_calls') or [] -%}"
+    "{%- set call = call['function'] if call['function'] is defined else call -%}"
+    "{%- if not loop.first or message['content'] -%}{{- '\\n' -}}{%- endif -%}"
+    "{{- '<tool_call>\\n{\"name\": \"' + call['name'] + '\", \"arguments\": ' -}}"
+    "{%- if call['arguments'] is string -%}{{- call['arguments'] -}}{%- else -%}{{- call['arguments'] | tojson -}}"
+    "{%- endif -%}"
+    "{{- '}\\n</tool_call>' -}}"
+    "{%- endfor -%}"
     "{{- '<|im_end|>\\n' -}}"
+    "{%- endif -%}"
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )

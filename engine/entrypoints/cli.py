@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "token (default: no limit)")
     srv.add_argument("--max-live-sessions", type=positive, default=None, metavar="N",
                      help="refuse new live sessions (Realtime, gRPC Session) while N are open (default: no limit)")
+    srv.add_argument("--grammar-compile-timeout", type=positive_float, default=10.0, metavar="SECONDS",
+                     help="refuse (HTTP 400, gRPC INVALID_ARGUMENT) a structured-output schema, regex or grammar "
+                          "whose compilation takes longer")
     srv.add_argument("--engine-in-process", action="store_true",
                      help="run the engine core in a thread of the server process instead of its own process")
     srv.add_argument("--grpc-port", type=int, default=None,

@@ -36,7 +36,7 @@ def build_server(args: argparse.Namespace, media_policy: MediaPolicy | None = No
     limits = {**MediaLimits().max_items, **(args.limit_mm_per_prompt or {})}  # unnamed modalities keep defaults
     llm = AsyncLLM(args.model, limit_mm_per_prompt=limits, engine_process=not args.engine_in_process,
                    max_queued_requests=args.max_queued_requests, max_live_sessions=args.max_live_sessions,
-                   **engine_kwargs(args))
+                   grammar_compile_timeout_s=args.grammar_compile_timeout, **engine_kwargs(args))
     app = build_app(llm, args, media_policy)
     config = uvicorn.Config(
         app, host=args.host, port=args.port, log_level=args.log_level.lower(),

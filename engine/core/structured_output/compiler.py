@@ -89,7 +89,8 @@ class GrammarCompiler:
         matcher = llguidance.LLMatcher(self.llg_tokenizer, grammar, log_level=0)
         if matcher.is_error():
             raise GrammarError(f"structured_outputs.{field}: {matcher.get_error()}")
-        if not matcher.is_accepting() and not any(matcher.compute_bitmask()):
+        matcher.compute_bitmask()  # a grammar whose language is empty fails at its first mask
+        if matcher.is_error():
             raise GrammarError(f"structured_outputs.{field}: it matches no text at all (unsatisfiable)")
         return matcher
 

@@ -42,6 +42,7 @@ from omnistream.engine.entrypoints.openai.protocol import (
     InputAudioPart,
     VideoURLPart,
 )
+from omnistream.engine.entrypoints.openai.tool_calls import ToolCallStream, parse_tool_calls
 from omnistream.engine.frontend.outputs import PositionLogprobs, RequestOutput
 from omnistream.multimodal.audio import load_audio
 from omnistream.multimodal.chat_media import collect_media
@@ -87,7 +88,8 @@ def _prompt(llm: Any, body: ChatCompletionRequest, media_policy: MediaPolicy) ->
     if waves:
         media["audio"] = [(wave, SAMPLE_RATE) for wave in waves]
     seconds = sum(num_mel_frames(len(wave)) for wave in waves) / FRAMES_PER_SECOND
-    text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools] if body.tools else None
+    text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tools=tools)
     return {"prompt": text, "multi_modal_data": media, "mm_processor_kwargs": body.mm_processor_kwargs}, seconds
 
 
@@ -105,6 +107,11 @@ def _chat_logprobs(token_ids: list[int], positions: list[PositionLogprobs] | Non
     return ChatLogprobs(content=content)
 
 
+def _finish_reason(reason: str | None, calls: list) -> str | None:
+    """"tool_calls" when an answer that stopped by itself made calls."""
+    return "tool_calls" if calls and reason == "stop" else reason
+
+
 async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: str, raw: Request,
                                  media_policy: MediaPolicy) -> Any:
     unknown = set(body.mm_processor_kwargs or {}) - MM_PROCESSOR_KEYS
@@ -115,15 +122,18 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
     jobs = [(prompt, body.sampling_params(i)) for i in range(body.n)]
     rid = request_id("chatcmpl")
     k = body.top_logprobs or 0
+    parse_calls = bool(body.tools) and body.tool_choice != "none"
     if not body.stream:
         outputs = await final_outputs(llm, jobs, rid, raw)
-        choices = [
-            ChatChoice(
-                index=i, message=ChatResponseMessage(content=o.outputs[0].text), finish_reason=o.outputs[0].finish_reason,
-                logprobs=_chat_logprobs(o.outputs[0].token_ids, o.outputs[0].logprobs, k, 0),
-            )
-            for i, o in enumerate(outputs)
-        ]
+        choices = []
+        for i, o in enumerate(outputs):
+            sample = o.outputs[0]
+            content, calls = parse_tool_calls(sample.text) if parse_calls else (sample.text, [])
+            choices.append(ChatChoice(
+                index=i, message=ChatResponseMessage(content=content, tool_calls=calls),
+                finish_reason=_finish_reason(sample.finish_reason, calls),
+                logprobs=_chat_logprobs(sample.token_ids, sample.logprobs, k, 0),
+            ))
         response = ChatCompletionResponse(id=rid, model=model, choices=choices,
                                           usage=usage(llm, outputs, body.n, seconds))
         return JSONResponse(response.model_dump())
@@ -136,6 +146,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[role]))
         sent_text = [0] * body.n
         sent_tokens = [0] * body.n
+        tool_streams = [ToolCallStream() for _ in range(body.n)]
         last: list[RequestOutput] = list(choices.first)
         async for index, output in choices.outputs():
             last[index] = output
@@ -145,8 +156,15 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
                 continue
             logprobs = _chat_logprobs(sample.token_ids, sample.logprobs, k, sent_tokens[index])
             sent_text[index], sent_tokens[index] = len(sample.text), len(sample.token_ids)
-            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=delta), logprobs=logprobs,
-                                     finish_reason=sample.finish_reason)
+            finish_reason, calls = sample.finish_reason, None
+            if parse_calls:
+                stream = tool_streams[index]
+                delta, calls = stream.feed(sample.text, final=finish_reason is not None)
+                finish_reason = _finish_reason(finish_reason, stream.calls)
+                if not delta and not calls and finish_reason is None:
+                    continue
+            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=delta, tool_calls=calls or None),
+                                     logprobs=logprobs, finish_reason=finish_reason)
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if body.include_usage:
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage(llm, last, body.n, seconds)))

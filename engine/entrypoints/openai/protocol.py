@@ -11,10 +11,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from omnistream.engine.entrypoints.openai.structured import forced_tool_grammar, output_constraint
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 MAX_N = 128  # choices per request (each is one engine request)
 MAX_TOP_LOGPROBS = 20
+MAX_TOOLS = 128
 MM_PROCESSOR_KEYS = frozenset({"use_audio_in_video", "fps", "min_frames", "max_frames", "audio_window_s"})
 
 
@@ -65,9 +68,76 @@ ContentPart = Annotated[
 
 
 class ChatMessage(_Body):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (see "tools" below)
+    tool_call_id: str | None = None  # a tool result answers this call
+
+
+# ---- structured outputs and tools (issue 15) ---------------------------------------------------
+
+
+class JSONSchemaSpec(_Body):
+    """response_format.json_schema: OpenAI's named schema (strict is accepted: every schema is enforced)."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    name: str = Field(min_length=1, max_length=64)
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaSpec | None = None
+
+
+class StructuredOutputsBody(_Body):
+    """vLLM's `structured_outputs` request field (vLLM removed the older guided_* fields in 0.12)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    json_schema: Union[dict[str, Any], str, None] = Field(None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None  # our JSON never has free whitespace: accepted, nothing to do
+
+
+class FunctionDefinition(_Body):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, serialised
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -98,6 +168,8 @@ class _GenerationRequest(_Body):
     skip_special_tokens: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsBody | None = None
 
     def _sampling_params(self, index: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """The params of choice `index`: choices are independent requests, so a seed advances per choice."""
@@ -108,7 +180,12 @@ class _GenerationRequest(_Body):
             kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.seed is not None:
             kwargs["seed"] = self.seed + index
-        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs, **kwargs)
+        return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
+                              structured_outputs=self.output_constraint(), **kwargs)
+
+    def output_constraint(self) -> StructuredOutputsParams | None:
+        """The structured output asked for by response_format or structured_outputs (not both)."""
+        return output_constraint(self.response_format, self.structured_outputs)
 
     @property
     def include_usage(self) -> bool:
@@ -121,12 +198,23 @@ class ChatCompletionRequest(_GenerationRequest):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     mm_processor_kwargs: dict[str, Any] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool = True
 
     def sampling_params(self, index: int) -> SamplingParams:
         # no limit by default: the answer may use the rest of max_model_len
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         return self._sampling_params(index, max_tokens, logprobs)
+
+    def output_constraint(self) -> StructuredOutputsParams | None:
+        """A forced tool call (tool_choice required or named) is a grammar; otherwise the response format."""
+        forced = forced_tool_grammar(self.tools, self.tool_choice, self.parallel_tool_calls)
+        if forced is not None and (self.response_format is not None or self.structured_outputs is not None):
+            raise ValueError("tool_choice required or a named function cannot be combined with a response "
+                             "format or structured_outputs")
+        return forced or super().output_constraint()
 
 
 class CompletionRequest(_GenerationRequest):
@@ -188,7 +276,8 @@ class ChatLogprobs(BaseModel):
 
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] = []
 
 
 class ChatChoice(BaseModel):
@@ -207,9 +296,17 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCall | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -251,3 +348,6 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
+
+
+ChatMessage.model_rebuild()

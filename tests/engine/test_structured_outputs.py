@@ -1,0 +1,157 @@
+"""Structured outputs in the engine: with the random embedded model (gibberish by construction) every
+constrained answer still parses and validates against its JSON schema, matches its regex, is one of its
+choices or is a sentence of its grammar, and ends by itself ("stop"); greedy constrained answers do not
+depend on batching, chunked prefill or preemption; specs that cannot compile are refused where they enter;
+the bitmask is applied exactly like a full masked_fill."""
+
+import json
+import random
+import re
+
+import jsonschema
+import numpy as np
+import pytest
+import torch
+
+from omnistream import LLM, SamplingParams
+from omnistream.engine.core.structured_output.compiler import GrammarError
+from omnistream.engine.worker.token_bitmask import apply_token_bitmask
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "ok": {"type": "boolean"},
+        "count": {"type": "integer", "minimum": -5, "maximum": 500},
+        "color": {"enum": ["red", "green", "blue"]},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        "name": {"type": "string", "maxLength": 6},
+    },
+    "required": ["ok", "count", "color", "tags", "name"],
+    "additionalProperties": False,
+}
+REGEX = r"[a-f]{2,5}-\d{2}(\.[xyz])?"
+CHOICES = ["alpha", "beta", "gamma delta"]
+LARK = 'start: greeting " " NAME ("," " " NAME)? "!"\ngreeting: "hi" | "hello"\nNAME: /[a-z]{1,6}/'
+LARK_LANGUAGE = r"(hi|hello) [a-z]{1,6}(, [a-z]{1,6})?!"
+
+
+@pytest.fixture(scope="module")
+def llm():
+    return LLM(dtype="float32", num_kv_blocks=256)
+
+
+def _params(spec: Spec, seed: int, **kwargs) -> SamplingParams:
+    return SamplingParams(temperature=1.0, seed=seed, max_tokens=200, structured_outputs=spec, **kwargs)
+
+
+def test_every_constrained_answer_of_the_random_model_is_valid(llm):
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    prompts, params = [], []
+    for seed in range(6):
+        for spec in specs:
+            prompts.append(f"Answer {seed}:")
+            params.append(_params(spec, seed))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for out, sp in zip(outs, params):
+        text, spec = out.outputs[0].text, sp.structured_outputs
+        assert out.outputs[0].finish_reason == "stop", text
+        if spec.json is not None:
+            jsonschema.validate(json.loads(text), SCHEMA)
+        elif spec.regex is not None:
+            assert re.fullmatch(REGEX, text), text
+        elif spec.choice is not None:
+            assert text in CHOICES
+        else:
+            assert re.fullmatch(LARK_LANGUAGE, text), text
+
+
+def test_any_json_object_admits_objects_only(llm):
+    """(Its keys and strings are unbounded, so the random model need not close one within max_tokens.)"""
+    compiler = llm.engine.structured_output.compiler
+    tokenizer = llm.get_tokenizer()
+    for text, valid in [('{"a": [1, {"b": null}], "c": "d"}', True), ("[1, 2]", False), ('"x"', False)]:
+        matcher = compiler.compile(Spec(json_object=True))
+        assert matcher.consume_tokens(tokenizer.encode(text)) == valid
+        assert matcher.is_accepting() == valid
+
+
+def test_n_samples_and_greedy_rows_are_each_valid(llm):
+    outs = llm.generate("Pick:", SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=50,
+                                                structured_outputs=Spec(regex=REGEX)), use_tqdm=False)
+    assert len(outs[0].outputs) == 4
+    assert all(re.fullmatch(REGEX, o.text) for o in outs[0].outputs)
+    greedy = llm.generate("Pick:", SamplingParams(temperature=0.0, max_tokens=50,
+                                                  structured_outputs=Spec(choice=CHOICES)), use_tqdm=False)
+    assert greedy[0].outputs[0].text in CHOICES
+
+
+def test_a_stop_string_still_ends_a_constrained_answer(llm):
+    out = llm.generate("x", SamplingParams(temperature=0.0, max_tokens=50, stop=["-"],
+                                           structured_outputs=Spec(regex=r"abc-\d\d")), use_tqdm=False)[0]
+    assert out.outputs[0].text == "abc" and out.outputs[0].finish_reason == "stop"
+
+
+def test_greedy_constrained_answers_do_not_depend_on_batching_or_preemption():
+    rng = random.Random(5)
+    prompts = [[rng.randrange(151643) for _ in range(rng.randint(3, 60))] for _ in range(16)]
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), None, Spec(grammar=LARK)]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4])
+              for i in range(len(prompts))]
+    alone_llm = LLM(dtype="float32", num_kv_blocks=64, enable_prefix_caching=False)
+    alone = [alone_llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids
+             for p, sp in zip(prompts, params)]
+    batched_llm = LLM(dtype="float32", num_kv_blocks=14, max_num_batched_tokens=48)
+    outs = batched_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    assert batched_llm.engine.scheduler.make_stats().num_preemptions > 0
+    assert [o.outputs[0].token_ids for o in outs] == alone
+    assert not batched_llm.engine.structured_output._grammars  # every matcher was dropped with its request
+
+
+@pytest.mark.parametrize("spec, problem", [
+    (Spec(json='{"type": "object", "properties": {"a": {"type": "nonsense"}}}'), "nonsense"),
+    (Spec(json='{"type": '), "not valid JSON"),
+    (Spec(json='{"type": "integer", "minimum": 5, "maximum": 2}'), "Unsatisfiable"),
+    (Spec(regex="a(b"), "unclosed group"),
+    (Spec(regex="[^\\s\\S]"), "unsatisfiable"),
+    (Spec(grammar="start: missing_rule"), "missing_rule"),
+])
+def test_specs_that_cannot_compile_are_refused_naming_the_problem(llm, spec, problem):
+    with pytest.raises(GrammarError, match="structured_outputs") as info:
+        llm.generate("x", SamplingParams(structured_outputs=spec), use_tqdm=False)
+    assert problem in str(info.value)
+    assert llm.generate("x", SamplingParams(max_tokens=2), use_tqdm=False)[0].outputs[0].token_ids
+
+
+def test_a_spec_sets_exactly_one_constraint():
+    with pytest.raises(ValueError, match="exactly one"):
+        Spec(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="exactly one"):
+        Spec()
+    with pytest.raises(ValueError, match="over the limit"):
+        Spec(regex="a" * (300 * 1024))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "dense", "random"])
+def test_the_bitmask_is_applied_like_a_full_masked_fill(kind):
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 6, 32 * 40 + 8  # logits wider than the mask: the padding rows are forbidden
+    words = 40
+    if kind == "sparse":
+        mask = torch.zeros(rows, words, dtype=torch.int32)
+        mask[:, 3] = 0x00F0F00F
+    elif kind == "dense":
+        mask = torch.full((rows, words), -1, dtype=torch.int32)
+        mask[:, ::4] = 0x7FFF0001
+    else:
+        mask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32, generator=gen)
+    logits = torch.randn(rows + 2, vocab, generator=gen)
+    target = [4, 0, 7, 2, 5, 1]
+    expected = logits.clone()
+    bits = np.unpackbits(mask.numpy().view(np.uint8), axis=1, bitorder="little").astype(bool)
+    allowed = torch.zeros(rows, vocab, dtype=torch.bool)
+    allowed[:, : words * 32] = torch.from_numpy(bits)
+    for i, row in enumerate(target):
+        expected[row].masked_fill_(~allowed[i], float("-inf"))
+    apply_token_bitmask(logits, mask, target)
+    assert torch.equal(logits, expected)
