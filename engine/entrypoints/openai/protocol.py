@@ -12,6 +12,14 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from omnistream.engine.entrypoints.openai.structured import forced_tool_grammar, output_constraint
+from omnistream.engine.entrypoints.openai.structured_protocol import (
+    ResponseFormat,
+    StructuredOutputsBody,
+    Tool,
+    ToolCall,
+    ToolCallDelta,
+    ToolChoice,
+)
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
@@ -73,71 +81,6 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (see "tools" below)
     tool_call_id: str | None = None  # a tool result answers this call
-
-
-# ---- structured outputs and tools (issue 15) ---------------------------------------------------
-
-
-class JSONSchemaSpec(_Body):
-    """response_format.json_schema: OpenAI's named schema (strict is accepted: every schema is enforced)."""
-
-    model_config = ConfigDict(extra="ignore", populate_by_name=True)
-    name: str = Field(min_length=1, max_length=64)
-    description: str | None = None
-    json_schema: dict[str, Any] | None = Field(None, alias="schema")
-    strict: bool | None = None
-
-
-class ResponseFormat(_Body):
-    type: Literal["text", "json_object", "json_schema"]
-    json_schema: JSONSchemaSpec | None = None
-
-
-class StructuredOutputsBody(_Body):
-    """vLLM's `structured_outputs` request field (vLLM removed the older guided_* fields in 0.12)."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    json_schema: Union[dict[str, Any], str, None] = Field(None, alias="json")
-    regex: str | None = None
-    choice: list[str] | None = None
-    grammar: str | None = None
-    json_object: bool | None = None
-    disable_any_whitespace: bool | None = None  # our JSON never has free whitespace: accepted, nothing to do
-
-
-class FunctionDefinition(_Body):
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.\-]+$")
-    description: str | None = None
-    parameters: dict[str, Any] | None = None
-    strict: bool | None = None
-
-
-class Tool(_Body):
-    type: Literal["function"]
-    function: FunctionDefinition
-
-
-class NamedFunction(_Body):
-    name: str
-
-
-class NamedToolChoice(_Body):
-    type: Literal["function"]
-    function: NamedFunction
-
-
-class FunctionCall(BaseModel):
-    name: str
-    arguments: str  # a JSON object, serialised
-
-
-class ToolCall(BaseModel):
-    id: str
-    type: Literal["function"] = "function"
-    function: FunctionCall
-
-
-ToolChoice = Union[Literal["none", "auto", "required"], NamedToolChoice]
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -296,13 +239,6 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
-class ToolCallDelta(BaseModel):
-    index: int
-    id: str | None = None
-    type: Literal["function"] | None = None
-    function: FunctionCall | None = None
-
-
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
@@ -348,6 +284,3 @@ class CompletionResponse(BaseModel):
     model: str
     choices: list[CompletionChoice]
     usage: Usage | None = None
-
-
-ChatMessage.model_rebuild()

@@ -9,13 +9,16 @@ parallel_tool_calls) one or more separated by a newline; then the answer ends.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from omnistream.engine.core.structured_output.compiler import JSON_OPTIONS
+from omnistream.engine.entrypoints.openai.structured_protocol import (
+    ResponseFormat,
+    StructuredOutputsBody,
+    Tool,
+    ToolChoice,
+)
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
-
-if TYPE_CHECKING:
-    from omnistream.engine.entrypoints.openai.protocol import ResponseFormat, StructuredOutputsBody, Tool, ToolChoice
 
 
 def output_constraint(response_format: ResponseFormat | None,

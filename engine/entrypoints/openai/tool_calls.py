@@ -12,7 +12,7 @@ import json
 import re
 import uuid
 
-from omnistream.engine.entrypoints.openai.protocol import FunctionCall, ToolCall, ToolCallDelta
+from omnistream.engine.entrypoints.openai.structured_protocol import FunctionCall, ToolCall, ToolCallDelta
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 _BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
