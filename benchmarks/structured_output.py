@@ -1,0 +1,189 @@
+"""Structured outputs: what the grammar costs. Three figures, each against its baseline in the same run.
+
+1. Decode step at `--batch` rows (default 64) on the embedded model with every row constrained by a JSON
+   schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
+   median step times, their difference as a share of the unconstrained step, and the two parts of the
+   difference: the engine core filling the bitmask (llguidance) and the runner applying it.
+2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
+3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
+   and the time to fill the masks of `--batch` matchers per step along a valid document.
+
+    python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--backends llguidance]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from omnistream.engine.core.request import EngineCoreRequest
+from omnistream.engine.entrypoints.llm import LLM
+from omnistream.engine.worker import model_runner
+from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams
+
+STEP_SCHEMA = {  # long enough that no row completes within the measured steps
+    "type": "object",
+    "properties": {"notes": {"type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 40},
+                   "level": {"enum": ["low", "high"]}},
+    "required": ["notes", "level"], "additionalProperties": False,
+}
+
+
+def large_schema(fields: int) -> dict:
+    kinds = [{"type": "string", "maxLength": 32}, {"type": "integer", "minimum": 0}, {"type": "boolean"},
+             {"type": "array", "items": {"type": "number"}}, {"enum": ["a", "b", "c"]}]
+    props = {f"field_{i}": kinds[i % len(kinds)] for i in range(fields)}
+    return {"type": "object", "properties": props, "required": list(props)[: fields // 4],
+            "additionalProperties": False}
+
+
+class _Timed:
+    """Wraps a function to add its wall time to `total`."""
+
+    def __init__(self, fn):
+        self.fn, self.total = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.total += time.perf_counter() - start
+
+
+def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams | None, tag: str) -> list[float]:
+    """Times of `steps` decode steps of `batch` greedy requests (prefill excluded)."""
+    core = llm.engine
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 2, ignore_eos=True, structured_outputs=spec)
+    ids = [f"{tag}-{i}" for i in range(batch)]
+    for i, req_id in enumerate(ids):
+        prompt = [1000 + (i * 37 + j) % 5000 for j in range(24)]
+        core.add_request(EngineCoreRequest(request_id=req_id, prompt_token_ids=prompt, sampling_params=params,
+                                           arrival_time=time.monotonic()))
+    while any(core.scheduler.requests[r].num_output_tokens == 0 for r in ids):  # prefill (and compile)
+        core.step()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        core.step()
+        times.append(time.perf_counter() - start)
+    core.abort_requests(ids)
+    core.step()
+    return times
+
+
+def engine_figures(args: argparse.Namespace) -> dict:
+    llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
+    manager = llm.engine.structured_output
+    fill = _Timed(manager.fill_bitmask)
+    manager.fill_bitmask = fill
+    apply = _Timed(model_runner.apply_token_bitmask)
+    model_runner.apply_token_bitmask = apply
+    spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
+    plain, constrained = [], []
+    decode_steps(llm, args.batch, 4, None, "warm")
+    for r in range(args.repeats):
+        plain += decode_steps(llm, args.batch, args.steps, None, f"plain{r}")
+        fill.total = apply.total = 0.0
+        constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
+    fill_ms, apply_ms = fill.total / args.steps * 1e3, apply.total / args.steps * 1e3
+    compiler = manager.compiler
+    big = StructuredOutputsParams(json=json.dumps(large_schema(args.fields)))
+    start = time.perf_counter()
+    compiler.compile(big)
+    first = time.perf_counter() - start
+    start = time.perf_counter()
+    compiler.compile(big)
+    cached = time.perf_counter() - start
+    base, masked = statistics.median(plain) * 1e3, statistics.median(constrained) * 1e3
+    return {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
+            "mask_share_of_step": (masked - base) / base, "fill_bitmask_ms_per_step_last_repeat": fill_ms,
+            "apply_bitmask_ms_per_step_last_repeat": apply_ms, "large_schema_fields": args.fields,
+            "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3}
+
+
+def backend_figures(args: argparse.Namespace) -> dict:
+    from omnistream.engine.checkpoint.default_model import default_model_path
+    from omnistream.engine.checkpoint.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(default_model_path())
+    vocab, eos = 152064, tokenizer.eos_token_ids
+    schema = large_schema(args.fields)
+    doc = json.dumps({f"field_{i}": ["abc", 3, True, [1.5], "b"][i % 5] for i in range(args.fields // 4)})
+    tokens = tokenizer.encode(doc)[:40]
+    result = {}
+    for backend in args.backends:
+        if backend == "llguidance":
+            import llguidance
+            import llguidance.torch as lt
+
+            llg_tok = llguidance.LLTokenizer(tokenizer.to_json(), n_vocab=vocab, eos_token=eos)
+            start = time.perf_counter()
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
+            template = llguidance.LLMatcher(llg_tok, grammar)
+            compile_s = time.perf_counter() - start
+            matchers = [template.deep_copy() for _ in range(args.batch)]
+            executor = llguidance.LLExecutor(num_threads=2)
+            mask = lt.allocate_token_bitmask(args.batch, vocab)
+
+            def fill() -> None:
+                lt.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(matchers)], mask)
+
+            def advance(token: int) -> None:
+                for m in matchers:
+                    m.consume_token(token)
+        else:
+            import xgrammar
+            from transformers import PreTrainedTokenizerFast
+
+            hf = PreTrainedTokenizerFast(tokenizer_file=str(default_model_path() / "tokenizer.json"))
+            info = xgrammar.TokenizerInfo.from_huggingface(hf, vocab_size=vocab, stop_token_ids=eos)
+            compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+            start = time.perf_counter()
+            compiled = compiler.compile_json_schema(json.dumps(schema))
+            compile_s = time.perf_counter() - start
+            matchers = [xgrammar.GrammarMatcher(compiled) for _ in range(args.batch)]
+            mask = xgrammar.allocate_token_bitmask(args.batch, vocab)
+
+            def fill() -> None:
+                for i, m in enumerate(matchers):
+                    m.fill_next_token_bitmask(mask, i)
+
+            def advance(token: int) -> None:
+                for m in matchers:
+                    m.accept_token(token)
+        times = []
+        for token in tokens:
+            start = time.perf_counter()
+            fill()
+            times.append(time.perf_counter() - start)
+            advance(token)
+        result[backend] = {"compile_ms": compile_s * 1e3, "fill_ms_median": statistics.median(times) * 1e3,
+                           "fill_ms_max": max(times) * 1e3}
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fields", type=int, default=200, help="properties of the large schema")
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    figures = {"engine": engine_figures(args)}
+    if args.backends:
+        figures["backends"] = backend_figures(args)
+    print(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
