@@ -40,7 +40,7 @@ class _Grammar:
 class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler) -> None:
         self.compiler = compiler
-        self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, thread_name_prefix="grammar-compile")
+        self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
         self._executor: llguidance.LLExecutor | None = None
         self._compiling: dict[str, concurrent.futures.Future] = {}
         self._grammars: dict[str, _Grammar] = {}

@@ -56,12 +56,14 @@ def forced_tool_grammar(tools: list[Tool] | None, tool_choice: ToolChoice | None
     else:
         chosen = [t for t in tools if t.function.name == tool_choice.function.name]
         if not chosen:
-            raise ValueError(f"tool_choice names the function {tool_choice.function.name!r}, which is not in tools")
+            name = tool_choice.function.name
+            raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
         repeat = False
     calls = {"anyOf": [_call_schema(t.function.name, t.function.parameters) for t in chosen],
              "x-guidance": JSON_OPTIONS}
     more = r' ("\n" call)*' if repeat else ""
-    lark = f'start: call{more}\ncall: <tool_call> "\\n" body "\\n" </tool_call>\nbody: %json {json.dumps(calls)}\n'
+    call = 'call: <tool_call> "\\n" body "\\n" </tool_call>'
+    lark = f"start: call{more}\n{call}\nbody: %json {json.dumps(calls)}\n"
     return StructuredOutputsParams(grammar=lark)
 
 
