@@ -2,12 +2,20 @@
 
 `grouped_gemm(x, w, offs)` is a torch custom op, `omnistream::grouped_gemm`, with a fake (shape-only) kernel,
 so that meta-device runs and `torch.compile` see only its shape (torch's own meta kernel for `_grouped_mm`
-accepts bf16 alone). Its real kernel is `torch._grouped_mm` when the operands allow it, else
-`grouped_gemm_loop`, the per-expert loop that is also its reference in tests. On CPU both run one `mm` per
-expert on the same rows, so they agree bit for bit.
+accepts bf16 alone). Its real kernel, by device:
+- CUDA: `torch._grouped_mm` for bf16 on capability 9.x/10.x (torch's CUTLASS path, which keeps `offs` on
+  the device); elsewhere (fp32 parity runs, fp16, older or newer GPUs, ROCm) `_grouped_mm` would read `offs`
+  on the host, so our Triton kernel (`grouped_gemm_triton.py`, imported only here and only when triton is
+  installed) runs instead; without triton, `grouped_gemm_loop`.
+- CPU and other devices: `torch._grouped_mm` when the operands allow it, else `grouped_gemm_loop`, the
+  per-expert loop that is also the reference in tests. On CPU both run one `mm` per expert on the same rows,
+  so they agree bit for bit.
 """
 
 from __future__ import annotations
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -55,10 +63,37 @@ def fits_grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> boo
     )
 
 
+@functools.cache
+def triton_installed() -> bool:
+    """Whether triton can be imported (it ships with CUDA builds of torch; it is optional)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def grouped_mm_keeps_offsets_on_device(x: torch.Tensor) -> bool:
+    """Whether CUDA's `_grouped_mm` takes its sync-free CUTLASS path for `x`: bf16 on an SM90/SM100 GPU."""
+    return (
+        x.dtype == torch.bfloat16
+        and torch.version.hip is None
+        and torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+    )
+
+
+def _grouped_gemm_cuda(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    if grouped_mm_keeps_offsets_on_device(x) and fits_grouped_mm(x, w, offs):
+        return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).contiguous()
+    if triton_installed() and x.dtype in _GROUPED_MM_DTYPES and w.dtype == x.dtype:
+        from omnistream.engine.model_executor.layers.grouped_gemm_triton import grouped_gemm_triton
+
+        return grouped_gemm_triton(x, w, offs)
+    return grouped_gemm_loop(x, w, offs)
+
+
 @torch.library.custom_op("omnistream::grouped_gemm", mutates_args=())
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [M, K] rows sorted by group, w [E, N, K], offs [E] int32 group ends (offs[-1] == M) -> [M, N]:
-    out[rows of group e] = x[rows of group e] @ w[e].T."""
+    out[rows of group e] = x[rows of group e] @ w[e].T. The module docstring says which kernel runs."""
+    if x.device.type == "cuda":
+        return _grouped_gemm_cuda(x, w, offs)
     if fits_grouped_mm(x, w, offs):
         # Its output rows are padded to 16 bytes; the fake promises a contiguous result.
         return torch._grouped_mm(x, w.transpose(-2, -1), offs=offs).contiguous()
