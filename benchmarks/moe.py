@@ -13,6 +13,14 @@ the next call. A timed sample repeats the calls for at least ~50 ms; the table g
 `--repeats` samples of the wall time per layer call and each variant's ratio to `loop`.
 Example (a few minutes on one core; the real shapes hold 2.4 GB per fp32 layer):
     python benchmarks/moe.py --threads 1 --tokens 1,16,64,256 --shapes tiny,real --dtypes fp32,bf16
+
+`--device cuda` (needs a CUDA GPU) times the grouped GEMM pair of one layer instead (x @ W13 then the
+expert-width input @ W2, at the chosen shapes) three ways: `triton` (our kernel), `grouped_mm`
+(`torch._grouped_mm`: sync-free for bf16 on SM90/SM100, a host loop elsewhere) and `loop` (the per-expert
+loop twin), after checking they agree. `--routings` different random routings per token count are cycled so
+the touched experts are not left in L2; CUDA events time `--repeats` samples, and the table gives the median
+per pair and the rate at which the touched experts' weights were read:
+    python benchmarks/moe.py --device cuda --shapes real --dtypes bf16,fp32 --tokens 1,8,32,64,256
 """
 
 from __future__ import annotations
@@ -26,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from omnistream.engine.model_executor.layers import moe
-from omnistream.engine.model_executor.layers.grouped_gemm import grouped_gemm_loop
+from omnistream.engine.model_executor.layers.grouped_gemm import grouped_gemm_loop, triton_installed
 from omnistream.engine.model_executor.layers.moe import SparseMoeBlock
 
 SHAPES = {  # hidden, expert width, experts, top-k
@@ -114,23 +122,105 @@ def time_shape(shape: str, dtype_name: str, tokens: list[int], layers: int, repe
     del blocks
 
 
+def random_routing(num_tokens: int, num_experts: int, top_k: int, device: str) -> torch.Tensor:
+    """Group ends (int32, on `device`) of T*k rows routed to k distinct random experts per token."""
+    experts = torch.rand(num_tokens, num_experts).topk(top_k, dim=-1).indices.flatten()
+    return torch.bincount(experts, minlength=num_experts).cumsum(0).to(torch.int32).to(device)
+
+
+def cuda_gemm_variants() -> dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]]:
+    """The grouped GEMM kernels timed on CUDA, by name (ours only when triton is installed)."""
+    variants: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {}
+    if triton_installed():
+        from omnistream.engine.model_executor.layers.grouped_gemm_triton import grouped_gemm_triton
+
+        variants["triton"] = grouped_gemm_triton
+    variants["grouped_mm"] = lambda x, w, offs: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)
+    variants["loop"] = grouped_gemm_loop
+    return variants
+
+
+def check_against_fp64(name: str, fn: Callable, x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> None:
+    """Fail unless `fn` agrees with the loop twin run in fp64: within 1e-5 of the largest output in fp32,
+    2e-2 in bf16/fp16."""
+    want = grouped_gemm_loop(x.double(), w.double(), offs)
+    err = ((fn(x, w, offs).double() - want).abs().max() / want.abs().max()).item()
+    if err > (1e-5 if x.dtype == torch.float32 else 2e-2):
+        raise AssertionError(f"{name} differs from fp64 by {err:.2e} of the largest output ({x.dtype}, "
+                             f"{x.shape[0]} rows, w {tuple(w.shape)})")
+
+
+def time_cuda_gemms(shape: str, dtype_name: str, tokens: list[int], routings: int, repeats: int) -> None:
+    hidden, width, num_experts, top_k = SHAPES[shape]
+    dtype = DTYPES[dtype_name]
+    w13 = (torch.randn(num_experts, 2 * width, hidden, device="cuda") * hidden**-0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, width, device="cuda") * width**-0.5).to(dtype)
+    variants = cuda_gemm_variants()
+    for num_tokens in tokens:
+        rows = num_tokens * top_k
+        cases = [(torch.randn(rows, hidden, device="cuda").to(dtype),
+                  torch.randn(rows, width, device="cuda").to(dtype),
+                  random_routing(num_tokens, num_experts, top_k, "cuda")) for _ in range(routings)]
+        x, h, offs = cases[0]
+        for name, fn in variants.items():
+            check_against_fp64(name, fn, x, w13, offs)
+            check_against_fp64(name, fn, h, w2, offs)
+        samples: dict[str, list[float]] = {name: [] for name in variants}
+        for _ in range(repeats):
+            for name, fn in variants.items():
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for x, h, offs in cases:
+                    fn(x, w13, offs)
+                    fn(h, w2, offs)
+                end.record()
+                torch.cuda.synchronize()
+                samples[name].append(start.elapsed_time(end) / 1e3 / len(cases))
+        # bytes of the experts that received rows, the least a pair of grouped GEMMs must read
+        touched = statistics.mean((offs.diff(prepend=offs.new_zeros(1)) > 0).sum().item()
+                                  for *_, offs in cases)
+        weight_bytes = touched * (w13[0].numel() + w2[0].numel()) * w13.element_size()
+        base = statistics.median(samples["loop"])
+        cells = []
+        for name, times in samples.items():
+            median = statistics.median(times)
+            cells.append(f"{name} {median * 1e3:7.3f} ms ({base / median:5.2f}x, "
+                         f"{weight_bytes / median / 1e9:5.0f} GB/s)")
+        print(f"cuda {shape:4} {dtype_name} T={num_tokens:<4} " + "  ".join(cells), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="cpu: the block's forward variants; cuda: the grouped GEMM kernels")
     parser.add_argument("--tokens", default="1,16,64,256", help="token counts per call, comma-separated")
     parser.add_argument("--shapes", default="tiny,real", help=f"comma-separated, of {sorted(SHAPES)}")
     parser.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {sorted(DTYPES)}")
     parser.add_argument("--layers", type=int, default=2,
-                        help="layers with their own weights (real fp32: 2.4 GB each)")
+                        help="layers with their own weights (real fp32: 2.4 GB each); cpu only")
+    parser.add_argument("--routings", type=int, default=8,
+                        help="random routings cycled per token count; cuda only")
     parser.add_argument("--repeats", type=int, default=5, help="timed samples; the median is reported")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch.set_num_threads")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda needs a CUDA device")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.layers} layer(s), "
-          f"median of {args.repeats}; ratio = loop time / variant time")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    if args.device == "cuda":
+        print(f"torch {torch.__version__}, {torch.cuda.get_device_name()}, triton "
+              f"{'installed' if triton_installed() else 'missing'}, median of {args.repeats}; "
+              "ratio = loop time / variant time; GB/s = touched experts' weight bytes / time")
+    else:
+        print(f"torch {torch.__version__}, {args.threads} thread(s), {args.layers} layer(s), "
+              f"median of {args.repeats}; ratio = loop time / variant time")
     for shape in args.shapes.split(","):
         for dtype_name in args.dtypes.split(","):
-            time_shape(shape, dtype_name, [int(t) for t in args.tokens.split(",")], args.layers, args.repeats)
+            if args.device == "cuda":
+                time_cuda_gemms(shape, dtype_name, tokens, args.routings, args.repeats)
+            else:
+                time_shape(shape, dtype_name, tokens, args.layers, args.repeats)
 
 
 if __name__ == "__main__":
