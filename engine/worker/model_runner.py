@@ -13,7 +13,8 @@ import torch
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
-from omnistream.engine.worker.sampler import SamplingRow, sample, top_logprobs
+from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
+from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.token_bitmask import apply_token_bitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
@@ -53,11 +54,10 @@ class ModelRunner:
         self.model = model
         self.block_size = block_size
         self.device = device
-        self.eos_token_ids = list(eos_token_ids)
         shape = model.kv_cache_shape_per_layer(num_kv_blocks, block_size)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
         self.requests: dict[str, RunnerRequestState] = {}
-        self.generator = torch.Generator().manual_seed(seed)
+        self.sampling = SamplingState(model.config.text.vocab_size, eos_token_ids, seed, device)
         self.encoder_cache: dict[str, EncoderOutput] = {}  # media identifier -> its embedding rows
 
     @torch.inference_mode()
@@ -84,10 +84,13 @@ class ModelRunner:
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids + so.preempted_req_ids:
             self.requests.pop(req_id, None)
+            self.sampling.remove(req_id)
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = RunnerRequestState.from_new(new)
+            self.sampling.set_request(new.req_id, new.sampling_params, new.token_ids, new.num_prompt_tokens)
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
+            resample = cached.new_sampling_params is not None or cached.num_prompt_tokens != state.num_prompt_tokens
             state.token_ids.extend(cached.new_token_ids)
             state.add_blocks(cached.new_block_ids)
             state.mm_features.extend(cached.new_mm_features)
@@ -96,6 +99,8 @@ class ModelRunner:
             if cached.new_sampling_params is not None:
                 state.sampling_params = cached.new_sampling_params
             state.num_computed_tokens = cached.num_computed_tokens
+            if resample:
+                self.sampling.set_request(cached.req_id, state.sampling_params, state.token_ids, state.num_prompt_tokens)
 
     def _run_encoders(self, so: SchedulerOutput) -> None:
         for identifier in so.freed_encoder_ids:
@@ -199,27 +204,14 @@ class ModelRunner:
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if not batch.sample_rows:
             return [], []
-        logits = self.model.compute_logits(hidden[batch.sample_rows]).float().cpu()
+        states = [self.requests[req_id] for req_id in batch.sample_req_ids]
+        meta = self.sampling.prepare(batch.sample_req_ids, [len(s.token_ids) - s.num_prompt_tokens for s in states])
+        logits = self.model.compute_logits(hidden[batch.sample_rows])
         if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
             words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
             bitmask = words.view(len(so.grammar_req_ids), -1)
             rows = {req_id: i for i, req_id in enumerate(batch.sample_req_ids)}
             apply_token_bitmask(logits, bitmask, [rows[req_id] for req_id in so.grammar_req_ids])
-        rows = []
-        for req_id in batch.sample_req_ids:
-            state = self.requests[req_id]
-            params = state.sampling_params
-            outputs = state.output_token_ids
-            blocked: list[int] = []
-            if len(outputs) < params.min_tokens:
-                blocked = list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
-            rows.append(
-                SamplingRow(
-                    params=params,
-                    prompt_token_ids=state.token_ids[: state.num_prompt_tokens],
-                    output_token_ids=outputs,
-                    generator=state.generator(self.generator),
-                    blocked_token_ids=blocked,
-                )
-            )
-        return sample(logits, rows)
+        out = sample(logits, meta)
+        self.sampling.record(meta, out.token_ids)
+        return to_host(out, meta)

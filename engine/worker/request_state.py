@@ -62,13 +62,6 @@ class RunnerRequestState:
         for segment in segments:
             self.pending_segments[segment.start] = from_tensor_data(segment.positions).to(torch.float32)
 
-    def generator(self, engine_generator: torch.Generator) -> torch.Generator:
-        """A seeded request draws from (seed, output index) so preemption and batching never change it."""
-        seed = self.sampling_params.seed
-        if seed is None:
-            return engine_generator
-        return torch.Generator().manual_seed((seed * 1_000_003 + len(self.output_token_ids)) % 2**63)
-
     def positions(self, start: int, end: int) -> torch.Tensor:
         """M-RoPE ids [3, end - start] (float32) of tokens start..end-1: explicit segments where given,
         otherwise consecutive from the largest id so far plus one (text and decoded tokens, as in HF)."""
@@ -112,10 +105,6 @@ class RunnerRequestState:
             if feature.overlaps(start, end):
                 result.append(feature)
         return result
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens :]
 
 
 def _positions_buffer(columns: int) -> torch.Tensor:

@@ -1,7 +1,15 @@
-"""Sampling: penalties, min-tokens masking, temperature/top-k/top-p/min-p, seeded draws and logprobs.
+"""Sampling on the device: one vectorized pass over a step's rows of logits, one token id per row.
 
-Works on a batch of float32 logits, one row per request that samples this step. Logprobs are
-those of the model's raw distribution (before penalties and temperature), as in vLLM.
+In order, on float32 logits [B, V]: raw log-probabilities for the rows that ask (logprobs report the model's
+own distribution, as in vLLM); repetition, frequency and presence penalties; eos / stop ids blocked in rows
+below min_tokens; the allowed-token mask (where a grammar's bitmask goes); then greedy rows take the first
+maximum, and the other rows are divided by their temperature, cut by top-k, top-p and min-p and draw from
+the rest with counter-based noise (sampling_draws.py). Every parameter is a per-row tensor and every row set
+is an index tensor built on the host from the requests' parameters, never from the logits: nothing here
+waits for the device, and only the sampled ids and the asked-for logprobs are copied back (to_host).
+
+Filters keep ties: top-k keeps every token at least as likely as the k-th; top-p keeps every token at least
+as likely as the last one of the shortest most-likely-first prefix whose mass reaches top_p (after top-k).
 """
 
 from __future__ import annotations
@@ -10,99 +18,179 @@ from dataclasses import dataclass
 
 import torch
 
+from omnistream.engine.worker.sampling_draws import categorical
 from omnistream.scheduler.outputs import TokenLogprobs
-from omnistream.scheduler.sampling_params import SamplingParams
+
+Rows = torch.Tensor | None  # indices [N] into the step's rows; None: every row
 
 
 @dataclass
-class SamplingRow:
-    """What the sampler needs to know about one request's next token."""
+class Penalties:
+    rows: torch.Tensor  # [P] step rows with a penalty
+    table_rows: torch.Tensor  # [P] their rows in the penalty tables (counted there after sampling)
+    counts: torch.Tensor  # [P, V] int32 output-token counts
+    prompt: torch.Tensor  # [P, V] bool: the token is in the prompt
+    presence: torch.Tensor  # [P] float32
+    frequency: torch.Tensor  # [P]
+    repetition: torch.Tensor  # [P]
 
-    params: SamplingParams
-    prompt_token_ids: list[int]
-    output_token_ids: list[int]
-    generator: torch.Generator | None
-    blocked_token_ids: list[int]  # eos / stop ids while min_tokens is not reached
+
+@dataclass
+class Blocked:
+    rows: torch.Tensor  # [N] step rows below their min_tokens
+    token_ids: torch.Tensor  # [N, W] eos / stop ids each of them may not sample yet (a row's list padded by repeats)
 
 
-def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[TokenLogprobs]:
-    """Per row: the chosen token's logprob and 1-based rank, then the num_top most likely tokens."""
-    chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
-    ranks = (logprobs > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
-    top_vals, top_ids = logprobs.topk(num_top, dim=1)
+@dataclass
+class Filters:
+    rows: Rows  # [F] positions among the random rows with top-k or top-p
+    top_k: torch.Tensor  # [F] int64; 0: off
+    top_p: torch.Tensor  # [F] float32; 1: off
+    width: int  # candidates sorted per row: max top_k, or V when a top-p row has no top-k
+
+
+@dataclass
+class RandomRows:
+    rows: Rows  # [R] step rows that draw (temperature > 0)
+    temperature: torch.Tensor  # [R] float32
+    keys: torch.Tensor  # [R] int64 draw keys (sampling_draws.row_keys)
+    filters: Filters | None
+    min_p: torch.Tensor | None  # [R] float32, when a random row uses min-p
+
+
+@dataclass
+class LogprobRows:
+    rows: Rows  # [L] step rows that ask for logprobs
+    num_top: int  # the most alternatives any of them asks for
+    positions: list[int]  # the same rows, on the host
+    counts: list[int]  # alternatives each of them asks for
+
+
+@dataclass
+class SamplingMetadata:
+    """One step's sampling inputs, prepared before the pass (sampling_state.SamplingState.prepare)."""
+
+    num_rows: int
+    greedy_rows: Rows  # [G] rows that take the first maximum
+    num_greedy: int
+    random: RandomRows | None
+    penalties: Penalties | None
+    blocked: Blocked | None
+    logprobs: LogprobRows | None
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Every row takes the maximum of the raw logits and nobody wants logprobs."""
+        return self.num_greedy == self.num_rows and not (self.penalties or self.blocked or self.logprobs)
+
+
+@dataclass
+class SamplerOutput:
+    token_ids: torch.Tensor  # [B] int64
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None
+    # for the logprob rows: chosen token's logprob [L], its rank [L], top logprobs [L, n], top ids [L, n]
+
+
+def _take(tensor: torch.Tensor, rows: Rows) -> torch.Tensor:
+    return tensor if rows is None else tensor.index_select(0, rows)
+
+
+def _put(target: torch.Tensor, rows: Rows, values: torch.Tensor) -> torch.Tensor:
+    return values if rows is None else target.index_copy(0, rows, values)
+
+
+def sample(logits: torch.Tensor, meta: SamplingMetadata, allowed: torch.Tensor | None = None) -> SamplerOutput:
+    """Token ids [B] for float32 logits [B, V] (edited in place). allowed [B, V] bool, when given, is the set of
+    tokens each row may sample (a grammar's mask): applied after penalties and min_tokens, before temperature."""
+    raw_logprobs = _take(logits, meta.logprobs.rows).log_softmax(dim=-1) if meta.logprobs else None
+    if meta.penalties is not None:
+        _apply_penalties(logits, meta.penalties)
+    if meta.blocked is not None:
+        rows = meta.blocked.rows.unsqueeze(1).expand_as(meta.blocked.token_ids)
+        logits.index_put_((rows, meta.blocked.token_ids), logits.new_full((), float("-inf")))
+    if allowed is not None:
+        logits.masked_fill_(~allowed, float("-inf"))
+    token_ids = torch.zeros(meta.num_rows, dtype=torch.long, device=logits.device)
+    if meta.num_greedy:
+        token_ids = _put(token_ids, meta.greedy_rows, _take(logits, meta.greedy_rows).max(dim=-1).indices)
+    if meta.random is not None:
+        token_ids = _put(token_ids, meta.random.rows, _draw(_take(logits, meta.random.rows), meta.random))
+    logprobs = None
+    if raw_logprobs is not None and meta.logprobs is not None:
+        logprobs = _logprobs(raw_logprobs, _take(token_ids, meta.logprobs.rows), meta.logprobs.num_top)
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs)
+
+
+def _apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
+    values = logits.index_select(0, p.rows)
+    in_output = p.counts > 0
+    repetition = p.repetition.unsqueeze(1)
+    values = torch.where(in_output | p.prompt, torch.where(values > 0, values / repetition, values * repetition), values)
+    values = values - p.frequency.unsqueeze(1) * p.counts - p.presence.unsqueeze(1) * in_output
+    logits.index_copy_(0, p.rows, values)
+
+
+def _draw(logits: torch.Tensor, r: RandomRows) -> torch.Tensor:
+    logits = logits / r.temperature.unsqueeze(1)
+    if r.filters is not None:
+        logits = _put(logits, r.filters.rows, _top_k_top_p(_take(logits, r.filters.rows), r.filters))
+    probs = logits.softmax(dim=-1)
+    if r.min_p is not None:
+        floor = r.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < floor, 0.0)
+    return categorical(probs, r.keys)
+
+
+def _top_k_top_p(logits: torch.Tensor, f: Filters) -> torch.Tensor:
+    """logits [F, V] with the tokens outside each row's top-k / top-p set to -inf (in place)."""
+    if f.width == logits.shape[1]:
+        ordered = logits.sort(dim=-1, descending=True).values
+    else:
+        ordered = logits.topk(f.width, dim=-1).values
+    k = torch.where(f.top_k > 0, f.top_k, f.width).unsqueeze(1)
+    in_top_k = torch.arange(f.width, device=logits.device) < k
+    probs = ordered.masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    top_p = f.top_p.unsqueeze(1)
+    keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
+    threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
+    return logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _logprobs(
+    logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    chosen_logprobs = logprobs.gather(1, chosen.unsqueeze(1))
+    ranks = (logprobs > chosen_logprobs).sum(dim=-1) + 1
+    top = logprobs.topk(num_top, dim=-1)
+    return chosen_logprobs.squeeze(1), ranks, top.values, top.indices
+
+
+def to_host(out: SamplerOutput, meta: SamplingMetadata) -> tuple[list[int], list[TokenLogprobs | None]]:
+    """The sampled ids and the asked-for logprobs as Python values (the step's only device-to-host copies)."""
+    token_ids = out.token_ids.tolist()
+    logprobs: list[TokenLogprobs | None] = [None] * len(token_ids)
+    if out.logprobs is not None and meta.logprobs is not None:
+        asked = meta.logprobs
+        entries = _entries(*out.logprobs, [token_ids[p] for p in asked.positions], asked.counts)
+        for position, entry in zip(asked.positions, entries):
+            logprobs[position] = entry
+    return token_ids, logprobs
+
+
+def _entries(chosen: torch.Tensor, ranks: torch.Tensor, top_values: torch.Tensor, top_ids: torch.Tensor,
+             token_ids: list[int], counts: list[int]) -> list[TokenLogprobs]:
+    """One TokenLogprobs per row: the chosen token, then the row's first `count` alternatives."""
+    chosen_values, rank_values = chosen.tolist(), ranks.tolist()
+    values, ids = top_values.tolist(), top_ids.tolist()
     return [
-        TokenLogprobs(
-            token_ids=[int(chosen[i])] + top_ids[i].tolist(),
-            logprobs=[float(chosen_lp[i])] + top_vals[i].tolist(),
-            ranks=[int(ranks[i])] + list(range(1, num_top + 1)),
-        )
-        for i in range(logprobs.shape[0])
+        TokenLogprobs([token_ids[i]] + ids[i][:n], [chosen_values[i]] + values[i][:n],
+                      [rank_values[i]] + list(range(1, n + 1)))
+        for i, n in enumerate(counts)
     ]
 
 
-def _edits_logits(row: SamplingRow) -> bool:
-    p = row.params
-    return bool(
-        p.repetition_penalty != 1.0
-        or ((p.frequency_penalty or p.presence_penalty) and row.output_token_ids)
-        or row.blocked_token_ids
-    )
-
-
-def _penalized(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
-    """A copy of one row's logits with its penalties and blocked tokens applied."""
-    p = row.params
-    logits = logits.clone()
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(row.prompt_token_ids) | set(row.output_token_ids)), dtype=torch.long)
-        vals = logits[seen]
-        logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
-        out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
-        counts = torch.zeros(logits.shape[0], dtype=logits.dtype).scatter_add_(
-            0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype)
-        )
-        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
-    if row.blocked_token_ids:
-        logits[row.blocked_token_ids] = float("-inf")
-    return logits
-
-
-def _filter_distribution(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """One row: temperature, then top-k, top-p and min-p; returns probabilities."""
-    logits = logits / p.temperature
-    if p.top_k and p.top_k < logits.shape[0]:
-        kth = logits.topk(p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=0)
-    if p.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop_sorted = (sorted_probs.cumsum(0) - sorted_probs) >= p.top_p
-        probs = probs.masked_fill(drop_sorted.scatter(0, order, drop_sorted), 0.0)
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs / probs.sum()
-
-
-def sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int], list[TokenLogprobs | None]]:
-    """Sample one token per row of float32 logits [N, V]; returns token ids and optional logprobs."""
-    want_logprobs = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-    raw_logprobs = logits[want_logprobs].log_softmax(dim=-1) if want_logprobs else None
-    chosen = logits.argmax(dim=-1)  # plain greedy rows are done here, without copying the logits
-    for i, row in enumerate(rows):
-        if row.params.greedy and not _edits_logits(row):
-            continue
-        row_logits = _penalized(logits[i], row) if _edits_logits(row) else logits[i]
-        if row.params.greedy:
-            chosen[i] = row_logits.argmax()
-            continue
-        probs = _filter_distribution(row_logits, row.params)
-        # exponential-race draw: argmax(p / Exp(1)) is a sample from p, one generator per request
-        noise = torch.empty_like(probs).exponential_(generator=row.generator)
-        chosen[i] = (probs / noise).argmax()
-    logprobs: list[TokenLogprobs | None] = [None] * len(rows)
-    if raw_logprobs is not None:
-        for j, i in enumerate(want_logprobs):
-            logprobs[i] = top_logprobs(raw_logprobs[j : j + 1], chosen[i : i + 1], rows[i].params.logprobs)[0]
-    return chosen.tolist(), logprobs
+def top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int) -> list[TokenLogprobs]:
+    """Per row of log-probabilities [N, V]: the chosen token's logprob and 1-based rank, then the num_top most
+    likely tokens (prompt logprobs use this too)."""
+    return _entries(*_logprobs(logprobs, chosen, num_top), chosen.tolist(), [num_top] * len(chosen))
