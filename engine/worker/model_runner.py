@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
@@ -206,7 +207,10 @@ class ModelRunner:
             return [], []
         states = [self.requests[req_id] for req_id in batch.sample_req_ids]
         meta = self.sampling.prepare(batch.sample_req_ids, [len(s.token_ids) - s.num_prompt_tokens for s in states])
-        logits = self.model.compute_logits(hidden[batch.sample_rows])
+        hidden = hidden[batch.sample_rows]
+        if meta.plain_greedy and not so.grammar_req_ids and chunks_pay(meta.num_rows, hidden.device):
+            return greedy_tokens(self.model.lm_head, hidden).tolist(), [None] * meta.num_rows
+        logits = self.model.compute_logits(hidden)
         if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
             words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
             bitmask = words.view(len(so.grammar_req_ids), -1)

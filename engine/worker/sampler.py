@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from omnistream.engine.worker.sampling_draws import categorical
@@ -43,10 +44,13 @@ class Blocked:
 
 @dataclass
 class Filters:
-    rows: Rows  # [F] positions among the random rows with top-k or top-p
+    """Random rows cut by top-k / top-p, sorted over `width` candidates: the rows with a top-k (width: their
+    largest k) form one group, the rows with only a top-p (width: V, a full sort) another."""
+
+    rows: Rows  # [F] positions among the random rows
     top_k: torch.Tensor  # [F] int64; 0: off
     top_p: torch.Tensor  # [F] float32; 1: off
-    width: int  # candidates sorted per row: max top_k, or V when a top-p row has no top-k
+    width: int
 
 
 @dataclass
@@ -54,7 +58,7 @@ class RandomRows:
     rows: Rows  # [R] step rows that draw (temperature > 0)
     temperature: torch.Tensor  # [R] float32
     keys: torch.Tensor  # [R] int64 draw keys (sampling_draws.row_keys)
-    filters: Filters | None
+    filters: list[Filters]
     min_p: torch.Tensor | None  # [R] float32, when a random row uses min-p
 
 
@@ -131,22 +135,22 @@ def _apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
 
 
 def _draw(logits: torch.Tensor, r: RandomRows) -> torch.Tensor:
-    logits = logits / r.temperature.unsqueeze(1)
-    if r.filters is not None:
-        logits = _put(logits, r.filters.rows, _top_k_top_p(_take(logits, r.filters.rows), r.filters))
+    """One token per random row of logits [R, V] (edited in place)."""
+    logits.div_(r.temperature.unsqueeze(1))
+    for f in r.filters:
+        filtered = _top_k_top_p(_take(logits, f.rows), f)
+        if f.rows is not None:
+            logits.index_copy_(0, f.rows, filtered)
     probs = logits.softmax(dim=-1)
     if r.min_p is not None:
         floor = r.min_p.unsqueeze(1) * probs.max(dim=-1, keepdim=True).values
-        probs = probs.masked_fill(probs < floor, 0.0)
+        probs.masked_fill_(probs < floor, 0.0)
     return categorical(probs, r.keys)
 
 
 def _top_k_top_p(logits: torch.Tensor, f: Filters) -> torch.Tensor:
     """logits [F, V] with the tokens outside each row's top-k / top-p set to -inf (in place)."""
-    if f.width == logits.shape[1]:
-        ordered = logits.sort(dim=-1, descending=True).values
-    else:
-        ordered = logits.topk(f.width, dim=-1).values
+    ordered = _sorted(logits) if f.width == logits.shape[1] else logits.topk(f.width, dim=-1).values
     k = torch.where(f.top_k > 0, f.top_k, f.width).unsqueeze(1)
     in_top_k = torch.arange(f.width, device=logits.device) < k
     probs = ordered.masked_fill(~in_top_k, float("-inf")).softmax(dim=-1)
@@ -155,6 +159,14 @@ def _top_k_top_p(logits: torch.Tensor, f: Filters) -> torch.Tensor:
     keep = in_top_k & ((mass_before < top_p) | (top_p >= 1.0))
     threshold = ordered.gather(1, keep.sum(dim=-1, keepdim=True) - 1)
     return logits.masked_fill_(logits < threshold, float("-inf"))
+
+
+def _sorted(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's values, largest first. On CPU, numpy's vectorized sort of the values alone is about 20x
+    faster than torch.sort, which also sorts indices (12 ms per 152k-token row on this project's CPU)."""
+    if logits.device.type == "cpu":
+        return torch.from_numpy(-np.sort(-logits.numpy(), axis=-1))
+    return logits.sort(dim=-1, descending=True).values
 
 
 def _logprobs(

@@ -98,9 +98,9 @@ class SamplingState:
         asking = ints[:, _LOGPROBS] >= 0
         arrays: dict[str, np.ndarray] = {}
         _add_rows(arrays, "greedy_rows", greedy)
-        width = None
+        widths: list[int] = []
         if not greedy.all():
-            width = self._random_arrays(arrays, floats[~greedy], ints[~greedy], outputs[~greedy])
+            widths = self._random_arrays(arrays, floats[~greedy], ints[~greedy], outputs[~greedy])
             _add_rows(arrays, "random_rows", ~greedy)
         if penalized.any():
             arrays["penalty_rows"] = np.flatnonzero(penalized)
@@ -116,7 +116,7 @@ class SamplingState:
             num_rows=len(req_ids),
             greedy_rows=t.get("greedy_rows"),
             num_greedy=int(greedy.sum()),
-            random=self._random_rows(t, width) if not greedy.all() else None,
+            random=self._random_rows(t, widths) if not greedy.all() else None,
             penalties=self._penalties(t) if penalized.any() else None,
             blocked=Blocked(t["blocked_rows"], t["blocked_ids"]) if blocked.any() else None,
             logprobs=LogprobRows(t.get("logprob_rows"), int(ints[asking, _LOGPROBS].max()),
@@ -130,26 +130,30 @@ class SamplingState:
             self.penalties.add_sampled(meta.penalties.table_rows, token_ids.index_select(0, meta.penalties.rows))
 
     def _random_arrays(self, arrays: dict[str, np.ndarray], floats: np.ndarray, ints: np.ndarray,
-                       outputs: np.ndarray) -> int | None:
-        """The random rows' arrays; returns the filters' width (None: no row filters)."""
+                       outputs: np.ndarray) -> list[int]:
+        """The random rows' arrays; returns the width of each filter group (rows with a top-k, rows with only
+        a top-p) that has rows."""
         seeded = ints[:, _STREAM] == SEEDED_STREAM
         engine_draws = self._num_draws + np.cumsum(~seeded) - 1
         self._num_draws += int((~seeded).sum())
         arrays["temperature"] = floats[:, _TEMPERATURE]
         arrays["key_words"] = np.stack([ints[:, _STREAM], np.where(seeded, ints[:, _SEED], self.engine_seed),
                                         np.where(seeded, outputs, engine_draws)])
-        top_k, top_p = ints[:, _TOP_K], floats[:, _TOP_P]
-        filtered = (top_k > 0) | (top_p < 1.0)
         if (floats[:, _MIN_P] > 0).any():
             arrays["min_p"] = floats[:, _MIN_P]
-        if not filtered.any():
-            return None
-        _add_rows(arrays, "filter_rows", filtered)
-        arrays["top_k"], arrays["top_p"] = top_k[filtered], top_p[filtered]
-        return self.vocab_size if (top_k[filtered] == 0).any() else int(top_k.max())
+        top_k, top_p = ints[:, _TOP_K], floats[:, _TOP_P]
+        widths = []
+        for group, rows in enumerate((top_k > 0, (top_k == 0) & (top_p < 1.0))):
+            if rows.any():
+                _add_rows(arrays, f"filter_rows{group}", rows)
+                arrays[f"top_k{group}"], arrays[f"top_p{group}"] = top_k[rows], top_p[rows]
+                widths.append(int(top_k.max()) if group == 0 else self.vocab_size)
+        return widths
 
-    def _random_rows(self, t: dict[str, torch.Tensor], width: int | None) -> RandomRows:
-        filters = None if width is None else Filters(t.get("filter_rows"), t["top_k"], t["top_p"], width)
+    def _random_rows(self, t: dict[str, torch.Tensor], widths: list[int]) -> RandomRows:
+        groups = [group for group in (0, 1) if f"top_k{group}" in t]
+        filters = [Filters(t.get(f"filter_rows{group}"), t[f"top_k{group}"], t[f"top_p{group}"], width)
+                   for group, width in zip(groups, widths)]
         stream, seed, counter = t["key_words"]
         return RandomRows(t.get("random_rows"), t["temperature"], row_keys(stream, seed, counter), filters, t.get("min_p"))
 

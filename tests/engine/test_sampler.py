@@ -13,6 +13,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
+from omnistream.engine.worker import greedy_head
 from omnistream.engine.worker.sampler import sample, to_host
 from omnistream.engine.worker.sampling_draws import block_size
 from omnistream.engine.worker.sampling_state import SamplingState
@@ -230,6 +232,19 @@ def test_any_python_int_is_a_seed():
     assert picks[0] == picks[1] and picks[2] == picks[3]  # seeds are taken modulo 2**64
 
 
+@pytest.mark.parametrize("num_rows", [1, 7, 100])
+def test_the_chunked_greedy_lm_head_picks_the_first_maximum_of_the_full_logits(monkeypatch, num_rows):
+    monkeypatch.setattr(greedy_head, "CHUNK_ELEMENTS", 5000)  # 50 to 5000 columns a chunk: many chunks
+    lm_head = ParallelLMHead(6007, 16)
+    lm_head.weight.normal_(generator=torch.Generator().manual_seed(num_rows))
+    hidden = torch.randn(num_rows, 16, generator=torch.Generator().manual_seed(0))
+    hidden[0] = 0.0  # every logit 0: the first id wins
+    lm_head.weight[5999] = lm_head.weight[3] = 50.0 * hidden[-1]  # a tie far apart: the earlier chunk wins
+    want = lm_head(hidden).max(dim=-1).indices
+    assert want[0] == 0 and (num_rows == 1 or want[-1] == 3)
+    assert torch.equal(greedy_head.greedy_tokens(lm_head, hidden), want)
+
+
 class _NoHostTensors(TorchDispatchMode):
     """Fails on any op that produces a CPU tensor."""
 
@@ -251,7 +266,7 @@ def test_the_sampling_pass_creates_no_host_tensor_and_needs_no_data():
     for i, params in enumerate(rows):
         state.set_request(f"r{i}", params, [1, 2, 3, 4], 3)
     meta = state.prepare([f"r{i}" for i in range(len(rows))], [1] * len(rows))
-    assert meta.random is not None and meta.random.filters is not None and meta.penalties and meta.blocked
+    assert meta.random is not None and len(meta.random.filters) == 2 and meta.penalties and meta.blocked
     logits = torch.empty(len(rows), vocab, device=meta_device)
     with _NoHostTensors():
         out = sample(logits, meta, allowed=torch.empty(len(rows), vocab, dtype=torch.bool, device=meta_device))
