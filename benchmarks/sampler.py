@@ -5,8 +5,8 @@ Shapes are the embedded tiny model's lm_head (hidden 128, vocabulary 152064, fp3
 - greedy: every row temperature 0. The new path is the runner's: from 64 rows on CPU the lm_head runs in
   vocabulary chunks with a running maximum (greedy_head.py); the last column times the other way (full logits
   and `max` from 64 rows, chunks below) so the threshold can be checked.
-- mixed: rows in turn greedy; seeded T 0.7 top-k 20 top-p 0.8; unseeded T 1.0 top-p 0.95 (no top-k: a full sort);
-  seeded T 0.9 with repetition 1.05 / presence 0.5 penalties and 5 logprobs. Prompts of 100 tokens, 20 outputs.
+- mixed: rows in turn greedy; seeded T 0.7 top-k 20 top-p 0.8; unseeded T 1.0 top-p 0.95 (no top-k: a full
+  sort); seeded T 0.9 with repetition 1.05 / presence 0.5 penalties and 5 logprobs. Prompts of 100 tokens, 20 outputs.
 Each timing covers the whole step's sampling: the parameters' upload, the lm_head, the pass and the copy back.
 Reported: medians of thread CPU time (robust on a shared machine; exact with --threads 1) and of wall time.
 
@@ -50,8 +50,8 @@ class SamplingRow:
 
 def _edits_logits(row: SamplingRow) -> bool:
     p = row.params
-    return bool(p.repetition_penalty != 1.0 or ((p.frequency_penalty or p.presence_penalty) and row.output_token_ids)
-                or row.blocked_token_ids)
+    penalizes_outputs = (p.frequency_penalty or p.presence_penalty) and row.output_token_ids
+    return bool(p.repetition_penalty != 1.0 or penalizes_outputs or row.blocked_token_ids)
 
 
 def _penalized(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
@@ -63,7 +63,8 @@ def _penalized(logits: torch.Tensor, row: SamplingRow) -> torch.Tensor:
         logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.frequency_penalty or p.presence_penalty) and row.output_token_ids:
         out_ids = torch.tensor(row.output_token_ids, dtype=torch.long)
-        counts = torch.zeros(logits.shape[0]).scatter_add_(0, out_ids, torch.ones_like(out_ids, dtype=logits.dtype))
+        ones = torch.ones_like(out_ids, dtype=logits.dtype)
+        counts = torch.zeros(logits.shape[0]).scatter_add_(0, out_ids, ones)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
     if row.blocked_token_ids:
         logits[row.blocked_token_ids] = float("-inf")
@@ -88,7 +89,8 @@ def old_top_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, num_top: int)
     chosen_lp = logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
     ranks = (logprobs > chosen_lp.unsqueeze(1)).sum(dim=1) + 1
     top_vals, top_ids = logprobs.topk(num_top, dim=1)
-    return [TokenLogprobs(token_ids=[int(chosen[i])] + top_ids[i].tolist(), logprobs=[float(chosen_lp[i])] + top_vals[i].tolist(),
+    return [TokenLogprobs(token_ids=[int(chosen[i])] + top_ids[i].tolist(),
+                          logprobs=[float(chosen_lp[i])] + top_vals[i].tolist(),
                           ranks=[int(ranks[i])] + list(range(1, num_top + 1))) for i in range(logprobs.shape[0])]
 
 
@@ -108,7 +110,8 @@ def old_sample(logits: torch.Tensor, rows: list[SamplingRow]) -> tuple[list[int]
     logprobs: list[TokenLogprobs | None] = [None] * len(rows)
     if raw_logprobs is not None:
         for j, i in enumerate(want):
-            logprobs[i] = old_top_logprobs(raw_logprobs[j : j + 1], chosen[i : i + 1], rows[i].params.logprobs)[0]
+            entry = old_top_logprobs(raw_logprobs[j : j + 1], chosen[i : i + 1], rows[i].params.logprobs)
+            logprobs[i] = entry[0]
     return chosen.tolist(), logprobs
 
 

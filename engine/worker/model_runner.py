@@ -91,7 +91,8 @@ class ModelRunner:
             self.sampling.set_request(new.req_id, new.sampling_params, new.token_ids, new.num_prompt_tokens)
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
-            resample = cached.new_sampling_params is not None or cached.num_prompt_tokens != state.num_prompt_tokens
+            turn_moved = cached.num_prompt_tokens != state.num_prompt_tokens
+            resample = turn_moved or cached.new_sampling_params is not None
             state.token_ids.extend(cached.new_token_ids)
             state.add_blocks(cached.new_block_ids)
             state.mm_features.extend(cached.new_mm_features)
@@ -101,7 +102,8 @@ class ModelRunner:
                 state.sampling_params = cached.new_sampling_params
             state.num_computed_tokens = cached.num_computed_tokens
             if resample:
-                self.sampling.set_request(cached.req_id, state.sampling_params, state.token_ids, state.num_prompt_tokens)
+                self.sampling.set_request(cached.req_id, state.sampling_params, state.token_ids,
+                                          state.num_prompt_tokens)
 
     def _run_encoders(self, so: SchedulerOutput) -> None:
         for identifier in so.freed_encoder_ids:
@@ -206,7 +208,8 @@ class ModelRunner:
         if not batch.sample_rows:
             return [], []
         states = [self.requests[req_id] for req_id in batch.sample_req_ids]
-        meta = self.sampling.prepare(batch.sample_req_ids, [len(s.token_ids) - s.num_prompt_tokens for s in states])
+        num_outputs = [len(state.token_ids) - state.num_prompt_tokens for state in states]
+        meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
         if meta.plain_greedy and not so.grammar_req_ids and chunks_pay(meta.num_rows, hidden.device):
             return greedy_tokens(self.model.lm_head, hidden).tolist(), [None] * meta.num_rows

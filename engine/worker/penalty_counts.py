@@ -48,7 +48,8 @@ class PenaltyCounts:
 
     def add_sampled(self, rows: torch.Tensor, token_ids: torch.Tensor) -> None:
         """Count one sampled token per given row (device tensors [N]; rows distinct)."""
-        self.counts.index_put_((rows, token_ids), torch.ones_like(token_ids, dtype=torch.int32), accumulate=True)
+        ones = torch.ones_like(token_ids, dtype=torch.int32)
+        self.counts.index_put_((rows, token_ids), ones, accumulate=True)
 
     def _empty(self) -> None:
         self.counts = torch.zeros(0, self.vocab_size, dtype=torch.int32, device=self.device)  # [rows, V]

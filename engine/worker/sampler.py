@@ -39,7 +39,7 @@ class Penalties:
 @dataclass
 class Blocked:
     rows: torch.Tensor  # [N] step rows below their min_tokens
-    token_ids: torch.Tensor  # [N, W] eos / stop ids each of them may not sample yet (a row's list padded by repeats)
+    token_ids: torch.Tensor  # [N, W] eos / stop ids they may not sample yet (a short list repeats its first)
 
 
 @dataclass
@@ -104,8 +104,9 @@ def _put(target: torch.Tensor, rows: Rows, values: torch.Tensor) -> torch.Tensor
 
 
 def sample(logits: torch.Tensor, meta: SamplingMetadata, allowed: torch.Tensor | None = None) -> SamplerOutput:
-    """Token ids [B] for float32 logits [B, V] (edited in place). allowed [B, V] bool, when given, is the set of
-    tokens each row may sample (a grammar's mask): applied after penalties and min_tokens, before temperature."""
+    """Token ids [B] for float32 logits [B, V] (edited in place). allowed [B, V] bool, when given, holds the
+    tokens each row may sample (a grammar's mask): applied after penalties and min_tokens, before temperature
+    and the filters, so a grammar's choice is renormalised over its allowed tokens."""
     raw_logprobs = _take(logits, meta.logprobs.rows).log_softmax(dim=-1) if meta.logprobs else None
     if meta.penalties is not None:
         _apply_penalties(logits, meta.penalties)
@@ -129,7 +130,8 @@ def _apply_penalties(logits: torch.Tensor, p: Penalties) -> None:
     values = logits.index_select(0, p.rows)
     in_output = p.counts > 0
     repetition = p.repetition.unsqueeze(1)
-    values = torch.where(in_output | p.prompt, torch.where(values > 0, values / repetition, values * repetition), values)
+    repeated = torch.where(values > 0, values / repetition, values * repetition)
+    values = torch.where(in_output | p.prompt, repeated, values)
     values = values - p.frequency.unsqueeze(1) * p.counts - p.presence.unsqueeze(1) * in_output
     logits.index_copy_(0, p.rows, values)
 

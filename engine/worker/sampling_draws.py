@@ -1,4 +1,4 @@
-"""Counter-based random draws for the sampler: every random number is a hash of (key, index), no generator state.
+"""Counter-based random draws for the sampler: each random number is a hash of (key, index); no generator state.
 
 A row's key mixes a stream, a 64-bit seed and a 64-bit counter: (request seed, output position) for a seeded
 request, (engine seed, draw number) for the others. A draw is therefore a pure function of the key and the
@@ -73,7 +73,7 @@ def categorical(probs: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     if whole < vocab:
         masses = torch.cat([masses, probs[:, whole:].sum(dim=-1, keepdim=True)], dim=1)
     block = race(masses, keys, torch.arange(masses.shape[1], device=probs.device), _BLOCK_LEVEL)
-    ids = block.unsqueeze(1) * size + torch.arange(size, device=probs.device)  # [B, size]; the last block may end early
+    ids = block.unsqueeze(1) * size + torch.arange(size, device=probs.device)  # [B, size]; the last block may be short
     inside = ids < vocab
     weights = probs.gather(1, torch.where(inside, ids, 0)) * inside
     return ids.gather(1, race(weights, keys, ids, _TOKEN_LEVEL).unsqueeze(1)).squeeze(1)

@@ -30,7 +30,6 @@ from omnistream.scheduler.sampling_params import SamplingParams
 # columns of the float32 and int64 slot tables
 _TEMPERATURE, _TOP_P, _MIN_P, _PRESENCE, _FREQUENCY, _REPETITION = range(6)
 _TOP_K, _SEED, _STREAM, _MIN_TOKENS, _LOGPROBS, _PENALTY_ROW = range(6)
-_GREEDY_BELOW = 1e-5  # the temperature under which a request is greedy (as SamplingParams.greedy)
 
 
 def _int64(value: int) -> int:
@@ -39,6 +38,8 @@ def _int64(value: int) -> int:
 
 
 class SamplingState:
+    """The runner's sampling side: requests' parameters by slot, the engine's draw counter, penalty tables."""
+
     def __init__(self, vocab_size: int, eos_token_ids: list[int], seed: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
         self.eos_token_ids = list(eos_token_ids)
@@ -52,19 +53,21 @@ class SamplingState:
         self._blocked = np.full((0, 1), -1, np.int64)  # eos / stop ids of each slot, -1 past its last
         self._num_draws = 0  # numbers of the engine stream used so far
 
-    def set_request(self, req_id: str, params: SamplingParams, token_ids: list[int], num_prompt_tokens: int) -> None:
+    def set_request(self, req_id: str, params: SamplingParams, token_ids: list[int],
+                    num_prompt_tokens: int) -> None:
         """Write a request's parameters (a new request, or new params / a moved turn boundary for a known one);
         its penalty counts are rebuilt from token_ids, of which the first num_prompt_tokens are the prompt."""
         slot = self._slots.get(req_id)
         if slot is None:
             slot = self._slots[req_id] = self._claim_slot()
         top_k = params.top_k if 0 < params.top_k < self.vocab_size else 0
-        self._floats[slot] = (params.temperature, params.top_p, params.min_p, params.presence_penalty,
+        temperature = 0.0 if params.greedy else params.temperature  # greedy is decided once, in float64
+        self._floats[slot] = (temperature, params.top_p, params.min_p, params.presence_penalty,
                               params.frequency_penalty, params.repetition_penalty)
         stream = SEEDED_STREAM if params.seed is not None else ENGINE_STREAM
         logprobs = -1 if params.logprobs is None else params.logprobs
         row = int(self._ints[slot, _PENALTY_ROW])
-        penalized = params.presence_penalty != 0 or params.frequency_penalty != 0 or params.repetition_penalty != 1
+        penalized = (params.presence_penalty, params.frequency_penalty, params.repetition_penalty) != (0, 0, 1)
         prompt, outputs = token_ids[:num_prompt_tokens], token_ids[num_prompt_tokens:]
         if penalized and row >= 0:
             self.penalties.refill(row, prompt, outputs)
@@ -73,7 +76,8 @@ class SamplingState:
         elif row >= 0:
             self.penalties.release(row)
             row = -1
-        self._ints[slot] = (top_k, _int64(params.seed or 0), stream, params.min_tokens, logprobs, row)
+        seed = _int64(params.seed if params.seed is not None else 0)
+        self._ints[slot] = (top_k, seed, stream, params.min_tokens, logprobs, row)
         self._set_blocked(slot, list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids))
 
     def remove(self, req_id: str) -> None:
@@ -88,11 +92,11 @@ class SamplingState:
         self._free.append(slot)
 
     def prepare(self, req_ids: list[str], num_outputs: list[int]) -> SamplingMetadata:
-        """The metadata of one step whose rows sample for req_ids, which have num_outputs output tokens so far."""
+        """The metadata of a step whose rows sample for req_ids (with num_outputs output tokens so far)."""
         slots = np.fromiter(map(self._slots.__getitem__, req_ids), np.int64, len(req_ids))
         floats, ints = self._floats[slots], self._ints[slots]
         outputs = np.asarray(num_outputs, np.int64)
-        greedy = floats[:, _TEMPERATURE] < _GREEDY_BELOW
+        greedy = floats[:, _TEMPERATURE] == 0.0
         penalized = ints[:, _PENALTY_ROW] >= 0
         blocked = (outputs < ints[:, _MIN_TOKENS]) & (self._blocked[slots, 0] >= 0)
         asking = ints[:, _LOGPROBS] >= 0
@@ -119,15 +123,14 @@ class SamplingState:
             random=self._random_rows(t, widths) if not greedy.all() else None,
             penalties=self._penalties(t) if penalized.any() else None,
             blocked=Blocked(t["blocked_rows"], t["blocked_ids"]) if blocked.any() else None,
-            logprobs=LogprobRows(t.get("logprob_rows"), int(ints[asking, _LOGPROBS].max()),
-                                 np.flatnonzero(asking).tolist(), ints[asking, _LOGPROBS].tolist())
-            if asking.any() else None,
+            logprobs=_logprob_rows(t, ints[:, _LOGPROBS]) if asking.any() else None,
         )
 
     def record(self, meta: SamplingMetadata, token_ids: torch.Tensor) -> None:
         """Count this step's sampled ids [B] (on the device) for the rows with penalties."""
         if meta.penalties is not None:
-            self.penalties.add_sampled(meta.penalties.table_rows, token_ids.index_select(0, meta.penalties.rows))
+            sampled = token_ids.index_select(0, meta.penalties.rows)
+            self.penalties.add_sampled(meta.penalties.table_rows, sampled)
 
     def _random_arrays(self, arrays: dict[str, np.ndarray], floats: np.ndarray, ints: np.ndarray,
                        outputs: np.ndarray) -> list[int]:
@@ -155,7 +158,8 @@ class SamplingState:
         filters = [Filters(t.get(f"filter_rows{group}"), t[f"top_k{group}"], t[f"top_p{group}"], width)
                    for group, width in zip(groups, widths)]
         stream, seed, counter = t["key_words"]
-        return RandomRows(t.get("random_rows"), t["temperature"], row_keys(stream, seed, counter), filters, t.get("min_p"))
+        keys = row_keys(stream, seed, counter)
+        return RandomRows(t.get("random_rows"), t["temperature"], keys, filters, t.get("min_p"))
 
     def _penalties(self, t: dict[str, torch.Tensor]) -> Penalties:
         table_rows = t["penalty_table_rows"]
@@ -169,7 +173,8 @@ class SamplingState:
             size = max(8, 2 * old)
             self._floats = np.concatenate([self._floats, np.zeros((size - old, 6), np.float32)])
             self._ints = np.concatenate([self._ints, np.full((size - old, 6), -1, np.int64)])
-            self._blocked = np.concatenate([self._blocked, np.full((size - old, self._blocked.shape[1]), -1, np.int64)])
+            blocked = np.full((size - old, self._blocked.shape[1]), -1, np.int64)
+            self._blocked = np.concatenate([self._blocked, blocked])
             self._free.extend(range(size - 1, old - 1, -1))
         return self._free.pop()
 
@@ -187,6 +192,13 @@ def _add_rows(arrays: dict[str, np.ndarray], name: str, mask: np.ndarray) -> Non
         arrays[name] = np.flatnonzero(mask)
 
 
+def _logprob_rows(t: dict[str, torch.Tensor], asked: np.ndarray) -> LogprobRows:
+    """The rows asking for logprobs (asked[i] >= 0 alternatives)."""
+    positions = np.flatnonzero(asked >= 0)
+    return LogprobRows(t.get("logprob_rows"), int(asked[positions].max()), positions.tolist(),
+                       asked[positions].tolist())
+
+
 def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
     """The arrays as device tensors of the same shapes: one buffer, and one copy, per dtype."""
     tensors = {}
@@ -194,7 +206,8 @@ def _upload(arrays: dict[str, np.ndarray], device: torch.device) -> dict[str, to
         names = [name for name, array in arrays.items() if array.dtype == dtype]
         if not names:
             continue
-        buffer = torch.from_numpy(np.concatenate([arrays[name].ravel() for name in names])).to(device, non_blocking=True)
+        host = np.concatenate([arrays[name].ravel() for name in names])
+        buffer = torch.from_numpy(host).to(device, non_blocking=True)
         offset = 0
         for name in names:
             shape = arrays[name].shape

@@ -186,7 +186,7 @@ def test_penalty_counts_follow_the_sampled_tokens_and_turn_boundaries():
         out = sample(logits.clone(), meta)
         state.record(meta, out.token_ids)
         assert to_host(out, meta)[0] == [want, 5]
-    assert state.penalties.counts.sum(dim=0).tolist() == [1, 1, 0, 0, 0, 3]  # "a"'s outputs, counted on the device
+    assert state.penalties.counts.sum(dim=0).tolist() == [1, 1, 0, 0, 0, 3]  # "a"'s outputs, counted there
     state.set_request("a", params, [3, 3, 1, 5, 5, 5], 6)  # the next turn: everything so far is prompt
     meta = state.prepare(["a"], [0])
     assert to_host(sample(logits[:1].clone(), meta), meta)[0] == [5]
