@@ -2,11 +2,14 @@
 
 In order, on float32 logits [B, V]: raw log-probabilities for the rows that ask (logprobs report the model's
 own distribution, as in vLLM); repetition, frequency and presence penalties; eos / stop ids blocked in rows
-below min_tokens; the allowed-token mask (where a grammar's bitmask goes); then greedy rows take the first
-maximum, and the other rows are divided by their temperature, cut by top-k, top-p and min-p and draw from
+below min_tokens; then greedy rows take the first maximum, and the other rows are divided by their temperature, cut by top-k, top-p and min-p and draw from
 the rest with counter-based noise (sampling_draws.py). Every parameter is a per-row tensor and every row set
 is an index tensor built on the host from the requests' parameters, never from the logits: nothing here
 waits for the device, and only the sampled ids and the asked-for logprobs are copied back (to_host).
+
+A grammar's allowed tokens (structured outputs) arrive applied: the runner sets the others to -inf before the
+pass (token_bitmask.py). Penalties and blocking leave -inf as it is, so that acts as a mask applied just before
+temperature and the filters would, and logprobs then describe the constrained logits, as vLLM's do.
 
 Filters keep ties: top-k keeps every token at least as likely as the k-th; top-p keeps every token at least
 as likely as the last one of the shortest most-likely-first prefix whose mass reaches top_p (after top-k).
@@ -103,18 +106,14 @@ def _put(target: torch.Tensor, rows: Rows, values: torch.Tensor) -> torch.Tensor
     return values if rows is None else target.index_copy(0, rows, values)
 
 
-def sample(logits: torch.Tensor, meta: SamplingMetadata, allowed: torch.Tensor | None = None) -> SamplerOutput:
-    """Token ids [B] for float32 logits [B, V] (edited in place). allowed [B, V] bool, when given, holds the
-    tokens each row may sample (a grammar's mask): applied after penalties and min_tokens, before temperature
-    and the filters, so a grammar's choice is renormalised over its allowed tokens."""
+def sample(logits: torch.Tensor, meta: SamplingMetadata) -> SamplerOutput:
+    """Token ids [B] (and the asked-for logprobs) for float32 logits [B, V], which are edited in place."""
     raw_logprobs = _take(logits, meta.logprobs.rows).log_softmax(dim=-1) if meta.logprobs else None
     if meta.penalties is not None:
         _apply_penalties(logits, meta.penalties)
     if meta.blocked is not None:
         rows = meta.blocked.rows.unsqueeze(1).expand_as(meta.blocked.token_ids)
         logits.index_put_((rows, meta.blocked.token_ids), logits.new_full((), float("-inf")))
-    if allowed is not None:
-        logits.masked_fill_(~allowed, float("-inf"))
     token_ids = torch.zeros(meta.num_rows, dtype=torch.long, device=logits.device)
     if meta.num_greedy:
         token_ids = _put(token_ids, meta.greedy_rows, _take(logits, meta.greedy_rows).max(dim=-1).indices)

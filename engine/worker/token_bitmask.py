@@ -6,6 +6,7 @@ tokens lie in few words (a grammar at a keyword, a brace, an enum) keeps their v
 -inf, a fast fill: its cost follows those words, not the vocabulary. Any other row (inside a free string,
 where most tokens are allowed but forbidden ones are scattered everywhere) gets one masked_fill over its
 unpacked bits. Logits past the bitmask's last word (padding rows of the vocabulary) are always forbidden.
+The bitmask is read on the host; the logits may be on any device (indices and masks are copied there).
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[
         _keep_allowed(logits, bitmask[sparse], row_index[sparse])
     for i in (~sparse).nonzero().flatten().tolist():
         bits = np.unpackbits(bitmask[i].numpy().view(np.uint8), bitorder="little")[: logits.shape[1]]
-        logits[rows[i], : bits.shape[0]].masked_fill_(torch.from_numpy(bits.view(np.bool_)).logical_not_(),
-                                                     float("-inf"))
+        forbidden = torch.from_numpy(bits.view(np.bool_)).logical_not_().to(logits.device)
+        logits[rows[i], : bits.shape[0]].masked_fill_(forbidden, float("-inf"))
 
 
 def _keep_allowed(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor) -> None:
@@ -39,10 +40,10 @@ def _keep_allowed(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tenso
     r, w = (bitmask != 0).nonzero(as_tuple=True)
     r, t = _token_ids(r, w, bitmask[r, w])
     keep = t < logits.shape[1]
-    r, t = r[keep], t[keep]
-    kept = logits[rows[r], t]
-    logits.index_fill_(0, rows, float("-inf"))
-    logits[rows[r], t] = kept
+    r, t = rows[r[keep]].to(logits.device), t[keep].to(logits.device)
+    kept = logits[r, t]
+    logits.index_fill_(0, rows.to(logits.device), float("-inf"))
+    logits[r, t] = kept
 
 
 def _token_ids(r: torch.Tensor, w: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

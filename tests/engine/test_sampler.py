@@ -25,13 +25,13 @@ EOS = [2, 7]
 CPU = torch.device("cpu")
 
 
-def _sample(logits, rows, seed=0, allowed=None):
+def _sample(logits, rows, seed=0):
     """Sample one step of rows (TwinRow: params, prompt, output) through SamplingState and the device pass."""
     state = SamplingState(logits.shape[1], EOS, seed, CPU)
     for i, row in enumerate(rows):
         state.set_request(f"r{i}", row.params, row.prompt + row.output, len(row.prompt))
     meta = state.prepare([f"r{i}" for i in range(len(rows))], [len(row.output) for row in rows])
-    return to_host(sample(logits.clone(), meta, allowed), meta)
+    return to_host(sample(logits.clone(), meta), meta)
 
 
 def _row(params, prompt=(), output=()):
@@ -218,11 +218,14 @@ def test_logprobs_and_ranks_are_those_of_the_raw_logits():
     assert entry.logprobs == pytest.approx([float(raw[2]), float(raw[1]), float(raw[2])], abs=1e-6)
 
 
-def test_the_allowed_mask_restricts_every_kind_of_row():
-    logits = torch.tensor([[9.0, 1.0, 2.0, 0.0]]).expand(40, -1)
-    allowed = torch.tensor([False, True, False, True]).expand(40, -1)
-    rows = [_row(SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i)) for i in range(40)]
-    assert set(_sample(logits, rows, allowed=allowed)[0]) == {1, 3}
+def test_tokens_a_grammar_forbids_stay_forbidden_through_penalties_and_filters():
+    logits = torch.tensor([[9.0, 1.0, 2.0, -1.0, float("-inf"), float("-inf")]]).expand(40, -1)
+    logits = logits.masked_fill(torch.tensor([True, False, True, False, False, False]), float("-inf"))
+    rows = [_row(SamplingParams(temperature=0.0 if i % 2 else 1.5, seed=i, top_p=0.99 if i % 4 == 1 else 1.0,
+                                top_k=3 if i % 4 == 2 else 0, repetition_penalty=0.5, frequency_penalty=-2.0,
+                                presence_penalty=-2.0), prompt=[0, 2, 4], output=[0, 5, 5])
+            for i in range(40)]
+    assert set(_sample(logits, rows)[0]) == {1, 3}
 
 
 def test_any_python_int_is_a_seed():
@@ -269,7 +272,7 @@ def test_the_sampling_pass_creates_no_host_tensor_and_needs_no_data():
     assert meta.random is not None and len(meta.random.filters) == 2 and meta.penalties and meta.blocked
     logits = torch.empty(len(rows), vocab, device=meta_device)
     with _NoHostTensors():
-        out = sample(logits, meta, allowed=torch.empty(len(rows), vocab, dtype=torch.bool, device=meta_device))
+        out = sample(logits, meta)
         state.record(meta, out.token_ids)
     assert out.token_ids.shape == (len(rows),) and out.logprobs is not None
 
