@@ -1,4 +1,5 @@
-"""The embedded default: a tiny random-weight Qwen3-Omni thinker with the real config schema and tokenizer.
+"""The embedded default: a tiny random-weight Qwen3-Omni (thinker and speech stack) with the real config
+schema and tokenizer.
 
 Built once, deterministically from a seed, as an ordinary HF-layout checkpoint directory in the cache;
 it is then loaded like any real checkpoint. Needs no transformers.
@@ -18,10 +19,20 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from omnistream.engine.checkpoint.default_speech import (
+    code2wav_config,
+    speech_weight_shapes,
+    speech_weights,
+    talker_config,
+)
 from omnistream.multimodal.native_build import cache_dir
 
 # Bump when the files written for a preset change, so old cache entries are not reused.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+
+# the tiny vocoder's output-conv scale: its decodes then have a pre-clamp rms near 0.2 (measured, and checked by
+# tests/parity/test_code2wav_parity.py)
+VOCODER_OUT_SCALE = 0.09
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -32,6 +43,16 @@ PRESETS: dict[str, dict[str, Any]] = {
         "audio": dict(d_model=64, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=128,
                       downsample_hidden_size=16),
         "vision": dict(hidden_size=64, depth=2, num_heads=2, intermediate_size=128, deepstack_visual_indexes=[0, 1]),
+        "speech": dict(
+            seed=1, accept_hidden_layer=2, vocoder_out_scale=VOCODER_OUT_SCALE,
+            talker=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32, mrope_section=[6, 5, 5], num_experts=8,
+                        num_experts_per_tok=3, moe_intermediate_size=32, shared_expert_intermediate_size=48),
+            code_predictor=dict(intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, head_dim=16),
+            code2wav=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                          num_key_value_heads=4, decoder_dim=96),
+        ),
     },
 }
 
@@ -135,7 +156,7 @@ def thinker_weight_shapes(thinker_config: dict[str, Any]) -> dict[str, tuple[int
 
 
 def build_config(preset: dict[str, Any]) -> dict[str, Any]:
-    """The full-checkpoint `config.json` (Qwen3OmniMoeForConditionalGeneration, no talker) for a preset."""
+    """The full-checkpoint `config.json` (Qwen3OmniMoeForConditionalGeneration with its speech stack) for a preset."""
     text, audio, vision = preset["text"], preset["audio"], preset["vision"]
     rope = dict(rope_type="default", mrope_section=text["mrope_section"], interleaved=True, mrope_interleaved=True)
     text_config = dict(
@@ -168,7 +189,9 @@ def build_config(preset: dict[str, Any]) -> dict[str, Any]:
     )
     return dict(
         architectures=["Qwen3OmniMoeForConditionalGeneration"], model_type="qwen3_omni_moe",
-        enable_audio_output=False, thinker_config=thinker_config, im_start_token_id=IM_START_ID,
+        enable_audio_output=True, thinker_config=thinker_config,
+        talker_config=talker_config(preset["speech"], text["hidden_size"]), code2wav_config=code2wav_config(preset["speech"]),
+        im_start_token_id=IM_START_ID,
         im_end_token_id=IM_END_ID, system_token_id=8948, user_token_id=872, assistant_token_id=77091,
         tts_pad_token_id=151671, tts_bos_token_id=151672, tts_eos_token_id=151673,
         dtype="float32", torch_dtype="float32",
@@ -279,6 +302,9 @@ def _write_model(out: Path, preset: dict[str, Any]) -> None:
     _write_json(out / "generation_config.json",
                 dict(eos_token_id=[IM_END_ID, ENDOFTEXT_ID], pad_token_id=ENDOFTEXT_ID, bos_token_id=ENDOFTEXT_ID))
     weights = _random_weights(thinker_weight_shapes(config["thinker_config"]), preset["seed"])
+    speech = preset["speech"]
+    shapes = speech_weight_shapes(config["talker_config"], config["code2wav_config"])
+    weights |= speech_weights(shapes, speech["seed"], speech["vocoder_out_scale"])
     save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
     _write_tokenizer(out)
 

@@ -72,14 +72,16 @@ class ThinkerConfig:
     def from_dict(cls, raw: dict[str, Any]) -> ThinkerConfig:
         """Parse a config.json dict in the full (thinker under `thinker_config`) or thinker-only schema."""
         thinker = thinker_section(raw)
-        text_raw = _require(thinker, "text_config", "thinker config")
-        ids = {name: int(_require(thinker, name, "thinker config")) for name in _TOKEN_ID_FIELDS}
+        text_raw = require(thinker, "text_config", "thinker config")
+        if text_raw.get("shared_expert_intermediate_size", 0):
+            raise ValueError("a shared expert is not supported (the thinker has none)")
+        ids = {name: int(require(thinker, name, "thinker config")) for name in _TOKEN_ID_FIELDS}
         dtype = raw.get("dtype") or raw.get("torch_dtype") or thinker.get("dtype") or text_raw.get("dtype")
         return cls(
-            text=_parse_text(text_raw),
+            text=parse_text_config(text_raw),
             audio_config=dict(thinker.get("audio_config") or {}),
             vision_config=dict(thinker.get("vision_config") or {}),
-            position_id_per_seconds=float(_require(thinker, "position_id_per_seconds", "thinker config")),
+            position_id_per_seconds=float(require(thinker, "position_id_per_seconds", "thinker config")),
             dtype=dtype,
             **ids,
         )
@@ -89,7 +91,7 @@ def thinker_section(raw: dict[str, Any]) -> dict[str, Any]:
     """The thinker's part of a config.json, whichever schema it uses."""
     model_type = raw.get("model_type")
     if model_type == FULL_MODEL_TYPE or "thinker_config" in raw:
-        return _require(raw, "thinker_config", "full Qwen3-Omni config")
+        return require(raw, "thinker_config", "full Qwen3-Omni config")
     if model_type == THINKER_MODEL_TYPE:
         return raw
     raise ValueError(
@@ -97,8 +99,8 @@ def thinker_section(raw: dict[str, Any]) -> dict[str, Any]:
     )
 
 
-def _parse_text(raw: dict[str, Any]) -> TextConfig:
-    where = "text_config"
+def parse_text_config(raw: dict[str, Any], where: str = "text_config") -> TextConfig:
+    """An MoE decoder's `text_config` (the thinker's, or the talker's whose shared expert its caller reads)."""
     _check_supported(raw)
     rope = raw.get("rope_parameters") or raw.get("rope_scaling") or {}
     rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -106,22 +108,22 @@ def _parse_text(raw: dict[str, Any]) -> TextConfig:
         raise ValueError(f"unsupported rope_type {rope_type!r}: only 'default' M-RoPE is implemented")
     rope_theta = rope.get("rope_theta", raw.get("rope_theta"))
     if rope_theta is None:
-        raise ValueError("text_config: missing rope_theta (in rope_parameters or at the top level)")
+        raise ValueError(f"{where}: missing rope_theta (in rope_parameters or at the top level)")
     section = rope.get("mrope_section")
     if section is None or len(section) != 3:
-        raise ValueError(f"text_config: mrope_section must list 3 sizes (T, H, W), got {section!r}")
+        raise ValueError(f"{where}: mrope_section must list 3 sizes (T, H, W), got {section!r}")
     text = TextConfig(
-        vocab_size=int(_require(raw, "vocab_size", where)),
-        hidden_size=int(_require(raw, "hidden_size", where)),
-        num_hidden_layers=int(_require(raw, "num_hidden_layers", where)),
-        num_attention_heads=int(_require(raw, "num_attention_heads", where)),
-        num_key_value_heads=int(_require(raw, "num_key_value_heads", where)),
-        head_dim=int(_require(raw, "head_dim", where)),
-        moe_intermediate_size=int(_require(raw, "moe_intermediate_size", where)),
-        num_experts=int(_require(raw, "num_experts", where)),
-        num_experts_per_tok=int(_require(raw, "num_experts_per_tok", where)),
-        norm_topk_prob=bool(_require(raw, "norm_topk_prob", where)),
-        rms_norm_eps=float(_require(raw, "rms_norm_eps", where)),
+        vocab_size=int(require(raw, "vocab_size", where)),
+        hidden_size=int(require(raw, "hidden_size", where)),
+        num_hidden_layers=int(require(raw, "num_hidden_layers", where)),
+        num_attention_heads=int(require(raw, "num_attention_heads", where)),
+        num_key_value_heads=int(require(raw, "num_key_value_heads", where)),
+        head_dim=int(require(raw, "head_dim", where)),
+        moe_intermediate_size=int(require(raw, "moe_intermediate_size", where)),
+        num_experts=int(require(raw, "num_experts", where)),
+        num_experts_per_tok=int(require(raw, "num_experts_per_tok", where)),
+        norm_topk_prob=bool(require(raw, "norm_topk_prob", where)),
+        rms_norm_eps=float(require(raw, "rms_norm_eps", where)),
         rope_theta=float(rope_theta),
         mrope_section=(int(section[0]), int(section[1]), int(section[2])),
         attention_bias=bool(raw.get("attention_bias", False)),
@@ -132,13 +134,11 @@ def _parse_text(raw: dict[str, Any]) -> TextConfig:
 
 
 def _check_supported(raw: dict[str, Any]) -> None:
-    """Reject features of the Qwen3-MoE family that the thinker does not use and we do not implement."""
+    """Reject features of the Qwen3-MoE family that neither decoder uses and we do not implement."""
     if raw.get("hidden_act", "silu") != "silu":
         raise ValueError(f"unsupported hidden_act {raw['hidden_act']!r}: only 'silu' is implemented")
     if raw.get("decoder_sparse_step", 1) != 1 or raw.get("mlp_only_layers"):
         raise ValueError("dense MLP layers are not supported: need decoder_sparse_step == 1 and mlp_only_layers == []")
-    if raw.get("shared_expert_intermediate_size", 0):
-        raise ValueError("a shared expert is not supported (the thinker has none)")
     if raw.get("use_sliding_window") or raw.get("sliding_window"):
         raise ValueError("sliding-window attention is not supported (the thinker uses full causal attention)")
     if raw.get("tie_word_embeddings", False):
@@ -162,7 +162,7 @@ def _check_shapes(text: TextConfig) -> None:
         )
 
 
-def _require(raw: dict[str, Any], key: str, where: str) -> Any:
+def require(raw: dict[str, Any], key: str, where: str) -> Any:
     if raw.get(key) is None:
         raise ValueError(f"{where}: missing required field {key!r}")
     return raw[key]

@@ -37,7 +37,7 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                        "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                        "BOOL": torch.bool}
-_NOT_THINKER = ("talker.", "code2wav.")  # full-checkpoint parts that are out of scope
+_NOT_THINKER = ("talker.", "code2wav.")  # the speech models' parts, loaded by speech_loader.py
 _HF_INTERNAL_PREFIXES = (  # HF-5.x state_dict names → checkpoint names
     ("model.language_model.", "model."),
     ("model.audio_tower.", "audio_tower."),
@@ -53,7 +53,7 @@ def load_model(
     raw = read_model_config(model_dir)
     config = ThinkerConfig.from_dict(raw)
     model_dtype = resolve_dtype(dtype, config.dtype)
-    with torch.device(device), _default_dtype(model_dtype):
+    with torch.device(device), default_dtype(model_dtype):
         model = _build_model(get_model_class(raw), config)
     full_layout = raw.get("model_type") == FULL_MODEL_TYPE or "thinker_config" in raw
     loaded = model.load_weights(iter_thinker_weights(model_dir, full_layout))
@@ -241,7 +241,8 @@ def thinker_name(key: str, full_layout: bool) -> str | None:
 
 
 @contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+def default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Parameters created inside get `dtype`."""
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

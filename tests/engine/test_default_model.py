@@ -13,6 +13,7 @@ from omnistream.engine.checkpoint.default_model import (
     default_model_path,
     thinker_weight_shapes,
 )
+from omnistream.engine.checkpoint.default_speech import speech_weight_shapes
 
 transformers = pytest.importorskip("transformers")
 
@@ -42,7 +43,7 @@ def test_unknown_preset():
 def test_config_schema(model_dir):
     config = json.loads((model_dir / "config.json").read_text())
     assert config["architectures"] == ["Qwen3OmniMoeForConditionalGeneration"]
-    assert config["model_type"] == "qwen3_omni_moe" and config["enable_audio_output"] is False
+    assert config["model_type"] == "qwen3_omni_moe" and config["enable_audio_output"] is True
     thinker = transformers.Qwen3OmniMoeThinkerConfig(**config["thinker_config"])
     assert (thinker.audio_token_id, thinker.image_token_id, thinker.video_token_id) == (151675, 151655, 151656)
     assert (thinker.audio_start_token_id, thinker.audio_end_token_id) == (151669, 151670)
@@ -68,6 +69,35 @@ def test_names_and_shapes_match_what_hf_saves(tmp_path):
         hf_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     ours = {k.removeprefix("thinker."): v for k, v in thinker_weight_shapes(thinker_config).items()}
     assert ours == hf_shapes
+
+
+def test_the_speech_stack_has_the_real_ids_and_rates(model_dir):
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    talker, code2wav = config.talker_config, config.code2wav_config
+    assert (talker.codec_pad_id, talker.codec_bos_id, talker.codec_eos_token_id) == (2148, 2149, 2150)
+    assert (talker.codec_nothink_id, talker.codec_think_bos_id, talker.codec_think_eos_id) == (2155, 2156, 2157)
+    assert talker.speaker_id == {"chelsie": 2301, "ethan": 2302, "aiden": 2303}
+    assert talker.num_code_groups == talker.code_predictor_config.num_code_groups == 16
+    assert (talker.audio_token_id, talker.position_id_per_seconds, talker.spatial_merge_size) == (151675, 13, 2)
+    assert talker.accept_hidden_layer == 2 < config.thinker_config.text_config.num_hidden_layers
+    text = talker.text_config
+    assert (text.vocab_size, text.num_experts_per_tok, text.norm_topk_prob) == (3072, 3, True)
+    assert text.num_experts_per_tok < text.num_experts and text.shared_expert_intermediate_size > 0
+    assert text.rope_parameters["rope_theta"] == talker.code_predictor_config.rope_parameters["rope_theta"] == 1e6
+    assert talker.code_predictor_config.vocab_size == 2048
+    assert (list(code2wav.upsample_rates), list(code2wav.upsampling_ratios)) == ([8, 5, 4, 3], [2, 2])
+    assert code2wav.sliding_window == 72 and code2wav.num_quantizers == 16
+
+
+def test_speech_names_and_shapes_match_what_hf_saves(tmp_path):
+    raw = build_config(PRESETS["tiny"])
+    torch.manual_seed(0)
+    config = transformers.Qwen3OmniMoeConfig(**raw)
+    hf = transformers.Qwen3OmniMoeForConditionalGeneration(config)
+    hf.save_pretrained(tmp_path)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        hf_shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys() if not k.startswith("thinker.")}
+    assert speech_weight_shapes(raw["talker_config"], raw["code2wav_config"]) == hf_shapes
 
 
 def test_weights_load_into_hf_strictly(model_dir):

@@ -1,4 +1,5 @@
-"""Interleaved M-RoPE (Qwen3-Omni): each frequency index is driven by the T, H or W position row.
+"""Rotary position embeddings: interleaved M-RoPE (Qwen3-Omni), where each frequency index is driven by the T, H
+or W position row, and plain 1-D RoPE (the code predictor and code2wav).
 
 Frequency j uses row H if j % 3 == 1 and j < 3*section[1], row W if j % 3 == 2 and j < 3*section[2], else T.
 cos/sin are computed in float32 and cast to the activation dtype; rotation is NeoX style (rotate_half).
@@ -43,12 +44,26 @@ class MRotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
+class RotaryEmbedding(nn.Module):
+    """Plain RoPE: positions [T] into cos, sin of shape [T, head_dim] (float32 angles, cast to `dtype`)."""
+
+    def __init__(self, head_dim: int, rope_theta: float) -> None:
+        super().__init__()
+        exponents = torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim
+        self.register_buffer("inv_freq", 1.0 / (rope_theta**exponents), persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        theta = positions.float().unsqueeze(-1) * self.inv_freq.float()
+        emb = torch.cat((theta, theta), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, heads, head_dim] by cos/sin [T, head_dim]."""
+    """Rotate x [..., T, heads, head_dim] by cos/sin [T, head_dim]."""
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)
     return x * cos + rotate_half(x) * sin

@@ -5,8 +5,7 @@ media to embeddings; merging embeddings into placeholder positions, scheduling a
 
 from __future__ import annotations
 
-from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -24,12 +23,8 @@ from omnistream.engine.model_executor.layers.embedding import (
 from omnistream.engine.model_executor.layers.linear import (
     QKVParallelLinear,
     RowParallelLinear,
-    copy_weight,
 )
-from omnistream.engine.model_executor.layers.moe import (
-    SparseMoeBlock,
-    expert_checkpoint_shards,
-)
+from omnistream.engine.model_executor.layers.moe import SparseMoeBlock
 from omnistream.engine.model_executor.layers.norm import RMSNorm
 from omnistream.engine.model_executor.layers.rotary import (
     MRotaryEmbedding,
@@ -37,8 +32,7 @@ from omnistream.engine.model_executor.layers.rotary import (
 )
 from omnistream.engine.model_executor.models.audio_encoder import AudioEncoder
 from omnistream.engine.model_executor.models.vision_encoder import VisionEncoder
-
-_QKV_SHARDS = {".q_proj.": "q", ".k_proj.": "k", ".v_proj.": "v"}
+from omnistream.engine.model_executor.models.weight_routing import load_named_weights
 
 
 class ThinkerAttention(nn.Module):
@@ -210,33 +204,4 @@ class Qwen3OmniThinkerForCausalLM(nn.Module):
 
         Raises ValueError for a checkpoint name that matches no parameter.
         """
-        params = dict(self.named_parameters())
-        loaded_shards: dict[str, set[object]] = defaultdict(set)
-        for name, tensor in weights:
-            for target, shard, shard_id in _route(name, tensor):
-                param = params.get(target)
-                if param is None:
-                    raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the thinker")
-                getattr(param, "weight_loader", copy_weight)(param, shard, shard_id)
-                # shard id None means the whole parameter at once (e.g. an already-packed q|k|v tensor)
-                loaded_shards[target].update(getattr(param, "shard_ids", (None,)) if shard_id is None else {shard_id})
-        return {
-            name
-            for name, param in params.items()
-            if loaded_shards[name] >= set(getattr(param, "shard_ids", (None,)))
-        }
-
-
-def _route(name: str, tensor: torch.Tensor) -> Iterator[tuple[str, torch.Tensor, object]]:
-    """Checkpoint name → (our parameter name, tensor, shard id) for packed q/k/v and fused experts."""
-    prefix, _, suffix = name.partition(".mlp.experts.")
-    expert_shards = expert_checkpoint_shards(suffix, tensor) if suffix else []
-    if expert_shards:
-        for param, shard, shard_id in expert_shards:
-            yield f"{prefix}.mlp.{param}", shard, shard_id
-        return
-    for proj, shard_id in _QKV_SHARDS.items():
-        if ".self_attn" + proj in name:
-            yield name.replace(proj, ".qkv_proj."), tensor, shard_id
-            return
-    yield name, tensor, None
+        return load_named_weights(self, weights, "thinker")
