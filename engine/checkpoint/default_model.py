@@ -156,7 +156,7 @@ def thinker_weight_shapes(thinker_config: dict[str, Any]) -> dict[str, tuple[int
 
 
 def build_config(preset: dict[str, Any]) -> dict[str, Any]:
-    """The full-checkpoint `config.json` (Qwen3OmniMoeForConditionalGeneration with its speech stack) for a preset."""
+    """The full-checkpoint `config.json` (Qwen3OmniMoeForConditionalGeneration, speech stack included)."""
     text, audio, vision = preset["text"], preset["audio"], preset["vision"]
     rope = dict(rope_type="default", mrope_section=text["mrope_section"], interleaved=True, mrope_interleaved=True)
     text_config = dict(

@@ -1,7 +1,8 @@
 """Speech-output configuration (talker, code predictor, code2wav) parsed from a full Qwen3-Omni config.json.
 
-Every id and size is read from the file: HF's class defaults for these models are wrong for the real checkpoint
-(codec ids, code groups, top-k, hidden layer), so a missing field is an error, never a default. It builds no modules.
+Every id and size is read from the file: HF's class defaults for these models are wrong for the real
+checkpoint (codec ids, code groups, top-k, hidden layer), so a missing field is an error, never a default. It
+builds no modules.
 """
 
 from __future__ import annotations
@@ -17,10 +18,27 @@ from omnistream.engine.checkpoint.model_config import (
     require,
 )
 
-_TALKER_IDS = ("codec_pad_id", "codec_bos_id", "codec_eos_token_id", "codec_nothink_id", "codec_think_bos_id",
-               "codec_think_eos_id", "audio_token_id", "image_token_id", "video_token_id")
-_TOP_IDS = ("tts_pad_token_id", "tts_bos_token_id", "tts_eos_token_id", "im_start_token_id", "im_end_token_id",
-            "system_token_id", "user_token_id", "assistant_token_id")
+_TALKER_IDS = (
+    "codec_pad_id",
+    "codec_bos_id",
+    "codec_eos_token_id",
+    "codec_nothink_id",
+    "codec_think_bos_id",
+    "codec_think_eos_id",
+    "audio_token_id",
+    "image_token_id",
+    "video_token_id",
+)
+_TOP_IDS = (
+    "tts_pad_token_id",
+    "tts_bos_token_id",
+    "tts_eos_token_id",
+    "im_start_token_id",
+    "im_end_token_id",
+    "system_token_id",
+    "user_token_id",
+    "assistant_token_id",
+)
 
 
 @dataclass(frozen=True)
@@ -42,7 +60,8 @@ class CodePredictorConfig:
 
 @dataclass(frozen=True)
 class TalkerConfig:
-    """The talker: an MoE decoder with a shared expert over its own codec vocabulary, plus its input projections."""
+    """The talker: an MoE decoder with a shared expert over its own codec vocabulary, plus its input
+    projections."""
 
     text: TextConfig
     shared_expert_intermediate_size: int
@@ -67,7 +86,7 @@ class TalkerConfig:
 
 @dataclass(frozen=True)
 class Code2WavConfig:
-    """The vocoder: code embedding mean, sliding-window transformer, ×2 upsamplers, causal ConvNet with Snake."""
+    """The vocoder: code embedding mean, sliding-window transformer, ×2 upsamplers, causal Snake ConvNet."""
 
     codebook_size: int
     num_quantizers: int
@@ -90,7 +109,7 @@ class Code2WavConfig:
         return math.prod(self.upsample_rates) * math.prod(self.upsampling_ratios)
 
     def num_samples(self, num_frames: int) -> int:
-        """Samples a decode of `num_frames` frames yields: each ConvT(k=2r, s=r) turns L inputs into (L-1)·r."""
+        """Samples a decode of `num_frames` frames yields (each ConvT(k=2r, s=r): L inputs → (L-1)·r)."""
         length = num_frames * math.prod(self.upsampling_ratios)
         for rate in self.upsample_rates:
             length = (length - 1) * rate
@@ -114,8 +133,8 @@ class SpeechConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> SpeechConfig | None:
-        """The speech config of a config.json dict, or None when it has no audio output (a thinker-only save, or
-        `enable_audio_output` false; absent means true, as in HF)."""
+        """The speech config of a config.json dict, or None when it has no audio output (a thinker-only save,
+        or `enable_audio_output` false; absent means true, as in HF)."""
         if raw.get("model_type") != FULL_MODEL_TYPE or not raw.get("enable_audio_output", True):
             return None
         return cls(
@@ -143,12 +162,16 @@ def _parse_talker(raw: dict[str, Any]) -> TalkerConfig:
     groups = int(require(raw, "num_code_groups", where))
     predictor = _parse_code_predictor(require(raw, "code_predictor_config", where))
     if predictor.num_code_groups != groups:
-        raise ValueError(f"code_predictor_config.num_code_groups ({predictor.num_code_groups}) must equal "
-                         f"talker_config.num_code_groups ({groups})")
+        raise ValueError(
+            f"code_predictor_config.num_code_groups ({predictor.num_code_groups}) must equal "
+            f"talker_config.num_code_groups ({groups})"
+        )
     text = parse_text_config(text_raw, "talker text_config")
     if predictor.hidden_size != text.hidden_size:
-        raise ValueError(f"the code predictor's hidden_size ({predictor.hidden_size}) must equal the talker's "
-                         f"({text.hidden_size}): it reads the talker's hidden state and codec embedding")
+        raise ValueError(
+            f"the code predictor's hidden_size ({predictor.hidden_size}) must equal the talker's "
+            f"({text.hidden_size}): it reads the talker's hidden state and codec embedding"
+        )
     speakers = require(raw, "speaker_id", where)
     return TalkerConfig(
         text=text,

@@ -1,8 +1,9 @@
-"""Build and load the speech models (talker with its code predictor, code2wav) from a full Qwen3-Omni checkpoint.
+"""Build and load the speech models (talker with its code predictor, code2wav) from a full Qwen3-Omni
+checkpoint.
 
-Only when config.json enables audio output; it reads only the `talker.*` and `code2wav.*` tensors (and only the
-files that hold them), so the thinker's load path and memory are untouched. The models are built whole
-(at TP size 1): in v1 the speech lane runs on rank 0, and its forwards run under `tp_group_hidden()` as well.
+Only when config.json enables audio output; it reads only the `talker.*` and `code2wav.*` tensors (and only
+the files that hold them), so the thinker's load path and memory are untouched. The models are built whole (at
+TP size 1): in v1 the speech lane runs on rank 0, and its forwards run under `tp_group_hidden()` as well.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ class SpeechModels(NamedTuple):
     code2wav: Code2Wav
 
 
-def load_speech_models(model_dir: str | Path, dtype: torch.dtype | str | None = None,
-                       device: str | torch.device = "cpu") -> SpeechModels | None:
-    """The speech models of `model_dir` in `dtype` (None/"auto": the checkpoint's), or None when its config.json
-    does not enable audio output. Raises ValueError for a missing or unexpected speech tensor."""
+def load_speech_models(
+    model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+) -> SpeechModels | None:
+    """The speech models of `model_dir` in `dtype` (None/"auto": the checkpoint's), or None when its
+    config.json does not enable audio output. Raises ValueError for a missing or unexpected speech tensor."""
     model_dir = Path(model_dir)
     raw = read_model_config(model_dir)
     config = SpeechConfig.from_dict(raw)
@@ -47,8 +49,10 @@ def load_speech_models(model_dir: str | Path, dtype: torch.dtype | str | None = 
         return None
     thinker_hidden = ThinkerConfig.from_dict(raw).text.hidden_size
     if config.talker.thinker_hidden_size != thinker_hidden:
-        raise ValueError(f"talker_config.thinker_hidden_size ({config.talker.thinker_hidden_size}) must equal the "
-                         f"thinker's hidden_size ({thinker_hidden})")
+        raise ValueError(
+            f"talker_config.thinker_hidden_size ({config.talker.thinker_hidden_size}) must equal the "
+            f"thinker's hidden_size ({thinker_hidden})"
+        )
     model_dtype = resolve_dtype(dtype, raw.get("dtype") or raw.get("torch_dtype"))
     with torch.device(device), default_dtype(model_dtype), distributed.tp_group_hidden():
         talker, code2wav = Talker(config.talker), Code2Wav(config.code2wav)

@@ -1,6 +1,7 @@
-"""Speech-model loading: the config is read from config.json (real ids, never HF's defaults; missing fields are
-errors), only `talker.*`/`code2wav.*` tensors are read, a missing or stray tensor is an error, and checkpoints
-without audio output give no speech models."""
+"""Speech-model loading: the config is read from config.json (real ids, never HF's defaults; missing fields
+are errors), only `talker.*`/`code2wav.*` tensors are read, a missing or stray tensor is an error, and
+checkpoints without audio output give no speech models.
+"""
 
 from __future__ import annotations
 
@@ -53,7 +54,9 @@ def test_checkpoints_without_audio_output_have_no_speech_models(tmp_path):
 def test_a_missing_speech_tensor_is_an_error(tmp_path):
     weights = _speech_weights()
     del weights["talker.code_predictor.lm_head.14.weight"]
-    with pytest.raises(ValueError, match=r"lacks 1 speech weights: \['talker.code_predictor.lm_head.14.weight'\]"):
+    with pytest.raises(
+        ValueError, match=r"lacks 1 speech weights: \['talker.code_predictor.lm_head.14.weight'\]"
+    ):
         load_speech_models(_write(tmp_path / "m", RAW, weights))
 
 
@@ -67,18 +70,32 @@ def test_speech_loading_reads_fused_expert_tensors_too(tmp_path):
     weights = _speech_weights()
     prefix = "talker.model.layers.0.mlp.experts."
     experts = range(RAW["talker_config"]["text_config"]["num_experts"])
-    gate_up = torch.stack([torch.cat((weights.pop(f"{prefix}{e}.gate_proj.weight"),
-                                      weights.pop(f"{prefix}{e}.up_proj.weight"))) for e in experts])
+    gate_up = torch.stack(
+        [
+            torch.cat(
+                (weights.pop(f"{prefix}{e}.gate_proj.weight"), weights.pop(f"{prefix}{e}.up_proj.weight"))
+            )
+            for e in experts
+        ]
+    )
     down = torch.stack([weights.pop(f"{prefix}{e}.down_proj.weight") for e in experts])
-    models = load_speech_models(_write(tmp_path / "m", RAW, weights | {prefix + "gate_up_proj": gate_up,
-                                                                        prefix + "down_proj": down}))
+    models = load_speech_models(
+        _write(tmp_path / "m", RAW, weights | {prefix + "gate_up_proj": gate_up, prefix + "down_proj": down})
+    )
     assert torch.equal(models.talker.model.layers[0].mlp.w2, down)
 
 
-@pytest.mark.parametrize("field, section", [
-    ("speaker_id", "talker_config"), ("codec_eos_token_id", "talker_config"), ("accept_hidden_layer", "talker_config"),
-    ("num_code_groups", "talker_config"), ("upsample_rates", "code2wav_config"), ("tts_pad_token_id", None),
-])
+@pytest.mark.parametrize(
+    "field, section",
+    [
+        ("speaker_id", "talker_config"),
+        ("codec_eos_token_id", "talker_config"),
+        ("accept_hidden_layer", "talker_config"),
+        ("num_code_groups", "talker_config"),
+        ("upsample_rates", "code2wav_config"),
+        ("tts_pad_token_id", None),
+    ],
+)
 def test_a_missing_speech_field_is_named_not_defaulted(field, section):
     raw = copy.deepcopy(RAW)
     del (raw[section] if section else raw)[field]
@@ -89,5 +106,7 @@ def test_a_missing_speech_field_is_named_not_defaulted(field, section):
 def test_mismatched_code_groups_are_refused():
     raw = copy.deepcopy(RAW)
     raw["talker_config"]["code_predictor_config"]["num_code_groups"] = 32  # HF's default
-    with pytest.raises(ValueError, match=r"num_code_groups \(32\) must equal talker_config.num_code_groups \(16\)"):
+    with pytest.raises(
+        ValueError, match=r"num_code_groups \(32\) must equal talker_config.num_code_groups \(16\)"
+    ):
         SpeechConfig.from_dict(raw)

@@ -1,5 +1,7 @@
-"""HF transformers side of the speech parity tests: the full tiny model (thinker, talker, code2wav) built from the
-embedded preset's config, with seeded O(1) talker weights and the calibrated vocoder, saved with save_pretrained."""
+"""HF transformers side of the speech parity tests: the full tiny model (thinker, talker, code2wav) built from
+the embedded preset's config, with seeded O(1) talker weights and the calibrated vocoder, saved with
+save_pretrained.
+"""
 
 from __future__ import annotations
 
@@ -22,12 +24,15 @@ def build_hf_omni(seed: int = 0) -> Qwen3OmniMoeForConditionalGeneration:
     1 + 0.1·N, embeddings and 1-D tensors N(0,1)); code2wav drawn by the preset's recipe, its output conv then
     rescaled so HF's decode of a fixed code sequence has a pre-clamp rms of PRE_CLAMP_RMS."""
     model = Qwen3OmniMoeForConditionalGeneration._from_config(
-        Qwen3OmniMoeConfig(**copy.deepcopy(RAW_CONFIG)), attn_implementation="sdpa",
-        experts_implementation="eager", dtype=torch.float32,
+        Qwen3OmniMoeConfig(**copy.deepcopy(RAW_CONFIG)),
+        attn_implementation="sdpa",
+        experts_implementation="eager",
+        dtype=torch.float32,
     )
     generator = torch.Generator().manual_seed(seed)
-    vocoder = speech_weights(speech_weight_shapes(RAW_CONFIG["talker_config"], RAW_CONFIG["code2wav_config"]),
-                             seed + 1, 1.0)
+    vocoder = speech_weights(
+        speech_weight_shapes(RAW_CONFIG["talker_config"], RAW_CONFIG["code2wav_config"]), seed + 1, 1.0
+    )
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.startswith("code2wav."):
@@ -65,6 +70,12 @@ def pre_clamp_rms(model: Qwen3OmniMoeForConditionalGeneration, codes: torch.Tens
 def save_hf_omni(model: Qwen3OmniMoeForConditionalGeneration, path: Path) -> Path:
     """save_pretrained plus the embedded model's tokenizer files."""
     model.save_pretrained(path)
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "generation_config.json"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "generation_config.json",
+    ):
         shutil.copy(default_model_path() / name, path / name)
     return path

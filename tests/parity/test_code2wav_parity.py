@@ -1,7 +1,8 @@
-"""Code2wav against HF transformers' `forward` on the whole code sequence (the oracle), in fp32 on the tiny stack
-with real rates: our whole-sequence decode, the stream frame by frame and in random chunks (1365 samples for the
-first frame, then 1920 per frame, n·1920 − 555 in all) within 1e-5; the fast stream equals its slow twin; and the
-embedded model's calibrated vocoder is neither silent nor clipped."""
+"""Code2wav against HF transformers' `forward` on the whole code sequence (the oracle), in fp32 on the tiny
+stack with real rates: our whole-sequence decode, the stream frame by frame and in random chunks (1365 samples
+for the first frame, then 1920 per frame, n·1920 − 555 in all) within 1e-5; the fast stream equals its slow
+twin; and the embedded model's calibrated vocoder is neither silent nor clipped.
+"""
 
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def test_the_whole_sequence_decode_equals_hf_forward_with_n_1920_minus_555_sampl
 
 def test_a_stream_fed_frame_by_frame_equals_hf_forward(pair, codes, hf_wav):
     stream = Code2WavStream(pair[1])
-    pieces = [stream.push(codes[0, :, t:t + 1]) for t in range(FRAMES)]
+    pieces = [stream.push(codes[0, :, t : t + 1]) for t in range(FRAMES)]
     assert [p.numel() for p in pieces[:3]] == [1365, 1920, 1920]
     assert all(p.numel() == 1920 for p in pieces[1:])
     assert (torch.cat(pieces) - hf_wav).abs().max() <= TOL
@@ -70,7 +71,7 @@ def test_a_stream_fed_random_chunks_equals_hf_forward(pair, codes, hf_wav, seed)
     stream, pieces, start = Code2WavStream(pair[1]), [], 0
     while start < FRAMES:
         size = int(torch.randint(1, 80, (1,), generator=generator))
-        pieces.append(stream.push(codes[0, :, start:start + size]))
+        pieces.append(stream.push(codes[0, :, start : start + size]))
         start += size
     assert stream.num_frames == FRAMES
     assert (torch.cat(pieces) - hf_wav).abs().max() <= TOL
@@ -79,7 +80,7 @@ def test_a_stream_fed_random_chunks_equals_hf_forward(pair, codes, hf_wav, seed)
 def test_the_fast_stream_equals_its_slow_twin_frame_by_frame(pair, codes):
     fast, slow = Code2WavStream(pair[1]), ReferenceCode2WavStream(pair[1])
     for t in range(75):
-        frame = codes[0, :, t:t + 1]
+        frame = codes[0, :, t : t + 1]
         a, b = fast.push(frame), slow.push(frame)
         assert a.shape == b.shape and (a - b).abs().max() <= TOL, t
 

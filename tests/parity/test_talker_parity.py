@@ -1,7 +1,8 @@
-"""The talker and code predictor against HF transformers (fp32, tiny stack in the real schema, weights saved by
-save_pretrained and read by our speech loader): talker logits for a prefill and teacher-forced decodes at text and
-M-RoPE positions, code-predictor logits and codes for all 15 steps, and the talker's input rows (user turns,
-the 9 assistant rows, the text rows that follow) as HF's `generate` builds them, all within 1e-4."""
+"""The talker and code predictor against HF transformers (fp32, tiny stack in the real schema, weights saved
+by save_pretrained and read by our speech loader): talker logits for a prefill and teacher-forced decodes at
+text and M-RoPE positions, code-predictor logits and codes for all 15 steps, and the talker's input rows (user
+turns, the 9 assistant rows, the text rows that follow) as HF's `generate` builds them, all within 1e-4.
+"""
 
 from __future__ import annotations
 
@@ -57,8 +58,13 @@ class TalkerRunner:
         count = rows.shape[0]
         slots = torch.arange(self.num_computed, self.num_computed + count)
         self.num_computed += count
-        metadata = AttentionMetadata(query_start_loc=[0, count], seq_lens=[self.num_computed], slot_mapping=slots,
-                                     block_tables=torch.arange(self.blocks).unsqueeze(0), block_size=BLOCK)
+        metadata = AttentionMetadata(
+            query_start_loc=[0, count],
+            seq_lens=[self.num_computed],
+            slot_mapping=slots,
+            block_tables=torch.arange(self.blocks).unsqueeze(0),
+            block_size=BLOCK,
+        )
         return self.talker.compute_logits(self.talker(rows, positions, self.kv_caches, metadata))
 
 
@@ -75,16 +81,25 @@ def test_talker_logits_match_hf_for_a_prefill_and_teacher_forced_decodes(omni, m
         positions = torch.arange(14).expand(3, -1)
     prefill, decodes = 11, [11, 12, 13]
     cache = DynamicCache(config=hf.talker.config.text_config)
-    out = hf.talker(inputs_embeds=rows[None, :prefill], position_ids=positions[:, None, :prefill], cache=cache,
-                    use_cache=True)
+    out = hf.talker(
+        inputs_embeds=rows[None, :prefill],
+        position_ids=positions[:, None, :prefill],
+        cache=cache,
+        use_cache=True,
+    )
     expected = [out.logits[0]]
     for i in decodes:
-        out = hf.talker(inputs_embeds=rows[None, i:i + 1], position_ids=positions[:, None, i:i + 1], cache=cache,
-                        use_cache=True, generation_step=0)  # HF counts steps for its own generate
+        out = hf.talker(
+            inputs_embeds=rows[None, i : i + 1],
+            position_ids=positions[:, None, i : i + 1],
+            cache=cache,
+            use_cache=True,
+            generation_step=0,
+        )  # HF counts steps for its own generate
         expected.append(out.logits[0])
     runner = TalkerRunner(models.talker)
     ours = [runner.step(rows[:prefill], positions[:, :prefill])]
-    ours += [runner.step(rows[i:i + 1], positions[:, i:i + 1]) for i in decodes]
+    ours += [runner.step(rows[i : i + 1], positions[:, i : i + 1]) for i in decodes]
     for a, b in zip(ours, expected):
         assert (a - b).abs().max() <= TOL
     assert torch.cat(expected).std() > 0.5  # O(1) logits: the comparison is not between near-zeros
@@ -102,8 +117,13 @@ def test_code_predictor_logits_and_codes_match_hf_for_all_15_steps(omni):
     predictor = hf.talker.code_predictor
     for b in range(3):
         inputs = torch.stack((hidden[b], hf.talker.get_input_embeddings()(c0[b])))[None]
-        result = predictor.generate(inputs_embeds=inputs, max_new_tokens=15, do_sample=False, output_logits=True,
-                                    return_dict_in_generate=True)
+        result = predictor.generate(
+            inputs_embeds=inputs,
+            max_new_tokens=15,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
         assert prediction.codes[b].tolist() == result.sequences[0].tolist()
         assert (prediction.logits[b] - torch.cat(result.logits)).abs().max() <= TOL
         embeds = sum(predictor.get_input_embeddings()[g](result.sequences[0, g]) for g in range(15))
@@ -134,9 +154,11 @@ def test_the_talker_prompt_equals_what_hf_generate_gives_the_talker(omni, monkey
     """System turn, two user turns and an assistant turn; HF's thinker answers 3 greedy tokens (no EOS)."""
     hf, models, thinker = omni
     config = models.config
-    prompt = ([151644, 8948, 198, 2610, 151645, 198, 151644, 872, 198, 9707, 11, 151645, 198]
-              + [151644, 77091, 198, 13048, 151645, 198, 151644, 872, 198, 3838, 30, 151645, 198]
-              + [151644, 77091, 198])
+    prompt = (
+        [151644, 8948, 198, 2610, 151645, 198, 151644, 872, 198, 9707, 11, 151645, 198]
+        + [151644, 77091, 198, 13048, 151645, 198, 151644, 872, 198, 3838, 30, 151645, 198]
+        + [151644, 77091, 198]
+    )
     captured = {}
 
     def capture(**kwargs):
@@ -145,19 +167,36 @@ def test_the_talker_prompt_equals_what_hf_generate_gives_the_talker(omni, monkey
 
     monkeypatch.setattr(hf.talker, "generate", capture)
     with pytest.raises(StopIteration):
-        hf.generate(input_ids=torch.tensor([prompt]), speaker="Chelsie", thinker_max_new_tokens=3,
-                    thinker_do_sample=False, talker_do_sample=False)
-    reply = hf.thinker.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[0, len(prompt):]
+        hf.generate(
+            input_ids=torch.tensor([prompt]),
+            speaker="Chelsie",
+            thinker_max_new_tokens=3,
+            thinker_do_sample=False,
+            talker_do_sample=False,
+        )
+    reply = hf.thinker.generate(input_ids=torch.tensor([prompt]), max_new_tokens=3, do_sample=False)[
+        0, len(prompt) :
+    ]
     kept = user_turn_positions(prompt, config)
     assert [prompt[i] for i in kept] == prompt[6:13] + prompt[19:26]
-    assert captured["talker_input_ids"][0].tolist() == [prompt[i] for i in kept] + [config.tts_pad_token_id] * 9
+    assert (
+        captured["talker_input_ids"][0].tolist() == [prompt[i] for i in kept] + [config.tts_pad_token_id] * 9
+    )
 
     user_ids = [prompt[i] for i in kept]
     tts = tts_rows(models.talker, _embed(thinker, tts_token_ids(config)))
     header = _embed(thinker, [151644, 77091, 198, int(reply[0])])
-    rows = torch.cat((user_rows(models.talker, _embed(thinker, user_ids), torch.zeros(len(user_ids), dtype=torch.bool),
-                                torch.zeros(0, 128)),
-                      assistant_rows(models.talker, config, header, tts, speaker_id(config, "CHELSIE"))))
+    rows = torch.cat(
+        (
+            user_rows(
+                models.talker,
+                _embed(thinker, user_ids),
+                torch.zeros(len(user_ids), dtype=torch.bool),
+                torch.zeros(0, 128),
+            ),
+            assistant_rows(models.talker, config, header, tts, speaker_id(config, "CHELSIE")),
+        )
+    )
     assert (rows - captured["inputs_embeds"][0]).abs().max() <= TOL
     trailing = torch.cat((models.talker.text_projection(_embed(thinker, [int(reply[1])])), tts.eos[None]))
     assert (trailing - captured["trailing_text_hidden"][0]).abs().max() <= TOL

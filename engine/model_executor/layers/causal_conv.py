@@ -1,7 +1,8 @@
 """Causal 1-D convolutions that stream: each keeps, in a `ConvState`, the left context its next chunk needs.
 
-A fresh state stands for zero left padding, so decoding a whole sequence and decoding it chunk by chunk through one
-state run the same code and give the same samples. Layouts are [B, C, T]; checkpoint names end in `conv.weight`.
+A fresh state stands for zero left padding, so decoding a whole sequence and decoding it chunk by chunk
+through one state run the same code and give the same samples. Layouts are [B, C, T]; checkpoint names end in
+`conv.weight`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from torch import nn
 
 
 class ConvState:
-    """One voice's left buffers: for each layer, the trailing inputs it has seen (absent before its first chunk)."""
+    """One voice's left buffers: for each layer, the trailing inputs it has seen (absent before its first
+    chunk)."""
 
     def __init__(self) -> None:
         self.tails: dict[nn.Module, torch.Tensor] = {}
@@ -22,10 +24,11 @@ class ConvState:
 
 
 class CausalConv1d(nn.Module):
-    """Stride-1 convolution over inputs t-(k-1)·d..t: it keeps its last (k-1)·d inputs (zeros at the start)."""
+    """Stride-1 convolution over inputs t-(k-1)·d..t: keeps its last (k-1)·d inputs (zeros at the start)."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1,
-                 groups: int = 1) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, dilation: int = 1, groups: int = 1
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv1d(in_channels, out_channels, kernel_size, dilation=dilation, groups=groups)
         self.context = (kernel_size - 1) * dilation
@@ -36,21 +39,22 @@ class CausalConv1d(nn.Module):
             if tail is None:
                 tail = x.new_zeros(x.shape[0], x.shape[1], self.context)
             x = torch.cat((tail, x), dim=-1)
-            state.tails[self] = x[..., -self.context:].clone()  # not a view that pins the chunk
+            state.tails[self] = x[..., -self.context :].clone()  # not a view that pins the chunk
         return self.conv(x)
 
 
 class CausalConvTranspose1d(nn.Module):
     """Transposed convolution (k = s or k = 2s) cropped by k−s samples at each end, as HF's causal one.
 
-    With k = 2s, output j needs inputs ⌊j/s⌋ and ⌊j/s⌋+1, so a chunk of n inputs finalises n·s outputs once the
-    layer keeps its last input; its first chunk gives (n−1)·s. With k = s it needs nothing from before.
-    """
+    With k = 2s, output j needs inputs ⌊j/s⌋ and ⌊j/s⌋+1, so a chunk of n inputs finalises n·s outputs once
+    the layer keeps its last input; its first chunk gives (n−1)·s. With k = s it needs nothing from before."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, stride: int) -> None:
         super().__init__()
         if kernel_size not in (stride, 2 * stride):
-            raise ValueError(f"a causal transposed conv needs kernel {stride} or {2 * stride}, got {kernel_size}")
+            raise ValueError(
+                f"a causal transposed conv needs kernel {stride} or {2 * stride}, got {kernel_size}"
+            )
         self.conv = nn.ConvTranspose1d(in_channels, out_channels, kernel_size, stride=stride)
         self.crop = kernel_size - stride
         self.keeps_last = kernel_size == 2 * stride
@@ -62,4 +66,4 @@ class CausalConvTranspose1d(nn.Module):
             if tail is not None:
                 x = torch.cat((tail, x), dim=-1)
         y = self.conv(x)
-        return y[..., self.crop: y.shape[-1] - self.crop]
+        return y[..., self.crop : y.shape[-1] - self.crop]

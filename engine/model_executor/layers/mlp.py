@@ -10,7 +10,8 @@ from omnistream.engine.model_executor.layers.linear import ReplicatedLinear
 
 
 class GatedMLP(nn.Module):
-    """Checkpoint names `gate_proj`, `up_proj`, `down_proj`, no biases (the speech models' MLPs and shared expert)."""
+    """Checkpoint names `gate_proj`, `up_proj`, `down_proj`, no biases (the speech models' MLPs and shared
+    expert)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()

@@ -6,7 +6,6 @@ Built whole on one rank (the speech lane runs on rank 0 in v1), so the parent's 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from omnistream.engine.model_executor.layers.linear import ReplicatedLinear
 from omnistream.engine.model_executor.layers.mlp import GatedMLP

@@ -1,4 +1,4 @@
-"""SnakeBeta, the vocoder's periodic activation: x + sin²(x·e^α) / (e^β + 1e-9), α and β per channel (logs)."""
+"""SnakeBeta, the vocoder's periodic activation: x + sin²(x·e^α) / (e^β + 1e-9), α, β per channel (logs)."""
 
 from __future__ import annotations
 

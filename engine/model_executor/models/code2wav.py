@@ -48,7 +48,9 @@ class Code2Wav(nn.Module):
     def __init__(self, config: Code2WavConfig) -> None:
         super().__init__()
         self.config = config
-        self.code_embedding = VocabParallelEmbedding(config.codebook_size * config.num_quantizers, config.hidden_size)
+        self.code_embedding = VocabParallelEmbedding(
+            config.codebook_size * config.num_quantizers, config.hidden_size
+        )
         self.pre_transformer = Code2WavTransformer(config)
         self.upsample = build_upsample(config.hidden_size, config.upsampling_ratios)
         self.decoder = build_decoder(config.hidden_size, config.decoder_dim, config.upsample_rates)
@@ -59,7 +61,9 @@ class Code2Wav(nn.Module):
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, Q, n] -> frame embeddings [B, n, H] (the mean over the Q codebooks)."""
         if codes.dim() != 3 or codes.shape[1] != self.config.num_quantizers:
-            raise ValueError(f"codes must be [batch, {self.config.num_quantizers}, frames], got {tuple(codes.shape)}")
+            raise ValueError(
+                f"codes must be [batch, {self.config.num_quantizers}, frames], got {tuple(codes.shape)}"
+            )
         return self.code_embedding(codes + self.code_offset).mean(1)
 
     def transform(self, codes: torch.Tensor, state: Code2WavState) -> torch.Tensor:
@@ -69,12 +73,13 @@ class Code2Wav(nn.Module):
         return hidden.transpose(1, 2)
 
     def decode(self, codes: torch.Tensor, state: Code2WavState) -> torch.Tensor:
-        """The samples [B, 1, k] that the next frames (codes [B, Q, n]) make final: after frame t, samples up to
-        (t+1)·1920 − 555; the rest need the next frame's look-ahead."""
+        """The samples [B, 1, k] that the next frames (codes [B, Q, n]) make final: after frame t, samples up
+        to (t+1)·1920 − 555; the rest need the next frame's look-ahead."""
         return run_convnet(self.upsample, self.decoder, self.transform(codes, state), state.conv)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        """Whole-sequence decode, codes [B, Q, n] -> waveform [B, 1, num_samples(n)] in [-1, 1] (HF's `forward`)."""
+        """Whole-sequence decode, codes [B, Q, n] -> waveform [B, 1, num_samples(n)] in [-1, 1] (HF's
+        `forward`)."""
         return self.decode(codes, Code2WavState(self, codes.shape[0]))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

@@ -1,7 +1,8 @@
 """Code2wav's convolutional half: the ×2 upsamplers with ConvNeXt blocks, then the causal decoder with Snake.
 
-Every layer takes the voice's `ConvState`, so one code path decodes a whole sequence (fresh state) or streams it
-chunk by chunk with the same samples. Names follow the checkpoint (`upsample.i.{0,1}`, `decoder.{0..6}`).
+Every layer takes the voice's `ConvState`, so one code path decodes a whole sequence (fresh state) or streams
+it chunk by chunk with the same samples. Names follow the checkpoint
+(`upsample.i.{0,1}`, `decoder.{0..6}`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, rate: int) -> None:
         super().__init__()
         units = [ResidualUnit(out_dim, dilation) for dilation in (1, 3, 9)]
-        self.block = nn.ModuleList([SnakeBeta(in_dim), CausalConvTranspose1d(in_dim, out_dim, 2 * rate, rate), *units])
+        self.block = nn.ModuleList(
+            [SnakeBeta(in_dim), CausalConvTranspose1d(in_dim, out_dim, 2 * rate, rate), *units]
+        )
 
     def forward(self, x: torch.Tensor, state: ConvState) -> torch.Tensor:
         x = self.block[1](self.block[0](x), state)
@@ -67,21 +70,27 @@ class DecoderBlock(nn.Module):
 def build_upsample(hidden_size: int, ratios: tuple[int, ...]) -> nn.ModuleList:
     """`upsample.i` = [causal ConvT(k=s=ratio), ConvNeXt block] per ratio (no look-ahead)."""
     return nn.ModuleList(
-        nn.ModuleList([CausalConvTranspose1d(hidden_size, hidden_size, ratio, ratio), ConvNeXtBlock(hidden_size)])
+        nn.ModuleList(
+            [CausalConvTranspose1d(hidden_size, hidden_size, ratio, ratio), ConvNeXtBlock(hidden_size)]
+        )
         for ratio in ratios
     )
 
 
 def build_decoder(hidden_size: int, decoder_dim: int, rates: tuple[int, ...]) -> nn.ModuleList:
-    """`decoder` = [conv k7 to decoder_dim, one block per rate (channels halve), Snake, conv k7 to 1 channel]."""
-    blocks = [DecoderBlock(decoder_dim // 2**i, decoder_dim // 2 ** (i + 1), rate) for i, rate in enumerate(rates)]
+    """`decoder` = [conv k7 to decoder_dim, a block per rate (channels halve), Snake, conv k7 to 1 out]."""
+    blocks = [
+        DecoderBlock(decoder_dim // 2**i, decoder_dim // 2 ** (i + 1), rate) for i, rate in enumerate(rates)
+    ]
     out_dim = decoder_dim // 2 ** len(rates)
-    return nn.ModuleList([CausalConv1d(hidden_size, decoder_dim, 7), *blocks, SnakeBeta(out_dim),
-                          CausalConv1d(out_dim, 1, 7)])
+    return nn.ModuleList(
+        [CausalConv1d(hidden_size, decoder_dim, 7), *blocks, SnakeBeta(out_dim), CausalConv1d(out_dim, 1, 7)]
+    )
 
 
-def run_convnet(upsample: nn.ModuleList, decoder: nn.ModuleList, hidden: torch.Tensor,
-                state: ConvState) -> torch.Tensor:
+def run_convnet(
+    upsample: nn.ModuleList, decoder: nn.ModuleList, hidden: torch.Tensor, state: ConvState
+) -> torch.Tensor:
     """Transformer output [B, H, n] (12.5 Hz) -> waveform [B, 1, samples] clamped to [-1, 1]."""
     for conv_t, block in upsample:
         hidden = block(conv_t(hidden, state), state)

@@ -1,10 +1,11 @@
-"""Streaming code2wav for one voice, exact: each pushed frame yields the samples that no later frame can change.
+"""Streaming code2wav for one voice, exact: each pushed frame yields the samples that no later frame can
+change.
 
-`Code2WavStream` (the fast form) carries the model's state: the transformer's 72-frame K/V ring and the ConvNet's
-left buffers, at the cost of one frame per frame. `ReferenceCode2WavStream` is its slow twin for tests: the same
-ring, but the ConvNet rerun from zeros over the last `REFERENCE_CONTEXT_FRAMES` transformer frames plus the new one
-(the new samples' receptive field) at 11× the work. Both give 1365 samples for the first frame, then 1920 per frame,
-and in total what `Code2Wav.forward` gives on the whole sequence.
+`Code2WavStream` (the fast form) carries the model's state: the transformer's 72-frame K/V ring and the
+ConvNet's left buffers, at the cost of one frame per frame. `ReferenceCode2WavStream` is its slow twin for
+tests: the same ring, but the ConvNet rerun from zeros over the last `REFERENCE_CONTEXT_FRAMES` transformer
+frames plus the new one (the new samples' receptive field) at 11× the work. Both give 1365 samples for the
+first frame, then 1920 per frame, and in total what `Code2Wav.forward` gives on the whole sequence.
 """
 
 from __future__ import annotations
@@ -55,9 +56,9 @@ class ReferenceCode2WavStream:
         pieces = []
         for t in range(codes.shape[-1]):
             first = self.state.num_frames == 0
-            hidden = self.model.transform(codes[..., t:t + 1], self.state)
+            hidden = self.model.transform(codes[..., t : t + 1], self.state)
             window = hidden if self.recent is None else torch.cat((self.recent, hidden), dim=-1)
-            self.recent = window[..., -(REFERENCE_CONTEXT_FRAMES + 1):]
+            self.recent = window[..., -(REFERENCE_CONTEXT_FRAMES + 1) :]
             wav = run_convnet(self.model.upsample, self.model.decoder, self.recent, ConvState()).reshape(-1)
-            pieces.append(wav if first else wav[-self.model.config.samples_per_frame:])
+            pieces.append(wav if first else wav[-self.model.config.samples_per_frame :])
         return torch.cat(pieces)

@@ -1,8 +1,9 @@
 """The talker: an MoE decoder (shared expert, q/k RMSNorm, interleaved M-RoPE) over the paged KV cache that
 predicts codebook 0 of each audio frame, with its input projections and the code predictor it feeds.
 
-Checkpoint prefix `talker.`. It maps input rows (built by `talker_prompt`) to final-normed hidden states and codec
-logits. Tensor parallelism is not implemented: the speech lane runs whole on rank 0 in v1 (built at TP size 1).
+Checkpoint prefix `talker.`. It maps input rows (built by `talker_prompt`) to final-normed hidden states and
+codec logits. Tensor parallelism is not implemented: the speech lane runs whole on rank 0 in v1 (built at TP
+size 1).
 """
 
 from __future__ import annotations
@@ -50,11 +51,23 @@ class TalkerDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.self_attn = ThinkerAttention(text, backend)
         self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.mlp = SharedExpertMoeBlock(text.hidden_size, text.moe_intermediate_size, text.num_experts,
-                                        text.num_experts_per_tok, text.norm_topk_prob, shared_width)
+        self.mlp = SharedExpertMoeBlock(
+            text.hidden_size,
+            text.moe_intermediate_size,
+            text.num_experts,
+            text.num_experts_per_tok,
+            text.norm_topk_prob,
+            shared_width,
+        )
 
-    def forward(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kv_cache: torch.Tensor,
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        kv_cache: torch.Tensor,
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
         hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn_metadata)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
@@ -67,12 +80,19 @@ class TalkerModel(nn.Module):
         text = config.text
         self.codec_embedding = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
         self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
-        self.layers = nn.ModuleList(TalkerDecoderLayer(text, config.shared_expert_intermediate_size, backend)
-                                    for _ in range(text.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            TalkerDecoderLayer(text, config.shared_expert_intermediate_size, backend)
+            for _ in range(text.num_hidden_layers)
+        )
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
-    def forward(self, hidden: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} KV caches (one per layer), got {len(kv_caches)}")
         cos, sin = self.rotary_emb(positions, hidden.dtype)
@@ -90,8 +110,12 @@ class Talker(nn.Module):
         text = config.text
         self.model = TalkerModel(config, attn_backend or TorchSDPABackend())
         self.codec_head = ReplicatedLinear(text.hidden_size, text.vocab_size, bias=False)
-        self.text_projection = ProjectionMLP(config.thinker_hidden_size, config.projection_size, text.hidden_size)
-        self.hidden_projection = ProjectionMLP(config.thinker_hidden_size, config.projection_size, text.hidden_size)
+        self.text_projection = ProjectionMLP(
+            config.thinker_hidden_size, config.projection_size, text.hidden_size
+        )
+        self.hidden_projection = ProjectionMLP(
+            config.thinker_hidden_size, config.projection_size, text.hidden_size
+        )
         self.code_predictor = CodePredictor(config.code_predictor)
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
@@ -108,10 +132,15 @@ class Talker(nn.Module):
         """Rows of the talker's codec table (codebook 0 entries and the special codec ids)."""
         return self.model.codec_embedding(ids)
 
-    def forward(self, inputs_embeds: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor],
-                attn_metadata: AttentionMetadata) -> torch.Tensor:
-        """Final-normed hidden states [T, H] of a flat batch of input rows at M-RoPE positions [3, T] (or [T]);
-        a row's state is also the code predictor's input for the frame sampled there."""
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        positions: torch.Tensor,
+        kv_caches: list[torch.Tensor],
+        attn_metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        """Final-normed hidden states [T, H] of a flat batch of input rows at M-RoPE positions [3, T] (or
+        [T]); a row's state is also the code predictor's input for the frame sampled there."""
         return self.model(inputs_embeds, positions, kv_caches, attn_metadata)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""Checkpoint names → our parameters: packed q/k/v and fused or per-expert MoE tensors, with shard bookkeeping.
+"""Checkpoint names → our parameters: packed q/k/v and fused or per-expert MoE tensors, with shard
+bookkeeping.
 
-Shared by every model whose attention packs q/k/v (`QKVParallelLinear`) and whose MoE blocks hold `w13`/`w2`.
+Shared by every model whose attention packs q/k/v (`QKVParallelLinear`) and whose MoE blocks hold
+`w13`/`w2`.
 """
 
 from __future__ import annotations
@@ -18,8 +20,9 @@ _QKV_SHARDS = {".q_proj.": "q", ".k_proj.": "k", ".v_proj.": "v"}
 
 
 def load_named_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], what: str) -> set[str]:
-    """Load (checkpoint name, tensor) pairs named relative to `module`; return the parameters whose every shard
-    was loaded. Raises ValueError for a name that matches no parameter (`what` names the model in the message)."""
+    """Load (checkpoint name, tensor) pairs named relative to `module`; return the parameters whose every
+    shard was loaded. Raises ValueError for a name that matches no parameter (`what` names the model in the
+    message)."""
     params = dict(module.named_parameters())
     loaded_shards: dict[str, set[object]] = defaultdict(set)
     for name, tensor in weights:
@@ -29,7 +32,9 @@ def load_named_weights(module: nn.Module, weights: Iterable[tuple[str, torch.Ten
                 raise ValueError(f"checkpoint tensor {name!r} matches no parameter of the {what}")
             getattr(param, "weight_loader", copy_weight)(param, shard, shard_id)
             # shard id None means the whole parameter at once (e.g. an already-packed q|k|v tensor)
-            loaded_shards[target].update(getattr(param, "shard_ids", (None,)) if shard_id is None else {shard_id})
+            loaded_shards[target].update(
+                getattr(param, "shard_ids", (None,)) if shard_id is None else {shard_id}
+            )
     return {
         name
         for name, param in params.items()
