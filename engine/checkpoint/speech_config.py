@@ -139,7 +139,9 @@ class SpeechConfig:
             return None
         return cls(
             talker=_parse_talker(require(raw, "talker_config", "config.json with enable_audio_output")),
-            code2wav=_parse_code2wav(require(raw, "code2wav_config", "config.json with enable_audio_output")),
+            code2wav=parse_code2wav_config(
+                require(raw, "code2wav_config", "config.json with enable_audio_output")
+            ),
             **{name: int(require(raw, name, "config.json")) for name in _TOP_IDS},
         )
 
@@ -205,7 +207,8 @@ def _parse_code_predictor(raw: dict[str, Any]) -> CodePredictorConfig:
     )
 
 
-def _parse_code2wav(raw: dict[str, Any]) -> Code2WavConfig:
+def parse_code2wav_config(raw: dict[str, Any]) -> Code2WavConfig:
+    """A `code2wav_config` section of config.json."""
     where = "code2wav_config"
     hidden, heads = int(require(raw, "hidden_size", where)), int(require(raw, "num_attention_heads", where))
     rates = tuple(int(r) for r in require(raw, "upsample_rates", where))
