@@ -1,6 +1,8 @@
 """Audio input: decode any supported file (or a raw array) to float32 mono 16 kHz with PyAV.
 
-Owns decoding, downmixing (mean of channels) and resampling; it never truncates or pads the signal.
+Owns decoding, downmixing (mean of channels) and resampling; it never truncates or pads the signal. A clip
+longer than its limit is refused before it is decoded (from the container's declared duration, or a raw
+array's length) and, should the header lie, as soon as decoding passes the limit. Raw PCM rates are bounded.
 """
 
 from __future__ import annotations
@@ -13,9 +15,12 @@ import av
 import numpy as np
 import torch
 
-from .errors import EmptyMediaError, MediaDecodeError, MediaError
+from .errors import EmptyMediaError, MediaDecodeError, MediaError, MediaLimitError
 
 TARGET_RATE = 16000
+MAX_AUDIO_SECONDS = 3600.0  # per clip, unless the caller gives its own limit
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 8_000, 192_000  # of raw PCM (arrays, live chunks): a rate of 1 Hz would
+# turn a few bytes into hours of audio
 _MAX_CHANNELS = 8  # a raw 2-D array is [channels, samples]; more rows than this means it is transposed
 _BLOCK = 1 << 20  # raw arrays are resampled in blocks of this many samples
 _PADDING_S = 0.1  # decoded audio past the declared duration, up to this much, is codec padding
@@ -69,6 +74,21 @@ def _wav_missing_bytes(source: MediaFile) -> int:
     return 0
 
 
+def check_sample_rate(sample_rate: object, field: str = "sample_rate") -> int:
+    """The rate of raw PCM samples if it is a whole number of Hz within the bounds; else MediaError."""
+    if isinstance(sample_rate, bool) or not isinstance(sample_rate, (int, np.integer)) or not (
+        MIN_SAMPLE_RATE <= sample_rate <= MAX_SAMPLE_RATE
+    ):
+        raise MediaError(f"audio: {field} must be a whole number of Hz from {MIN_SAMPLE_RATE} to "
+                         f"{MAX_SAMPLE_RATE}, got {sample_rate!r}")
+    return int(sample_rate)
+
+
+def _check_seconds(seconds: float, max_seconds: float) -> None:
+    if seconds > max_seconds:
+        raise MediaLimitError("audio", "duration in seconds", round(seconds, 2), max_seconds)
+
+
 def has_audio_stream(source: MediaFile) -> bool:
     """Whether an encoded file (e.g. a video) holds at least one audio stream."""
     with open_container(source, "audio") as container:
@@ -97,7 +117,7 @@ def _append_frames(frames: list[av.AudioFrame], out: _Samples) -> None:
         out.append(frame.to_ndarray().mean(axis=0, dtype=np.float32))  # fltp: [channels, samples]
 
 
-def _decode_file(source: MediaFile) -> np.ndarray:
+def _decode_file(source: MediaFile, max_seconds: float) -> np.ndarray:
     try:
         missing = _wav_missing_bytes(source)
     except OSError as exc:
@@ -109,11 +129,13 @@ def _decode_file(source: MediaFile) -> np.ndarray:
             raise EmptyMediaError("audio: the file has no audio stream")
         stream = container.streams.audio[0]
         declared = float(stream.duration * stream.time_base) if stream.duration else None
+        _check_seconds(declared or (container.duration or 0) / av.time_base, max_seconds)  # before decoding
         resampler = av.AudioResampler(format="fltp", rate=TARGET_RATE)  # keeps the layout; we average channels
         out = _Samples(int((declared or 0) * TARGET_RATE * 1.05))
         try:
             for frame in container.decode(stream):
                 _append_frames(resampler.resample(frame), out)
+                _check_seconds(out.size / TARGET_RATE - _PADDING_S, max_seconds)  # a header that lied
             _append_frames(resampler.resample(None), out)
         except av.FFmpegError as exc:
             raise MediaDecodeError(f"audio: corrupt or truncated data ({exc})") from exc
@@ -136,13 +158,15 @@ def _to_float(samples: np.ndarray) -> np.ndarray:
     raise MediaError(f"audio: unsupported sample dtype {samples.dtype}; use float or signed integers")
 
 
-def _from_array(samples: np.ndarray | torch.Tensor, sample_rate: int | None) -> np.ndarray:
+def _from_array(samples: np.ndarray | torch.Tensor, sample_rate: int | None, max_seconds: float) -> np.ndarray:
     """Raw samples: 1-D mono, or 2-D [channels, samples] (≤ 8 channels), at `sample_rate`."""
-    if sample_rate is None or sample_rate <= 0:
-        raise MediaError("audio: a raw array needs a positive sample_rate")
+    if sample_rate is None:
+        raise MediaError("audio: a raw array needs its sample_rate")
+    sample_rate = check_sample_rate(sample_rate)
     if isinstance(samples, torch.Tensor):
         samples = samples.detach().cpu().numpy()
     samples = np.asarray(samples)
+    _check_seconds(samples.shape[-1] / sample_rate if samples.ndim else 0, max_seconds)
     if samples.ndim == 2:
         if samples.shape[0] > _MAX_CHANNELS:
             raise MediaError(f"audio: 2-D arrays are [channels, samples]; got shape {samples.shape} (transpose it)")
@@ -164,15 +188,18 @@ def _from_array(samples: np.ndarray | torch.Tensor, sample_rate: int | None) -> 
     return out.result()
 
 
-def load_audio(source: AudioSource, sample_rate: int | None = None) -> np.ndarray:
+def load_audio(source: AudioSource, sample_rate: int | None = None,
+               max_seconds: float = MAX_AUDIO_SECONDS) -> np.ndarray:
     """Float32 mono samples at 16 kHz from a path, encoded bytes, a file-like, or a raw array.
 
     A raw array (numpy or torch; 1-D mono or 2-D [channels, samples]) needs `sample_rate`, or comes as
     `(array, sample_rate)`. Encoded files may be any container PyAV reads, including a video's soundtrack.
+    A clip longer than `max_seconds` is a MediaLimitError, raised before it is decoded whenever the file says
+    its duration.
     """
     if isinstance(source, tuple):
         samples, sample_rate = source
-        return _from_array(samples, sample_rate)
+        return _from_array(samples, sample_rate, max_seconds)
     if isinstance(source, (np.ndarray, torch.Tensor)):
-        return _from_array(source, sample_rate)
-    return _decode_file(source)
+        return _from_array(source, sample_rate, max_seconds)
+    return _decode_file(source, max_seconds)

@@ -25,6 +25,9 @@ MIN_PIXELS = 3136
 MAX_PIXELS = 12_845_056
 MAX_ASPECT_RATIO = 200
 MEAN = STD = 0.5
+MAX_DECODED_PIXELS = 64_000_000  # of an image (or a video frame) as encoded, checked from its header
+PIL.Image.MAX_IMAGE_PIXELS = MAX_DECODED_PIXELS  # PIL's own bomb guard (it refuses twice this on open) for any
+# path that opens an image without asking load_image
 
 ImageSource = Union[str, Path, bytes, bytearray, memoryview, BinaryIO, PIL.Image.Image, np.ndarray]
 
@@ -48,25 +51,37 @@ def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource) -> PIL.Image.Image:
+def check_pixels(width: int, height: int, max_pixels: int, modality: str = "image") -> None:
+    """MediaLimitError if a `width`×`height` picture has more than `max_pixels` pixels (said before decoding)."""
+    if width * height > max_pixels:
+        raise MediaLimitError(modality, f"pixel count of {width}x{height}", width * height, max_pixels)
+
+
+def load_image(source: ImageSource, max_pixels: int = MAX_DECODED_PIXELS) -> PIL.Image.Image:
     """An RGB PIL image from a path, encoded bytes, a file-like, a PIL image or an HWC uint8 array.
 
-    EXIF orientation is applied for encoded files; alpha is composited on white.
+    EXIF orientation is applied for encoded files; alpha is composited on white. An image of more than
+    `max_pixels` is a MediaLimitError, for encoded files from the size in their header, before decoding.
     """
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] not in (3, 4) or source.dtype != np.uint8:
             raise MediaError(f"image: arrays must be HWC uint8 with 3 or 4 channels, got {source.shape} {source.dtype}")
+        check_pixels(source.shape[1], source.shape[0], max_pixels)
         return to_rgb(PIL.Image.fromarray(source))
     if isinstance(source, PIL.Image.Image):
+        check_pixels(*source.size, max_pixels)
         return to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         source = io.BytesIO(bytes(source))
     try:
         with PIL.Image.open(source) as image:
+            check_pixels(*image.size, max_pixels)  # PIL has read the header only
             image.load()
             return to_rgb(PIL.ImageOps.exif_transpose(image))
     except PIL.Image.DecompressionBombError as exc:
-        raise MediaLimitError("image", "pixel count", "too large", PIL.Image.MAX_IMAGE_PIXELS) from exc
+        raise MediaLimitError("image", "pixel count", "too large", max_pixels) from exc
+    except MediaError:
+        raise
     except (OSError, ValueError, SyntaxError) as exc:
         raise MediaDecodeError(f"image: cannot decode the file ({exc})") from exc
 
@@ -110,10 +125,12 @@ def patchify(frames: np.ndarray) -> np.ndarray:
 
 
 def preprocess_image(
-    image: ImageSource, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS
+    image: ImageSource, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+    max_decoded_pixels: int = MAX_DECODED_PIXELS,
 ) -> ImageInputs:
-    """Resize, normalise and patchify one image; the frame is repeated to fill the temporal patch of 2."""
-    image = load_image(image)
+    """Resize, normalise and patchify one image; the frame is repeated to fill the temporal patch of 2.
+    `max_decoded_pixels` bounds the image as given (load_image), `min/max_pixels` the resized one."""
+    image = load_image(image, max_decoded_pixels)
     height, width = smart_resize(image.height, image.width, FACTOR, min_pixels, max_pixels)
     frame = normalized_frame(image, height, width)
     pixel_values = patchify(np.broadcast_to(frame, (TEMPORAL_PATCH, *frame.shape)))

@@ -7,6 +7,7 @@ a long recording is encoded window by window (AuT windows never interact, so thi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -14,10 +15,10 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from omnistream.multimodal.audio import load_audio
+from omnistream.multimodal.audio import MAX_AUDIO_SECONDS, load_audio
 from omnistream.multimodal.errors import MediaError, MediaLimitError
 from omnistream.multimodal.hashing import hash_media
-from omnistream.multimodal.image import preprocess_image
+from omnistream.multimodal.image import MAX_DECODED_PIXELS, preprocess_image
 from omnistream.multimodal.mel import log_mel_spectrogram
 from omnistream.multimodal.mel_kernel import active_kernel
 from omnistream.multimodal.mrope import mrope_positions_for_prompt
@@ -32,7 +33,7 @@ from omnistream.multimodal.placeholders import (
     expand_placeholders,
 )
 from omnistream.multimodal.tensor_codec import to_tensor_data
-from omnistream.multimodal.video import load_video, preprocess_video
+from omnistream.multimodal.video import MAX_VIDEO_SECONDS, load_video, preprocess_video
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.tensor_data import PositionSegment
 
@@ -47,9 +48,10 @@ class MediaLimits:
     """Per-prompt limits; exceeding one raises MediaLimitError naming it."""
 
     max_items: Mapping[str, int] = field(default_factory=lambda: dict(_DEFAULT_MAX_ITEMS))
-    max_audio_seconds: float = 3600.0  # per clip, soundtracks included
+    max_audio_seconds: float = MAX_AUDIO_SECONDS  # per clip, soundtracks included
     max_video_frames: int = 768  # frames sampled per video
-    max_image_pixels: int = 64_000_000  # of an image as decoded, before resizing
+    max_video_seconds: float = MAX_VIDEO_SECONDS  # a video's duration, as its container declares it
+    max_image_pixels: int = MAX_DECODED_PIXELS  # of an image or a video frame as decoded, before resizing
 
     def __post_init__(self) -> None:  # a modality left out of `max_items` keeps its default (as in vLLM)
         object.__setattr__(self, "max_items", {**_DEFAULT_MAX_ITEMS, **self.max_items})
@@ -113,7 +115,7 @@ class InputProcessor:
         data = {k: v for k, v in (multi_modal_data or {}).items() if v is not None}
         if not data:
             return ProcessedPrompt(prompt, token_ids, [], [], {}, 0.0)
-        kwargs = dict(mm_processor_kwargs or {})
+        kwargs = _checked_options(mm_processor_kwargs or {})
         window = self._window_frames(kwargs)
         loaded = self._load_all(data, kwargs, window)
         items = [entry.item for entry in loaded]
@@ -152,7 +154,7 @@ class InputProcessor:
         seconds = kwargs.pop("audio_window_s", None)
         if seconds is None:
             return self.default_window_frames
-        frames = float(seconds) * FRAMES_PER_SECOND
+        frames = seconds * FRAMES_PER_SECOND
         if not 1 <= float(seconds) <= 8 or frames != int(frames) or int(frames) % 100:
             raise ValueError(f"audio_window_s must be a whole number of seconds from 1 to 8, got {seconds}")
         return int(frames)
@@ -178,27 +180,27 @@ class InputProcessor:
         return log_mel_spectrogram(wave)
 
     def _load_audio(self, source: Any, kwargs: dict[str, Any], window: int) -> _Loaded:
-        wave = load_audio(source)
+        wave = load_audio(source, max_seconds=self.limits.max_audio_seconds)
         mel = self._mel(wave, "audio")
         identifier = hash_media("audio", wave, window_frames=window)
         return _Loaded(AudioItem(num_mel_frames=mel.shape[1]), identifier, {}, mel)
 
     def _load_image(self, source: Any, kwargs: dict[str, Any], window: int) -> _Loaded:
-        size = getattr(source, "size", None)
-        if isinstance(size, tuple) and size[0] * size[1] > self.limits.max_image_pixels:
-            raise MediaLimitError("image", "pixels", size[0] * size[1], self.limits.max_image_pixels)
-        image = preprocess_image(source)
+        image = preprocess_image(source, max_decoded_pixels=self.limits.max_image_pixels)
         pixels = torch.from_numpy(np.ascontiguousarray(image.pixel_values))
         grid = torch.tensor([image.grid_thw], dtype=torch.int64)
         identifier = hash_media("image", pixels, grid)
         return _Loaded(ImageItem(grid_thw=image.grid_thw), identifier, {"pixel_values": pixels, "grid_thw": grid})
 
     def _load_video(self, source: Any, kwargs: dict[str, Any], window: int) -> _Loaded:
-        fps = float(kwargs.get("fps", 2.0))
-        max_frames = int(kwargs.get("max_frames", self.limits.max_video_frames))
+        fps = kwargs.get("fps", 2.0)
+        max_frames = kwargs.get("max_frames", self.limits.max_video_frames)
         if max_frames > self.limits.max_video_frames:
             raise MediaLimitError("video", "max_frames", max_frames, self.limits.max_video_frames)
-        decoded = load_video(source, fps=fps, min_frames=int(kwargs.get("min_frames", 4)), max_frames=max_frames)
+        limits = self.limits
+        decoded = load_video(source, fps=fps, min_frames=kwargs.get("min_frames", 4),
+                             max_frames=max_frames, max_pixels=limits.max_image_pixels,
+                             max_seconds=limits.max_video_seconds, max_audio_seconds=limits.max_audio_seconds)
         if len(decoded.frames) > self.limits.max_video_frames:
             raise MediaLimitError("video", "frames", len(decoded.frames), self.limits.max_video_frames)
         video = preprocess_video(decoded.frames, decoded.sample_fps)
@@ -232,6 +234,34 @@ class InputProcessor:
                 length=placeholder.length, inputs=inputs, options=options,
             )
         ]
+
+
+_NUMERIC_OPTIONS = {"fps": float, "audio_window_s": float, "min_frames": int, "max_frames": int}
+
+
+def _checked_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """mm_processor_kwargs with every known entry of the right type (checked before any medium is loaded):
+    `use_audio_in_video` true, false or null, the others positive finite numbers (frames: whole); else
+    ValueError naming the entry."""
+    checked = dict(options)
+    for name, kind in _NUMERIC_OPTIONS.items():
+        if checked.get(name) is not None:
+            checked[name] = _number(name, checked[name], kind)
+    use_audio = checked.get("use_audio_in_video")
+    if use_audio is not None and not isinstance(use_audio, bool):
+        raise ValueError(f"mm_processor_kwargs.use_audio_in_video must be true or false, got {use_audio!r}")
+    return checked
+
+
+def _number(name: str, value: Any, kind: type) -> Any:
+    try:
+        number = kind(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+    except (OverflowError, ValueError):  # an int past float's range; an infinite or NaN float for an int
+        number = None
+    if number is None or not 0 < number < math.inf or number != value:
+        raise ValueError(f"mm_processor_kwargs.{name} must be a positive {'whole ' if kind is int else ''}"
+                         f"number, got {value!r}")
+    return number
 
 
 def _modality(item: MediaItem) -> str:

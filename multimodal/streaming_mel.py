@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .audio import check_sample_rate
 from .errors import MediaError, MediaTooSmallError
 from .mel import (
     _BINS,
@@ -54,9 +55,7 @@ class StreamingResampler:
     """Mono float32 at `sample_rate` → 16 kHz, chunk by chunk, with PyAV (libswresample, as `load_audio`)."""
 
     def __init__(self, sample_rate: int) -> None:
-        if sample_rate <= 0:
-            raise MediaError(f"audio: sample_rate must be positive, got {sample_rate}")
-        self.sample_rate = sample_rate
+        self.sample_rate = check_sample_rate(sample_rate)
         self._resampler = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
         self._pts = 0
 

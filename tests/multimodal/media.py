@@ -1,12 +1,16 @@
-"""Media generated on the fly with PyAV encoders (nothing is stored in git)."""
+"""Media generated on the fly with PyAV encoders (nothing is stored in git), and files with forged headers."""
 
 from __future__ import annotations
 
 import io
+import struct
+import wave
+import zlib
 from functools import lru_cache
 
 import av
 import numpy as np
+import PIL.Image
 
 TONE_HZ = 440.0
 
@@ -62,4 +66,26 @@ def encode_video(seconds: float = 2.0, fps: int = 10, size: int = 64, with_audio
             container.mux(packet)
         if audio is not None:
             _mux_audio(container, audio, tone(44100, seconds))
+    return buffer.getvalue()
+
+
+def forged_png(width: int, height: int) -> bytes:
+    """An 8×8 PNG whose header says width × height: it cannot be decoded at that size."""
+    buffer = io.BytesIO()
+    PIL.Image.new("RGB", (8, 8)).save(buffer, "PNG")
+    png = bytearray(buffer.getvalue())
+    at = png.index(b"IHDR")
+    png[at + 4 : at + 12] = struct.pack(">II", width, height)
+    png[at + 17 : at + 21] = struct.pack(">I", zlib.crc32(bytes(png[at : at + 17])))
+    return bytes(png)
+
+
+def pcm16_wav(samples: int, rate: int) -> bytes:
+    """A mono PCM16 WAV of `samples` samples whose header says `rate` Hz (so samples / rate seconds)."""
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(np.ones(samples, "<i2").tobytes())
     return buffer.getvalue()

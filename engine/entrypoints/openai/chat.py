@@ -84,7 +84,8 @@ def _prompt(llm: Any, body: ChatCompletionRequest, media_policy: MediaPolicy) ->
     _check_item_counts(llm, body.messages)
     messages = template_messages(body.messages)
     media = collect_media(messages, fetch_url=media_policy.fetch)
-    waves = [load_audio(source) for source in media.get("audio", [])]
+    max_seconds = llm.input_processor.limits.max_audio_seconds
+    waves = [load_audio(source, max_seconds=max_seconds) for source in media.get("audio", [])]
     if waves:
         media["audio"] = [(wave, SAMPLE_RATE) for wave in waves]
     seconds = sum(num_mel_frames(len(wave)) for wave in waves) / FRAMES_PER_SECOND

@@ -83,7 +83,7 @@ def _decode(llm: Any, data: bytes) -> np.ndarray:
     allowed = llm.input_processor.limits.max_items.get("audio", 0)
     if allowed < 1:
         raise MediaLimitError("audio", "items per prompt", 1, allowed)
-    return load_audio(data)
+    return load_audio(data, max_seconds=llm.input_processor.limits.max_audio_seconds)
 
 
 def _chat(llm: Any, text: str) -> str:
