@@ -1,12 +1,46 @@
-"""SamplingParams: how one request is decoded and when it stops (validated, msgspec-serialisable)."""
+"""SamplingParams: how one request is decoded and when it stops (validated, msgspec-serialisable), and the one
+rule for token ids a request carries (inside the model's vocabulary).
+
+Every integer is bounded to int64 and every float must be finite, so that nothing a client sends can overflow
+the engine core's messages or poison the sampler; the request schemas of the front ends declare these bounds.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Iterable
 
 import msgspec
 
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of every integer field (seed included)
+MAX_LOGPROBS = 20  # alternatives per token, for generated tokens and prompt tokens alike
+_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+_FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                 "repetition_penalty")
+
+
+def check_token_ids(token_ids: Iterable[int], vocab_size: int, field: str) -> None:
+    """ValueError naming `field` unless every id is in a vocabulary of `vocab_size` ids (0..vocab_size-1)."""
+    bad = next((t for t in token_ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{field}: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except (OverflowError, TypeError):  # an int past float's range, or not a number at all
+        return False
+
+
+def choice_seed(seed: int | None, index: int) -> int | None:
+    """The seed of a request's `index`-th independent answer: one more per answer, wrapping within int64."""
+    if seed is None:
+        return None
+    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -35,6 +69,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        self._check_types()
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
             (self.temperature >= 0.0, f"temperature must be non-negative, got {self.temperature}"),
@@ -50,10 +85,13 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
                 self.max_tokens is None or self.min_tokens <= self.max_tokens,
                 f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})",
             ),
-            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be non-negative, got {self.logprobs}"),
             (
-                self.prompt_logprobs is None or self.prompt_logprobs >= 0,
-                f"prompt_logprobs must be non-negative, got {self.prompt_logprobs}",
+                self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
+                f"logprobs must be from 0 to {MAX_LOGPROBS}, got {self.logprobs}",
+            ),
+            (
+                self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+                f"prompt_logprobs must be from 0 to {MAX_LOGPROBS}, got {self.prompt_logprobs}",
             ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
             (
@@ -67,12 +105,23 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         if self.top_k == -1:
             self.top_k = 0
 
+    def _check_types(self) -> None:
+        """Integers within int64, floats finite: a value past them is refused before any range check."""
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not INT64_MIN <= value <= INT64_MAX:
+                raise ValueError(f"{name} must be a 64-bit integer ({INT64_MIN} to {INT64_MAX}), got {value}")
+        for name in _FLOAT_FIELDS:
+            if not _finite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
+        bad = next((t for t in self.stop_token_ids if not INT64_MIN <= t <= INT64_MAX), None)
+        if bad is not None:
+            raise ValueError(f"stop_token_ids: token ids are 64-bit integers, got {bad}")
+
     def check_vocab(self, vocab_size: int) -> None:
         """Raise ValueError naming the field when a token id of these params is not in a vocabulary of
         `vocab_size` ids (the model's: only the front end that built the request knows it)."""
-        bad = next((t for t in self.stop_token_ids if t >= vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"stop_token_ids: token id {bad} is outside the vocabulary (0..{vocab_size - 1})")
+        check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
 
     @property
     def greedy(self) -> bool:

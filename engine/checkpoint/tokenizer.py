@@ -31,8 +31,14 @@ class Tokenizer:
         self.pad_token_id = self._token_id(pad) if pad else generation.get("pad_token_id")
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of `text`; special tokens written in it (e.g. `<|im_start|>`) map to their ids."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        """Token ids of `text`; special tokens written in it (e.g. `<|im_start|>`) map to their ids. Text that is
+        not Unicode (a lone surrogate) is a ValueError."""
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str):  # the library cannot take a lone surrogate
+                raise ValueError("the prompt is not valid Unicode text (it holds a lone surrogate)") from None
+            raise
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

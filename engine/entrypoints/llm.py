@@ -19,7 +19,7 @@ from omnistream.engine.frontend.output_processor import OutputProcessor
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.multimodal.chat_media import collect_media
 from omnistream.multimodal.processor import InputProcessor, MediaLimits
-from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.sampling_params import SamplingParams, check_token_ids, choice_seed
 
 PromptType = Union[str, dict[str, Any]]
 Message = dict[str, Any]
@@ -143,10 +143,12 @@ class LLM:
         return list(params)
 
     def _add(self, prompt: PromptType, params: SamplingParams) -> str:
-        params.check_vocab(self.engine.model_config.text.vocab_size)
+        vocab_size = self.engine.model_config.text.vocab_size
+        params.check_vocab(vocab_size)
         if params.structured_outputs is not None:  # a spec that does not compile is refused here (GrammarError)
             self.engine.structured_output.compiler.compile(params.structured_outputs)
         processed = self.input_processor.process_prompt(prompt)
+        check_token_ids(processed.token_ids, vocab_size, "prompt_token_ids")
         request_id = str(next(self._ids))
         child_ids = self.output_processor.add_request(request_id, processed.prompt, processed.token_ids, params)
         now = time.monotonic()
@@ -154,8 +156,7 @@ class LLM:
             for index, child_id in enumerate(child_ids):
                 child_params = params
                 if params.n > 1:
-                    seed = None if params.seed is None else params.seed + index
-                    child_params = msgspec.structs.replace(params, n=1, seed=seed)
+                    child_params = msgspec.structs.replace(params, n=1, seed=choice_seed(params.seed, index))
                 self.engine.add_request(EngineCoreRequest.from_processed(child_id, processed, child_params, now))
         except BaseException:
             self.engine.abort_requests(self.output_processor.forget(request_id))

@@ -29,7 +29,7 @@ from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import StreamingSession
 from omnistream.engine.frontend.streams import EngineStreams, RequestListener
 from omnistream.multimodal.processor import InputProcessor, MediaLimits
-from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.sampling_params import SamplingParams, check_token_ids
 
 
 class AsyncLLM:
@@ -68,6 +68,7 @@ class AsyncLLM:
         waiting = True  # for its first output: counted against max_queued_requests
         try:
             processed = await asyncio.to_thread(self.input_processor.process_prompt, prompt)
+            check_token_ids(processed.token_ids, self.model_config.text.vocab_size, "prompt_token_ids")
             request_id = request_id or f"req-{next(self._ids)}"
             queue = self.streams.open_stream(request_id)
         except BaseException:

@@ -20,7 +20,7 @@ from omnistream.multimodal.chat_media import UrlFetcher
 from omnistream.multimodal.errors import MediaLimitError
 from omnistream.multimodal.mel import num_mel_frames
 from omnistream.multimodal.processor import FRAMES_PER_SECOND, SAMPLE_RATE
-from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.sampling_params import SamplingParams, check_token_ids, choice_seed
 
 _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "presence_penalty",
                       "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "min_tokens",
@@ -52,7 +52,7 @@ def choice_params(request: pb.GenerateRequest) -> list[SamplingParams]:
                              logprobs=num_logprobs(request, "logprobs"))
     if params.seed is None:
         return [params] * n
-    return [msgspec.structs.replace(params, seed=params.seed + i) for i in range(n)]
+    return [msgspec.structs.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
 
 
 def num_logprobs(message: pb.GenerateRequest | pb.SessionConfig | pb.Commit, field: str) -> int | None:
@@ -101,10 +101,7 @@ def generate_prompt(llm: Any, request: pb.GenerateRequest, fetch_url: UrlFetcher
         ids = list(request.token_ids.ids)
         if not ids:
             raise invalid("token_ids: the prompt is empty")
-        vocab = llm.model_config.text.vocab_size
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            raise invalid(f"token_ids: token id {bad} is outside the vocabulary (0..{vocab - 1})")
+        check_token_ids(ids, llm.model_config.text.vocab_size, "token_ids")
         prompt, items = {"prompt_token_ids": ids}, list(request.media)
     media, seconds = _load_media(llm, items, fetch_url)
     prompt["multi_modal_data"] = media
@@ -156,7 +153,7 @@ def _load_media(llm: Any, items: list[pb.MediaItem], fetch_url: UrlFetcher) -> t
     for item, field, modality in zip(items, fields, modalities):
         source: Any = item.data if item.WhichOneof("source") == "data" else fetch_url(item.url, modality)
         if modality == "audio":
-            wave = load_audio(source)
+            wave = load_audio(source, max_seconds=llm.input_processor.limits.max_audio_seconds)
             seconds += num_mel_frames(len(wave)) / FRAMES_PER_SECOND
             source = (wave, SAMPLE_RATE)
         media.setdefault(modality, []).append(source)

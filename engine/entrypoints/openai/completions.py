@@ -29,6 +29,7 @@ from omnistream.engine.entrypoints.openai.protocol import (
 )
 from omnistream.engine.frontend.outputs import PositionLogprobs, RequestOutput
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.sampling_params import check_token_ids as vocabulary_rule
 
 T = TypeVar("T")
 
@@ -179,10 +180,11 @@ def top_logprobs(position: PositionLogprobs, k: int) -> list[tuple[int, float, s
 
 
 def check_token_ids(llm: Any, token_ids: Sequence[int], field: str) -> None:
-    vocab = llm.model_config.text.vocab_size
-    bad = next((t for t in token_ids if not 0 <= t < vocab), None)
-    if bad is not None:
-        raise APIError(400, f"{field}: token id {bad} is outside the vocabulary (0..{vocab - 1})", param=field)
+    """The vocabulary rule of every token id (sampling_params.check_token_ids), as a 400 naming `field`."""
+    try:
+        vocabulary_rule(token_ids, llm.model_config.text.vocab_size, field)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param=field) from None
 
 
 # ---- /v1/completions -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The OpenAI-compatible wire format: request bodies (validated by pydantic) and response bodies.
 
 Only shapes and their translation to SamplingParams live here; the values themselves are validated
-once, by SamplingParams, so the HTTP server and the Python API accept exactly the same settings.
+once, by SamplingParams, so the HTTP server and the Python API accept exactly the same settings (the
+integer fields declare SamplingParams' int64 bound). Every body's text must be valid Unicode.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from omnistream.engine.entrypoints.openai.structured import forced_tool_grammar, output_constraint
 from omnistream.engine.entrypoints.openai.structured_protocol import (
@@ -20,17 +21,63 @@ from omnistream.engine.entrypoints.openai.structured_protocol import (
     ToolCallDelta,
     ToolChoice,
 )
-from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.sampling_params import (
+    INT64_MAX,
+    INT64_MIN,
+    MAX_LOGPROBS,
+    SamplingParams,
+    choice_seed,
+)
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 MAX_N = 128  # choices per request (each is one engine request)
-MAX_TOP_LOGPROBS = 20
+MAX_TOP_LOGPROBS = MAX_LOGPROBS
 MAX_TOOLS = 128
+Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]  # what SamplingParams and the engine core carry
 MM_PROCESSOR_KEYS = frozenset({"use_audio_in_video", "fps", "min_frames", "max_frames", "audio_window_s"})
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")  # unknown OpenAI fields (user, metadata...) are ignored
+
+
+class _Request(_Body):
+    """A request body: before any field is read, all of its text must be Unicode (see `check_text`)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        check_text(data)
+        return data
+
+
+def check_text(data: Any) -> None:
+    """ValueError naming the field if a string anywhere in `data` (keys too) is not Unicode text: JSON lets a
+    body carry a lone surrogate (`"\\ud800"`), which no tokenizer, encoder or response can take."""
+    stack: list[tuple[Any, str]] = [(data, "body")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, str):
+            at = _lone_surrogate(value)
+            if at is not None:
+                raise ValueError(f"{path}: invalid text, a lone surrogate at character {at}")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                name = str(key).encode("utf-8", "backslashreplace").decode()  # a bad key still names itself
+                stack.append((key, path))
+                stack.append((item, name if path == "body" else f"{path}.{name}"))
+        elif isinstance(value, list):
+            stack.extend((item, f"{path}[{i}]") for i, item in enumerate(value))
+
+
+def _lone_surrogate(text: str) -> int | None:
+    if text.isascii():
+        return None
+    try:
+        text.encode()
+    except UnicodeEncodeError as exc:
+        return exc.start
+    return None
 
 
 # ---- chat messages (only the content parts a server may accept: no local paths) --------------------
@@ -90,24 +137,24 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
-class _GenerationRequest(_Body):
+class _GenerationRequest(_Request):
     """Fields shared by chat and completions; None means "the SamplingParams default"."""
 
     model: str | None = None
     n: int = Field(1, ge=1, le=MAX_N)
-    max_tokens: int | None = None
+    max_tokens: Int64 | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: Union[str, list[str], None] = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     ignore_eos: bool | None = None
-    min_tokens: int | None = None
+    min_tokens: Int64 | None = None
     skip_special_tokens: bool | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -122,7 +169,7 @@ class _GenerationRequest(_Body):
         if self.stop is not None:
             kwargs["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         if self.seed is not None:
-            kwargs["seed"] = self.seed + index
+            kwargs["seed"] = choice_seed(self.seed, index)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
                               structured_outputs=self.output_constraint(), **kwargs)
 
@@ -137,7 +184,7 @@ class _GenerationRequest(_Body):
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = None
+    max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     mm_processor_kwargs: dict[str, Any] | None = None
@@ -161,7 +208,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: Union[str, list[int], list[str], list[list[int]]]
+    prompt: Union[str, list[Int64], list[str], list[list[Int64]]]
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -169,17 +216,25 @@ class CompletionRequest(_GenerationRequest):
     def sampling_params(self, index: int) -> SamplingParams:
         return self._sampling_params(index, 16 if self.max_tokens is None else self.max_tokens, self.logprobs)
 
+    @property
+    def num_prompts(self) -> int:
+        """A string or one list of token ids is one prompt; any other list holds one prompt per item."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or all(isinstance(item, int) for item in prompt):
+            return 1
+        return len(prompt)
 
-class TokenizeRequest(_Body):
+
+class TokenizeRequest(_Request):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(_Body):
+class DetokenizeRequest(_Request):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[Int64]
 
 
 # ---- responses ---------------------------------------------------------------------------------

@@ -9,10 +9,14 @@ that a session.update changes only what it names.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 from msgspec import UNSET, UnsetType
+
+from omnistream.scheduler.sampling_params import INT64_MAX, INT64_MIN
+
+Int64 = Annotated[int, msgspec.Meta(ge=INT64_MIN, le=INT64_MAX)]  # every integer field: what the engine carries
 
 
 class RealtimeError(Exception):
@@ -30,17 +34,17 @@ class _Strict(msgspec.Struct, forbid_unknown_fields=True):
 
 class AudioFormat(_Strict):
     type: str = "audio/pcm"
-    rate: int = 24_000
+    rate: Int64 = 24_000
 
 
 class TurnDetection(_Strict):
     type: str
     threshold: float | UnsetType = UNSET
-    prefix_padding_ms: int | UnsetType = UNSET
-    silence_duration_ms: int | UnsetType = UNSET
+    prefix_padding_ms: Int64 | UnsetType = UNSET
+    silence_duration_ms: Int64 | UnsetType = UNSET
     create_response: bool | UnsetType = UNSET
     interrupt_response: bool | UnsetType = UNSET
-    idle_timeout_ms: int | None | UnsetType = UNSET
+    idle_timeout_ms: Int64 | None | UnsetType = UNSET
     eagerness: str | UnsetType = UNSET  # semantic_vad's; read only to refuse semantic_vad by name
 
 
@@ -63,14 +67,14 @@ class SessionFields(_Strict):
     model: str | UnsetType = UNSET
     instructions: str | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
-    max_output_tokens: int | Literal["inf"] | UnsetType = UNSET
+    max_output_tokens: Int64 | Literal["inf"] | UnsetType = UNSET
     audio: AudioConfig | UnsetType = UNSET
     tools: list[Any] | UnsetType = UNSET
     tool_choice: Any = UNSET
     temperature: float | UnsetType = UNSET
     top_p: float | UnsetType = UNSET
-    top_k: int | UnsetType = UNSET
-    seed: int | None | UnsetType = UNSET
+    top_k: Int64 | UnsetType = UNSET
+    seed: Int64 | None | UnsetType = UNSET
 
 
 class ContentPart(_Strict):
@@ -96,7 +100,7 @@ class ResponseFields(_Strict):
 
     conversation: str | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
-    max_output_tokens: int | Literal["inf"] | UnsetType = UNSET
+    max_output_tokens: Int64 | Literal["inf"] | UnsetType = UNSET
     metadata: dict[str, str] | None | UnsetType = UNSET
     instructions: str | UnsetType = UNSET
     input: list[Any] | UnsetType = UNSET
@@ -105,8 +109,8 @@ class ResponseFields(_Strict):
     audio: dict[str, Any] | UnsetType = UNSET
     temperature: float | UnsetType = UNSET
     top_p: float | UnsetType = UNSET
-    top_k: int | UnsetType = UNSET
-    seed: int | None | UnsetType = UNSET
+    top_k: Int64 | UnsetType = UNSET
+    seed: Int64 | None | UnsetType = UNSET
 
 
 class _Event(_Strict, tag_field="type", kw_only=True):
