@@ -1,4 +1,5 @@
-"""The flags and validators that the CLI's subcommands and `omnistream serve` share (engine flags, media limits).
+"""The flags, validators and serving defaults that the CLI's subcommands and `omnistream serve` share (engine
+flags, media limits, the fan-out of one call).
 
 Imported by cli.py (which builds the parser) and serve.py (which turns parsed flags into the engine's arguments),
 so neither imports the other's module to get them.
@@ -12,6 +13,8 @@ import math
 from typing import Any
 
 _MODALITIES = ("audio", "image", "video")
+DEFAULT_MAX_FANOUT = 256  # engine requests one HTTP or gRPC call may make (prompts × n): one full batch
+DEFAULT_MAX_QUEUED_REQUESTS = 1024  # `serve`: requests waiting for their first token before new ones get 429
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +60,13 @@ def positive_float(text: str) -> float:
     if not 0 < value < math.inf:
         raise argparse.ArgumentTypeError(f"must be positive, got {text}")
     return value
+
+
+def check_fanout(count: int, limit: int) -> None:
+    """ValueError naming the flag when one call would make more than `limit` engine requests."""
+    if count > limit:
+        raise ValueError(f"this request makes {count} engine requests (prompts × n), more than the limit of "
+                         f"{limit} (--max-fanout-per-request)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:

@@ -7,6 +7,8 @@ import logging
 import sys
 
 from omnistream.engine.entrypoints.args import (
+    DEFAULT_MAX_FANOUT,
+    DEFAULT_MAX_QUEUED_REQUESTS,
     add_engine_args,
     engine_kwargs,
     mm_limits,
@@ -68,9 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="total time to fetch one media URL, redirects included")
     srv.add_argument("--max-media-bytes", type=positive, default=DEFAULT_MAX_MEDIA_BYTES,
                      help="largest media file fetched from a URL or read from --allowed-local-media-path")
-    srv.add_argument("--max-queued-requests", type=positive, default=None, metavar="N",
+    srv.add_argument("--max-queued-requests", type=positive, default=DEFAULT_MAX_QUEUED_REQUESTS, metavar="N",
                      help="refuse new requests (HTTP 429, gRPC RESOURCE_EXHAUSTED) while N wait for their first "
-                          "token (default: no limit)")
+                          "token")
+    srv.add_argument("--max-fanout-per-request", type=positive, default=DEFAULT_MAX_FANOUT, metavar="N",
+                     help="refuse (HTTP 400, gRPC INVALID_ARGUMENT) a call that would make more than N engine "
+                          "requests (prompts × n)")
     srv.add_argument("--max-live-sessions", type=positive, default=None, metavar="N",
                      help="refuse new live sessions (Realtime, gRPC Session) while N are open (default: no limit)")
     srv.add_argument("--grammar-compile-timeout", type=positive_float, default=10.0, metavar="SECONDS",

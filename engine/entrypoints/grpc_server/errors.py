@@ -1,7 +1,7 @@
 """Every exception a gRPC call can raise, mapped once to a status code and a message naming the problem.
 
-Bad input or media is INVALID_ARGUMENT, media limits RESOURCE_EXHAUSTED, a dead engine UNAVAILABLE,
-anything unexpected INTERNAL with a generic message (the details go to the log).
+Bad input or media, and a message that does not parse, are INVALID_ARGUMENT, media limits RESOURCE_EXHAUSTED,
+a dead engine UNAVAILABLE, anything unexpected INTERNAL with a generic message (the details go to the log).
 """
 
 from __future__ import annotations
@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from omnistream.engine.errors import EngineDeadError
 from omnistream.engine.frontend.admission import EngineOverloadedError
@@ -39,6 +40,8 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, ValueError):  # SamplingParams, media (MediaError), the scheduler (prompt too long)
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, DecodeError):  # a streamed input that is not a valid message
+        return grpc.StatusCode.INVALID_ARGUMENT, f"an input is not a valid message: {exc}"
     logger.error("unexpected error while serving a gRPC call", exc_info=exc)
     return grpc.StatusCode.INTERNAL, "internal server error"
 

@@ -17,7 +17,9 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from omnistream.engine.entrypoints.args import DEFAULT_MAX_FANOUT
 from omnistream.engine.entrypoints.grpc_server.auth import ApiKeyInterceptor
+from omnistream.engine.entrypoints.grpc_server.decoding import DecodeGuard
 from omnistream.engine.entrypoints.grpc_server.servicer import OmnistreamServicer
 from omnistream.engine.entrypoints.openai.app import (
     DEFAULT_MAX_BODY_BYTES,
@@ -83,13 +85,16 @@ class GrpcServer:
         self._stopping = asyncio.Event()
         max_bytes = getattr(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES)
         api_key = getattr(args, "api_key", None)
+        interceptors: list[grpc.aio.ServerInterceptor] = [ApiKeyInterceptor(api_key)] if api_key else []
         server = grpc.aio.server(
-            interceptors=[ApiKeyInterceptor(api_key)] if api_key else [],
+            interceptors=[*interceptors, DecodeGuard()],  # the key first: a caller without it learns nothing
             options=[("grpc.max_receive_message_length", max_bytes), ("grpc.so_reuseport", 0)],
         )
         root = getattr(args, "model", None) or DEFAULT_MODEL_NAME
         names = list(getattr(args, "served_model_name", None) or [root])
-        pb_grpc.add_OmnistreamServicer_to_server(OmnistreamServicer(self.llm, names, root, self.media_policy.fetch), server)
+        max_fanout = getattr(args, "max_fanout_per_request", DEFAULT_MAX_FANOUT)
+        servicer = OmnistreamServicer(self.llm, names, root, self.media_policy.fetch, max_fanout)
+        pb_grpc.add_OmnistreamServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         reflection.enable_server_reflection(

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 
 import grpc
 
+from omnistream.engine.entrypoints.args import DEFAULT_MAX_FANOUT, check_fanout
 from omnistream.engine.entrypoints.grpc_server.errors import (
     GrpcError,
     invalid,
@@ -64,8 +65,10 @@ def _streaming(method: Callable) -> Callable:
 
 
 class OmnistreamServicer(pb_grpc.OmnistreamServicer):
-    def __init__(self, llm: Any, served_model_names: list[str], root: str, fetch_url: UrlFetcher) -> None:
+    def __init__(self, llm: Any, served_model_names: list[str], root: str, fetch_url: UrlFetcher,
+                 max_fanout: int = DEFAULT_MAX_FANOUT) -> None:
         self.llm = llm
+        self.max_fanout = max_fanout  # engine requests one call may make (--max-fanout-per-request)
         self.names = served_model_names
         self.root = root
         self.fetch_url = fetch_url
@@ -80,6 +83,7 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
         self.check_model(request.model)
         params = choice_params(request)
+        check_fanout(len(params), self.max_fanout)
         client_id = request.request_id or uuid.uuid4().hex
         engine_id = f"grpc-{client_id}"  # never collides with HTTP requests or sessions
         if engine_id in self._running:

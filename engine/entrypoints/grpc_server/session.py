@@ -33,6 +33,7 @@ from omnistream.engine.entrypoints.grpc_server.protocol import (
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import StreamingSession
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
+from omnistream.multimodal.audio import check_sample_rate
 
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_SAMPLE_RATE = 16_000
@@ -80,7 +81,7 @@ class LiveSession:
         self.check_model(config.model)
         self.logprobs = num_logprobs(config, "config.logprobs")
         self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=self.logprobs)
-        self.sample_rate = config.sample_rate or DEFAULT_SAMPLE_RATE
+        self.sample_rate = check_sample_rate(config.sample_rate or DEFAULT_SAMPLE_RATE, "config.sample_rate")
         self.audio_format = config.audio_format or pb.AUDIO_FORMAT_PCM16
         if self.audio_format not in (pb.AUDIO_FORMAT_PCM16, pb.AUDIO_FORMAT_FLOAT32):
             raise invalid(f"config.audio_format: unknown format {config.audio_format}")

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from omnistream.engine.entrypoints.args import DEFAULT_MAX_FANOUT, check_fanout
 from omnistream.engine.entrypoints.openai.chat import (
     create_chat_completion,
     template_messages,
@@ -105,6 +106,7 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
     if hasattr(llm, "add_request_listener"):
         llm.add_request_listener(app.state.metrics)  # every front end's requests: HTTP, gRPC, Realtime
     max_model_len = llm.max_model_len
+    max_fanout = getattr(args, "max_fanout_per_request", DEFAULT_MAX_FANOUT)
 
     def model_name(requested: str | None) -> str:
         if requested is None or requested in names:
@@ -147,10 +149,12 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
+        check_fanout(body.n, max_fanout)
         return await create_chat_completion(llm, body, model_name(body.model), raw, media_policy)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Any:
+        check_fanout(body.num_prompts * body.n, max_fanout)
         return await create_completion(llm, body, model_name(body.model), raw)
 
     @app.post("/tokenize")
