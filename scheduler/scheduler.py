@@ -81,11 +81,24 @@ class Scheduler:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         if request.num_prompt_tokens == 0 and not request.open_input:
             raise ValueError(f"request {request.request_id!r}: the prompt is empty")
+        if not request.open_input:
+            self._check_max_tokens(request.request_id, request.num_prompt_tokens, request.sampling_params)
         max_tokens = 1 if request.open_input else request.resolve_max_tokens(cfg.max_model_len)
         self._check_room(request.request_id, request.num_prompt_tokens, max_tokens)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
+
+    def _check_max_tokens(self, request_id: str, num_prompt_tokens: int, params: SamplingParams) -> None:
+        """ValueError if a max_tokens the caller set does not fit beside the prompt in max_model_len (as vLLM
+        and OpenAI answer); None means "the rest of the context" and always fits."""
+        limit = self.config.max_model_len
+        if params.max_tokens is not None and num_prompt_tokens < limit < num_prompt_tokens + params.max_tokens:
+            raise ValueError(
+                f"max_tokens: request {request_id!r} has {num_prompt_tokens} prompt tokens and asks for "
+                f"max_tokens {params.max_tokens}, {num_prompt_tokens + params.max_tokens} in all, but max_model_len "
+                f"is {limit}; ask for at most {limit - num_prompt_tokens} (or leave max_tokens unset)"
+            )
 
     def _check_room(self, request_id: str, num_prompt_tokens: int, max_tokens: int) -> None:
         """ValueError unless prompt + max_tokens fits max_model_len and, alone, the whole KV pool."""
@@ -139,6 +152,7 @@ class Scheduler:
         """End the user's input with `token_ids` (e.g. the assistant prompt) and generate an answer."""
         request = self._open_request(request_id, accepting=True)
         num_prompt_tokens = request.num_tokens + len(token_ids)
+        self._check_max_tokens(request_id, num_prompt_tokens, sampling_params)
         room = self.config.max_model_len - num_prompt_tokens
         max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
         self._check_room(request_id, num_prompt_tokens, max(max_tokens, 1))

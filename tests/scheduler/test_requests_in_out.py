@@ -16,6 +16,8 @@ from omnistream.scheduler.scheduler import SchedulerConfig
         (32, {}, "has 32 tokens, max_model_len is 32"),
         (20, {"max_tokens": 10}, r"20 prompt tokens \+ max_tokens 10 need 8 KV blocks of 4 tokens, .* only 7"),
         (20, {"max_tokens": None}, r"max_tokens 12 need 8 KV blocks"),
+        (20, {"max_tokens": 13}, r"max_tokens: .* 20 prompt tokens and asks for max_tokens 13, 33 in all, but "
+                                 r"max_model_len is 32; ask for at most 12"),
     ],
 )
 def test_add_request_rejects(make_scheduler, make_request, prompt, params, match):

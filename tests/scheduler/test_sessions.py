@@ -95,9 +95,9 @@ def test_cancel_frees_every_block_and_max_model_len_ends_the_session():
     sched, runner = _scheduler(max_model_len=12), FakeRunner(4)
     sched.add_request(_session("s", [1, 2, 3, 4, 5]))
     sched.append_input("s", [6, 7, 8, 9])
-    sched.commit_turn("s", [10], SamplingParams(max_tokens=5, ignore_eos=True))
+    sched.commit_turn("s", [10], SamplingParams(max_tokens=None, ignore_eos=True))
     outputs = run_to_completion(sched, runner)
-    assert len(outputs["s"]) == 2  # capped by max_model_len, and the session is over
+    assert len(outputs["s"]) == 2  # the rest of max_model_len, and the session is over
     assert sched.get_request("s") is None
     sched, runner = _scheduler(), FakeRunner(4)
     sched.add_request(_session("t", [1, 2, 3]))
@@ -107,6 +107,15 @@ def test_cancel_frees_every_block_and_max_model_len_ends_the_session():
     run_step(sched, runner)
     check_invariants(sched)
     assert sched.kv_cache_manager.block_pool.get_num_free_blocks() == 64
+
+
+def test_a_commit_whose_max_tokens_does_not_fit_is_refused_and_the_turn_stays_open():
+    sched = _scheduler(max_model_len=12)
+    sched.add_request(_session("s", [1, 2, 3, 4, 5]))
+    with pytest.raises(ValueError, match=r"max_tokens: .* 6 prompt tokens .* max_tokens 7, 13 in all.* at most 6"):
+        sched.commit_turn("s", [10], SamplingParams(max_tokens=7))
+    sched.commit_turn("s", [10], SamplingParams(max_tokens=6, ignore_eos=True))  # exactly fits
+    assert len(run_to_completion(sched, FakeRunner(4))["s"]) == 6
 
 
 def test_too_long_input_is_refused():

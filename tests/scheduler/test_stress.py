@@ -24,11 +24,12 @@ def test_random_workload(seed, make_scheduler, make_request, fake_runner, helper
     prefixes = [[rng.randrange(100, 900) for _ in range(rng.randint(0, 24))] for _ in range(3)]
     specs = []
     for i in range(40):
-        prompt = rng.choice(prefixes) + [rng.randrange(100, 900) for _ in range(rng.randint(1, 20))]
-        params = dict(max_tokens=rng.choice([None, 1, 3, 10, 30]), ignore_eos=True)
+        prompt = (rng.choice(prefixes) + [rng.randrange(100, 900) for _ in range(rng.randint(1, 20))])[:40]
+        max_tokens = rng.choice([None, 1, 3, 10, 30])
+        params = dict(max_tokens=max_tokens and min(max_tokens, 64 - len(prompt)), ignore_eos=True)
         if rng.random() < 0.15:
             params["prompt_logprobs"] = 0
-        specs.append((f"r{i}", prompt[:40], params, rng.randrange(0, 8)))  # arrival step
+        specs.append((f"r{i}", prompt, params, rng.randrange(0, 8)))  # arrival step
 
     def run(config, aborts):
         sched = make_scheduler(**config)
