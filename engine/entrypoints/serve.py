@@ -2,7 +2,10 @@
 and with --grpc-port the gRPC server beside it on the same engine (--grpc-only: gRPC alone).
 
 uvicorn runs on uvloop when it is installed. SIGTERM/SIGINT stop accepting, let in-flight requests
-finish (bounded by the graceful timeout), then the engine is shut down.
+finish (bounded by the graceful timeout), then the engine is shut down. If the engine core dies, the
+requests in flight have already failed with engine_dead; the server then stops the same way and exits with
+ENGINE_DEAD_EXIT_CODE, so that its supervisor (systemd, Kubernetes, a container runtime) starts a fresh one:
+a core that died took its KV cache and every live session with it, and a new process is the one clean state.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 API_KEY_ENV = "OMNISTREAM_API_KEY"
 GRACEFUL_SHUTDOWN_S = 30
+ENGINE_DEAD_EXIT_CODE = 3  # not 1 (an error at start-up) nor 2 (bad flags): the engine died while serving
+_ENGINE_POLL_S = 0.5
 
 
 def build_server(args: argparse.Namespace, media_policy: MediaPolicy | None = None) -> tuple[AsyncLLM, uvicorn.Server]:
@@ -58,22 +63,39 @@ def serve(args: argparse.Namespace) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logger.warning("serving on %s without an API key (--api-key or $%s)", args.host, API_KEY_ENV)
     grpc_server = None
+    stop = threading.Event()  # set by SIGINT/SIGTERM (--grpc-only) or by the engine's death
+    watcher = threading.Thread(target=_stop_when_engine_dies, args=(llm, server, stop), daemon=True)
     try:
         if grpc_port is not None:
             from omnistream.engine.entrypoints.grpc_server import GrpcServer
 
             grpc_server = GrpcServer(llm, args)
             logger.info("gRPC API on %s:%d", args.host, grpc_server.start())
+        watcher.start()
         if grpc_only:
-            _wait_for_signal()
+            _wait_for_signal(stop)
         else:
             _absorb_stop_signals()
             server.run()
     finally:
+        stop.set()
         if grpc_server is not None:
             grpc_server.stop(grace=GRACEFUL_SHUTDOWN_S)
         llm.shutdown()
+    if llm.errored:
+        logger.error("the engine core died: exiting with code %d so that a supervisor restarts the server",
+                     ENGINE_DEAD_EXIT_CODE)
+        return ENGINE_DEAD_EXIT_CODE
     return 0
+
+
+def _stop_when_engine_dies(llm: AsyncLLM, server: uvicorn.Server, stop: threading.Event) -> None:
+    """Stop serving (as SIGTERM would) once the engine core has died; return when `stop` is set."""
+    while not stop.wait(_ENGINE_POLL_S):
+        if llm.errored:
+            logger.error("the engine core died; the server stops")
+            server.should_exit = True
+            stop.set()
 
 
 def _absorb_stop_signals() -> None:
@@ -84,9 +106,8 @@ def _absorb_stop_signals() -> None:
         signal.signal(sig, lambda *_: None)
 
 
-def _wait_for_signal() -> None:
-    """--grpc-only: block until SIGINT or SIGTERM."""
-    stop = threading.Event()
+def _wait_for_signal(stop: threading.Event) -> None:
+    """--grpc-only: block until SIGINT or SIGTERM (or until `stop` is set otherwise)."""
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     while not stop.wait(1.0):

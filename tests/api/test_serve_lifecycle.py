@@ -1,5 +1,6 @@
 """`omnistream serve` as a real process: SIGTERM lets the answer in flight finish, then the server and its
-engine-core process exit (no orphan)."""
+engine-core process exit (no orphan); a killed engine core ends the answer in flight with engine_dead, then the
+server exits with ENGINE_DEAD_EXIT_CODE for its supervisor to restart it."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import time
 
 import httpx
 
+from omnistream.engine.entrypoints.serve import ENGINE_DEAD_EXIT_CODE
 from tests.processes import gone_within
 
 from .server_fixture import API_KEY, AUTH, http_client, running_server
@@ -57,6 +59,27 @@ def test_sigterm_drains_the_answer_in_flight_then_exits_with_its_engine_core():
         assert finish[-1] == "length"  # the answer in flight ran to its end
         assert proc.wait(60) == 0, "".join(lines)
         assert gone_within(core, 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_killed_engine_core_makes_the_server_exit_with_its_code_for_a_supervisor():
+    proc, lines = _start_server()
+    try:
+        core = int(_wait_for(lines, r"engine core ready in process (\d+)", proc).group(1))
+        url = _wait_for(lines, r"Uvicorn running on (http://\S+)", proc).group(1)
+        body = {"messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 400, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", url + "/v1/chat/completions", headers=AUTH, json=body, timeout=60) as response:
+            events = response.iter_lines()
+            assert next(events).startswith("data: ")
+            os.kill(core, signal.SIGKILL)
+            rest = list(events)
+        assert any('"engine_dead"' in line for line in rest)  # the answer in flight fails, it does not hang
+        assert proc.wait(60) == ENGINE_DEAD_EXIT_CODE, "".join(lines)
+        assert any("exiting with code 3 so that a supervisor restarts the server" in line for line in lines)
     finally:
         if proc.poll() is None:
             proc.kill()
