@@ -50,9 +50,11 @@ SAMPLING = {"max_tokens": 4, "temperature": 0.5, "top_p": 0.9, "top_k": 5, "seed
 BODIES = {
     "/v1/chat/completions": [{"messages": [USER], **SAMPLING, "logprobs": True, "top_logprobs": 2,
                               "mm_processor_kwargs": {"audio_window_s": 1}},
-                             {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+                             {"messages": [{"role": "system", "content": "Be brief."},
+                                           {"role": "user", "content": "Hi"}],
                               **SAMPLING, "stream": True, "stream_options": {"include_usage": True}}],
-    "/v1/completions": [{"prompt": "Hello", **SAMPLING, "logprobs": 1}, {"prompt": [[9707, 11], [11]], **SAMPLING}],
+    "/v1/completions": [{"prompt": "Hello", **SAMPLING, "logprobs": 1},
+                        {"prompt": [[9707, 11], [11]], **SAMPLING}],
     "/tokenize": [{"prompt": "Hello"}, {"messages": [USER], "add_generation_prompt": True}],
     "/detokenize": [{"tokens": [9707, 11, 151644]}],
 }
@@ -153,14 +155,12 @@ def test_any_json_in_any_field_of_a_realtime_event_gets_events_or_error_events(s
         for event in events:
             ws.send(json.dumps(event))
         ws.send(json.dumps({"type": "fuzz.ping", "event_id": "ping"}))  # answered in order, after the events
-        responding = False
-        while True:
+        responding = pinged = False
+        while not pinged or responding:  # until the ping's answer, and the end of a response the events started
             reply = json.loads(ws.recv(timeout=TIMEOUT_S))
             assert reply["type"] != "error" or reply["error"]["type"] != "server_error", reply
             responding = (responding or reply["type"] == "response.created") and reply["type"] != "response.done"
-            pinged = reply["type"] == "error" and reply["error"].get("event_id") == "ping"
-            if pinged and not responding:
-                break
+            pinged = pinged or (reply["type"] == "error" and reply["error"].get("event_id") == "ping")
     assert not server[0].llm.errored
 
 
