@@ -45,7 +45,7 @@ def edge_cases(body: dict[str, Any]) -> list[Any]:
     for path in _paths(body):
         for value in EDGE_VALUES:
             case = copy.deepcopy(body)
-            _set(case, path, value)
+            _set(case, path, copy.deepcopy(value))
             cases.append(case)
     return cases
 
@@ -65,7 +65,7 @@ def mutated(draw: st.DrawFn, bases: list[dict[str, Any]]) -> Any:
             continue
         top = [path for path in paths if len(path) == 1]
         path = draw(st.sampled_from(top if kind <= 2 else paths))  # top-level fields most often
-        _set(body, path, draw(st.one_of(EDGES, EDGES, SCALARS, JSON)))
+        _set(body, path, copy.deepcopy(draw(st.one_of(EDGES, EDGES, SCALARS, JSON))))  # EDGES are shared objects
     return body
 
 
