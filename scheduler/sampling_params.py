@@ -1,8 +1,9 @@
 """SamplingParams: how one request is decoded and when it stops (validated, msgspec-serialisable), and the one
 rule for token ids a request carries (inside the model's vocabulary).
 
-Every integer is bounded to int64 and every float must be finite, so that nothing a client sends can overflow
-the engine core's messages or poison the sampler; the request schemas of the front ends declare these bounds.
+Every integer is bounded to int64 (a seed is any int, taken modulo 2**64) and every float must be finite, so that
+nothing a client sends can overflow the engine core's messages or poison the sampler; the request schemas of the
+front ends declare these bounds.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 _GREEDY_EPS = 1e-5
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of every integer field (seed included)
 MAX_LOGPROBS = 20  # alternatives per token, for generated tokens and prompt tokens alike
-_INT_FIELDS = ("n", "top_k", "seed", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
+_INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
 _FLOAT_FIELDS = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                  "repetition_penalty")
 
@@ -36,11 +37,14 @@ def _finite(value: float) -> bool:
         return False
 
 
+def _wrap_int64(value: int) -> int:
+    """The int64 congruent to `value` modulo 2**64 (two's complement), as the sampler takes a seed."""
+    return (value - INT64_MIN) % 2**64 + INT64_MIN
+
+
 def choice_seed(seed: int | None, index: int) -> int | None:
     """The seed of a request's `index`-th independent answer: one more per answer, wrapping within int64."""
-    if seed is None:
-        return None
-    return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
+    return None if seed is None else _wrap_int64(seed + index)
 
 
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
@@ -69,6 +73,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        if isinstance(self.seed, int):  # any int is a seed, taken modulo 2**64: carried as an int64
+            self.seed = _wrap_int64(self.seed)
         self._check_types()
         checks = [
             (self.n >= 1, f"n must be at least 1, got {self.n}"),
