@@ -42,8 +42,9 @@ from omnistream.engine.entrypoints.openai.protocol import (
     InputAudioPart,
     VideoURLPart,
 )
-from omnistream.engine.entrypoints.openai.tool_calls import ToolCallStream, parse_tool_calls
+from omnistream.engine.entrypoints.openai.tool_calls import tool_call, tool_call_delta
 from omnistream.engine.frontend.outputs import PositionLogprobs, RequestOutput
+from omnistream.engine.frontend.tool_calls import ToolCallStream, parse_tool_calls
 from omnistream.multimodal.audio import load_audio
 from omnistream.multimodal.chat_media import collect_media
 from omnistream.multimodal.errors import MediaLimitError
@@ -131,7 +132,8 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
             sample = o.outputs[0]
             content, calls = parse_tool_calls(sample.text) if parse_calls else (sample.text, [])
             choices.append(ChatChoice(
-                index=i, message=ChatResponseMessage(content=content, tool_calls=calls),
+                index=i,
+                message=ChatResponseMessage(content=content, tool_calls=[tool_call(c) for c in calls]),
                 finish_reason=_finish_reason(sample.finish_reason, calls),
                 logprobs=_chat_logprobs(sample.token_ids, sample.logprobs, k, 0),
             ))
@@ -160,7 +162,9 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
             finish_reason, calls = sample.finish_reason, None
             if parse_calls:
                 stream = tool_streams[index]
-                delta, calls = stream.feed(sample.text, final=finish_reason is not None)
+                delta, new = stream.feed(sample.text, final=finish_reason is not None)
+                first = len(stream.calls) - len(new)
+                calls = [tool_call_delta(first + i, call) for i, call in enumerate(new)]
                 finish_reason = _finish_reason(finish_reason, stream.calls)
                 if not delta and not calls and finish_reason is None:
                     continue

@@ -1,23 +1,18 @@
 """OpenAI request fields -> a StructuredOutputsParams: `response_format`, vLLM's `structured_outputs`, and
-the grammar that forces a tool call (`tool_choice` "required" or a named function).
-
-A forced call is written the way Qwen3-Omni writes calls: `<tool_call>\\n{"name": ..., "arguments": {...}}
-\\n</tool_call>`, the JSON held to the function's name and its parameters' schema, one call or (with
-parallel_tool_calls) one or more separated by a newline; then the answer ends.
-"""
+the grammar that forces a tool call (`tool_choice` "required" or a named function; built in
+engine/frontend/forced_tools.py for every front end)."""
 
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from omnistream.engine.core.structured_output.compiler import JSON_OPTIONS
 from omnistream.engine.entrypoints.openai.structured_protocol import (
     ResponseFormat,
     StructuredOutputsBody,
     Tool,
     ToolChoice,
 )
+from omnistream.engine.frontend.forced_tools import forced_tool_grammar as forced_calls
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 
@@ -49,28 +44,6 @@ def forced_tool_grammar(tools: list[Tool] | None, tool_choice: ToolChoice | None
     """The grammar of the calls `tool_choice` forces, or None when the model may answer in text."""
     if tool_choice is None or tool_choice in ("none", "auto"):
         return None
-    if not tools:
-        raise ValueError("tool_choice needs tools")
-    if isinstance(tool_choice, str):  # "required": any of the tools
-        chosen, repeat = tools, parallel
-    else:
-        chosen = [t for t in tools if t.function.name == tool_choice.function.name]
-        if not chosen:
-            name = tool_choice.function.name
-            raise ValueError(f"tool_choice names the function {name!r}, which is not in tools")
-        repeat = False
-    calls = {"anyOf": [_call_schema(t.function.name, t.function.parameters) for t in chosen],
-             "x-guidance": JSON_OPTIONS}
-    more = r' ("\n" call)*' if repeat else ""
-    call = 'call: <tool_call> "\\n" body "\\n" </tool_call>'
-    lark = f"start: call{more}\n{call}\nbody: %json {json.dumps(calls)}\n"
-    return StructuredOutputsParams(grammar=lark)
-
-
-def _call_schema(name: str, parameters: dict[str, Any] | None) -> dict[str, Any]:
-    return {
-        "type": "object",
-        "properties": {"name": {"const": name}, "arguments": parameters or {"type": "object"}},
-        "required": ["name", "arguments"],
-        "additionalProperties": False,
-    }
+    functions = {t.function.name: t.function.parameters for t in tools or []}
+    choice = tool_choice if isinstance(tool_choice, str) else tool_choice.function.name
+    return forced_calls(functions, choice, parallel)

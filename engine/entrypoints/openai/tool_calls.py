@@ -1,90 +1,17 @@
-"""The model's `<tool_call>{json}</tool_call>` blocks -> OpenAI tool calls, whole or while streaming.
-
-A block whose JSON has a string `name` and an object `arguments` becomes a call (arguments re-serialised
-as a JSON string, as OpenAI sends them); anything else stays text. The streaming parser sends text as it
-comes except a tail that may begin a block, and each call as one `delta.tool_calls` entry (id, name and the
-whole arguments) as soon as its block closes: the official client assembles these like OpenAI's.
-"""
+"""Parsed tool calls (engine/frontend/tool_calls.py) in OpenAI's shapes: `message.tool_calls` entries and
+streamed `delta.tool_calls` entries (id, name and the whole arguments in one delta per call), which the
+official client assembles like OpenAI's."""
 
 from __future__ import annotations
 
-import json
-import re
-import uuid
-
 from omnistream.engine.entrypoints.openai.structured_protocol import FunctionCall, ToolCall, ToolCallDelta
-
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
+from omnistream.engine.frontend.tool_calls import ParsedToolCall
 
 
-def _call(body: str) -> ToolCall | None:
-    try:
-        value = json.loads(body)
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("arguments", {})
-    if not isinstance(arguments, dict):
-        return None
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}",
-                    function=FunctionCall(name=value["name"], arguments=json.dumps(arguments, ensure_ascii=False)))
+def tool_call(call: ParsedToolCall) -> ToolCall:
+    return ToolCall(id=call.id, function=FunctionCall(name=call.name, arguments=call.arguments))
 
 
-def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
-    """(the text outside the call blocks, or None when only calls were said; the calls, in order)."""
-    calls, kept, last = [], [], 0
-    for match in _BLOCK.finditer(text):
-        call = _call(match.group(1))
-        if call is None:
-            continue
-        calls.append(call)
-        kept.append(text[last : match.start()])
-        last = match.end()
-    kept.append(text[last:])
-    content = "".join(kept).strip() if calls else text
-    return (content or None), calls
-
-
-class ToolCallStream:
-    """Feeds on the cumulative text of one answer; yields content and tool-call deltas to send."""
-
-    def __init__(self) -> None:
-        self._done = 0  # text[:_done] is sent (as content) or consumed (as calls)
-        self.calls: list[ToolCall] = []
-
-    def feed(self, text: str, final: bool) -> tuple[str, list[ToolCallDelta]]:
-        content, deltas = [], []
-        while True:
-            start = text.find(OPEN, self._done)
-            if start < 0:
-                end = len(text) if final else _safe_end(text, self._done)
-                content.append(text[self._done : end])
-                self._done = end
-                break
-            content.append(text[self._done : start])
-            self._done = start
-            close = text.find(CLOSE, start)
-            if close < 0:
-                if final:  # an unclosed block at the end is text
-                    content.append(text[start:])
-                    self._done = len(text)
-                break
-            end = close + len(CLOSE)
-            call = _call(text[start + len(OPEN) : close])
-            if call is None:
-                content.append(text[start:end])
-            else:
-                deltas.append(ToolCallDelta(index=len(self.calls), id=call.id, type="function", function=call.function))
-                self.calls.append(call)
-            self._done = end
-        return "".join(content), deltas
-
-
-def _safe_end(text: str, start: int) -> int:
-    """Where text that cannot be the beginning of an OPEN tag ends (a partial tag at the end is held)."""
-    for keep in range(min(len(OPEN) - 1, len(text) - start), 0, -1):
-        if OPEN.startswith(text[len(text) - keep :]):
-            return len(text) - keep
-    return len(text)
+def tool_call_delta(index: int, call: ParsedToolCall) -> ToolCallDelta:
+    return ToolCallDelta(index=index, id=call.id, type="function",
+                         function=FunctionCall(name=call.name, arguments=call.arguments))
