@@ -1,5 +1,5 @@
-"""The gRPC wire format ↔ the engine: SamplingParams (per answer), Generate prompts with their media,
-log-probabilities, usage, finish reasons.
+"""The gRPC wire format ↔ the engine: SamplingParams (per answer), Generate prompts with their media (and
+tools), log-probabilities, usage, finish reasons (structured outputs and tools: tools.py).
 
 Only shapes are translated here; values are validated once, by SamplingParams and the input processor,
 so gRPC, HTTP and the Python API accept exactly the same settings. Runs no engine work.
@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from omnistream.engine.entrypoints.grpc_server.errors import invalid
+from omnistream.engine.entrypoints.grpc_server.tools import NO_TOOLS, Tools, structured_output, tools
 from omnistream.engine.entrypoints.openai.protocol import MAX_N, MAX_TOP_LOGPROBS
 from omnistream.engine.frontend.outputs import Logprob, PositionLogprobs, RequestOutput
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
@@ -26,15 +27,20 @@ _OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "p
                       "frequency_penalty", "repetition_penalty", "seed", "ignore_eos", "min_tokens",
                       "skip_special_tokens")
 _MEDIA_OPTIONS = ("audio_window_s", "use_audio_in_video", "fps", "min_frames", "max_frames")
-_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 _MODALITIES = ("audio", "image", "video")
 FINISH_REASONS = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.FINISH_REASON_STOP,
-                  "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT}
+                  "length": pb.FINISH_REASON_LENGTH, "abort": pb.FINISH_REASON_ABORT,
+                  "tool_calls": pb.FINISH_REASON_TOOL_CALLS}
 
 
-def sampling_params(message: pb.SamplingParams, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
-    """SamplingParams from the message; `max_tokens` is the default when the message leaves it unset."""
-    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs}
+def sampling_params(message: pb.SamplingParams, max_tokens: int | None, logprobs: int | None = None,
+                    request_tools: Tools = NO_TOOLS) -> SamplingParams:
+    """SamplingParams from the message; `max_tokens` is the default when the message leaves it unset; a call
+    forced by `request_tools` is the answer's constraint."""
+    constraint = request_tools.constraint(structured_output(message.structured_output))
+    kwargs: dict[str, Any] = {"max_tokens": max_tokens, "logprobs": logprobs,
+                              "structured_outputs": constraint}
     kwargs.update({name: getattr(message, name) for name in _OPTIONAL_SAMPLING if message.HasField(name)})
     if message.stop:
         kwargs["stop"] = list(message.stop)
@@ -43,13 +49,21 @@ def sampling_params(message: pb.SamplingParams, max_tokens: int | None, logprobs
     return SamplingParams(**kwargs)
 
 
-def choice_params(request: pb.GenerateRequest) -> list[SamplingParams]:
+def request_tools(request: pb.GenerateRequest) -> Tools:
+    """The Generate request's tools; they need a chat prompt, which the template renders them into."""
+    if request.tools and request.WhichOneof("prompt") != "chat":
+        raise invalid("tools: the chat template renders tools, so they need a `chat` prompt")
+    parallel = request.parallel_tool_calls if request.HasField("parallel_tool_calls") else True
+    return tools(list(request.tools), request.tool_choice, parallel)
+
+
+def choice_params(request: pb.GenerateRequest, request_tools: Tools) -> list[SamplingParams]:
     """The SamplingParams of each of the request's n answers: a seed advances by one per answer."""
     n = request.n if request.HasField("n") else 1
     if not 1 <= n <= MAX_N:
         raise invalid(f"n: the number of answers must be from 1 to {MAX_N}, got {n}")
     params = sampling_params(request.sampling, max_tokens=None,  # default: the rest of the context
-                             logprobs=num_logprobs(request, "logprobs"))
+                             logprobs=num_logprobs(request, "logprobs"), request_tools=request_tools)
     if params.seed is None:
         return [params] * n
     return [msgspec.structs.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]
@@ -83,7 +97,8 @@ def media_options(message: pb.MediaOptions) -> dict[str, Any]:
     return {name: getattr(message, name) for name in _MEDIA_OPTIONS if message.HasField(name)}
 
 
-def generate_prompt(llm: Any, request: pb.GenerateRequest, fetch_url: UrlFetcher) -> tuple[dict[str, Any], float]:
+def generate_prompt(llm: Any, request: pb.GenerateRequest, fetch_url: UrlFetcher,
+                    request_tools: Tools = NO_TOOLS) -> tuple[dict[str, Any], float]:
     """The engine prompt (text or ids + media) and the seconds of audio it carries; fetches media URLs
     (`fetch_url`: the server's media policy) and decodes media, so it runs off the event loop."""
     kind = request.WhichOneof("prompt")
@@ -92,7 +107,7 @@ def generate_prompt(llm: Any, request: pb.GenerateRequest, fetch_url: UrlFetcher
     if kind == "chat":
         if request.media:
             raise invalid("media: a chat prompt carries its media inside its messages, not in `media`")
-        prompt, items = _chat_prompt(llm, request.chat)
+        prompt, items = _chat_prompt(llm, request.chat, request_tools.template)
     elif kind == "text":
         if not request.text:
             raise invalid("text: the prompt is empty")
@@ -109,7 +124,8 @@ def generate_prompt(llm: Any, request: pb.GenerateRequest, fetch_url: UrlFetcher
     return prompt, seconds
 
 
-def _chat_prompt(llm: Any, chat: pb.ChatMessages) -> tuple[dict[str, Any], list[pb.MediaItem]]:
+def _chat_prompt(llm: Any, chat: pb.ChatMessages,
+                 template_tools: list[dict[str, Any]]) -> tuple[dict[str, Any], list[pb.MediaItem]]:
     if not chat.messages:
         raise invalid("chat.messages: the conversation is empty")
     messages, items = [], []
@@ -127,8 +143,17 @@ def _chat_prompt(llm: Any, chat: pb.ChatMessages) -> tuple[dict[str, Any], list[
                 items.append(part.media)
             else:
                 raise invalid(f"chat.messages[{i}].content[{j}]: the part has neither text nor media")
-        messages.append({"role": role, "content": parts})
-    return {"prompt": llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True)}, items
+        rendered: dict[str, Any] = {"role": role, "content": parts}
+        if message.tool_calls:
+            rendered["tool_calls"] = [{"id": c.id, "type": "function",
+                                       "function": {"name": c.name, "arguments": c.arguments}}
+                                      for c in message.tool_calls]
+        if message.tool_call_id:
+            rendered["tool_call_id"] = message.tool_call_id
+        messages.append(rendered)
+    text = llm.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                             tools=template_tools or None)
+    return {"prompt": text}, items
 
 
 def media_modality(item: pb.MediaItem, field: str) -> str:

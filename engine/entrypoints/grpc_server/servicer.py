@@ -28,12 +28,15 @@ from omnistream.engine.entrypoints.grpc_server.protocol import (
     FINISH_REASONS,
     choice_params,
     generate_prompt,
+    request_tools,
     token_logprobs,
     usage,
 )
 from omnistream.engine.entrypoints.grpc_server.session import LiveSession
+from omnistream.engine.entrypoints.grpc_server.tools import finish_reason, tool_call
 from omnistream.engine.entrypoints.openai.completions import Choices
 from omnistream.engine.frontend.outputs import RequestOutput
+from omnistream.engine.frontend.tool_calls import ToolCallStream
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.multimodal.chat_media import UrlFetcher
@@ -82,7 +85,8 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
     @_streaming
     async def Generate(self, request: pb.GenerateRequest, context: Any) -> AsyncIterator[pb.GenerateResponse]:
         self.check_model(request.model)
-        params = choice_params(request)
+        tools = request_tools(request)
+        params = choice_params(request, tools)
         check_fanout(len(params), self.max_fanout)
         client_id = request.request_id or uuid.uuid4().hex
         engine_id = f"grpc-{client_id}"  # never collides with HTTP requests or sessions
@@ -90,10 +94,11 @@ class OmnistreamServicer(pb_grpc.OmnistreamServicer):
             raise invalid(f"request_id: {client_id!r} is already running")
         aborted = self._running[engine_id] = asyncio.Event()
         try:
-            prompt, seconds = await asyncio.to_thread(generate_prompt, self.llm, request, self.fetch_url)
+            prompt, seconds = await asyncio.to_thread(generate_prompt, self.llm, request, self.fetch_url,
+                                                      tools)
             choices = await Choices.start(self.llm, [(prompt, p) for p in params], engine_id)
             answers = _Answers(self.llm, client_id, choices.first, seconds, request.logprobs
-                               if request.HasField("logprobs") else None)
+                               if request.HasField("logprobs") else None, tools.parse)
             outputs = _until(choices.outputs(), aborted)
             async with contextlib.aclosing(outputs):
                 async for item in outputs:
@@ -136,12 +141,13 @@ class _Answers:
     """The n answers of one Generate call: what each has sent so far, and its next response."""
 
     def __init__(self, llm: Any, request_id: str, first: list[RequestOutput], audio_seconds: float,
-                 logprobs: int | None) -> None:
+                 logprobs: int | None, parse_calls: bool) -> None:
         self.llm, self.request_id, self.audio_seconds, self.logprobs = llm, request_id, audio_seconds, logprobs
         self.last = list(first)
         self.sent_text = [0] * len(first)
         self.sent_tokens = [0] * len(first)
         self.unfinished = len(first)
+        self.calls = [ToolCallStream() for _ in first] if parse_calls else None  # per answer
 
     def update(self, index: int, output: RequestOutput) -> pb.GenerateResponse | None:
         """The response for answer `index`'s new output; None when it adds nothing."""
@@ -150,8 +156,12 @@ class _Answers:
         if len(sample.token_ids) == self.sent_tokens[index] and not output.finished:
             return None
         start = self.sent_tokens[index]
-        response = self._response(index, sample.finish_reason, text=sample.text[self.sent_text[index]:],
-                                  token_ids=sample.token_ids[start:])
+        text, calls, reason = sample.text[self.sent_text[index]:], [], sample.finish_reason
+        if self.calls is not None:  # the text less the call blocks, and the calls that closed
+            text, calls = self.calls[index].feed(sample.text, final=output.finished)
+            reason = finish_reason(reason, self.calls[index].calls)
+        response = self._response(index, reason, text=text, token_ids=sample.token_ids[start:],
+                                  tool_calls=[tool_call(call) for call in calls])
         if self.logprobs is not None:
             response.logprobs.extend(token_logprobs(sample.token_ids[start:], (sample.logprobs or [])[start:],
                                                     self.logprobs))

@@ -1,5 +1,5 @@
 """One live gRPC Session: the client's inputs drive a StreamingSession, its answers stream back per turn (with
-their log-probabilities when the config or the commit asks).
+their log-probabilities when the config or the commit asks, and their tool calls when the config has tools).
 
 A reader task applies the inputs in order (audio, video frames, text, commit, cancel) while each committed turn's
 answer is pumped out by its own task, so the user can speak over (barge-in) or cancel an answer.
@@ -30,8 +30,11 @@ from omnistream.engine.entrypoints.grpc_server.protocol import (
     token_logprobs,
     turn_usage,
 )
+from omnistream.engine.entrypoints.grpc_server.tools import NO_TOOLS, finish_reason, tool_call, tools
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import StreamingSession
+from omnistream.engine.frontend.tool_calls import ToolCallStream
+from omnistream.engine.frontend.tool_prompt import system_prompt_with_tools, tool_response
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.multimodal.audio import check_sample_rate
 
@@ -56,6 +59,10 @@ class LiveSession:
         self.turn = 0
         self.turn_bytes = 0  # audio bytes streamed since the last commit
         self.answer: asyncio.Task | None = None  # the task streaming the current turn's answer
+        self.tools = NO_TOOLS
+        self.config = pb.SessionConfig()
+        self.parallel_calls = True  # the config's parallel_tool_calls
+        self.tool_results = 0  # tool results in the user's turn so far
 
     async def run(self) -> AsyncIterator[pb.SessionOutput]:
         first = await anext(self.inputs, None)
@@ -80,13 +87,19 @@ class LiveSession:
     async def _open(self, config: pb.SessionConfig) -> pb.SessionOutput:
         self.check_model(config.model)
         self.logprobs = num_logprobs(config, "config.logprobs")
-        self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=self.logprobs)
+        self.config = config
+        self.parallel_calls = config.parallel_tool_calls if config.HasField("parallel_tool_calls") else True
+        self.tools = tools(list(config.tools), config.tool_choice, self.parallel_calls, "config.")
+        self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=self.logprobs,
+                                      request_tools=self.tools)
+        system_prompt = system_prompt_with_tools(self.llm.tokenizer, config.system_prompt or None,
+                                                 self.tools.template)
         self.sample_rate = check_sample_rate(config.sample_rate or DEFAULT_SAMPLE_RATE, "config.sample_rate")
         self.audio_format = config.audio_format or pb.AUDIO_FORMAT_PCM16
         if self.audio_format not in (pb.AUDIO_FORMAT_PCM16, pb.AUDIO_FORMAT_FLOAT32):
             raise invalid(f"config.audio_format: unknown format {config.audio_format}")
         self.session = await self.llm.open_session(
-            config.system_prompt or None, self.params, config.audio_window_s or DEFAULT_WINDOW_S,
+            system_prompt, self.params, config.audio_window_s or DEFAULT_WINDOW_S,
             session_id=f"grpc-session-{uuid.uuid4().hex}", video_fps=config.video_fps or DEFAULT_VIDEO_FPS,
         )
         return pb.SessionOutput(started=pb.SessionStarted(session_id=self.session.session_id))
@@ -116,6 +129,9 @@ class LiveSession:
             self.turn_bytes += len(message.audio.data)
         elif kind == "text":
             await self.session.append_text(message.text.text)
+        elif kind == "tool_result":
+            await self.session.append_text(tool_response(message.tool_result.output, not self.tool_results))
+            self.tool_results += 1
         elif kind == "commit":
             await self._commit(message.commit)
         elif kind == "cancel":
@@ -136,41 +152,55 @@ class LiveSession:
     async def _commit(self, commit: pb.Commit) -> None:
         override = num_logprobs(commit, "commit.logprobs")
         logprobs = self.logprobs if override is None else override
-        if commit.HasField("sampling"):
-            params = sampling_params(commit.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=logprobs)
+        turn_tools = self.tools
+        if commit.HasField("tool_choice"):
+            turn_tools = tools(list(self.config.tools), commit.tool_choice, self.parallel_calls, "commit.")
+        if commit.HasField("sampling") or commit.HasField("tool_choice"):
+            sampling = commit.sampling if commit.HasField("sampling") else self.config.sampling
+            params = sampling_params(sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=logprobs,
+                                     request_tools=turn_tools)
         else:
             params = msgspec.structs.replace(self.params, logprobs=logprobs)
         if self.answer is not None and not self.answer.done():  # a commit during an answer replaces it
             await self.session.cancel()
             await self.answer
         stream = await self.session.commit(params)
+        self.tool_results = 0
         self.turn += 1
         prompt = (self.session.positions.num_tokens, self.session.num_audio_tokens,  # the conversation so far
                   self.session.num_video_tokens)
         sample_bytes = 2 if self.audio_format == pb.AUDIO_FORMAT_PCM16 else 4
         seconds, self.turn_bytes = self.turn_bytes // sample_bytes / self.sample_rate, 0
         self._send(turn_started=pb.TurnStarted(turn=self.turn))
-        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds, logprobs))
+        calls = ToolCallStream() if turn_tools.parse else None
+        self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds, logprobs, calls))
 
     async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int, int],
-                    seconds: float, logprobs: int | None) -> None:
+                    seconds: float, logprobs: int | None, calls: ToolCallStream | None) -> None:
         """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens, video tokens) at its
-        commit; `logprobs` the alternatives per token its deltas carry (None: no log-probabilities)."""
+        commit; `logprobs` the alternatives per token its deltas carry (None: no log-probabilities); `calls`
+        parses the answer's tool calls (None: no tools)."""
         sent_text = sent_tokens = 0
         try:
             async with contextlib.aclosing(stream):
                 async for output in stream:
                     sample = output.outputs[0]
-                    if len(sample.token_ids) > sent_tokens or sample.text[sent_text:]:
-                        delta = pb.TextDelta(turn=turn, text=sample.text[sent_text:],
-                                             token_ids=sample.token_ids[sent_tokens:])
+                    reason = sample.finish_reason
+                    flush = output.finished and calls is not None  # text held back as a possible call
+                    if len(sample.token_ids) > sent_tokens or sample.text[sent_text:] or flush:
+                        text, new = sample.text[sent_text:], []
+                        if calls is not None:  # the text less the call blocks, and the calls that closed
+                            text, new = calls.feed(sample.text, final=output.finished)
+                        delta = pb.TextDelta(turn=turn, text=text, token_ids=sample.token_ids[sent_tokens:],
+                                             tool_calls=[tool_call(call) for call in new])
                         if logprobs is not None:
                             delta.logprobs.extend(token_logprobs(sample.token_ids[sent_tokens:],
                                                                  (sample.logprobs or [])[sent_tokens:], logprobs))
                         self._send(delta=delta)
                         sent_text, sent_tokens = len(sample.text), len(sample.token_ids)
                     if output.finished:
-                        self._send(turn_ended=pb.TurnEnded(turn=turn, finish_reason=FINISH_REASONS[sample.finish_reason],
+                        reason = finish_reason(reason, calls.calls if calls is not None else [])
+                        self._send(turn_ended=pb.TurnEnded(turn=turn, finish_reason=FINISH_REASONS[reason],
                                                            usage=turn_usage(output, *prompt, seconds)))
         except Exception as exc:  # noqa: BLE001 - a dead engine ends the call
             self.outbox.put_nowait(exc)
