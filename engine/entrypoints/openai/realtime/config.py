@@ -1,6 +1,9 @@
 """A Realtime connection's session configuration: its defaults, session.update applied field by field with
 every unsupported choice refused by name, the `session` object the server reports, and the sampling
-parameters of a response.
+parameters of a response (with the grammar of a call that `tool_choice` forces).
+
+Function tools are rendered into the system prompt (as the chat template does), so, like the instructions,
+they are set before the conversation's first input; tool_choice may change at any time, per response too.
 
 Text output only (the thinker has no talker); input audio is PCM16 little-endian at 24 kHz (the GA
 default) or 16 kHz; turn detection is this server's energy VAD (`server_vad`) or off (null).
@@ -15,17 +18,22 @@ from typing import Any
 from msgspec import UNSET
 
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
+    FunctionTool,
     RealtimeError,
     ResponseFields,
     SessionFields,
     TurnDetection,
 )
+from omnistream.engine.entrypoints.openai.structured_protocol import FunctionDefinition
+from omnistream.engine.frontend.forced_tools import forced_tool_grammar
 from omnistream.multimodal.vad import FRAME_MS, threshold_db
 from omnistream.scheduler.sampling_params import SamplingParams
 
 SAMPLE_RATES = (24_000, 16_000)
 MAX_SILENCE_MS = 10_000
 MAX_PADDING_MS = 5_000
+MAX_TOOLS = 128
+_MODES = ("auto", "none", "required")
 
 
 @dataclass
@@ -49,6 +57,8 @@ class SessionConfig:
     vad: Vad | None = field(default_factory=Vad)
     max_output_tokens: int | None = None  # None: "inf", up to the model's length
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed when given
+    tools: list[dict[str, Any]] = field(default_factory=list)  # GA function tools (type, name, description...)
+    tool_choice: str = "auto"  # auto, none, required or a function's name
 
     def as_dict(self, session_id: str) -> dict[str, Any]:
         """The GA `session` object of session.created / session.updated."""
@@ -58,7 +68,9 @@ class SessionConfig:
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.sample_rate}, "transcription": None,
                                 "noise_reduction": None,
                                 "turn_detection": self.vad.as_dict() if self.vad else None}},
-            "tools": [], "tool_choice": "auto",
+            "tools": self.tools,
+            "tool_choice": self.tool_choice if self.tool_choice in _MODES else {"type": "function",
+                                                                                "name": self.tool_choice},
             "max_output_tokens": "inf" if self.max_output_tokens is None else self.max_output_tokens,
             **self.sampling,
         }
@@ -78,10 +90,17 @@ class SessionConfig:
                                     param="session.instructions")
             new.instructions = fields.instructions
         check_modalities(fields.output_modalities, "session.output_modalities")
-        if fields.tools is not UNSET and fields.tools:
-            raise RealtimeError("tools are not supported by this server", param="session.tools")
-        if fields.tool_choice not in (UNSET, "auto", "none"):
-            raise RealtimeError("tool_choice is not supported by this server", param="session.tool_choice")
+        if fields.tools is not UNSET:
+            tools = _tools(fields.tools)
+            if conversation_started and tools != self.tools:
+                raise RealtimeError("session.tools can only change before the conversation's first input",
+                                    param="session.tools")
+            new.tools = tools
+        if fields.tool_choice is not UNSET:
+            new.tool_choice = tool_choice(fields.tool_choice, "session.tool_choice")
+        if new.tool_choice not in _MODES and new.tool_choice not in new.functions:
+            raise RealtimeError(f"tool_choice names the function {new.tool_choice!r}, which is not in tools",
+                                param="session.tool_choice")
         if fields.max_output_tokens is not UNSET:
             new.max_output_tokens = max_tokens(fields.max_output_tokens, "session.max_output_tokens")
         new.sampling.update(sampling_fields(fields, "session"))
@@ -113,9 +132,37 @@ class SessionConfig:
         elif audio_input.turn_detection is not UNSET:
             new.vad = _vad(audio_input.turn_detection, new.vad or Vad())
 
+    @property
+    def functions(self) -> dict[str, dict[str, Any] | None]:
+        return {tool["name"]: tool.get("parameters") for tool in self.tools}
+
+    @property
+    def template_tools(self) -> list[dict[str, Any]]:
+        """The tools as the chat template takes them (OpenAI's nested shape)."""
+        return [{"type": "function", "function": {k: v for k, v in t.items() if k != "type"}}
+                for t in self.tools]
+
+    def response_tool_choice(self, response: ResponseFields | None) -> str:
+        if response is None or response.tool_choice is UNSET:
+            return self.tool_choice
+        return tool_choice(response.tool_choice, "response.tool_choice")
+
+    def parses_calls(self, response: ResponseFields | None) -> bool:
+        """Whether the answer's `<tool_call>` blocks become function_call items."""
+        return bool(self.tools) and self.response_tool_choice(response) != "none"
+
     def sampling_params(self, response: ResponseFields | None = None) -> SamplingParams:
-        """The answer's sampling parameters: the session's, overridden by response.create's own fields."""
+        """The answer's sampling parameters: the session's, overridden by response.create's own fields; a
+        required or named tool_choice is the answer's grammar."""
         values: dict[str, Any] = dict(self.sampling)
+        choice = self.response_tool_choice(response)
+        if choice != "auto" and choice != "none":
+            param = "session.tool_choice" if response is None or response.tool_choice is UNSET else \
+                "response.tool_choice"
+            try:
+                values["structured_outputs"] = forced_tool_grammar(self.functions, choice, parallel=True)
+            except ValueError as exc:
+                raise RealtimeError(str(exc), param=param) from None
         limit = self.max_output_tokens
         if response is not None:
             values.update(sampling_fields(response, "response"))
@@ -157,6 +204,39 @@ def _vad(given: TurnDetection, current: Vad) -> Vad:
     if given.create_response is not UNSET:
         vad.create_response = given.create_response
     return vad
+
+
+def _tools(given: list[FunctionTool]) -> list[dict[str, Any]]:
+    if len(given) > MAX_TOOLS:
+        raise RealtimeError(f"at most {MAX_TOOLS} tools, got {len(given)}", param="session.tools")
+    tools, names = [], set()
+    for i, tool in enumerate(given):
+        param = f"session.tools[{i}]"
+        if tool.type != "function":
+            raise RealtimeError(f"tools of type {tool.type!r} are not supported; use \"function\"",
+                                param=f"{param}.type")
+        try:  # the same name rules as HTTP's tools
+            FunctionDefinition(name=tool.name, description=tool.description, parameters=tool.parameters)
+        except ValueError as exc:
+            raise RealtimeError(f"{param}: {exc.errors()[0]['msg']}", param=f"{param}.name") from None
+        if tool.name in names:
+            raise RealtimeError(f"the function {tool.name!r} is given twice", param=f"{param}.name")
+        names.add(tool.name)
+        entry = {"type": "function", "name": tool.name, "description": tool.description,
+                 "parameters": tool.parameters}
+        tools.append({k: v for k, v in entry.items() if v is not None})
+    return tools
+
+
+def tool_choice(value: Any, param: str) -> str:
+    """A GA tool_choice ("auto", "none", "required" or {"type": "function", "name"}) as a mode or a name."""
+    if value in _MODES:
+        return value
+    if isinstance(value, dict) and value.get("type") == "function" and isinstance(value.get("name"), str) \
+            and set(value) == {"type", "name"}:
+        return value["name"]
+    raise RealtimeError(f"tool_choice must be \"auto\", \"none\", \"required\" or {{\"type\": \"function\", "
+                        f"\"name\": ...}}, got {value!r}", param=param)
 
 
 def check_modalities(modalities: Any, param: str) -> None:

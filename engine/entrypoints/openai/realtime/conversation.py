@@ -5,7 +5,9 @@ speech start, less the prefix padding, so the silence between turns is never pre
 buffer makes it a user item; response.create (or the VAD's end of speech with create_response) commits
 the engine turn and streams the answer as text events. The engine's session is opened at the first input,
 so instructions set before it become its system prompt. A response.create with uncommitted audio commits
-it first. Speech (any audio) during an answer interrupts it, as StreamingSession does (barge-in).
+it first. Speech (any audio) during an answer interrupts it, as StreamingSession does (barge-in). Function
+tools go into the system prompt; a function_call_output item is the call's result in the user's turn (as
+the chat template renders a "tool" message), answered by the next response.
 Server events go out through `emit`, in order; the answer of each response is pumped by its own task.
 """
 
@@ -42,6 +44,8 @@ from omnistream.engine.entrypoints.openai.realtime.response import (
 )
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import SegmentDiscardedError, StreamingSession
+from omnistream.engine.frontend.tool_calls import ToolCallStream
+from omnistream.engine.frontend.tool_prompt import system_prompt_with_tools, tool_response
 from omnistream.multimodal.vad import EnergyVad
 
 Emit = Callable[[dict[str, Any]], None]
@@ -66,6 +70,7 @@ class Conversation:
         self._segment_committed = False  # the engine's audio segment is committed but still open
         self._last_item: str | None = None
         self._context_tokens = 0  # the conversation's tokens when the last answer ended
+        self._tool_results = 0  # function_call_output items in the user's turn so far
         self.response: Response | None = None
         self._reset_vad()
 
@@ -135,23 +140,17 @@ class Conversation:
 
     async def _item_create(self, event: ItemCreate) -> None:
         item = event.item
+        if item.type == "function_call_output":
+            await self._function_output(event)
+            return
         if item.type != "message":
-            raise RealtimeError(f"items of type {item.type!r} are not supported; add user messages",
-                                param="item.type")
+            raise RealtimeError(f"items of type {item.type!r} are not supported; add user messages or "
+                                "function_call_output items", param="item.type")
         if item.role != "user":
             raise RealtimeError(f"only user messages can be added, not role {item.role!r}", param="item.role")
-        if event.previous_item_id not in (None, self._last_item):
-            raise RealtimeError("items can only be added at the end of the conversation (previous_item_id must be "
-                                "the last item's id)", param="previous_item_id")
         if not item.content:
             raise RealtimeError("the message has no content", param="item.content")
-        await self._let_cancelled_response_end()
-        if self.response is not None:
-            raise RealtimeError("a response is in progress: wait for response.done or cancel it",
-                                code="conversation_already_has_active_response")
-        if self._buffer_samples:
-            raise RealtimeError("the input audio buffer holds uncommitted audio: commit or clear it first",
-                                code="input_audio_buffer_not_empty")
+        await self._ready_for_item(event)
         parts = [self._content_part(index, part) for index, part in enumerate(item.content)]
         session = await self._session()
         await self._close_segment()
@@ -165,6 +164,32 @@ class Conversation:
         content = [{"type": "input_text", "text": value} if kind == "input_text" else events.audio_content()
                    for kind, value in parts]
         self._add_item(events.user_item(item_id, content))
+
+    async def _function_output(self, event: ItemCreate) -> None:
+        item = event.item
+        if item.call_id is None or item.output is None:
+            raise RealtimeError("a function_call_output item needs `call_id` and `output`", param="item")
+        await self._ready_for_item(event)
+        session = await self._session()
+        await self._close_segment()
+        await session.append_text(tool_response(item.output, first=not self._tool_results))
+        self._tool_results += 1
+        self._add_item({"id": item.id or events.new_id("item"), "object": "realtime.item",
+                        "type": "function_call_output", "status": "completed", "call_id": item.call_id,
+                        "output": item.output})
+
+    async def _ready_for_item(self, event: ItemCreate) -> None:
+        """An item goes at the end of the conversation, with no response running and no audio uncommitted."""
+        if event.previous_item_id not in (None, self._last_item):
+            raise RealtimeError("items can only be added at the end of the conversation (previous_item_id must be "
+                                "the last item's id)", param="previous_item_id")
+        await self._let_cancelled_response_end()
+        if self.response is not None:
+            raise RealtimeError("a response is in progress: wait for response.done or cancel it",
+                                code="conversation_already_has_active_response")
+        if self._buffer_samples:
+            raise RealtimeError("the input audio buffer holds uncommitted audio: commit or clear it first",
+                                code="input_audio_buffer_not_empty")
 
     async def _response_create(self, event: ResponseCreate) -> None:
         await self._respond(event.response)
@@ -191,8 +216,10 @@ class Conversation:
 
     async def _session(self) -> StreamingSession:
         if self.session is None:
+            system_prompt = system_prompt_with_tools(self.llm.tokenizer, self.config.instructions or None,
+                                                     self.config.template_tools)
             self.session = await self.llm.open_session(
-                self.config.instructions or None, self.config.sampling_params(), AUDIO_WINDOW_S,
+                system_prompt, self.config.sampling_params(), AUDIO_WINDOW_S,
                 session_id=f"realtime-{uuid.uuid4().hex}",
             )
         return self.session
@@ -281,21 +308,24 @@ class Conversation:
         if self._buffer_samples:
             await self._commit_buffer(respond=False)
         stream = await session.commit(params)
-        self._segment_committed = False
+        self._segment_committed, self._tool_results = False, 0
+        calls = ToolCallStream() if self.config.parses_calls(fields) else None
         metadata = None if fields is None or fields.metadata is UNSET else fields.metadata
         response = Response(params.max_tokens, metadata)
         self.response = response
         self.emit(events.event("response.created", response=response.object("in_progress")))
         usage_base = (session.positions.num_tokens, session.num_audio_tokens)
-        response.task = asyncio.ensure_future(self._pump(stream, response, *usage_base))
+        response.task = asyncio.ensure_future(self._pump(stream, response, *usage_base, calls))
 
     async def _pump(self, stream: AsyncIterator[RequestOutput], response: Response, input_tokens: int,
-                    audio_tokens: int) -> None:
+                    audio_tokens: int, calls: ToolCallStream | None) -> None:
         answer, previous = Answer(), self._last_item
         self._last_item = response.item_id
         try:
-            await stream_answer(response, stream, self.emit, previous, answer)
+            await stream_answer(response, stream, self.emit, previous, answer, calls)
         finally:
+            if answer.calls:
+                self._last_item = answer.calls[-1]["id"]
             usage = events.usage(input_tokens, audio_tokens, self._context_tokens, answer.output_tokens)
             self._context_tokens = input_tokens + answer.output_tokens
             self.response = None

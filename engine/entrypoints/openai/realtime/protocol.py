@@ -60,6 +60,15 @@ class AudioConfig(_Strict):
     output: dict[str, Any] | None | UnsetType = UNSET
 
 
+class FunctionTool(_Strict):
+    """A GA function tool (`type` "function", flat: name, description, parameters)."""
+
+    name: str
+    type: str = "function"
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class SessionFields(_Strict):
     """session.update's `session`; temperature, top_p, top_k and seed are this server's own additions."""
 
@@ -69,7 +78,7 @@ class SessionFields(_Strict):
     output_modalities: list[str] | UnsetType = UNSET
     max_output_tokens: Int64 | Literal["inf"] | UnsetType = UNSET
     audio: AudioConfig | UnsetType = UNSET
-    tools: list[Any] | UnsetType = UNSET
+    tools: list[FunctionTool] | UnsetType = UNSET
     tool_choice: Any = UNSET
     temperature: float | UnsetType = UNSET
     top_p: float | UnsetType = UNSET
@@ -93,6 +102,8 @@ class Item(_Strict):
     id: str | None = None
     object: str | None = None
     status: str | None = None
+    call_id: str | None = None  # a function_call_output item: the call it answers, and its `output`
+    output: str | None = None
 
 
 class ResponseFields(_Strict):

@@ -1,9 +1,12 @@
 """One Realtime response: the checks on response.create's fields, and its server events, from
 response.created through the text deltas of the StreamingSession's answer to response.done with usage.
 
-One assistant message item with one text part per response (output_index 0, content_index 0). The answer's
-finish reason gives the status: stop → completed, length → incomplete (max_output_tokens), abort →
-cancelled (client_cancelled, or turn_detected when speech interrupted it); an engine failure → failed.
+One assistant message item with one text part per response (output_index 0, content_index 0); with tools,
+each `<tool_call>` block the answer closes becomes a function_call item after it (output_index 1, 2...: its
+added event, its whole arguments in one function_call_arguments.delta, then .done and output_item.done), and
+the message's text leaves the blocks out. The answer's finish reason gives the status: stop → completed,
+length → incomplete (max_output_tokens), abort → cancelled (client_cancelled, or turn_detected when speech
+interrupted it); an engine failure → failed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from omnistream.engine.entrypoints.openai.realtime.protocol import (
     ResponseFields,
 )
 from omnistream.engine.frontend.outputs import RequestOutput
+from omnistream.engine.frontend.tool_calls import ParsedToolCall, ToolCallStream
 
 Emit = Callable[[dict[str, Any]], None]
 
@@ -50,6 +54,7 @@ class Answer:
     output_tokens: int = 0
     finish_reason: str = "abort"  # until the stream says otherwise (a cancelled pump never hears)
     failure: BaseException | None = None
+    calls: list[dict[str, Any]] = field(default_factory=list)  # the function_call items, completed
 
 
 def check_fields(fields: ResponseFields) -> None:
@@ -62,15 +67,17 @@ def check_fields(fields: ResponseFields) -> None:
                             "the first input", param="response.instructions")
     for name in ("input", "tools", "audio"):
         if getattr(fields, name) not in (UNSET, None, []):
-            raise RealtimeError(f"response.{name} is not supported by this server", param=f"response.{name}")
-    if fields.tool_choice not in (UNSET, "auto", "none"):
-        raise RealtimeError("tool_choice is not supported by this server", param="response.tool_choice")
+            hint = " (set the session's tools before the first input)" if name == "tools" else ""
+            raise RealtimeError(f"response.{name} is not supported by this server{hint}",
+                                param=f"response.{name}")
     check_modalities(fields.output_modalities, "response.output_modalities")
 
 
 async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput], emit: Emit,
-                        previous_item: str | None, answer: Answer) -> None:
-    """The events up to the last text delta; `answer` follows the stream (it is read even if this is cancelled)."""
+                        previous_item: str | None, answer: Answer,
+                        calls: ToolCallStream | None = None) -> None:
+    """The events up to the last text delta (and of each function call); `answer` follows the stream (it is
+    read even if this is cancelled); `calls` parses the answer's tool calls (None: no tools)."""
     where = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
     item = events.assistant_item(response.item_id, None, "in_progress")
     emit(events.event("response.output_item.added", response_id=response.id, output_index=0, item=item))
@@ -80,7 +87,14 @@ async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput]
         async with contextlib.aclosing(stream):
             async for output in stream:
                 sample = output.outputs[0]
-                if sample.text[len(answer.text):]:
+                if calls is not None:
+                    text, new = calls.feed(sample.text, final=output.finished)
+                    if text:
+                        emit(events.event("response.output_text.delta", **where, delta=text))
+                        answer.text += text
+                    for call in new:
+                        _function_call(response, call, emit, answer)
+                elif sample.text[len(answer.text):]:
                     emit(events.event("response.output_text.delta", **where, delta=sample.text[len(answer.text):]))
                     answer.text = sample.text
                 answer.output_tokens = len(sample.token_ids)
@@ -89,6 +103,24 @@ async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput]
                     return
     except Exception as exc:  # noqa: BLE001 - the response fails; its closing events still go out
         answer.failure = exc
+
+
+def _function_call(response: Response, call: ParsedToolCall, emit: Emit, answer: Answer) -> None:
+    """The events of one function_call item, the call whole (its arguments in one delta)."""
+    item_id, index = events.new_id("item"), len(answer.calls) + 1
+    previous = answer.calls[-1]["id"] if answer.calls else response.item_id
+    item = {"id": item_id, "object": "realtime.item", "type": "function_call", "status": "in_progress",
+            "call_id": call.id, "name": call.name, "arguments": ""}
+    where = {"response_id": response.id, "item_id": item_id, "output_index": index, "call_id": call.id}
+    emit(events.event("response.output_item.added", response_id=response.id, output_index=index, item=item))
+    emit(events.event("conversation.item.added", previous_item_id=previous, item=item))
+    emit(events.event("response.function_call_arguments.delta", **where, delta=call.arguments))
+    emit(events.event("response.function_call_arguments.done", **where, name=call.name,
+                      arguments=call.arguments))
+    done = {**item, "status": "completed", "arguments": call.arguments}
+    emit(events.event("response.output_item.done", response_id=response.id, output_index=index, item=done))
+    emit(events.event("conversation.item.done", previous_item_id=previous, item=done))
+    answer.calls.append(done)
 
 
 def closing_events(response: Response, answer: Answer, previous_item: str | None,
@@ -108,6 +140,6 @@ def closing_events(response: Response, answer: Answer, previous_item: str | None
         events.event("response.content_part.done", **where, part={"type": "text", "text": answer.text}),
         events.event("response.output_item.done", response_id=response.id, output_index=0, item=item),
         events.event("conversation.item.done", previous_item_id=previous_item, item=item),
-        events.event("response.done", response=response.object(status, output=[item], status_details=details,
-                                                               usage=usage)),
+        events.event("response.done", response=response.object(status, output=[item, *answer.calls],
+                                                               status_details=details, usage=usage)),
     ]
