@@ -2,12 +2,15 @@
 model: with tool_choice "required" (session) or a named function (response.create) every response's
 function_call items carry a known name and arguments that validate against the tool's schema, announced with
 the GA events in order (output_item.added, function_call_arguments.delta/.done, output_item.done); a
-function_call_output item then goes into the conversation and the next response answers; the session reports
-its tools, rendered in the prompt as the chat template renders them; bad tool settings are error events and the connection goes on."""
+function_call_output item then goes into the conversation and the next response answers; a response.create
+with `structured_outputs` (our addition, vLLM's field) holds its answer to the format; the session reports its
+tools, rendered in the prompt as the chat template renders them; bad settings are error events and the
+connection goes on."""
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import jsonschema
@@ -93,5 +96,26 @@ def test_the_session_reports_its_tools_and_bad_settings_are_errors(client):
         assert "first input" in recv_until(connection, "error")[-1].error.message
         connection.response.create(response={"tool_choice": {"type": "function", "name": "get_time"}})
         assert "get_time" in recv_until(connection, "error")[-1].error.message
+        _, done, _ = respond(connection, max_output_tokens=2)
+        assert done.response.status == "incomplete"
+
+
+def test_a_response_format_holds_every_answer_and_a_bad_one_is_an_error(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "n": {"enum": [1, 2, 3]}},
+              "required": ["ok", "n"], "additionalProperties": False}
+    with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
+        setup(connection, max_output_tokens=60, temperature=1.0)
+        for seed in range(3):
+            _ask(connection, "Fill it in.")
+            text, done, _ = respond(connection, seed=seed, structured_outputs={"json": schema})
+            jsonschema.validate(json.loads(text), schema)
+            assert done.response.status == "completed"
+            _ask(connection, "A code?")
+            text, _, _ = respond(connection, seed=seed, structured_outputs={"regex": "[A-Z]{3}-[0-9]{2}"})
+            assert re.fullmatch("[A-Z]{3}-[0-9]{2}", text), text
+        for fields, words in [({"regex": "a(b"}, "unclosed group"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
+                              ({"nope": 1}, "nope")]:
+            connection.response.create(response={"structured_outputs": fields})
+            assert words in recv_until(connection, "error")[-1].error.message
         _, done, _ = respond(connection, max_output_tokens=2)
         assert done.response.status == "incomplete"

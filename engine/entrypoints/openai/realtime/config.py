@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from msgspec import UNSET
+from pydantic import ValidationError
 
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
     FunctionTool,
@@ -24,10 +25,12 @@ from omnistream.engine.entrypoints.openai.realtime.protocol import (
     SessionFields,
     TurnDetection,
 )
-from omnistream.engine.entrypoints.openai.structured_protocol import FunctionDefinition
+from omnistream.engine.entrypoints.openai.structured import output_constraint
+from omnistream.engine.entrypoints.openai.structured_protocol import FunctionDefinition, StructuredOutputsBody
 from omnistream.engine.frontend.forced_tools import forced_tool_grammar
 from omnistream.multimodal.vad import FRAME_MS, threshold_db
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 SAMPLE_RATES = (24_000, 16_000)
 MAX_SILENCE_MS = 10_000
@@ -164,6 +167,11 @@ class SessionConfig:
             except ValueError as exc:
                 raise RealtimeError(str(exc), param=param) from None
         limit = self.max_output_tokens
+        if response is not None and response.structured_outputs is not UNSET:
+            if "structured_outputs" in values:
+                raise RealtimeError("a required or named tool_choice cannot be combined with structured_outputs",
+                                    param="response.structured_outputs")
+            values["structured_outputs"] = _response_format(response.structured_outputs)
         if response is not None:
             values.update(sampling_fields(response, "response"))
             if response.max_output_tokens is not UNSET:
@@ -204,6 +212,18 @@ def _vad(given: TurnDetection, current: Vad) -> Vad:
     if given.create_response is not UNSET:
         vad.create_response = given.create_response
     return vad
+
+
+def _response_format(given: dict[str, Any]) -> StructuredOutputsParams:
+    """response.structured_outputs (vLLM's field: exactly one of json, json_object, regex, choice, grammar)."""
+    try:
+        return output_constraint(None, StructuredOutputsBody.model_validate(given))
+    except ValidationError as exc:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"])
+        raise RealtimeError(f"response.structured_outputs.{where}: {exc.errors()[0]['msg']}",
+                            param="response.structured_outputs") from None
+    except ValueError as exc:
+        raise RealtimeError(str(exc), param="response.structured_outputs") from None
 
 
 def _tools(given: list[FunctionTool]) -> list[dict[str, Any]]:

@@ -107,7 +107,8 @@ class Item(_Strict):
 
 
 class ResponseFields(_Strict):
-    """response.create's `response`; the sampling fields are this server's own additions."""
+    """response.create's `response`; the sampling fields and `structured_outputs` (vLLM's request field: the
+    answer's format) are this server's own additions."""
 
     conversation: str | UnsetType = UNSET
     output_modalities: list[str] | UnsetType = UNSET
@@ -122,6 +123,7 @@ class ResponseFields(_Strict):
     top_p: float | UnsetType = UNSET
     top_k: Int64 | UnsetType = UNSET
     seed: Int64 | None | UnsetType = UNSET
+    structured_outputs: dict[str, Any] | UnsetType = UNSET
 
 
 class _Event(_Strict, tag_field="type", kw_only=True):
