@@ -19,10 +19,11 @@ from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 
 from .test_realtime import client, recv_until, respond, server, setup  # noqa: F401 - fixtures and helpers
 
+WEATHER_PARAMS = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                                                   "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+                  "required": ["city", "days"], "additionalProperties": False}
 WEATHER = {"type": "function", "name": "get_weather", "description": "The weather in a city",
-           "parameters": {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
-                                                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
-                          "required": ["city", "days"], "additionalProperties": False}}
+           "parameters": WEATHER_PARAMS}
 TIME = {"type": "function", "name": "get_time",
         "parameters": {"type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"],
                        "additionalProperties": False}}
@@ -71,7 +72,8 @@ def test_required_and_named_calls_are_valid_and_a_result_is_answered(client, ser
         added = recv_until(connection, "conversation.item.done")[-1]
         assert added.item.type == "function_call_output" and added.item.call_id == calls[0].call_id
         text, done, _ = respond(connection, tool_choice="none", max_output_tokens=5)
-        assert [item.type for item in done.response.output] == ["message"] and done.response.status == "incomplete"
+        assert [item.type for item in done.response.output] == ["message"]
+        assert done.response.status == "incomplete"
 
         _ask(connection, "And the time?")
         _, _, seen = respond(connection, tool_choice={"type": "function", "name": "get_time"})
@@ -113,8 +115,9 @@ def test_a_response_format_holds_every_answer_and_a_bad_one_is_an_error(client):
             _ask(connection, "A code?")
             text, _, _ = respond(connection, seed=seed, structured_outputs={"regex": "[A-Z]{3}-[0-9]{2}"})
             assert re.fullmatch("[A-Z]{3}-[0-9]{2}", text), text
-        for fields, words in [({"regex": "a(b"}, "unclosed group"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
-                              ({"nope": 1}, "nope")]:
+        bad = [({"regex": "a(b"}, "unclosed group"), ({"regex": "a", "choice": ["a"]}, "exactly one"),
+               ({"nope": 1}, "nope")]
+        for fields, words in bad:
             connection.response.create(response={"structured_outputs": fields})
             assert words in recv_until(connection, "error")[-1].error.message
         _, done, _ = respond(connection, max_output_tokens=2)

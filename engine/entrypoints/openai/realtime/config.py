@@ -169,7 +169,8 @@ class SessionConfig:
         limit = self.max_output_tokens
         if response is not None and response.structured_outputs is not UNSET:
             if "structured_outputs" in values:
-                raise RealtimeError("a required or named tool_choice cannot be combined with structured_outputs",
+                raise RealtimeError("a required or named tool_choice cannot be combined with "
+                                    "structured_outputs",
                                     param="response.structured_outputs")
             values["structured_outputs"] = _response_format(response.structured_outputs)
         if response is not None:
