@@ -167,10 +167,16 @@ def test_tools_need_a_chat_prompt_and_a_bad_commit_spec_keeps_the_session(stub):
         list(stub.Generate(pb.GenerateRequest(text="hi", tools=TOOLS), metadata=AUTH, timeout=60))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "chat" in error.value.details()
     inputs, responses = _open(stub, pb.SessionConfig(sampling=pb.SamplingParams(max_tokens=2)))
-    bad = pb.SamplingParams(structured_output=pb.StructuredOutput(regex="a(b"))
-    inputs.put(pb.SessionInput(text=pb.TextInput(text="hi")), pb.SessionInput(commit=pb.Commit(sampling=bad)))
-    error = next(responses)
-    assert error.HasField("error") and error.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+    bad = [(pb.Commit(sampling=pb.SamplingParams(structured_output=pb.StructuredOutput(regex="a(b"))), "regex"),
+           (pb.Commit(sampling=pb.SamplingParams(structured_output=pb.StructuredOutput(json_schema="{"))),
+            "json_schema"),
+           (pb.Commit(tool_choice=pb.ToolChoice(function="nope")), "commit.tool_choice")]
+    inputs.put(pb.SessionInput(text=pb.TextInput(text="hi")))
+    for commit, words in bad:
+        inputs.put(pb.SessionInput(commit=commit))
+        error = next(responses)
+        assert error.HasField("error") and error.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert words in error.error.message
     _, ended = _turn(inputs, responses, "hi", pb.Commit())
     assert ended.finish_reason == pb.FINISH_REASON_LENGTH
     _close(inputs, responses)

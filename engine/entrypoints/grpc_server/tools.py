@@ -13,7 +13,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from omnistream.engine.entrypoints.grpc_server.errors import invalid
 from omnistream.engine.frontend.forced_tools import REQUIRED, forced_tool_grammar
 from omnistream.engine.frontend.tool_calls import ParsedToolCall
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
@@ -32,11 +31,11 @@ def structured_output(message: pb.StructuredOutput) -> StructuredOutputsParams |
         try:
             json.loads(message.json_schema)
         except json.JSONDecodeError as exc:
-            raise invalid(f"sampling.structured_output.json_schema: not JSON ({exc})") from None
+            raise ValueError(f"sampling.structured_output.json_schema: not JSON ({exc})") from None
         return StructuredOutputsParams(json=message.json_schema)
     if kind == "json_object":
         if not message.json_object:
-            raise invalid("sampling.structured_output.json_object: set it true (false asks for nothing)")
+            raise ValueError("sampling.structured_output.json_object: set it true (false asks for nothing)")
         return StructuredOutputsParams(json_object=True)
     if kind == "choice":
         return StructuredOutputsParams(choice=list(message.choice.choices))
@@ -54,7 +53,7 @@ class Tools:
     def constraint(self, structured: StructuredOutputsParams | None) -> StructuredOutputsParams | None:
         """The answer's constraint: the forced call's grammar, or `structured` (both: INVALID_ARGUMENT)."""
         if self.forced is not None and structured is not None:
-            raise invalid("tool_choice: a required or named call cannot be combined with "
+            raise ValueError("tool_choice: a required or named call cannot be combined with "
                           "sampling.structured_output")
         return self.forced or structured
 
@@ -65,13 +64,13 @@ NO_TOOLS = Tools(template=[], forced=None, parse=False)
 def tools(messages: list[pb.Tool], choice: pb.ToolChoice, parallel: bool, field: str = "") -> Tools:
     """The request's Tools; `field` prefixes the names of bad fields (e.g. "config.")."""
     if len(messages) > MAX_TOOLS:
-        raise invalid(f"{field}tools: at most {MAX_TOOLS} tools, got {len(messages)}")
+        raise ValueError(f"{field}tools: at most {MAX_TOOLS} tools, got {len(messages)}")
     template, functions = [], {}
     for i, tool in enumerate(messages):
         if not _NAME.match(tool.name):
-            raise invalid(f"{field}tools[{i}].name: {tool.name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
+            raise ValueError(f"{field}tools[{i}].name: {tool.name!r} is not 1 to 64 of A-Z a-z 0-9 _ . -")
         if tool.name in functions:
-            raise invalid(f"{field}tools[{i}].name: {tool.name!r} is given twice")
+            raise ValueError(f"{field}tools[{i}].name: {tool.name!r} is given twice")
         parameters = _parameters(tool, f"{field}tools[{i}].parameters_json")
         functions[tool.name] = parameters
         function = {"name": tool.name, "description": tool.description or None, "parameters": parameters}
@@ -86,7 +85,7 @@ def tools(messages: list[pb.Tool], choice: pb.ToolChoice, parallel: bool, field:
     try:
         forced = forced_tool_grammar(functions, named, parallel) if named is not None else None
     except ValueError as exc:
-        raise invalid(f"{field}tool_choice: {exc}") from None
+        raise ValueError(f"{field}tool_choice: {exc}") from None
     none = which == "mode" and choice.mode == pb.TOOL_CHOICE_MODE_NONE
     return Tools(template=template, forced=forced, parse=bool(functions) and not none)
 
@@ -97,9 +96,9 @@ def _parameters(tool: pb.Tool, field: str) -> dict[str, Any] | None:
     try:
         value = json.loads(tool.parameters_json)
     except json.JSONDecodeError as exc:
-        raise invalid(f"{field}: not JSON ({exc})") from None
+        raise ValueError(f"{field}: not JSON ({exc})") from None
     if not isinstance(value, dict):
-        raise invalid(f"{field}: a JSON schema must be a JSON object")
+        raise ValueError(f"{field}: a JSON schema must be a JSON object")
     return value
 
 
