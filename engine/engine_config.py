@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_BACKENDS = ("auto", "reference", "cpu")  # engine/model_executor/attention/selector.py resolves them
 _DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 
 
@@ -28,6 +29,7 @@ class EngineConfig:
     # torch CPU threads of the engine; None: torch's default (all cores), or all but one when the engine core
     # runs in its own process beside a serving front end (which needs a core of its own)
     cpu_threads: int | None = None
+    attention_backend: str = "auto"  # auto = the fastest that works on the device (cpu on CPU, else reference)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -41,6 +43,9 @@ class EngineConfig:
             raise ValueError(f"distributed_timeout_s must be positive, got {self.distributed_timeout_s}")
         if self.cpu_threads is not None and self.cpu_threads < 1:
             raise ValueError(f"cpu_threads must be positive, got {self.cpu_threads}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
+                             f"got {self.attention_backend!r}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
 

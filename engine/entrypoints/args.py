@@ -12,6 +12,8 @@ import json
 import math
 from typing import Any
 
+from omnistream.engine.engine_config import ATTENTION_BACKENDS
+
 _MODALITIES = ("audio", "image", "video")
 DEFAULT_MAX_FANOUT = 256  # engine requests one HTTP or gRPC call may make (prompts × n): one full batch
 DEFAULT_MAX_QUEUED_REQUESTS = 1024  # `serve`: requests waiting for their first token before new ones get 429
@@ -32,6 +34,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cpu-threads", type=int, default=None,
                         help="torch CPU threads of the engine (default: all cores; serve: all but one, kept for "
                              "the front end)")
+    parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
+                        help="attention kernels (default auto: cpu on CPU when a C compiler builds it, else reference)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -72,5 +76,5 @@ def check_fanout(count: int, limit: int) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig fields from the engine flags every subcommand shares (`add_engine_args`)."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads")
+             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads", "attention_backend")
     return {name: getattr(args, name) for name in names}

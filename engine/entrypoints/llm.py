@@ -46,6 +46,7 @@ class LLM:
         tensor_parallel_size: int = 1,
         distributed_timeout_s: float = EngineConfig.distributed_timeout_s,
         cpu_threads: int | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -62,6 +63,7 @@ class LLM:
             tensor_parallel_size=tensor_parallel_size,
             distributed_timeout_s=distributed_timeout_s,
             cpu_threads=cpu_threads,
+            attention_backend=attention_backend,
         )
         self.engine = EngineCore(config)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object

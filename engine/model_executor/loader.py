@@ -46,15 +46,19 @@ _HF_INTERNAL_PREFIXES = (  # HF-5.x state_dict names → checkpoint names
 
 
 def load_model(
-    model_dir: str | Path, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"
+    model_dir: str | Path,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    attention_backend: str = "auto",
 ) -> tuple[nn.Module, ThinkerConfig]:
-    """Build the registered model for `model_dir` in `dtype` (None/"auto": the checkpoint's) and load its weights."""
+    """Build the registered model for `model_dir` in `dtype` (None/"auto": the checkpoint's) with the named
+    attention backend (attention/selector.py), and load its weights."""
     model_dir = Path(model_dir)
     raw = read_model_config(model_dir)
     config = ThinkerConfig.from_dict(raw)
     model_dtype = resolve_dtype(dtype, config.dtype)
     with torch.device(device), default_dtype(model_dtype):
-        model = _build_model(get_model_class(raw), config)
+        model = _build_model(get_model_class(raw), config, attention_backend)
     full_layout = raw.get("model_type") == FULL_MODEL_TYPE or "thinker_config" in raw
     loaded = model.load_weights(iter_thinker_weights(model_dir, full_layout))
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
@@ -75,14 +79,14 @@ def resolve_dtype(dtype: torch.dtype | str | None, checkpoint_dtype: str | None)
     return _DTYPES[name]
 
 
-def _build_model(model_class: type[nn.Module], config: ThinkerConfig) -> nn.Module:
+def _build_model(model_class: type[nn.Module], config: ThinkerConfig, attention_backend: str) -> nn.Module:
     """The model for this TP rank. Fallback: when the audio tower's heads or FFN width do not divide the TP size
     (e.g. 20 heads at TP=8), the tower is replicated on every rank (built at TP size 1, its parallel linears turned
     into plain ones so it issues no collectives) instead of failing; the decoder and vision tower stay sharded."""
     tp_size = distributed.get_tp_world_size()
     if tp_size == 1 or not config.audio_config or audio_tower_shards(config.audio_config, tp_size):
-        return model_class(config)
-    model = model_class(dataclasses.replace(config, audio_config=None))
+        return model_class(config, attention_backend)
+    model = model_class(dataclasses.replace(config, audio_config=None), attention_backend)
     model.config = config
     with distributed.tp_group_hidden():  # so the tower's layers hold whole weights
         model.audio_tower = AudioEncoder(config.audio_config)

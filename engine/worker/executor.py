@@ -97,12 +97,13 @@ class UniProcExecutor(Executor):
         self.device = config.torch_device()
         with tp_group_hidden():
             self.model, self.model_config = load_model(
-                model_path, None if config.dtype == "auto" else config.dtype, self.device)
+                model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         self.runner = ModelRunner(
             self.model, num_kv_blocks=self.num_kv_blocks, block_size=config.block_size, dtype=self.dtype,
-            device=self.device, eos_token_ids=eos_token_ids, seed=config.seed,
+            device=self.device, eos_token_ids=eos_token_ids, max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len, seed=config.seed,
         )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

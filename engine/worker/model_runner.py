@@ -1,21 +1,26 @@
-"""The model runner: holds the paged KV tensors and per-request state, executes one SchedulerOutput.
+"""The model runner: holds the paged KV tensors, the persistent batch (slot tables) and per-request state, executes
+one SchedulerOutput.
 
-It builds the flat batch (token ids, 3-D positions, slot mapping, block tables, query offsets),
-runs the model, and samples. The SchedulerOutput is the only thing it is told.
+Per step it reads the SchedulerOutput once (one Python pass over the scheduled requests that collects their slot,
+token count, token ids and sampling rows, and makes no tensors), builds the flat batch with vectorized numpy
+(token positions, slot mapping, M-RoPE ids, offsets; media rows from their explicit ids), uploads it once, runs the
+model, and samples. The SchedulerOutput is the only thing it is told.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
+from omnistream.engine.worker.slot_tables import SlotTables
 from omnistream.engine.worker.token_bitmask import apply_token_bitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
@@ -50,14 +55,21 @@ class ModelRunner:
         dtype: torch.dtype,
         device: torch.device,
         eos_token_ids: list[int],
+        max_num_seqs: int,
+        max_model_len: int | None = None,
         seed: int = 0,
     ) -> None:
         self.model = model
         self.block_size = block_size
         self.device = device
-        shape = model.kv_cache_shape_per_layer(num_kv_blocks, block_size)
+        # one page past the scheduler's pool: the sink, which padded tokens may write and no request owns
+        self.sink_page = num_kv_blocks
+        shape = model.kv_cache_shape_per_layer(num_kv_blocks + 1, block_size)
         self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        max_len = max_model_len or min(model.config.text.max_position_embeddings, num_kv_blocks * block_size)
+        self.slots = SlotTables(max_num_seqs, -(-max_len // block_size), self.sink_page, device)
         self.requests: dict[str, RunnerRequestState] = {}
+        self.slot_of: dict[str, int] = {}
         self.sampling = SamplingState(model.config.text.vocab_size, eos_token_ids, seed, device)
         self.encoder_cache: dict[str, EncoderOutput] = {}  # media identifier -> its embedding rows
 
@@ -84,26 +96,32 @@ class ModelRunner:
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids + so.preempted_req_ids:
-            self.requests.pop(req_id, None)
+            if self.requests.pop(req_id, None) is not None:
+                self.slots.release(self.slot_of.pop(req_id))
             self.sampling.remove(req_id)
         for new in so.scheduled_new_reqs:
             self.requests[new.req_id] = RunnerRequestState.from_new(new)
             self.sampling.set_request(new.req_id, new.sampling_params, new.token_ids, new.num_prompt_tokens)
+            slot = self.slot_of[new.req_id] = self.slots.claim(new.num_computed_tokens)
+            self.slots.add_pages(slot, new.block_ids)
+        num_computed = self.slots.num_computed
         for cached in so.scheduled_cached_reqs:
             state = self.requests[cached.req_id]
             turn_moved = cached.num_prompt_tokens != state.num_prompt_tokens
             resample = turn_moved or cached.new_sampling_params is not None
             state.token_ids.extend(cached.new_token_ids)
-            state.add_blocks(cached.new_block_ids)
+            slot = self.slot_of[cached.req_id]
+            self.slots.add_pages(slot, cached.new_block_ids)
             state.mm_features.extend(cached.new_mm_features)
             state.add_segments(cached.new_position_segments)
             state.num_prompt_tokens = cached.num_prompt_tokens
             if cached.new_sampling_params is not None:
                 state.sampling_params = cached.new_sampling_params
-            state.num_computed_tokens = cached.num_computed_tokens
+            num_computed[slot] = cached.num_computed_tokens
             if resample:
                 self.sampling.set_request(cached.req_id, state.sampling_params, state.token_ids,
                                           state.num_prompt_tokens)
+        self.slots.apply_staged()
 
     def _run_encoders(self, so: SchedulerOutput) -> None:
         for identifier in so.freed_encoder_ids:
@@ -134,52 +152,65 @@ class ModelRunner:
 
     def _prepare_inputs(self, so: SchedulerOutput) -> FlatBatch:
         req_ids = [r.req_id for r in so.scheduled_new_reqs] + [r.req_id for r in so.scheduled_cached_reqs]
+        slots = np.fromiter((self.slot_of[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        counts = np.fromiter((so.num_scheduled_tokens[r] for r in req_ids), dtype=np.int64, count=len(req_ids))
+        starts = self.slots.num_computed[slots]
+        ends = starts + counts
+        query_start_loc, row, positions = token_positions(counts, ends)
         no_sample = set(so.no_sample_req_ids)
         token_ids: list[int] = []
-        positions: list[torch.Tensor] = []
-        slots: list[torch.Tensor] = []
-        query_start_loc = [0]
-        seq_lens: list[int] = []
+        deltas: list[float] = []
+        explicit: list[tuple[int, np.ndarray]] = []  # (first flat row, [3, n] ids) of rows that hold media
         sample_rows: list[int] = []
         sample_req_ids: list[str] = []
         prompt_spans: list[tuple[str, int, int, int]] = []
         media: list[tuple[int, int, int, MultiModalFeature]] = []
-        max_blocks = max(len(self.requests[r].block_ids) for r in req_ids)
-        block_tables = torch.zeros(len(req_ids), max_blocks, dtype=torch.long)
-        for i, req_id in enumerate(req_ids):
+        for i, (req_id, start, end, flat_start) in enumerate(
+            zip(req_ids, starts.tolist(), ends.tolist(), query_start_loc.tolist())
+        ):
             state = self.requests[req_id]
-            start, count = state.num_computed_tokens, so.num_scheduled_tokens[req_id]
-            end = start + count
-            flat_start = query_start_loc[-1]
-            token_ids.extend(state.token_ids[start:end])
-            media.extend((flat_start, start, count, feature) for feature in state.live_features(start, end))
-            pos = torch.arange(start, end)
-            table = torch.tensor(state.block_ids, dtype=torch.long)
-            block_tables[i, : len(state.block_ids)] = table
-            slots.append(table[pos // self.block_size] * self.block_size + pos % self.block_size)
-            positions.append(state.positions(start, end))
-            query_start_loc.append(flat_start + count)
-            seq_lens.append(end)
+            token_ids += state.token_ids[start:end]
+            ids = state.explicit_positions(start, end)
+            if ids is None:
+                deltas.append(state.text_delta(start))
+            else:
+                deltas.append(0.0)
+                explicit.append((flat_start, ids))
+            if state.num_done_features < len(state.mm_features):
+                media.extend((flat_start, start, end - start, f) for f in state.live_features(start, end))
+                state.take_done_features(end)
             if state.sampling_params.prompt_logprobs is not None:
                 last_scored = min(end, state.num_prompt_tokens - 1)  # position p scores token p + 1
                 if last_scored > start:
                     prompt_spans.append((req_id, flat_start, start, last_scored - start))
             if end == len(state.token_ids) and req_id not in no_sample:
-                sample_rows.append(flat_start + count - 1)
+                sample_rows.append(flat_start + end - start - 1)
                 sample_req_ids.append(req_id)
-            state.num_computed_tokens = end
-            state.take_done_features(end)
+        self.slots.num_computed[slots] = ends
+        # M-RoPE ids: text rows continue at position + delta on all three axes; media rows take explicit ids
+        mrope = np.empty((3, len(positions)), dtype=np.float32)
+        mrope[:] = positions + np.asarray(deltas, dtype=np.float32)[row]
+        for flat_start, ids in explicit:
+            mrope[:, flat_start : flat_start + ids.shape[1]] = ids
+        max_seq_len = int(ends.max())
+        table = self.slots.rows(slots, -(-max_seq_len // self.block_size))
+        block_size = self.block_size
+        page_ids = self.slots.block_table[slots[row], positions // block_size].astype(np.int64)
+        slot_mapping = page_ids * block_size + positions % block_size
+        device = self.device
         metadata = AttentionMetadata(
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            slot_mapping=torch.cat(slots).to(self.device),
-            block_tables=block_tables.to(self.device),
-            block_size=self.block_size,
-            block_runs=[self.requests[req_id].block_runs for req_id in req_ids],
+            query_start_loc=torch.from_numpy(query_start_loc).to(device, non_blocking=True),
+            seq_lens=torch.from_numpy(ends.astype(np.int32)).to(device, non_blocking=True),
+            block_table=table,
+            slot_mapping=torch.from_numpy(slot_mapping).to(device, non_blocking=True),
+            num_tokens=len(positions),
+            num_reqs=len(req_ids),
+            max_query_len=int(counts.max()),
+            max_seq_len=max_seq_len,
         )
         return FlatBatch(
-            input_ids=torch.tensor(token_ids, dtype=torch.long, device=self.device),
-            positions=torch.cat(positions, dim=1).to(self.device),
+            input_ids=torch.from_numpy(np.array(token_ids, dtype=np.int64)).to(device, non_blocking=True),
+            positions=torch.from_numpy(mrope).to(device, non_blocking=True),
             metadata=metadata,
             req_ids=req_ids,
             sample_rows=sample_rows,

@@ -80,12 +80,13 @@ class Rank:
             self.control = dist.new_group(backend="gloo", timeout=timeout)
         set_tp_group(dist.group.WORLD)
         self.model, self.model_config = load_model(
-            init.model_path, None if config.dtype == "auto" else config.dtype, self.device)
+            init.model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
         self.num_kv_blocks = self._agree_on_kv_blocks(config)
         self.runner = ModelRunner(
             self.model, num_kv_blocks=self.num_kv_blocks, block_size=config.block_size, dtype=self.dtype,
-            device=self.device, eos_token_ids=init.eos_token_ids, seed=config.seed,
+            device=self.device, eos_token_ids=init.eos_token_ids, max_num_seqs=config.max_num_seqs,
+            max_model_len=config.max_model_len, seed=config.seed,
         )
 
     def _agree_on_kv_blocks(self, config: EngineConfig) -> int:

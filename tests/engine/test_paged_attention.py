@@ -1,4 +1,4 @@
-"""The paged attention backend against a float64 reference, over long contexts whose blocks are read in
+"""The reference attention backend against a float64 reference, over long contexts whose blocks are read in
 place (contiguous runs), gathered (fragments) or both, for prefill chunks and decodes in one batch."""
 
 from __future__ import annotations
@@ -8,17 +8,14 @@ import random
 import pytest
 import torch
 
-from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata, write_kv_cache
 from omnistream.engine.model_executor.attention.kv_views import (
     MIN_VIEW_BLOCKS,
     block_runs,
     kv_pieces,
 )
-from omnistream.engine.model_executor.attention.torch_sdpa import (
-    LONG_CONTEXT_BLOCKS,
-    TorchSDPABackend,
-    write_kv_cache,
-)
+from omnistream.engine.model_executor.attention.reference import ReferenceBackend
+from omnistream.engine.model_executor.attention.torch_sdpa import LONG_CONTEXT_BLOCKS
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 32, 16
 SCALE = HEAD_DIM**-0.5
@@ -73,17 +70,12 @@ def test_long_contexts_match_reference(layout: str) -> None:
         queries.append(q), keys.append(k[past:]), values.append(v[past:]), slots.append(slot[past:])
         expected.append(_reference(q, k, v))
         tables.append(table)
-    block_tables = torch.zeros(len(shapes), max(map(len, tables)), dtype=torch.long)
-    for i, table in enumerate(tables):
-        block_tables[i, : len(table)] = torch.tensor(table)
-    starts = [0]
-    for q in queries:
-        starts.append(starts[-1] + q.shape[0])
-    metadata = AttentionMetadata(
-        query_start_loc=starts, seq_lens=[past + new for past, new in shapes], slot_mapping=torch.cat(slots),
-        block_tables=block_tables, block_size=BLOCK, block_runs=[block_runs(t) for t in tables],
-    )
-    out = TorchSDPABackend().forward(torch.cat(queries), torch.cat(keys), torch.cat(values), cache, metadata, SCALE)
+    width = max(map(len, tables))
+    metadata = AttentionMetadata.build([new for _, new in shapes], [past + new for past, new in shapes],
+                                       [table + [0] * (width - len(table)) for table in tables], BLOCK)
+    assert torch.equal(metadata.slot_mapping, torch.cat(slots))
+    starts = metadata.query_start_loc.tolist()
+    out = ReferenceBackend().forward(torch.cat(queries), torch.cat(keys), torch.cat(values), cache, metadata, SCALE)
     for i, want in enumerate(expected):
         torch.testing.assert_close(out[starts[i] : starts[i + 1]].double(), want, atol=2e-5, rtol=1e-4)
 

@@ -37,21 +37,13 @@ class PagedRunner:
 
         Positions default to each token's sequence index on all three M-RoPE rows.
         """
-        query_start_loc, seq_lens, slots, tables, positions = [0], [], [], [], []
-        for chunk in chunks:
-            pos = torch.arange(chunk.num_computed, chunk.num_computed + len(chunk.token_ids))
-            table = torch.arange(self.blocks_per_request) + chunk.request * self.blocks_per_request
-            slots.append(table[pos // BLOCK_SIZE] * BLOCK_SIZE + pos % BLOCK_SIZE)
-            tables.append(table)
-            positions.append(pos)
-            query_start_loc.append(query_start_loc[-1] + len(chunk.token_ids))
-            seq_lens.append(chunk.num_computed + len(chunk.token_ids))
-        metadata = AttentionMetadata(
-            query_start_loc=query_start_loc,
-            seq_lens=seq_lens,
-            slot_mapping=torch.cat(slots),
-            block_tables=torch.stack(tables),
-            block_size=BLOCK_SIZE,
+        tables = [torch.arange(self.blocks_per_request) + chunk.request * self.blocks_per_request for chunk in chunks]
+        positions = [torch.arange(chunk.num_computed, chunk.num_computed + len(chunk.token_ids)) for chunk in chunks]
+        metadata = AttentionMetadata.build(
+            [len(chunk.token_ids) for chunk in chunks],
+            [chunk.num_computed + len(chunk.token_ids) for chunk in chunks],
+            torch.stack(tables).numpy(),
+            BLOCK_SIZE,
         )
         input_ids = torch.tensor([t for chunk in chunks for t in chunk.token_ids])
         if positions_3d is None:

@@ -127,10 +127,7 @@ def prefill_logits(model, input_ids, positions, inputs_embeds, deepstack_embeds)
     block_size, length = 16, len(input_ids)
     num_blocks = -(-length // block_size)
     caches = [torch.zeros(model.kv_cache_shape_per_layer(num_blocks, block_size)) for _ in range(model.num_layers)]
-    metadata = AttentionMetadata(
-        query_start_loc=[0, length], seq_lens=[length], slot_mapping=torch.arange(length),
-        block_tables=torch.arange(num_blocks)[None], block_size=block_size,
-    )
+    metadata = AttentionMetadata.build([length], [length], [list(range(num_blocks))], block_size)
     with torch.no_grad():
         hidden = model(input_ids, positions, caches, metadata, inputs_embeds=inputs_embeds,
                        deepstack_embeds=deepstack_embeds)

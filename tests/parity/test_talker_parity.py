@@ -56,15 +56,8 @@ class TalkerRunner:
     @torch.no_grad()
     def step(self, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         count = rows.shape[0]
-        slots = torch.arange(self.num_computed, self.num_computed + count)
         self.num_computed += count
-        metadata = AttentionMetadata(
-            query_start_loc=[0, count],
-            seq_lens=[self.num_computed],
-            slot_mapping=slots,
-            block_tables=torch.arange(self.blocks).unsqueeze(0),
-            block_size=BLOCK,
-        )
+        metadata = AttentionMetadata.build([count], [self.num_computed], [list(range(self.blocks))], BLOCK)
         return self.talker.compute_logits(self.talker(rows, positions, self.kv_caches, metadata))
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from omnistream.engine.model_executor.attention.kv_views import kv_pieces
+from omnistream.engine.model_executor.attention.kv_views import block_runs, kv_pieces
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -45,6 +45,22 @@ def attend_request(
         lses.append(piece_lse)
     merged = _merge(outs, lses)  # [1, kv_heads, group * q, head_dim]
     return merged.view(num_heads, num_query, head_dim).transpose(0, 1)
+
+
+def attend_paged(
+    query: torch.Tensor,  # [q, num_heads, head_dim], positions seq_len - q .. seq_len - 1
+    kv_cache: torch.Tensor,  # this step's keys already written
+    table: list[int],  # the request's page ids (at least its first ceil(seq_len / block_size))
+    seq_len: int,
+    scale: float,
+) -> torch.Tensor:  # [q, num_heads, head_dim] in the cache's dtype
+    """attend_request with this step's keys and values read back from their slots in the cache."""
+    block_size = kv_cache.shape[2]
+    first = seq_len - query.shape[0]
+    slots = torch.tensor([table[p // block_size] * block_size + p % block_size for p in range(first, seq_len)],
+                         device=kv_cache.device)
+    flat = kv_cache.flatten(1, 2)
+    return attend_request(query, flat[0, slots], flat[1, slots], kv_cache, block_runs(table), seq_len, scale)
 
 
 def _merge(outs: list[torch.Tensor], lses: list[torch.Tensor]) -> torch.Tensor:

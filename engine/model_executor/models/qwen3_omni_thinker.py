@@ -11,11 +11,8 @@ import torch
 from torch import nn
 
 from omnistream.engine.checkpoint.model_config import TextConfig, ThinkerConfig
-from omnistream.engine.model_executor.attention.backend import (
-    AttentionBackend,
-    AttentionMetadata,
-)
-from omnistream.engine.model_executor.attention.torch_sdpa import TorchSDPABackend
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.selector import get_attention_backend
 from omnistream.engine.model_executor.layers.embedding import (
     ParallelLMHead,
     VocabParallelEmbedding,
@@ -36,9 +33,10 @@ from omnistream.engine.model_executor.models.weight_routing import load_named_we
 
 
 class ThinkerAttention(nn.Module):
-    """GQA with per-head q/k RMSNorm before M-RoPE; K/V go through the backend into the paged cache."""
+    """GQA with per-head q/k RMSNorm before M-RoPE; K/V go through the backend into the paged cache (one backend
+    call per layer and step, whatever the mix of prefill chunks and decodes)."""
 
-    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+    def __init__(self, text: TextConfig, attention_backend: str) -> None:
         super().__init__()
         self.head_dim = text.head_dim
         self.qkv_proj = QKVParallelLinear(
@@ -48,7 +46,10 @@ class ThinkerAttention(nn.Module):
         self.o_proj = RowParallelLinear(text.num_attention_heads * text.head_dim, text.hidden_size, text.attention_bias)
         self.q_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
         self.k_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
-        self.backend = backend
+        weight = self.qkv_proj.weight
+        self.backend = get_attention_backend(
+            attention_backend, weight.device, weight.dtype, self.num_heads, self.num_kv_heads, self.head_dim
+        )
         self.scale = text.head_dim**-0.5
 
     def forward(
@@ -71,10 +72,10 @@ class ThinkerAttention(nn.Module):
 class ThinkerDecoderLayer(nn.Module):
     """Pre-norm residual block: attention, then the sparse MoE."""
 
-    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+    def __init__(self, text: TextConfig, attention_backend: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.self_attn = ThinkerAttention(text, backend)
+        self.self_attn = ThinkerAttention(text, attention_backend)
         self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.mlp = SparseMoeBlock(
             text.hidden_size,
@@ -99,11 +100,11 @@ class ThinkerDecoderLayer(nn.Module):
 class ThinkerTextModel(nn.Module):
     """Embedding, decoder layers and final norm (checkpoint prefix `model.`)."""
 
-    def __init__(self, text: TextConfig, backend: AttentionBackend) -> None:
+    def __init__(self, text: TextConfig, attention_backend: str) -> None:
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
         self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
-        self.layers = nn.ModuleList(ThinkerDecoderLayer(text, backend) for _ in range(text.num_hidden_layers))
+        self.layers = nn.ModuleList(ThinkerDecoderLayer(text, attention_backend) for _ in range(text.num_hidden_layers))
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
     def forward(
@@ -135,19 +136,25 @@ class ThinkerTextModel(nn.Module):
 class Qwen3OmniThinkerForCausalLM(nn.Module):
     """Thinker text decoder + untied lm_head + audio_tower / visual encoders (each built when its config is given).
 
-    Parameter names follow the thinker-only checkpoint.
+    Parameter names follow the thinker-only checkpoint. `attention_backend` names the attention backend
+    (attention/selector.py), resolved for the device and dtype the model is built on.
     """
 
-    def __init__(self, config: ThinkerConfig, attn_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: ThinkerConfig, attention_backend: str = "auto") -> None:
         super().__init__()
         self.config = config
         text = config.text
-        self.model = ThinkerTextModel(text, attn_backend or TorchSDPABackend())
+        self.model = ThinkerTextModel(text, attention_backend)
         self.lm_head = ParallelLMHead(text.vocab_size, text.hidden_size)
         self.audio_tower = AudioEncoder(config.audio_config) if config.audio_config else None
         self.visual = VisionEncoder(config.vision_config) if config.vision_config else None
         attn = self.model.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
+
+    @property
+    def attention_backend(self) -> str:
+        """The name of the attention backend the layers run."""
+        return self.model.layers[0].self_attn.backend.name
 
     @property
     def num_layers(self) -> int:

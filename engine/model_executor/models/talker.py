@@ -16,11 +16,7 @@ from torch import nn
 
 from omnistream.engine.checkpoint.model_config import TextConfig
 from omnistream.engine.checkpoint.speech_config import TalkerConfig
-from omnistream.engine.model_executor.attention.backend import (
-    AttentionBackend,
-    AttentionMetadata,
-)
-from omnistream.engine.model_executor.attention.torch_sdpa import TorchSDPABackend
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.model_executor.layers.embedding import VocabParallelEmbedding
 from omnistream.engine.model_executor.layers.linear import ReplicatedLinear
 from omnistream.engine.model_executor.layers.norm import RMSNorm
@@ -46,10 +42,10 @@ class ProjectionMLP(nn.Module):
 class TalkerDecoderLayer(nn.Module):
     """Pre-norm residual block: the thinker's attention, then the shared-expert MoE."""
 
-    def __init__(self, text: TextConfig, shared_width: int, backend: AttentionBackend) -> None:
+    def __init__(self, text: TextConfig, shared_width: int, attention_backend: str) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.self_attn = ThinkerAttention(text, backend)
+        self.self_attn = ThinkerAttention(text, attention_backend)
         self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.mlp = SharedExpertMoeBlock(
             text.hidden_size,
@@ -75,13 +71,13 @@ class TalkerDecoderLayer(nn.Module):
 class TalkerModel(nn.Module):
     """Codec embedding, decoder layers and final norm (checkpoint prefix `talker.model.`)."""
 
-    def __init__(self, config: TalkerConfig, backend: AttentionBackend) -> None:
+    def __init__(self, config: TalkerConfig, attention_backend: str) -> None:
         super().__init__()
         text = config.text
         self.codec_embedding = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
         self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
         self.layers = nn.ModuleList(
-            TalkerDecoderLayer(text, config.shared_expert_intermediate_size, backend)
+            TalkerDecoderLayer(text, config.shared_expert_intermediate_size, attention_backend)
             for _ in range(text.num_hidden_layers)
         )
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
@@ -104,11 +100,11 @@ class TalkerModel(nn.Module):
 class Talker(nn.Module):
     """Decoder + codec_head (untied) + text/hidden projections + code predictor, named as the checkpoint."""
 
-    def __init__(self, config: TalkerConfig, attn_backend: AttentionBackend | None = None) -> None:
+    def __init__(self, config: TalkerConfig, attention_backend: str = "auto") -> None:
         super().__init__()
         self.config = config
         text = config.text
-        self.model = TalkerModel(config, attn_backend or TorchSDPABackend())
+        self.model = TalkerModel(config, attention_backend)
         self.codec_head = ReplicatedLinear(text.hidden_size, text.vocab_size, bias=False)
         self.text_projection = ProjectionMLP(
             config.thinker_hidden_size, config.projection_size, text.hidden_size

@@ -1,0 +1,117 @@
+"""Every attention backend equals `reference` (fp32, atol 1e-5) on random flat batches that mix prefill chunks over
+cached prefixes, fresh prefills, long chunks, decodes and a padded row, with pages out of order, contexts ending on
+and across page edges, GQA groups of 1, 2 and 8, and block sizes 16 and 32; bfloat16 caches come close, float16 and
+other devices are refused by name; a padded row reads nothing, gets zeros and writes only the sink page."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.cpu_kernel import FLASH_MIN_QUERIES, load_kernel
+from omnistream.engine.model_executor.attention.reference import ReferenceBackend
+from omnistream.engine.model_executor.attention.selector import get_attention_backend
+
+HEAD_DIM = 64
+FAST_BACKENDS = ["cpu"]
+
+
+def _needs_kernel(name: str) -> None:
+    if name == "cpu" and load_kernel() is None:
+        pytest.fail("the cpu attention kernel did not build (is a C compiler installed?)")
+
+
+def _random_batch(seed: int, block_size: int, heads: int, kv_heads: int, dtype: torch.dtype = torch.float32):
+    """(query, key, value, cache, metadata, live pages, sink page): requests of (context before, new tokens), the
+    last one a padded row (seq_len 0, its tokens' slots in the sink page), every table a random sample of pages."""
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    shapes = [(0, rng.randint(2, 30)), (rng.randint(1, 90), rng.randint(2, 20)),  # fresh prefill, chunk over a prefix
+              (3 * block_size - 1, 1), (3 * block_size, 1), (2 * block_size - 3, 5),  # ends at and across page edges
+              (rng.randint(100, 300), FLASH_MIN_QUERIES + rng.randint(0, 40)),  # a long chunk over a context
+              *[(rng.randint(1, 400), 1) for _ in range(6)]]  # decodes
+    rng.shuffle(shapes)
+    pages = [-(-(past + new) // block_size) for past, new in shapes]
+    num_pages = sum(pages) + 8
+    sink = num_pages
+    pool = list(range(num_pages))
+    rng.shuffle(pool)
+    tables = [[pool.pop() for _ in range(n)] for n in pages]
+    width = max(pages) + 2  # unused entries point at the sink, as the runner's rows do
+    table = np.full((len(shapes) + 1, width), sink)
+    for i, row in enumerate(tables):
+        table[i, : len(row)] = row
+    real = AttentionMetadata.build([new for _, new in shapes], [past + new for past, new in shapes], table[:-1],
+                                   block_size)
+    padded_tokens = 3
+    num_tokens = real.num_tokens + padded_tokens
+    metadata = AttentionMetadata(
+        query_start_loc=torch.cat([real.query_start_loc, torch.tensor([num_tokens], dtype=torch.int32)]),
+        seq_lens=torch.cat([real.seq_lens, torch.zeros(1, dtype=torch.int32)]),
+        block_table=torch.from_numpy(table.astype(np.int32)),
+        slot_mapping=torch.cat([real.slot_mapping, sink * block_size + torch.arange(padded_tokens)]),
+        num_tokens=num_tokens, num_reqs=len(shapes) + 1, max_query_len=real.max_query_len,
+        max_seq_len=real.max_seq_len,
+    )
+    cache = torch.randn(2, num_pages + 1, block_size, kv_heads, HEAD_DIM).to(dtype)
+    query = torch.randn(num_tokens, heads, HEAD_DIM)
+    key, value = torch.randn(num_tokens, kv_heads, HEAD_DIM), torch.randn(num_tokens, kv_heads, HEAD_DIM)
+    return query, key, value, cache, metadata, real.num_tokens
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+@pytest.mark.parametrize("block_size", [16, 32])
+@pytest.mark.parametrize(("heads", "kv_heads"), [(4, 4), (4, 2), (8, 1)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_backend_equals_reference_on_a_mixed_batch(backend: str, block_size: int, heads: int, kv_heads: int,
+                                                   seed: int) -> None:
+    _needs_kernel(backend)
+    query, key, value, cache, metadata, real_tokens = _random_batch(seed, block_size, heads, kv_heads)
+    fast = get_attention_backend(backend, torch.device("cpu"), torch.float32, heads, kv_heads, HEAD_DIM)
+    assert fast.name == backend
+    ref_cache = cache.clone()
+    want = ReferenceBackend().forward(query, key, value, ref_cache, metadata, HEAD_DIM**-0.5)
+    got = fast.forward(query, key, value, cache, metadata, HEAD_DIM**-0.5)
+    assert torch.equal(cache, ref_cache)  # both wrote the same slots
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not got[real_tokens:].any() and not want[real_tokens:].any()  # the padded row reads nothing
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_padded_tokens_write_only_the_sink_page(backend: str) -> None:
+    _needs_kernel(backend)
+    query, key, value, cache, metadata, real_tokens = _random_batch(2, 16, 4, 2)
+    fast = get_attention_backend(backend, torch.device("cpu"), torch.float32, 4, 2, HEAD_DIM)
+    before = cache.clone()
+    real_slots = metadata.slot_mapping[:real_tokens]
+    fast.forward(query, key, value, cache, metadata, HEAD_DIM**-0.5)
+    changed = (cache != before).flatten(3).any(-1).any(0).flatten().nonzero().flatten()  # written slots
+    sink = cache.shape[1] - 1
+    assert set(changed.tolist()) <= set(real_slots.tolist()) | set(range(sink * 16, sink * 16 + 16))
+    assert (changed // 16 == sink).sum() == 3
+
+
+def test_cpu_backend_reads_bfloat16_caches_close_to_reference() -> None:
+    _needs_kernel("cpu")
+    query, key, value, cache, metadata, _ = _random_batch(3, 32, 8, 2, torch.bfloat16)
+    fast = get_attention_backend("cpu", torch.device("cpu"), torch.bfloat16, 8, 2, HEAD_DIM)
+    want = ReferenceBackend().forward(query.bfloat16(), key, value, cache.clone(), metadata, HEAD_DIM**-0.5)
+    got = fast.forward(query.bfloat16(), key, value, cache, metadata, HEAD_DIM**-0.5)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want.float(), atol=3e-2, rtol=0)
+
+
+def test_what_a_backend_cannot_run_is_refused_by_name() -> None:
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="float32 and bfloat16"):
+        get_attention_backend("cpu", cpu, torch.float16, 4, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match="runs on CPU tensors"):
+        get_attention_backend("cpu", torch.device("cuda"), torch.float32, 4, 2, HEAD_DIM)
+    with pytest.raises(ValueError, match="one of auto, reference, cpu"):
+        get_attention_backend("flash", cpu, torch.float32, 4, 2, HEAD_DIM)
+    assert get_attention_backend("auto", cpu, torch.float16, 4, 2, HEAD_DIM).name == "reference"
+    assert get_attention_backend("auto", torch.device("cuda"), torch.float32, 4, 2, HEAD_DIM).name == "reference"
