@@ -5,8 +5,10 @@ prefix caching): opens a session, appends N s of speech-like audio window by win
 StreamingSession does (StreamingAudioWindows + MRopeBuilder), stepping the engine until each window is
 prefilled (no pacing), then appends the last chunk, flushes the last window, commits the turn and runs the
 step that samples the first token. Reported: that step's thread CPU time, the part spent in attention, and
-the rest; for attention read in place (engine/model_executor/attention/cpu_flash.py, the default) and, as the baseline in the
-same run, with every request on the gather path (LONG_CONTEXT_BLOCKS raised past any context).
+the rest; for each attention path in the same run: the `cpu` backend (the default: the C kernel, long chunks by
+torch's flash kernel, both reading pages in place), the `reference` backend reading long contexts in place
+(engine/model_executor/attention/cpu_flash.py) and, as the baseline, `reference` with every request on the gather
+path (LONG_CONTEXT_BLOCKS raised past any context).
 
 Also reported: the attention's arithmetic (q new tokens over their context in every layer: 4·heads·head_dim·
 Σ keys per query, QKᵀ and PV) and its rate, next to this machine's rate on one plain matmul of the same shape
@@ -33,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from streaming import SAMPLE_RATE, SYSTEM, speech  # noqa: E402
 
 import omnistream.engine.model_executor.attention.torch_sdpa as torch_sdpa  # noqa: E402
+from omnistream.engine.model_executor.attention.backend import AttentionBackend  # noqa: E402
+from omnistream.engine.model_executor.attention.cpu_kernel import CpuBackend  # noqa: E402
+from omnistream.engine.model_executor.attention.reference import ReferenceBackend  # noqa: E402
 from omnistream.engine.core.engine_core import EngineCore  # noqa: E402
 from omnistream.engine.engine_config import EngineConfig  # noqa: E402
 from omnistream.multimodal.hashing import hash_media  # noqa: E402
@@ -47,16 +52,19 @@ from omnistream.scheduler.tensor_data import PositionSegment  # noqa: E402
 CHUNK = 1600  # 100 ms
 
 
+PATHS = {  # attention path: (backend, LONG_CONTEXT_BLOCKS of the reference)
+    "cpu": (CpuBackend(), torch_sdpa.LONG_CONTEXT_BLOCKS),
+    "in_place": (ReferenceBackend(), torch_sdpa.LONG_CONTEXT_BLOCKS),
+    "gather": (ReferenceBackend(), 1 << 30),
+}
+
+
 class AttentionClock:
-    """Thread CPU time spent in the in-place and gather attention paths since the last reset."""
+    """Thread CPU time spent in the attention layer calls (KV write and attention) since the last reset."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        backend = torch_sdpa.TorchSDPABackend
-        self._in_place, self._prefill, self._decode = torch_sdpa.attend_request, backend._prefill, backend._decode
-        torch_sdpa.attend_request = self._timed(self._in_place)
-        backend._prefill = staticmethod(self._timed(self._prefill))
-        backend._decode = staticmethod(self._timed(self._decode))
+        AttentionBackend.forward = self._timed(AttentionBackend.forward)
 
     def _timed(self, fn):
         def timed(*args, **kwargs):
@@ -173,8 +181,10 @@ def main() -> None:
     samples: dict[tuple[str, float], list[dict]] = {}
     for repeat in range(args.repeats):
         for seconds in durations:
-            for path, threshold in (("in_place", in_place_threshold), ("gather", 1 << 30)):
+            for path, (backend, threshold) in PATHS.items():
                 torch_sdpa.LONG_CONTEXT_BLOCKS = threshold
+                for layer in engine.model.model.layers:
+                    layer.self_attn.backend = backend
                 result = commit_step(engine, clock, seconds, int(seconds) + 1000 * repeat, f"{path}-{seconds:g}-{repeat}")
                 samples.setdefault((path, seconds), []).append(result)
     torch_sdpa.LONG_CONTEXT_BLOCKS = in_place_threshold
@@ -187,12 +197,12 @@ def main() -> None:
         rows.append({"path": path, "audio_s": seconds, "context_tokens": results[0]["context_tokens"],
                      "step_cpu_ms": cpu * 1e3, "attention_cpu_ms": attention * 1e3, "rest_cpu_ms": rest * 1e3,
                      "attention_gflop": gflop, "attention_gflops": gflop / attention if attention else None})
-    longest = samples[("in_place", max(durations))][0]
+    longest = samples[("cpu", max(durations))][0]
     reference = reference_gflops(engine, longest["new_tokens"], longest["context_tokens"])
     print(f"Commit step of a live session (first token), thread CPU time, medians of {args.repeats}")
     print(f"{'path':>9} {'audio s':>8} {'context':>8} {'step ms':>8} {'attention ms':>13} {'rest ms':>8} "
           f"{'vs shortest':>12} {'attn GFLOP':>11} {'attn GFLOP/s':>13}")
-    for path in ("in_place", "gather"):
+    for path in PATHS:
         mine = [r for r in rows if r["path"] == path]
         shortest = min(mine, key=lambda r: r["audio_s"])
         for r in sorted(mine, key=lambda r: r["audio_s"]):

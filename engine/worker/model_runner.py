@@ -16,6 +16,7 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
+from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
@@ -65,7 +66,7 @@ class ModelRunner:
         # one page past the scheduler's pool: the sink, which padded tokens may write and no request owns
         self.sink_page = num_kv_blocks
         shape = model.kv_cache_shape_per_layer(num_kv_blocks + 1, block_size)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model.num_layers)]
+        self.kv_caches = [zeroed_kv_cache(shape, dtype, device) for _ in range(model.num_layers)]
         max_len = max_model_len or min(model.config.text.max_position_embeddings, num_kv_blocks * block_size)
         self.slots = SlotTables(max_num_seqs, -(-max_len // block_size), self.sink_page, device)
         self.requests: dict[str, RunnerRequestState] = {}

@@ -96,6 +96,20 @@ static const float *chunk_rows(const Batch *bt, const void *plane, int32_t page,
     return scratch;
 }
 
+/* Ask for the cache lines of `count` keys and values of one KV head from token `first` of `page` (the next chunk,
+ * while this one is computed: pages are scattered, so the hardware prefetchers cannot guess them). */
+static void prefetch_chunk(const Batch *bt, int32_t page, int first, int count, int h) {
+    int64_t token_stride = (int64_t)bt->num_kv_heads * bt->head_dim;
+    int64_t offset = ((int64_t)page * bt->block_size + first) * token_stride + (int64_t)h * bt->head_dim;
+    int element = bt->bf16 ? 2 : 4;
+    const char *k = (const char *)bt->k + offset * element, *v = (const char *)bt->v + offset * element;
+    for (int j = 0; j < count; j++)
+        for (int line = 0; line < bt->head_dim * element; line += 64) {
+            __builtin_prefetch(k + j * token_stride * element + line);
+            __builtin_prefetch(v + j * token_stride * element + line);
+        }
+}
+
 static void run_item(const Batch *bt, int64_t item) {
     int lo = 0, hi = bt->num_reqs; /* the request whose items include `item`: tile_start[b] <= item < [b + 1] */
     while (hi - lo > 1) {
@@ -138,6 +152,13 @@ static void run_item(const Batch *bt, int64_t item) {
         int count = bt->block_size - in_page;
         count = count > KEY_CHUNK ? KEY_CHUNK : count;
         count = count > max_limit - start ? max_limit - start : count;
+        int next = start + count;
+        if (next < max_limit) {
+            int next_count = bt->block_size - next % bt->block_size;
+            next_count = next_count > KEY_CHUNK ? KEY_CHUNK : next_count;
+            next_count = next_count > max_limit - next ? max_limit - next : next_count;
+            prefetch_chunk(bt, pages[next / bt->block_size], next % bt->block_size, next_count, h);
+        }
         int64_t k_stride, v_stride;
         const float *keys = chunk_rows(bt, bt->k, page, in_page, count, h, kbuf, &k_stride);
         const float *values = chunk_rows(bt, bt->v, page, in_page, count, h, vbuf, &v_stride);

@@ -17,6 +17,7 @@ import subprocess
 from functools import cache
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata
@@ -59,10 +60,10 @@ def load_kernel(variant: str = "openmp") -> ctypes.CDLL | None:
 def run_kernel(
     library: ctypes.CDLL,
     query: torch.Tensor,  # [T, num_heads, head_dim] float32, unit stride in heads and dims
-    kv_cache: torch.Tensor,
-    query_start_loc: torch.Tensor,
-    seq_lens: torch.Tensor,
-    block_table: torch.Tensor,
+    kv_cache: torch.Tensor,  # contiguous
+    query_start_loc: np.ndarray,  # int32, contiguous, like seq_lens and block_table
+    seq_lens: np.ndarray,
+    block_table: np.ndarray,
     scale: float,
     out: torch.Tensor,  # [T, num_heads, head_dim] float32, contiguous
     num_threads: int,
@@ -72,8 +73,8 @@ def run_kernel(
     status = library.attention_cpu(
         query.data_ptr(), query.stride(0), kv_cache[0].data_ptr(), kv_cache[1].data_ptr(),
         int(kv_cache.dtype == torch.bfloat16), kv_cache.shape[2], num_heads, kv_cache.shape[3], head_dim,
-        query_start_loc.data_ptr(), seq_lens.data_ptr(), block_table.data_ptr(), block_table.stride(0),
-        seq_lens.shape[0], scale, out.data_ptr(), num_threads,
+        query_start_loc.ctypes.data, seq_lens.ctypes.data, block_table.ctypes.data, block_table.shape[1],
+        len(seq_lens), scale, out.data_ptr(), num_threads,
     )
     if status != 0:
         raise MemoryError("attention: the cpu kernel could not allocate its work list")
@@ -107,18 +108,20 @@ def attention_cpu(
         q = q.contiguous()
     if not kv_cache.is_contiguous():
         raise ValueError("attention: the cpu kernel needs a contiguous KV cache")
-    starts, seq_lens, block_table = query_start_loc.int(), seq_lens.int(), block_table.int().contiguous()
-    long_chunks = ((starts[1:] - starts[:-1] >= FLASH_MIN_QUERIES) & (seq_lens > 0)).nonzero().flatten().tolist()
-    kernel_lens = seq_lens.clone() if long_chunks else seq_lens.contiguous()
-    kernel_lens[long_chunks] = 0  # the kernel writes zeros there; the flash kernel fills them below
+    starts, lens, table = (np.ascontiguousarray(t.numpy(), dtype=np.int32)
+                           for t in (query_start_loc, seq_lens, block_table))
+    long_chunks = np.flatnonzero((np.diff(starts) >= FLASH_MIN_QUERIES) & (lens > 0))
+    kernel_lens = lens
+    if len(long_chunks):
+        kernel_lens = lens.copy()
+        kernel_lens[long_chunks] = 0  # the kernel writes zeros there; the flash kernel fills them below
     out = torch.empty(query.shape, dtype=torch.float32)
-    run_kernel(library, q, kv_cache, starts.contiguous(), kernel_lens, block_table, scale, out,
-               torch.get_num_threads())
+    run_kernel(library, q, kv_cache, starts, kernel_lens, table, scale, out, torch.get_num_threads())
     block_size = kv_cache.shape[2]
-    for i in long_chunks:
-        start, end, seq_len = int(starts[i]), int(starts[i + 1]), int(seq_lens[i])
-        table = block_table[i, : -(-seq_len // block_size)].tolist()
-        out[start:end] = attend_paged(query[start:end], kv_cache, table, seq_len, scale)
+    for i in long_chunks.tolist():
+        start, end, seq_len = int(starts[i]), int(starts[i + 1]), int(lens[i])
+        pages = table[i, : -(-seq_len // block_size)].tolist()
+        out[start:end] = attend_paged(query[start:end], kv_cache, pages, seq_len, scale)
     return out.to(query.dtype)
 
 
