@@ -1,110 +1,130 @@
-"""Paged attention on CPU over long contexts: the in-place path (engine/model_executor/attention/cpu_flash.py: the paged
-blocks read where they lie, log-sum-exp merge) against the gather path (the request's whole KV copied out of
-the cache, then SDPA with a causal mask), on the same cache and queries in the same run.
+"""One attention layer call on CPU: the `cpu` backend (C kernel reading pages in place) against `reference`, and the
+kernel's three threading variants against each other, on the same cache and batches in the same run.
 
-The shapes are a live session's commit step with the embedded tiny model (4 query / 2 KV heads of 64, 16-token
-blocks): 32 new tokens (the last 2 s audio window, <|audio_end|> and the assistant prompt) over the context of
-10, 120 and 600 s of speech (13 tokens a second), and one decode over the longest. Reported per layer call:
-median thread CPU time (robust on a shared machine) and median wall time, the two paths called in turn.
+Shapes are the embedded tiny model's (4 query / 2 KV heads of 64, 16-token pages, fp32), the cache a pool of
+--pages pages allocated like the runner's (huge pages) with every request's pages scattered over it:
+- decode: --batch decodes over contexts of 100-1000 tokens
+- mixed: two prefill chunks of 200 tokens over 300-token prefixes, a fresh 24-token prompt, --batch - 3 decodes
+- long: a live session's commit step, 32 new tokens over 7,822, and one decode over that context
+Threading variants (kernel only, no flash path; decode batch): OpenMP on torch's runtime (the engine's), pthreads
+started per call, and the single-thread build called from a pool of Python threads (ctypes drops the GIL), each
+request group a contiguous slice of the batch. Reported: median wall ms and median process CPU ms per call.
 
     python benchmarks/attention.py
-    python benchmarks/attention.py --contexts 152,1582,7822 --queries 32,1 --threads 1 --repeats 50
+    python benchmarks/attention.py --threads 1 --batch 64 --repeats 50
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
 import statistics
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
-from omnistream.engine.model_executor.attention.cpu_flash import attend_request
-from omnistream.engine.model_executor.attention.kv_views import block_runs
-from omnistream.engine.model_executor.attention.torch_sdpa import (
-    TorchSDPABackend,
-    write_kv_cache,
-)
+from omnistream.engine.model_executor.attention.cpu_kernel import CpuBackend, load_kernel, run_kernel
+from omnistream.engine.model_executor.attention.reference import ReferenceBackend
+from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 
 HEADS, KV_HEADS, HEAD_DIM, BLOCK = 4, 2, 64, 16
+SCALE = HEAD_DIM**-0.5
 
 
-def _ints(text: str) -> list[int]:
-    return [int(x) for x in text.split(",") if x.strip()]
-
-
-def measure(fns: list, repeats: int) -> list[tuple[float, float]]:
-    """(median thread CPU seconds, median wall seconds) of each fn, called in turn each round (so machine
-    noise hits them alike) after one warm-up call each."""
-    for fn in fns:
+def measure(fns: dict, repeats: int) -> dict[str, tuple[float, float]]:
+    """name -> (median wall ms, median process CPU ms), the fns called in turn each round after a warm-up."""
+    for fn in fns.values():
         fn()
-    cpu: list[list[float]] = [[] for _ in fns]
-    wall: list[list[float]] = [[] for _ in fns]
+    wall: dict[str, list[float]] = {name: [] for name in fns}
+    cpu: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(repeats):
-        for i, fn in enumerate(fns):
-            c, w = time.thread_time(), time.perf_counter()
+        for name, fn in fns.items():
+            c, w = time.process_time(), time.perf_counter()
             fn()
-            cpu[i].append(time.thread_time() - c)
-            wall[i].append(time.perf_counter() - w)
-    return [(statistics.median(c), statistics.median(w)) for c, w in zip(cpu, wall)]
+            wall[name].append((time.perf_counter() - w) * 1e3)
+            cpu[name].append((time.process_time() - c) * 1e3)
+    return {name: (statistics.median(wall[name]), statistics.median(cpu[name])) for name in fns}
 
 
-def case(seq_len: int, num_query: int, repeats: int) -> dict:
-    num_blocks = -(-seq_len // BLOCK)
-    cache = torch.randn(2, num_blocks + 8, BLOCK, KV_HEADS, HEAD_DIM)
-    table = list(range(4, 4 + num_blocks))  # one contiguous run, as a lone session's blocks usually are
-    slots = torch.tensor([table[p // BLOCK] * BLOCK + p % BLOCK for p in range(seq_len - num_query, seq_len)])
-    query = torch.randn(num_query, HEADS, HEAD_DIM)
-    key, value = torch.randn(num_query, KV_HEADS, HEAD_DIM), torch.randn(num_query, KV_HEADS, HEAD_DIM)
-    write_kv_cache(key, value, cache, slots)
-    metadata = AttentionMetadata(query_start_loc=[0, num_query], seq_lens=[seq_len], slot_mapping=slots,
-                                 block_tables=torch.tensor([table]), block_size=BLOCK)
-    out = torch.empty_like(query)
-    runs = block_runs(table)
-    scale = HEAD_DIM**-0.5
+def batch(shapes: list[tuple[int, int]], cache: torch.Tensor, rng: random.Random):
+    """(query, metadata) of requests (context before, new tokens) whose pages are sampled from the whole cache."""
+    pages = [-(-(past + new) // BLOCK) for past, new in shapes]
+    chosen = rng.sample(range(cache.shape[1]), sum(pages))
+    width = max(pages)
+    table = np.zeros((len(shapes), width), dtype=np.int32)
+    for i, n in enumerate(pages):
+        table[i, :n] = chosen[sum(pages[:i]) : sum(pages[: i + 1])]
+    metadata = AttentionMetadata.build([n for _, n in shapes], [p + n for p, n in shapes], table, BLOCK)
+    return torch.randn(metadata.num_tokens, HEADS, HEAD_DIM), metadata
 
-    def gather() -> None:
-        if num_query == 1:
-            TorchSDPABackend._decode(query, cache, metadata, [0], scale, out)
-        else:
-            TorchSDPABackend._prefill(query, cache, metadata, 0, scale, out)
 
-    def in_place() -> None:
-        attend_request(query, key, value, cache, runs, seq_len, scale)
-
-    gather()
-    reference = out.clone()
-    error = float((attend_request(query, key, value, cache, runs, seq_len, scale) - reference).abs().max())
-    (g_cpu, g_wall), (p_cpu, p_wall) = measure([gather, in_place], repeats)
-    return {"context": seq_len, "queries": num_query, "gather_cpu_ms": g_cpu * 1e3, "in_place_cpu_ms": p_cpu * 1e3,
-            "gather_wall_ms": g_wall * 1e3, "in_place_wall_ms": p_wall * 1e3, "cpu_speedup": g_cpu / p_cpu,
-            "max_abs_diff": error}
+def pool_call(library, pool: ThreadPoolExecutor, threads: int, query, cache, metadata, out) -> None:
+    """The single-thread kernel on `threads` contiguous groups of requests at once."""
+    starts, lens, table = (t.numpy() for t in (metadata.query_start_loc, metadata.seq_lens, metadata.block_table))
+    bounds = np.linspace(0, len(lens), threads + 1).astype(int)
+    jobs = [pool.submit(run_kernel, library, query, cache, starts[a : b + 1], lens[a:b], table[a:b], SCALE, out, 1)
+            for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    for job in jobs:
+        job.result()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=_ints, default=[152, 1582, 7822], help="context lengths in tokens")
-    parser.add_argument("--queries", type=_ints, default=[32, 1], help="new tokens per step (1 = a decode)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    parser.add_argument("--repeats", type=int, default=30, help="timed calls per case (default 30)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads (default all)")
+    parser.add_argument("--batch", type=int, default=48, help="requests in the decode and mixed batches")
+    parser.add_argument("--pages", type=int, default=1 << 15, help="pages in the cache pool")
+    parser.add_argument("--repeats", type=int, default=30, help="timed calls per case")
     parser.add_argument("--output-json", default=None)
     args = parser.parse_args()
-    torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    rows = [case(s, q, args.repeats) for q in args.queries for s in args.contexts]
-    print(f"Paged attention, one layer call ({HEADS} heads / {KV_HEADS} KV heads x {HEAD_DIM}, fp32, "
-          f"{args.threads} thread(s), medians of {args.repeats})")
-    print(f"{'context':>8} {'queries':>7} {'gather cpu ms':>14} {'in-place cpu ms':>16} {'speed-up':>9} "
-          f"{'gather wall ms':>15} {'in-place wall ms':>17} {'max |diff|':>11}")
+    torch.manual_seed(0)
+    rng = random.Random(0)
+    cache = zeroed_kv_cache((2, args.pages, BLOCK, KV_HEADS, HEAD_DIM), torch.float32, torch.device("cpu"))
+    cache.normal_()
+    cases = {
+        "decode": [(rng.randint(100, 1000), 1) for _ in range(args.batch)],
+        "mixed": [(300, 200), (300, 200), (0, 24)] + [(rng.randint(100, 1000), 1) for _ in range(args.batch - 3)],
+        "long": [(7822 - 32, 32), (7821, 1)],
+    }
+    reference, fast = ReferenceBackend(), CpuBackend()
+    rows = []
+    with torch.inference_mode():
+        for name, shapes in cases.items():
+            query, metadata = batch(shapes, cache, rng)
+            error = float((fast.attend(query, cache, metadata, SCALE)
+                           - reference.attend(query, cache, metadata, SCALE)).abs().max())
+            timed = measure({"reference": lambda: reference.attend(query, cache, metadata, SCALE),
+                             "cpu": lambda: fast.attend(query, cache, metadata, SCALE)}, args.repeats)
+            rows.append({"case": name, "requests": len(shapes), "tokens": metadata.num_tokens, "max_abs_diff": error,
+                         **{f"{k}_{unit}": v[i] for k, v in timed.items() for i, unit in enumerate(("wall_ms", "cpu_ms"))}})
+        query, metadata = batch(cases["decode"], cache, rng)
+        out = torch.empty_like(query)
+        arrays = [t.numpy() for t in (metadata.query_start_loc, metadata.seq_lens, metadata.block_table)]
+        variants = {"openmp": load_kernel("openmp"), "pthreads": load_kernel("pthreads")}
+        serial = load_kernel("serial")
+        with ThreadPoolExecutor(args.threads) as pool:
+            threading = measure({
+                **{name: (lambda lib=lib: run_kernel(lib, query, cache, *arrays, SCALE, out, args.threads))
+                   for name, lib in variants.items()},
+                "serial_pool": lambda: pool_call(serial, pool, args.threads, query, cache, metadata, out),
+                "serial_1_thread": lambda: run_kernel(serial, query, cache, *arrays, SCALE, out, 1),
+            }, args.repeats)
+    print(f"Attention, one layer call ({HEADS}/{KV_HEADS} heads x {HEAD_DIM}, fp32, {BLOCK}-token pages scattered over "
+          f"{args.pages}, {args.threads} thread(s), medians of {args.repeats}): wall ms / process CPU ms")
+    print(f"{'case':>7} {'requests':>8} {'tokens':>7} {'reference':>17} {'cpu':>17} {'speed-up':>9} {'max |diff|':>11}")
     for r in rows:
-        print(f"{r['context']:>8} {r['queries']:>7} {r['gather_cpu_ms']:>14.2f} {r['in_place_cpu_ms']:>16.2f} "
-              f"{r['cpu_speedup']:>8.2f}x {r['gather_wall_ms']:>15.2f} {r['in_place_wall_ms']:>17.2f} "
-              f"{r['max_abs_diff']:>11.1e}")
+        print(f"{r['case']:>7} {r['requests']:>8} {r['tokens']:>7} {r['reference_wall_ms']:>8.2f} / "
+              f"{r['reference_cpu_ms']:>6.2f} {r['cpu_wall_ms']:>8.2f} / {r['cpu_cpu_ms']:>6.2f} "
+              f"{r['reference_wall_ms'] / r['cpu_wall_ms']:>8.2f}x {r['max_abs_diff']:>11.1e}")
+    print(f"Kernel threading, decode batch of {args.batch}: " + ", ".join(
+        f"{name} {wall:.2f} / {cpu:.2f}" for name, (wall, cpu) in threading.items()))
     if args.output_json:
         with open(args.output_json, "w") as f:
-            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+            json.dump({"config": vars(args), "rows": rows, "threading": threading}, f, indent=2)
 
 
 if __name__ == "__main__":
