@@ -43,6 +43,7 @@ def run_omnistream(model_dir: str, workload: list[dict], args: argparse.Namespac
         dtype="float32",
         max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        attention_backend=args.attention_backend,
         enable_prefix_caching=False,
     )
     prompts = [{"prompt_token_ids": w["prompt_token_ids"]} for w in workload]
@@ -114,6 +115,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    parser.add_argument("--attention-backend", default="auto", help="omnistream's attention backend (auto, cpu, reference)")
     parser.add_argument("--hf-batch-size", type=int, default=8)
     parser.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="python of a venv with vllm")
     parser.add_argument("--output-json", default=None)
