@@ -100,7 +100,8 @@ def main() -> None:
             timed = measure({"reference": lambda: reference.attend(query, cache, metadata, SCALE),
                              "cpu": lambda: fast.attend(query, cache, metadata, SCALE)}, args.repeats)
             rows.append({"case": name, "requests": len(shapes), "tokens": metadata.num_tokens, "max_abs_diff": error,
-                         **{f"{k}_{unit}": v[i] for k, v in timed.items() for i, unit in enumerate(("wall_ms", "cpu_ms"))}})
+                         **{f"{k}_{unit}": v[i] for k, v in timed.items()
+                            for i, unit in enumerate(("wall_ms", "cpu_ms"))}})
         query, metadata = batch(cases["decode"], cache, rng)
         out = torch.empty_like(query)
         arrays = [t.numpy() for t in (metadata.query_start_loc, metadata.seq_lens, metadata.block_table)]
@@ -113,9 +114,10 @@ def main() -> None:
                 "serial_pool": lambda: pool_call(serial, pool, args.threads, query, cache, metadata, out),
                 "serial_1_thread": lambda: run_kernel(serial, query, cache, *arrays, SCALE, out, 1),
             }, args.repeats)
-    print(f"Attention, one layer call ({HEADS}/{KV_HEADS} heads x {HEAD_DIM}, fp32, {BLOCK}-token pages scattered over "
-          f"{args.pages}, {args.threads} thread(s), medians of {args.repeats}): wall ms / process CPU ms")
-    print(f"{'case':>7} {'requests':>8} {'tokens':>7} {'reference':>17} {'cpu':>17} {'speed-up':>9} {'max |diff|':>11}")
+    print(f"Attention, one layer call ({HEADS}/{KV_HEADS} heads x {HEAD_DIM}, fp32, {BLOCK}-token pages scattered "
+          f"over {args.pages}, {args.threads} thread(s), medians of {args.repeats}): wall ms / process CPU ms")
+    print(f"{'case':>7} {'requests':>8} {'tokens':>7} {'reference':>17} {'cpu':>17} {'speed-up':>9} "
+          f"{'max |diff|':>11}")
     for r in rows:
         print(f"{r['case']:>7} {r['requests']:>8} {r['tokens']:>7} {r['reference_wall_ms']:>8.2f} / "
               f"{r['reference_cpu_ms']:>6.2f} {r['cpu_wall_ms']:>8.2f} / {r['cpu_cpu_ms']:>6.2f} "

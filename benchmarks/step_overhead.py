@@ -88,7 +88,8 @@ def main() -> None:
           f"{'scheduler':>10} {'runner':>8}")
     for r in rows:
         print(f"{r['running']:>8} {r['schedule_us']:>12.0f} {r['runner_us']:>15.0f} {r['update_us']:>10.0f} "
-              f"{r['per_request_us']:>15.2f} {r['scheduler_per_request_us']:>10.2f} {r['runner_per_request_us']:>8.2f}")
+              f"{r['per_request_us']:>15.2f} {r['scheduler_per_request_us']:>10.2f} "
+              f"{r['runner_per_request_us']:>8.2f}")
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump({"config": vars(args), "rows": rows}, f, indent=2)

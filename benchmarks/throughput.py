@@ -115,7 +115,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
-    parser.add_argument("--attention-backend", default="auto", help="omnistream's attention backend (auto, cpu, reference)")
+    parser.add_argument("--attention-backend", default="auto",
+                        help="omnistream's attention backend (auto, cpu, reference)")
     parser.add_argument("--hf-batch-size", type=int, default=8)
     parser.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="python of a venv with vllm")
     parser.add_argument("--output-json", default=None)

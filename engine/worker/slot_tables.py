@@ -17,9 +17,8 @@ class SlotTables:
     def __init__(self, num_slots: int, max_pages: int, sink_page: int, device: torch.device) -> None:
         self.sink_page, self.device = sink_page, device
         self.block_table = np.full((num_slots, max_pages), sink_page, dtype=np.int32)
-        self.device_table = (
-            torch.from_numpy(self.block_table) if device.type == "cpu" else torch.from_numpy(self.block_table).to(device)
-        )
+        host = torch.from_numpy(self.block_table)
+        self.device_table = host if device.type == "cpu" else host.to(device)
         self.num_pages = np.zeros(num_slots, dtype=np.int64)
         self.num_computed = np.zeros(num_slots, dtype=np.int64)
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out the lowest slot first

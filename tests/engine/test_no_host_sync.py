@@ -1,5 +1,5 @@
-"""The model's forward never asks the host anything (docs hot-path.md §2): built on the `meta` device, the thinker runs
-a mixed step (prefill chunks over cached prefixes beside decodes) and a decode step, with each attention backend,
+"""The model's forward never asks the host anything (docs hot-path.md §2): built on the `meta` device, the thinker
+runs a mixed step (prefill chunks over cached prefixes beside decodes) and a decode step, with each attention backend,
 under a dispatch-mode tripwire that fails on any op producing a host tensor; any data-dependent op (.item(),
 .tolist(), nonzero, boolean masks, bincount) raises on meta by itself. A forward compiled with fullgraph=True and
 dynamic shapes does not recompile for another batch mix, and equals the eager forward."""

@@ -76,7 +76,9 @@ def _upload(array: np.ndarray, device: torch.device | str) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(array)).to(device, non_blocking=True)
 
 
-def write_kv_cache(key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Scatter this step's keys/values [T, num_kv_heads, head_dim] into their slots of the paged cache."""
     num_pages, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_pages * block_size, *kv_cache.shape[3:])

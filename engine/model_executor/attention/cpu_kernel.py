@@ -136,4 +136,6 @@ class CpuBackend(AttentionBackend):
     def attend(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float
     ) -> torch.Tensor:
-        return attention_cpu(query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale)
+        return attention_cpu(
+            query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale
+        )
