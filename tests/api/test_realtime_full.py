@@ -34,7 +34,7 @@ def _answer(client, *appends) -> tuple[str, list]:
     answer. The answer, and per refused clip its error and the event that answered the commit."""
     errors = []
     with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
-        setup(connection)
+        setup(connection, max_output_tokens="inf")  # the rest of the 28 tokens: a fixed max_tokens would not fit
         for pcm in appends[:-1]:
             split = len(pcm) * 3 // 5
             _append(connection, pcm[:split])
