@@ -85,12 +85,14 @@ def run_hf(export_dir: str, workload: list[dict], args: argparse.Namespace) -> d
     return {"elapsed_s": elapsed, "outputs": outputs}
 
 
-def run_vllm(export_dir: str, workload: list[dict], args: argparse.Namespace) -> dict:
+def run_vllm(export_dir: str, workload: list[dict], args: argparse.Namespace, enforce_eager: bool) -> dict:
+    """vLLM in its default (compiled) mode, or with enforce_eager=True (backend "vllm-eager")."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "workload.json"
         result = Path(tmp) / "result.json"
         spec.write_text(json.dumps({"model": export_dir, "workload": workload, "max_num_seqs": args.max_num_seqs,
-                                    "max_num_batched_tokens": args.max_num_batched_tokens}))
+                                    "max_num_batched_tokens": args.max_num_batched_tokens,
+                                    "enforce_eager": enforce_eager}))
         worker = Path(__file__).resolve().parent / "vllm_worker.py"
         subprocess.run([args.vllm_python, str(worker), str(spec), str(result)], check=True)
         return json.loads(result.read_text())
@@ -108,7 +110,8 @@ def agreement(reference: list[list[int]], other: list[list[int]]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint dir (default: the embedded tiny model)")
-    parser.add_argument("--backends", default="omnistream,hf,vllm")
+    parser.add_argument("--backends", default="omnistream,hf,vllm",
+                        help="comma-separated: omnistream, hf, vllm (its default compiled mode), vllm-eager")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len-range", type=int, nargs=2, default=(32, 512))
     parser.add_argument("--output-len-range", type=int, nargs=2, default=(16, 256))
@@ -129,15 +132,17 @@ def main() -> None:
     num_in = sum(len(w["prompt_token_ids"]) for w in workload)
     num_out = sum(w["output_len"] for w in workload)
     backends = [b for b in args.backends.split(",") if b]
-    if "vllm" in backends and not args.vllm_python:
-        print("vllm: skipped (pass --vllm-python or set VLLM_PYTHON to a venv with vllm installed)")
-        backends.remove("vllm")
+    if not args.vllm_python:
+        for name in [b for b in backends if b.startswith("vllm")]:
+            print(f"{name}: skipped (pass --vllm-python or set VLLM_PYTHON to a venv with vllm installed)")
+            backends.remove(name)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         export_dir = str(export_qwen3_moe(model_dir, Path(tmp) / "qwen3_moe"))
         runners = {"omnistream": lambda: run_omnistream(model_dir, workload, args),
                    "hf": lambda: run_hf(export_dir, workload, args),
-                   "vllm": lambda: run_vllm(export_dir, workload, args)}
+                   "vllm": lambda: run_vllm(export_dir, workload, args, enforce_eager=False),
+                   "vllm-eager": lambda: run_vllm(export_dir, workload, args, enforce_eager=True)}
         for name in backends:
             print(f"running {name} ...", flush=True)
             results[name] = runners[name]()

@@ -42,6 +42,7 @@ def main(spec_path: str, result_path: str) -> None:
         enable_chunked_prefill=True,  # same token budget per step as omnistream's chunked prefill
         enable_prefix_caching=False,
         max_model_len=4096,
+        enforce_eager=spec.get("enforce_eager", False),
     )
     prompts = [TokensPrompt(prompt_token_ids=w["prompt_token_ids"]) for w in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=w["output_len"], ignore_eos=True) for w in workload]
