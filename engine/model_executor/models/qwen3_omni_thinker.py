@@ -69,15 +69,16 @@ class ThinkerAttention(nn.Module):
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
 
 
-class ThinkerDecoderLayer(nn.Module):
-    """Pre-norm residual block: attention, then the sparse MoE."""
+class MoeDecoderLayer(nn.Module):
+    """Pre-norm residual block: the thinker's attention, then an MoE block (the thinker's sparse one; the
+    talker passes its shared-expert one)."""
 
-    def __init__(self, text: TextConfig, attention_backend: str) -> None:
+    def __init__(self, text: TextConfig, attention_backend: str, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
         self.self_attn = ThinkerAttention(text, attention_backend)
         self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.mlp = SparseMoeBlock(
+        self.mlp = mlp or SparseMoeBlock(
             text.hidden_size,
             text.moe_intermediate_size,
             text.num_experts,
@@ -104,7 +105,7 @@ class ThinkerTextModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
         self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
-        self.layers = nn.ModuleList(ThinkerDecoderLayer(text, attention_backend) for _ in range(text.num_hidden_layers))
+        self.layers = nn.ModuleList(MoeDecoderLayer(text, attention_backend) for _ in range(text.num_hidden_layers))
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
 
     def forward(

@@ -23,7 +23,7 @@ from omnistream.engine.model_executor.layers.norm import RMSNorm
 from omnistream.engine.model_executor.layers.rotary import MRotaryEmbedding
 from omnistream.engine.model_executor.layers.shared_expert_moe import SharedExpertMoeBlock
 from omnistream.engine.model_executor.models.code_predictor import CodePredictor
-from omnistream.engine.model_executor.models.qwen3_omni_thinker import ThinkerAttention
+from omnistream.engine.model_executor.models.qwen3_omni_thinker import MoeDecoderLayer
 from omnistream.engine.model_executor.models.weight_routing import load_named_weights
 
 
@@ -39,33 +39,15 @@ class ProjectionMLP(nn.Module):
         return self.linear_fc2(F.silu(self.linear_fc1(x)))
 
 
-class TalkerDecoderLayer(nn.Module):
-    """Pre-norm residual block: the thinker's attention, then the shared-expert MoE."""
-
-    def __init__(self, text: TextConfig, shared_width: int, attention_backend: str) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.self_attn = ThinkerAttention(text, attention_backend)
-        self.post_attention_layernorm = RMSNorm(text.hidden_size, text.rms_norm_eps)
-        self.mlp = SharedExpertMoeBlock(
-            text.hidden_size,
-            text.moe_intermediate_size,
-            text.num_experts,
-            text.num_experts_per_tok,
-            text.norm_topk_prob,
-            shared_width,
-        )
-
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
-        kv_cache: torch.Tensor,
-        attn_metadata: AttentionMetadata,
-    ) -> torch.Tensor:
-        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos, sin, kv_cache, attn_metadata)
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+def _shared_expert_moe(text: TextConfig, shared_width: int) -> SharedExpertMoeBlock:
+    return SharedExpertMoeBlock(
+        text.hidden_size,
+        text.moe_intermediate_size,
+        text.num_experts,
+        text.num_experts_per_tok,
+        text.norm_topk_prob,
+        shared_width,
+    )
 
 
 class TalkerModel(nn.Module):
@@ -77,7 +59,7 @@ class TalkerModel(nn.Module):
         self.codec_embedding = VocabParallelEmbedding(text.vocab_size, text.hidden_size)
         self.rotary_emb = MRotaryEmbedding(text.head_dim, text.rope_theta, text.mrope_section)
         self.layers = nn.ModuleList(
-            TalkerDecoderLayer(text, config.shared_expert_intermediate_size, attention_backend)
+            MoeDecoderLayer(text, attention_backend, _shared_expert_moe(text, config.shared_expert_intermediate_size))
             for _ in range(text.num_hidden_layers)
         )
         self.norm = RMSNorm(text.hidden_size, text.rms_norm_eps)
