@@ -30,6 +30,7 @@ class EngineConfig:
     # runs in its own process beside a serving front end (which needs a core of its own)
     cpu_threads: int | None = None
     attention_backend: str = "auto"  # auto = the fastest that works on the device (cpu on CPU, else reference)
+    enforce_eager: bool = False  # never replay CUDA graphs for decode steps (graphs are off on CPU regardless)
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:

@@ -36,6 +36,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "the front end)")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
                         help="attention kernels (default auto: cpu on CPU when a C compiler builds it, else reference)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="run every step eager: no CUDA graphs for decode steps (they are off on CPU anyway)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -76,5 +78,6 @@ def check_fanout(count: int, limit: int) -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig fields from the engine flags every subcommand shares (`add_engine_args`)."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
-             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads", "attention_backend")
+             "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads", "attention_backend",
+             "enforce_eager")
     return {name: getattr(args, name) for name in names}

@@ -47,6 +47,7 @@ class LLM:
         distributed_timeout_s: float = EngineConfig.distributed_timeout_s,
         cpu_threads: int | None = None,
         attention_backend: str = "auto",
+        enforce_eager: bool = False,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -64,6 +65,7 @@ class LLM:
             distributed_timeout_s=distributed_timeout_s,
             cpu_threads=cpu_threads,
             attention_backend=attention_backend,
+            enforce_eager=enforce_eager,
         )
         self.engine = EngineCore(config)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object

@@ -100,11 +100,12 @@ class UniProcExecutor(Executor):
                 model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
-        self.runner = ModelRunner(
-            self.model, num_kv_blocks=self.num_kv_blocks, block_size=config.block_size, dtype=self.dtype,
-            device=self.device, eos_token_ids=eos_token_ids, max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len, seed=config.seed,
-        )
+        with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group
+            self.runner = ModelRunner(
+                self.model, num_kv_blocks=self.num_kv_blocks, block_size=config.block_size, dtype=self.dtype,
+                device=self.device, eos_token_ids=eos_token_ids, max_num_seqs=config.max_num_seqs,
+                max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
+            )
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if get_tp_world_size() == 1:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
+from omnistream.engine.worker.cuda_graphs import decode_graphs_for
 from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
@@ -59,6 +60,7 @@ class ModelRunner:
         max_num_seqs: int,
         max_model_len: int | None = None,
         seed: int = 0,
+        enforce_eager: bool = False,
     ) -> None:
         self.model = model
         self.block_size = block_size
@@ -73,6 +75,11 @@ class ModelRunner:
         self.slot_of: dict[str, int] = {}
         self.sampling = SamplingState(model.config.text.vocab_size, eos_token_ids, seed, device)
         self.encoder_cache: dict[str, EncoderOutput] = {}  # media identifier -> its embedding rows
+        # decode-only steps replay captured graphs (CUDA, unless enforce_eager); None: every step runs eager
+        self.decode_graphs = decode_graphs_for(
+            model, self.kv_caches, max_num_seqs=max_num_seqs, max_pages=self.slots.block_table.shape[1],
+            sink_page=self.sink_page, enforce_eager=enforce_eager,
+        )
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -82,10 +89,13 @@ class ModelRunner:
         self._run_encoders(scheduler_output)
         batch = self._prepare_inputs(scheduler_output)
         embeds, deepstack = self._input_embeddings(batch)
-        hidden = self.model(
-            batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
-            inputs_embeds=embeds, deepstack_embeds=deepstack,
-        )
+        if self.decode_graphs is not None and self.decode_graphs.serves(batch.metadata, embeds):
+            hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
+        else:
+            hidden = self.model(
+                batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
+                inputs_embeds=embeds, deepstack_embeds=deepstack,
+            )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
         tokens, logprobs = self._sample(hidden, batch, scheduler_output)
         return ModelRunnerOutput(

@@ -86,7 +86,7 @@ class Rank:
         self.runner = ModelRunner(
             self.model, num_kv_blocks=self.num_kv_blocks, block_size=config.block_size, dtype=self.dtype,
             device=self.device, eos_token_ids=init.eos_token_ids, max_num_seqs=config.max_num_seqs,
-            max_model_len=config.max_model_len, seed=config.seed,
+            max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
         )
 
     def _agree_on_kv_blocks(self, config: EngineConfig) -> int:
