@@ -2,8 +2,9 @@
 replay reruns the eager forward on the padded static buffers, a runner gives the tokens of an unpadded eager
 runner for decode batches of sizes between buckets, its padded rows write only the sink page (every other KV
 entry equals the eager runner's), prefill and mixed steps bypass the graphs, buckets are the smallest that hold
-the batch and are captured largest first after one warm-up each; `enforce_eager` reaches the runner from LLM(...)
-and from the CLI. On CUDA (skipped here) real graphs give the eager runner's tokens."""
+the batch and are captured largest first after one warm-up each (refused when tensor-parallel ranks disagree on
+them); `enforce_eager` reaches the runner from LLM(...) and from the CLI. On CUDA (skipped here) real graphs give the eager runner's tokens, and a replay (copies in,
+padding, replay) never syncs with the host."""
 
 from __future__ import annotations
 
@@ -208,6 +209,37 @@ def test_enforce_eager_reaches_the_runner_from_llm_and_the_cli(caplog) -> None:
 def test_real_cuda_graphs_give_the_eager_tokens() -> None:
     model = load_model(default_model_path(), "float32", torch.device("cuda"), "triton")[0]
     eager, graphed = _runner(model, "cuda", enforce_eager=True), _runner(model, "cuda", enforce_eager=False)
-    assert graphed.decode_graphs is not None and next(iter(graphed.decode_graphs.graphs)) == MAX_NUM_SEQS
+    graphs = graphed.decode_graphs
+    assert graphs is not None and next(iter(graphs.graphs)) == MAX_NUM_SEQS
+    replay, replays = graphs.run, []
+
+    def replay_without_host_syncs(*args: object) -> torch.Tensor:  # copies in, padding and replay never sync
+        replays.append(1)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return replay(*args)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    graphs.run = replay_without_host_syncs
     decode_sizes = _lockstep(eager, graphed, seed=5)
+    assert len(replays) == len(decode_sizes)
     assert len([n for n in decode_sizes if n not in capture_sizes(MAX_NUM_SEQS)]) >= 3
+
+
+def test_capture_refuses_tensor_parallel_ranks_that_disagree_on_the_buckets(model, monkeypatch) -> None:
+    runner = _runner(model)
+    ranks = [torch.tensor([2, 2, 3]), torch.tensor([3, 3, 6])]  # (count, largest, sum): buckets [1, 2], [1, 2, 3]
+    monkeypatch.setattr(cuda_graphs, "get_tp_world_size", lambda: 2)
+    monkeypatch.setattr(cuda_graphs, "tensor_model_parallel_all_gather",
+                        lambda mine, dim: torch.cat([mine, ranks.pop(0)], dim=dim))
+
+    def graphs() -> DecodeGraphs:
+        return DecodeGraphs(model, runner.kv_caches, sizes=[1, 2], max_pages=4, sink_page=runner.sink_page,
+                            capture=StandInCapture([]))
+
+    agreeing = graphs()
+    agreeing.capture_all()  # the other rank has the same buckets
+    assert list(agreeing.graphs) == [2, 1]
+    with pytest.raises(RuntimeError, match="disagree on the CUDA graph buckets"):
+        graphs().capture_all()
