@@ -4,7 +4,8 @@ one SchedulerOutput.
 Per step it reads the SchedulerOutput once (one Python pass over the scheduled requests that collects their slot,
 token count, token ids and sampling rows, and makes no tensors), builds the flat batch with vectorized numpy
 (token positions, slot mapping, M-RoPE ids, offsets; media rows from their explicit ids), uploads it once, runs the
-model, and samples. The SchedulerOutput is the only thing it is told.
+model (a decode-only step replays a captured graph on CUDA: cuda_graphs.py), and samples. The SchedulerOutput is
+the only thing it is told.
 """
 
 from __future__ import annotations
