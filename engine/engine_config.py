@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 _DTYPES = ("float32", "bfloat16", "float16")
-ATTENTION_BACKENDS = ("auto", "reference", "cpu")  # engine/model_executor/attention/selector.py resolves them
+ATTENTION_BACKENDS = ("auto", "reference", "cpu", "triton")  # engine/model_executor/attention/selector.py resolves them
 _DEFAULT_CPU_KV_CACHE_BYTES = 2 << 30
 
 
@@ -29,7 +29,7 @@ class EngineConfig:
     # torch CPU threads of the engine; None: torch's default (all cores), or all but one when the engine core
     # runs in its own process beside a serving front end (which needs a core of its own)
     cpu_threads: int | None = None
-    attention_backend: str = "auto"  # auto = the fastest that works on the device (cpu on CPU, else reference)
+    attention_backend: str = "auto"  # auto = the fastest that works on the device (triton on CUDA, cpu on CPU)
     enforce_eager: bool = False  # never replay CUDA graphs for decode steps (graphs are off on CPU regardless)
 
     def __post_init__(self) -> None:

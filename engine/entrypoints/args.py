@@ -35,7 +35,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="torch CPU threads of the engine (default: all cores; serve: all but one, kept for "
                              "the front end)")
     parser.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS,
-                        help="attention kernels (default auto: cpu on CPU when a C compiler builds it, else reference)")
+                        help="attention kernels (default auto: triton on CUDA when triton imports, cpu on CPU when a "
+                             "C compiler builds it, else reference)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step eager: no CUDA graphs for decode steps (they are off on CPU anyway)")
     parser.add_argument("--log-level", default="warning")

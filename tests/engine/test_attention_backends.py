@@ -15,6 +15,7 @@ from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.model_executor.attention.cpu_kernel import FLASH_MIN_QUERIES, load_kernel
 from omnistream.engine.model_executor.attention.reference import ReferenceBackend
 from omnistream.engine.model_executor.attention.selector import get_attention_backend
+from omnistream.engine.model_executor.layers.grouped_gemm import triton_installed
 
 HEAD_DIM = 64
 FAST_BACKENDS = ["cpu"]
@@ -111,7 +112,8 @@ def test_what_a_backend_cannot_run_is_refused_by_name() -> None:
         get_attention_backend("cpu", cpu, torch.float16, 4, 2, HEAD_DIM)
     with pytest.raises(ValueError, match="runs on CPU tensors"):
         get_attention_backend("cpu", torch.device("cuda"), torch.float32, 4, 2, HEAD_DIM)
-    with pytest.raises(ValueError, match="one of auto, reference, cpu"):
+    with pytest.raises(ValueError, match="one of auto, reference, cpu, triton"):
         get_attention_backend("flash", cpu, torch.float32, 4, 2, HEAD_DIM)
     assert get_attention_backend("auto", cpu, torch.float16, 4, 2, HEAD_DIM).name == "reference"
-    assert get_attention_backend("auto", torch.device("cuda"), torch.float32, 4, 2, HEAD_DIM).name == "reference"
+    on_cuda = get_attention_backend("auto", torch.device("cuda"), torch.float32, 4, 2, HEAD_DIM).name
+    assert on_cuda == ("triton" if triton_installed() else "reference")

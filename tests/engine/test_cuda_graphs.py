@@ -18,7 +18,6 @@ import torch
 
 from omnistream import LLM
 from omnistream.engine.checkpoint.default_model import default_model_path
-from omnistream.engine.engine_config import ATTENTION_BACKENDS
 from omnistream.engine.entrypoints.args import engine_kwargs
 from omnistream.engine.entrypoints.cli import build_parser
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
@@ -205,7 +204,6 @@ def test_enforce_eager_reaches_the_runner_from_llm_and_the_cli(caplog) -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.skipif("triton" not in ATTENTION_BACKENDS, reason="graphs need the sync-free triton attention backend")
 def test_real_cuda_graphs_give_the_eager_tokens() -> None:
     model = load_model(default_model_path(), "float32", torch.device("cuda"), "triton")[0]
     eager, graphed = _runner(model, "cuda", enforce_eager=True), _runner(model, "cuda", enforce_eager=False)

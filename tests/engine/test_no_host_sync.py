@@ -18,7 +18,7 @@ from omnistream.engine.model_executor.loader import load_model
 from omnistream.engine.model_executor.models.qwen3_omni_thinker import Qwen3OmniThinkerForCausalLM
 
 BLOCK = 16
-BACKENDS = ["reference", "cpu"]
+BACKENDS = ["reference", "cpu", "triton"]
 # (context before the step, new tokens) per request
 MIXED = [(0, 21), (40, 9), (130, 1), (17, 1), (300, 1)]
 DECODE = [(5, 1), (64, 1), (199, 1)]
