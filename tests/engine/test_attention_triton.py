@@ -115,7 +115,8 @@ def backend_plan(case: dict) -> AttentionPlan:
     """The plan the backend makes for a case off the GPU (what the interpreter run used)."""
     metadata, heads, kv_heads = case["metadata"], case["query"].shape[1], case["cache"].shape[3]
     return plan_attention(num_reqs=metadata.num_reqs, num_kv_heads=kv_heads, group_size=heads // kv_heads,
-                          max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
+                          max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
+                          cache_element_size=case["cache"].element_size())
 
 
 def reference_step(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -197,6 +198,12 @@ def test_only_decode_steps_with_few_programs_split_the_keys() -> None:
     assert plan(256).num_splits == 1  # enough (request, KV head) programs already
     assert plan(1, max_query_len=2).num_splits == 1  # prefill tokens in the step
     assert plan(1, max_seq_len=100).num_splits == 1  # too few keys to share out
+
+
+def test_fp32_caches_take_smaller_key_tiles() -> None:
+    sizes = {size: plan_attention(num_reqs=2, num_kv_heads=4, group_size=8, max_query_len=9, max_seq_len=999,
+                                  cache_element_size=size).block_n for size in (2, 4)}
+    assert sizes[4] < sizes[2] and sizes[4] >= MIN_ROWS
 
 
 def test_selection_of_triton(monkeypatch) -> None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BLOCK_N = 64  # keys per inner-loop tile (any page size: each key looks its page up)
+BLOCK_N = 64  # keys per inner-loop tile (any page size: each key looks its page up); half that for fp32 caches,
+# whose key and value tiles (pipelined over a few stages in shared memory) are twice as large
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
 PREFILL_ROWS = 64  # rows (query tokens × grouped heads) of a tile when some request has several new tokens
-MIN_SPLIT_KEYS = 2 * BLOCK_N  # a split below this many keys costs more to merge than it saves
+MIN_SPLIT_KEYS = 128  # a split below this many keys costs more to merge than it saves
 MAX_SPLITS = 32
 DEFAULT_NUM_SMS = 132  # an H100/H200, for plans made off the GPU (meta runs, the interpreter)
 
@@ -38,17 +39,20 @@ def plan_attention(
     group_size: int,
     max_query_len: int,
     max_seq_len: int,
+    cache_element_size: int = 2,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> AttentionPlan:
-    """The plan of a step with these host-side sizes (group_size = query heads per KV head)."""
+    """The plan of a step with these host-side sizes (group_size = query heads per KV head; the cache's element
+    size in bytes)."""
     group = next_power_of_2(group_size)
     rows = MIN_ROWS if max_query_len <= 1 else PREFILL_ROWS
     block_q = max(1, rows // group)
+    block_n = BLOCK_N if cache_element_size <= 2 else BLOCK_N // 2
     if max_query_len > 1 or max_seq_len < 2 * MIN_SPLIT_KEYS:
-        return AttentionPlan(block_q, BLOCK_N, 1, 0)
+        return AttentionPlan(block_q, block_n, 1, 0)
     pairs = max(1, num_reqs * num_kv_heads)
     wanted = min(-(-2 * num_sms // pairs), max_seq_len // MIN_SPLIT_KEYS, MAX_SPLITS)
     if wanted < 2:
-        return AttentionPlan(block_q, BLOCK_N, 1, 0)
-    split_len = -(-max_seq_len // (wanted * BLOCK_N)) * BLOCK_N
-    return AttentionPlan(block_q, BLOCK_N, -(-max_seq_len // split_len), split_len)
+        return AttentionPlan(block_q, block_n, 1, 0)
+    split_len = -(-max_seq_len // (wanted * block_n)) * block_n
+    return AttentionPlan(block_q, block_n, -(-max_seq_len // split_len), split_len)
