@@ -11,6 +11,8 @@ fp32, bf16 and fp16, and a whole decode step of the model makes no host sync.
 
 from __future__ import annotations
 
+import json
+import os
 import random
 import subprocess
 import sys
@@ -34,7 +36,7 @@ from omnistream.engine.model_executor.attention.triton_plan import (
 )
 from omnistream.engine.model_executor.loader import load_model
 
-SCALE_DIM = 64
+H100_SHARED_BYTES = 227 * 1024  # shared memory one block may use on an H100/H200
 EDGE = [(2 * 16 - 1, 1), (3 * 16, 1), (2 * 16 - 3, 5)]  # contexts ending at and across 16-token page edges
 
 
@@ -244,6 +246,17 @@ def test_the_backend_imports_and_runs_on_meta_without_triton() -> None:
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_the_kernels_compile_for_an_sm90_gpu_within_its_shared_memory() -> None:
+    pytest.importorskip("triton")
+    worker = Path(__file__).with_name("compiled_attention.py")
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, str(worker), "90"], capture_output=True, text=True, timeout=300,
+                          check=False, env=env)
+    assert done.returncode == 0, done.stderr
+    shared = json.loads(done.stdout.splitlines()[-1])
+    assert len(shared) == 5 and max(shared.values()) <= H100_SHARED_BYTES
 
 
 def _on_cuda(case: dict, dtype: torch.dtype) -> dict:
