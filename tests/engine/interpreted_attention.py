@@ -4,9 +4,10 @@ Triton reads TRITON_INTERPRET whenever `@triton.jit` decorates a function, so th
 is first imported; a pytest process may already have imported it (torch._dynamo does). This script sets it first
 thing in a fresh process.
 Usage: python interpreted_attention.py CASES.pt OUTPUTS.pt. CASES.pt maps names to dicts with query, key, value,
-cache, metadata (an AttentionMetadata), scale and plan: None runs the whole backend as the engine selects it (custom
-ops, launch plan from the metadata), an AttentionPlan runs the two kernels with that plan. OUTPUTS.pt maps names to
-(attention output, cache after the step).
+cache, metadata (an AttentionMetadata), scale, plan and compiled: plan None runs the whole backend as the engine
+selects it (custom ops, launch plan from the metadata; through torch.compile(fullgraph=True, dynamic=True) when
+compiled is set), an AttentionPlan runs the two kernels with that plan. OUTPUTS.pt maps names to (attention output,
+cache after the step).
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ def run(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     if case["plan"] is None:
         backend = get_attention_backend("triton", torch.device("cpu"), cache.dtype, query.shape[1], cache.shape[3],
                                         query.shape[2])
-        return backend.forward(query, key, value, cache, metadata, case["scale"]), cache
+        forward = backend.forward
+        if case["compiled"]:
+            forward = torch.compile(forward, fullgraph=True, backend="eager", dynamic=True)
+        return forward(query, key, value, cache, metadata, case["scale"]), cache
     write_kv_triton(key, value, cache, metadata.slot_mapping)
     out = paged_attention(query, cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table,
                           case["scale"], case["plan"])

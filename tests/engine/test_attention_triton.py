@@ -3,8 +3,8 @@
 On CPU the kernels run under Triton's interpreter (in a fresh process: interpreted_attention.py) on tiny random
 steps: mixed batches (fresh prefills, chunks over cached prefixes, contexts ending on and across page edges,
 decodes, a padded row), GQA groups of 1, 2, 4 and 8, block sizes 16 and 32, a head_dim that is not a power of two,
-queries and keys read from a packed qkv tensor, query tiles smaller than a request, and decode-only steps through the
-split-KV kernels (several segments, empty ones, padded rows). fp32 within 1e-5, fp16 close (bf16 `tl.dot` is broken
+queries and keys read from a packed qkv tensor, query tiles smaller than a request, decode-only steps through the
+split-KV kernels (several segments, empty ones, padded rows), and the backend under torch.compile(fullgraph=True). fp32 within 1e-5, fp16 close (bf16 `tl.dot` is broken
 in the interpreter); every case also checks the KV write, slot for slot. On CUDA (skipped here) the same cases run in
 fp32, bf16 and fp16, and a whole decode step of the model makes no host sync.
 """
@@ -95,6 +95,7 @@ def interpreter_cases() -> dict[str, dict]:
         "mixed-mha-bs16-head48": (make_step(2, mixed, block_size=16, heads=2, kv_heads=2, head_dim=48),
                                   AttentionPlan(block_q=16, block_n=32, num_splits=1, split_len=0)),
         "mixed-gqa2-packed-qkv-backend": (make_step(3, mixed, block_size=16, heads=4, kv_heads=2, packed=True), None),
+        "mixed-gqa2-compiled-backend": (make_step(8, mixed, block_size=16, heads=4, kv_heads=2, padding=(1,)), None),
         "decode-gqa4-unified": (make_step(4, decodes(4, 6, 300), block_size=16, heads=8, kv_heads=2, padding=(1, 1)),
                                 AttentionPlan(block_q=4, block_n=32, num_splits=1, split_len=0)),
         "decode-gqa4-split": (make_step(4, decodes(4, 6, 300), block_size=16, heads=8, kv_heads=2, padding=(1, 1)),
@@ -107,7 +108,7 @@ def interpreter_cases() -> dict[str, dict]:
                                              dtype=torch.float16),
                                    AttentionPlan(block_q=4, block_n=32, num_splits=5, split_len=64)),
     }
-    return {name: {**step, "plan": plan} for name, (step, plan) in cases.items()}
+    return {name: {**step, "plan": plan, "compiled": "compiled" in name} for name, (step, plan) in cases.items()}
 
 
 CASES = interpreter_cases()

@@ -9,8 +9,6 @@ triton. On CPU tensors the kernels run only under Triton's interpreter (TRITON_I
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata
@@ -66,9 +64,9 @@ def _(query, kv_cache, query_start_loc, seq_lens, block_table, scale, block_q, b
     return torch.empty_like(query)
 
 
-@functools.cache
 def num_sms(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (a host-side property, no sync); a typical count elsewhere."""
+    """Streaming multiprocessors of a CUDA device (a host-side property torch caches, no sync); a typical count
+    elsewhere."""
     if device.type != "cuda":
         return DEFAULT_NUM_SMS
     return torch.cuda.get_device_properties(device).multi_processor_count
