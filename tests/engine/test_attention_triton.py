@@ -4,9 +4,11 @@ On CPU the kernels run under Triton's interpreter (in a fresh process: interpret
 steps: mixed batches (fresh prefills, chunks over cached prefixes, contexts ending on and across page edges,
 decodes, a padded row), GQA groups of 1, 2, 4 and 8, block sizes 16 and 32, a head_dim that is not a power of two,
 queries and keys read from a packed qkv tensor, query tiles smaller than a request, decode-only steps through the
-split-KV kernels (several segments, empty ones, padded rows), and the backend under torch.compile(fullgraph=True). fp32 within 1e-5, fp16 close (bf16 `tl.dot` is broken
-in the interpreter); every case also checks the KV write, slot for slot. On CUDA (skipped here) the same cases run in
-fp32, bf16 and fp16, and a whole decode step of the model makes no host sync.
+split-KV kernels (several segments, empty ones, padded rows), and the backend under torch.compile(fullgraph=True).
+fp32 within 1e-5, fp16 close (bf16 `tl.dot` is broken in the interpreter); every case also checks the KV write,
+slot for slot. The kernels are also compiled ahead of time for an SM90 GPU (compiled_attention.py: no GPU needed)
+and must fit its shared memory. On CUDA (skipped here) the same cases run in fp32, bf16 and fp16, and a whole
+decode step of the model makes no host sync.
 """
 
 from __future__ import annotations
