@@ -102,6 +102,9 @@ def interpreter_cases() -> dict[str, dict]:
                                 AttentionPlan(block_q=4, block_n=32, num_splits=1, split_len=0)),
         "decode-gqa4-split": (make_step(4, decodes(4, 6, 300), block_size=16, heads=8, kv_heads=2, padding=(1, 1)),
                               AttentionPlan(block_q=4, block_n=64, num_splits=3, split_len=128)),
+        "decode-gqa4-split-past-the-bound": (
+            make_step(4, decodes(4, 6, 300), block_size=16, heads=8, kv_heads=2, padding=(1, 1)),
+            AttentionPlan(block_q=4, block_n=32, num_splits=2, split_len=64)),  # keys 128.. go to the last segment
         "decode-gqa2-bs32-backend": (make_step(5, decodes(5, 3, 400), block_size=32, heads=4, kv_heads=2,
                                                padding=(1,)), None),
         "fp16-mixed-gqa2-backend": (make_step(6, mixed, block_size=16, heads=4, kv_heads=2, padding=(3,),

@@ -10,8 +10,9 @@ BLOCK_N, each key reading its page id from the block table, with an fp32 online 
 element (key position <= query position).
 
 Split-KV, for steps whose requests each add at most one token: grid (num_reqs, num_kv_heads, num_splits), each
-program attends one segment of split_len keys and writes its unnormalised output, running max and sum to fp32
-scratch; the merge kernel, grid (num_reqs, num_heads), rescales the segments to a common max and divides.
+program attends one segment of split_len keys (the last one: to the end of its context) and writes its unnormalised
+output, running max and sum to fp32 scratch; the merge kernel, grid (num_reqs, num_heads), rescales the segments to
+a common max and divides.
 
 Products accumulate in fp32; fp32 operands multiply in IEEE fp32 (Triton's default for fp32 `tl.dot` is TF32). The
 query is cast to the cache's dtype, the output is written in the query's dtype. A request with seq_len 0 (a padded
@@ -138,9 +139,11 @@ def _split_kernel(
     run_sum = tl.zeros([ROWS], dtype=tl.float32)
     acc = tl.zeros([ROWS, DIM_PAD], dtype=tl.float32)
     start = split * split_len
+    end = tl.minimum(start + split_len, seq_len)
+    end = tl.where(split == num_splits - 1, seq_len, end)  # the last segment takes any keys past the planned bound
     run_max, run_sum, acc = _attend_keys(
-        q.to(k_cache_ptr.dtype.element_ty), tl.zeros([ROWS], dtype=tl.int32) + seq_len - 1, start,
-        tl.minimum(start + split_len, seq_len), run_max, run_sum, acc,
+        q.to(k_cache_ptr.dtype.element_ty), tl.zeros([ROWS], dtype=tl.int32) + seq_len - 1, start, end,
+        run_max, run_sum, acc,
         block_table_ptr + req.to(tl.int64) * stride_table, k_cache_ptr, v_cache_ptr, kv_head,
         stride_page, stride_slot, stride_kvh, scale_log2, HEAD_DIM, DIM_PAD, PAGE_SIZE, BLOCK_N, DOT_PRECISION,
     )
