@@ -7,7 +7,7 @@ Usage: python interpreted_attention.py CASES.pt OUTPUTS.pt. CASES.pt maps names 
 cache, metadata (an AttentionMetadata), scale, plan and compiled: plan None runs the whole backend as the engine
 selects it (custom ops, launch plan from the metadata; through torch.compile(fullgraph=True, dynamic=True) when
 compiled is set), an AttentionPlan runs the two kernels with that plan. OUTPUTS.pt maps names to (attention output,
-cache after the step).
+cache after the step). A case whose plan is "kv-write" runs only the KV write (its output is empty).
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ from omnistream.engine.model_executor.attention.triton_kv_write import write_kv_
 
 def run(case: dict) -> tuple[torch.Tensor, torch.Tensor]:
     query, key, value, cache, metadata = (case[name] for name in ("query", "key", "value", "cache", "metadata"))
+    if case["plan"] == "kv-write":
+        write_kv_triton(key, value, cache, metadata.slot_mapping)
+        return torch.empty(0), cache
     if case["plan"] is None:
         backend = get_attention_backend("triton", torch.device("cpu"), cache.dtype, query.shape[1], cache.shape[3],
                                         query.shape[2])

@@ -6,7 +6,7 @@ decodes, a padded row), GQA groups of 1, 2, 4 and 8, block sizes 16 and 32, a he
 queries and keys read from a packed qkv tensor, query tiles smaller than a request, decode-only steps through the
 split-KV kernels (several segments, empty ones, padded rows), and the backend under torch.compile(fullgraph=True).
 fp32 within 1e-5, fp16 close (bf16 `tl.dot` is broken in the interpreter); every case also checks the KV write,
-slot for slot. The kernels are also compiled ahead of time for an SM90 GPU (compiled_attention.py: no GPU needed)
+slot for slot, and the KV write alone fills a bfloat16 cache. The kernels are also compiled ahead of time for an SM90 GPU (compiled_attention.py: no GPU needed)
 and must fit its shared memory. On CUDA (skipped here) the same cases run in fp32, bf16 and fp16, and a whole
 decode step of the model makes no host sync.
 """
@@ -27,7 +27,7 @@ import torch
 
 from omnistream.engine.checkpoint.default_model import default_model_path
 from omnistream.engine.model_executor.attention import selector
-from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata, write_kv_cache
 from omnistream.engine.model_executor.attention.reference import ReferenceBackend
 from omnistream.engine.model_executor.attention.selector import get_attention_backend
 from omnistream.engine.model_executor.attention.triton_plan import (
@@ -113,7 +113,11 @@ def interpreter_cases() -> dict[str, dict]:
                                              dtype=torch.float16),
                                    AttentionPlan(block_q=4, block_n=32, num_splits=5, split_len=64)),
     }
-    return {name: {**step, "plan": plan, "compiled": "compiled" in name} for name, (step, plan) in cases.items()}
+    cases = {name: {**step, "plan": plan, "compiled": "compiled" in name} for name, (step, plan) in cases.items()}
+    # bfloat16 moves through loads and stores (the interpreter's fp32 -> bf16 cast truncates: no casts here)
+    bf16_write = make_step(9, mixed, block_size=16, heads=4, kv_heads=2, padding=(2,), dtype=torch.bfloat16,
+                           packed=True)
+    return {**cases, "kv-write-bf16": {**bf16_write, "plan": "kv-write", "compiled": False}}
 
 
 CASES = interpreter_cases()
@@ -168,9 +172,21 @@ def interpreted(tmp_path_factory) -> dict[str, tuple[torch.Tensor, torch.Tensor]
     return torch.load(folder / "out.pt")
 
 
-@pytest.mark.parametrize("name", list(CASES))
+ATTENTION_CASES = [name for name, case in CASES.items() if case["plan"] != "kv-write"]
+
+
+@pytest.mark.parametrize("name", ATTENTION_CASES)
 def test_interpreted_kernels_equal_reference(interpreted, name) -> None:
     assert_matches_reference(CASES[name], *interpreted[name])
+
+
+def test_interpreted_kv_write_fills_a_bfloat16_cache_like_its_twin(interpreted) -> None:
+    case = CASES["kv-write-bf16"]
+    want = case["cache"].clone()
+    write_kv_cache(case["key"], case["value"], want, case["metadata"].slot_mapping)
+    got = interpreted["kv-write-bf16"][1]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+    assert not torch.equal(got, case["cache"])  # it wrote something
 
 
 def test_the_cases_reach_the_paths_they_are_named_for() -> None:
@@ -242,7 +258,7 @@ def test_the_backend_imports_and_runs_on_meta_without_triton() -> None:
         import sys
         sys.modules["triton"] = None  # any `import triton` now fails
         import torch
-        from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+        from omnistream.engine.model_executor.attention.backend import AttentionMetadata, write_kv_cache
         from omnistream.engine.model_executor.attention.selector import get_attention_backend
         backend = get_attention_backend("triton", torch.device("meta"), torch.bfloat16, 8, 2, 64)
         metadata = AttentionMetadata.build([3, 1], [3, 20], [[0, 1], [2, 3]], 16, "meta")
@@ -279,7 +295,7 @@ def _on_cuda(case: dict, dtype: torch.dtype) -> dict:
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-@pytest.mark.parametrize("name", [name for name in CASES if not name.startswith("fp16")])
+@pytest.mark.parametrize("name", [name for name in ATTENTION_CASES if not name.startswith("fp16")])
 def test_on_cuda_kernels_equal_reference_without_a_host_sync(name, dtype) -> None:
     from omnistream.engine.model_executor.attention.triton_attention import paged_attention
     from omnistream.engine.model_executor.attention.triton_kv_write import write_kv_triton
