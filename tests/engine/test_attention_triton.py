@@ -6,9 +6,9 @@ decodes, a padded row), GQA groups of 1, 2, 4 and 8, block sizes 16 and 32, a he
 queries and keys read from a packed qkv tensor, query tiles smaller than a request, decode-only steps through the
 split-KV kernels (several segments, empty ones, padded rows), and the backend under torch.compile(fullgraph=True).
 fp32 within 1e-5, fp16 close (bf16 `tl.dot` is broken in the interpreter); every case also checks the KV write,
-slot for slot, and the KV write alone fills a bfloat16 cache. The kernels are also compiled ahead of time for an SM90 GPU (compiled_attention.py: no GPU needed)
-and must fit its shared memory. On CUDA (skipped here) the same cases run in fp32, bf16 and fp16, and a whole
-decode step of the model makes no host sync.
+slot for slot, and the KV write alone fills a bfloat16 cache. The kernels are also compiled ahead of time for an
+SM90 GPU (compiled_attention.py: no GPU needed) and must fit its shared memory. On CUDA (skipped here) the same
+cases run in fp32, bf16 and fp16, and a whole decode step of the model makes no host sync.
 """
 
 from __future__ import annotations
@@ -270,10 +270,11 @@ def test_the_backend_imports_and_runs_on_meta_without_triton() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_the_kernels_compile_for_an_sm90_gpu_within_its_shared_memory() -> None:
+def test_the_kernels_compile_for_an_sm90_gpu_within_its_shared_memory(tmp_path) -> None:
     pytest.importorskip("triton")
     worker = Path(__file__).with_name("compiled_attention.py")
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # compiled here and now, not found in a cache
     done = subprocess.run([sys.executable, str(worker), "90"], capture_output=True, text=True, timeout=300,
                           check=False, env=env)
     assert done.returncode == 0, done.stderr
