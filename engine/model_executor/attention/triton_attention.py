@@ -28,6 +28,8 @@ import triton.language as tl
 from omnistream.engine.model_executor.attention.triton_plan import MIN_ROWS, AttentionPlan
 
 LOG2_E = 1.4426950408889634  # softmax in base 2: exp(x) = exp2(x * log2(e))
+# warps of an attention program: with 4, the planned tiles compiled for SM90 spill registers to local memory
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -202,6 +204,7 @@ def paged_attention(
     common = {
         "HEAD_DIM": head_dim, "DIM_PAD": max(16, triton.next_power_of_2(head_dim)), "PAGE_SIZE": kv_cache.shape[2],
         "BLOCK_N": plan.block_n, "DOT_PRECISION": "ieee" if kv_cache.dtype == torch.float32 else None,
+        "num_warps": NUM_WARPS,
     }
     cache_strides = (k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), block_table.stride(0))
     scale_log2 = scale * LOG2_E

@@ -94,7 +94,7 @@ class TritonBackend(AttentionBackend):
         plan = plan_attention(
             num_reqs=metadata.num_reqs, num_kv_heads=num_kv_heads, group_size=query.shape[1] // num_kv_heads,
             max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
-            cache_element_size=kv_cache.element_size(), num_sms=num_sms(query.device),
+            num_sms=num_sms(query.device),
         )
         return attention_triton(
             query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale,

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BLOCK_N = 64  # keys per inner-loop tile (any page size: each key looks its page up); half that for fp32 caches,
-# whose key and value tiles (pipelined over a few stages in shared memory) are twice as large
+# keys per inner-loop tile (any page size: each key looks its page up); with 64, the kernels compiled for SM90 use
+# 240+ registers a thread and spill in fp32 (tests/engine/compiled_attention.py reports it)
+BLOCK_N = 32
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
 PREFILL_ROWS = 64  # rows (query tokens × grouped heads) of a tile when some request has several new tokens
 MIN_SPLIT_KEYS = 128  # a split below this many keys costs more to merge than it saves
@@ -39,15 +40,13 @@ def plan_attention(
     group_size: int,
     max_query_len: int,
     max_seq_len: int,
-    cache_element_size: int = 2,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> AttentionPlan:
-    """The plan of a step with these host-side sizes (group_size = query heads per KV head; the cache's element
-    size in bytes)."""
+    """The plan of a step with these host-side sizes (group_size = query heads per KV head)."""
     group = next_power_of_2(group_size)
     rows = MIN_ROWS if max_query_len <= 1 else PREFILL_ROWS
     block_q = max(1, rows // group)
-    block_n = BLOCK_N if cache_element_size <= 2 else BLOCK_N // 2
+    block_n = BLOCK_N
     if max_query_len > 1 or max_seq_len < 2 * MIN_SPLIT_KEYS:
         return AttentionPlan(block_q, block_n, 1, 0)
     pairs = max(1, num_reqs * num_kv_heads)
