@@ -58,8 +58,8 @@ def compile_kernel(kernel, dtype: str, constants: dict, capability: int, num_war
 
 def tiles(max_query_len: int) -> tuple[int, dict]:
     """BLOCK_Q and the constexprs the backend plans for a step whose longest request adds max_query_len tokens."""
-    plan = plan_attention(num_reqs=4, num_kv_heads=4, group_size=GROUP, max_query_len=max_query_len,
-                          max_seq_len=4096)
+    plan = plan_attention(num_reqs=4, num_kv_heads=4, group_size=GROUP, head_dim=HEAD_DIM,
+                          max_query_len=max_query_len, max_seq_len=4096)
     return plan.block_q, {"HEAD_DIM": HEAD_DIM, "DIM_PAD": HEAD_DIM, "PAGE_SIZE": PAGE_SIZE, "BLOCK_N": plan.block_n}
 
 

@@ -127,6 +127,7 @@ def backend_plan(case: dict) -> AttentionPlan:
     """The plan the backend makes for a case off the GPU (what the interpreter run used)."""
     metadata, heads, kv_heads = case["metadata"], case["query"].shape[1], case["cache"].shape[3]
     return plan_attention(num_reqs=metadata.num_reqs, num_kv_heads=kv_heads, group_size=heads // kv_heads,
+                          head_dim=case["query"].shape[2],
                           max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len)
 
 
@@ -202,16 +203,17 @@ def test_the_cases_reach_the_paths_they_are_named_for() -> None:
 
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16, 32])
 @pytest.mark.parametrize("max_query_len", [1, 2, 40])
-def test_query_tiles_hold_enough_rows_for_tl_dot(group, max_query_len) -> None:
-    plan = plan_attention(num_reqs=4, num_kv_heads=2, group_size=group, max_query_len=max_query_len,
-                          max_seq_len=1000)
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_query_tiles_hold_enough_rows_for_tl_dot(group, max_query_len, head_dim) -> None:
+    plan = plan_attention(num_reqs=4, num_kv_heads=2, group_size=group, head_dim=head_dim,
+                          max_query_len=max_query_len, max_seq_len=1000)
     assert plan.block_q >= 1 and plan.block_q * next_power_of_2(group) >= MIN_ROWS
 
 
 def test_only_decode_steps_with_few_programs_split_the_keys() -> None:
     def plan(num_reqs: int, max_query_len: int = 1, max_seq_len: int = 4096):
-        return plan_attention(num_reqs=num_reqs, num_kv_heads=4, group_size=8, max_query_len=max_query_len,
-                              max_seq_len=max_seq_len, num_sms=132)
+        return plan_attention(num_reqs=num_reqs, num_kv_heads=4, group_size=8, head_dim=128,
+                              max_query_len=max_query_len, max_seq_len=max_seq_len, num_sms=132)
 
     for small in (plan(1), plan(8), plan(1, max_seq_len=300)):
         assert small.num_splits > 1 and small.split_len % small.block_n == 0

@@ -93,6 +93,7 @@ class TritonBackend(AttentionBackend):
         num_kv_heads = kv_cache.shape[3]
         plan = plan_attention(
             num_reqs=metadata.num_reqs, num_kv_heads=num_kv_heads, group_size=query.shape[1] // num_kv_heads,
+            head_dim=query.shape[2],
             max_query_len=metadata.max_query_len, max_seq_len=metadata.max_seq_len,
             num_sms=num_sms(query.device),
         )

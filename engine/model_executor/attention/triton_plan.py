@@ -15,7 +15,8 @@ from dataclasses import dataclass
 # 240+ registers a thread and spill in fp32 (tests/engine/compiled_attention.py reports it)
 BLOCK_N = 32
 MIN_ROWS = 16  # tl.dot needs at least 16 rows
-PREFILL_ROWS = 64  # rows (query tokens × grouped heads) of a tile when some request has several new tokens
+PREFILL_ROWS = 64  # rows (query tokens × grouped heads) of a tile when some request has several new tokens; half
+# that for heads over 128 wide, whose tiles would spill registers
 MIN_SPLIT_KEYS = 128  # a split below this many keys costs more to merge than it saves
 MAX_SPLITS = 32
 DEFAULT_NUM_SMS = 132  # an H100/H200, for plans made off the GPU (meta runs, the interpreter)
@@ -38,13 +39,14 @@ def plan_attention(
     num_reqs: int,
     num_kv_heads: int,
     group_size: int,
+    head_dim: int,
     max_query_len: int,
     max_seq_len: int,
     num_sms: int = DEFAULT_NUM_SMS,
 ) -> AttentionPlan:
     """The plan of a step with these host-side sizes (group_size = query heads per KV head)."""
     group = next_power_of_2(group_size)
-    rows = MIN_ROWS if max_query_len <= 1 else PREFILL_ROWS
+    rows = MIN_ROWS if max_query_len <= 1 else PREFILL_ROWS if head_dim <= 128 else PREFILL_ROWS // 2
     block_q = max(1, rows // group)
     block_n = BLOCK_N
     if max_query_len > 1 or max_seq_len < 2 * MIN_SPLIT_KEYS:
