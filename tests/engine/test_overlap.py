@@ -1,0 +1,267 @@
+"""Overlapped scheduling (engine/core/steps.py): step N+1 is scheduled and launched before step N is settled.
+
+The scheduler tests' fake runner (it checks the KV of every position it reads) sits behind a launch/result interface
+that answers one step late: a token it sampled is known to it (its last_sampled) before the scheduler hears of it,
+and a row the scheduler plans with a placeholder reads it from there. Driven by the same event-triggered script,
+the synchronous and the overlapped loops must report the same tokens and finish reasons per request, through late
+stops, an abort and a preemption of requests with a step in flight, and a session whose turn ends late, is
+cancelled and has its input rolled back. Then the real tiny model on CPU with async_scheduling forced on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+import pytest
+
+from omnistream import LLM, SamplingParams
+from omnistream.engine.core.steps import OverlappedSteps, Steps, SyncSteps, make_steps
+from omnistream.engine.engine_config import EngineConfig
+from omnistream.engine.entrypoints.args import engine_kwargs
+from omnistream.engine.entrypoints.cli import build_parser
+from omnistream.engine.worker.step_future import StepFuture
+from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from omnistream.scheduler.request import Request, RequestStatus
+from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
+from tests.scheduler.conftest import FakeRunner, check_invariants
+
+BLOCK = 4
+STOPS = list(range(100, 150))  # about one fake token in eighteen ends its request: stops come at varied lengths
+
+
+class LateRunner:
+    """FakeRunner with launch(): outputs are read only through the future, and a row whose last token the
+    scheduler has not been told (a placeholder) gets this runner's own last sampled token."""
+
+    def __init__(self) -> None:
+        self.runner = FakeRunner(BLOCK)
+        self.last_sampled: dict[str, int] = {}
+        self.unconfirmed: dict[str, list[int]] = {}  # tokens it appended itself that the scheduler has not sent yet
+        self.events: list[tuple[str, int]] = []  # ("launch" | "result", step number)
+        self.num_sampled = 0
+
+    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        step = sum(1 for kind, _ in self.events if kind == "launch")
+        self.events.append(("launch", step))
+        output = self.runner.execute(self._with_placeholders(scheduler_output))
+        self.last_sampled.update(zip(output.sampled_req_ids, output.sampled_token_ids))
+        self.num_sampled += len(output.sampled_req_ids)
+        return StepFuture(lambda: self._answer(step, output))
+
+    def _answer(self, step: int, output: ModelRunnerOutput) -> ModelRunnerOutput:
+        self.events.append(("result", step))
+        return output
+
+    def _with_placeholders(self, scheduler_output: SchedulerOutput) -> SchedulerOutput:
+        for req_id in scheduler_output.finished_req_ids + scheduler_output.preempted_req_ids:
+            self.unconfirmed.pop(req_id, None)
+        for new in scheduler_output.scheduled_new_reqs:
+            self.unconfirmed[new.req_id] = []
+        cached = []
+        for data in scheduler_output.scheduled_cached_reqs:
+            mine, tokens = self.unconfirmed[data.req_id], list(data.new_token_ids)
+            confirmed = min(len(mine), len(tokens))
+            assert tokens[:confirmed] == mine[:confirmed], "the scheduler settled another token than was sampled"
+            del mine[:confirmed], tokens[:confirmed]
+            known = len(self.runner.reqs[data.req_id].token_ids) + len(tokens)
+            end = data.num_computed_tokens + scheduler_output.num_scheduled_tokens[data.req_id]
+            if end > known:
+                assert end == known + 1, "more than one token in flight"
+                tokens.append(self.last_sampled[data.req_id])
+                mine.append(tokens[-1])
+            cached.append(msgspec.structs.replace(data, new_token_ids=tokens))
+        return msgspec.structs.replace(scheduler_output, scheduled_cached_reqs=cached)
+
+
+class NoGrammars:
+    """The structured-output manager's interface with no grammar attached."""
+
+    compiling = False
+
+    def release_compiled(self, requests: dict[str, Request], wait_s: float = 0.0) -> list[EngineCoreOutput]:
+        return []
+
+    def fill_bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> None:
+        pass
+
+    def advance(self, model_output: ModelRunnerOutput) -> set[str]:
+        return set()
+
+    def forget_finished(self, requests: dict[str, Request]) -> None:
+        pass
+
+    def forget(self, req_id: str) -> None:
+        pass
+
+
+class Run:
+    """One loop over a scheduler and a LateRunner; collects each request's tokens and finish reasons."""
+
+    def __init__(self, overlap: bool, num_kv_blocks: int = 64, max_num_batched_tokens: int = 64) -> None:
+        self.scheduler = Scheduler(SchedulerConfig(max_model_len=256, num_kv_blocks=num_kv_blocks, block_size=BLOCK,
+                                                   max_num_batched_tokens=max_num_batched_tokens))
+        self.runner = LateRunner()
+        self.steps: Steps = make_steps(overlap, self.scheduler, self.runner, NoGrammars())
+        self.tokens: dict[str, list[int]] = {}
+        self.finishes: dict[str, list[str]] = {}
+        self.notes: dict[str, object] = {}  # what a script saw on the way
+
+    def add(self, req_id: str, prompt_len: int, max_tokens: int, open_input: bool = False, **params) -> None:
+        prompt = [10 + (7 * len(self.scheduler.requests) + 3 * i) % 50 for i in range(prompt_len)]
+        params = SamplingParams(max_tokens=1 if open_input else max_tokens, **params)
+        self.scheduler.add_request(Request(req_id, prompt, params, STOPS, arrival_time=0.0, open_input=open_input))
+
+    def step(self) -> None:
+        for output in self.steps.step():
+            self.tokens.setdefault(output.req_id, []).extend(output.new_token_ids)
+            if output.finish_reason is not None:
+                self.finishes.setdefault(output.req_id, []).append(output.finish_reason)
+        check_invariants(self.scheduler)
+
+    def run(self, until: Callable[[], bool] | None = None, max_steps: int = 500) -> None:
+        """Step until `until()` holds (by default: until nothing is left to compute or settle)."""
+        for _ in range(max_steps):
+            if until() if until is not None else not (self.has_work() or self.steps.in_flight):
+                return
+            self.step()
+        raise AssertionError("the loop did not get there")
+
+    def has_work(self) -> bool:
+        return any(r.has_work for r in self.scheduler.requests.values()) or bool(self.scheduler.finished_req_ids)
+
+    def count(self, req_id: str) -> int:
+        return len(self.tokens.get(req_id, []))
+
+
+def _both(script: Callable[[Run], None], **config) -> tuple[Run, Run]:
+    """The script run by the synchronous and by the overlapped loop: the same tokens and finishes, all blocks freed."""
+    runs = []
+    for overlap in (False, True):
+        run = Run(overlap, **config)
+        script(run)
+        run.run()
+        assert run.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == run.scheduler.config.num_kv_blocks
+        runs.append(run)
+    sync, overlapped = runs
+    assert overlapped.tokens == sync.tokens
+    assert overlapped.finishes == sync.finishes
+    return sync, overlapped
+
+
+def test_overlapped_loop_launches_ahead_and_reports_what_the_sync_loop_reports() -> None:
+    def script(run: Run) -> None:
+        for i in range(6):
+            run.add(f"r{i}", 3 + 5 * i, max_tokens=4 + 7 * i)
+        run.run(lambda: run.count("r0") >= 1)
+        run.add("late", 9, max_tokens=12)
+
+    sync, overlapped = _both(script)
+    assert "stop" in sum(sync.finishes.values(), [])  # eos seen, one step late when overlapped
+    assert "length" in sum(sync.finishes.values(), [])
+    # the overlapped loop computed a token past each eos, which it dropped
+    assert overlapped.runner.num_sampled > sync.runner.num_sampled == sum(map(len, sync.tokens.values()))
+    events = overlapped.runner.events
+    assert events.index(("launch", 3)) < events.index(("result", 2))  # step 3 was launched before step 2 was read
+    assert all(kind == "result" or step < 2 or ("result", step - 2) in events[:i]
+               for i, (kind, step) in enumerate(events))  # never more than two steps in flight
+    sync_events = sync.runner.events
+    assert sync_events == [(kind, step) for step in range(len(sync_events) // 2) for kind in ("launch", "result")]
+
+
+def test_an_abort_and_a_preemption_make_in_flight_results_stale() -> None:
+    def script(run: Run) -> None:
+        for i in range(5):
+            run.add(f"r{i}", 6 + 3 * i, max_tokens=40, ignore_eos=i != 1)
+        run.run(lambda: run.count("r1") >= 2)
+        run.scheduler.finish_requests("r1", RequestStatus.FINISHED_ABORTED)  # its next token is in flight
+
+    sync, overlapped = _both(script, num_kv_blocks=20)  # too few blocks for all: the newest are preempted
+    assert len(sync.tokens["r1"]) == 2 and "r1" not in sync.finishes
+    assert overlapped.scheduler.num_preemptions > 0 and sync.scheduler.num_preemptions > 0
+
+
+def test_a_session_turn_that_stops_late_is_cancelled_and_rolled_back() -> None:
+    def script(run: Run) -> None:
+        scheduler = run.scheduler
+        run.add("s", 7, max_tokens=1, open_input=True)
+        scheduler.append_input("s", [60, 61, 62, 63, 64])
+        run.run()
+        scheduler.commit_turn("s", [70, 71], SamplingParams(max_tokens=30))
+        run.run(lambda: "s" in run.finishes)  # the turn ends (eos or max_tokens): one step late when overlapped
+        first_turn = run.count("s")
+        scheduler.append_input("s", [80, 81, 82, 83, 84, 85])
+        run.step()
+        scheduler.rollback_input("s", scheduler.requests["s"].num_tokens - 4)
+        scheduler.commit_turn("s", [90], SamplingParams(max_tokens=30, ignore_eos=True))
+        run.run(lambda: run.count("s") == first_turn + 3)
+        assert scheduler.cancel_turn("s")  # overlapped, the next token is in flight: it is dropped
+        scheduler.append_input("s", [95, 96])
+        run.run()
+        session = scheduler.requests["s"]
+        run.notes.update(tokens=list(session.all_token_ids), accepting=session.accepting_input,
+                         placeholders=session.num_placeholders, in_flight=run.steps.in_flight)
+        scheduler.finish_requests("s", RequestStatus.FINISHED_ABORTED)  # close it: its blocks are freed
+
+    sync, overlapped = _both(script)
+    assert overlapped.notes == sync.notes
+    assert overlapped.notes["accepting"] and overlapped.notes["placeholders"] == 0 and not overlapped.notes["in_flight"]
+    assert overlapped.runner.num_sampled == sync.runner.num_sampled + 2  # the late stop's token and the cancelled one
+
+
+def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again() -> None:
+    run = Run(overlap=True)
+    run.scheduler.add_request(Request("a", [11, 12, 13, 14, 15], SamplingParams(max_tokens=3), [], arrival_time=0.0))
+    run.run()
+    assert len(run.tokens["a"]) == 3 and run.finishes["a"] == ["length"]
+    assert run.runner.num_sampled == 3  # nothing was computed past max_tokens
+
+
+# ---- the real tiny model on CPU --------------------------------------------------------------------------------
+
+PROMPTS = ["The capital of France is", "Once upon a time", "Hi", "1 2 3 4 5"]
+
+
+def _outputs(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
+    outs = llm.generate(PROMPTS, params, use_tqdm=False)
+    return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason,
+             [sorted(entry.items()) for entry in o.outputs[0].logprobs or []]) for o in outs]
+
+
+@pytest.fixture(scope="module")
+def llms():
+    sync = LLM(dtype="float32", num_kv_blocks=64, async_scheduling=False)
+    overlapped = LLM(dtype="float32", num_kv_blocks=64, async_scheduling=True)
+    yield sync, overlapped
+    sync.shutdown()
+    overlapped.shutdown()
+
+
+def test_async_scheduling_is_off_on_cpu_by_default_and_reaches_the_engine(llms) -> None:
+    sync, overlapped = llms
+    assert isinstance(sync.engine.steps, SyncSteps) and isinstance(overlapped.engine.steps, OverlappedSteps)
+    assert EngineConfig(device="cpu").overlaps_steps() is False
+    assert EngineConfig(device="cuda").overlaps_steps() is True
+    assert EngineConfig(device="cuda", async_scheduling=False).overlaps_steps() is False
+    parser = build_parser()
+    assert engine_kwargs(parser.parse_args(["generate", "--prompt", "x"]))["async_scheduling"] is None
+    assert engine_kwargs(parser.parse_args(["generate", "--prompt", "x", "--async-scheduling"]))["async_scheduling"]
+    no = parser.parse_args(["generate", "--prompt", "x", "--no-async-scheduling"])
+    assert engine_kwargs(no)["async_scheduling"] is False
+
+
+def test_greedy_and_seeded_outputs_equal_the_sync_loop(llms) -> None:
+    sync, overlapped = llms
+    greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
+    base = _outputs(sync, [greedy] * len(PROMPTS))
+    stop_at = base[1][0][4]  # a token the second prompt samples: that request stops late when overlapped
+    params = [
+        greedy,
+        SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop_at]),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True, logprobs=2),
+        SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=3, max_tokens=8, presence_penalty=0.5),
+    ]
+    expected = _outputs(sync, params)
+    assert expected[1][1] == "stop" and expected[1][0][-1] == stop_at
+    assert _outputs(overlapped, params) == expected
+    assert not overlapped.engine.steps.in_flight and not overlapped.engine.has_unfinished_requests()
