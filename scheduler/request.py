@@ -114,11 +114,10 @@ class Request:
 
     def invalidate_in_flight(self) -> None:
         """Results still in flight for this request no longer apply (abort, preemption, a turn that ended or was
-        cancelled, rolled-back input): they are discarded on arrival, and no position counts as computed past the
-        known tokens."""
+        cancelled, rolled-back input): they are discarded on arrival. Between steps at most one placeholder is
+        left, not yet scheduled, so no computed position goes past the known tokens."""
         self.generation += 1
         self.num_placeholders = 0
-        self.num_computed_tokens = min(self.num_computed_tokens, self.num_tokens)
 
     @property
     def num_tokens(self) -> int:

@@ -253,8 +253,8 @@ def test_async_scheduling_is_off_on_cpu_by_default_and_reaches_the_engine(llms) 
 def test_greedy_and_seeded_outputs_equal_the_sync_loop(llms) -> None:
     sync, overlapped = llms
     greedy = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)
-    base = _outputs(sync, [greedy] * len(PROMPTS))
-    stop_at = base[1][0][4]  # a token the second prompt samples: that request stops late when overlapped
+    base = sync.generate(PROMPTS[1], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    stop_at = base[4]  # a token the second prompt samples: that request stops late when overlapped
     params = [
         greedy,
         SamplingParams(temperature=0.0, max_tokens=10, stop_token_ids=[stop_at]),
@@ -265,3 +265,13 @@ def test_greedy_and_seeded_outputs_equal_the_sync_loop(llms) -> None:
     assert expected[1][1] == "stop" and expected[1][0][-1] == stop_at
     assert _outputs(overlapped, params) == expected
     assert not overlapped.engine.steps.in_flight and not overlapped.engine.has_unfinished_requests()
+
+
+def test_tensor_parallel_ranks_follow_the_overlapped_launches(llms) -> None:
+    sync, _ = llms
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    expected = [tokens for tokens, *_ in _outputs(sync, [params] * len(PROMPTS))]
+    with LLM(dtype="float32", num_kv_blocks=64, tensor_parallel_size=2, distributed_timeout_s=20,
+             async_scheduling=True) as tp2:
+        assert isinstance(tp2.engine.steps, OverlappedSteps)
+        assert [tokens for tokens, *_ in _outputs(tp2, [params] * len(PROMPTS))] == expected
