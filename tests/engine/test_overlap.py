@@ -14,6 +14,7 @@ from collections.abc import Callable
 
 import msgspec
 import pytest
+import torch
 
 from omnistream import LLM, SamplingParams
 from omnistream.engine.core.steps import OverlappedSteps, Steps, SyncSteps, make_steps
@@ -226,7 +227,8 @@ def _outputs(llm: LLM, params: list[SamplingParams]) -> list[tuple]:
     """Per prompt: tokens, finish reason, stop reason, and per position the (token, rank, logprob) alternatives."""
     outs = llm.generate(PROMPTS, params, use_tqdm=False)
     return [(o.outputs[0].token_ids, o.outputs[0].finish_reason, o.outputs[0].stop_reason,
-             [sorted((token, lp.rank, lp.logprob) for token, lp in entry.items()) for entry in o.outputs[0].logprobs or []])
+             [sorted((token, lp.rank, lp.logprob) for token, lp in entry.items())
+              for entry in o.outputs[0].logprobs or []])
             for o in outs]
 
 
@@ -287,3 +289,16 @@ def test_tensor_parallel_ranks_follow_the_overlapped_launches(llms) -> None:
              async_scheduling=True) as tp2:
         assert isinstance(tp2.engine.steps, OverlappedSteps)
         assert [tokens for tokens, *_ in _outputs(tp2, [params] * len(PROMPTS))] == expected
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_overlapped_steps_on_cuda_give_the_sync_tokens() -> None:
+    greedy = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, seed=11, max_tokens=16, ignore_eos=True, logprobs=2)
+    params = [greedy, seeded, greedy, seeded]
+    with LLM(dtype="float32", num_kv_blocks=64, device="cuda", async_scheduling=False) as sync:
+        expected = _outputs(sync, params)
+    with LLM(dtype="float32", num_kv_blocks=64, device="cuda") as overlapped:  # the default on CUDA
+        assert isinstance(overlapped.engine.steps, OverlappedSteps)
+        _assert_same(_outputs(overlapped, params), expected)
