@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 
 from omnistream.scheduler.block_hash import BlockHash, ExtraKeys, hash_block_tokens
 from omnistream.scheduler.mm_feature import MultiModalFeature
@@ -37,6 +38,9 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+
+
+_generations = itertools.count()  # unique over every request, so a result never passes for another request's
 
 
 class Request:
@@ -92,7 +96,7 @@ class Request:
         # Overlapped steps: tokens the runner samples in steps not settled yet (placeholders, counted as tokens to
         # compute), and the generation that in-flight results must carry to count (see invalidate_in_flight).
         self.num_placeholders = 0
-        self.generation = 0
+        self.generation = next(_generations)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -116,7 +120,7 @@ class Request:
         """Results still in flight for this request no longer apply (abort, preemption, a turn that ended or was
         cancelled, rolled-back input): they are discarded on arrival. Between steps at most one placeholder is
         left, not yet scheduled, so no computed position goes past the known tokens."""
-        self.generation += 1
+        self.generation = next(_generations)
         self.num_placeholders = 0
 
     @property

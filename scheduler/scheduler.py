@@ -72,7 +72,7 @@ class Scheduler:
         self.policy = make_policy(config.policy)
         self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
         # each SchedulerOutput not settled yet (by id) -> the generation of each request sampling in it
-        self._sampling_generations: dict[int, dict[str, tuple[Request, int]]] = {}
+        self._sampling_generations: dict[int, dict[str, int]] = {}
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -293,7 +293,7 @@ class Scheduler:
             encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
         output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted, encoder_inputs)
-        sampling: dict[str, tuple[Request, int]] = {}
+        sampling: dict[str, int] = {}
         now = time.monotonic()
         for req_id, num_tokens in num_scheduled.items():
             request = self.requests[req_id]
@@ -311,7 +311,7 @@ class Scheduler:
             self._release_encoder_outputs(request, request.num_computed_tokens, request.num_computed_tokens - num_tokens)
             if request.num_computed_tokens == request.num_tokens + request.num_placeholders and not request.accepting_input:
                 request.num_placeholders += 1  # the token this step samples, unknown until the step is settled
-                sampling[req_id] = (request, request.generation)
+                sampling[req_id] = request.generation
         self._sampling_generations[id(output)] = sampling
         self.finished_req_ids = set()
         return output
@@ -332,8 +332,9 @@ class Scheduler:
             request = self.requests.get(req_id)
             if request is None:
                 continue  # finished meanwhile (aborted)
-            if req_id in generations:
-                if generations[req_id] != (request, request.generation):
+            generation = generations.get(req_id)
+            if generation is not None:
+                if generation != request.generation:
                     continue  # stale: in flight when the request was aborted, preempted or its turn ended
                 request.num_placeholders -= 1
             prompt_logprobs = self._new_prompt_logprobs(request, scheduler_output, out)
