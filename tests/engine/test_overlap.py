@@ -176,9 +176,10 @@ def test_an_abort_and_a_preemption_make_in_flight_results_stale() -> None:
             run.add(f"r{i}", 6 + 3 * i, max_tokens=40, ignore_eos=i != 1)
         run.run(lambda: run.count("r1") >= 2)
         run.scheduler.finish_requests("r1", RequestStatus.FINISHED_ABORTED)  # its next token is in flight
+        run.add("r1", 5, max_tokens=3, ignore_eos=True)  # the same id again: the old result must not pass for it
 
     sync, overlapped = _both(script, num_kv_blocks=20)  # too few blocks for all: the newest are preempted
-    assert len(sync.tokens["r1"]) == 2 and "r1" not in sync.finishes
+    assert len(sync.tokens["r1"]) == 2 + 3 and sync.finishes["r1"] == ["length"]
     assert overlapped.scheduler.num_preemptions > 0 and sync.scheduler.num_preemptions > 0
 
 
