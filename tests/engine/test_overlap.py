@@ -10,6 +10,7 @@ cancelled and has its input rolled back. Then the real tiny model on CPU with as
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import msgspec
@@ -25,6 +26,7 @@ from omnistream.engine.worker.step_future import StepFuture
 from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
+from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
 from tests.scheduler.conftest import FakeRunner, check_invariants
 
 BLOCK = 4
@@ -280,6 +282,28 @@ def test_greedy_and_seeded_outputs_equal_the_sync_loop(llms) -> None:
     assert expected[1][1] == "stop" and expected[1][0][-1] == stop_at
     _assert_same(_outputs(overlapped, params), expected)
     assert not overlapped.engine.steps.in_flight and not overlapped.engine.has_unfinished_requests()
+
+
+def test_grammar_and_prompt_logprob_steps_settle_at_once_and_match_the_sync_loop(llms) -> None:
+    sync, overlapped = llms
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=Spec(json=json.dumps(schema))),
+        SamplingParams(temperature=0.0, max_tokens=5, prompt_logprobs=2, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=8, structured_outputs=Spec(choice=["alpha", "beta"])),
+        SamplingParams(temperature=0.0, max_tokens=7, ignore_eos=True),
+    ]
+
+    def run(llm: LLM) -> list[tuple]:
+        outs = llm.generate(PROMPTS, params, use_tqdm=False)
+        return [(o.outputs[0].token_ids, o.outputs[0].finish_reason,
+                 [sorted(entry) for entry in o.prompt_logprobs[1:]] if o.prompt_logprobs else None) for o in outs]
+
+    expected = run(sync)
+    assert sync.get_tokenizer().decode(expected[2][0]) in ("alpha", "beta") and expected[2][1] == "stop"
+    assert expected[1][2] is not None and len(expected[1][2]) == len(sync.get_tokenizer().encode(PROMPTS[1])) - 1
+    assert run(overlapped) == expected
+    assert not overlapped.engine.structured_output._grammars
 
 
 def test_tensor_parallel_ranks_follow_the_overlapped_launches(llms) -> None:
