@@ -109,6 +109,7 @@ class Run:
         self.tokens: dict[str, list[int]] = {}
         self.finishes: dict[str, list[str]] = {}
         self.notes: dict[str, object] = {}  # what a script saw on the way
+        self.prompt_logprobs: dict[str, list[int]] = {}  # the scored token of each prompt position reported
 
     def add(self, req_id: str, prompt_len: int, max_tokens: int, open_input: bool = False, **params) -> None:
         prompt = [10 + (7 * len(self.scheduler.requests) + 3 * i) % 50 for i in range(prompt_len)]
@@ -118,6 +119,8 @@ class Run:
     def step(self) -> None:
         for output in self.steps.step():
             self.tokens.setdefault(output.req_id, []).extend(output.new_token_ids)
+            scored = [entry.token_ids[0] for entry in output.new_prompt_logprobs]
+            self.prompt_logprobs.setdefault(output.req_id, []).extend(scored)
             if output.finish_reason is not None:
                 self.finishes.setdefault(output.req_id, []).append(output.finish_reason)
         check_invariants(self.scheduler)
@@ -183,6 +186,20 @@ def test_an_abort_and_a_preemption_make_in_flight_results_stale() -> None:
     sync, overlapped = _both(script, num_kv_blocks=20)  # too few blocks for all: the newest are preempted
     assert len(sync.tokens["r1"]) == 2 + 3 and sync.finishes["r1"] == ["length"]
     assert overlapped.scheduler.num_preemptions > 0 and sync.scheduler.num_preemptions > 0
+
+
+def test_prompt_logprobs_of_a_preempted_chunked_prefill_are_reported_once() -> None:
+    def script(run: Run) -> None:
+        run.add("r0", 10, max_tokens=40, ignore_eos=True)
+        run.add("r1", 10, max_tokens=40, ignore_eos=True)
+        run.run(lambda: run.count("r0") >= 1)
+        run.add("p", 30, max_tokens=3, ignore_eos=True, prompt_logprobs=1)  # the newest: preempted first
+
+    sync, overlapped = _both(script, num_kv_blocks=16, max_num_batched_tokens=8)
+    assert overlapped.prompt_logprobs == sync.prompt_logprobs
+    prompt = [10 + (7 * 2 + 3 * i) % 50 for i in range(30)]
+    assert sync.prompt_logprobs["p"] == prompt[1:]
+    assert overlapped.scheduler.num_preemptions > 0
 
 
 def test_a_session_turn_that_stops_late_is_cancelled_and_rolled_back() -> None:
