@@ -4,8 +4,10 @@ The scheduler tests' fake runner (it checks the KV of every position it reads) s
 that answers one step late: a token it sampled is known to it (its last_sampled) before the scheduler hears of it,
 and a row the scheduler plans with a placeholder reads it from there. Driven by the same event-triggered script,
 the synchronous and the overlapped loops must report the same tokens and finish reasons per request, through late
-stops, an abort and a preemption of requests with a step in flight, and a session whose turn ends late, is
-cancelled and has its input rolled back. Then the real tiny model on CPU with async_scheduling forced on.
+stops, an abort and a preemption of requests with a step in flight, a chunked prefill with prompt logprobs that is
+preempted, and a session whose turn ends late, is cancelled and has its input rolled back. Then the real tiny model
+on CPU with async_scheduling forced on (greedy, seeded, logprobs, grammars, prompt logprobs, two TP ranks), and on
+CUDA where there is one.
 """
 
 from __future__ import annotations
