@@ -325,6 +325,35 @@ def test_grammar_and_prompt_logprob_steps_settle_at_once_and_match_the_sync_loop
     assert not overlapped.engine.structured_output._grammars
 
 
+def test_a_live_session_on_the_model_gives_the_sync_turns(llms) -> None:
+    def turns(llm: LLM, params: SamplingParams) -> list[list[int]]:
+        engine, answers = llm.engine, []
+        tokenizer = llm.get_tokenizer()
+        engine.open_session("live", tokenizer.encode("1 2 3 4 5"), [])
+        for text in (" 6 7", " 8 9"):
+            engine.append_input("live", tokenizer.encode(text), [], [])
+            engine.commit_turn("live", tokenizer.encode(" Answer:"), params, [])
+            answer: list[int] = []
+            finished = False
+            while not finished:  # overlapped, the turn's end is seen one step late and its extra token dropped
+                for out in engine.step():
+                    answer += out.new_token_ids
+                    finished = finished or out.finish_reason is not None
+            answers.append(answer)
+        answers.append(list(engine.session_tail("live")))
+        engine.abort_requests(["live"])
+        while engine.has_work():
+            engine.step()
+        return answers
+
+    sync, overlapped = llms
+    first = turns(sync, SamplingParams(temperature=0.0, max_tokens=4))[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, stop_token_ids=[first[2]])  # turn 1 ends by a stop token
+    expected = turns(sync, params)
+    assert expected[0] == first[: first.index(first[2]) + 1] and len(set(expected[1])) > 1
+    assert turns(overlapped, params) == expected
+
+
 def test_tensor_parallel_ranks_follow_the_overlapped_launches(llms) -> None:
     sync, _ = llms
     params = SamplingParams(temperature=0.0, max_tokens=5, ignore_eos=True)
