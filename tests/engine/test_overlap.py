@@ -232,6 +232,20 @@ def test_a_session_turn_that_stops_late_is_cancelled_and_rolled_back() -> None:
     assert overlapped.runner.num_sampled == sync.runner.num_sampled + 2  # the late stop's token and the cancelled one
 
 
+def test_blocks_filled_by_tokens_in_flight_still_enter_the_prefix_cache() -> None:
+    def script(run: Run) -> None:
+        prompt = [11, 12, 13, 14, 15, 16]
+        run.scheduler.add_request(Request("a", prompt, SamplingParams(max_tokens=14, ignore_eos=True), STOPS, 0.0))
+        run.run()
+        again = prompt + run.tokens["a"] + [17]  # a's 20 tokens, then one more
+        run.scheduler.add_request(Request("b", again, SamplingParams(max_tokens=1), STOPS, 0.0))
+        run.run()
+        run.notes["hits"] = run.scheduler.kv_cache_manager.prefix_cache_hits
+
+    sync, overlapped = _both(script)
+    assert overlapped.notes["hits"] == sync.notes["hits"] == 16  # a's last token was sampled, never computed
+
+
 def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again() -> None:
     run = Run(overlap=True)
     run.scheduler.add_request(Request("a", [11, 12, 13, 14, 15], SamplingParams(max_tokens=3), [], arrival_time=0.0))
