@@ -26,6 +26,7 @@ from omnistream.engine.entrypoints.args import engine_kwargs
 from omnistream.engine.entrypoints.cli import build_parser
 from omnistream.engine.worker.step_future import StepFuture
 from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
+from omnistream.scheduler.policy import make_policy
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
@@ -244,6 +245,14 @@ def test_blocks_filled_by_tokens_in_flight_still_enter_the_prefix_cache() -> Non
 
     sync, overlapped = _both(script)
     assert overlapped.notes["hits"] == sync.notes["hits"] == 16  # a's last token was sampled, never computed
+
+
+def test_a_decode_whose_token_is_in_flight_is_still_a_decode_to_the_policy() -> None:
+    prefill = Request("p", list(range(10, 30)), SamplingParams(), [], arrival_time=0.0)
+    prefill.num_computed_tokens = 8  # a chunked prefill, older
+    decode = Request("d", list(range(10, 15)), SamplingParams(), [], arrival_time=1.0)
+    decode.num_computed_tokens, decode.num_placeholders = 5, 1  # its next input token is still in flight
+    assert make_policy("fcfs").running_order([prefill, decode]) == [decode, prefill]
 
 
 def test_a_request_whose_last_token_is_in_flight_is_not_scheduled_again() -> None:
