@@ -31,6 +31,8 @@ class EngineConfig:
     cpu_threads: int | None = None
     attention_backend: str = "auto"  # auto = the fastest that works on the device (triton on CUDA, cpu on CPU)
     enforce_eager: bool = False  # never replay CUDA graphs for decode steps (graphs are off on CPU regardless)
+    # schedule and prepare step N+1 while step N runs (engine/core/steps.py); None: on for CUDA, off on CPU
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -54,6 +56,12 @@ class EngineConfig:
         if self.device is not None:
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def overlaps_steps(self) -> bool:
+        """Whether the engine core runs overlapped steps (async_scheduling, resolved for the device)."""
+        if self.async_scheduling is not None:
+            return self.async_scheduling
+        return self.torch_device().type == "cuda"
 
     def kv_cache_bytes(self, device: torch.device) -> int:
         if self.kv_cache_memory is not None:

@@ -88,6 +88,7 @@ class KVCacheManager:
         start = self._num_hashed_blocks.get(request.request_id, 0)
         end = num_tokens // self.block_size
         hashes = request.update_block_hashes(self.block_size)
+        end = min(end, len(hashes))  # a block filled by a token still in flight is hashed once the token is known
         for block, block_hash in zip(table[start:end], hashes[start:end]):
             self.block_pool.cache_block(block, block_hash)
         self._num_hashed_blocks[request.request_id] = max(start, end)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import itertools
 
 from omnistream.scheduler.block_hash import BlockHash, ExtraKeys, hash_block_tokens
 from omnistream.scheduler.mm_feature import MultiModalFeature
@@ -37,6 +38,9 @@ _FINISH_REASONS = {
     RequestStatus.FINISHED_LENGTH_CAPPED: "length",
     RequestStatus.FINISHED_ABORTED: "abort",
 }
+
+
+_generations = itertools.count()  # unique over every request, so a result never passes for another request's
 
 
 class Request:
@@ -89,6 +93,10 @@ class Request:
         self.max_tokens: int | None = sampling_params.max_tokens  # resolved by resolve_max_tokens
         self.block_hashes: list[BlockHash] = []  # one per full block of all_token_ids
         self.grammar_pending = False  # its structured output's grammar is compiling: not scheduled until ready
+        # Overlapped steps: tokens the runner samples in steps not settled yet (placeholders, counted as tokens to
+        # compute), and the generation that in-flight results must carry to count (see invalidate_in_flight).
+        self.num_placeholders = 0
+        self.generation = next(_generations)
 
     @property
     def prompt_token_ids(self) -> list[int]:
@@ -105,8 +113,15 @@ class Request:
 
     @property
     def has_work(self) -> bool:
-        """Tokens are waiting to be computed."""
-        return self.num_computed_tokens < self.num_tokens
+        """Tokens are waiting to be computed (a placeholder for a token still in flight counts)."""
+        return self.num_computed_tokens < self.num_tokens + self.num_placeholders
+
+    def invalidate_in_flight(self) -> None:
+        """Results still in flight for this request no longer apply (abort, preemption, a turn that ended or was
+        cancelled, rolled-back input): they are discarded on arrival. Between steps at most one placeholder is
+        left, not yet scheduled, so no computed position goes past the known tokens."""
+        self.generation = next(_generations)
+        self.num_placeholders = 0
 
     @property
     def num_tokens(self) -> int:
@@ -184,6 +199,7 @@ class Request:
         """The answer stopped: back to accepting input, keeping every token and its KV."""
         self.accepting_input = True
         self.num_prompt_tokens = self.num_tokens
+        self.invalidate_in_flight()
 
     def update_block_hashes(self, block_size: int) -> list[BlockHash]:
         """Extend block_hashes over the full blocks of all_token_ids that are not hashed yet."""

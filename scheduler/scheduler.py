@@ -71,6 +71,8 @@ class Scheduler:
         self.num_aborted_requests = 0  # unfinished requests (and sessions) aborted from outside
         self.policy = make_policy(config.policy)
         self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
+        # each SchedulerOutput not settled yet (by id) -> the generation of each request sampling in it
+        self._sampling_generations: dict[int, dict[str, int]] = {}
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -175,6 +177,7 @@ class Scheduler:
         request = self._open_request(request_id, accepting=True)
         for feature in request.rollback_input(num_tokens):
             self.encoder_cache.release(request_id, feature.identifier)
+        request.invalidate_in_flight()
         kept_blocks = num_tokens // self.config.block_size
         request.num_computed_tokens = min(request.num_computed_tokens, kept_blocks * self.config.block_size)
         del request.block_hashes[kept_blocks:]
@@ -290,6 +293,7 @@ class Scheduler:
             encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
         output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted, encoder_inputs)
+        sampling: dict[str, int] = {}
         now = time.monotonic()
         for req_id, num_tokens in num_scheduled.items():
             request = self.requests[req_id]
@@ -305,6 +309,10 @@ class Scheduler:
             request.sampling_params_sent = True
             request.resend_to_runner = False
             self._release_encoder_outputs(request, request.num_computed_tokens, request.num_computed_tokens - num_tokens)
+            if request.num_computed_tokens == request.num_tokens + request.num_placeholders and not request.accepting_input:
+                request.num_placeholders += 1  # the token this step samples, unknown until the step is settled
+                sampling[req_id] = request.generation
+        self._sampling_generations[id(output)] = sampling
         self.finished_req_ids = set()
         return output
 
@@ -317,12 +325,18 @@ class Scheduler:
         (their structured output is complete)."""
         complete = set(grammar_complete)
         out = model_runner_output
+        generations = self._sampling_generations.pop(id(scheduler_output), {})
         sampled = {req_id: i for i, req_id in enumerate(out.sampled_req_ids)}
         outputs = []
         for req_id in scheduler_output.num_scheduled_tokens:
             request = self.requests.get(req_id)
             if request is None:
                 continue  # finished meanwhile (aborted)
+            generation = generations.get(req_id)
+            if generation is not None:
+                if generation != request.generation:
+                    continue  # stale: in flight when the request was aborted, preempted or its turn ended
+                request.num_placeholders -= 1
             prompt_logprobs = self._new_prompt_logprobs(request, scheduler_output, out)
             if req_id not in sampled and not prompt_logprobs:
                 continue  # a prefill chunk with nothing to report
@@ -341,10 +355,18 @@ class Scheduler:
     # ---- helpers -------------------------------------------------------------------------
 
     def _num_tokens_to_schedule(self, request: Request, num_computed_tokens: int, budget: int) -> int:
-        num_tokens = min(request.num_tokens - num_computed_tokens, budget)
+        if request.num_placeholders and self._ends_in_flight(request):
+            return 0  # its last token is in flight: nothing follows it
+        num_tokens = min(request.num_tokens + request.num_placeholders - num_computed_tokens, budget)
         if self.config.long_prefill_token_threshold > 0:
             num_tokens = min(num_tokens, self.config.long_prefill_token_threshold)
         return num_tokens
+
+    def _ends_in_flight(self, request: Request) -> bool:
+        """Whether the tokens in flight take the request to its max_tokens or to max_model_len."""
+        num_tokens = request.num_tokens + request.num_placeholders
+        reached_max = request.max_tokens is not None and num_tokens - request.num_prompt_tokens >= request.max_tokens
+        return reached_max or num_tokens >= self.config.max_model_len
 
     def _plan_encoder_inputs(
         self, request: Request, start: int, num_tokens: int, encoder_budget: int
@@ -410,6 +432,7 @@ class Scheduler:
         """Preempt by recompute: drop its KV; it goes to the front of the waiting queue."""
         self.kv_cache_manager.free(request)
         self._release_encoder_outputs(request, request.num_tokens)
+        request.invalidate_in_flight()
         request.num_computed_tokens = 0
         request.num_tokens_sent = request.num_mm_features_sent = request.num_position_segments_sent = 0
         request.status = RequestStatus.PREEMPTED
@@ -503,6 +526,7 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         """Forget a finished request: free its blocks (cached ones stay hittable) and report it."""
+        request.invalidate_in_flight()
         self.kv_cache_manager.free(request)
         self._release_encoder_outputs(request, request.num_tokens)
         del self.requests[request.request_id]

@@ -1,4 +1,7 @@
-"""EngineCore: the loop of schedule -> execute -> update around one executor (a model runner, or TP ranks)."""
+"""EngineCore: the loop of schedule -> execute -> update around one executor (a model runner, or TP ranks).
+
+The order of one step lives in steps.py: synchronous, or overlapped with the device (async_scheduling).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import torch
 from omnistream.engine.checkpoint.default_model import default_model_path
 from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.engine.core.request import EngineCoreRequest
+from omnistream.engine.core.steps import make_steps
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
 from omnistream.engine.core.structured_output.manager import StructuredOutputManager
 from omnistream.engine.engine_config import EngineConfig
@@ -20,8 +24,6 @@ from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
 
 logger = logging.getLogger(__name__)
-
-GRAMMAR_WAIT_S = 0.005  # an idle step waits this long for a grammar being compiled
 
 
 class EngineCore:
@@ -65,9 +67,11 @@ class EngineCore:
         vocab_size = self.model_config.text.vocab_size
         compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
         self.structured_output = StructuredOutputManager(compiler)
+        self.steps = make_steps(config.overlaps_steps(), self.scheduler, self.executor, self.structured_output)
         logger.info(
-            "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d",
+            "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d%s",
             self.model_path, dtype, device, config.tensor_parallel_size, num_blocks, capacity, self.max_model_len,
+            " async_scheduling" if config.overlaps_steps() else "",
         )
 
     def shutdown(self) -> None:
@@ -104,11 +108,14 @@ class EngineCore:
         self.scheduler.finish_requests(request_ids, RequestStatus.FINISHED_STOPPED)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        """Requests not finished, or a launched step not settled yet (its results may only be dropped)."""
+        return self.scheduler.has_unfinished_requests() or self.steps.in_flight
 
     def has_work(self) -> bool:
         """Something to compute or report (open sessions between turns do not count)."""
-        return any(r.has_work for r in self.scheduler.requests.values()) or bool(self.scheduler.finished_req_ids)
+        if self.steps.in_flight or self.scheduler.finished_req_ids:
+            return True
+        return any(r.has_work for r in self.scheduler.requests.values())
 
     # ---- live sessions (open-input requests) ---------------------------------------------------
 
@@ -149,17 +156,4 @@ class EngineCore:
         return request.num_tokens, (request.last_token_id if request.num_tokens else None)
 
     def step(self) -> list[EngineCoreOutput]:
-        grammars = self.structured_output
-        requests = self.scheduler.requests
-        failed = grammars.release_compiled(requests)
-        self.abort_requests([output.req_id for output in failed])
-        scheduler_output = self.scheduler.schedule()
-        if scheduler_output.is_empty and grammars.compiling and not failed:
-            failed = grammars.release_compiled(requests, wait_s=GRAMMAR_WAIT_S)  # nothing else to do: wait
-            self.abort_requests([output.req_id for output in failed])
-        grammars.fill_bitmask(scheduler_output, requests)
-        model_output = self.executor.execute_model(scheduler_output)  # in process, or on every TP rank
-        complete = grammars.advance(model_output)
-        outputs = self.scheduler.update_from_output(scheduler_output, model_output, complete)
-        grammars.forget_finished(requests)
-        return failed + outputs
+        return self.steps.step()

@@ -39,6 +39,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                              "C compiler builds it, else reference)")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="run every step eager: no CUDA graphs for decode steps (they are off on CPU anyway)")
+    parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="schedule the next step while the current one runs (default: on for CUDA, off on CPU)")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -80,5 +82,5 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig fields from the engine flags every subcommand shares (`add_engine_args`)."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads", "attention_backend",
-             "enforce_eager")
+             "enforce_eager", "async_scheduling")
     return {name: getattr(args, name) for name in names}

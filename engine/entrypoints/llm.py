@@ -48,6 +48,7 @@ class LLM:
         cpu_threads: int | None = None,
         attention_backend: str = "auto",
         enforce_eager: bool = False,
+        async_scheduling: bool | None = None,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -66,6 +67,7 @@ class LLM:
             cpu_threads=cpu_threads,
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
+            async_scheduling=async_scheduling,
         )
         self.engine = EngineCore(config)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object

@@ -6,7 +6,9 @@ Tensor parallelism (`LLM(tensor_parallel_size=N)`): the engine-core process is r
 ("spawn" processes, one device each: cuda:<local rank> with NCCL, or CPU with gloo). Every rank loads only its
 shard of the weights and allocates only its KV heads; rank 0 runs the scheduler and broadcasts each
 SchedulerOutput (msgspec bytes over a gloo group); every rank executes it, and rank 0's sampled tokens are the
-answer (logits are gathered, so the others compute the same and discard them).
+answer (logits are gathered, so the others compute the same and discard them). `launch` returns a StepFuture
+(overlapped scheduling): every rank launches the same steps in the same order, and each keeps its own copy of
+the sampled ids on its device (last_sampled), which later steps read.
 Single node (default): rendezvous through a file in a temporary directory and gloo bound to loopback.
 Multi-node: set NNODES, NODE_RANK, MASTER_ADDR (node 0's address) and MASTER_PORT (free there) on every node,
 start the engine on node 0 and `python -m omnistream.engine.worker.tp_worker --tensor-parallel-size N` on the others;
@@ -29,6 +31,8 @@ import threading
 import time
 import weakref
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import TypeVar
 
 import msgspec
 import torch
@@ -45,6 +49,7 @@ from omnistream.engine.model_executor.distributed import (
 )
 from omnistream.engine.model_executor.loader import load_model
 from omnistream.engine.worker.model_runner import ModelRunner
+from omnistream.engine.worker.step_future import StepFuture
 from omnistream.engine.worker.tp_worker import (
     ERROR_KEY,
     INIT_KEY,
@@ -63,6 +68,8 @@ from omnistream.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
 _DIAGNOSE_WAIT_S = 2.0  # after a failed step, how long to wait for a dying worker to show its exit code
 _JOIN_S = 5.0  # how long shutdown waits for a worker before killing it
 
@@ -77,7 +84,11 @@ class Executor(ABC):
     num_kv_blocks: int  # per rank: every rank holds this many blocks of its own KV heads
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Start one step; its output arrives through the future."""
+
+    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(scheduler_output).result()
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -107,11 +118,11 @@ class UniProcExecutor(Executor):
                 max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
             )
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
         if get_tp_world_size() == 1:
-            return self.runner.execute_model(scheduler_output)
+            return self.runner.launch(scheduler_output)
         with tp_group_hidden():  # a TP engine lives in this process too: its group is not ours
-            return self.runner.execute_model(scheduler_output)
+            return self.runner.launch(scheduler_output)
 
     def shutdown(self) -> None:
         pass
@@ -201,16 +212,24 @@ class MultiprocTPExecutor(Executor):
             finally:
                 pipe.close()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        if self._dead is not None:
-            raise self._dead
-        try:
+    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        def start() -> StepFuture:
             for proc in self.procs:
                 if not proc.is_alive():
                     raise RuntimeError(f"{proc.name} is not running")
             self._send(self._encoder.encode(scheduler_output))
-            return self.runner.execute_model(scheduler_output)
-        except BaseException as exc:  # the ranks are out of step now: the executor is dead either way
+            return self.runner.launch(scheduler_output)
+
+        future = self._guarded(start)
+        return StepFuture(lambda: self._guarded(future.result))
+
+    def _guarded(self, call: Callable[[], T]) -> T:
+        """Run a part of a step; any failure kills the executor (the ranks are out of step) and names the rank."""
+        if self._dead is not None:
+            raise self._dead
+        try:
+            return call()
+        except BaseException as exc:
             self._dead = self._diagnose(exc, "a step")
             if isinstance(exc, Exception):
                 raise self._dead from exc

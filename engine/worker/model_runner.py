@@ -6,11 +6,17 @@ token count, token ids and sampling rows, and makes no tensors), builds the flat
 (token positions, slot mapping, M-RoPE ids, offsets; media rows from their explicit ids), uploads it once, runs the
 model (a decode-only step replays a captured graph on CUDA: cuda_graphs.py), and samples. The SchedulerOutput is
 the only thing it is told.
+
+`launch` enqueues a step and returns a StepFuture: the sampled ids are kept on the device as each slot's
+`last_sampled` and copied back without waiting. A row whose last token the host has not been told (its step was
+still in flight when the scheduler planned this one: overlapped scheduling) reads that token from `last_sampled`,
+so the next step can be launched before this one's ids reach the host. `execute_model` is launch + result.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -21,9 +27,10 @@ from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
-from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
+from omnistream.engine.worker.sampler import SamplerOutput, SamplingMetadata, sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
+from omnistream.engine.worker.step_future import StepFuture, to_pinned_host
 from omnistream.engine.worker.token_bitmask import apply_token_bitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
@@ -44,8 +51,18 @@ class FlatBatch:
     req_ids: list[str]
     sample_rows: list[int]  # flat index of the last token of each request that samples
     sample_req_ids: list[str]
+    sample_slots: list[int]  # the slot of each request that samples
+    sample_num_pending: list[int]  # 1 where that request's last input token is read from last_sampled, else 0
     prompt_logprob_spans: list[tuple[str, int, int, int]]  # (req_id, first flat row, first position, count)
     media: list[tuple[int, int, int, MultiModalFeature]]  # (first flat row, first position, count, feature) per overlap
+
+
+class DeviceSample(NamedTuple):
+    """A step's sampled ids on the device, with what reading them back (and their logprobs) needs."""
+
+    token_ids: torch.Tensor  # [R] int64, one per sampling row
+    output: SamplerOutput | None  # None: greedy ids straight from the lm_head, no logprobs
+    meta: SamplingMetadata
 
 
 class ModelRunner:
@@ -82,11 +99,15 @@ class ModelRunner:
             sink_page=self.sink_page, enforce_eager=enforce_eager,
         )
 
-    @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        return self.launch(scheduler_output).result()
+
+    @torch.inference_mode()
+    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+        """Enqueue one step; its output arrives through the future (at once on CPU)."""
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
-            return EMPTY_MODEL_RUNNER_OUTPUT
+            return StepFuture.done(EMPTY_MODEL_RUNNER_OUTPUT)
         self._run_encoders(scheduler_output)
         batch = self._prepare_inputs(scheduler_output)
         embeds, deepstack = self._input_embeddings(batch)
@@ -98,13 +119,30 @@ class ModelRunner:
                 inputs_embeds=embeds, deepstack_embeds=deepstack,
             )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
-        tokens, logprobs = self._sample(hidden, batch, scheduler_output)
-        return ModelRunnerOutput(
-            sampled_req_ids=batch.sample_req_ids,
-            sampled_token_ids=tokens,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-        )
+        if not batch.sample_rows:
+            return StepFuture.done(ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[],
+                                                     prompt_logprobs=prompt_logprobs))
+        sampled = self._sample(hidden, batch, scheduler_output)
+        self.slots.record_sampled(batch.sample_slots, sampled.token_ids)
+        return self._read_back(batch.sample_req_ids, sampled, prompt_logprobs)
+
+    def _read_back(self, req_ids: list[str], sampled: DeviceSample,
+                   prompt_logprobs: dict[str, list[TokenLogprobs]]) -> StepFuture:
+        """Enqueue the copies of the sampled ids (and logprobs) to the host; the future turns them into the output."""
+        token_ids = to_pinned_host(sampled.token_ids)
+        host = None
+        if sampled.output is not None and sampled.output.logprobs is not None:
+            host = SamplerOutput(token_ids, tuple(to_pinned_host(t) for t in sampled.output.logprobs))
+
+        def finish() -> ModelRunnerOutput:
+            if host is None:
+                tokens, logprobs = token_ids.tolist(), [None] * len(req_ids)
+            else:
+                tokens, logprobs = to_host(host, sampled.meta)
+            return ModelRunnerOutput(sampled_req_ids=req_ids, sampled_token_ids=tokens, logprobs=logprobs,
+                                     prompt_logprobs=prompt_logprobs)
+
+        return StepFuture.after_copies(self.device, finish)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids + so.preempted_req_ids:
@@ -175,13 +213,22 @@ class ModelRunner:
         explicit: list[tuple[int, np.ndarray]] = []  # (first flat row, [3, n] ids) of rows that hold media
         sample_rows: list[int] = []
         sample_req_ids: list[str] = []
+        sample_slots: list[int] = []
+        sample_num_pending: list[int] = []
+        pending_rows: list[int] = []  # flat rows whose token is the request's last_sampled (not known here yet)
+        pending_slots: list[int] = []
         prompt_spans: list[tuple[str, int, int, int]] = []
         media: list[tuple[int, int, int, MultiModalFeature]] = []
-        for i, (req_id, start, end, flat_start) in enumerate(
-            zip(req_ids, starts.tolist(), ends.tolist(), query_start_loc.tolist())
+        for req_id, slot, start, end, flat_start in zip(
+            req_ids, slots.tolist(), starts.tolist(), ends.tolist(), query_start_loc.tolist()
         ):
             state = self.requests[req_id]
             token_ids += state.token_ids[start:end]
+            num_known = len(state.token_ids)
+            if end > num_known:  # the token it sampled in a step still in flight: at most one
+                token_ids.append(0)
+                pending_rows.append(flat_start + num_known - start)
+                pending_slots.append(slot)
             ids = state.explicit_positions(start, end)
             if ids is None:
                 deltas.append(state.text_delta(start))
@@ -195,9 +242,11 @@ class ModelRunner:
                 last_scored = min(end, state.num_prompt_tokens - 1)  # position p scores token p + 1
                 if last_scored > start:
                     prompt_spans.append((req_id, flat_start, start, last_scored - start))
-            if end == len(state.token_ids) and req_id not in no_sample:
+            if end >= num_known and req_id not in no_sample:
                 sample_rows.append(flat_start + end - start - 1)
                 sample_req_ids.append(req_id)
+                sample_slots.append(slot)
+                sample_num_pending.append(end - num_known)
         self.slots.num_computed[slots] = ends
         # M-RoPE ids: text rows continue at position + delta on all three axes; media rows take explicit ids
         mrope = np.empty((3, len(positions)), dtype=np.float32)
@@ -221,12 +270,14 @@ class ModelRunner:
             max_seq_len=max_seq_len,
         )
         return FlatBatch(
-            input_ids=torch.from_numpy(np.array(token_ids, dtype=np.int64)).to(device, non_blocking=True),
+            input_ids=self.slots.input_ids(np.array(token_ids, dtype=np.int64), pending_rows, pending_slots),
             positions=torch.from_numpy(mrope).to(device, non_blocking=True),
             metadata=metadata,
             req_ids=req_ids,
             sample_rows=sample_rows,
             sample_req_ids=sample_req_ids,
+            sample_slots=sample_slots,
+            sample_num_pending=sample_num_pending,
             prompt_logprob_spans=prompt_spans,
             media=media,
         )
@@ -245,17 +296,14 @@ class ModelRunner:
             result[req_id] = rows
         return result
 
-    def _sample(
-        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput
-    ) -> tuple[list[int], list[TokenLogprobs | None]]:
-        if not batch.sample_rows:
-            return [], []
+    def _sample(self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput) -> DeviceSample:
         states = [self.requests[req_id] for req_id in batch.sample_req_ids]
-        num_outputs = [len(state.token_ids) - state.num_prompt_tokens for state in states]
+        num_outputs = [len(state.token_ids) + pending - state.num_prompt_tokens
+                       for state, pending in zip(states, batch.sample_num_pending)]
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
         if meta.plain_greedy and not so.grammar_req_ids and chunks_pay(meta.num_rows, hidden.device):
-            return greedy_tokens(self.model.lm_head, hidden).tolist(), [None] * meta.num_rows
+            return DeviceSample(greedy_tokens(self.model.lm_head, hidden), None, meta)
         logits = self.model.compute_logits(hidden)
         if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
             words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
@@ -264,4 +312,4 @@ class ModelRunner:
             apply_token_bitmask(logits, bitmask, [rows[req_id] for req_id in so.grammar_req_ids])
         out = sample(logits, meta)
         self.sampling.record(meta, out.token_ids)
-        return to_host(out, meta)
+        return DeviceSample(out.token_ids, out, meta)

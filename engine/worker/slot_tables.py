@@ -5,6 +5,10 @@ ids sit in a row of `block_table` (unused entries hold the sink page, which no r
 count in `num_computed`. New pages are staged while a SchedulerOutput is read and applied with one scatter per step;
 the table is never rebuilt. On CPU the device table is the host table itself; on a GPU the scatter is repeated there
 from one upload of the staged (row, column, page) triples.
+
+`last_sampled` holds, on the device, the token each slot sampled last (written by the sampling step). A decode row
+whose token the host does not know yet (overlapped scheduling: the step that sampled it is still in flight) takes
+its input id from there with a gather, so a step can be prepared before the previous one's ids reach the host.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class SlotTables:
         self.device_table = host if device.type == "cpu" else host.to(device)
         self.num_pages = np.zeros(num_slots, dtype=np.int64)
         self.num_computed = np.zeros(num_slots, dtype=np.int64)
+        self.last_sampled = torch.zeros(num_slots, dtype=torch.int64, device=device)
         self._free = list(range(num_slots - 1, -1, -1))  # pop() hands out the lowest slot first
         self._staged: list[tuple[int, int, list[int]]] = []  # (slot, first column, page ids)
 
@@ -70,3 +75,18 @@ class SlotTables:
             return torch.from_numpy(self.block_table[slots, :width])
         index = torch.from_numpy(slots).to(self.device, non_blocking=True)
         return self.device_table[index, :width]
+
+    def record_sampled(self, slots: list[int], token_ids: torch.Tensor) -> None:
+        """Keep the tokens just sampled [len(slots)] (on the device) as the slots' last_sampled."""
+        index = torch.from_numpy(np.asarray(slots, dtype=np.int64)).to(self.device, non_blocking=True)
+        self.last_sampled.index_copy_(0, index, token_ids)
+
+    def input_ids(self, token_ids: np.ndarray, pending_rows: list[int], pending_slots: list[int]) -> torch.Tensor:
+        """A step's input ids on the device: the known ones uploaded (int64 [T]), with the flat rows in
+        `pending_rows` taken from their slots' last_sampled (tokens sampled by a step the host has not read)."""
+        ids = torch.from_numpy(token_ids).to(self.device, non_blocking=True)
+        if pending_rows:
+            where = torch.from_numpy(np.array([pending_rows, pending_slots], dtype=np.int64))
+            where = where.to(self.device, non_blocking=True)
+            ids.index_copy_(0, where[0], self.last_sampled.index_select(0, where[1]))
+        return ids

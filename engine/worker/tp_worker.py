@@ -157,7 +157,7 @@ def worker_main(info: RankInfo, started: Connection | None = None) -> None:
             if message == SHUTDOWN:
                 break
             if message != NOOP:
-                rank.runner.execute_model(decoder.decode(message))  # rank 0 samples; this copy is discarded
+                rank.runner.launch(decoder.decode(message))  # rank 0's output is the answer; this one is dropped
     except BaseException:
         _report(store, info.rank, traceback.format_exc())
         os._exit(1)  # skip destructors: peers may already be gone
