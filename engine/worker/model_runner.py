@@ -17,7 +17,7 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.worker.cuda_graphs import decode_graphs_for
-from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
+from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
@@ -254,7 +254,7 @@ class ModelRunner:
         num_outputs = [len(state.token_ids) - state.num_prompt_tokens for state in states]
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
-        if meta.plain_greedy and not so.grammar_req_ids and chunks_pay(meta.num_rows, hidden.device):
+        if meta.plain_greedy and not so.grammar_req_ids and greedy_pays(self.model.lm_head, meta.num_rows):
             return greedy_tokens(self.model.lm_head, hidden).tolist(), [None] * meta.num_rows
         logits = self.model.compute_logits(hidden)
         if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
