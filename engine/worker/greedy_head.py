@@ -34,6 +34,13 @@ def greedy_pays(lm_head: ParallelLMHead, num_rows: int) -> bool:
     return num_rows >= CHUNKED_FROM_ROWS
 
 
+def prepare_greedy_head(lm_head: ParallelLMHead) -> None:
+    """Build the compiled kernel now (at start-up) where greedy_tokens will use it, so that the first greedy step
+    does not wait for the compiler."""
+    if lm_head.weight.device.type == "cpu":
+        greedy_kernel.load_kernel()
+
+
 def greedy_tokens(lm_head: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor:
     """The id of the largest logit of each row of hidden [B, H] (int64 [B])."""
     weight = lm_head.weight

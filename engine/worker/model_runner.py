@@ -17,7 +17,7 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.worker.cuda_graphs import decode_graphs_for
-from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens
+from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens, prepare_greedy_head
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
@@ -81,6 +81,7 @@ class ModelRunner:
             model, self.kv_caches, max_num_seqs=max_num_seqs, max_pages=self.slots.block_table.shape[1],
             sink_page=self.sink_page, enforce_eager=enforce_eager,
         )
+        prepare_greedy_head(model.lm_head)  # the greedy lm_head kernel is built now, not at the first greedy step
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:

@@ -117,3 +117,12 @@ def test_without_the_kernel_the_torch_path_answers(monkeypatch):
     clear = _clear_winners(lm_head.weight, hidden)
     assert torch.equal(with_kernel[clear], without[clear])
     assert torch.equal(without, lm_head(hidden).max(dim=-1).indices)
+
+
+def test_the_kernel_is_built_at_start_up_for_a_cpu_lm_head_only(monkeypatch):
+    built = []
+    monkeypatch.setattr(greedy_kernel, "load_kernel", lambda: built.append(True))
+    greedy_head.prepare_greedy_head(ParallelLMHead(VOCAB, HIDDEN).to("meta"))
+    assert built == []
+    greedy_head.prepare_greedy_head(ParallelLMHead(VOCAB, HIDDEN))
+    assert built == [True]
