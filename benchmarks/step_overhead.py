@@ -3,9 +3,9 @@ update_from_output) and the model runner's input preparation (reading the Schedu
 building the flat batch and its attention metadata), at --running decoding requests. Target: <= 5 us per request.
 
 The requests (prompts of --prompt-len random tokens, greedy, no stop) are prefilled first; then --steps decode
-steps are timed, each fed a fake sampled token per request (the model itself is not run; the runner holds the
-embedded tiny model only for its KV-cache shape). Reported: median thread CPU us per step and per request of each
-part, and their sum. Which attention backend is configured does not matter here.
+steps are timed, each fed a fake sampled token per request (made outside the timings; the model itself is not
+run: the runner holds the embedded tiny model only for its KV-cache shape). Reported: median thread CPU us per
+step and per request of each part, and their sum. Which attention backend is configured does not matter here.
 
     python benchmarks/step_overhead.py
     python benchmarks/step_overhead.py --running 64,256 --steps 100
