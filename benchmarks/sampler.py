@@ -2,9 +2,9 @@
 against the per-row host sampler it replaced (kept below as the baseline), in the same run.
 
 Shapes are the embedded tiny model's lm_head (hidden 128, vocabulary 152064, fp32). Workloads:
-- greedy: every row temperature 0. The new path is the runner's: from 64 rows on CPU the lm_head runs in
-  vocabulary chunks with a running maximum (greedy_head.py); the last column times the other way (full logits
-  and `max` from 64 rows, chunks below) so the threshold can be checked.
+- greedy: every row temperature 0. The new path is the runner's: where greedy_pays says so, greedy_tokens (the
+  compiled kernel, else vocabulary chunks with a running maximum: greedy_head.py); the last column times the other
+  way so the threshold can be checked (benchmarks/greedy_head.py compares the three greedy paths alone).
 - mixed: rows in turn greedy; seeded T 0.7 top-k 20 top-p 0.8; unseeded T 1.0 top-p 0.95 (no top-k: a full
   sort); seeded T 0.9 with repetition 1.05 / presence 0.5 penalties and 5 logprobs. Prompts of 100 tokens, 20 outputs.
 Each timing covers the whole step's sampling: the parameters' upload, the lm_head, the pass and the copy back.
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
-from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
+from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens
 from omnistream.engine.worker.sampler import sample, to_host
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.scheduler.outputs import TokenLogprobs
@@ -154,7 +154,7 @@ def case(lm_head: ParallelLMHead, batch: int, mixed: bool, repeats: int) -> dict
 
     def new() -> list[int]:
         meta = state.prepare(names, [OUTPUT_LEN] * batch)
-        if meta.plain_greedy and chunks_pay(batch, hidden.device):
+        if meta.plain_greedy and greedy_pays(lm_head, batch):
             return greedy_tokens(lm_head, hidden).tolist()
         out = sample(lm_head(hidden).float(), meta)
         state.record(meta, out.token_ids)
@@ -162,7 +162,7 @@ def case(lm_head: ParallelLMHead, batch: int, mixed: bool, repeats: int) -> dict
 
     def new_other_way() -> list[int]:
         meta = state.prepare(names, [OUTPUT_LEN] * batch)
-        if not chunks_pay(batch, hidden.device):
+        if not greedy_pays(lm_head, batch):
             return greedy_tokens(lm_head, hidden).tolist()
         return to_host(sample(lm_head(hidden).float(), meta), meta)[0]
 

@@ -246,28 +246,49 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         budget = self.config.max_num_batched_tokens
         encoder_budget = self.config.max_num_encoder_tokens
+        kv_cache_manager = self.kv_cache_manager
+        max_chunk = self.config.long_prefill_token_threshold or budget  # per request and step
         num_scheduled: dict[str, int] = {}
-        new_block_ids: dict[str, list[int]] = {}
+        scheduled: list[tuple[Request, int]] = []  # in the order of num_scheduled
+        cached_data: list[CachedRequestData] = []
+        resent: list[Request] = []  # rolled back: the runner drops them and gets them again whole, KV kept
         encoder_inputs: dict[str, list[int]] = {}
         new_reqs: list[Request] = []
         preempted: list[Request] = []
 
         # Running requests first, in policy order; make room by preempting (idle sessions, then the newest).
+        # What the runner is told of each is read at once: nothing later in this step changes a scheduled
+        # running request (preemption only takes requests not scheduled yet).
         for request in self.policy.running_order(self.running):
             if budget == 0:
                 break
             if request.status != RequestStatus.RUNNING or request.grammar_pending:
                 continue  # preempted earlier in this step, or waiting for its grammar
-            num_tokens = self._num_tokens_to_schedule(request, request.num_computed_tokens, budget)
-            num_tokens, media = self._plan_encoder_inputs(request, request.num_computed_tokens, num_tokens, encoder_budget)
+            pending = request.num_placeholders
+            if pending and self._ends_in_flight(request):
+                continue  # its last token is in flight: nothing follows it
+            num_tokens = min(len(request.all_token_ids) + pending - request.num_computed_tokens, budget, max_chunk)
+            media = None
+            if request.mm_features:
+                num_tokens, media = self._plan_encoder_inputs(
+                    request, request.num_computed_tokens, num_tokens, encoder_budget
+                )
             if num_tokens > 0:
-                blocks = self._allocate_or_preempt(request, num_tokens, preempted, num_scheduled)
+                blocks = kv_cache_manager.allocate_slots(request, num_tokens)
                 if blocks is None:
-                    continue  # it was chosen as the victim itself
+                    blocks = self._allocate_or_preempt(request, num_tokens, preempted, num_scheduled)
+                    if blocks is None:
+                        continue  # it was chosen as the victim itself
                 num_scheduled[request.request_id] = num_tokens
-                new_block_ids[request.request_id] = [block.block_id for block in blocks]
+                scheduled.append((request, num_tokens))
+                if request.resend_to_runner:
+                    resent.append(request)
+                else:
+                    block_ids = [block.block_id for block in blocks] if blocks else []  # most decodes: none
+                    cached_data.append(self._cached_data(request, block_ids))
                 budget -= num_tokens
-                encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
+                if media:
+                    encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
         # Then waiting requests in policy order, unless this step is short of blocks. Open sessions
         # with no input yet wait without holding anyone up.
@@ -289,29 +310,31 @@ class Scheduler:
             self.running.append(request)
             new_reqs.append(request)
             num_scheduled[request.request_id] = num_tokens
+            scheduled.append((request, num_tokens))
             budget -= num_tokens
             encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
-        output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted, encoder_inputs)
+        output = self._make_output(num_scheduled, scheduled, new_reqs, resent, cached_data, preempted, encoder_inputs)
         sampling: dict[str, int] = {}
         now = time.monotonic()
-        for req_id, num_tokens in num_scheduled.items():
-            request = self.requests[req_id]
+        for request, num_tokens in scheduled:
             if request.pending_since is not None:
                 self.stream_lags.append(now - request.pending_since)
                 request.pending_since = None
             if request.accepting_input:
                 self.num_live_prefill_tokens += num_tokens
             request.num_computed_tokens += num_tokens
-            request.num_tokens_sent = request.num_tokens
+            request.num_tokens_sent = len(request.all_token_ids)
             request.num_mm_features_sent = len(request.mm_features)
             request.num_position_segments_sent = len(request.position_segments)
             request.sampling_params_sent = True
             request.resend_to_runner = False
-            self._release_encoder_outputs(request, request.num_computed_tokens, request.num_computed_tokens - num_tokens)
-            if request.num_computed_tokens == request.num_tokens + request.num_placeholders and not request.accepting_input:
+            computed = request.num_computed_tokens
+            if request.mm_features:
+                self._release_encoder_outputs(request, computed, computed - num_tokens)
+            if computed == len(request.all_token_ids) + request.num_placeholders and not request.accepting_input:
                 request.num_placeholders += 1  # the token this step samples, unknown until the step is settled
-                sampling[req_id] = request.generation
+                sampling[request.request_id] = request.generation
         self._sampling_generations[id(output)] = sampling
         self.finished_req_ids = set()
         return output
@@ -327,9 +350,11 @@ class Scheduler:
         out = model_runner_output
         generations = self._sampling_generations.pop(id(scheduler_output), {})
         sampled = {req_id: i for i, req_id in enumerate(out.sampled_req_ids)}
+        requests = self.requests
         outputs = []
+        any_finished = False
         for req_id in scheduler_output.num_scheduled_tokens:
-            request = self.requests.get(req_id)
+            request = requests.get(req_id)
             if request is None:
                 continue  # finished meanwhile (aborted)
             generation = generations.get(req_id)
@@ -337,8 +362,9 @@ class Scheduler:
                 if generation != request.generation:
                     continue  # stale: in flight when the request was aborted, preempted or its turn ended
                 request.num_placeholders -= 1
-            prompt_logprobs = self._new_prompt_logprobs(request, scheduler_output, out)
-            if req_id not in sampled and not prompt_logprobs:
+            prompt_logprobs = self._new_prompt_logprobs(request, scheduler_output, out) if out.prompt_logprobs else []
+            index = sampled.get(req_id)
+            if index is None and not prompt_logprobs:
                 continue  # a prefill chunk with nothing to report
             engine_output = EngineCoreOutput(
                 req_id=req_id,
@@ -346,10 +372,12 @@ class Scheduler:
                 new_prompt_logprobs=prompt_logprobs,
                 num_cached_tokens=request.num_cached_tokens,
             )
-            if req_id in sampled:
-                self._append_sampled(request, out, sampled[req_id], engine_output, req_id in complete)
+            if index is not None:
+                self._append_sampled(request, out, index, engine_output, req_id in complete)
+                any_finished = any_finished or engine_output.finish_reason is not None
             outputs.append(engine_output)
-        self.running = [request for request in self.running if not request.is_finished]
+        if any_finished:
+            self.running = [request for request in self.running if not request.is_finished]
         return outputs
 
     # ---- helpers -------------------------------------------------------------------------
@@ -442,13 +470,13 @@ class Scheduler:
     def _make_output(
         self,
         num_scheduled: dict[str, int],
+        scheduled: list[tuple[Request, int]],
         new_reqs: list[Request],
-        new_block_ids: dict[str, list[int]],
+        resent: list[Request],
+        cached_data: list[CachedRequestData],
         preempted: list[Request],
         encoder_inputs: dict[str, list[int]],
     ) -> SchedulerOutput:
-        # a rolled-back request the runner holds is dropped there and sent again whole, its KV blocks kept
-        resent = [self.requests[req_id] for req_id in new_block_ids if self.requests[req_id].resend_to_runner]
         new_data = [
             NewRequestData(
                 req_id=request.request_id,
@@ -462,8 +490,6 @@ class Scheduler:
             )
             for request in new_reqs + resent
         ]
-        cached_data = [self._cached_data(self.requests[req_id], ids) for req_id, ids in new_block_ids.items()
-                       if not self.requests[req_id].resend_to_runner]
         return SchedulerOutput(
             scheduled_new_reqs=new_data,
             scheduled_cached_reqs=cached_data,
@@ -473,7 +499,7 @@ class Scheduler:
             finished_req_ids=sorted(self.finished_req_ids),
             scheduled_encoder_inputs=encoder_inputs,
             freed_encoder_ids=self.encoder_cache.take_freed(),
-            no_sample_req_ids=[r for r in num_scheduled if self.requests[r].accepting_input],
+            no_sample_req_ids=[request.request_id for request, _ in scheduled if request.accepting_input],
         )
 
     @staticmethod
@@ -504,7 +530,7 @@ class Scheduler:
         self, request: Request, out: ModelRunnerOutput, index: int, engine_output: EngineCoreOutput,
         grammar_complete: bool = False,
     ) -> None:
-        if request.num_computed_tokens < request.num_tokens or request.accepting_input:
+        if request.num_computed_tokens < len(request.all_token_ids) or request.accepting_input:
             raise ValueError(
                 f"request {request.request_id!r} sampled a token with {request.num_computed_tokens} of "
                 f"{request.num_tokens} tokens computed: the runner broke the SchedulerOutput contract"

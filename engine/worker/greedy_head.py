@@ -1,10 +1,11 @@
-"""Greedy tokens straight from the lm_head: the vocabulary in chunks with a running maximum, so that a batch
-where every row is greedy never materialises its [B, V] logits (at large batches they spill out of the cache).
+"""Greedy tokens straight from the lm_head, for a batch where every row is greedy: the compiled kernel
+(greedy_kernel.c: vocabulary tiles with a running maximum, the logits never written) where it is built, else
+the vocabulary in chunks with a running maximum in torch (`chunked_max`, also the kernel's slow twin in tests).
 
-Each chunk is the same projection as the full lm_head (same rows of the weight, same reduction over the
-hidden size), and ties keep the earlier chunk, so the ids equal `logits.max(-1).indices`: the first maximum.
-With tensor parallelism each rank reduces its own vocabulary shard, then the ranks' maxima are gathered and the
-first rank holding the overall maximum wins (its ids are the lower ones).
+Both reduce each vocabulary row over the hidden size as the full lm_head does and keep the earlier id on ties, so
+the ids are `logits.max(-1).indices`, the first maximum, up to the rounding of the sums' order. With tensor
+parallelism each rank reduces its own vocabulary shard, then the ranks' maxima are gathered and the first rank
+holding the overall maximum wins (its ids are the lower ones).
 """
 
 from __future__ import annotations
@@ -14,20 +15,49 @@ import torch.nn.functional as F
 
 from omnistream.engine.model_executor.distributed import tensor_model_parallel_all_gather
 from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
+from omnistream.engine.worker import greedy_kernel
 
 CHUNK_ELEMENTS = 1 << 19  # logits per chunk (rows x vocabulary columns): 2 MB in float32
-CHUNKED_FROM_ROWS = 64  # on CPU (benchmarks/sampler.py: even at 48 rows, 1.5-1.9x faster from 64 to 256 rows)
+# On CPU, the batch sizes from which greedy_tokens beats full logits + max (benchmarks/greedy_head.py)
+KERNEL_FROM_ROWS = 8
+CHUNKED_FROM_ROWS = 64
 
 
-def chunks_pay(num_rows: int, device: torch.device) -> bool:
-    """Whether greedy_tokens beats full logits + max: measured on CPU only, where the logits outgrow the cache;
-    a GPU keeps the single lm_head GEMM."""
-    return device.type == "cpu" and num_rows >= CHUNKED_FROM_ROWS
+def greedy_pays(lm_head: ParallelLMHead, num_rows: int) -> bool:
+    """Whether greedy_tokens beats full logits + max for num_rows greedy rows: on CPU from KERNEL_FROM_ROWS rows
+    with the compiled kernel, from CHUNKED_FROM_ROWS with torch chunks; a GPU keeps the single lm_head GEMM."""
+    weight = lm_head.weight
+    if weight.device.type != "cpu":
+        return False
+    if greedy_kernel.supports(weight, weight.dtype):
+        return num_rows >= KERNEL_FROM_ROWS
+    return num_rows >= CHUNKED_FROM_ROWS
+
+
+def prepare_greedy_head(lm_head: ParallelLMHead) -> None:
+    """Build the compiled kernel now (at start-up) where greedy_tokens will use it, so that the first greedy step
+    does not wait for the compiler."""
+    if lm_head.weight.device.type == "cpu":
+        greedy_kernel.load_kernel()
 
 
 def greedy_tokens(lm_head: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor:
     """The id of the largest logit of each row of hidden [B, H] (int64 [B])."""
     weight = lm_head.weight
+    if greedy_kernel.supports(weight, hidden.dtype):
+        values, ids = greedy_kernel.greedy_max(weight, hidden)
+    else:
+        values, ids = chunked_max(weight, hidden)
+    if lm_head.tp_size == 1:
+        return ids
+    values = tensor_model_parallel_all_gather(values.unsqueeze(1), -1)  # [B, tp]
+    ids = tensor_model_parallel_all_gather((ids + lm_head.vocab_start).unsqueeze(1), -1)
+    return ids.gather(1, values.max(dim=-1, keepdim=True).indices).squeeze(1)
+
+
+def chunked_max(weight: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's largest logit against weight [V, H] and its id (the first maximum), in torch: vocabulary chunks
+    of CHUNK_ELEMENTS logits, a later chunk winning only with a strictly larger value."""
     chunk = max(1, CHUNK_ELEMENTS // hidden.shape[0])
     best = F.linear(hidden, weight[:chunk]).max(dim=-1)
     values, ids = best.values, best.indices
@@ -36,8 +66,4 @@ def greedy_tokens(lm_head: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor
         better = top.values > values
         values = torch.where(better, top.values, values)
         ids = torch.where(better, top.indices + start, ids)
-    if lm_head.tp_size == 1:
-        return ids
-    values = tensor_model_parallel_all_gather(values.unsqueeze(1), -1)  # [B, tp]
-    ids = tensor_model_parallel_all_gather((ids + lm_head.vocab_start).unsqueeze(1), -1)
-    return ids.gather(1, values.max(dim=-1, keepdim=True).indices).squeeze(1)
+    return values, ids

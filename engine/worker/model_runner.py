@@ -23,7 +23,7 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.worker.cuda_graphs import decode_graphs_for
-from omnistream.engine.worker.greedy_head import chunks_pay, greedy_tokens
+from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens, prepare_greedy_head
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
@@ -98,6 +98,7 @@ class ModelRunner:
             model, self.kv_caches, max_num_seqs=max_num_seqs, max_pages=self.slots.block_table.shape[1],
             sink_page=self.sink_page, enforce_eager=enforce_eager,
         )
+        prepare_greedy_head(model.lm_head)  # the greedy lm_head kernel is built now, not at the first greedy step
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.launch(scheduler_output).result()
@@ -302,7 +303,7 @@ class ModelRunner:
                        for state, pending in zip(states, batch.sample_num_pending)]
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
-        if meta.plain_greedy and not so.grammar_req_ids and chunks_pay(meta.num_rows, hidden.device):
+        if meta.plain_greedy and not so.grammar_req_ids and greedy_pays(self.model.lm_head, meta.num_rows):
             return DeviceSample(greedy_tokens(self.model.lm_head, hidden), None, meta)
         logits = self.model.compute_logits(hidden)
         if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows

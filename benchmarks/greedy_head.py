@@ -1,0 +1,93 @@
+"""The greedy lm_head alone: each row's first-maximum id over the vocabulary, three ways, in the same run.
+
+- full: the whole lm_head (`F.linear`, [B, V] logits), then `max(-1)`;
+- chunks: greedy_head.chunked_max (torch, vocabulary chunks with a running maximum);
+- kernel: greedy_kernel.greedy_max (compiled; the logits are never written).
+Shapes are the embedded tiny model's lm_head (hidden 128, vocabulary 152064), random weights, float32 and bfloat16.
+Reported per dtype and batch size: medians of process CPU time (all threads; robust on a shared machine)
+and the speedups of the kernel, with which path greedy_pays picks and whether the three give the same ids.
+
+    python benchmarks/greedy_head.py
+    python benchmarks/greedy_head.py --batches 1,2,4,8,16,48,64,128,256 --threads 1 --repeats 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
+from omnistream.engine.worker import greedy_kernel
+from omnistream.engine.worker.greedy_head import chunked_max, greedy_pays
+
+VOCAB, HIDDEN = 152064, 128
+
+
+def cpu_median_ms(fn: Callable[[], torch.Tensor], repeats: int) -> float:
+    fn()  # warm-up (and the kernel's build on first use)
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        fn()
+        times.append(time.process_time() - start)
+    return statistics.median(times) * 1e3
+
+
+def case(lm_head: ParallelLMHead, batch: int, repeats: int) -> dict:
+    weight = lm_head.weight
+    hidden = torch.randn(batch, HIDDEN, generator=torch.Generator().manual_seed(batch)).to(weight.dtype)
+    paths = {
+        "full": lambda: F.linear(hidden, weight).max(dim=-1).indices,
+        "chunks": lambda: chunked_max(weight, hidden)[1],
+        "kernel": lambda: greedy_kernel.greedy_max(weight, hidden)[1],
+    }
+    ids = {name: fn() for name, fn in paths.items()}
+    row = {"dtype": str(weight.dtype).removeprefix("torch."), "batch": batch}
+    row.update({f"{name}_ms": cpu_median_ms(fn, repeats) for name, fn in paths.items()})
+    row["kernel_vs_full"] = row["full_ms"] / row["kernel_ms"]
+    row["kernel_vs_chunks"] = row["chunks_ms"] / row["kernel_ms"]
+    row["greedy_pays"] = greedy_pays(lm_head, batch)
+    row["same_ids"] = all(torch.equal(ids["full"], other) for other in ids.values())
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", default="1,2,4,8,16,48,64,128,256")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (the kernel uses as many)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output-json", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if greedy_kernel.load_kernel() is None:
+        raise SystemExit("the greedy kernel is not available (no C compiler, or OMNISTREAM_GREEDY_KERNEL=0)")
+    rows = []
+    print(f"greedy lm_head {VOCAB} x {HIDDEN}, process CPU ms (medians of {args.repeats}), {args.threads} thread(s)")
+    print(f"{'dtype':>9} {'batch':>6} {'full':>9} {'chunks':>9} {'kernel':>9} {'vs full':>8} {'vs chunks':>10} "
+          f"{'pays':>5} {'same ids':>9}")
+    for dtype in args.dtypes.split(","):
+        lm_head = ParallelLMHead(VOCAB, HIDDEN)
+        with torch.no_grad():
+            lm_head.weight.normal_(std=0.05, generator=torch.Generator().manual_seed(0))
+        lm_head = lm_head.to(getattr(torch, dtype))
+        for batch in (int(b) for b in args.batches.split(",")):
+            with torch.inference_mode():
+                r = case(lm_head, batch, args.repeats)
+            rows.append(r)
+            print(f"{r['dtype']:>9} {batch:>6} {r['full_ms']:>9.2f} {r['chunks_ms']:>9.2f} {r['kernel_ms']:>9.2f} "
+                  f"{r['kernel_vs_full']:>7.2f}x {r['kernel_vs_chunks']:>9.2f}x {r['greedy_pays']!s:>5} "
+                  f"{r['same_ids']!s:>9}", flush=True)
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump({"config": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,264 @@
+/* Greedy tokens straight from the lm_head on CPU: for each row b of hidden [B, H], the vocabulary id v whose
+ * logit dot(hidden[b], weight[v]) is largest, without ever writing the [B, V] logits.
+ *
+ * Layout (greedy_kernel.py checks it): hidden [B, H] fp32 contiguous; weight [V, H] fp32 or bf16 with unit stride
+ * along H and `row_stride` elements between vocabulary rows; out: best value (fp32) and id (int64) per row.
+ * With `round_bf16` each logit is rounded to bfloat16 (to nearest, ties to even) before it is compared, as the
+ * logits of a bf16 lm_head are. Ties keep the lower id (the first maximum, as torch's argmax/max); a NaN logit is
+ * never chosen.
+ *
+ * Work: the vocabulary is split into one contiguous range per thread, each walked in tiles of TILE_VOCAB rows
+ * (bf16 tiles converted to fp32 once into a per-thread scratch, which then stays in L1/L2 while every batch row
+ * meets it). Inside a tile two loops compete:
+ * - rows in lanes (B >= LANES_FROM_ROWS): the hidden rows are transposed once to [H, B padded to LANES], so that
+ *   one vector holds one hidden element of LANES batch rows; each weight element is broadcast and multiplied into
+ *   KV x NB accumulators (KV vocabulary rows x NB vectors of batch rows), and a running maximum and its id are
+ *   kept per lane with vector compares: no horizontal sums;
+ * - dot products (fewer rows): one vectorised dot product per (row, vocabulary id), for a memory-bound GEMV.
+ * Threads are OpenMP's (the runtime torch itself loaded when it is libgomp), at most `num_threads`; the ranges'
+ * winners are merged in vocabulary order, so the result does not depend on the number of threads. */
+
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <omp.h>
+
+#define LANES 16
+#define TILE_VOCAB 64
+#define KV 8 /* vocabulary rows per micro-kernel step */
+#define NB 3 /* vectors of batch rows per micro-kernel step: KV x NB accumulators in registers */
+#define LANES_FROM_ROWS 8
+#define ALIGN 64
+
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+typedef uint32_t vuint __attribute__((vector_size(LANES * sizeof(uint32_t))));
+
+typedef struct {
+    const float *hidden;
+    int64_t num_rows, hidden_size;
+    const void *weight;
+    int64_t vocab, row_stride;
+    int bf16, round_bf16;
+} Problem;
+
+static inline float bf16_to_float(uint16_t x) {
+    union { uint32_t i; float f; } bits = {.i = (uint32_t)x << 16};
+    return bits.f;
+}
+
+static inline float round_to_bf16(float x) {
+    union { float f; uint32_t i; } bits = {.f = x};
+    bits.i = (bits.i + 0x7FFFu + ((bits.i >> 16) & 1u)) & 0xFFFF0000u;
+    return bits.f;
+}
+
+static inline vfloat round_to_bf16_lanes(vfloat x) {
+    vuint bits = (vuint)x;
+    return (vfloat)((bits + 0x7FFFu + ((bits >> 16) & 1u)) & 0xFFFF0000u);
+}
+
+/* The fp32 rows v0 .. v0 + count - 1 of the weight, `*stride` elements apart: the weight itself for fp32, else
+ * converted into scratch [TILE_VOCAB, H]. */
+static const float *tile_rows(const Problem *p, int64_t v0, int64_t count, float *scratch, int64_t *stride) {
+    if (!p->bf16) {
+        *stride = p->row_stride;
+        return (const float *)p->weight + v0 * p->row_stride;
+    }
+    const uint16_t *src = (const uint16_t *)p->weight + v0 * p->row_stride;
+    for (int64_t v = 0; v < count; v++) {
+        float *dst = scratch + v * p->hidden_size;
+        const uint16_t *row = src + v * p->row_stride;
+#pragma omp simd
+        for (int64_t h = 0; h < p->hidden_size; h++)
+            dst[h] = bf16_to_float(row[h]);
+    }
+    *stride = p->hidden_size;
+    return scratch;
+}
+
+/* Keep the larger of best/candidate per lane (the earlier id on ties: candidates come in increasing id). */
+static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
+    if (round_bf16)
+        candidate = round_to_bf16_lanes(candidate);
+    vint better = candidate > *best;
+    *best = (vfloat)(((vint)candidate & better) | ((vint)*best & ~better));
+    *best_id = (better & id) | (*best_id & ~better);
+}
+
+/* Rows in lanes, one block: vocabulary rows [v, v + kv) of w (ids v0 + v ..) against the nb vectors of batch rows
+ * starting at vector b of the transposed hidden ht [H, num_vectors]; kv and nb are constants where it is inlined. */
+static inline __attribute__((always_inline)) void lanes_block(const Problem *p, const float *w, int64_t stride,
+                                                              int64_t v, int kv, int64_t v0, const vfloat *ht,
+                                                              int64_t num_vectors, int64_t b, int nb, vfloat *best,
+                                                              vint *best_id) {
+    vfloat acc[KV][NB];
+    for (int k = 0; k < kv; k++)
+        for (int j = 0; j < nb; j++)
+            acc[k][j] = (vfloat){0};
+    for (int64_t h = 0; h < p->hidden_size; h++) {
+        vfloat x[NB];
+        for (int j = 0; j < nb; j++)
+            x[j] = ht[h * num_vectors + b + j];
+        for (int k = 0; k < kv; k++) {
+            float wk = w[(v + k) * stride + h];
+            for (int j = 0; j < nb; j++)
+                acc[k][j] += wk * x[j];
+        }
+    }
+    for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
+        for (int j = 0; j < nb; j++)
+            keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16);
+}
+
+/* Rows in lanes: tile rows [0, count) of w (ids v0 ..) against the transposed hidden ht [H, num_vectors], in
+ * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone). */
+static void tile_lanes(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0,
+                       const vfloat *ht, int64_t num_vectors, vfloat *best, vint *best_id) {
+    for (int64_t b = 0; b < num_vectors;) {
+        int64_t rest = num_vectors - b, v = 0;
+        if (rest >= NB && rest != 4) {
+            for (; v + KV <= count; v += KV)
+                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, best, best_id);
+            for (; v < count; v++)
+                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, best, best_id);
+            b += NB;
+        } else if (rest >= 2) {
+            for (; v + KV <= count; v += KV)
+                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, best, best_id);
+            for (; v < count; v++)
+                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, best, best_id);
+            b += 2;
+        } else {
+            for (; v + KV <= count; v += KV)
+                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, best, best_id);
+            for (; v < count; v++)
+                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, best, best_id);
+            b += 1;
+        }
+    }
+}
+
+/* Dot products: tile rows [0, count) of w (ids v0 ..) against every hidden row. */
+static void tile_dots(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, float *best,
+                      int64_t *best_id) {
+    int64_t H = p->hidden_size;
+    for (int64_t v = 0; v < count; v++) {
+        const float *row = w + v * stride;
+        for (int64_t b = 0; b < p->num_rows; b++) {
+            const float *x = p->hidden + b * H;
+            float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t h = 0; h < H; h++)
+                sum += x[h] * row[h];
+            if (p->round_bf16)
+                sum = round_to_bf16(sum);
+            if (sum > best[b]) {
+                best[b] = sum;
+                best_id[b] = v0 + v;
+            }
+        }
+    }
+}
+
+/* One thread's vocabulary range [lo, hi): its best value and id per row into best / best_id [B].
+ * Returns nonzero when scratch memory could not be allocated. */
+static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht, float *best, int64_t *best_id) {
+    int64_t B = p->num_rows, H = p->hidden_size;
+    int lanes = B >= LANES_FROM_ROWS;
+    int64_t num_vectors = (B + LANES - 1) / LANES;
+    float *scratch = NULL;
+    vfloat *lane_best = NULL;
+    vint *lane_id = NULL;
+    int status = 0;
+    if (p->bf16 && !(scratch = aligned_alloc(ALIGN, (size_t)(TILE_VOCAB * H * sizeof(float) + ALIGN))))
+        status = 1;
+    if (lanes && !status) {
+        lane_best = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vfloat));
+        lane_id = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vint));
+        status = !lane_best || !lane_id;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        best[b] = -__builtin_inff();
+        best_id[b] = lo < hi ? lo : 0;
+    }
+    if (lanes && !status)
+        for (int64_t i = 0; i < num_vectors; i++) {
+            for (int j = 0; j < LANES; j++) {
+                lane_best[i][j] = -__builtin_inff();
+                lane_id[i][j] = (int32_t)lo;
+            }
+        }
+    for (int64_t v0 = lo; v0 < hi && !status; v0 += TILE_VOCAB) {
+        int64_t count = hi - v0 < TILE_VOCAB ? hi - v0 : TILE_VOCAB, stride;
+        const float *w = tile_rows(p, v0, count, scratch, &stride);
+        if (lanes)
+            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lane_best, lane_id);
+        else
+            tile_dots(p, w, stride, count, v0, best, best_id);
+    }
+    if (lanes && !status)
+        for (int64_t b = 0; b < B; b++) {
+            best[b] = lane_best[b / LANES][b % LANES];
+            best_id[b] = lane_id[b / LANES][b % LANES];
+        }
+    free(scratch);
+    free(lane_best);
+    free(lane_id);
+    return status;
+}
+
+int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, const void *weight, int64_t vocab,
+                   int64_t row_stride, int bf16, int round_bf16, float *out_value, int64_t *out_id,
+                   int num_threads) {
+    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16};
+    int64_t num_tiles = (vocab + TILE_VOCAB - 1) / TILE_VOCAB;
+    int threads = num_threads < 1 ? 1 : num_threads;
+    if (threads > num_tiles)
+        threads = (int)num_tiles;
+    int64_t num_vectors = (num_rows + LANES - 1) / LANES;
+    vfloat *ht = NULL;
+    float *values = malloc((size_t)threads * num_rows * sizeof(float));
+    int64_t *ids = malloc((size_t)threads * num_rows * sizeof(int64_t));
+    int status = !values || !ids;
+    if (!status && num_rows >= LANES_FROM_ROWS) { /* hidden transposed: ht[h * num_vectors + i][j] = row 16i+j */
+        ht = aligned_alloc(ALIGN, (size_t)(hidden_size * num_vectors) * sizeof(vfloat));
+        status = !ht;
+        if (ht) {
+            memset(ht, 0, (size_t)(hidden_size * num_vectors) * sizeof(vfloat));
+            for (int64_t b = 0; b < num_rows; b++)
+                for (int64_t h = 0; h < hidden_size; h++)
+                    ht[h * num_vectors + b / LANES][b % LANES] = hidden[b * hidden_size + h];
+        }
+    }
+    int failed = 0, team = threads;
+    if (!status) {
+#pragma omp parallel num_threads(threads) if (threads > 1) reduction(| : failed)
+        {
+            int t = omp_get_thread_num(), n = omp_get_num_threads();
+            if (t == 0)
+                team = n; /* OpenMP may grant fewer threads than asked */
+            int64_t lo = num_tiles * t / n * TILE_VOCAB, hi = num_tiles * (t + 1) / n * TILE_VOCAB;
+            if (hi > vocab)
+                hi = vocab;
+            failed |= run_range(&p, lo, hi, ht, values + (int64_t)t * num_rows, ids + (int64_t)t * num_rows);
+        }
+        /* ranges in vocabulary order; a later range wins only with a strictly larger value */
+        for (int64_t b = 0; b < num_rows; b++) {
+            float best = values[b];
+            int64_t best_id = ids[b];
+            for (int t = 1; t < team; t++)
+                if (values[(int64_t)t * num_rows + b] > best) {
+                    best = values[(int64_t)t * num_rows + b];
+                    best_id = ids[(int64_t)t * num_rows + b];
+                }
+            out_value[b] = best;
+            out_id[b] = best_id;
+        }
+    }
+    free(ht);
+    free(values);
+    free(ids);
+    return status || failed;
+}

@@ -1,0 +1,78 @@
+"""The compiled greedy lm_head (greedy_kernel.c): each row's largest logit and its id over one vocabulary shard,
+without materialising the logits; built on first use with the system C compiler, cached, called through ctypes.
+
+CPU only, float32 or bfloat16 weights (a bf16 lm_head's logits are rounded to bf16 before they are compared, as
+torch's are). It runs on torch.get_num_threads() threads of the OpenMP runtime torch itself loaded. Without a
+working compiler, or with OMNISTREAM_GREEDY_KERNEL=0, `load_kernel` returns None and greedy_head.py keeps its
+torch path (the slow twin the tests compare this kernel with).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import subprocess
+from functools import cache
+from pathlib import Path
+
+import torch
+
+from omnistream.multimodal.native_build import build_shared_library
+
+logger = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("greedy_kernel.c")
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+DISABLE_ENV = "OMNISTREAM_GREEDY_KERNEL"  # "0": never build or use the kernel
+_ARGTYPES = [
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # hidden, rows, hidden size
+    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,  # weight, vocab, stride, bf16, round
+    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # out values, out ids, threads
+]
+
+
+@cache
+def load_kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None when it is switched off or cannot be built (logged once)."""
+    if os.environ.get(DISABLE_ENV) == "0":
+        return None
+    try:
+        library = ctypes.CDLL(str(build_shared_library(SOURCE, ("-fopenmp",))))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        logger.warning("greedy lm_head: the cpu kernel could not be built (%s); the torch path is used", exc)
+        return None
+    library.greedy_lm_head.restype = ctypes.c_int
+    library.greedy_lm_head.argtypes = _ARGTYPES
+    return library
+
+
+def supports(weight: torch.Tensor, hidden_dtype: torch.dtype) -> bool:
+    """Whether the kernel is built and takes this lm_head weight [V, H] with hidden rows of hidden_dtype."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in WEIGHT_DTYPES
+        and hidden_dtype == weight.dtype
+        and weight.dim() == 2
+        and weight.stride(1) == 1
+        and load_kernel() is not None
+    )
+
+
+def greedy_max(weight: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The largest logit of each row of hidden [B, H] against weight [V, H] and its id (first maximum): values in
+    hidden's dtype [B], ids int64 [B]. Call only where `supports(weight, hidden.dtype)` holds."""
+    library = load_kernel()
+    if library is None:
+        raise RuntimeError("greedy lm_head: the cpu kernel is not available")
+    rows = hidden.float().contiguous()
+    values = torch.empty(rows.shape[0], dtype=torch.float32)
+    ids = torch.empty(rows.shape[0], dtype=torch.int64)
+    bf16 = int(weight.dtype == torch.bfloat16)
+    status = library.greedy_lm_head(
+        rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), weight.shape[0], weight.stride(0),
+        bf16, bf16, values.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
+    )
+    if status != 0:
+        raise MemoryError("greedy lm_head: the cpu kernel could not allocate its scratch memory")
+    return values.to(hidden.dtype), ids

@@ -1,0 +1,128 @@
+"""The compiled greedy lm_head picks what its torch twin (greedy_head.chunked_max) and `logits.max(-1)` pick: the
+first maximum, in float32 and bfloat16, for any number of rows, vocabularies that are not a multiple of its tile,
+hidden sizes that are not a multiple of its vectors, vocabulary shards (views with a row stride), and any number of
+threads; without the kernel (OMNISTREAM_GREEDY_KERNEL=0) the torch path answers the same."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
+from omnistream.engine.worker import greedy_head, greedy_kernel
+
+pytestmark = pytest.mark.skipif(greedy_kernel.load_kernel() is None, reason="no C compiler: the kernel is not built")
+
+VOCAB, HIDDEN = 1037, 40  # 16 tiles of 64 rows and 13 more; 40 = 2 vectors of 16 and 8 more
+
+
+def _weight(dtype: torch.dtype, seed: int = 0, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randn(vocab, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _hidden(rows: int, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:
+    return torch.randn(rows, HIDDEN, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+def _clear_winners(weight: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """Rows whose best logit (in float64) leads the runner-up by more than any summation order can move it."""
+    top2 = F.linear(hidden.double(), weight.double()).topk(2, dim=-1).values
+    return (top2[:, 0] - top2[:, 1]) > 1e-3 * top2[:, 0].abs().clamp(min=1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 15, 16, 17, 33, 48, 64, 65, 300])
+def test_kernel_twin_and_full_logits_pick_the_same_ids(dtype, rows):
+    weight, hidden = _weight(dtype, rows), _hidden(rows, dtype)
+    values, ids = greedy_kernel.greedy_max(weight, hidden)
+    twin_values, twin_ids = greedy_head.chunked_max(weight, hidden)
+    logits = F.linear(hidden, weight)
+    full = logits.max(dim=-1)
+    clear = _clear_winners(weight, hidden)
+    assert clear.float().mean() > 0.8  # the check below covers most rows
+    assert torch.equal(ids[clear], full.indices[clear]) and torch.equal(ids[clear], twin_ids[clear])
+    # every row: the chosen id's logit is the maximum, up to the rounding of the sum's order
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    chosen = logits.float().gather(1, ids[:, None]).squeeze(1)
+    torch.testing.assert_close(chosen, full.values.float(), atol=tolerance, rtol=tolerance)
+    assert values.dtype == dtype
+    torch.testing.assert_close(values.float(), twin_values.float(), atol=tolerance, rtol=tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("rows", [3, 40])
+def test_ties_keep_the_first_maximum_whatever_the_threads(monkeypatch, dtype, threads, rows):
+    monkeypatch.setattr(greedy_kernel.torch, "get_num_threads", lambda: threads)
+    weight, hidden = _weight(torch.float32, 7), _hidden(rows, torch.float32, 8)
+    hidden[0] = 0.0  # every logit 0: id 0 wins
+    weight[1030] = weight[700] = weight[5] = 40.0 * hidden[-1]  # a tie across tiles and thread ranges: 5 wins
+    weight[900] = weight[600] = 40.0 * hidden[1]  # row 1: 600 wins
+    weight, hidden = weight.to(dtype), hidden.to(dtype)
+    _, ids = greedy_kernel.greedy_max(weight, hidden)
+    want = F.linear(hidden, weight).max(dim=-1).indices
+    assert ids[0] == 0 and ids[1] == 600 and ids[-1] == 5
+    assert torch.equal(ids[[0, 1, -1]], want[[0, 1, -1]])
+
+
+def test_every_logit_minus_infinity_gives_id_zero_as_argmax_does():
+    weight = torch.zeros(VOCAB, HIDDEN)
+    weight[:, 0] = -float("inf")
+    hidden = torch.ones(20, HIDDEN)
+    assert greedy_kernel.greedy_max(weight, hidden)[1].tolist() == [0] * 20
+    assert F.linear(hidden, weight).max(dim=-1).indices.tolist() == [0] * 20
+
+
+@pytest.mark.parametrize("rows", [1, 20])
+def test_a_vocabulary_shard_with_a_row_stride_gives_ids_within_the_shard(rows):
+    wide = torch.randn(VOCAB, HIDDEN + 24, generator=torch.Generator().manual_seed(3))
+    weight = wide[:, :HIDDEN]  # rows HIDDEN + 24 elements apart
+    hidden = _hidden(rows, torch.float32, 4)
+    start, end = 300, 950  # one rank's shard
+    _, ids = greedy_kernel.greedy_max(weight[start:end], hidden)
+    want = F.linear(hidden, weight[start:end]).max(dim=-1).indices
+    clear = _clear_winners(weight[start:end], hidden)
+    assert clear.any() and torch.equal(ids[clear], want[clear])
+
+
+def test_greedy_tokens_uses_the_kernel_and_greedy_pays_follows_the_measured_thresholds(monkeypatch):
+    lm_head = ParallelLMHead(VOCAB, HIDDEN)
+    lm_head.weight.normal_(generator=torch.Generator().manual_seed(5))
+    hidden = _hidden(30, torch.float32, 6)
+    calls = []
+    monkeypatch.setattr(greedy_kernel, "greedy_max", lambda w, h: calls.append(h.shape[0]) or greedy_head.chunked_max(w, h))
+    greedy_head.greedy_tokens(lm_head, hidden)
+    assert calls == [30]
+    assert not greedy_head.greedy_pays(lm_head, greedy_head.KERNEL_FROM_ROWS - 1)
+    assert greedy_head.greedy_pays(lm_head, greedy_head.KERNEL_FROM_ROWS)
+    assert not greedy_head.greedy_pays(ParallelLMHead(VOCAB, HIDDEN).to("meta"), 256)  # a GPU keeps one GEMM
+
+
+def test_without_the_kernel_the_torch_path_answers(monkeypatch):
+    lm_head = ParallelLMHead(VOCAB, HIDDEN)
+    lm_head.weight.normal_(generator=torch.Generator().manual_seed(9))
+    hidden = _hidden(70, torch.float32, 10)
+    with_kernel = greedy_head.greedy_tokens(lm_head, hidden)
+    monkeypatch.setenv(greedy_kernel.DISABLE_ENV, "0")
+    greedy_kernel.load_kernel.cache_clear()
+    try:
+        assert greedy_kernel.load_kernel() is None and not greedy_kernel.supports(lm_head.weight, torch.float32)
+        assert not greedy_head.greedy_pays(lm_head, greedy_head.CHUNKED_FROM_ROWS - 1)
+        assert greedy_head.greedy_pays(lm_head, greedy_head.CHUNKED_FROM_ROWS)
+        without = greedy_head.greedy_tokens(lm_head, hidden)
+    finally:
+        monkeypatch.delenv(greedy_kernel.DISABLE_ENV)
+        greedy_kernel.load_kernel.cache_clear()
+    clear = _clear_winners(lm_head.weight, hidden)
+    assert torch.equal(with_kernel[clear], without[clear])
+    assert torch.equal(without, lm_head(hidden).max(dim=-1).indices)
+
+
+def test_the_kernel_is_built_at_start_up_for_a_cpu_lm_head_only(monkeypatch):
+    built = []
+    monkeypatch.setattr(greedy_kernel, "load_kernel", lambda: built.append(True))
+    greedy_head.prepare_greedy_head(ParallelLMHead(VOCAB, HIDDEN).to("meta"))
+    assert built == []
+    greedy_head.prepare_greedy_head(ParallelLMHead(VOCAB, HIDDEN))
+    assert built == [True]
