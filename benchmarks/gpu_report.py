@@ -1,0 +1,153 @@
+"""The GPU benchmark's report: issue #14's targets marked met / missed / not measured, as JSON and as text.
+
+Owns the target table and the two summaries written from the stage results (gpu.py's `stages` mapping: per stage
+its status, seconds, error and result). A target whose stage did not produce its number is "not measured",
+never missed or met.
+"""
+
+from __future__ import annotations
+
+import json
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+Stages = dict[str, dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    description: str
+    limit: float
+    op: str  # "<=" or ">="
+    value: Callable[[Stages], float | None]
+
+
+def _row(stages: Stages, stage: str, batch: int) -> dict[str, Any] | None:
+    rows = (stages.get(stage, {}).get("result") or {}).get("rows") or []
+    return next((row for row in rows if row.get("batch") == batch), None)
+
+
+def _field(stages: Stages, stage: str, key: str) -> Any:
+    return (stages.get(stage, {}).get("result") or {}).get(key)
+
+
+def _step_ms(stages: Stages, batch: int) -> float | None:
+    row = _row(stages, "decode", batch)
+    return None if row is None else row["step_ms"]
+
+
+def _tok_s(stages: Stages, batch: int) -> float | None:
+    row = _row(stages, "decode", batch)
+    return None if row is None else row["output_tok_s"]
+
+
+def _floor_fraction(stages: Stages, batch: int) -> float | None:
+    floor, step = _row(stages, "floor", batch), _step_ms(stages, batch)
+    return None if floor is None or step is None else floor["floor_ms"] / step
+
+
+def _parity(stages: Stages) -> float | None:
+    identical, of = _field(stages, "parity", "identical_requests"), _field(stages, "parity", "of")
+    return None if identical is None or not of else identical / of
+
+
+TARGETS = (
+    Target("decode_step_ms_b1", "decode step at batch 1 (ms)", 5.0, "<=", lambda s: _step_ms(s, 1)),
+    Target(
+        "floor_fraction_b1", "weight-read floor / decode step at batch 1", 0.25, ">=", lambda s: _floor_fraction(s, 1)
+    ),
+    Target("output_tok_s_b32", "decode output tok/s at batch 32", 5000.0, ">=", lambda s: _tok_s(s, 32)),
+    Target(
+        "speedup_vs_hf",
+        "offline throughput / HF eager generate",
+        10.0,
+        ">=",
+        lambda s: _field(s, "compare", "speedup_vs_hf"),
+    ),
+    Target("fp32_greedy_identical", "tiny model fp32 greedy: identical requests / all", 1.0, ">=", _parity),
+    Target(
+        "live_long_over_short",
+        "live end of speech -> first token, long session / short",
+        1.2,
+        "<=",
+        lambda s: _field(s, "live", "long_over_short"),
+    ),
+    Target(
+        "live_short_ms",
+        "live end of speech -> first token at the short session (ms)",
+        50.0,
+        "<=",
+        lambda s: _field(s, "live", "short_eos_to_first_ms"),
+    ),
+)
+_OPS = {"<=": operator.le, ">=": operator.ge}
+
+
+def evaluate(stages: Stages) -> list[dict[str, Any]]:
+    """Each target with its measured value (None when its stage gave none) and its status."""
+    rows = []
+    for target in TARGETS:
+        value = target.value(stages)
+        status = "not measured" if value is None else "met" if _OPS[target.op](value, target.limit) else "missed"
+        rows.append(
+            {
+                "name": target.name,
+                "description": target.description,
+                "value": value,
+                "target": f"{target.op} {target.limit:g}",
+                "status": status,
+            }
+        )
+    return rows
+
+
+def write_report(out_dir: Path, header: dict[str, Any], stages: Stages) -> dict[str, Any]:
+    """Write gpu_report.json and gpu_report.txt into `out_dir`; return the JSON document."""
+    report = {**header, "stages": stages, "targets": evaluate(stages)}
+    (out_dir / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out_dir / "gpu_report.txt").write_text(summary(report))
+    return report
+
+
+def summary(report: dict[str, Any]) -> str:
+    title = (
+        f"omnistream GPU benchmark: {report.get('device_name')} ({report.get('device')}), "
+        f"{report.get('dtype')}, {report.get('model')}; {report.get('total_s', 0):.0f} s"
+    )
+    lines = [title]
+    if report.get("smoke"):
+        lines.append("SMOKE RUN: tiny shapes; the figures below say nothing about the targets")
+    lines += ["", "Stages:"]
+    for name, stage in report["stages"].items():
+        error = f"  {stage['error']}" if stage.get("error") else ""
+        lines.append(f"  {name:<8} {stage['status']:<19} {stage.get('seconds', 0):6.1f} s{error}")
+    decode = _decode_table(report["stages"])
+    if decode:
+        lines += ["", *decode]
+    lines += ["", "Targets (issue #14):"]
+    for target in report["targets"]:
+        value = "-" if target["value"] is None else f"{target['value']:.4g}"
+        lines.append(f"  {target['status']:<13} {target['description']}: {value} (target {target['target']})")
+    return "\n".join(lines) + "\n"
+
+
+def _decode_table(stages: Stages) -> list[str]:
+    rows = (stages.get("decode", {}).get("result") or {}).get("rows") or []
+    if not rows:
+        return []
+    lines = [
+        "Decode step (median, synchronised):",
+        f"  {'batch':>5} {'step ms':>9} {'out tok/s':>10} {'floor ms':>9} {'of floor':>9}",
+    ]
+    for row in rows:
+        floor = _row(stages, "floor", row["batch"])
+        floor_ms = "-" if floor is None else f"{floor['floor_ms']:.3f}"
+        share = "-" if floor is None else f"{floor['floor_ms'] / row['step_ms']:.1%}"
+        lines.append(
+            f"  {row['batch']:>5} {row['step_ms']:>9.3f} {row['output_tok_s']:>10.0f} {floor_ms:>9} {share:>9}"
+        )
+    return lines

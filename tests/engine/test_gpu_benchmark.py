@@ -1,0 +1,111 @@
+"""benchmarks/gpu.py, the one-command GPU report, run end to end on CPU in its smoke mode: every stage is in the
+JSON with its numbers, a stage made to fail is recorded as failed (its target "not measured") while the stages
+after it still run, and the floor's byte count equals the parameters of the model the benchmark builds."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omnistream.engine.model_executor.loader import load_model
+
+BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
+sys.path.insert(0, str(BENCH_DIR))
+
+from gpu_floor import decode_step_bytes, expected_experts
+from gpu_model import smoke_shape, write_checkpoint
+
+STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech")
+
+
+@pytest.fixture(scope="module")
+def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    out = tmp_path_factory.mktemp("gpu_bench")
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(BENCH_DIR / "gpu.py"),
+            "--device",
+            "cpu",
+            "--smoke",
+            "--out",
+            str(out),
+            "--fail-stage",
+            "compare",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=dict(os.environ),
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads((out / "gpu_report.json").read_text())
+    report["_text"] = (out / "gpu_report.txt").read_text()
+    return report
+
+
+def test_every_stage_reports_numbers(smoke_report: dict) -> None:
+    stages = smoke_report["stages"]
+    assert list(stages) == list(STAGES)
+    for name in ("build", "floor", "decode", "profile", "parity", "live"):
+        assert stages[name]["status"] == "ok", (name, stages[name]["error"])
+    batches = smoke_report["plan"]["batches"]
+    floor = stages["floor"]["result"]
+    assert floor["measured_bandwidth_gbps"] > 0
+    assert [row["batch"] for row in floor["rows"]] == batches
+    assert all(row["floor_ms"] > 0 for row in floor["rows"])
+    decode = stages["decode"]["result"]
+    assert [row["batch"] for row in decode["rows"]] == batches
+    for row in decode["rows"]:
+        assert row["steps"] == smoke_report["plan"]["steps"]
+        assert row["step_ms"] > 0
+        assert row["output_tok_s"] == pytest.approx(row["batch"] / (row["step_ms"] / 1e3))
+    assert decode["graphs_on"] is False  # graphs never run on CPU
+    profile = stages["profile"]["result"]
+    assert profile["was_decode_step"] and profile["top_ops"]
+    assert all(op["self_ms"] >= 0 and op["calls"] > 0 for op in profile["top_ops"])
+    parity = stages["parity"]["result"]
+    assert parity["of"] == smoke_report["plan"]["parity"]["num_prompts"]
+    assert parity["identical"] and parity["identical_requests"] == parity["of"]
+    live = stages["live"]["result"]
+    assert [row["audio_s"] for row in live["rows"]] == smoke_report["plan"]["live_durations"]
+    assert live["short_eos_to_first_ms"] > 0 and live["long_eos_to_first_ms"] > 0
+    speech_present = (BENCH_DIR / "speech.py").exists()
+    assert stages["speech"]["status"] == ("ok" if speech_present else "not_available")
+
+
+def test_a_failing_stage_is_recorded_and_the_rest_run(smoke_report: dict) -> None:
+    compare = smoke_report["stages"]["compare"]
+    assert compare["status"] == "failed"
+    assert "failure injected into stage compare" in compare["error"]
+    targets = {t["name"]: t for t in smoke_report["targets"]}
+    assert targets["speedup_vs_hf"]["status"] == "not measured"
+    decode_b1 = next(r for r in smoke_report["stages"]["decode"]["result"]["rows"] if r["batch"] == 1)
+    assert targets["decode_step_ms_b1"]["value"] == decode_b1["step_ms"]
+    assert targets["decode_step_ms_b1"]["status"] == ("met" if decode_b1["step_ms"] <= 5 else "missed")
+    assert targets["fp32_greedy_identical"]["status"] == "met"
+    assert "compare  failed" in smoke_report["_text"]
+
+
+def test_floor_bytes_are_the_parameters_a_step_reads(tmp_path: Path) -> None:
+    shape = smoke_shape(experts=4)
+    model_dir, _, _ = write_checkpoint(tmp_path, shape, torch.float32, torch.device("cpu"))
+    model, config = load_model(model_dir, None, "cpu")
+    text = json.loads((model_dir / "config.json").read_text())["text_config"]
+    decoder = {name: p.numel() for name, p in model.named_parameters() if not name.startswith(("audio", "visual"))}
+    experts = sum(n for name, n in decoder.items() if ".mlp.w13" in name or ".mlp.w2" in name)
+    rest = sum(n for name, n in decoder.items() if "embed_tokens" not in name) - experts
+    every_expert = decode_step_bytes(text, batch=10_000, context=0, element_size=4)
+    assert every_expert["dense"] + every_expert["lm_head"] == 4 * rest
+    assert every_expert["experts"] == pytest.approx(4 * experts)
+    one = decode_step_bytes(text, batch=1, context=7, element_size=2)
+    assert one["experts"] == pytest.approx(2 * experts * shape.top_k / shape.experts)
+    kv_per_token = 2 * config.text.num_key_value_heads * config.text.head_dim * config.text.num_hidden_layers
+    assert one["kv_cache"] == 2 * 8 * kv_per_token
+    assert expected_experts(shape.experts, shape.top_k, 1) == pytest.approx(shape.top_k)
