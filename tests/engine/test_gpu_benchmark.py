@@ -5,6 +5,7 @@ after it still run, and the floor's byte count equals the parameters of the mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -12,13 +13,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from omnistream.engine.model_executor.loader import load_model
+from omnistream.engine.checkpoint.default_model import thinker_weight_shapes
+from omnistream.engine.checkpoint.model_config import ThinkerConfig
+from omnistream.engine.model_executor.loader import default_dtype, load_model
+from omnistream.engine.model_executor.models.registry import get_model_class
 
 BENCH_DIR = Path(__file__).resolve().parents[2] / "benchmarks"
 sys.path.insert(0, str(BENCH_DIR))
 
 from gpu_floor import decode_step_bytes, expected_experts
-from gpu_model import smoke_shape, write_checkpoint
+from gpu_model import real_shape, smoke_shape, thinker_config, write_checkpoint
 
 STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech")
 
@@ -109,3 +113,16 @@ def test_floor_bytes_are_the_parameters_a_step_reads(tmp_path: Path) -> None:
     kv_per_token = 2 * config.text.num_key_value_heads * config.text.head_dim * config.text.num_hidden_layers
     assert one["kv_cache"] == 2 * 8 * kv_per_token
     assert expected_experts(shape.experts, shape.top_k, 1) == pytest.approx(shape.top_k)
+
+
+def test_the_real_shape_config_builds_our_model_with_every_checkpoint_tensor() -> None:
+    """The GPU run's config (48 layers, 16 experts, the real audio tower) is valid for our model classes, and the
+    checkpoint the benchmark writes for it holds exactly the model's parameters (built on meta: no memory)."""
+    config = thinker_config(real_shape(experts=16), "bfloat16")
+    with torch.device("meta"), default_dtype(torch.bfloat16):
+        model = get_model_class(config)(ThinkerConfig.from_dict(config), "auto")
+    params = dict(model.named_parameters())
+    assert model.num_layers == 48
+    assert tuple(params["model.layers.47.mlp.w13"].shape) == (16, 2 * 768, 2048)
+    written = sum(math.prod(dims) for dims in thinker_weight_shapes(config).values())
+    assert written == sum(p.numel() for p in params.values())
