@@ -1,8 +1,9 @@
 """Our engine against HF transformers on one device: offline throughput on the same weights, and greedy agreement.
 
 Owns two measurements. `engine_vs_hf`: one seeded workload (benchmarks/throughput.py's) through `LLM.generate`
-and through HF `generate` (eager: no compile; batches of prompts sorted by length, left-padded), output tokens
-per second of each and their ratio. `tiny_parity`: the embedded tiny model in fp32 through both, greedy, and how
+and through HF `generate` (eager: no compile; batches of prompts sorted by length, left-padded; each batch runs to
+its longest output, so equal output lengths keep the count fair), output tokens per second of each and their
+ratio. `tiny_parity`: the embedded tiny model in fp32 through both, greedy, and how
 many requests produce identical tokens. On CUDA, TF32 is turned off so that fp32 means fp32 on both sides.
 """
 

@@ -9,6 +9,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,3 +127,18 @@ def test_the_real_shape_config_builds_our_model_with_every_checkpoint_tensor() -
     assert tuple(params["model.layers.47.mlp.w13"].shape) == (16, 2 * 768, 2048)
     written = sum(math.prod(dims) for dims in thinker_weight_shapes(config).values())
     assert written == sum(p.numel() for p in params.values())
+
+
+def test_a_stage_past_its_cap_is_killed_and_recorded_as_timeout(tmp_path: Path) -> None:
+    import gpu
+
+    plan = gpu.make_plan(gpu.build_parser().parse_args(["--device", "cpu", "--smoke", "--out", str(tmp_path)]))
+    for sub in ("stages", "logs"):
+        (tmp_path / sub).mkdir()
+    plan_path = tmp_path / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    start = time.monotonic()
+    records = gpu.run_group(["build", "floor"], plan_path, gpu.ensure_importable(), 0.5, tmp_path)
+    assert time.monotonic() - start < 5
+    assert [r["status"] for r in records.values()] == ["timeout", "timeout"]
+    assert "0.5 s cap" in records["build"]["error"]
