@@ -17,6 +17,7 @@ out of time is recorded with what it had measured, and the next one runs:
   parity   the embedded tiny model in fp32: greedy tokens of our engine vs HF, 64 prompts (gpu_compare.py)
   live     end of speech → first token at 10 s and 600 s of live audio, benchmarks/streaming.py (gpu_live.py)
   speech   benchmarks/speech.py --device D --output-json F, when that file exists (issue #17)
+  gputests the repository's @pytest.mark.gpu tests, counts and failures (gpu_tests.py)
 Output in --out: gpu_report.json and gpu_report.txt (issue #14's targets marked met / missed / not measured,
 gpu_report.py), stages/<stage>.json, logs/<stage>.log, profile.txt; the model (about 12 GB at the real shapes) goes
 to --model-dir (default OUT/model; keep it outside a folder that is copied back). A device image without some of
@@ -43,9 +44,9 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech")
+STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech", "gputests")
 # stages that share a process (decode and profile: the model is loaded once; parity needs little memory)
-GROUPS = (("build", "floor"), ("decode", "profile"), ("compare", "parity"), ("live",), ("speech",))
+GROUPS = (("build", "floor"), ("decode", "profile"), ("compare", "parity"), ("live",), ("speech",), ("gputests",))
 CAPS_S = {
     "build": 120,
     "floor": 30,
@@ -55,6 +56,7 @@ CAPS_S = {
     "parity": 90,
     "live": 150,
     "speech": 60,
+    "gputests": 120,
 }
 NEEDS_MODEL = ("floor", "decode", "profile", "compare", "live")
 _reused: dict[str, Any] = {}  # what a later stage of the same worker process takes over (the decode bench)
@@ -269,6 +271,12 @@ def stage_speech(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str
     return json.loads(result_path.read_text())
 
 
+def stage_gputests(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
+    from gpu_tests import run_gpu_tests
+
+    return run_gpu_tests(REPO_ROOT, Path(plan["out"]))
+
+
 BODIES: dict[str, Callable[[dict[str, Any], Callable[[dict], None]], dict[str, Any]]] = {
     "build": stage_build,
     "floor": stage_floor,
@@ -278,6 +286,7 @@ BODIES: dict[str, Callable[[dict[str, Any], Callable[[dict], None]], dict[str, A
     "parity": stage_parity,
     "live": stage_live,
     "speech": stage_speech,
+    "gputests": stage_gputests,
 }
 
 

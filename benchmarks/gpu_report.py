@@ -125,6 +125,11 @@ def summary(report: dict[str, Any]) -> str:
     for name, stage in report["stages"].items():
         error = f"  {stage['error']}" if stage.get("error") else ""
         lines.append(f"  {name:<8} {stage['status']:<19} {stage.get('seconds', 0):6.1f} s{error}")
+    tests = report["stages"].get("gputests", {}).get("result")
+    if tests:
+        counts = f"{tests['passed']} passed, {len(tests['failed'])} failed, {tests['skipped']} skipped"
+        lines += ["", f"GPU tests (@pytest.mark.gpu): {counts} of {tests['tests']}"]
+        lines += [f"  FAILED {failure['test']}: {failure['message']}" for failure in tests["failed"]]
     decode = _decode_table(report["stages"])
     if decode:
         lines += ["", *decode]

@@ -25,24 +25,15 @@ sys.path.insert(0, str(BENCH_DIR))
 from gpu_floor import decode_step_bytes, expected_experts
 from gpu_model import real_shape, smoke_shape, thinker_config, write_checkpoint
 
-STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech")
+STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech", "gputests")
 
 
 @pytest.fixture(scope="module")
 def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("gpu_bench")
     done = subprocess.run(
-        [
-            sys.executable,
-            str(BENCH_DIR / "gpu.py"),
-            "--device",
-            "cpu",
-            "--smoke",
-            "--out",
-            str(out),
-            "--fail-stage",
-            "compare",
-        ],
+        [sys.executable, str(BENCH_DIR / "gpu.py"), "--device", "cpu", "--smoke", "--out", str(out)]
+        + ["--fail-stage", "compare", "--stages", ",".join(STAGES[:-1])],
         capture_output=True,
         text=True,
         timeout=180,
@@ -57,7 +48,7 @@ def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_every_stage_reports_numbers(smoke_report: dict) -> None:
     stages = smoke_report["stages"]
-    assert list(stages) == list(STAGES)
+    assert list(stages) == list(STAGES[:-1])  # gputests: its own test below
     for name in ("build", "floor", "decode", "profile", "parity", "live"):
         assert stages[name]["status"] == "ok", (name, stages[name]["error"])
     batches = smoke_report["plan"]["batches"]
@@ -142,3 +133,22 @@ def test_a_stage_past_its_cap_is_killed_and_recorded_as_timeout(tmp_path: Path) 
     assert time.monotonic() - start < 5
     assert [r["status"] for r in records.values()] == ["timeout", "timeout"]
     assert "0.5 s cap" in records["build"]["error"]
+
+
+def test_gpu_tests_stage_counts_passes_skips_and_failures(tmp_path: Path) -> None:
+    from gpu_tests import run_gpu_tests
+
+    (tmp_path / "tests").mkdir()
+    (tmp_path / "tests" / "test_fake.py").write_text(
+        "import pytest\n\n"
+        "@pytest.mark.gpu\ndef test_ok():\n    pass\n\n"
+        "@pytest.mark.gpu\ndef test_broken():\n    assert 1 == 2, 'kernel differs'\n\n"
+        "@pytest.mark.gpu\n@pytest.mark.skip(reason='no device')\ndef test_skipped():\n    pass\n\n"
+        "def test_not_gpu():\n    pass\n"
+    )
+    (tmp_path / "tests" / "test_cpu_only.py").write_text("def test_cpu():\n    pass\n")
+    result = run_gpu_tests(tmp_path, tmp_path)
+    assert result["files"] == ["tests/test_fake.py"]
+    assert (result["tests"], result["passed"], result["skipped"]) == (3, 1, 1)
+    assert [f["test"].rsplit("::", 1)[1] for f in result["failed"]] == ["test_broken"]
+    assert "kernel differs" in result["failed"][0]["message"]
