@@ -4,12 +4,14 @@
     python benchmarks/gpu.py --stages build,decode,profile     # a subset (build is added when a stage needs it)
     python benchmarks/gpu.py --device cpu --smoke              # tiny shapes, every stage end to end on CPU
 
-Stages run in worker processes (build+floor, decode+profile, compare+parity, live, speech), each killed at the sum
-of its stages' time caps, clipped to what is left of --budget-s; a stage that fails, lacks a dependency or runs
-out of time is recorded with what it had measured, and the next one runs:
+Stages run in worker processes (build+floor, forward+decode+profile, compare+parity, live, speech, gputests), each
+killed at the sum of its stages' time caps, clipped to what is left of --budget-s; a stage that fails, lacks a
+dependency or runs out of time is recorded with what it had measured, and the next one runs:
   build    random weights drawn on the device, written as an omnistream checkpoint plus an HF view of the same
-           files (gpu_model.py); reused when --out already holds one of the same spec
+           files (gpu_model.py); reused when --model-dir already holds one of the same spec
   floor    bytes a decode step must read ÷ the device's copy bandwidth, per batch size (gpu_floor.py)
+  forward  the model's decode forward + greedy pick alone at each --batches size, through the decode graphs when
+           the attention backend allows (gpu_forward.py; needs none of msgspec, zmq, llguidance)
   decode   decode step time at each --batches size through the engine's scheduler and runner, CUDA graphs on
            (gpu_decode.py)
   profile  torch.profiler top ops of one decode step (gpu_profile.py; runs in the decode process)
@@ -44,12 +46,20 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_ROOT = BENCH_DIR.parent
 sys.path.insert(0, str(BENCH_DIR))
 
-STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech", "gputests")
-# stages that share a process (decode and profile: the model is loaded once; parity needs little memory)
-GROUPS = (("build", "floor"), ("decode", "profile"), ("compare", "parity"), ("live",), ("speech",), ("gputests",))
+STAGES = ("build", "floor", "forward", "decode", "profile", "compare", "parity", "live", "speech", "gputests")
+# stages that share a process (forward, decode and profile: the model is loaded once; parity needs little memory)
+GROUPS = (
+    ("build", "floor"),
+    ("forward", "decode", "profile"),
+    ("compare", "parity"),
+    ("live",),
+    ("speech",),
+    ("gputests",),
+)
 CAPS_S = {
     "build": 120,
     "floor": 30,
+    "forward": 60,
     "decode": 150,
     "profile": 30,
     "compare": 150,
@@ -58,8 +68,8 @@ CAPS_S = {
     "speech": 60,
     "gputests": 120,
 }
-NEEDS_MODEL = ("floor", "decode", "profile", "compare", "live")
-_reused: dict[str, Any] = {}  # what a later stage of the same worker process takes over (the decode bench)
+NEEDS_MODEL = ("floor", "forward", "decode", "profile", "compare", "live")
+_reused: dict[str, Any] = {}  # what later stages of the same worker process take over (the model, the decode bench)
 
 
 def ensure_importable() -> dict[str, str]:
@@ -162,7 +172,7 @@ def environment(device: Any) -> dict[str, Any]:
     if device.type == "cuda":
         env["device_name"] = torch.cuda.get_device_name(device)
         env["device_memory_gb"] = torch.cuda.get_device_properties(device).total_memory / 1e9
-    for module in ("transformers", "triton", "msgspec", "zmq", "llguidance", "av"):
+    for module in ("transformers", "triton", "msgspec", "zmq", "llguidance", "av", "pytest"):
         try:
             env[module] = getattr(__import__(module), "__version__", "installed")
         except ImportError:
@@ -187,22 +197,53 @@ def stage_floor(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str,
     }
 
 
-def stage_decode(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
-    import torch
-    from gpu_decode import DecodeBench, decode_rows
+def loaded_model(plan: dict[str, Any]) -> tuple[Any, float]:
+    """The benchmark model, loaded once per worker process, and the seconds its load took."""
+    if "model" not in _reused:
+        import torch
+        from omnistream.engine.model_executor.loader import load_model
 
+        start = time.perf_counter()
+        device = torch.device(plan["device"])
+        _reused["model"] = load_model(Path(plan["model_dir"]), plan["dtype"], device, plan["attention_backend"])[0]
+        _reused["load_s"] = time.perf_counter() - start
+    return _reused["model"], _reused["load_s"]
+
+
+def stage_forward(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
+    import torch
+    from gpu_forward import forward_rows
+
+    model, load_s = loaded_model(plan)
     device = torch.device(plan["device"])
-    bench = DecodeBench(
-        Path(plan["model_dir"]),
+    result = forward_rows(
+        model,
         device,
-        plan["dtype"],
-        plan["attention_backend"],
-        max(plan["batches"] + [plan["profile_batch"]]),
+        plan["batches"],
         plan["context"],
         plan["steps"],
+        lambda partial: emit({"load_s": load_s, **partial}),
     )
+    return {"load_s": load_s, **result}
+
+
+def _decode_bench(plan: dict[str, Any]) -> Any:
+    import torch
+    from gpu_decode import DecodeBench
+
+    if "bench" not in _reused:
+        max_batch = max(plan["batches"] + [plan["profile_batch"]])
+        model = loaded_model(plan)[0]
+        _reused["bench"] = DecodeBench(model, torch.device(plan["device"]), max_batch, plan["context"], plan["steps"])
+    return _reused["bench"]
+
+
+def stage_decode(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
+    from gpu_decode import decode_rows
+
+    bench = _decode_bench(plan)
     header = {
-        "load_s": bench.load_s,
+        "load_s": _reused["load_s"],
         "runner_setup_s": bench.runner_setup_s,
         "graphs_on": bench.graphs_on,
         "attention_backend": bench.model.attention_backend,
@@ -210,25 +251,13 @@ def stage_decode(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str
     }
     emit(header)
     rows = decode_rows(bench, plan["batches"], plan["steps"], lambda rows: emit({**header, "rows": rows}))
-    _reused["bench"] = bench
     return {**header, "rows": rows}
 
 
 def stage_profile(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
-    import torch
-    from gpu_decode import DecodeBench
     from gpu_profile import profile_decode_step
 
-    bench = _reused.get("bench") or DecodeBench(
-        Path(plan["model_dir"]),
-        torch.device(plan["device"]),
-        plan["dtype"],
-        plan["attention_backend"],
-        plan["profile_batch"],
-        plan["context"],
-        plan["steps"],
-    )
-    return profile_decode_step(bench, plan["profile_batch"], Path(plan["out"]) / "profile.txt")
+    return profile_decode_step(_decode_bench(plan), plan["profile_batch"], Path(plan["out"]) / "profile.txt")
 
 
 def stage_compare(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[str, Any]:
@@ -280,6 +309,7 @@ def stage_gputests(plan: dict[str, Any], emit: Callable[[dict], None]) -> dict[s
 BODIES: dict[str, Callable[[dict[str, Any], Callable[[dict], None]], dict[str, Any]]] = {
     "build": stage_build,
     "floor": stage_floor,
+    "forward": stage_forward,
     "decode": stage_decode,
     "profile": stage_profile,
     "compare": stage_compare,
@@ -307,7 +337,7 @@ def run_worker(stages: list[str], plan_path: Path) -> None:
             _write_stage(path, "skipped", 0.0, f"needs the model from the build stage ({build_status})", None)
             continue
 
-        def emit(partial: dict, stage: str = stage, path: Path = path, start: float = start) -> None:
+        def emit(partial: dict, path: Path = path, start: float = start) -> None:
             _write_stage(path, "running", time.perf_counter() - start, None, partial)
 
         emit({})
@@ -320,7 +350,11 @@ def run_worker(stages: list[str], plan_path: Path) -> None:
             traceback.print_exc()
             missing = getattr(exc, "name", None)
             status, result = "missing_dependency", None
-            error = f"missing module {missing!r}: {exc}" if missing else f"import failed: {exc}"
+            error = (
+                f"missing module {missing!r} (--wheels DIR installs wheels first): {exc}"
+                if missing
+                else (f"import failed: {exc}")
+            )
         except Exception as exc:  # noqa: BLE001 - a stage's failure is recorded; the next stage still runs
             traceback.print_exc()
             status, error, result = "failed", f"{type(exc).__name__}: {exc}", None

@@ -1,6 +1,6 @@
 """Decode step time through the engine's own scheduler and model runner, as users run it (CUDA graphs on).
 
-Owns `DecodeBench`: a loaded checkpoint, a Scheduler and a ModelRunner (enforce_eager off, so decode-only steps
+Owns `DecodeBench`: a loaded model, a Scheduler and a ModelRunner (enforce_eager off, so decode-only steps
 replay the runner's captured graphs on CUDA), and the timing of one engine step, schedule → execute → update,
 between two device synchronisations. For each batch size B, B requests with `context` random prompt tokens are
 prefilled, then every step in which exactly those B requests each decode one token is timed; the first two are
@@ -13,11 +13,9 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from omnistream.engine.model_executor.loader import load_model
 from omnistream.engine.worker.model_runner import ModelRunner
 from omnistream.scheduler.request import Request
 from omnistream.scheduler.sampling_params import SamplingParams
@@ -30,19 +28,9 @@ _PREFILL_BUDGET = 8192  # tokens per prefill step
 
 class DecodeBench:
     def __init__(
-        self,
-        model_dir: Path,
-        device: torch.device,
-        dtype: str,
-        attention_backend: str,
-        max_batch: int,
-        context: int,
-        max_steps: int,
+        self, model: torch.nn.Module, device: torch.device, max_batch: int, context: int, max_steps: int
     ) -> None:
-        start = time.perf_counter()
-        self.model = load_model(model_dir, dtype, device, attention_backend)[0]
-        self.load_s = time.perf_counter() - start
-        self.device, self.context = device, context
+        self.model, self.device, self.context = model, device, context
         self.max_model_len = context + max_steps + WARMUP_STEPS + 2
         num_blocks = max_batch * -(-self.max_model_len // BLOCK_SIZE)
         self.scheduler = Scheduler(
@@ -57,10 +45,10 @@ class DecodeBench:
         )
         start = time.perf_counter()
         self.runner = ModelRunner(
-            self.model,
+            model,
             num_kv_blocks=num_blocks,
             block_size=BLOCK_SIZE,
-            dtype=next(self.model.parameters()).dtype,
+            dtype=next(model.parameters()).dtype,
             device=device,
             eos_token_ids=[],
             max_num_seqs=max_batch,

@@ -26,9 +26,12 @@ class Target:
     value: Callable[[Stages], float | None]
 
 
+def _rows(stages: Stages, stage: str) -> list[dict[str, Any]]:
+    return (stages.get(stage, {}).get("result") or {}).get("rows") or []
+
+
 def _row(stages: Stages, stage: str, batch: int) -> dict[str, Any] | None:
-    rows = (stages.get(stage, {}).get("result") or {}).get("rows") or []
-    return next((row for row in rows if row.get("batch") == batch), None)
+    return next((row for row in _rows(stages, stage) if row.get("batch") == batch), None)
 
 
 def _field(stages: Stages, stage: str, key: str) -> Any:
@@ -141,18 +144,27 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def _decode_table(stages: Stages) -> list[str]:
-    rows = (stages.get("decode", {}).get("result") or {}).get("rows") or []
-    if not rows:
+    batches = [row["batch"] for name in ("decode", "forward") for row in _rows(stages, name)]
+    if not batches:
         return []
     lines = [
-        "Decode step (median, synchronised):",
-        f"  {'batch':>5} {'step ms':>9} {'out tok/s':>10} {'floor ms':>9} {'of floor':>9}",
+        "Decode step (median, synchronised; engine = schedule + forward + sample + update, forward = model +",
+        "lm_head + greedy pick alone):",
+        f"  {'batch':>5} {'engine ms':>10} {'out tok/s':>10} {'forward ms':>11} {'floor ms':>9} {'floor/engine':>13}",
     ]
-    for row in rows:
-        floor = _row(stages, "floor", row["batch"])
-        floor_ms = "-" if floor is None else f"{floor['floor_ms']:.3f}"
-        share = "-" if floor is None else f"{floor['floor_ms'] / row['step_ms']:.1%}"
+    for batch in sorted(set(batches)):
+        engine, forward, floor = (
+            _row(stages, "decode", batch),
+            _row(stages, "forward", batch),
+            _row(stages, "floor", batch),
+        )
+        share = "-" if floor is None or engine is None else f"{floor['floor_ms'] / engine['step_ms']:.1%}"
         lines.append(
-            f"  {row['batch']:>5} {row['step_ms']:>9.3f} {row['output_tok_s']:>10.0f} {floor_ms:>9} {share:>9}"
+            f"  {batch:>5} {_ms(engine, 'step_ms'):>10} {_ms(engine, 'output_tok_s', '.0f'):>10} "
+            f"{_ms(forward, 'step_ms'):>11} {_ms(floor, 'floor_ms'):>9} {share:>13}"
         )
     return lines
+
+
+def _ms(row: dict[str, Any] | None, key: str, spec: str = ".3f") -> str:
+    return "-" if row is None else format(row[key], spec)

@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH_DIR))
 from gpu_floor import decode_step_bytes, expected_experts
 from gpu_model import real_shape, smoke_shape, thinker_config, write_checkpoint
 
-STAGES = ("build", "floor", "decode", "profile", "compare", "parity", "live", "speech", "gputests")
+STAGES = ("build", "floor", "forward", "decode", "profile", "compare", "parity", "live", "speech", "gputests")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +49,7 @@ def smoke_report(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_every_stage_reports_numbers(smoke_report: dict) -> None:
     stages = smoke_report["stages"]
     assert list(stages) == list(STAGES[:-1])  # gputests: its own test below
-    for name in ("build", "floor", "decode", "profile", "parity", "live"):
+    for name in ("build", "floor", "forward", "decode", "profile", "parity", "live"):
         assert stages[name]["status"] == "ok", (name, stages[name]["error"])
     batches = smoke_report["plan"]["batches"]
     floor = stages["floor"]["result"]
@@ -63,6 +63,9 @@ def test_every_stage_reports_numbers(smoke_report: dict) -> None:
         assert row["step_ms"] > 0
         assert row["output_tok_s"] == pytest.approx(row["batch"] / (row["step_ms"] / 1e3))
     assert decode["graphs_on"] is False  # graphs never run on CPU
+    forward = stages["forward"]["result"]
+    assert [row["batch"] for row in forward["rows"]] == batches
+    assert all(row["step_ms"] > 0 and row["graph"] is False for row in forward["rows"])
     profile = stages["profile"]["result"]
     assert profile["was_decode_step"] and profile["top_ops"]
     assert all(op["self_ms"] >= 0 and op["calls"] > 0 for op in profile["top_ops"])
