@@ -112,7 +112,11 @@ def write_report(out_dir: Path, header: dict[str, Any], stages: Stages) -> dict[
     """Write gpu_report.json and gpu_report.txt into `out_dir`; return the JSON document."""
     report = {**header, "stages": stages, "targets": evaluate(stages)}
     (out_dir / "gpu_report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (out_dir / "gpu_report.txt").write_text(summary(report))
+    try:
+        text = summary(report)
+    except (KeyError, TypeError, ValueError) as exc:  # the JSON above is the record; never lose it to the text
+        text = f"the text summary failed ({type(exc).__name__}: {exc}); see gpu_report.json\n"
+    (out_dir / "gpu_report.txt").write_text(text)
     return report
 
 
@@ -136,6 +140,9 @@ def summary(report: dict[str, Any]) -> str:
     decode = _decode_table(report["stages"])
     if decode:
         lines += ["", *decode]
+    facts = _facts(report["stages"])
+    if facts:
+        lines += ["", "Settings and side figures:", *(f"  {fact}" for fact in facts)]
     lines += ["", "Targets (issue #14):"]
     for target in report["targets"]:
         value = "-" if target["value"] is None else f"{target['value']:.4g}"
@@ -168,3 +175,47 @@ def _decode_table(stages: Stages) -> list[str]:
 
 def _ms(row: dict[str, Any] | None, key: str, spec: str = ".3f") -> str:
     return "-" if row is None else format(row[key], spec)
+
+
+def _facts(stages: Stages) -> list[str]:
+    """One line per stage result worth reading beside the tables: setup, load times, the other side's figures."""
+    result = {name: stage.get("result") or {} for name, stage in stages.items()}
+    facts = []
+    build = result.get("build", {})
+    if build:
+        facts.append(
+            f"model: {build['checkpoint_gb']:.1f} GB written in {build['write_s']:.0f} s "
+            f"(reused: {build['reused']}), tokenizer {build.get('tokenizer')}"
+        )
+    if "measured_bandwidth_gbps" in result.get("floor", {}):
+        floor = result["floor"]
+        facts.append(
+            f"floor: copy bandwidth {floor['measured_bandwidth_gbps']:.0f} GB/s measured, "
+            f"{floor['bandwidth_gbps']:.0f} GB/s used; context {floor['context']} tokens"
+        )
+    for name in ("forward", "decode"):
+        if "attention_backend" in result.get(name, {}):
+            run = result[name]
+            facts.append(
+                f"{name}: attention {run['attention_backend']}, CUDA graphs {'on' if run['graphs_on'] else 'off'}, "
+                f"model load {run.get('load_s', 0):.0f} s"
+            )
+    compare = result.get("compare", {})
+    if "hf_output_tok_s" in compare:
+        facts.append(
+            f"compare: ours {compare['engine_output_tok_s']:.0f} out tok/s, HF {compare['hf_output_tok_s']:.0f} "
+            f"(transformers {compare['hf']['transformers']}, experts {compare['hf']['experts']}), greedy equal {compare['greedy_agreement']['identical_requests']}"
+            f"/{compare['greedy_agreement']['of']}"
+        )
+    elif "engine_output_tok_s" in compare:
+        facts.append(f"compare: ours {compare['engine_output_tok_s']:.0f} out tok/s (HF not measured)")
+    for row in result.get("live", {}).get("rows", []):
+        facts.append(
+            f"live {row['audio_s']:g} s: end of speech -> first token {row['streaming_eos_to_first_s'] * 1e3:.0f} ms, "
+            f"whole clip at the end {row['offline_first_s'] * 1e3:.0f} ms"
+        )
+    profile = result.get("profile", {})
+    if profile.get("top_ops"):
+        top = ", ".join(f"{op['name']} {op['self_ms']:.2f} ms" for op in profile["top_ops"][:5])
+        facts.append(f"profile (batch {profile['batch']}, {profile['sorted_by']}): {top}; full table in profile.txt")
+    return facts
