@@ -130,6 +130,7 @@ def engine_vs_hf(
         "engine_output_tok_s": num_out / ours["elapsed_s"],
     }
     emit(engine)
+    _release(device)  # our engine's weights and KV cache, before HF loads its copy
     start = time.perf_counter()
     model, hf_setup = load_hf(hf_dir, device, getattr(torch, dtype), hf_experts)
     hf_load_s = time.perf_counter() - start
@@ -153,9 +154,7 @@ def tiny_parity(
     from omnistream.engine.checkpoint.default_model import default_model_path
 
     _strict_fp32(device)
-    gc.collect()  # what an earlier stage of this process left
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    _release(device)  # what an earlier stage of this process left
     workload = make_workload(num_prompts, input_range, output_range, seed=1)
     model_dir = default_model_path()
     ours = run_engine(model_dir, workload, device, "float32", "auto", 1 << 30 if device.startswith("cuda") else None)
@@ -170,6 +169,12 @@ def tiny_parity(
         "identical": result["identical_requests"] == result["of"],
         "first_mismatch": next((i for i, (a, b) in enumerate(zip(ours["outputs"], hf["outputs"])) if a != b), None),
     }
+
+
+def _release(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _strict_fp32(device: str) -> None:
