@@ -2,9 +2,10 @@
 
 Owns a measurement that needs none of the engine's process dependencies (no msgspec, zmq or llguidance, which
 device images may lack): B requests with `context` cached tokens (KV pages in random order) decode one token,
-through the decode graphs when the attention backend allows them (as the runner replays them), else eager; then
-the lm_head and the greedy pick. Timed between device synchronisations, median after two warm-up steps. Next to
-gpu_decode.py's engine step it splits the step into the forward and the host/sampling cost around it.
+through the decode graphs when the attention backend allows them (as the runner replays them; then also eager, for
+what the graphs save and whether they give the same tokens), else eager; then the lm_head and the greedy pick.
+Timed between device synchronisations, median after two warm-up steps. Next to gpu_decode.py's engine step it
+splits the step into the forward and the host/sampling cost around it.
 """
 
 from __future__ import annotations
@@ -12,11 +13,17 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Callable
+from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
-from omnistream.engine.worker.cuda_graphs import decode_graphs_for
+from omnistream.engine.worker.cuda_graphs import (
+    DecodeGraphs,
+    capture_sizes,
+    decode_graphs_for,
+)
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 
 BLOCK_SIZE = 16
@@ -40,11 +47,10 @@ def forward_rows(
         for _ in range(model.num_layers)
     ]
     start = time.perf_counter()
-    graphs = decode_graphs_for(
-        model, caches, max_num_seqs=max(batches), max_pages=max_pages, sink_page=num_pages, enforce_eager=False
-    )
+    graphs, mode = _decode_graphs(model, caches, max(batches), max_pages, num_pages)
     header = {
-        "graphs_on": graphs is not None,
+        "graphs": mode,
+        "graphs_on": mode == "cuda",
         "capture_s": time.perf_counter() - start,
         "attention_backend": model.attention_backend,
         "context": context,
@@ -59,40 +65,69 @@ def forward_rows(
         replay = graphs is not None and graphs.serves(metadata, None)
 
         def step(
+            replay: bool,
             ids: torch.Tensor = ids,
             positions: torch.Tensor = positions,
             metadata: AttentionMetadata = metadata,
-            replay: bool = replay,
         ) -> torch.Tensor:
             hidden = graphs.run(ids, positions, metadata) if replay else model(ids, positions, caches, metadata)
             return model.compute_logits(hidden).max(dim=-1).indices
 
-        times = _timed(step, steps, device)
+        times, tokens = _timed(partial(step, replay), steps, device)
         median = statistics.median(times)
-        rows.append(
-            {
-                "batch": batch,
-                "step_ms": median * 1e3,
-                "steps": len(times),
-                "graph": replay,
-                "output_tok_s": batch / median,
+        row = {
+            "batch": batch,
+            "step_ms": median * 1e3,
+            "steps": len(times),
+            "graph": replay,
+            "output_tok_s": batch / median,
+        }
+        if replay:  # the same step eager: what the graph saves, and whether it gives the same tokens
+            eager_times, eager_tokens = _timed(partial(step, False), max(3, steps // 3), device)
+            row |= {
+                "eager_ms": statistics.median(eager_times) * 1e3,
+                "graph_tokens_equal_eager": torch.equal(tokens, eager_tokens),
             }
-        )
+        rows.append(row)
         emit({**header, "rows": rows})
     return {**header, "rows": rows}
 
 
+def _decode_graphs(
+    model: torch.nn.Module, caches: list[torch.Tensor], max_batch: int, max_pages: int, sink_page: int
+) -> tuple[DecodeGraphs | None, str]:
+    """The runner's decode graphs on CUDA ("cuda", or None and "off" where the backend rules them out). On CPU, where
+    graphs never run, stand-ins whose replay reruns the eager forward on the padded static buffers ("stand-in"), so
+    that the smoke run goes through the same copy-in, padding and replay path."""
+    if caches[0].device.type == "cuda":
+        graphs = decode_graphs_for(
+            model, caches, max_num_seqs=max_batch, max_pages=max_pages, sink_page=sink_page, enforce_eager=False
+        )
+        return graphs, "off" if graphs is None else "cuda"
+    graphs = DecodeGraphs(
+        model,
+        caches,
+        sizes=capture_sizes(max_batch),
+        max_pages=max_pages,
+        sink_page=sink_page,
+        capture=lambda step: SimpleNamespace(replay=step),
+    )
+    graphs.capture_all()
+    return graphs, "stand-in"
+
+
 @torch.inference_mode()
-def _timed(step: Callable[[], torch.Tensor], steps: int, device: torch.device) -> list[float]:
+def _timed(step: Callable[[], torch.Tensor], steps: int, device: torch.device) -> tuple[list[float], torch.Tensor]:
+    """Seconds of each step after the warm-up, and the last step's output."""
     times = []
     for i in range(steps + WARMUP_STEPS):
         _synchronize(device)
         start = time.perf_counter()
-        step()
+        out = step()
         _synchronize(device)
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - start)
-    return times
+    return times, out
 
 
 def _synchronize(device: torch.device) -> None:

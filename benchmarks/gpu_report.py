@@ -154,21 +154,23 @@ def _decode_table(stages: Stages) -> list[str]:
     batches = [row["batch"] for name in ("decode", "forward") for row in _rows(stages, name)]
     if not batches:
         return []
+    columns = (
+        f"  {'batch':>5} {'engine ms':>10} {'out tok/s':>10} {'forward ms':>11} {'eager ms':>9} "
+        f"{'floor ms':>9} {'floor/engine':>13}"
+    )
     lines = [
-        "Decode step (median, synchronised; engine = schedule + forward + sample + update, forward = model +",
-        "lm_head + greedy pick alone):",
-        f"  {'batch':>5} {'engine ms':>10} {'out tok/s':>10} {'forward ms':>11} {'floor ms':>9} {'floor/engine':>13}",
+        "Decode step (median, synchronised; engine = schedule + forward + sample + update; forward = model + lm_head +",
+        "greedy pick alone, through the decode graphs when they are on, and eager):",
+        columns,
     ]
     for batch in sorted(set(batches)):
-        engine, forward, floor = (
-            _row(stages, "decode", batch),
-            _row(stages, "forward", batch),
-            _row(stages, "floor", batch),
-        )
+        engine, forward = _row(stages, "decode", batch), _row(stages, "forward", batch)
+        floor = _row(stages, "floor", batch)
         share = "-" if floor is None or engine is None else f"{floor['floor_ms'] / engine['step_ms']:.1%}"
+        eager = "-" if forward is None or "eager_ms" not in forward else f"{forward['eager_ms']:.3f}"
         lines.append(
             f"  {batch:>5} {_ms(engine, 'step_ms'):>10} {_ms(engine, 'output_tok_s', '.0f'):>10} "
-            f"{_ms(forward, 'step_ms'):>11} {_ms(floor, 'floor_ms'):>9} {share:>13}"
+            f"{_ms(forward, 'step_ms'):>11} {eager:>9} {_ms(floor, 'floor_ms'):>9} {share:>13}"
         )
     return lines
 
@@ -196,8 +198,9 @@ def _facts(stages: Stages) -> list[str]:
     for name in ("forward", "decode"):
         if "attention_backend" in result.get(name, {}):
             run = result[name]
+            graphs = run.get("graphs") or ("cuda" if run["graphs_on"] else "off")
             facts.append(
-                f"{name}: attention {run['attention_backend']}, CUDA graphs {'on' if run['graphs_on'] else 'off'}, "
+                f"{name}: attention {run['attention_backend']}, decode graphs {graphs}, "
                 f"model load {run.get('load_s', 0):.0f} s"
             )
     compare = result.get("compare", {})
