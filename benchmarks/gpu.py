@@ -4,9 +4,9 @@
     python benchmarks/gpu.py --stages build,decode,profile     # a subset (build is added when a stage needs it)
     python benchmarks/gpu.py --device cpu --smoke              # tiny shapes, every stage end to end on CPU
 
-Stages run in worker processes (build+floor, forward+decode+profile, compare+parity, live, speech, gputests), each
-killed at the sum of its stages' time caps, clipped to what is left of --budget-s; a stage that fails, lacks a
-dependency or runs out of time is recorded with what it had measured, and the next one runs:
+Stages (gpu_stages.py) run in worker processes (build+floor, forward+decode+profile, compare+parity, live, speech,
+gputests), each killed at the sum of its stages' time caps, clipped to what is left of --budget-s; a stage that
+fails, lacks a dependency or runs out of time is recorded with what it had measured, and the next one runs:
   build    random weights drawn on the device, written as an omnistream checkpoint plus an HF view of the same
            files (gpu_model.py); reused when --model-dir already holds one of the same spec
   floor    bytes a decode step must read ÷ the device's copy bandwidth, per batch size (gpu_floor.py)
