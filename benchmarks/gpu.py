@@ -242,7 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", default="cuda", help="cuda (default) or cpu (with --smoke)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and workloads: checks every stage runs")
     parser.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated, of {', '.join(STAGES)}")
-    parser.add_argument("--out", default="gpu_bench_out", help="output directory")
+    parser.add_argument(
+        "--out",
+        default=str(BENCH_DIR / "results" / "gpu"),
+        help="output directory (default benchmarks/results/gpu, which git ignores)",
+    )
     parser.add_argument("--model-dir", default=None, help="where the model is written / reused (default OUT/model)")
     parser.add_argument("--experts", type=int, default=None, help="experts per layer (default 16; smoke 4), top-8")
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) / float16 / float32 (smoke default)")
