@@ -18,7 +18,8 @@ fails, lacks a dependency or runs out of time is recorded with what it had measu
   compare  offline output tok/s of LLM.generate vs HF generate (eager) on the same weights (gpu_compare.py)
   parity   the embedded tiny model in fp32: greedy tokens of our engine vs HF, 64 prompts (gpu_compare.py)
   live     end of speech → first token at 10 s and 600 s of live audio, benchmarks/streaming.py (gpu_live.py)
-  speech   benchmarks/speech.py --device D --output-json F, when that file exists (issue #17)
+  speech   benchmarks/speech.py (issue #17: spoken answers on the embedded tiny speech stack, on the device) with
+           --speech-args, when that file exists; its table rows and output are recorded
   gputests the repository's @pytest.mark.gpu tests, counts and failures (gpu_tests.py)
 Output in --out: gpu_report.json and gpu_report.txt (issue #14's targets marked met / missed / not measured,
 gpu_report.py), stages/<stage>.json, logs/<stage>.log, profile.txt; the model (about 12 GB at the real shapes) goes
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -126,6 +128,14 @@ def make_plan(args: argparse.Namespace) -> dict[str, Any]:
             else {"num_prompts": 64, "input_range": [16, 128], "output_range": [16, 48]}
         ),
         "live_durations": [1.0, 2.0] if smoke else [10.0, 600.0],
+        "speech_script": str(BENCH_DIR / "speech.py"),
+        "speech_args": shlex.split(args.speech_args)
+        if args.speech_args is not None
+        else (
+            ["--threads", "1", "--voices", "1", "--frames", "4", "--max-tokens", "4"]
+            if smoke
+            else ["--voices", "1", "8", "32", "--frames", "50", "--max-tokens", "16"]
+        ),
         "cpu_threads": 1 if args.device == "cpu" else None,
         "fail_stage": args.fail_stage,
     }
@@ -147,7 +157,7 @@ def run_all(plan: dict[str, Any], env: dict[str, str], budget_s: float) -> dict[
     for group in GROUPS:
         selected = []
         for stage in (s for s in group if s in plan["stages"]):
-            reason = _cannot_run(stage, stages, deadline - time.monotonic(), budget_s)
+            reason = _cannot_run(stage, plan, stages, deadline - time.monotonic(), budget_s)
             if reason is None:
                 selected.append(stage)
             else:
@@ -164,10 +174,12 @@ def run_all(plan: dict[str, Any], env: dict[str, str], budget_s: float) -> dict[
     return stages
 
 
-def _cannot_run(stage: str, stages: dict[str, dict[str, Any]], left: float, budget_s: float) -> tuple[str, str] | None:
+def _cannot_run(
+    stage: str, plan: dict[str, Any], stages: dict[str, dict[str, Any]], left: float, budget_s: float
+) -> tuple[str, str] | None:
     """(status, reason) for a stage not to start, or None."""
-    if stage == "speech" and not (BENCH_DIR / "speech.py").exists():
-        return "not_available", "benchmarks/speech.py is not in this tree yet (issue #17)"
+    if stage == "speech" and not Path(plan["speech_script"]).exists():
+        return "not_available", f"{plan['speech_script']} is not in this tree yet (issue #17)"
     build = stages.get("build", {"status": "ok"})  # not run yet: it runs first in the same process
     if stage in NEEDS_MODEL and build["status"] != "ok":
         return "skipped", f"needs the model from the build stage ({build['status']})"
@@ -252,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="bfloat16 (default) / float16 / float32 (smoke default)")
     parser.add_argument("--batches", default=None, help="decode batch sizes (default 1,8,32,64; smoke 1,4)")
     parser.add_argument("--attention-backend", default="auto", help="the engine's attention_backend")
+    parser.add_argument("--speech-args", default=None, help="arguments for benchmarks/speech.py (one string)")
     parser.add_argument("--hf-experts", default="eager", help="HF experts_implementation where selectable")
     parser.add_argument(
         "--bandwidth-gbps",

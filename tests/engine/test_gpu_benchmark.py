@@ -194,3 +194,26 @@ def test_the_report_reads_partial_stage_results() -> None:
     }
     text = summary({"stages": stages, "targets": list(targets.values())})
     assert "ours 100 out tok/s (HF not measured)" in text and "decode   timeout" in text
+
+
+def test_speech_stage_records_the_table_of_benchmarks_speech(tmp_path: Path) -> None:
+    """The speech stage runs benchmarks/speech.py's command line (a stand-in here, printing a table as it does)
+    with the plan's arguments and keeps its rows; a failing script is an error naming its exit code."""
+    from gpu_stages import stage_speech
+
+    script = tmp_path / "speech.py"
+    script.write_text(
+        "import sys\n"
+        "print('engine start-up: 1.00 s')\n"
+        "print('| voices | steps | ms |')\n"
+        "print('|---|---|---|')\n"
+        "for v in sys.argv[sys.argv.index('--voices') + 1:]:\n"
+        "    print(f'| {v} | 1 (max 1) | {int(v) * 10}.0 |')\n"
+    )
+    plan = {"speech_script": str(script), "speech_args": ["--voices", "1", "8"], "out": str(tmp_path)}
+    result = stage_speech(plan, lambda partial: None)
+    assert result["rows"] == [["1", "1 (max 1)", "10.0"], ["8", "1 (max 1)", "80.0"]]
+    assert "engine start-up" in (tmp_path / "speech.log").read_text()
+    script.write_text("import sys\nsys.exit(3)\n")
+    with pytest.raises(RuntimeError, match="code 3"):
+        stage_speech(plan, lambda partial: None)
