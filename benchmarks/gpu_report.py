@@ -217,6 +217,8 @@ def _facts(stages: Stages) -> list[str]:
             f"live {row['audio_s']:g} s: end of speech -> first token {row['streaming_eos_to_first_s'] * 1e3:.0f} ms, "
             f"whole clip at the end {row['offline_first_s'] * 1e3:.0f} ms"
         )
+    for row in result.get("speech", {}).get("rows", []):
+        facts.append("speech (benchmarks/speech.py row): " + " | ".join(row))
     profile = result.get("profile", {})
     if profile.get("top_ops"):
         top = ", ".join(f"{op['name']} {op['self_ms']:.2f} ms" for op in profile["top_ops"][:5])
