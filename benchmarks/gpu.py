@@ -179,7 +179,7 @@ def _cannot_run(
 ) -> tuple[str, str] | None:
     """(status, reason) for a stage not to start, or None."""
     if stage == "speech" and not Path(plan["speech_script"]).exists():
-        return "not_available", f"{plan['speech_script']} is not in this tree yet (issue #17)"
+        return "not_available", f"benchmarks/{Path(plan['speech_script']).name} is not in this tree yet (issue #17)"
     build = stages.get("build", {"status": "ok"})  # not run yet: it runs first in the same process
     if stage in NEEDS_MODEL and build["status"] != "ok":
         return "skipped", f"needs the model from the build stage ({build['status']})"
