@@ -115,11 +115,12 @@ def write_checkpoint(
     """Write (or reuse, when its spec matches) the omnistream checkpoint under out_dir/omnistream and its HF view
     under out_dir/hf, without the tokenizer (copy_tokenizer). Returns both directories and whether they were reused."""
     dtype_name = str(dtype).removeprefix("torch.")
-    spec = {"shape": asdict(shape), "dtype": dtype_name, "seed": seed}
+    spec = json.loads(json.dumps({"shape": asdict(shape), "dtype": dtype_name, "seed": seed}))  # as read back
     ckpt, hf = out_dir / "omnistream", out_dir / "hf"
     if (ckpt / _SPEC_FILE).exists() and json.loads((ckpt / _SPEC_FILE).read_text()) == spec:
         return ckpt, hf, True
-    shutil.rmtree(out_dir, ignore_errors=True)
+    for stale in (ckpt, hf):  # only what this function writes: out_dir may hold other things
+        shutil.rmtree(stale, ignore_errors=True)
     ckpt.mkdir(parents=True)
     config = thinker_config(shape, dtype_name)
     shapes = {name.removeprefix("thinker."): dims for name, dims in thinker_weight_shapes(config).items()}

@@ -217,3 +217,16 @@ def test_speech_stage_records_the_table_of_benchmarks_speech(tmp_path: Path) -> 
     script.write_text("import sys\nsys.exit(3)\n")
     with pytest.raises(RuntimeError, match="code 3"):
         stage_speech(plan, lambda partial: None)
+
+
+def test_the_model_is_reused_only_for_the_same_spec_and_nothing_else_is_removed(tmp_path: Path) -> None:
+    (tmp_path / "notes.txt").write_text("not the benchmark's")
+    cpu = torch.device("cpu")
+    model_dir, _, reused = write_checkpoint(tmp_path, smoke_shape(experts=4), torch.float32, cpu)
+    first_write = (model_dir / "config.json").stat().st_mtime_ns
+    assert not reused
+    assert write_checkpoint(tmp_path, smoke_shape(experts=4), torch.float32, cpu)[2]
+    assert (model_dir / "config.json").stat().st_mtime_ns == first_write
+    assert not write_checkpoint(tmp_path, smoke_shape(experts=2), torch.float32, cpu)[2]
+    assert json.loads((model_dir / "config.json").read_text())["text_config"]["num_experts"] == 2
+    assert (tmp_path / "notes.txt").exists()
