@@ -21,13 +21,11 @@ def _thinker_text_config(config: dict) -> dict:
     return thinker["text_config"]
 
 
-def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path) -> Path:
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    text = _thinker_text_config(json.loads((model_dir / "config.json").read_text()))
+def qwen3_moe_config(text: dict, dtype: str = "float32") -> dict:
+    """The Qwen3MoeForCausalLM config.json for a thinker `text_config` (weights stored in `dtype`)."""
     rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
     rope_theta = rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))
-    config = {
+    return {
         "architectures": ["Qwen3MoeForCausalLM"],
         "model_type": "qwen3_moe",
         "vocab_size": text["vocab_size"],
@@ -50,10 +48,16 @@ def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path) -> Path:
         "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
         "tie_word_embeddings": False,
         "attention_bias": False,
-        "torch_dtype": "float32",
+        "torch_dtype": dtype,
         "bos_token_id": 151643,
         "eos_token_id": 151645,
     }
+
+
+def export_qwen3_moe(model_dir: str | Path, out_dir: str | Path) -> Path:
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    config = qwen3_moe_config(_thinker_text_config(json.loads((model_dir / "config.json").read_text())))
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     tensors = {}
     for path in sorted(model_dir.glob("*.safetensors")):
