@@ -10,6 +10,7 @@ import msgspec
 
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule
 from omnistream.scheduler.tensor_data import PositionSegment, TensorData
 
 
@@ -58,6 +59,7 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     # tokens as little-endian int32 words (bit t % 32 of word t // 32 set = token t allowed), row after row.
     grammar_req_ids: list[str] = []
     grammar_bitmask: bytes = b""
+    speech: SpeechSchedule | None = None  # the speech lane's talker steps (scheduler/speech.py)
 
     @property
     def is_empty(self) -> bool:
@@ -81,6 +83,7 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     # Prompt logprobs computed this step, per request, for positions 1.. of the prompt in order
     # (the first prompt token has none); spread over several steps when the prefill is chunked.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    speech: list[SpeechFrame] = []  # one per talker step run: the new frame's codes and PCM16 samples
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[])
@@ -97,6 +100,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True):
     stop_reason: int | str | None = None  # the stop token id (or stop string) that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     session_open: bool = False  # finish_reason ended a turn of an open session, which goes on
+    new_audio: bytes = b""  # spoken answer: PCM16 little-endian, mono, 24 kHz, appended in order
+    audio_finish_reason: str | None = None  # "stop" (codec EOS), "length" or "abort" once the audio ended
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):

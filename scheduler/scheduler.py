@@ -29,6 +29,7 @@ from omnistream.scheduler.outputs import (
 from omnistream.scheduler.policy import make_policy, preemption_victim
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.speech import SpeechLaneConfig, SpeechScheduler
 from omnistream.scheduler.tensor_data import PositionSegment
 from omnistream.scheduler.stop import check_stop
 
@@ -44,6 +45,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_num_encoder_tokens: int = 0  # media embedding rows encoded per step; 0: max_num_batched_tokens
     encoder_cache_size: int = 0  # media embedding rows the runner keeps; 0: 4 x the encoder budget
     policy: str = "fcfs"  # fcfs, priority or deadline (see scheduler/policy.py)
+    speech: SpeechLaneConfig | None = None  # the speech lane; None: audio output is refused
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -71,6 +73,7 @@ class Scheduler:
         self.num_aborted_requests = 0  # unfinished requests (and sessions) aborted from outside
         self.policy = make_policy(config.policy)
         self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
+        self.speech = SpeechScheduler(config.speech)
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -85,6 +88,9 @@ class Scheduler:
             self._check_max_tokens(request.request_id, request.num_prompt_tokens, request.sampling_params)
         max_tokens = 1 if request.open_input else request.resolve_max_tokens(cfg.max_model_len)
         self._check_room(request.request_id, request.num_prompt_tokens, max_tokens)
+        if request.sampling_params.speech is not None:
+            self.speech.check(request.request_id, request.prompt_token_ids, request.sampling_params.speech.voice,
+                              bool(request.mm_features), request.open_input)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -188,6 +194,7 @@ class Scheduler:
             raise ValueError(f"finish_requests needs a finished status, got {status.name}")
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for req_id in ids:
+            self.speech.abort(req_id)
             request = self.requests.get(req_id)
             if request is None:
                 continue
@@ -201,7 +208,7 @@ class Scheduler:
             self._release(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or bool(self.speech.requests)
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -271,7 +278,7 @@ class Scheduler:
         for request in [] if preempted else self.policy.waiting_order(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not request.has_work or request.grammar_pending:
+            if not request.has_work or request.grammar_pending or not self._take_voice(request):
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
             num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
@@ -290,6 +297,7 @@ class Scheduler:
             encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
         output = self._make_output(num_scheduled, new_reqs, new_block_ids, preempted, encoder_inputs)
+        output.speech = self.speech.schedule()
         now = time.monotonic()
         for req_id, num_tokens in num_scheduled.items():
             request = self.requests[req_id]
@@ -335,7 +343,30 @@ class Scheduler:
             if req_id in sampled:
                 self._append_sampled(request, out, sampled[req_id], engine_output, req_id in complete)
             outputs.append(engine_output)
+            self.speech.on_reply(req_id, engine_output.new_token_ids, engine_output.finish_reason)
         self.running = [request for request in self.running if not request.is_finished]
+        return self._add_audio(outputs, scheduler_output, model_runner_output)
+
+    def _take_voice(self, request: Request) -> bool:
+        """A request that speaks enters the thinker only with a voice slot."""
+        speech = request.sampling_params.speech
+        if speech is None:
+            return True
+        return self.speech.admit(request.request_id, request.prompt_token_ids, speech.voice,
+                                 request.sampling_params.seed, speech.do_sample)
+
+    def _add_audio(
+        self, outputs: list[EngineCoreOutput], scheduler_output: SchedulerOutput, out: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Attach this step's audio to the requests' outputs (a request whose text ended gets its own)."""
+        audio = self.speech.update(scheduler_output.speech, out.speech)
+        by_id = {engine_output.req_id: engine_output for engine_output in outputs}
+        for req_id, (pcm, finish) in audio.items():
+            engine_output = by_id.get(req_id)
+            if engine_output is None:
+                engine_output = EngineCoreOutput(req_id=req_id, new_token_ids=[])
+                outputs.append(engine_output)
+            engine_output.new_audio, engine_output.audio_finish_reason = pcm, finish
         return outputs
 
     # ---- helpers -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import torch
 from omnistream.engine.checkpoint.default_model import default_model_path
 from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.engine.core.request import EngineCoreRequest
+from omnistream.engine.core.speech_lane import speech_lane_config
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
 from omnistream.engine.core.structured_output.manager import StructuredOutputManager
 from omnistream.engine.engine_config import EngineConfig
@@ -60,6 +61,7 @@ class EngineCore:
                 block_size=config.block_size,
                 num_kv_blocks=num_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
+                speech=speech_lane_config(self.executor.speech_config, config),
             )
         )
         vocab_size = self.model_config.text.vocab_size
@@ -108,7 +110,9 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Something to compute or report (open sessions between turns do not count)."""
-        return any(r.has_work for r in self.scheduler.requests.values()) or bool(self.scheduler.finished_req_ids)
+        scheduler = self.scheduler
+        return any(r.has_work for r in scheduler.requests.values()) or bool(scheduler.finished_req_ids) or (
+            scheduler.speech.has_work)
 
     # ---- live sessions (open-input requests) ---------------------------------------------------
 

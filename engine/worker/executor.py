@@ -43,8 +43,11 @@ from omnistream.engine.model_executor.distributed import (
     set_tp_group,
     tp_group_hidden,
 )
+from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.model_executor.loader import load_model
+from omnistream.engine.model_executor.speech_loader import load_speech_models
 from omnistream.engine.worker.model_runner import ModelRunner
+from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.engine.worker.tp_worker import (
     ERROR_KEY,
     INIT_KEY,
@@ -75,6 +78,7 @@ class Executor(ABC):
     dtype: torch.dtype
     device: torch.device
     num_kv_blocks: int  # per rank: every rank holds this many blocks of its own KV heads
+    speech_config: SpeechConfig | None = None  # the speech lane's models are loaded (TP=1 only in v1)
 
     @abstractmethod
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
@@ -106,6 +110,11 @@ class UniProcExecutor(Executor):
                 device=self.device, eos_token_ids=eos_token_ids, max_num_seqs=config.max_num_seqs,
                 max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
             )
+        speech = load_speech_models(model_path, self.dtype, self.device) if config.enable_speech else None
+        if speech is not None:
+            self.speech_config = speech.config
+            self.runner.speech = SpeechRunner(speech, self.model, config.talker_kv_blocks(), config.block_size,
+                                              self.device)
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if get_tp_world_size() == 1:

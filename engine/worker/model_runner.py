@@ -24,6 +24,7 @@ from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
+from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.engine.worker.token_bitmask import apply_token_bitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
@@ -81,12 +82,16 @@ class ModelRunner:
             model, self.kv_caches, max_num_seqs=max_num_seqs, max_pages=self.slots.block_table.shape[1],
             sink_page=self.sink_page, enforce_eager=enforce_eager,
         )
+        self.speech: SpeechRunner | None = None  # the speech lane, set by the executor when it loads one
 
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
+        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech)
         if scheduler_output.is_empty:
-            return EMPTY_MODEL_RUNNER_OUTPUT
+            if not speech:
+                return EMPTY_MODEL_RUNNER_OUTPUT
+            return ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[], speech=speech)
         self._run_encoders(scheduler_output)
         batch = self._prepare_inputs(scheduler_output)
         embeds, deepstack = self._input_embeddings(batch)
@@ -104,6 +109,7 @@ class ModelRunner:
             sampled_token_ids=tokens,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
+            speech=speech,
         )
 
     def _update_states(self, so: SchedulerOutput) -> None:

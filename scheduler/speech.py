@@ -1,0 +1,356 @@
+"""The speech lane's scheduling (torch-free): per speaking request its talker progress gated on the thinker's
+reply, its talker KV blocks (a pool of their own) and its voice slot (at most max_num_voices at once).
+
+Talker step 0 prefills the user turns and the 9 assistant rows once the first reply token y0 exists; step s
+(s >= 1) feeds frame s-1 back with one text row: y_s, then tts_eos once the reply ends, then tts_pad, until
+the talker samples codec EOS or the frame limit. Each step samples one frame, so the first audio comes one
+engine step after the first text token. A request short of talker blocks is preempted and later recomputed
+from its stored frames and text ids: nothing is re-sampled, so audio already sent never changes.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import msgspec
+from omnistream.scheduler.speech_outputs import (
+    NUM_ASSISTANT_ROWS,
+    SpeechFrame,
+    SpeechSchedule,
+    TalkerPrompt,
+    TalkerStep,
+)
+
+
+class SpeechLaneConfig(msgspec.Struct, kw_only=True):
+    """The checkpoint's ids the lane needs (read from config.json by the engine) and its limits."""
+
+    speakers: dict[str, int]  # lower-cased voice -> talker-vocabulary id
+    num_talker_blocks: int
+    block_size: int = 16
+    max_num_voices: int = 8
+    max_audio_frames: int = (
+        4096  # frames per answer (HF's talker limit); then the audio ends with "length"
+    )
+    codec_eos_id: int
+    tts_eos_id: int
+    tts_pad_id: int
+    im_start_id: int
+    user_id: int
+    assistant_id: int
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_talker_blocks",
+            "block_size",
+            "max_num_voices",
+            "max_audio_frames",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(
+                    f"{name} must be at least 1, got {getattr(self, name)}"
+                )
+
+
+def user_turn_positions(
+    token_ids: list[int], im_start_id: int, user_id: int
+) -> list[int]:
+    """Positions the talker keeps: every position of a user turn, from its <|im_start|> up to the next
+    <|im_start|> (so the `\\n` after <|im_end|> too); system and assistant turns are dropped."""
+    kept, role = [], None
+    for index, token in enumerate(token_ids):
+        if token == im_start_id:
+            role = token_ids[index + 1] if index + 1 < len(token_ids) else None
+        if role == user_id:
+            kept.append(index)
+    return kept
+
+
+class SpeechRequest:
+    """One speaking request: its talker prompt, the reply read so far, the frames sampled, its blocks."""
+
+    def __init__(
+        self,
+        req_id: str,
+        speaker: int,
+        slot: int,
+        user_ids: list[int],
+        header_ids: list[int],
+        seed: int,
+        do_sample: bool,
+        max_frames: int,
+    ) -> None:
+        self.req_id = req_id
+        self.speaker = speaker
+        self.slot = slot
+        self.user_ids = user_ids
+        self.header_ids = (
+            header_ids  # <|im_start|>, assistant, \n (y0 is the reply's first token)
+        )
+        self.seed = seed  # every request's draws are keyed: an unseeded one gets a random seed at admission
+        self.do_sample = do_sample
+        self.max_frames = max_frames
+        self.reply: list[int] = []  # the thinker's output tokens so far
+        self.reply_finish: str | None = (
+            None  # the thinker's finish reason once its text ended
+        )
+        self.frames: list[
+            list[int]
+        ] = []  # every sampled frame's codes, kept for recompute
+        self.text_ids: list[
+            int
+        ] = []  # text_ids[j]: the thinker id read by talker step j + 1
+        self.num_computed = 0  # talker rows in the KV
+        self.blocks: list[int] = []
+
+    @property
+    def num_prompt_rows(self) -> int:
+        return len(self.user_ids) + NUM_ASSISTANT_ROWS
+
+    def text_id(self, step: int, tts_eos: int, tts_pad: int) -> int | None:
+        """The thinker id talker step `step` (>= 1) reads, or None while the thinker has not sampled it. As HF:
+        y_s until the reply's last fed token, then tts_eos, then tts_pad. A reply that stopped (EOS, stop
+        token) never feeds its final token; one cut by max_tokens feeds it, so every returned word is spoken."""
+        if step <= len(self.text_ids):
+            return self.text_ids[step - 1]
+        num_fed = len(self.reply) - (
+            self.reply_finish == "stop"
+        )  # y_0..y_{num_fed-1} are spoken
+        if step < num_fed:
+            return self.reply[step]
+        if self.reply_finish is None:
+            return None
+        return tts_eos if step == max(num_fed, 1) else tts_pad
+
+
+class SpeechScheduler:
+    """Admission (voice slots), gating, talker block allocation with preemption, and frame bookkeeping.
+    With no config (a checkpoint without a talker, or speech disabled) every speech request is refused."""
+
+    def __init__(self, config: SpeechLaneConfig | None) -> None:
+        self.config = config
+        num_blocks = config.num_talker_blocks if config else 0
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.free_slots: deque[int] = deque(
+            range(config.max_num_voices if config else 0)
+        )
+        self.requests: dict[
+            str, SpeechRequest
+        ] = {}  # admitted, speech not yet ended; oldest first
+        self.finished: list[str] = []  # ended since the last schedule()
+        self.num_preemptions = 0
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.requests) or bool(self.finished)
+
+    def check(
+        self,
+        req_id: str,
+        prompt: list[int],
+        params_voice: str,
+        has_media: bool,
+        open_input: bool,
+    ) -> None:
+        """ValueError (a 400 at the front ends) unless this request can be spoken."""
+        config = self.config
+        if config is None:
+            raise ValueError(
+                "audio output: this engine has no talker (the checkpoint has none, or speech is disabled)"
+            )
+        if params_voice not in config.speakers:
+            raise ValueError(
+                f"unknown voice {params_voice!r}; this checkpoint speaks {sorted(config.speakers)}"
+            )
+        if has_media or open_input:
+            raise ValueError(
+                "audio output is not supported yet for prompts with media or for live sessions"
+            )
+        header = len(prompt) - 3
+        if header < 0 or prompt[header : header + 2] != [
+            config.im_start_id,
+            config.assistant_id,
+        ]:
+            raise ValueError(
+                f"request {req_id!r}: audio output needs a prompt that ends with the assistant header"
+            )
+        num_rows = (
+            len(user_turn_positions(prompt, config.im_start_id, config.user_id))
+            + NUM_ASSISTANT_ROWS
+            + 1
+        )
+        if num_rows > config.num_talker_blocks * config.block_size:
+            raise ValueError(
+                f"request {req_id!r}: the talker prompt needs {num_rows} rows, but the talker KV pool holds only "
+                f"{config.num_talker_blocks * config.block_size}"
+            )
+
+    def admit(
+        self,
+        req_id: str,
+        prompt: list[int],
+        voice: str,
+        seed: int | None,
+        do_sample: bool,
+    ) -> bool:
+        """Take a voice slot for a request (checked) the thinker is about to admit; False when none is free.
+        A request that holds one already (resumed after a thinker preemption) keeps it."""
+        if req_id in self.requests:
+            return True
+        if not self.free_slots:
+            return False
+        config = self.config
+        user_ids = [
+            prompt[i]
+            for i in user_turn_positions(prompt, config.im_start_id, config.user_id)
+        ]
+        capacity = config.num_talker_blocks * config.block_size
+        max_frames = min(
+            config.max_audio_frames, capacity - len(user_ids) - NUM_ASSISTANT_ROWS
+        )
+        self.requests[req_id] = SpeechRequest(
+            req_id,
+            config.speakers[voice],
+            self.free_slots.popleft(),
+            user_ids,
+            prompt[-3:],
+            random.getrandbits(63) if seed is None else seed,
+            do_sample,
+            max_frames,
+        )
+        return True
+
+    def on_reply(
+        self, req_id: str, new_token_ids: list[int], finish_reason: str | None
+    ) -> None:
+        """The thinker's new tokens (and finish) for a request; an aborted reply ends its speech."""
+        request = self.requests.get(req_id)
+        if request is None:
+            return
+        request.reply.extend(new_token_ids)
+        if finish_reason == "abort":
+            self.abort(req_id)
+        elif finish_reason is not None:
+            request.reply_finish = finish_reason
+
+    def abort(self, req_id: str) -> bool:
+        """End a request's speech now (abort, cancel); False if it had none."""
+        request = self.requests.get(req_id)
+        if request is None:
+            return False
+        self._end(request)
+        return True
+
+    def schedule(self) -> SpeechSchedule | None:
+        """This step's talker steps, oldest request first; None when the lane has nothing to do."""
+        if not self.has_work:
+            return None
+        steps: list[TalkerStep] = []
+        scheduled: set[str] = set()
+        for request in list(self.requests.values()):
+            step = self._plan(request)
+            if step is None or not self._allocate(request, scheduled):
+                continue
+            step.block_ids = list(request.blocks)
+            steps.append(step)
+            scheduled.add(request.req_id)
+        finished, self.finished = self.finished, []
+        return SpeechSchedule(steps=steps, finished_req_ids=finished)
+
+    def update(
+        self, schedule: SpeechSchedule | None, frames: list[SpeechFrame]
+    ) -> dict[str, tuple[bytes, str | None]]:
+        """Record the frames a step produced; per request its new PCM16 bytes and, when its speech ended, the
+        audio finish reason ("stop" at codec EOS, "length" at the frame limit)."""
+        if schedule is None:
+            return {}
+        result: dict[str, tuple[bytes, str | None]] = {}
+        by_id = {frame.req_id: frame for frame in frames}
+        for step in schedule.steps:
+            request, frame = self.requests.get(step.req_id), by_id.get(step.req_id)
+            if request is None or frame is None:
+                continue  # aborted meanwhile
+            request.num_computed = step.num_computed + step.num_rows
+            del request.text_ids[step.frame_index - len(step.frames) :]
+            request.text_ids.extend(step.text_ids)
+            finish = None
+            if not frame.codes:
+                finish = "stop"
+            else:
+                request.frames.append(frame.codes)
+                if len(request.frames) >= request.max_frames:
+                    finish = "length"
+            if finish is not None:
+                self._end(request)
+            result[step.req_id] = (frame.pcm, finish)
+        return result
+
+    def _plan(self, request: SpeechRequest) -> TalkerStep | None:
+        """The rows that bring the request's KV up to sampling its next frame, or None while its text waits."""
+        config = self.config
+        num_frames = len(request.frames)
+        if not request.reply:
+            return None
+        first_step = max(1, request.num_computed - request.num_prompt_rows + 1)
+        text_ids = []
+        for step in range(first_step, num_frames + 1):
+            text_id = request.text_id(step, config.tts_eos_id, config.tts_pad_id)
+            if text_id is None:
+                return None
+            text_ids.append(text_id)
+        prompt = None
+        if request.num_computed == 0:
+            prompt = TalkerPrompt(
+                user_ids=request.user_ids,
+                header_ids=request.header_ids + request.reply[:1],
+                speaker=request.speaker,
+            )
+        return TalkerStep(
+            req_id=request.req_id,
+            block_ids=[],
+            num_computed=request.num_computed,
+            prompt=prompt,
+            frames=request.frames[first_step - 1 :],
+            text_ids=text_ids,
+            frame_index=num_frames,
+            seed=request.seed,
+            do_sample=request.do_sample,
+        )
+
+    def _allocate(self, request: SpeechRequest, scheduled: set[str]) -> bool:
+        """Blocks for the request's rows through its next frame, preempting the newest requests not scheduled
+        this step; False when it had to preempt itself."""
+        config = self.config
+        needed = -(
+            -(request.num_prompt_rows + len(request.frames)) // config.block_size
+        ) - len(request.blocks)
+        while needed > len(self.free_blocks):
+            victim = next(
+                (
+                    r
+                    for r in reversed(self.requests.values())
+                    if r.req_id not in scheduled and r.blocks
+                ),
+                None,
+            )
+            if victim is None:
+                return False  # the others scheduled this step hold the blocks: wait for the next step
+            self._preempt(victim)
+            if victim is request:
+                return False
+        request.blocks.extend(self.free_blocks.popleft() for _ in range(max(needed, 0)))
+        return True
+
+    def _preempt(self, request: SpeechRequest) -> None:
+        """Drop the request's talker KV; its next step recomputes it from the stored prompt, frames, text."""
+        self.free_blocks.extend(request.blocks)
+        request.blocks = []
+        request.num_computed = 0
+        self.num_preemptions += 1
+
+    def _end(self, request: SpeechRequest) -> None:
+        self.free_blocks.extend(request.blocks)
+        self.free_slots.append(request.slot)
+        del self.requests[request.req_id]
+        self.finished.append(request.req_id)
