@@ -14,6 +14,7 @@ import random
 from collections import deque
 
 import msgspec
+
 from omnistream.scheduler.speech_outputs import (
     NUM_ASSISTANT_ROWS,
     SpeechFrame,
@@ -30,9 +31,7 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
     num_talker_blocks: int
     block_size: int = 16
     max_num_voices: int = 8
-    max_audio_frames: int = (
-        4096  # frames per answer (HF's talker limit); then the audio ends with "length"
-    )
+    max_audio_frames: int = 4096  # frames per answer (HF's talker limit); then the audio ends with "length"
     codec_eos_id: int
     tts_eos_id: int
     tts_pad_id: int
@@ -48,14 +47,10 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
             "max_audio_frames",
         ):
             if getattr(self, name) < 1:
-                raise ValueError(
-                    f"{name} must be at least 1, got {getattr(self, name)}"
-                )
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
-def user_turn_positions(
-    token_ids: list[int], im_start_id: int, user_id: int
-) -> list[int]:
+def user_turn_positions(token_ids: list[int], im_start_id: int, user_id: int) -> list[int]:
     """Positions the talker keeps: every position of a user turn, from its <|im_start|> up to the next
     <|im_start|> (so the `\\n` after <|im_end|> too); system and assistant turns are dropped."""
     kept, role = [], None
@@ -85,22 +80,14 @@ class SpeechRequest:
         self.speaker = speaker
         self.slot = slot
         self.user_ids = user_ids
-        self.header_ids = (
-            header_ids  # <|im_start|>, assistant, \n (y0 is the reply's first token)
-        )
+        self.header_ids = header_ids  # <|im_start|>, assistant, \n (y0 is the reply's first token)
         self.seed = seed  # every request's draws are keyed: an unseeded one gets a random seed at admission
         self.do_sample = do_sample
         self.max_frames = max_frames
         self.reply: list[int] = []  # the thinker's output tokens so far
-        self.reply_finish: str | None = (
-            None  # the thinker's finish reason once its text ended
-        )
-        self.frames: list[
-            list[int]
-        ] = []  # every sampled frame's codes, kept for recompute
-        self.text_ids: list[
-            int
-        ] = []  # text_ids[j]: the thinker id read by talker step j + 1
+        self.reply_finish: str | None = None  # the thinker's finish reason once its text ended
+        self.frames: list[list[int]] = []  # every sampled frame's codes, kept for recompute
+        self.text_ids: list[int] = []  # text_ids[j]: the thinker id read by talker step j + 1
         self.num_computed = 0  # talker rows in the KV
         self.blocks: list[int] = []
 
@@ -114,9 +101,7 @@ class SpeechRequest:
         token) never feeds its final token; one cut by max_tokens feeds it, so every returned word is spoken."""
         if step <= len(self.text_ids):
             return self.text_ids[step - 1]
-        num_fed = len(self.reply) - (
-            self.reply_finish == "stop"
-        )  # y_0..y_{num_fed-1} are spoken
+        num_fed = len(self.reply) - (self.reply_finish == "stop")  # y_0..y_{num_fed-1} are spoken
         if step < num_fed:
             return self.reply[step]
         if self.reply_finish is None:
@@ -132,12 +117,8 @@ class SpeechScheduler:
         self.config = config
         num_blocks = config.num_talker_blocks if config else 0
         self.free_blocks: deque[int] = deque(range(num_blocks))
-        self.free_slots: deque[int] = deque(
-            range(config.max_num_voices if config else 0)
-        )
-        self.requests: dict[
-            str, SpeechRequest
-        ] = {}  # admitted, speech not yet ended; oldest first
+        self.free_slots: deque[int] = deque(range(config.max_num_voices if config else 0))
+        self.requests: dict[str, SpeechRequest] = {}  # admitted, speech not yet ended; oldest first
         self.finished: list[str] = []  # ended since the last schedule()
         self.num_preemptions = 0
 
@@ -164,9 +145,7 @@ class SpeechScheduler:
                 f"unknown voice {params_voice!r}; this checkpoint speaks {sorted(config.speakers)}"
             )
         if has_media or open_input:
-            raise ValueError(
-                "audio output is not supported yet for prompts with media or for live sessions"
-            )
+            raise ValueError("audio output is not supported yet for prompts with media or for live sessions")
         header = len(prompt) - 3
         if header < 0 or prompt[header : header + 2] != [
             config.im_start_id,
@@ -176,9 +155,7 @@ class SpeechScheduler:
                 f"request {req_id!r}: audio output needs a prompt that ends with the assistant header"
             )
         num_rows = (
-            len(user_turn_positions(prompt, config.im_start_id, config.user_id))
-            + NUM_ASSISTANT_ROWS
-            + 1
+            len(user_turn_positions(prompt, config.im_start_id, config.user_id)) + NUM_ASSISTANT_ROWS + 1
         )
         if num_rows > config.num_talker_blocks * config.block_size:
             raise ValueError(
@@ -201,14 +178,9 @@ class SpeechScheduler:
         if not self.free_slots:
             return False
         config = self.config
-        user_ids = [
-            prompt[i]
-            for i in user_turn_positions(prompt, config.im_start_id, config.user_id)
-        ]
+        user_ids = [prompt[i] for i in user_turn_positions(prompt, config.im_start_id, config.user_id)]
         capacity = config.num_talker_blocks * config.block_size
-        max_frames = min(
-            config.max_audio_frames, capacity - len(user_ids) - NUM_ASSISTANT_ROWS
-        )
+        max_frames = min(config.max_audio_frames, capacity - len(user_ids) - NUM_ASSISTANT_ROWS)
         self.requests[req_id] = SpeechRequest(
             req_id,
             config.speakers[voice],
@@ -221,9 +193,7 @@ class SpeechScheduler:
         )
         return True
 
-    def on_reply(
-        self, req_id: str, new_token_ids: list[int], finish_reason: str | None
-    ) -> None:
+    def on_reply(self, req_id: str, new_token_ids: list[int], finish_reason: str | None) -> None:
         """The thinker's new tokens (and finish) for a request; an aborted reply ends its speech."""
         request = self.requests.get(req_id)
         if request is None:
@@ -322,16 +292,12 @@ class SpeechScheduler:
         """Blocks for the request's rows through its next frame, preempting the newest requests not scheduled
         this step; False when it had to preempt itself."""
         config = self.config
-        needed = -(
-            -(request.num_prompt_rows + len(request.frames)) // config.block_size
-        ) - len(request.blocks)
+        needed = -(-(request.num_prompt_rows + len(request.frames)) // config.block_size) - len(
+            request.blocks
+        )
         while needed > len(self.free_blocks):
             victim = next(
-                (
-                    r
-                    for r in reversed(self.requests.values())
-                    if r.req_id not in scheduled and r.blocks
-                ),
+                (r for r in reversed(self.requests.values()) if r.req_id not in scheduled and r.blocks),
                 None,
             )
             if victim is None:

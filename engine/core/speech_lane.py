@@ -8,9 +8,7 @@ from omnistream.engine.engine_config import EngineConfig
 from omnistream.scheduler.speech import SpeechLaneConfig
 
 
-def speech_lane_config(
-    speech: SpeechConfig | None, config: EngineConfig
-) -> SpeechLaneConfig | None:
+def speech_lane_config(speech: SpeechConfig | None, config: EngineConfig) -> SpeechLaneConfig | None:
     """None when no speech models are loaded: every request for audio is then refused with a clear error."""
     if speech is None:
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.model_executor.models.code2wav_stream import Code2WavStream
 from omnistream.engine.model_executor.models.talker_prompt import (
@@ -54,10 +55,7 @@ class SpeechRunner:
         self.device = device
         self.dtype = self.talker.codec_head.weight.dtype
         shape = self.talker.kv_cache_shape_per_layer(num_blocks, block_size)
-        self.kv_caches = [
-            zeroed_kv_cache(shape, self.dtype, device)
-            for _ in range(self.talker.num_layers)
-        ]
+        self.kv_caches = [zeroed_kv_cache(shape, self.dtype, device) for _ in range(self.talker.num_layers)]
         self.streams: dict[str, Code2WavStream] = {}
         self.seen: dict[
             str, torch.Tensor
@@ -83,30 +81,22 @@ class SpeechRunner:
         ends = [step.num_computed + n for step, n in zip(steps, counts)]
         width = max(len(step.block_ids) for step in steps)
         table = [step.block_ids + [0] * (width - len(step.block_ids)) for step in steps]
-        metadata = AttentionMetadata.build(
-            counts, ends, table, self.block_size, self.device
-        )
+        metadata = AttentionMetadata.build(counts, ends, table, self.block_size, self.device)
         hidden = self.talker(rows, positions, self.kv_caches, metadata)
         last = hidden[torch.as_tensor(np.cumsum(counts) - 1, device=self.device)]
         draws = SpeechDraws(
-            seeds=torch.tensor(
-                [step.seed for step in steps], dtype=torch.long, device=self.device
-            ),
+            seeds=torch.tensor([step.seed for step in steps], dtype=torch.long, device=self.device),
             frames=torch.tensor(
                 [step.frame_index for step in steps],
                 dtype=torch.long,
                 device=self.device,
             ),
-            do_sample=torch.tensor(
-                [step.do_sample for step in steps], dtype=torch.bool, device=self.device
-            ),
+            do_sample=torch.tensor([step.do_sample for step in steps], dtype=torch.bool, device=self.device),
         )
         vocab = self.talker.config.text.vocab_size
         for step in steps:
             if step.req_id not in self.seen:
-                self.seen[step.req_id] = torch.zeros(
-                    vocab, dtype=torch.bool, device=self.device
-                )
+                self.seen[step.req_id] = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         seen = torch.stack([self.seen[step.req_id] for step in steps])
         eos = self.config.talker.codec_eos_token_id
         c0 = sample_c0(self.talker.compute_logits(last), seen, draws, eos)
@@ -136,9 +126,7 @@ class SpeechRunner:
         if frames:
             codes = torch.tensor(frames, dtype=torch.long, device=self.device)  # [F, G]
             text_ids = [text_id for step in steps for text_id in step.text_ids]
-            frame_rows = self.talker.embed_codec(codes[:, 0]) + self._residual(
-                codes[:, 1:]
-            )
+            frame_rows = self.talker.embed_codec(codes[:, 0]) + self._residual(codes[:, 1:])
             frame_rows = frame_rows + self.talker.text_projection(self._embed(text_ids))
         pieces, taken = [], 0
         for step in steps:
@@ -157,12 +145,8 @@ class SpeechRunner:
             if step.frames:
                 pieces.append(frame_rows[taken : taken + len(step.frames)])
                 taken += len(step.frames)
-        positions = np.concatenate(
-            [np.arange(s.num_computed, s.num_computed + s.num_rows) for s in steps]
-        )
-        return torch.cat(pieces), torch.from_numpy(positions).to(self.device).expand(
-            3, -1
-        )
+        positions = np.concatenate([np.arange(s.num_computed, s.num_computed + s.num_rows) for s in steps])
+        return torch.cat(pieces), torch.from_numpy(positions).to(self.device).expand(3, -1)
 
     def _residual(self, codes: torch.Tensor) -> torch.Tensor:
         """Σ_g E_cp[g](codes[:, g]) [F, H], summed in the code predictor's order."""

@@ -9,15 +9,14 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+
 from omnistream.engine.worker.sampling_draws import categorical, row_keys
 
 TALKER_STREAM, CODE_PREDICTOR_STREAM = 2, 3  # beside the thinker's streams 0 and 1
 TALKER_TEMPERATURE, TALKER_TOP_K, TALKER_TOP_P = 0.9, 50, 1.0
 REPETITION_PENALTY = 1.05
 CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P = 1.0, 50, 0.8
-NUM_SPECIAL_IDS = (
-    1024  # the talker vocabulary's last ids are special; only codec EOS may be sampled
-)
+NUM_SPECIAL_IDS = 1024  # the talker vocabulary's last ids are special; only codec EOS may be sampled
 
 
 class SpeechDraws(NamedTuple):
@@ -28,9 +27,7 @@ class SpeechDraws(NamedTuple):
     do_sample: torch.Tensor  # bool
 
 
-def filtered(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
-) -> torch.Tensor:
+def filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
     """Probabilities [B, V] after temperature, top-k and top-p (the smallest set whose mass reaches top_p;
     the most likely token always stays), as HF's warpers in that order."""
     logits = logits / temperature
@@ -61,9 +58,7 @@ def sample_c0(
     logits: torch.Tensor, seen: torch.Tensor, draws: SpeechDraws, codec_eos_id: int
 ) -> torch.Tensor:
     """Codebook-0 ids [B] from talker logits [B, V] (float32); seen [B, V] bool marks each row's earlier c0."""
-    penalized = torch.where(
-        logits > 0, logits / REPETITION_PENALTY, logits * REPETITION_PENALTY
-    )
+    penalized = torch.where(logits > 0, logits / REPETITION_PENALTY, logits * REPETITION_PENALTY)
     logits = torch.where(seen, penalized, logits)
     vocab = logits.shape[-1]
     special = torch.arange(vocab, device=logits.device) >= vocab - NUM_SPECIAL_IDS

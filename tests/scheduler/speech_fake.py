@@ -54,12 +54,8 @@ def make_scheduler(speech: SpeechLaneConfig | None = None, **overrides) -> Sched
     return Scheduler(SchedulerConfig(speech=speech or lane(), **config))
 
 
-def speaking(
-    req_id: str, max_tokens: int = 16, voice: str = "ethan", prompt: list[int] = PROMPT
-) -> Request:
-    params = SamplingParams(
-        max_tokens=max_tokens, seed=1, speech=SpeechParams(voice=voice)
-    )
+def speaking(req_id: str, max_tokens: int = 16, voice: str = "ethan", prompt: list[int] = PROMPT) -> Request:
+    params = SamplingParams(max_tokens=max_tokens, seed=1, speech=SpeechParams(voice=voice))
     return Request(req_id, prompt, params, [EOS], arrival_time=0.0)
 
 
@@ -78,15 +74,9 @@ class FakeLane:
             scripts,
             frames_until_eos,
         )
-        self.kv: dict[
-            int, tuple
-        ] = {}  # talker slot (block * size + offset) -> the row written there
-        self.rows_read: dict[
-            str, list[tuple]
-        ] = {}  # per request: every row it computed, in order
-        self.text_ids: dict[
-            str, list[int]
-        ] = {}  # per request: the text id each decode row read, as sent
+        self.kv: dict[int, tuple] = {}  # talker slot (block * size + offset) -> the row written there
+        self.rows_read: dict[str, list[tuple]] = {}  # per request: every row it computed, in order
+        self.text_ids: dict[str, list[int]] = {}  # per request: the text id each decode row read, as sent
         self.steps: list[list[str]] = []  # per engine step: requests with a talker step
         self.audio: dict[str, bytes] = {}
         self.audio_finish: dict[str, str] = {}
@@ -98,8 +88,7 @@ class FakeLane:
         sampled = [
             r
             for r in output.num_scheduled_tokens
-            if scheduler.requests[r].num_computed_tokens
-            == scheduler.requests[r].num_tokens
+            if scheduler.requests[r].num_computed_tokens == scheduler.requests[r].num_tokens
         ]
         tokens = []
         for req_id in sampled:
@@ -114,9 +103,7 @@ class FakeLane:
             slots = [b * block + o for b in step.block_ids for o in range(block)]
             held = [self.kv.get(slots[i]) for i in range(step.num_computed)]
             expected = self.rows_read.get(step.req_id, [])[: step.num_computed]
-            assert held == expected, (
-                f"{step.req_id}: talker KV does not hold the rows it computed"
-            )
+            assert held == expected, f"{step.req_id}: talker KV does not hold the rows it computed"
             rows = []
             if step.prompt is not None:
                 prompt = (
@@ -124,14 +111,8 @@ class FakeLane:
                     tuple(step.prompt.header_ids),
                     step.prompt.speaker,
                 )
-                rows = [
-                    ("prompt", prompt, i)
-                    for i in range(len(step.prompt.user_ids) + NUM_ASSISTANT_ROWS)
-                ]
-            rows += [
-                ("frame", tuple(codes), text)
-                for codes, text in zip(step.frames, step.text_ids)
-            ]
+                rows = [("prompt", prompt, i) for i in range(len(step.prompt.user_ids) + NUM_ASSISTANT_ROWS)]
+            rows += [("frame", tuple(codes), text) for codes, text in zip(step.frames, step.text_ids)]
             assert len(rows) == step.num_rows
             for i, row in enumerate(rows):
                 self.kv[slots[step.num_computed + i]] = row
@@ -140,9 +121,7 @@ class FakeLane:
             sent[step.frame_index - len(step.frames) :] = step.text_ids
             eos = step.frame_index >= self.frames_until_eos.get(step.req_id, 10**9)
             codes = [] if eos else [step.frame_index] * 16
-            frames.append(
-                SpeechFrame(req_id=step.req_id, codes=codes, pcm=b"" if eos else b"ab")
-            )
+            frames.append(SpeechFrame(req_id=step.req_id, codes=codes, pcm=b"" if eos else b"ab"))
         result = ModelRunnerOutput(
             sampled_req_ids=sampled,
             sampled_token_ids=tokens,
@@ -154,9 +133,7 @@ class FakeLane:
                 self.audio.get(engine_output.req_id, b"") + engine_output.new_audio
             )
             if engine_output.audio_finish_reason:
-                self.audio_finish[engine_output.req_id] = (
-                    engine_output.audio_finish_reason
-                )
+                self.audio_finish[engine_output.req_id] = engine_output.audio_finish_reason
             if engine_output.finish_reason:
                 self.text_finish[engine_output.req_id] = engine_output.finish_reason
 

@@ -5,10 +5,10 @@ recomputes the same rows without re-sampling, and abort or codec EOS frees block
 from __future__ import annotations
 
 import pytest
+
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
-
 from tests.scheduler.speech_fake import (
     IM_START,
     NL,
@@ -56,9 +56,7 @@ def test_the_first_frame_is_sampled_one_step_after_the_first_text_token():
         ),  # a reply that is only EOS: y0 in the prompt, tts_eos at step 1
     ],
 )
-def test_the_talker_reads_the_reply_then_tts_eos_then_tts_pad(
-    max_tokens, script, text_finish
-):
+def test_the_talker_reads_the_reply_then_tts_eos_then_tts_pad(max_tokens, script, text_finish):
     scheduler = make_scheduler()
     scheduler.add_request(speaking("a", max_tokens=max_tokens))
     fake = FakeLane(scheduler, {"a": script}, {"a": 8})
@@ -91,10 +89,7 @@ def test_voice_slots_bound_the_requests_that_speak_at_once():
     assert [r.request_id for r in scheduler.running] == ["a"]
     while "a" not in fake.audio_finish:
         fake.step()
-        assert (
-            "b" not in [r.request_id for r in scheduler.running]
-            or "a" in fake.audio_finish
-        )
+        assert "b" not in [r.request_id for r in scheduler.running] or "a" in fake.audio_finish
     fake.run()
     assert fake.audio_finish == {"a": "stop", "b": "stop"}
 
@@ -103,9 +98,7 @@ def test_a_plain_request_is_not_held_up_by_a_full_voice_pool():
     scheduler = make_scheduler(lane(max_num_voices=1))
     scheduler.add_request(speaking("a"))
     scheduler.add_request(speaking("b"))
-    scheduler.add_request(
-        Request("plain", PROMPT, SamplingParams(max_tokens=4), [2], arrival_time=0.0)
-    )
+    scheduler.add_request(Request("plain", PROMPT, SamplingParams(max_tokens=4), [2], arrival_time=0.0))
     FakeLane(scheduler, {"a": [10, 11], "plain": [30, 31]}, {"a": 50}).step()
     assert {r.request_id for r in scheduler.running} == {"a", "plain"}
 
@@ -139,13 +132,8 @@ def test_abort_ends_both_lanes_and_frees_blocks_and_the_voice_slot():
     assert scheduler.speech.requests["a"].blocks
     scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
     assert not scheduler.has_unfinished_requests()
-    assert (
-        len(scheduler.speech.free_blocks) == 64
-        and len(scheduler.speech.free_slots) == 1
-    )
-    assert scheduler.schedule().speech.finished_req_ids == [
-        "a"
-    ]  # the runner drops the voice's state
+    assert len(scheduler.speech.free_blocks) == 64 and len(scheduler.speech.free_slots) == 1
+    assert scheduler.schedule().speech.finished_req_ids == ["a"]  # the runner drops the voice's state
 
 
 def test_requests_the_lane_cannot_speak_are_value_errors():
@@ -155,14 +143,10 @@ def test_requests_the_lane_cannot_speak_are_value_errors():
     ):
         make_scheduler().add_request(speaking("a", voice="alloy"))
     with pytest.raises(ValueError, match="this engine has no talker"):
-        Scheduler(SchedulerConfig(max_model_len=64, num_kv_blocks=8)).add_request(
-            speaking("a")
-        )
+        Scheduler(SchedulerConfig(max_model_len=64, num_kv_blocks=8)).add_request(speaking("a"))
     with pytest.raises(ValueError, match="ends with the assistant header"):
         make_scheduler().add_request(speaking("a", prompt=PROMPT[:-3]))
     with pytest.raises(ValueError, match="audio format must be one of"):
         SpeechParams(format="ogg")
-    with pytest.raises(
-        ValueError, match="stop strings cannot be combined with audio output"
-    ):
+    with pytest.raises(ValueError, match="stop strings cannot be combined with audio output"):
         SamplingParams(stop=["x"], speech=SpeechParams())
