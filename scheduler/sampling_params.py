@@ -55,6 +55,8 @@ class SpeechParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     voice: str = "ethan"
     format: str = "pcm16"
     do_sample: bool = True
+    # talker only (/v1/audio/speech): speak these thinker tokens as the answer; the thinker generates nothing
+    reply_token_ids: list[int] = []
 
     def __post_init__(self) -> None:
         self.voice = self.voice.lower()
@@ -149,6 +151,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         """Raise ValueError naming the field when a token id of these params is not in a vocabulary of
         `vocab_size` ids (the model's: only the front end that built the request knows it)."""
         check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
+        if self.speech is not None:
+            check_token_ids(self.speech.reply_token_ids, vocab_size, "speech.reply_token_ids")
 
     @property
     def greedy(self) -> bool:

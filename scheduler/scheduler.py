@@ -88,9 +88,14 @@ class Scheduler:
             self._check_max_tokens(request.request_id, request.num_prompt_tokens, request.sampling_params)
         max_tokens = 1 if request.open_input else request.resolve_max_tokens(cfg.max_model_len)
         self._check_room(request.request_id, request.num_prompt_tokens, max_tokens)
-        if request.sampling_params.speech is not None:
-            self.speech.check(request.request_id, request.prompt_token_ids, request.sampling_params.speech.voice,
+        speech = request.sampling_params.speech
+        if speech is not None:
+            self.speech.check(request.request_id, request.prompt_token_ids, speech.voice,
                               bool(request.mm_features), request.open_input)
+            if speech.reply_token_ids:  # talker only: the thinker has nothing to do
+                self.speech.add_reply(request.request_id, request.prompt_token_ids, speech.voice,
+                                      request.sampling_params.seed, speech.do_sample, speech.reply_token_ids)
+                return
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -208,7 +213,7 @@ class Scheduler:
             self._release(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self.speech.requests)
+        return bool(self.requests) or self.speech.has_unfinished
 
     def get_num_unfinished_requests(self) -> int:
         return len(self.requests)
@@ -361,12 +366,14 @@ class Scheduler:
         """Attach this step's audio to the requests' outputs (a request whose text ended gets its own)."""
         audio = self.speech.update(scheduler_output.speech, out.speech)
         by_id = {engine_output.req_id: engine_output for engine_output in outputs}
-        for req_id, (pcm, finish) in audio.items():
+        for req_id, update in audio.items():
             engine_output = by_id.get(req_id)
             if engine_output is None:
                 engine_output = EngineCoreOutput(req_id=req_id, new_token_ids=[])
                 outputs.append(engine_output)
-            engine_output.new_audio, engine_output.audio_finish_reason = pcm, finish
+            engine_output.new_audio, engine_output.audio_finish_reason = update.pcm, update.finish
+            if update.reply_only and update.finish is not None:
+                engine_output.finish_reason = "stop"  # a talker-only request ends with its speech
         return outputs
 
     # ---- helpers -------------------------------------------------------------------------

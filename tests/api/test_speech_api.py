@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import wave
 
 import av
@@ -16,27 +17,22 @@ import pytest
 from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 from omnistream.engine.entrypoints.openai.audio_encode import encode_audio
 
-from .server_fixture import openai_client, running_server
+from .server_fixture import http_client, openai_client, running_server
 
 FRAMES = 6
 USER = [{"role": "user", "content": "Say something nice."}]
 
 
 @pytest.fixture(scope="module")
-def client():
-    with running_server(
-        "--dtype",
-        "float32",
-        "--max-model-len",
-        "256",
-        "--num-kv-blocks",
-        "64",
-        "--max-audio-frames",
-        str(FRAMES),
-        "--max-num-voices",
-        "2",
-    ) as server:
-        yield openai_client(server)
+def server():
+    flags = ("--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "64")
+    with running_server(*flags, "--max-audio-frames", str(FRAMES), "--max-num-voices", "2") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai_client(server)
 
 
 def _chat(client, **kwargs):
@@ -117,3 +113,62 @@ def test_audio_from_a_server_without_a_talker_is_a_400():
         pytest.raises(openai.BadRequestError, match="this engine has no talker"),
     ):
         _chat(openai_client(server), audio={"voice": "ethan", "format": "wav"})
+
+
+def _speech(client, **kwargs) -> bytes:
+    kwargs = {"voice": "ethan", "input": "Hello there, world.", "extra_body": {"seed": 9}} | kwargs
+    return client.audio.speech.create(model=DEFAULT_MODEL_NAME, **kwargs).content
+
+
+def test_text_to_speech_gives_a_wav_and_streams_the_same_pcm(client):
+    with wave.open(io.BytesIO(_speech(client, response_format="wav"))) as wav:
+        assert (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) == (24000, 1, 2)
+        pcm = wav.readframes(wav.getnframes())
+    assert len(pcm) == 2 * (FRAMES * 1920 - 555)
+    streamed = b""
+    with client.audio.speech.with_streaming_response.create(
+        model=DEFAULT_MODEL_NAME,
+        voice="ethan",
+        input="Hello there, world.",
+        response_format="pcm",
+        extra_body={"seed": 9},
+    ) as response:
+        for piece in response.iter_bytes():
+            streamed += piece
+    assert streamed == pcm
+    assert _speech(client, voice="chelsie", response_format="pcm") != pcm
+
+
+def test_text_to_speech_over_sse_sends_deltas_then_done_with_usage(server, client):
+    pcm = _speech(client, response_format="pcm")
+    body = {
+        "input": "Hello there, world.",
+        "voice": "ethan",
+        "response_format": "pcm",
+        "stream_format": "sse",
+        "seed": 9,
+    }
+    with http_client(server) as http:
+        lines = [line for line in http.post("/v1/audio/speech", json=body).text.splitlines() if line]
+    events = [json.loads(line.removeprefix("data: ")) for line in lines]
+    assert {e["type"] for e in events[:-1]} == {"speech.audio.delta"} and events[-1][
+        "type"
+    ] == "speech.audio.done"
+    assert b"".join(base64.b64decode(e["audio"]) for e in events[:-1]) == pcm
+    assert events[-1]["usage"]["output_tokens"] == FRAMES
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"speed": 2.0}, "speed 2.0 is not supported"),
+        ({"voice": "alloy"}, "unknown voice 'alloy'"),
+        (
+            {"response_format": "wav", "extra_body": {"stream_format": "sse"}},
+            "stream_format sse sends pcm only",
+        ),
+    ],
+)
+def test_bad_speech_requests_are_400s(client, kwargs, message):
+    with pytest.raises(openai.BadRequestError, match=message):
+        _speech(client, **kwargs)

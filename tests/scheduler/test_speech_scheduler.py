@@ -150,3 +150,19 @@ def test_requests_the_lane_cannot_speak_are_value_errors():
         SpeechParams(format="ogg")
     with pytest.raises(ValueError, match="stop strings cannot be combined with audio output"):
         SamplingParams(stop=["x"], speech=SpeechParams())
+
+
+def test_a_talker_only_request_speaks_every_given_token_once_a_voice_is_free():
+    scheduler = make_scheduler(lane(max_num_voices=1))
+    scheduler.add_request(speaking("a"))
+    params = SamplingParams(max_tokens=1, seed=2, speech=SpeechParams(reply_token_ids=[30, 31, 32]))
+    scheduler.add_request(Request("tts", PROMPT, params, [2], arrival_time=0.0))
+    assert "tts" not in scheduler.requests and scheduler.has_unfinished_requests()
+    fake = FakeLane(scheduler, {"a": [10]}, {"a": 3, "tts": 6})
+    fake.step()
+    assert "tts" not in scheduler.speech.requests  # "a" holds the only voice
+    fake.run()
+    assert fake.text_ids["tts"] == [31, 32, TTS_EOS] + [TTS_PAD] * 3
+    assert fake.rows_read["tts"][0][1][1] == (IM_START, 77091, NL, 30)
+    assert fake.text_finish["tts"] == "stop" and fake.audio_finish["tts"] == "stop"
+    assert fake.audio["tts"] == b"ab" * 6

@@ -35,6 +35,7 @@ from omnistream.engine.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from omnistream.engine.entrypoints.openai.realtime import realtime_endpoint
+from omnistream.engine.entrypoints.openai.speech import SpeechRequest, create_speech
 from omnistream.engine.entrypoints.openai.transcriptions import create_transcription
 from omnistream.multimodal.media_fetch import MediaPolicy
 
@@ -139,6 +140,11 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(raw: Request) -> Any:
         return await create_transcription(llm, raw, model_name)
+
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, raw: Request) -> Any:
+        model_name(body.model)
+        return await create_speech(llm, body, raw)
 
     @app.get("/v1/models")
     async def models() -> JSONResponse:
