@@ -1,7 +1,8 @@
 """Sampling for the speech lane, with HF's talker defaults: codebook 0 with a repetition penalty over the
 frames' earlier c0, the special ids suppressed except codec EOS, temperature 0.9 and top-k 50; codebooks 1..15
 with top-k 50 and top-p 0.8. Draws are counter-based (sampling_draws.py), keyed by the request's seed and
-(frame, codebook), so codes never depend on the batch or on a preemption. Greedy rows take the argmax.
+(frame, codebook), so codes never depend on the batch or on a preemption; a draw races only the top-k
+candidates (the others have no mass). Greedy rows take the argmax.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from typing import NamedTuple
 
 import torch
 
-from omnistream.engine.worker.sampling_draws import categorical, row_keys
+from omnistream.engine.worker.sampling_draws import race, row_keys
 
 TALKER_STREAM, CODE_PREDICTOR_STREAM = 2, 3  # beside the thinker's streams 0 and 1
 TALKER_TEMPERATURE, TALKER_TOP_K, TALKER_TOP_P = 0.9, 50, 1.0
@@ -27,31 +28,31 @@ class SpeechDraws(NamedTuple):
     do_sample: torch.Tensor  # bool
 
 
-def filtered(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Probabilities [B, V] after temperature, top-k and top-p (the smallest set whose mass reaches top_p;
-    the most likely token always stays), as HF's warpers in that order."""
-    logits = logits / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
+def top_candidates(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The top-k candidates' ids [B, k] and probabilities [B, k] (not normalised) after temperature, top-k and
+    top-p (the smallest set whose mass reaches top_p; the most likely token always stays), as HF's warpers in
+    that order: a softmax over the top k equals the full softmax renormalised over them."""
+    values, ids = (logits / temperature).topk(min(top_k, logits.shape[-1]), dim=-1)
+    probs = values.softmax(dim=-1)
     if top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p
-        probs = probs.scatter(1, order, sorted_probs.masked_fill(drop, 0.0))
-    return probs
+        probs = probs.masked_fill(probs.cumsum(dim=-1) - probs > top_p, 0.0)
+    return ids, probs
 
 
 def _pick(
-    probs_or_logits: torch.Tensor,
-    probs: torch.Tensor,
+    logits: torch.Tensor,
+    candidates: tuple[torch.Tensor, torch.Tensor],
     draws: SpeechDraws,
     stream: int,
     counter: torch.Tensor,
 ) -> torch.Tensor:
-    greedy = probs_or_logits.argmax(dim=-1)
+    """Greedy rows take the argmax; the others race their candidates, each named by its id for the hash."""
+    ids, probs = candidates
     keys = row_keys(torch.full_like(draws.seeds, stream), draws.seeds, counter)
-    return torch.where(draws.do_sample, categorical(probs, keys), greedy)
+    drawn = ids.gather(1, race(probs, keys, ids, 0).unsqueeze(1)).squeeze(1)
+    return torch.where(draws.do_sample, drawn, logits.argmax(dim=-1))
 
 
 def sample_c0(
@@ -64,8 +65,8 @@ def sample_c0(
     special = torch.arange(vocab, device=logits.device) >= vocab - NUM_SPECIAL_IDS
     special[codec_eos_id] = False
     logits = logits.masked_fill(special, float("-inf"))
-    probs = filtered(logits, TALKER_TEMPERATURE, TALKER_TOP_K, TALKER_TOP_P)
-    return _pick(logits, probs, draws, TALKER_STREAM, draws.frames)
+    candidates = top_candidates(logits, TALKER_TEMPERATURE, TALKER_TOP_K, TALKER_TOP_P)
+    return _pick(logits, candidates, draws, TALKER_STREAM, draws.frames)
 
 
 class CodePredictorSampler:
@@ -78,16 +79,9 @@ class CodePredictorSampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self.step += 1
-        probs = filtered(
-            logits,
-            CODE_PREDICTOR_TEMPERATURE,
-            CODE_PREDICTOR_TOP_K,
-            CODE_PREDICTOR_TOP_P,
+        candidates = top_candidates(
+            logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P
         )
         return _pick(
-            logits,
-            probs,
-            self.draws,
-            CODE_PREDICTOR_STREAM,
-            self.draws.frames * 16 + self.step,
+            logits, candidates, self.draws, CODE_PREDICTOR_STREAM, self.draws.frames * 16 + self.step
         )
