@@ -91,7 +91,7 @@ class Scheduler:
         speech = request.sampling_params.speech
         if speech is not None:
             self.speech.check(request.request_id, request.prompt_token_ids, speech.voice,
-                              bool(request.mm_features), request.open_input)
+                              request.mm_features, request.open_input)
             if speech.reply_token_ids:  # talker only: the thinker has nothing to do
                 self.speech.add_reply(request.request_id, request.prompt_token_ids, speech.voice,
                                       request.sampling_params.seed, speech.do_sample, speech.reply_token_ids)
@@ -286,6 +286,8 @@ class Scheduler:
             if not request.has_work or request.grammar_pending or not self._take_voice(request):
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            if self.speech.needs_thinker_rows(request.request_id):
+                hits, num_hit_tokens = [], 0  # the talker needs hidden rows a cache hit would skip
             num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
             num_tokens, media = self._plan_encoder_inputs(request, num_hit_tokens, num_tokens, encoder_budget)
             if num_tokens == 0 or self.kv_cache_manager.allocate_slots(request, num_tokens, hits) is None:
@@ -358,7 +360,7 @@ class Scheduler:
         if speech is None:
             return True
         return self.speech.admit(request.request_id, request.prompt_token_ids, speech.voice,
-                                 request.sampling_params.seed, speech.do_sample)
+                                 request.sampling_params.seed, speech.do_sample, request.mm_features)
 
     def _add_audio(
         self, outputs: list[EngineCoreOutput], scheduler_output: SchedulerOutput, out: ModelRunnerOutput

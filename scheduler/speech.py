@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import msgspec
 
+from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.speech_outputs import (
     NUM_ASSISTANT_ROWS,
     SpeechFrame,
@@ -109,6 +111,10 @@ class SpeechRequest:
         self.num_computed = 0  # talker rows in the KV
         self.blocks: list[int] = []
         self.reply_only = False  # talker only: the reply was given, no thinker request exists
+        self.media_rows: list[
+            int
+        ] = []  # user rows at media placeholders: the thinker's hidden rows feed them
+        self.media_positions: list[int] = []  # their positions in the thinker's prompt
 
     @property
     def num_prompt_rows(self) -> int:
@@ -139,6 +145,7 @@ class SpeechScheduler:
         self.free_slots: deque[int] = deque(range(config.max_num_voices if config else 0))
         self.requests: dict[str, SpeechRequest] = {}  # admitted, speech not yet ended; oldest first
         self.pending: deque[_PendingReply] = deque()  # talker-only requests waiting for a voice slot
+        self.new_captures: dict[str, list[int]] = {}  # admitted since the last schedule(): rows to capture
         self.finished: list[str] = []  # ended since the last schedule()
         self.num_preemptions = 0
 
@@ -150,12 +157,18 @@ class SpeechScheduler:
     def has_work(self) -> bool:
         return self.has_unfinished or bool(self.finished)
 
+    def needs_thinker_rows(self, req_id: str) -> bool:
+        """The request's talker prompt reads thinker hidden rows: its thinker prefill must compute them (no
+        prefix-cache hit)."""
+        request = self.requests.get(req_id)
+        return request is not None and bool(request.media_rows)
+
     def check(
         self,
         req_id: str,
         prompt: list[int],
         params_voice: str,
-        has_media: bool,
+        media: Sequence[MultiModalFeature],
         open_input: bool,
     ) -> None:
         """ValueError (a 400 at the front ends) unless this request can be spoken."""
@@ -168,8 +181,10 @@ class SpeechScheduler:
             raise ValueError(
                 f"unknown voice {params_voice!r}; this checkpoint speaks {sorted(config.speakers)}"
             )
-        if has_media or open_input:
-            raise ValueError("audio output is not supported yet for prompts with media or for live sessions")
+        if open_input:
+            raise ValueError("audio output is not supported yet for live sessions")
+        if any(feature.modality != "audio" for feature in media):
+            raise ValueError("audio output is not supported yet for prompts with images or video")
         header = len(prompt) - 3
         if header < 0 or prompt[header : header + 2] != [
             config.im_start_id,
@@ -194,6 +209,7 @@ class SpeechScheduler:
         voice: str,
         seed: int | None,
         do_sample: bool,
+        media: Sequence[MultiModalFeature] = (),
     ) -> bool:
         """Take a voice slot for a request (checked) the thinker is about to admit; False when none is free.
         A request that holds one already (resumed after a thinker preemption) keeps it."""
@@ -202,7 +218,8 @@ class SpeechScheduler:
         if not self.free_slots:
             return False
         config = self.config
-        user_ids = [prompt[i] for i in user_turn_positions(prompt, config.im_start_id, config.user_id)]
+        positions = user_turn_positions(prompt, config.im_start_id, config.user_id)
+        user_ids = [prompt[i] for i in positions]
         capacity = config.num_talker_blocks * config.block_size
         max_frames = min(config.max_audio_frames, capacity - len(user_ids) - NUM_ASSISTANT_ROWS)
         self.requests[req_id] = SpeechRequest(
@@ -215,6 +232,11 @@ class SpeechScheduler:
             do_sample,
             max_frames,
         )
+        media_rows = [row for row, p in enumerate(positions) if any(f.offset <= p < f.end for f in media)]
+        if media_rows:  # the thinker keeps its hidden rows there for the talker's prompt
+            self.requests[req_id].media_rows = media_rows
+            self.requests[req_id].media_positions = [positions[row] for row in media_rows]
+            self.new_captures[req_id] = self.requests[req_id].media_positions
         return True
 
     def add_reply(
@@ -268,7 +290,8 @@ class SpeechScheduler:
             steps.append(step)
             scheduled.add(request.req_id)
         finished, self.finished = self.finished, []
-        return SpeechSchedule(steps=steps, finished_req_ids=finished)
+        captures, self.new_captures = self.new_captures, {}
+        return SpeechSchedule(steps=steps, finished_req_ids=finished, capture=captures)
 
     def update(self, schedule: SpeechSchedule | None, frames: list[SpeechFrame]) -> dict[str, AudioUpdate]:
         """Record the frames a step produced; per request its new PCM16 bytes and, when its speech ended, the
@@ -315,6 +338,8 @@ class SpeechScheduler:
                 user_ids=request.user_ids,
                 header_ids=request.header_ids + request.reply[:1],
                 speaker=request.speaker,
+                media_rows=request.media_rows,
+                media_positions=request.media_positions,
             )
         return TalkerStep(
             req_id=request.req_id,

@@ -9,11 +9,14 @@ NUM_ASSISTANT_ROWS = 9  # the talker prompt's rows after the user turns (header,
 
 
 class TalkerPrompt(msgspec.Struct, kw_only=True):
-    """What the talker's prompt rows are built from: only thinker ids cross (text-only user turns)."""
+    """What the talker's prompt rows are built from: thinker ids, and at media placeholders the thinker's hidden
+    rows after layer accept_hidden_layer, kept on the device by the runner."""
 
     user_ids: list[int]  # thinker ids of every user-turn position, in order
     header_ids: list[int]  # <|im_start|>, `assistant`, `\n` and the first reply token y0
     speaker: int  # talker-vocabulary id of the voice
+    media_rows: list[int] = []  # indices into user_ids of media placeholders: fed the thinker's hidden rows
+    media_positions: list[int] = []  # their thinker positions (whose rows the runner captured)
 
 
 class TalkerStep(msgspec.Struct, kw_only=True):
@@ -40,6 +43,8 @@ class TalkerStep(msgspec.Struct, kw_only=True):
 class SpeechSchedule(msgspec.Struct, kw_only=True):
     steps: list[TalkerStep] = []
     finished_req_ids: list[str] = []  # voices whose speech ended (codec EOS, length, abort): drop their state
+    # newly admitted speaking requests: thinker positions whose hidden rows the thinker's forward must keep
+    capture: dict[str, list[int]] = {}
 
 
 class SpeechFrame(msgspec.Struct, kw_only=True, array_like=True):

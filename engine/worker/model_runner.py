@@ -10,6 +10,7 @@ the only thing it is told.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,10 +99,11 @@ class ModelRunner:
         if self.decode_graphs is not None and self.decode_graphs.serves(batch.metadata, embeds):
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
         else:
-            hidden = self.model(
-                batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
-                inputs_embeds=embeds, deepstack_embeds=deepstack,
-            )
+            with self._speech_capture(batch, scheduler_output):
+                hidden = self.model(
+                    batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
+                    inputs_embeds=embeds, deepstack_embeds=deepstack,
+                )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
         tokens, logprobs = self._sample(hidden, batch, scheduler_output)
         return ModelRunnerOutput(
@@ -111,6 +113,14 @@ class ModelRunner:
             prompt_logprobs=prompt_logprobs,
             speech=speech,
         )
+
+    def _speech_capture(self, batch: FlatBatch, so: SchedulerOutput) -> AbstractContextManager[None]:
+        """The speech lane keeps the thinker's hidden rows at its requests' user-turn media (prefill only)."""
+        if self.speech is None or not self.speech.wants_thinker_rows:
+            return nullcontext()
+        counts = [so.num_scheduled_tokens[req_id] for req_id in batch.req_ids]
+        ends = [int(self.slots.num_computed[self.slot_of[req_id]]) for req_id in batch.req_ids]
+        return self.speech.capturing(self.model, batch.req_ids, ends, counts)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids + so.preempted_req_ids:

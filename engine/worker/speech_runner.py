@@ -10,6 +10,9 @@ talker preemption (recomputed rows) leaves the audio stream untouched.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 
@@ -27,7 +30,7 @@ from omnistream.engine.worker.speech_sampler import (
     SpeechDraws,
     sample_c0,
 )
-from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerStep
+from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
 
 
 def to_pcm16(samples: torch.Tensor) -> bytes:
@@ -45,11 +48,7 @@ class SpeechRunner:
         block_size: int,
         device: torch.device,
     ) -> None:
-        self.config, self.talker, self.code2wav = (
-            models.config,
-            models.talker,
-            models.code2wav,
-        )
+        self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
         self.thinker = thinker
         self.block_size = block_size
         self.device = device
@@ -57,9 +56,11 @@ class SpeechRunner:
         shape = self.talker.kv_cache_shape_per_layer(num_blocks, block_size)
         self.kv_caches = [zeroed_kv_cache(shape, self.dtype, device) for _ in range(self.talker.num_layers)]
         self.streams: dict[str, Code2WavStream] = {}
-        self.seen: dict[
-            str, torch.Tensor
-        ] = {}  # [vocab] bool: the c0 a request has sampled (repetition penalty)
+        # [vocab] bool per request: the c0 it has sampled (repetition penalty)
+        self.seen: dict[str, torch.Tensor] = {}
+        # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
+        self.capture_positions: dict[str, set[int]] = {}
+        self.captured: dict[str, dict[int, torch.Tensor]] = {}
         with torch.inference_mode():
             self.tts = tts_rows(self.talker, self._embed(tts_token_ids(self.config)))
 
@@ -71,8 +72,10 @@ class SpeechRunner:
     @torch.inference_mode()
     def execute(self, schedule: SpeechSchedule) -> list[SpeechFrame]:
         for req_id in schedule.finished_req_ids:
-            self.streams.pop(req_id, None)
-            self.seen.pop(req_id, None)
+            for state in (self.streams, self.seen, self.capture_positions, self.captured):
+                state.pop(req_id, None)
+        for req_id, positions in schedule.capture.items():
+            self.capture_positions[req_id] = set(positions)
         steps = schedule.steps
         if not steps:
             return []
@@ -132,7 +135,7 @@ class SpeechRunner:
         for step in steps:
             if step.prompt is not None:
                 prompt = step.prompt
-                pieces.append(self.talker.text_projection(self._embed(prompt.user_ids)))
+                pieces.append(self._user_rows(step.req_id, prompt))
                 pieces.append(
                     assistant_rows(
                         self.talker,
@@ -147,6 +150,51 @@ class SpeechRunner:
                 taken += len(step.frames)
         positions = np.concatenate([np.arange(s.num_computed, s.num_computed + s.num_rows) for s in steps])
         return torch.cat(pieces), torch.from_numpy(positions).to(self.device).expand(3, -1)
+
+    def _user_rows(self, req_id: str, prompt: TalkerPrompt) -> torch.Tensor:
+        """text_projection of the thinker's embeddings; hidden_projection of its kept rows at media."""
+        rows = self.talker.text_projection(self._embed(prompt.user_ids))
+        if prompt.media_rows:
+            kept = self.captured[req_id]
+            hidden = torch.stack([kept[p] for p in prompt.media_positions]).to(self.dtype)
+            index = torch.tensor(prompt.media_rows, dtype=torch.long, device=self.device)
+            rows[index] = self.talker.hidden_projection(hidden)
+        return rows
+
+    @property
+    def wants_thinker_rows(self) -> bool:
+        return bool(self.capture_positions)
+
+    @contextmanager
+    def capturing(
+        self, thinker: torch.nn.Module, req_ids: list[str], ends: list[int], counts: list[int]
+    ) -> Iterator[None]:
+        """Around one thinker forward over the flat batch (req_ids with `counts` rows ending at positions
+        `ends`): keep the residual stream after layer accept_hidden_layer at the wanted positions (HF's
+        hidden_states[accept_hidden_layer]), on the device."""
+        flat, owners, offset = [], [], 0
+        for req_id, end, count in zip(req_ids, ends, counts):
+            wanted = self.capture_positions.get(req_id, ())
+            for position in range(end - count, end):
+                if position in wanted:
+                    flat.append(offset + position - (end - count))
+                    owners.append((req_id, position))
+            offset += count
+        if not flat:
+            yield
+            return
+        index = torch.tensor(flat, dtype=torch.long, device=self.device)
+        kept: list[torch.Tensor] = []
+        layer = thinker.model.layers[self.config.talker.accept_hidden_layer - 1]
+        handle = layer.register_forward_hook(
+            lambda module, args, output: kept.append(output.index_select(0, index))
+        )
+        try:
+            yield
+        finally:
+            handle.remove()
+        for (req_id, position), row in zip(owners, kept[0]):
+            self.captured.setdefault(req_id, {})[position] = row
 
     def _residual(self, codes: torch.Tensor) -> torch.Tensor:
         """Σ_g E_cp[g](codes[:, g]) [F, H], summed in the code predictor's order."""

@@ -1,6 +1,7 @@
 """The speech lane end to end against HF transformers (fp32, tiny random stack saved with save_pretrained):
 greedy thinker tokens and greedy [16 x n] codes identical to one HF `generate` call per request, for text
-prompts whose replies stop on a stop token (HF's thinker_eos_token_id), and the streamed PCM16 equal to the
+prompts and a prompt with audio in its user turn (the talker reads the thinker's hidden rows there), with
+replies that stop on a stop token (HF's thinker_eos_token_id), and the streamed PCM16 equal to the
 whole-sequence code2wav decode of those codes (HF's and ours) to one quantization step.
 """
 
@@ -11,17 +12,30 @@ import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
+from omnistream.multimodal.tensor_codec import from_tensor_data
 from omnistream.scheduler.sampling_params import SpeechParams
 from tests.parity.speech_oracle import build_hf_omni, save_hf_omni
 
 MAX_FRAMES = 24
-PROMPTS = [
-    [
-        {"role": "system", "content": "Be brief."},
-        {"role": "user", "content": "Say hello to the world."},
-    ],
-    [{"role": "user", "content": "What is two plus two?"}],
-]
+AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
+
+
+def _chat(*turns: tuple[str, str]) -> str:
+    body = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+    return body + "<|im_start|>assistant\n"
+
+
+def _speech(seconds: float) -> tuple[np.ndarray, int]:
+    t = np.arange(int(seconds * 16000) // 160 * 160) / 16000
+    noise = 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + noise).astype(np.float32), 16000
+
+
+CASES = {
+    "system_and_user": (_chat(("system", "Be brief."), ("user", "Say hello to the world.")), {}),
+    "user": (_chat(("user", "What is two plus two?")), {}),
+    "user_audio": (_chat(("user", AUDIO + "What is said?")), {"audio": _speech(2.0)}),
+}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -41,10 +55,23 @@ def stack(tmp_path_factory):
     llm.shutdown()
 
 
-def _stop_token(llm: LLM, prompt: list[dict]) -> int:
+def _hf_inputs(processed) -> dict:
+    """HF's inputs for our processed prompt: ids, and the audio windows of its one clip joined."""
+    ids = torch.tensor([processed.token_ids])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    mels = [from_tensor_data(f.inputs["input_features"]) for f in processed.mm_features]
+    if mels:
+        mel = torch.cat(mels, dim=1)
+        inputs["input_features"] = mel[None]
+        inputs["feature_attention_mask"] = torch.ones(1, mel.shape[1], dtype=torch.long)
+    return inputs
+
+
+def _stop_token(llm: LLM, prompt: dict) -> int:
     """A token the greedy reply samples at step >= 2 that it has not sampled before: the reply's stop token."""
-    reply = llm.chat([prompt], SamplingParams(temperature=0, max_tokens=8))[0].outputs[0].token_ids
-    return next(t for i, t in enumerate(reply) if i >= 2 and t not in reply[:i])
+    reply = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    tokens = reply.outputs[0].token_ids
+    return next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
 
 
 def _pcm16(wav: torch.Tensor) -> np.ndarray:
@@ -52,7 +79,7 @@ def _pcm16(wav: torch.Tensor) -> np.ndarray:
 
 
 @torch.no_grad()
-def _hf_generate(hf, prompt_ids: list[int], stop: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+def _hf_generate(hf, inputs: dict, stop: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
     captured = []
     decode = hf.code2wav.chunked_decode
 
@@ -63,7 +90,7 @@ def _hf_generate(hf, prompt_ids: list[int], stop: int) -> tuple[list[int], torch
     hf.code2wav.chunked_decode = capture
     try:
         sequences, wav = hf.generate(
-            input_ids=torch.tensor([prompt_ids]),
+            **inputs,
             speaker="Chelsie",
             thinker_max_new_tokens=8,
             thinker_eos_token_id=stop,
@@ -73,13 +100,14 @@ def _hf_generate(hf, prompt_ids: list[int], stop: int) -> tuple[list[int], torch
         )
     finally:
         hf.code2wav.chunked_decode = decode
-    return sequences[0, len(prompt_ids) :].tolist(), captured[0][0], wav.reshape(-1)
+    return sequences[0, inputs["input_ids"].shape[1] :].tolist(), captured[0][0], wav.reshape(-1)
 
 
-@pytest.mark.parametrize("index", range(len(PROMPTS)))
-def test_greedy_codes_and_audio_equal_hf_generate(stack, index):
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_codes_and_audio_equal_hf_generate(stack, case):
     hf, llm = stack
-    prompt = PROMPTS[index]
+    text, media = CASES[case]
+    prompt = {"prompt": text, "multi_modal_data": media}
     stop = _stop_token(llm, prompt)
     params = SamplingParams(
         temperature=0,
@@ -97,11 +125,13 @@ def test_greedy_codes_and_audio_equal_hf_generate(stack, index):
 
     speech.execute = record
     try:
-        output = llm.chat([prompt], params)[0]
+        output = llm.generate(prompt, params, use_tqdm=False)[0]
     finally:
         speech.execute = execute
     ours = output.outputs[0]
-    hf_tokens, hf_codes, hf_wav = _hf_generate(hf, output.prompt_token_ids, stop)
+    hf_tokens, hf_codes, hf_wav = _hf_generate(
+        hf, _hf_inputs(llm.input_processor.process(text, None, media, {})), stop
+    )
     assert ours.token_ids == hf_tokens and ours.finish_reason == "stop"
     assert torch.equal(torch.tensor(frames_sent).T, hf_codes)
     pcm = np.frombuffer(ours.audio, dtype="<i2").astype(np.int64)

@@ -3,7 +3,7 @@ each request's talker rows by block slot and checks every TalkerStep against wha
 
 from __future__ import annotations
 
-from omnistream.scheduler.outputs import ModelRunnerOutput
+from omnistream.scheduler.outputs import ModelRunnerOutput, SchedulerOutput
 from omnistream.scheduler.request import Request
 from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -78,6 +78,7 @@ class FakeLane:
         self.rows_read: dict[str, list[tuple]] = {}  # per request: every row it computed, in order
         self.text_ids: dict[str, list[int]] = {}  # per request: the text id each decode row read, as sent
         self.steps: list[list[str]] = []  # per engine step: requests with a talker step
+        self.schedules: list[SchedulerOutput] = []
         self.audio: dict[str, bytes] = {}
         self.audio_finish: dict[str, str] = {}
         self.text_finish: dict[str, str] = {}
@@ -85,6 +86,7 @@ class FakeLane:
     def step(self) -> None:
         scheduler = self.scheduler
         output = scheduler.schedule()
+        self.schedules.append(output)
         sampled = [
             r
             for r in output.num_scheduled_tokens

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
 from omnistream.scheduler.scheduler import Scheduler, SchedulerConfig
@@ -166,3 +167,36 @@ def test_a_talker_only_request_speaks_every_given_token_once_a_voice_is_free():
     assert fake.rows_read["tts"][0][1][1] == (IM_START, 77091, NL, 30)
     assert fake.text_finish["tts"] == "stop" and fake.audio_finish["tts"] == "stop"
     assert fake.audio["tts"] == b"ab" * 6
+
+
+def _with_audio(req_id: str, speech: bool = True) -> Request:
+    """PROMPT with a 3-row audio clip in its user turn, at positions 10..12."""
+    prompt = PROMPT[:9] + [151669, 151675, 151675, 151675, 151670] + PROMPT[9:]
+    audio = MultiModalFeature(modality="audio", identifier="clip", offset=10, length=3)
+    params = SamplingParams(max_tokens=4, seed=1, speech=SpeechParams() if speech else None)
+    return Request(req_id, prompt, params, [2], arrival_time=0.0, mm_features=[audio])
+
+
+def test_audio_in_a_user_turn_is_read_from_the_thinker_and_never_from_the_prefix_cache():
+    scheduler = make_scheduler()
+    scheduler.add_request(_with_audio("plain", speech=False))
+    FakeLane(scheduler, {"plain": [10, 11]}, {}).run()
+    scheduler.add_request(_with_audio("a"))
+    fake = FakeLane(scheduler, {"a": [20, 21]}, {"a": 3})
+    fake.step()
+    fake.step()
+    first, second = fake.schedules
+    assert first.speech.capture == {"a": [10, 11, 12]} and second.speech.capture == {}
+    assert first.num_scheduled_tokens["a"] == 21  # the whole prompt: no prefix-cache hit skips the media
+    prompt = fake.rows_read["a"][0][1]
+    assert prompt[0][4:7] == (151675,) * 3 and scheduler.speech.requests["a"].media_rows == [4, 5, 6]
+    fake.run()
+    assert fake.audio_finish["a"] == "stop"
+
+
+def test_speech_for_prompts_with_images_or_sessions_is_refused():
+    image = MultiModalFeature(modality="image", identifier="im", offset=10, length=3)
+    request = _with_audio("a")
+    request.mm_features = [image]
+    with pytest.raises(ValueError, match="not supported yet for prompts with images or video"):
+        make_scheduler().add_request(request)
