@@ -170,8 +170,8 @@ class SpeechRunner:
         self, thinker: torch.nn.Module, req_ids: list[str], ends: list[int], counts: list[int]
     ) -> Iterator[None]:
         """Around one thinker forward over the flat batch (req_ids with `counts` rows ending at positions
-        `ends`): keep the residual stream after layer accept_hidden_layer at the wanted positions (HF's
-        hidden_states[accept_hidden_layer]), on the device."""
+        `ends`): keep HF's hidden_states[accept_hidden_layer] at the wanted positions, on the device: the
+        residual stream entering that layer (final-normed when it is the last)."""
         flat, owners, offset = [], [], 0
         for req_id, end, count in zip(req_ids, ends, counts):
             wanted = self.capture_positions.get(req_id, ())
@@ -185,10 +185,15 @@ class SpeechRunner:
             return
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
         kept: list[torch.Tensor] = []
-        layer = thinker.model.layers[self.config.talker.accept_hidden_layer - 1]
-        handle = layer.register_forward_hook(
-            lambda module, args, output: kept.append(output.index_select(0, index))
-        )
+        level, layers = self.config.talker.accept_hidden_layer, thinker.model.layers
+        if level < len(layers):  # the input of layer `level`: after layer level-1 and its DeepStack rows
+            handle = layers[level].register_forward_pre_hook(
+                lambda module, args: kept.append(args[0].index_select(0, index))
+            )
+        else:  # HF's last hidden state is the final-normed one
+            handle = thinker.model.norm.register_forward_hook(
+                lambda module, args, output: kept.append(output.index_select(0, index))
+            )
         try:
             yield
         finally:
