@@ -183,8 +183,8 @@ class SpeechScheduler:
             )
         if open_input:
             raise ValueError("audio output is not supported yet for live sessions")
-        if any(feature.modality != "audio" for feature in media):
-            raise ValueError("audio output is not supported yet for prompts with images or video")
+        if any(feature.modality not in ("audio", "image") for feature in media):
+            raise ValueError("audio output is not supported yet for prompts with video")
         header = len(prompt) - 3
         if header < 0 or prompt[header : header + 2] != [
             config.im_start_id,

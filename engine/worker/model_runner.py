@@ -88,7 +88,7 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         self._update_states(scheduler_output)
-        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech)
+        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech, self.requests)
         if scheduler_output.is_empty:
             if not speech:
                 return EMPTY_MODEL_RUNNER_OUTPUT

@@ -25,11 +25,13 @@ from omnistream.engine.model_executor.models.talker_prompt import (
 )
 from omnistream.engine.model_executor.speech_loader import SpeechModels
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
+from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.speech_sampler import (
     CodePredictorSampler,
     SpeechDraws,
     sample_c0,
 )
+from omnistream.engine.worker.talker_positions import talker_prompt_positions
 from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
 
 
@@ -61,6 +63,8 @@ class SpeechRunner:
         # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
         self.capture_positions: dict[str, set[int]] = {}
         self.captured: dict[str, dict[int, torch.Tensor]] = {}
+        # requests whose user turns hold images: the talker prompt's M-RoPE positions [3, P] and decode delta
+        self.prompt_positions: dict[str, tuple[torch.Tensor, float]] = {}
         with torch.inference_mode():
             self.tts = tts_rows(self.talker, self._embed(tts_token_ids(self.config)))
 
@@ -70,12 +74,27 @@ class SpeechRunner:
         return self.thinker.embed_input_ids(table_ids).to(self.dtype)
 
     @torch.inference_mode()
-    def execute(self, schedule: SpeechSchedule) -> list[SpeechFrame]:
+    def execute(
+        self, schedule: SpeechSchedule, thinker_requests: dict[str, RunnerRequestState]
+    ) -> list[SpeechFrame]:
+        """One talker step per scheduled request; `thinker_requests` (the runner's) give newly admitted requests'
+        media, whose encoder inputs are still there in their first step."""
         for req_id in schedule.finished_req_ids:
-            for state in (self.streams, self.seen, self.capture_positions, self.captured):
+            for state in (
+                self.streams,
+                self.seen,
+                self.capture_positions,
+                self.captured,
+                self.prompt_positions,
+            ):
                 state.pop(req_id, None)
         for req_id, positions in schedule.capture.items():
             self.capture_positions[req_id] = set(positions)
+            request = thinker_requests[req_id]
+            if any(feature.modality == "image" for feature in request.mm_features):
+                self.prompt_positions[req_id] = talker_prompt_positions(
+                    self.config, request.token_ids[: request.num_prompt_tokens], request.mm_features
+                )
         steps = schedule.steps
         if not steps:
             return []
@@ -148,8 +167,18 @@ class SpeechRunner:
             if step.frames:
                 pieces.append(frame_rows[taken : taken + len(step.frames)])
                 taken += len(step.frames)
-        positions = np.concatenate([np.arange(s.num_computed, s.num_computed + s.num_rows) for s in steps])
-        return torch.cat(pieces), torch.from_numpy(positions).to(self.device).expand(3, -1)
+        return torch.cat(pieces), torch.cat([self._positions(step) for step in steps], dim=1)
+
+    def _positions(self, step: TalkerStep) -> torch.Tensor:
+        """M-RoPE positions [3, n] of a step's rows: the row index on all three axes for text and audio
+        prompts; the prompt's own positions, then index + delta, where user turns hold images."""
+        rows = np.arange(step.num_computed, step.num_computed + step.num_rows)
+        explicit = self.prompt_positions.get(step.req_id)
+        if explicit is None:
+            return torch.from_numpy(rows).to(self.device).expand(3, -1)
+        prompt, delta = explicit
+        after = torch.from_numpy(rows[rows >= prompt.shape[1]] + delta).float().expand(3, -1)
+        return torch.cat((prompt[:, rows[rows < prompt.shape[1]]], after), dim=1).to(self.device)
 
     def _user_rows(self, req_id: str, prompt: TalkerPrompt) -> torch.Tensor:
         """text_projection of the thinker's embeddings; hidden_projection of its kept rows at media."""
@@ -171,7 +200,7 @@ class SpeechRunner:
     ) -> Iterator[None]:
         """Around one thinker forward over the flat batch (req_ids with `counts` rows ending at positions
         `ends`): keep HF's hidden_states[accept_hidden_layer] at the wanted positions, on the device: the
-        residual stream entering that layer (final-normed when it is the last)."""
+        output of layer accept_hidden_layer - 1 (final-normed when it is the last)."""
         flat, owners, offset = [], [], 0
         for req_id, end, count in zip(req_ids, ends, counts):
             wanted = self.capture_positions.get(req_id, ())
@@ -186,12 +215,12 @@ class SpeechRunner:
         index = torch.tensor(flat, dtype=torch.long, device=self.device)
         kept: list[torch.Tensor] = []
         level, layers = self.config.talker.accept_hidden_layer, thinker.model.layers
-        if level < len(layers):  # the input of layer `level`: after layer level-1 and its DeepStack rows
-            handle = layers[level].register_forward_pre_hook(
-                lambda module, args: kept.append(args[0].index_select(0, index))
-            )
-        else:  # HF's last hidden state is the final-normed one
+        if level == len(layers):  # HF's last hidden state is the final-normed one
             handle = thinker.model.norm.register_forward_hook(
+                lambda module, args, output: kept.append(output.index_select(0, index))
+            )
+        else:  # HF records layer level-1's output, before any DeepStack rows are added to it
+            handle = layers[level - 1].register_forward_hook(
                 lambda module, args, output: kept.append(output.index_select(0, index))
             )
         try:

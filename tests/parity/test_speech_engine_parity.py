@@ -1,6 +1,7 @@
 """The speech lane end to end against HF transformers (fp32, tiny random stack saved with save_pretrained):
 greedy thinker tokens and greedy [16 x n] codes identical to one HF `generate` call per request, for text
-prompts and a prompt with audio in its user turn (the talker reads the thinker's hidden rows there), with
+prompts and prompts with audio or an image in a user turn (the talker reads the thinker's hidden rows there,
+and an image's 3-D M-RoPE positions in the talker's own sequence), with
 replies that stop on a stop token (HF's thinker_eos_token_id), and the streamed PCM16 equal to the
 whole-sequence code2wav decode of those codes (HF's and ours) to one quantization step.
 """
@@ -18,6 +19,7 @@ from tests.parity.speech_oracle import build_hf_omni, save_hf_omni
 
 MAX_FRAMES = 24
 AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
 
 
 def _chat(*turns: tuple[str, str]) -> str:
@@ -35,6 +37,10 @@ CASES = {
     "system_and_user": (_chat(("system", "Be brief."), ("user", "Say hello to the world.")), {}),
     "user": (_chat(("user", "What is two plus two?")), {}),
     "user_audio": (_chat(("user", AUDIO + "What is said?")), {"audio": _speech(2.0)}),
+    "user_image": (
+        _chat(("system", "Look."), ("user", "See " + IMAGE + " and say.")),
+        {"image": np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)},
+    ),
 }
 
 
@@ -56,10 +62,15 @@ def stack(tmp_path_factory):
 
 
 def _hf_inputs(processed) -> dict:
-    """HF's inputs for our processed prompt: ids, and the audio windows of its one clip joined."""
+    """HF's inputs for our processed prompt: ids, the audio windows of its one clip joined, its images."""
     ids = torch.tensor([processed.token_ids])
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    mels = [from_tensor_data(f.inputs["input_features"]) for f in processed.mm_features]
+    audio = [f for f in processed.mm_features if f.modality == "audio"]
+    images = [f for f in processed.mm_features if f.modality == "image"]
+    mels = [from_tensor_data(f.inputs["input_features"]) for f in audio]
+    if images:
+        inputs["pixel_values"] = torch.cat([from_tensor_data(f.inputs["pixel_values"]) for f in images])
+        inputs["image_grid_thw"] = torch.cat([from_tensor_data(f.inputs["grid_thw"]) for f in images])
     if mels:
         mel = torch.cat(mels, dim=1)
         inputs["input_features"] = mel[None]
@@ -118,8 +129,8 @@ def test_greedy_codes_and_audio_equal_hf_generate(stack, case):
     speech = llm.engine.executor.runner.speech
     execute, frames_sent = speech.execute, []
 
-    def record(schedule):
-        frames = execute(schedule)
+    def record(schedule, thinker_requests):
+        frames = execute(schedule, thinker_requests)
         frames_sent.extend(frame.codes for frame in frames if frame.codes)
         return frames
 

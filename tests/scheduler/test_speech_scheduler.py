@@ -194,9 +194,9 @@ def test_audio_in_a_user_turn_is_read_from_the_thinker_and_never_from_the_prefix
     assert fake.audio_finish["a"] == "stop"
 
 
-def test_speech_for_prompts_with_images_or_sessions_is_refused():
-    image = MultiModalFeature(modality="image", identifier="im", offset=10, length=3)
+def test_speech_for_prompts_with_video_is_refused():
+    video = MultiModalFeature(modality="video", identifier="v", offset=10, length=3)
     request = _with_audio("a")
-    request.mm_features = [image]
-    with pytest.raises(ValueError, match="not supported yet for prompts with images or video"):
+    request.mm_features = [video]
+    with pytest.raises(ValueError, match="not supported yet for prompts with video"):
         make_scheduler().add_request(request)
