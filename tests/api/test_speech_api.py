@@ -172,3 +172,22 @@ def test_text_to_speech_over_sse_sends_deltas_then_done_with_usage(server, clien
 def test_bad_speech_requests_are_400s(client, kwargs, message):
     with pytest.raises(openai.BadRequestError, match=message):
         _speech(client, **kwargs)
+
+
+def test_usage_counts_frames_and_a_later_message_refers_to_the_audio_by_id(client):
+    response = _chat(client, audio={"voice": "ethan", "format": "wav"})
+    assert response.usage.completion_tokens_details.audio_tokens == FRAMES
+    audio = response.choices[0].message.audio
+    follow_up = [{"role": "user", "content": "And then?"}]
+
+    def answer(assistant: dict) -> str:
+        messages = [*USER, assistant, *follow_up]
+        result = client.chat.completions.create(
+            model=DEFAULT_MODEL_NAME, messages=messages, max_tokens=4, temperature=0
+        )
+        return result.choices[0].message.content
+
+    by_id = answer({"role": "assistant", "audio": {"id": audio.id}})
+    assert by_id == answer({"role": "assistant", "content": audio.transcript})
+    with pytest.raises(openai.BadRequestError, match="audio id 'audio_nope' is unknown or expired"):
+        answer({"role": "assistant", "audio": {"id": "audio_nope"}})

@@ -15,7 +15,7 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 
 from omnistream.engine.entrypoints.openai.audio_encode import check_format
-from omnistream.engine.entrypoints.openai.chat_audio import AudioDeltas, message_audio
+from omnistream.engine.entrypoints.openai.chat_audio import AudioDeltas, AudioIds, audio_usage, message_audio
 from omnistream.engine.entrypoints.openai.completions import (
     Choices,
     final_outputs,
@@ -117,11 +117,14 @@ def _finish_reason(reason: str | None, calls: list) -> str | None:
 
 
 async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: str, raw: Request,
-                                 media_policy: MediaPolicy) -> Any:
+                                 media_policy: MediaPolicy, audio_ids: AudioIds | None = None) -> Any:
     unknown = set(body.mm_processor_kwargs or {}) - MM_PROCESSOR_KEYS
     if unknown:
         raise APIError(400, f"unknown mm_processor_kwargs {sorted(unknown)}; use {sorted(MM_PROCESSOR_KEYS)}",
                        param="mm_processor_kwargs")
+    audio_ids = audio_ids or AudioIds()
+    if any(m.audio for m in body.messages):
+        body.messages = audio_ids.resolve(body.messages)
     speech = body.speech_params()
     if speech is not None:
         check_format(speech.format)
@@ -136,7 +139,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
         for i, o in enumerate(outputs):
             sample = o.outputs[0]
             content, calls = parse_tool_calls(sample.text) if parse_calls else (sample.text, [])
-            audio = None if speech is None else message_audio(sample, speech.format)
+            audio = None if speech is None else message_audio(sample, speech.format, audio_ids)
             choices.append(ChatChoice(
                 index=i,
                 message=ChatResponseMessage(content=None if audio else content, audio=audio,
@@ -146,6 +149,8 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
             ))
         response = ChatCompletionResponse(id=rid, model=model, choices=choices,
                                           usage=usage(llm, outputs, body.n, seconds))
+        if speech is not None:
+            response.usage.completion_tokens_details = audio_usage(outputs)
         return JSONResponse(response.model_dump())
 
     choices = await Choices.start(llm, jobs, rid)
@@ -157,7 +162,7 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
         sent_text = [0] * body.n
         sent_tokens = [0] * body.n
         tool_streams = [ToolCallStream() for _ in range(body.n)]
-        audio = [AudioDeltas() for _ in range(body.n)] if speech is not None else None
+        audio = [AudioDeltas(audio_ids) for _ in range(body.n)] if speech is not None else None
         last: list[RequestOutput] = list(choices.first)
         async for index, output in choices.outputs():
             last[index] = output
@@ -183,6 +188,9 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
             choice = ChatChunkChoice(index=index, delta=chat_delta, logprobs=logprobs, finish_reason=finish_reason)
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if body.include_usage:
-            yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage(llm, last, body.n, seconds)))
+            totals = usage(llm, last, body.n, seconds)
+            if speech is not None:
+                totals.completion_tokens_details = audio_usage(last)
+            yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=totals))
 
     return streaming_response(chunks())

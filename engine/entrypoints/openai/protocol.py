@@ -123,12 +123,17 @@ ContentPart = Annotated[
 ]
 
 
+class AudioRef(_Body):
+    id: str
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (see "tools" below)
     tool_call_id: str | None = None  # a tool result answers this call
+    audio: AudioRef | None = None  # an assistant's earlier spoken answer, by the audio id this server gave
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -272,11 +277,16 @@ class PromptTokensDetails(BaseModel):
     video_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    audio_tokens: int = 0  # codec frames (80 ms each) of the spoken answers
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = None  # with audio output
     audio_seconds: float = 0.0  # decoded audio the prompt carried (input_audio / audio_url parts)
 
 
