@@ -43,12 +43,7 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
     assistant_id: int
 
     def __post_init__(self) -> None:
-        for name in (
-            "num_talker_blocks",
-            "block_size",
-            "max_num_voices",
-            "max_audio_frames",
-        ):
+        for name in ("num_talker_blocks", "block_size", "max_num_voices", "max_audio_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -111,9 +106,8 @@ class SpeechRequest:
         self.num_computed = 0  # talker rows in the KV
         self.blocks: list[int] = []
         self.reply_only = False  # talker only: the reply was given, no thinker request exists
-        self.media_rows: list[
-            int
-        ] = []  # user rows at media placeholders: the thinker's hidden rows feed them
+        # user rows at media placeholders, fed the thinker's hidden rows
+        self.media_rows: list[int] = []
         self.media_positions: list[int] = []  # their positions in the thinker's prompt
 
     @property
@@ -186,10 +180,7 @@ class SpeechScheduler:
         if any(feature.modality not in ("audio", "image") for feature in media):
             raise ValueError("audio output is not supported yet for prompts with video")
         header = len(prompt) - 3
-        if header < 0 or prompt[header : header + 2] != [
-            config.im_start_id,
-            config.assistant_id,
-        ]:
+        if header < 0 or prompt[header : header + 2] != [config.im_start_id, config.assistant_id]:
             raise ValueError(
                 f"request {req_id!r}: audio output needs a prompt that ends with the assistant header"
             )
@@ -362,8 +353,7 @@ class SpeechScheduler:
         )
         while needed > len(self.free_blocks):
             victim = next(
-                (r for r in reversed(self.requests.values()) if r.req_id not in scheduled and r.blocks),
-                None,
+                (r for r in reversed(self.requests.values()) if r.req_id not in scheduled and r.blocks), None
             )
             if victim is None:
                 return False  # the others scheduled this step hold the blocks: wait for the next step

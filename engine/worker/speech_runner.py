@@ -18,19 +18,11 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.model_executor.models.code2wav_stream import Code2WavStream
-from omnistream.engine.model_executor.models.talker_prompt import (
-    assistant_rows,
-    tts_rows,
-    tts_token_ids,
-)
+from omnistream.engine.model_executor.models.talker_prompt import assistant_rows, tts_rows, tts_token_ids
 from omnistream.engine.model_executor.speech_loader import SpeechModels
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.request_state import RunnerRequestState
-from omnistream.engine.worker.speech_sampler import (
-    CodePredictorSampler,
-    SpeechDraws,
-    sample_c0,
-)
+from omnistream.engine.worker.speech_sampler import CodePredictorSampler, SpeechDraws, sample_c0
 from omnistream.engine.worker.talker_positions import talker_prompt_positions
 from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
 
@@ -108,11 +100,7 @@ class SpeechRunner:
         last = hidden[torch.as_tensor(np.cumsum(counts) - 1, device=self.device)]
         draws = SpeechDraws(
             seeds=torch.tensor([step.seed for step in steps], dtype=torch.long, device=self.device),
-            frames=torch.tensor(
-                [step.frame_index for step in steps],
-                dtype=torch.long,
-                device=self.device,
-            ),
+            frames=torch.tensor([step.frame_index for step in steps], dtype=torch.long, device=self.device),
             do_sample=torch.tensor([step.do_sample for step in steps], dtype=torch.bool, device=self.device),
         )
         vocab = self.talker.config.text.vocab_size
@@ -157,11 +145,7 @@ class SpeechRunner:
                 pieces.append(self._user_rows(step.req_id, prompt))
                 pieces.append(
                     assistant_rows(
-                        self.talker,
-                        self.config,
-                        self._embed(prompt.header_ids),
-                        self.tts,
-                        prompt.speaker,
+                        self.talker, self.config, self._embed(prompt.header_ids), self.tts, prompt.speaker
                     )
                 )
             if step.frames:
@@ -234,10 +218,7 @@ class SpeechRunner:
         """Σ_g E_cp[g](codes[:, g]) [F, H], summed in the code predictor's order."""
         tables = self.talker.code_predictor.model.codec_embedding
         residual = torch.zeros(
-            codes.shape[0],
-            self.talker.config.text.hidden_size,
-            dtype=self.dtype,
-            device=self.device,
+            codes.shape[0], self.talker.config.text.hidden_size, dtype=self.dtype, device=self.device
         )
         for g, table in enumerate(tables):
             residual = residual + table(codes[:, g])

@@ -12,24 +12,7 @@ from omnistream.scheduler.speech_outputs import NUM_ASSISTANT_ROWS, SpeechFrame
 
 EOS, IM_START, IM_END, USER, ASSISTANT, NL = 2, 151644, 151645, 872, 77091, 198
 TTS_EOS, TTS_PAD, CODEC_EOS = 151673, 151671, 2150
-PROMPT = [
-    IM_START,
-    8948,
-    NL,
-    7,
-    IM_END,
-    NL,
-    IM_START,
-    USER,
-    NL,
-    5,
-    6,
-    IM_END,
-    NL,
-    IM_START,
-    ASSISTANT,
-    NL,
-]
+PROMPT = [IM_START, 8948, NL, 7, IM_END, NL, IM_START, USER, NL, 5, 6, IM_END, NL, IM_START, ASSISTANT, NL]
 
 
 def lane(**overrides) -> SpeechLaneConfig:
@@ -63,17 +46,8 @@ class FakeLane:
     """Runs steps: the thinker samples its script (then EOS); the talker emits frame codes [frame_index] * 16
     until `frames_until_eos[req_id]` frames exist, then codec EOS; pcm is 2 bytes per frame."""
 
-    def __init__(
-        self,
-        scheduler: Scheduler,
-        scripts: dict[str, list[int]],
-        frames_until_eos: dict[str, int],
-    ):
-        self.scheduler, self.scripts, self.frames_until_eos = (
-            scheduler,
-            scripts,
-            frames_until_eos,
-        )
+    def __init__(self, scheduler: Scheduler, scripts: dict[str, list[int]], frames_until_eos: dict[str, int]):
+        self.scheduler, self.scripts, self.frames_until_eos = (scheduler, scripts, frames_until_eos)
         self.kv: dict[int, tuple] = {}  # talker slot (block * size + offset) -> the row written there
         self.rows_read: dict[str, list[tuple]] = {}  # per request: every row it computed, in order
         self.text_ids: dict[str, list[int]] = {}  # per request: the text id each decode row read, as sent
@@ -108,11 +82,7 @@ class FakeLane:
             assert held == expected, f"{step.req_id}: talker KV does not hold the rows it computed"
             rows = []
             if step.prompt is not None:
-                prompt = (
-                    tuple(step.prompt.user_ids),
-                    tuple(step.prompt.header_ids),
-                    step.prompt.speaker,
-                )
+                prompt = (tuple(step.prompt.user_ids), tuple(step.prompt.header_ids), step.prompt.speaker)
                 rows = [("prompt", prompt, i) for i in range(len(step.prompt.user_ids) + NUM_ASSISTANT_ROWS)]
             rows += [("frame", tuple(codes), text) for codes, text in zip(step.frames, step.text_ids)]
             assert len(rows) == step.num_rows
@@ -125,10 +95,7 @@ class FakeLane:
             codes = [] if eos else [step.frame_index] * 16
             frames.append(SpeechFrame(req_id=step.req_id, codes=codes, pcm=b"" if eos else b"ab"))
         result = ModelRunnerOutput(
-            sampled_req_ids=sampled,
-            sampled_token_ids=tokens,
-            logprobs=[None] * len(tokens),
-            speech=frames,
+            sampled_req_ids=sampled, sampled_token_ids=tokens, logprobs=[None] * len(tokens), speech=frames
         )
         for engine_output in scheduler.update_from_output(output, result):
             self.audio[engine_output.req_id] = (

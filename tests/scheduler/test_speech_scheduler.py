@@ -40,21 +40,9 @@ def test_the_first_frame_is_sampled_one_step_after_the_first_text_token():
 @pytest.mark.parametrize(
     "max_tokens, script, text_finish",
     [
-        (
-            16,
-            [10, 11, 12],
-            "stop",
-        ),  # y0..y2 then EOS: the EOS token is never read, tts_eos takes its step
-        (
-            3,
-            [10, 11, 12],
-            "length",
-        ),  # cut by max_tokens: the last token is read too, then tts_eos
-        (
-            16,
-            [],
-            "stop",
-        ),  # a reply that is only EOS: y0 in the prompt, tts_eos at step 1
+        (16, [10, 11, 12], "stop"),  # y0..y2 then EOS: the EOS token is never read, tts_eos takes its step
+        (3, [10, 11, 12], "length"),  # cut by max_tokens: the last token is read too, then tts_eos
+        (16, [], "stop"),  # a reply that is only EOS: y0 in the prompt, tts_eos at step 1
     ],
 )
 def test_the_talker_reads_the_reply_then_tts_eos_then_tts_pad(max_tokens, script, text_finish):
@@ -139,8 +127,7 @@ def test_abort_ends_both_lanes_and_frees_blocks_and_the_voice_slot():
 
 def test_requests_the_lane_cannot_speak_are_value_errors():
     with pytest.raises(
-        ValueError,
-        match=r"unknown voice 'alloy'; this checkpoint speaks \['chelsie', 'ethan'\]",
+        ValueError, match=r"unknown voice 'alloy'; this checkpoint speaks \['chelsie', 'ethan'\]"
     ):
         make_scheduler().add_request(speaking("a", voice="alloy"))
     with pytest.raises(ValueError, match="this engine has no talker"):

@@ -13,24 +13,11 @@ from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
-from omnistream.engine.entrypoints.openai.audio_encode import (
-    MEDIA_TYPES,
-    check_format,
-    encode_audio,
-)
-from omnistream.engine.entrypoints.openai.completions import (
-    cancel_on_disconnect,
-    request_id,
-    sse,
-)
+from omnistream.engine.entrypoints.openai.audio_encode import MEDIA_TYPES, check_format, encode_audio
+from omnistream.engine.entrypoints.openai.completions import cancel_on_disconnect, request_id, sse
 from omnistream.engine.entrypoints.openai.errors import APIError
 from omnistream.engine.frontend.outputs import RequestOutput
-from omnistream.scheduler.sampling_params import (
-    INT64_MAX,
-    INT64_MIN,
-    SamplingParams,
-    SpeechParams,
-)
+from omnistream.scheduler.sampling_params import INT64_MAX, INT64_MIN, SamplingParams, SpeechParams
 
 MAX_INPUT_CHARS = 4096  # as OpenAI
 
