@@ -103,6 +103,12 @@ class UniProcExecutor(Executor):
             self.model, self.model_config = load_model(
                 model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
+        # the speech lane (models and talker KV) first: the thinker's KV cache takes the memory left after it
+        speech = load_speech_models(model_path, self.dtype, self.device) if config.enable_speech else None
+        speech_runner = None
+        if speech is not None:
+            self.speech_config = speech.config
+            speech_runner = SpeechRunner(speech, self.model, config.talker_kv_blocks(), config.block_size, self.device)
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group
             self.runner = ModelRunner(
@@ -110,11 +116,7 @@ class UniProcExecutor(Executor):
                 device=self.device, eos_token_ids=eos_token_ids, max_num_seqs=config.max_num_seqs,
                 max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
             )
-        speech = load_speech_models(model_path, self.dtype, self.device) if config.enable_speech else None
-        if speech is not None:
-            self.speech_config = speech.config
-            self.runner.speech = SpeechRunner(speech, self.model, config.talker_kv_blocks(), config.block_size,
-                                              self.device)
+        self.runner.speech = speech_runner
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         if get_tp_world_size() == 1:
