@@ -216,7 +216,8 @@ class Scheduler:
         return bool(self.requests) or self.speech.has_unfinished
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        """Requests with text or speech still to come (a spoken answer outlives its text)."""
+        return len(self.requests.keys() | self.speech.requests.keys()) + len(self.speech.pending)
 
     def get_request(self, request_id: str) -> Request | None:
         """An unfinished request by id (finished ones are forgotten)."""

@@ -113,3 +113,22 @@ def test_an_abort_mid_speech_frees_blocks_the_voice_and_the_stream(engine):
     assert len(speech.free_blocks) == speech.config.num_talker_blocks and len(speech.free_slots) == 1
     engine.step()
     assert not engine.executor.runner.speech.streams and not engine.executor.runner.speech.seen
+
+
+def test_a_one_word_answer_speaks_and_the_request_counts_until_its_audio_ends(engine):
+    engine.add_request(
+        EngineCoreRequest(
+            request_id="short",
+            prompt_token_ids=_prompt_ids(engine, QUESTIONS[1]),
+            sampling_params=SamplingParams(max_tokens=1, seed=1, speech=SpeechParams()),
+            arrival_time=time.monotonic(),
+        )
+    )
+    text, audio, counted = [], b"", []
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            text += output.new_token_ids
+            audio += output.new_audio
+        counted.append(engine.scheduler.get_num_unfinished_requests())
+    assert len(text) == 1 and len(audio) == 2 * (FRAMES * 1920 - 555)
+    assert counted[0] == 1 and counted[-1] == 0  # the request counts while only its audio goes on
