@@ -169,7 +169,8 @@ class SpeechScheduler:
         config = self.config
         if config is None:
             raise ValueError(
-                "audio output: this engine has no talker (the checkpoint has none, or speech is disabled)"
+                "audio output: this engine has no talker (the checkpoint has none, speech is disabled, "
+                "or tensor_parallel_size > 1)"
             )
         if params_voice not in config.speakers:
             raise ValueError(

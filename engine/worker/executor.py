@@ -91,6 +91,8 @@ class Executor(ABC):
 def make_executor(config: EngineConfig, model_path: str, eos_token_ids: list[int]) -> Executor:
     if config.tensor_parallel_size == 1:
         return UniProcExecutor(config, model_path, eos_token_ids)
+    if config.enable_speech:
+        logger.warning("the speech lane runs at tensor_parallel_size 1 only: this engine answers in text")
     return MultiprocTPExecutor(config, model_path, eos_token_ids)
 
 
