@@ -37,6 +37,15 @@ CASES = {
     "system_and_user": (_chat(("system", "Be brief."), ("user", "Say hello to the world.")), {}),
     "user": (_chat(("user", "What is two plus two?")), {}),
     "user_audio": (_chat(("user", AUDIO + "What is said?")), {"audio": _speech(2.0)}),
+    "two_turns_then_image": (  # HF's talker cannot place audio and images together (no audio_config)
+        _chat(
+            ("system", "Be kind."),
+            ("user", "Hi there."),
+            ("assistant", "Hello!"),
+            ("user", "And " + IMAGE + "?"),
+        ),
+        {"image": np.random.default_rng(2).integers(0, 256, (32, 64, 3), dtype=np.uint8)},
+    ),
     "user_image": (
         _chat(("system", "Look."), ("user", "See " + IMAGE + " and say.")),
         {"image": np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)},
