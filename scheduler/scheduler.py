@@ -358,8 +358,8 @@ class Scheduler:
     def _take_voice(self, request: Request) -> bool:
         """A request that speaks enters the thinker only with a voice slot."""
         speech = request.sampling_params.speech
-        if speech is None:
-            return True
+        if speech is None or (request.num_output_tokens and request.request_id not in self.speech.requests):
+            return True  # no speech, or it has ended (its text goes on): a resumed request never speaks twice
         return self.speech.admit(request.request_id, request.prompt_token_ids, speech.voice,
                                  request.sampling_params.seed, speech.do_sample, request.mm_features)
 

@@ -187,3 +187,18 @@ def test_speech_for_prompts_with_video_is_refused():
     request.mm_features = [video]
     with pytest.raises(ValueError, match="not supported yet for prompts with video"):
         make_scheduler().add_request(request)
+
+
+def test_a_request_whose_speech_ended_never_speaks_again_after_a_thinker_preemption():
+    """The talker stops at its frame limit while the text goes on; thinker preemptions resume the text only."""
+    scheduler = make_scheduler(lane(max_audio_frames=2), num_kv_blocks=9)
+    for req_id in "ab":
+        scheduler.add_request(speaking(req_id, max_tokens=20))
+    fake = FakeLane(scheduler, {"a": list(range(10, 30)), "b": list(range(40, 60))}, {})
+    fake.run()
+    assert scheduler.num_preemptions > 0
+    assert fake.audio == {"a": b"ab" * 2, "b": b"ab" * 2} and fake.audio_finish == {
+        "a": "length",
+        "b": "length",
+    }
+    assert fake.text_finish == {"a": "length", "b": "length"}
