@@ -118,3 +118,6 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     num_encoded_media: int = 0  # media items sent to the encoders, cumulative
     num_live_prefill_tokens: int = 0  # open-session input prefilled before its turn was committed, cumulative
     num_aborted_requests: int = 0  # unfinished requests and sessions aborted from outside, cumulative
+    num_speaking: int = 0  # requests holding a voice slot (their speech not yet ended)
+    talker_kv_usage: float = 0.0  # fraction of the talker's KV blocks in use
+    num_talker_preemptions: int = 0  # talker KV recomputed from stored frames, cumulative

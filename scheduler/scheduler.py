@@ -236,6 +236,9 @@ class Scheduler:
             num_encoded_media=self.encoder_cache.num_encoded,
             num_live_prefill_tokens=self.num_live_prefill_tokens,
             num_aborted_requests=self.num_aborted_requests,
+            num_speaking=len(self.speech.requests),
+            talker_kv_usage=self.speech.kv_usage,
+            num_talker_preemptions=self.speech.num_preemptions,
         )
 
     def lag_percentiles(self, percentiles: Iterable[float] = (50, 99)) -> dict[str, float | int | None]:

@@ -151,6 +151,12 @@ class SpeechScheduler:
     def has_work(self) -> bool:
         return self.has_unfinished or bool(self.finished)
 
+    @property
+    def kv_usage(self) -> float:
+        """Fraction of the talker's KV blocks in use."""
+        total = self.config.num_talker_blocks if self.config else 0
+        return (total - len(self.free_blocks)) / total if total else 0.0
+
     def needs_thinker_rows(self, req_id: str) -> bool:
         """The request's talker prompt reads thinker hidden rows: its thinker prefill must compute them (no
         prefix-cache hit)."""

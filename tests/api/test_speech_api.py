@@ -191,3 +191,10 @@ def test_usage_counts_frames_and_a_later_message_refers_to_the_audio_by_id(clien
     assert by_id == answer({"role": "assistant", "content": audio.transcript})
     with pytest.raises(openai.BadRequestError, match="audio id 'audio_nope' is unknown or expired"):
         answer({"role": "assistant", "audio": {"id": "audio_nope"}})
+
+
+def test_metrics_show_the_speech_lane(server):
+    with http_client(server) as http:
+        text = http.get("/metrics").text
+    for name in ("num_requests_speaking", "talker_kv_cache_usage_perc", "num_talker_preemptions_total"):
+        assert f"omnistream_{name} " in text

@@ -105,7 +105,8 @@ def test_talker_preemption_recomputes_the_same_rows_and_never_resamples():
         fake.run()
         results.append((fake, scheduler.speech.num_preemptions))
     (roomy, none), (tight, preemptions) = results
-    assert none == 0 and preemptions > 0
+    assert none == 0 and preemptions > 0 == roomy.scheduler.make_stats().num_talker_preemptions
+    assert tight.scheduler.make_stats().num_talker_preemptions == preemptions
     assert tight.text_ids == roomy.text_ids and tight.audio == roomy.audio
     for req_id in "ab":
         distinct = list(dict.fromkeys(tight.rows_read[req_id]))
@@ -119,7 +120,11 @@ def test_abort_ends_both_lanes_and_frees_blocks_and_the_voice_slot():
     for _ in range(4):
         fake.step()
     assert scheduler.speech.requests["a"].blocks
+    stats = scheduler.make_stats()
+    assert stats.num_speaking == 1 and stats.talker_kv_usage > 0
     scheduler.finish_requests("a", RequestStatus.FINISHED_ABORTED)
+    stats = scheduler.make_stats()
+    assert stats.num_speaking == 0 and stats.talker_kv_usage == 0
     assert not scheduler.has_unfinished_requests()
     assert len(scheduler.speech.free_blocks) == 64 and len(scheduler.speech.free_slots) == 1
     assert scheduler.schedule().speech.finished_req_ids == ["a"]  # the runner drops the voice's state
