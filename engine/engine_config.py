@@ -33,6 +33,11 @@ class EngineConfig:
     enforce_eager: bool = False  # never replay CUDA graphs for decode steps (graphs are off on CPU regardless)
     # schedule and prepare step N+1 while step N runs (engine/core/steps.py); None: on for CUDA, off on CPU
     async_scheduling: bool | None = None
+    # the speech lane (talker, code predictor, code2wav), loaded when the checkpoint has one; TP=1 only in v1
+    enable_speech: bool = True
+    max_num_voices: int = 8  # requests speaking at once (each holds a code2wav stream)
+    num_talker_kv_blocks: int | None = None  # None: room for max_num_voices answers of max_audio_frames frames
+    max_audio_frames: int = 4096  # frames (80 ms each) per spoken answer, as HF's talker limit
 
     def __post_init__(self) -> None:
         if self.dtype != "auto" and self.dtype not in _DTYPES:
@@ -49,8 +54,19 @@ class EngineConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {', '.join(ATTENTION_BACKENDS)}; "
                              f"got {self.attention_backend!r}")
+        for name in ("max_num_voices", "max_audio_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_talker_kv_blocks is not None and self.num_talker_kv_blocks < 1:
+            raise ValueError(f"num_talker_kv_blocks must be positive, got {self.num_talker_kv_blocks}")
         if self.max_model_len is not None and self.max_model_len < 2:
             raise ValueError(f"max_model_len must be at least 2, got {self.max_model_len}")
+
+    def talker_kv_blocks(self) -> int:
+        """Talker KV blocks: as set, or each voice's answer plus a 1024-row prompt."""
+        if self.num_talker_kv_blocks is not None:
+            return self.num_talker_kv_blocks
+        return self.max_num_voices * -(-(self.max_audio_frames + 1024) // self.block_size)
 
     def torch_device(self) -> torch.device:
         if self.device is not None:

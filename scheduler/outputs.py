@@ -10,6 +10,7 @@ import msgspec
 
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule
 from omnistream.scheduler.tensor_data import PositionSegment, TensorData
 
 
@@ -58,6 +59,7 @@ class SchedulerOutput(msgspec.Struct, kw_only=True):
     # tokens as little-endian int32 words (bit t % 32 of word t // 32 set = token t allowed), row after row.
     grammar_req_ids: list[str] = []
     grammar_bitmask: bytes = b""
+    speech: SpeechSchedule | None = None  # the speech lane's talker steps (scheduler/speech.py)
 
     @property
     def is_empty(self) -> bool:
@@ -81,6 +83,7 @@ class ModelRunnerOutput(msgspec.Struct, kw_only=True):
     # Prompt logprobs computed this step, per request, for positions 1.. of the prompt in order
     # (the first prompt token has none); spread over several steps when the prefill is chunked.
     prompt_logprobs: dict[str, list[TokenLogprobs]] = {}
+    speech: list[SpeechFrame] = []  # one per talker step run: the new frame's codes and PCM16 samples
 
 
 EMPTY_MODEL_RUNNER_OUTPUT = ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[])
@@ -97,6 +100,8 @@ class EngineCoreOutput(msgspec.Struct, kw_only=True):
     stop_reason: int | str | None = None  # the stop token id (or stop string) that ended it
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     session_open: bool = False  # finish_reason ended a turn of an open session, which goes on
+    new_audio: bytes = b""  # spoken answer: PCM16 little-endian, mono, 24 kHz, appended in order
+    audio_finish_reason: str | None = None  # "stop" (codec EOS), "length" or "abort" once the audio ended
 
 
 class SchedulerStats(msgspec.Struct, kw_only=True):
@@ -113,3 +118,6 @@ class SchedulerStats(msgspec.Struct, kw_only=True):
     num_encoded_media: int = 0  # media items sent to the encoders, cumulative
     num_live_prefill_tokens: int = 0  # open-session input prefilled before its turn was committed, cumulative
     num_aborted_requests: int = 0  # unfinished requests and sessions aborted from outside, cumulative
+    num_speaking: int = 0  # requests holding a voice slot (their speech not yet ended)
+    talker_kv_usage: float = 0.0  # fraction of the talker's KV blocks in use
+    num_talker_preemptions: int = 0  # talker KV recomputed from stored frames, cumulative

@@ -16,6 +16,7 @@ import msgspec
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 _GREEDY_EPS = 1e-5
+AUDIO_FORMATS = ("pcm16", "wav", "pcm", "flac", "mp3", "opus", "aac")  # what a client may ask audio out in
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # the range of every integer field (seed included)
 MAX_LOGPROBS = 20  # alternatives per token, for generated tokens and prompt tokens alike
 _INT_FIELDS = ("n", "top_k", "max_tokens", "min_tokens", "logprobs", "prompt_logprobs")
@@ -47,6 +48,22 @@ def choice_seed(seed: int | None, index: int) -> int | None:
     return None if seed is None else _wrap_int64(seed + index)
 
 
+class SpeechParams(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """Speak the answer: the voice (a checkpoint speaker, checked by the scheduler) and how the front end
+    encodes it. do_sample False makes the talker and code predictor greedy (HF's talker_do_sample)."""
+
+    voice: str = "ethan"
+    format: str = "pcm16"
+    do_sample: bool = True
+    # talker only (/v1/audio/speech): speak these thinker tokens as the answer; the thinker generates nothing
+    reply_token_ids: list[int] = []
+
+    def __post_init__(self) -> None:
+        self.voice = self.voice.lower()
+        if self.format not in AUDIO_FORMATS:
+            raise ValueError(f"audio format must be one of {', '.join(AUDIO_FORMATS)}; got {self.format!r}")
+
+
 class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     """vLLM-shaped sampling parameters. Construct, then call nothing: validation runs in __post_init__."""
 
@@ -69,6 +86,7 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_outputs: StructuredOutputsParams | None = None  # constrained decoding (JSON, regex, ...)
+    speech: SpeechParams | None = None  # also speak the answer (the checkpoint needs a talker)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -101,6 +119,11 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
             ),
             (all(s for s in self.stop), "stop strings must be non-empty"),
             (
+                self.speech is None or not self.stop,
+                "stop strings cannot be combined with audio output (the talker may have spoken past them)",
+            ),
+            (self.speech is None or self.n == 1, f"audio output needs n=1, got n={self.n}"),
+            (
                 all(t >= 0 for t in self.stop_token_ids),
                 f"stop_token_ids: token ids are non-negative, got {min(self.stop_token_ids, default=0)}",
             ),
@@ -128,6 +151,8 @@ class SamplingParams(msgspec.Struct, kw_only=True, omit_defaults=True):
         """Raise ValueError naming the field when a token id of these params is not in a vocabulary of
         `vocab_size` ids (the model's: only the front end that built the request knows it)."""
         check_token_ids(self.stop_token_ids, vocab_size, "stop_token_ids")
+        if self.speech is not None:
+            check_token_ids(self.speech.reply_token_ids, vocab_size, "speech.reply_token_ids")
 
     @property
     def greedy(self) -> bool:

@@ -29,6 +29,7 @@ from omnistream.scheduler.outputs import (
 from omnistream.scheduler.policy import make_policy, preemption_victim
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.speech import SpeechLaneConfig, SpeechScheduler
 from omnistream.scheduler.tensor_data import PositionSegment
 from omnistream.scheduler.stop import check_stop
 
@@ -44,6 +45,7 @@ class SchedulerConfig(msgspec.Struct, kw_only=True):
     max_num_encoder_tokens: int = 0  # media embedding rows encoded per step; 0: max_num_batched_tokens
     encoder_cache_size: int = 0  # media embedding rows the runner keeps; 0: 4 x the encoder budget
     policy: str = "fcfs"  # fcfs, priority or deadline (see scheduler/policy.py)
+    speech: SpeechLaneConfig | None = None  # the speech lane; None: audio output is refused
 
     def __post_init__(self) -> None:
         for name in ("max_model_len", "num_kv_blocks", "max_num_seqs", "max_num_batched_tokens", "block_size"):
@@ -73,6 +75,7 @@ class Scheduler:
         self.stream_lags: deque[float] = deque(maxlen=4096)  # seconds live input waited before scheduling
         # each SchedulerOutput not settled yet (by id) -> the generation of each request sampling in it
         self._sampling_generations: dict[int, dict[str, int]] = {}
+        self.speech = SpeechScheduler(config.speech)
 
     # ---- requests in and out -------------------------------------------------------------
 
@@ -87,6 +90,14 @@ class Scheduler:
             self._check_max_tokens(request.request_id, request.num_prompt_tokens, request.sampling_params)
         max_tokens = 1 if request.open_input else request.resolve_max_tokens(cfg.max_model_len)
         self._check_room(request.request_id, request.num_prompt_tokens, max_tokens)
+        speech = request.sampling_params.speech
+        if speech is not None:
+            self.speech.check(request.request_id, request.prompt_token_ids, speech.voice,
+                              request.mm_features, request.open_input)
+            if speech.reply_token_ids:  # talker only: the thinker has nothing to do
+                self.speech.add_reply(request.request_id, request.prompt_token_ids, speech.voice,
+                                      request.sampling_params.seed, speech.do_sample, speech.reply_token_ids)
+                return
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -191,6 +202,7 @@ class Scheduler:
             raise ValueError(f"finish_requests needs a finished status, got {status.name}")
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         for req_id in ids:
+            self.speech.abort(req_id)
             request = self.requests.get(req_id)
             if request is None:
                 continue
@@ -204,10 +216,11 @@ class Scheduler:
             self._release(request)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests)
+        return bool(self.requests) or self.speech.has_unfinished
 
     def get_num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        """Requests with text or speech still to come (a spoken answer outlives its text)."""
+        return len(self.requests.keys() | self.speech.requests.keys()) + len(self.speech.pending)
 
     def get_request(self, request_id: str) -> Request | None:
         """An unfinished request by id (finished ones are forgotten)."""
@@ -226,6 +239,9 @@ class Scheduler:
             num_encoded_media=self.encoder_cache.num_encoded,
             num_live_prefill_tokens=self.num_live_prefill_tokens,
             num_aborted_requests=self.num_aborted_requests,
+            num_speaking=len(self.speech.requests),
+            talker_kv_usage=self.speech.kv_usage,
+            num_talker_preemptions=self.speech.num_preemptions,
         )
 
     def lag_percentiles(self, percentiles: Iterable[float] = (50, 99)) -> dict[str, float | int | None]:
@@ -295,9 +311,11 @@ class Scheduler:
         for request in [] if preempted else self.policy.waiting_order(self.waiting):
             if budget == 0 or len(self.running) >= self.config.max_num_seqs:
                 break
-            if not request.has_work or request.grammar_pending:
+            if not request.has_work or request.grammar_pending or not self._take_voice(request):
                 continue
             hits, num_hit_tokens = self.kv_cache_manager.get_computed_blocks(request)
+            if self.speech.needs_thinker_rows(request.request_id):
+                hits, num_hit_tokens = [], 0  # the talker needs hidden rows a cache hit would skip
             num_tokens = self._num_tokens_to_schedule(request, num_hit_tokens, budget)
             num_tokens, media = self._plan_encoder_inputs(request, num_hit_tokens, num_tokens, encoder_budget)
             if num_tokens == 0 or self.kv_cache_manager.allocate_slots(request, num_tokens, hits) is None:
@@ -315,6 +333,7 @@ class Scheduler:
             encoder_budget -= self._commit_encoder_inputs(request, media, encoder_inputs)
 
         output = self._make_output(num_scheduled, scheduled, new_reqs, resent, cached_data, preempted, encoder_inputs)
+        output.speech = self.speech.schedule()
         sampling: dict[str, int] = {}
         now = time.monotonic()
         for request, num_tokens in scheduled:
@@ -351,6 +370,7 @@ class Scheduler:
         generations = self._sampling_generations.pop(id(scheduler_output), {})
         sampled = {req_id: i for i, req_id in enumerate(out.sampled_req_ids)}
         requests = self.requests
+        speaking = bool(self.speech.requests)  # the speech lane hears the replies of the requests it voices
         outputs = []
         any_finished = False
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -376,8 +396,34 @@ class Scheduler:
                 self._append_sampled(request, out, index, engine_output, req_id in complete)
                 any_finished = any_finished or engine_output.finish_reason is not None
             outputs.append(engine_output)
+            if speaking:
+                self.speech.on_reply(req_id, engine_output.new_token_ids, engine_output.finish_reason)
         if any_finished:
             self.running = [request for request in self.running if not request.is_finished]
+        return self._add_audio(outputs, scheduler_output, model_runner_output)
+
+    def _take_voice(self, request: Request) -> bool:
+        """A request that speaks enters the thinker only with a voice slot."""
+        speech = request.sampling_params.speech
+        if speech is None or (request.num_output_tokens and request.request_id not in self.speech.requests):
+            return True  # no speech, or it has ended (its text goes on): a resumed request never speaks twice
+        return self.speech.admit(request.request_id, request.prompt_token_ids, speech.voice,
+                                 request.sampling_params.seed, speech.do_sample, request.mm_features)
+
+    def _add_audio(
+        self, outputs: list[EngineCoreOutput], scheduler_output: SchedulerOutput, out: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Attach this step's audio to the requests' outputs (a request whose text ended gets its own)."""
+        audio = self.speech.update(scheduler_output.speech, out.speech)
+        by_id = {engine_output.req_id: engine_output for engine_output in outputs}
+        for req_id, update in audio.items():
+            engine_output = by_id.get(req_id)
+            if engine_output is None:
+                engine_output = EngineCoreOutput(req_id=req_id, new_token_ids=[])
+                outputs.append(engine_output)
+            engine_output.new_audio, engine_output.audio_finish_reason = update.pcm, update.finish
+            if update.reply_only and update.finish is not None:
+                engine_output.finish_reason = "stop"  # a talker-only request ends with its speech
         return outputs
 
     # ---- helpers -------------------------------------------------------------------------

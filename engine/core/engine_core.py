@@ -13,6 +13,7 @@ import torch
 from omnistream.engine.checkpoint.default_model import default_model_path
 from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.engine.core.request import EngineCoreRequest
+from omnistream.engine.core.speech_lane import speech_lane_config
 from omnistream.engine.core.steps import make_steps
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
 from omnistream.engine.core.structured_output.manager import StructuredOutputManager
@@ -62,6 +63,7 @@ class EngineCore:
                 block_size=config.block_size,
                 num_kv_blocks=num_blocks,
                 enable_prefix_caching=config.enable_prefix_caching,
+                speech=speech_lane_config(self.executor.speech_config, config),
             )
         )
         vocab_size = self.model_config.text.vocab_size
@@ -113,9 +115,10 @@ class EngineCore:
 
     def has_work(self) -> bool:
         """Something to compute or report (open sessions between turns do not count)."""
-        if self.steps.in_flight or self.scheduler.finished_req_ids:
+        scheduler = self.scheduler
+        if self.steps.in_flight or scheduler.finished_req_ids or scheduler.speech.has_work:
             return True
-        return any(r.has_work for r in self.scheduler.requests.values())
+        return any(r.has_work for r in scheduler.requests.values())
 
     # ---- live sessions (open-input requests) ---------------------------------------------------
 

@@ -99,6 +99,6 @@ class CoreService:
         pool = scheduler.kv_cache_manager.block_pool
         return EngineStats(
             scheduler=scheduler.make_stats(), lag_count=int(lags["count"] or 0), lag_p50=lags["p50"],
-            lag_p99=lags["p99"], num_requests=len(scheduler.requests), num_free_blocks=pool.get_num_free_blocks(),
-            num_blocks=pool.num_blocks,
+            lag_p99=lags["p99"], num_requests=scheduler.get_num_unfinished_requests(),
+            num_free_blocks=pool.get_num_free_blocks(), num_blocks=pool.num_blocks,
         )

@@ -8,8 +8,9 @@ so stops are seen one step late (the extra token is dropped) and results for req
 turn ended meanwhile arrive stale and are discarded (the scheduler's generation check).
 
 Some steps need the previous one settled before they can be planned, and are settled at once (the loop is
-synchronous around them): a step with grammar rows (the next bitmask needs the matcher advanced by its token) and a
-step that computes prompt logprobs (they are placed by the request's computed count at settle time).
+synchronous around them): a step with grammar rows (the next bitmask needs the matcher advanced by its token), a
+step that computes prompt logprobs (they are placed by the request's computed count at settle time) and a step with
+talker steps (the speech lane plans its next frame from this one's codes).
 Owns only the order of these calls; the scheduler decides, the executor computes.
 """
 
@@ -99,9 +100,9 @@ class OverlappedSteps(Steps):
         return outputs
 
     def _settles_at_once(self, scheduler_output: SchedulerOutput) -> bool:
-        """A step with grammar rows, or one that computes prompt logprobs, is settled before the next is planned
-        (called right after it is scheduled: its first positions are the computed counts less its tokens)."""
-        if scheduler_output.grammar_req_ids:
+        """A step with grammar rows or talker steps, or one that computes prompt logprobs, is settled before the next
+        is planned (called right after it is scheduled: its first positions are the computed counts less its tokens)."""
+        if scheduler_output.grammar_req_ids or scheduler_output.speech is not None:
             return True
         requests = self.scheduler.requests
         for req_id, num_tokens in scheduler_output.num_scheduled_tokens.items():

@@ -41,6 +41,12 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         help="run every step eager: no CUDA graphs for decode steps (they are off on CPU anyway)")
     parser.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule the next step while the current one runs (default: on for CUDA, off on CPU)")
+    parser.add_argument("--enable-speech", action=argparse.BooleanOptionalAction, default=True,
+                        help="load the checkpoint's talker and code2wav to answer in speech (TP=1 only)")
+    parser.add_argument("--max-num-voices", type=positive, default=8, help="requests speaking at once")
+    parser.add_argument("--num-talker-kv-blocks", type=positive, default=None,
+                        help="talker KV blocks (default: max-num-voices answers of max-audio-frames)")
+    parser.add_argument("--max-audio-frames", type=positive, default=4096, help="80 ms frames per spoken answer")
     parser.add_argument("--log-level", default="warning")
 
 
@@ -82,5 +88,6 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """EngineConfig fields from the engine flags every subcommand shares (`add_engine_args`)."""
     names = ("dtype", "device", "max_model_len", "max_num_seqs", "max_num_batched_tokens", "block_size",
              "enable_prefix_caching", "num_kv_blocks", "seed", "tensor_parallel_size", "cpu_threads", "attention_backend",
-             "enforce_eager", "async_scheduling")
+             "enforce_eager", "async_scheduling", "enable_speech", "max_num_voices", "num_talker_kv_blocks",
+             "max_audio_frames")
     return {name: getattr(args, name) for name in names}

@@ -49,6 +49,10 @@ class LLM:
         attention_backend: str = "auto",
         enforce_eager: bool = False,
         async_scheduling: bool | None = None,
+        enable_speech: bool = True,
+        max_num_voices: int = EngineConfig.max_num_voices,
+        num_talker_kv_blocks: int | None = None,
+        max_audio_frames: int = EngineConfig.max_audio_frames,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -68,6 +72,10 @@ class LLM:
             attention_backend=attention_backend,
             enforce_eager=enforce_eager,
             async_scheduling=async_scheduling,
+            enable_speech=enable_speech,
+            max_num_voices=max_num_voices,
+            num_talker_kv_blocks=num_talker_kv_blocks,
+            max_audio_frames=max_audio_frames,
         )
         self.engine = EngineCore(config)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object

@@ -27,6 +27,15 @@ class _Sample:
     cumulative_logprob: float | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    speaks: bool = False  # audio was asked for: the sample ends when its audio ends too
+    audio: bytearray = field(default_factory=bytearray)
+    audio_finish_reason: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        if self.finish_reason is None:
+            return False
+        return not self.speaks or self.audio_finish_reason is not None or self.finish_reason == "abort"
 
 
 @dataclass
@@ -40,7 +49,7 @@ class _Parent:
 
     @property
     def finished(self) -> bool:
-        return all(s.finish_reason is not None for s in self.samples)
+        return all(s.finished for s in self.samples)
 
     def to_output(self) -> RequestOutput:
         return RequestOutput(
@@ -56,6 +65,8 @@ class _Parent:
                     logprobs=s.logprobs,
                     finish_reason=s.finish_reason,
                     stop_reason=s.stop_reason,
+                    audio=bytes(s.audio),
+                    audio_finish_reason=s.audio_finish_reason,
                 )
                 for s in self.samples
             ],
@@ -91,6 +102,7 @@ class OutputProcessor:
                 ),
                 logprobs=[] if params.logprobs is not None else None,
                 cumulative_logprob=0.0 if params.logprobs is not None else None,
+                speaks=params.speech is not None,
             )
             for i in range(params.n)
         ]
@@ -124,6 +136,9 @@ class OutputProcessor:
                 sample.logprobs.append(self._position(entry))
                 sample.cumulative_logprob += entry.logprobs[0]
             sample.detokenizer.update(out.new_token_ids)
+            sample.audio += out.new_audio
+            if out.audio_finish_reason is not None:
+                sample.audio_finish_reason = out.audio_finish_reason
             if sample.detokenizer.stop_string_matched is not None:
                 sample.finish_reason, sample.stop_reason = "stop", sample.detokenizer.stop_string_matched
                 if out.finish_reason is None:

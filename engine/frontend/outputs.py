@@ -25,6 +25,8 @@ class CompletionOutput:
     logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop", "length", "abort" or None while running
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    audio: bytes = b""  # the spoken answer so far (SamplingParams.speech): PCM16 LE, mono, 24 kHz
+    audio_finish_reason: str | None = None  # "stop" (the talker ended), "length" or "abort"; None while speaking
 
     @property
     def finished(self) -> bool:

@@ -47,9 +47,12 @@ from omnistream.engine.model_executor.distributed import (
     set_tp_group,
     tp_group_hidden,
 )
+from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.model_executor.loader import load_model
+from omnistream.engine.model_executor.speech_loader import load_speech_models
 from omnistream.engine.worker.model_runner import ModelRunner
 from omnistream.engine.worker.step_future import StepFuture
+from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.engine.worker.tp_worker import (
     ERROR_KEY,
     INIT_KEY,
@@ -82,6 +85,7 @@ class Executor(ABC):
     dtype: torch.dtype
     device: torch.device
     num_kv_blocks: int  # per rank: every rank holds this many blocks of its own KV heads
+    speech_config: SpeechConfig | None = None  # the speech lane's models are loaded (TP=1 only in v1)
 
     @abstractmethod
     def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
@@ -98,6 +102,8 @@ class Executor(ABC):
 def make_executor(config: EngineConfig, model_path: str, eos_token_ids: list[int]) -> Executor:
     if config.tensor_parallel_size == 1:
         return UniProcExecutor(config, model_path, eos_token_ids)
+    if config.enable_speech:
+        logger.warning("the speech lane runs at tensor_parallel_size 1 only: this engine answers in text")
     return MultiprocTPExecutor(config, model_path, eos_token_ids)
 
 
@@ -110,6 +116,12 @@ class UniProcExecutor(Executor):
             self.model, self.model_config = load_model(
                 model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
+        # the speech lane (models and talker KV) first: the thinker's KV cache takes the memory left after it
+        speech = load_speech_models(model_path, self.dtype, self.device) if config.enable_speech else None
+        speech_runner = None
+        if speech is not None:
+            self.speech_config = speech.config
+            speech_runner = SpeechRunner(speech, self.model, config.talker_kv_blocks(), config.block_size, self.device)
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group
             self.runner = ModelRunner(
@@ -117,6 +129,7 @@ class UniProcExecutor(Executor):
                 device=self.device, eos_token_ids=eos_token_ids, max_num_seqs=config.max_num_seqs,
                 max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
             )
+        self.runner.speech = speech_runner
 
     def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
         if get_tp_world_size() == 1:

@@ -15,6 +15,7 @@ so the next step can be launched before this one's ids reach the host. `execute_
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -30,6 +31,7 @@ from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import SamplerOutput, SamplingMetadata, sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
+from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.engine.worker.step_future import StepFuture, to_pinned_host
 from omnistream.engine.worker.token_bitmask import apply_token_bitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
@@ -99,6 +101,7 @@ class ModelRunner:
             sink_page=self.sink_page, enforce_eager=enforce_eager,
         )
         prepare_greedy_head(model.lm_head)  # the greedy lm_head kernel is built now, not at the first greedy step
+        self.speech: SpeechRunner | None = None  # the speech lane, set by the executor when it loads one
 
     def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         return self.launch(scheduler_output).result()
@@ -107,28 +110,32 @@ class ModelRunner:
     def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
         """Enqueue one step; its output arrives through the future (at once on CPU)."""
         self._update_states(scheduler_output)
+        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech, self.requests)
         if scheduler_output.is_empty:
-            return StepFuture.done(EMPTY_MODEL_RUNNER_OUTPUT)
+            if not speech:
+                return StepFuture.done(EMPTY_MODEL_RUNNER_OUTPUT)
+            return StepFuture.done(ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[], speech=speech))
         self._run_encoders(scheduler_output)
         batch = self._prepare_inputs(scheduler_output)
         embeds, deepstack = self._input_embeddings(batch)
         if self.decode_graphs is not None and self.decode_graphs.serves(batch.metadata, embeds):
             hidden = self.decode_graphs.run(batch.input_ids, batch.positions, batch.metadata)
         else:
-            hidden = self.model(
-                batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
-                inputs_embeds=embeds, deepstack_embeds=deepstack,
-            )
+            with self._speech_capture(batch, scheduler_output):
+                hidden = self.model(
+                    batch.input_ids, batch.positions, self.kv_caches, batch.metadata,
+                    inputs_embeds=embeds, deepstack_embeds=deepstack,
+                )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
         if not batch.sample_rows:
             return StepFuture.done(ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[],
-                                                     prompt_logprobs=prompt_logprobs))
+                                                     prompt_logprobs=prompt_logprobs, speech=speech))
         sampled = self._sample(hidden, batch, scheduler_output)
         self.slots.record_sampled(batch.sample_slots, sampled.token_ids)
-        return self._read_back(batch.sample_req_ids, sampled, prompt_logprobs)
+        return self._read_back(batch.sample_req_ids, sampled, prompt_logprobs, speech)
 
     def _read_back(self, req_ids: list[str], sampled: DeviceSample,
-                   prompt_logprobs: dict[str, list[TokenLogprobs]]) -> StepFuture:
+                   prompt_logprobs: dict[str, list[TokenLogprobs]], speech: list[SpeechFrame]) -> StepFuture:
         """Enqueue the copies of the sampled ids (and logprobs) to the host; the future turns them into the output."""
         token_ids = to_pinned_host(sampled.token_ids)
         host = None
@@ -141,9 +148,17 @@ class ModelRunner:
             else:
                 tokens, logprobs = to_host(host, sampled.meta)
             return ModelRunnerOutput(sampled_req_ids=req_ids, sampled_token_ids=tokens, logprobs=logprobs,
-                                     prompt_logprobs=prompt_logprobs)
+                                     prompt_logprobs=prompt_logprobs, speech=speech)
 
         return StepFuture.after_copies(self.device, finish)
+
+    def _speech_capture(self, batch: FlatBatch, so: SchedulerOutput) -> AbstractContextManager[None]:
+        """The speech lane keeps the thinker's hidden rows at its requests' user-turn media (prefill only)."""
+        if self.speech is None or not self.speech.wants_thinker_rows:
+            return nullcontext()
+        counts = [so.num_scheduled_tokens[req_id] for req_id in batch.req_ids]
+        ends = [int(self.slots.num_computed[self.slot_of[req_id]]) for req_id in batch.req_ids]
+        return self.speech.capturing(self.model, batch.req_ids, ends, counts)
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids + so.preempted_req_ids:

@@ -12,6 +12,7 @@ from typing import Any
 import msgspec
 
 from omnistream.engine.entrypoints.grpc_server.errors import invalid
+from omnistream.engine.entrypoints.grpc_server.speech import speech_params
 from omnistream.engine.entrypoints.grpc_server.tools import NO_TOOLS, Tools, structured_output, tools
 from omnistream.engine.entrypoints.openai.protocol import MAX_N, MAX_TOP_LOGPROBS
 from omnistream.engine.frontend.outputs import Logprob, PositionLogprobs, RequestOutput
@@ -64,6 +65,11 @@ def choice_params(request: pb.GenerateRequest, request_tools: Tools) -> list[Sam
         raise invalid(f"n: the number of answers must be from 1 to {MAX_N}, got {n}")
     params = sampling_params(request.sampling, max_tokens=None,  # default: the rest of the context
                              logprobs=num_logprobs(request, "logprobs"), request_tools=request_tools)
+    speech = speech_params(request)
+    if speech is not None:
+        if n != 1:
+            raise invalid(f"n: a spoken answer needs n=1, got {n}")
+        params = msgspec.structs.replace(params, speech=speech)
     if params.seed is None:
         return [params] * n
     return [msgspec.structs.replace(params, seed=choice_seed(params.seed, i)) for i in range(n)]

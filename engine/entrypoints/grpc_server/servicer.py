@@ -33,6 +33,7 @@ from omnistream.engine.entrypoints.grpc_server.protocol import (
     usage,
 )
 from omnistream.engine.entrypoints.grpc_server.session import LiveSession
+from omnistream.engine.entrypoints.grpc_server.speech import AudioSent
 from omnistream.engine.entrypoints.grpc_server.tools import finish_reason, tool_call
 from omnistream.engine.entrypoints.openai.completions import Choices
 from omnistream.engine.frontend.outputs import RequestOutput
@@ -148,20 +149,27 @@ class _Answers:
         self.sent_tokens = [0] * len(first)
         self.unfinished = len(first)
         self.calls = [ToolCallStream() for _ in first] if parse_calls else None  # per answer
+        self.audio = [AudioSent() for _ in first]
 
     def update(self, index: int, output: RequestOutput) -> pb.GenerateResponse | None:
         """The response for answer `index`'s new output; None when it adds nothing."""
         self.last[index] = output
         sample = output.outputs[0]
-        if len(sample.token_ids) == self.sent_tokens[index] and not output.finished:
+        new_audio = self.audio[index].has_news(sample)
+        if len(sample.token_ids) == self.sent_tokens[index] and not output.finished and not new_audio:
             return None
         start = self.sent_tokens[index]
-        text, calls, reason = sample.text[self.sent_text[index]:], [], sample.finish_reason
+        # a spoken answer ends with its audio: its finish reason waits for that
+        reason = sample.finish_reason if output.finished else None
+        text, calls = sample.text[self.sent_text[index]:], []
         if self.calls is not None:  # the text less the call blocks, and the calls that closed
             text, calls = self.calls[index].feed(sample.text, final=output.finished)
             reason = finish_reason(reason, self.calls[index].calls)
         response = self._response(index, reason, text=text, token_ids=sample.token_ids[start:],
                                   tool_calls=[tool_call(call) for call in calls])
+        audio = self.audio[index].delta(sample)
+        if audio is not None:
+            response.audio.CopyFrom(audio)
         if self.logprobs is not None:
             response.logprobs.extend(token_logprobs(sample.token_ids[start:], (sample.logprobs or [])[start:],
                                                     self.logprobs))

@@ -22,6 +22,7 @@ from omnistream.engine.entrypoints.openai.chat import (
     create_chat_completion,
     template_messages,
 )
+from omnistream.engine.entrypoints.openai.chat_audio import AudioIds
 from omnistream.engine.entrypoints.openai.completions import (
     check_token_ids,
     create_completion,
@@ -35,6 +36,7 @@ from omnistream.engine.entrypoints.openai.protocol import (
     TokenizeRequest,
 )
 from omnistream.engine.entrypoints.openai.realtime import realtime_endpoint
+from omnistream.engine.entrypoints.openai.speech import SpeechRequest, create_speech
 from omnistream.engine.entrypoints.openai.transcriptions import create_transcription
 from omnistream.multimodal.media_fetch import MediaPolicy
 
@@ -107,6 +109,7 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
         llm.add_request_listener(app.state.metrics)  # every front end's requests: HTTP, gRPC, Realtime
     max_model_len = llm.max_model_len
     max_fanout = getattr(args, "max_fanout_per_request", DEFAULT_MAX_FANOUT)
+    audio_ids = AudioIds()  # spoken answers' ids, so later messages may refer to them
 
     def model_name(requested: str | None) -> str:
         if requested is None or requested in names:
@@ -140,6 +143,11 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
     async def transcriptions(raw: Request) -> Any:
         return await create_transcription(llm, raw, model_name)
 
+    @app.post("/v1/audio/speech")
+    async def speech(body: SpeechRequest, raw: Request) -> Any:
+        model_name(body.model)
+        return await create_speech(llm, body, raw)
+
     @app.get("/v1/models")
     async def models() -> JSONResponse:
         data = [{"id": name, "object": "model", "created": created, "owned_by": "omnistream",
@@ -150,7 +158,7 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Any:
         check_fanout(body.n, max_fanout)
-        return await create_chat_completion(llm, body, model_name(body.model), raw, media_policy)
+        return await create_chat_completion(llm, body, model_name(body.model), raw, media_policy, audio_ids)
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Any:

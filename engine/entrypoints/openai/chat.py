@@ -14,6 +14,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 
+from omnistream.engine.entrypoints.openai.audio_encode import check_format
+from omnistream.engine.entrypoints.openai.chat_audio import AudioDeltas, AudioIds, audio_usage, message_audio
 from omnistream.engine.entrypoints.openai.completions import (
     Choices,
     final_outputs,
@@ -115,11 +117,17 @@ def _finish_reason(reason: str | None, calls: list) -> str | None:
 
 
 async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: str, raw: Request,
-                                 media_policy: MediaPolicy) -> Any:
+                                 media_policy: MediaPolicy, audio_ids: AudioIds | None = None) -> Any:
     unknown = set(body.mm_processor_kwargs or {}) - MM_PROCESSOR_KEYS
     if unknown:
         raise APIError(400, f"unknown mm_processor_kwargs {sorted(unknown)}; use {sorted(MM_PROCESSOR_KEYS)}",
                        param="mm_processor_kwargs")
+    audio_ids = audio_ids or AudioIds()
+    if any(m.audio for m in body.messages):
+        body.messages = audio_ids.resolve(body.messages)
+    speech = body.speech_params()
+    if speech is not None:
+        check_format(speech.format)
     prompt, seconds = await asyncio.to_thread(_prompt, llm, body, media_policy)
     jobs = [(prompt, body.sampling_params(i)) for i in range(body.n)]
     rid = request_id("chatcmpl")
@@ -131,14 +139,18 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
         for i, o in enumerate(outputs):
             sample = o.outputs[0]
             content, calls = parse_tool_calls(sample.text) if parse_calls else (sample.text, [])
+            audio = None if speech is None else message_audio(sample, speech.format, audio_ids)
             choices.append(ChatChoice(
                 index=i,
-                message=ChatResponseMessage(content=content, tool_calls=[tool_call(c) for c in calls]),
+                message=ChatResponseMessage(content=None if audio else content, audio=audio,
+                                            tool_calls=[tool_call(c) for c in calls]),
                 finish_reason=_finish_reason(sample.finish_reason, calls),
                 logprobs=_chat_logprobs(sample.token_ids, sample.logprobs, k, 0),
             ))
         response = ChatCompletionResponse(id=rid, model=model, choices=choices,
                                           usage=usage(llm, outputs, body.n, seconds))
+        if speech is not None:
+            response.usage.completion_tokens_details = audio_usage(outputs)
         return JSONResponse(response.model_dump())
 
     choices = await Choices.start(llm, jobs, rid)
@@ -150,12 +162,13 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
         sent_text = [0] * body.n
         sent_tokens = [0] * body.n
         tool_streams = [ToolCallStream() for _ in range(body.n)]
+        audio = [AudioDeltas(audio_ids) for _ in range(body.n)] if speech is not None else None
         last: list[RequestOutput] = list(choices.first)
         async for index, output in choices.outputs():
             last[index] = output
             sample = output.outputs[0]
             delta = sample.text[sent_text[index]:]
-            if not delta and sample.finish_reason is None:
+            if not delta and sample.finish_reason is None and not (audio and audio[index].has_news(sample)):
                 continue
             logprobs = _chat_logprobs(sample.token_ids, sample.logprobs, k, sent_tokens[index])
             sent_text[index], sent_tokens[index] = len(sample.text), len(sample.token_ids)
@@ -168,10 +181,16 @@ async def create_chat_completion(llm: Any, body: ChatCompletionRequest, model: s
                 finish_reason = _finish_reason(finish_reason, stream.calls)
                 if not delta and not calls and finish_reason is None:
                     continue
-            choice = ChatChunkChoice(index=index, delta=ChatDelta(content=delta, tool_calls=calls or None),
-                                     logprobs=logprobs, finish_reason=finish_reason)
+            chat_delta = ChatDelta(content=delta, tool_calls=calls or None)
+            if audio is not None:  # the text is the audio's transcript; the choice ends when its audio does
+                finish_reason = finish_reason if output.finished else None
+                chat_delta = ChatDelta(audio=audio[index].delta(sample, delta, output.finished))
+            choice = ChatChunkChoice(index=index, delta=chat_delta, logprobs=logprobs, finish_reason=finish_reason)
             yield sse(ChatCompletionChunk(id=rid, model=model, choices=[choice]))
         if body.include_usage:
-            yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=usage(llm, last, body.n, seconds)))
+            totals = usage(llm, last, body.n, seconds)
+            if speech is not None:
+                totals.completion_tokens_details = audio_usage(last)
+            yield sse(ChatCompletionChunk(id=rid, model=model, choices=[], usage=totals))
 
     return streaming_response(chunks())

@@ -62,6 +62,9 @@ class _EngineCollector(Collector):
         yield gauge("num_requests_waiting", "Requests waiting to be scheduled.", stats.num_waiting)
         yield gauge("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", stats.kv_cache_usage)
         yield gauge("live_sessions", "Open live (streaming-input) sessions.", getattr(self.llm, "num_live_sessions", 0))
+        yield gauge("num_requests_speaking", "Requests speaking (holding a voice slot).", stats.num_speaking)
+        yield gauge("talker_kv_cache_usage_perc", "Fraction of the talker's KV blocks in use (0..1).",
+                    stats.talker_kv_usage)
         lag = GaugeMetricFamily(PREFIX + "streaming_lag_seconds",
                                 "Seconds live input waited before it was scheduled (NaN with no samples).",
                                 labels=["quantile"])
@@ -70,6 +73,8 @@ class _EngineCollector(Collector):
             lag.add_metric([quantile], math.nan if value is None else float(value))
         yield lag
         yield counter("num_preemptions", "Requests preempted to free KV cache.", stats.num_preemptions)
+        yield counter("num_talker_preemptions", "Talker KV recomputations (stored frames, nothing resampled).",
+                      stats.num_talker_preemptions)
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", stats.prefix_cache_queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", stats.prefix_cache_hits)
         yield counter("encoder_cache_hits", "Media encodings reused from the encoder cache.", stats.encoder_cache_hits)

@@ -26,6 +26,7 @@ from omnistream.scheduler.sampling_params import (
     INT64_MIN,
     MAX_LOGPROBS,
     SamplingParams,
+    SpeechParams,
     choice_seed,
 )
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
@@ -122,12 +123,17 @@ ContentPart = Annotated[
 ]
 
 
+class AudioRef(_Body):
+    id: str
+
+
 class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Union[str, list[ContentPart], None] = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls (see "tools" below)
     tool_call_id: str | None = None  # a tool result answers this call
+    audio: AudioRef | None = None  # an assistant's earlier spoken answer, by the audio id this server gave
 
 
 # ---- requests --------------------------------------------------------------------------------
@@ -161,7 +167,9 @@ class _GenerationRequest(_Request):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsBody | None = None
 
-    def _sampling_params(self, index: int, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    def _sampling_params(
+        self, index: int, max_tokens: int | None, logprobs: int | None, speech: SpeechParams | None = None
+    ) -> SamplingParams:
         """The params of choice `index`: choices are independent requests, so a seed advances per choice."""
         fields = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                   "repetition_penalty", "stop_token_ids", "ignore_eos", "min_tokens", "skip_special_tokens")
@@ -171,7 +179,7 @@ class _GenerationRequest(_Request):
         if self.seed is not None:
             kwargs["seed"] = choice_seed(self.seed, index)
         return SamplingParams(max_tokens=max_tokens, logprobs=logprobs,
-                              structured_outputs=self.output_constraint(), **kwargs)
+                              structured_outputs=self.output_constraint(), speech=speech, **kwargs)
 
     def output_constraint(self) -> StructuredOutputsParams | None:
         """The structured output asked for by response_format or structured_outputs (not both)."""
@@ -182,8 +190,17 @@ class _GenerationRequest(_Request):
         return self.stream_options is not None and self.stream_options.include_usage
 
 
+class ChatAudioParams(_Body):
+    """Audio out (with modalities ["text", "audio"]): a checkpoint voice and the encoding of the answer."""
+
+    voice: str = "ethan"
+    format: str = "wav"
+
+
 class ChatCompletionRequest(_GenerationRequest):
     messages: list[ChatMessage] = Field(min_length=1)
+    modalities: list[Literal["text", "audio"]] | None = None  # ["text", "audio"]: also speak the answer
+    audio: ChatAudioParams | None = None
     max_completion_tokens: Int64 | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
@@ -196,7 +213,17 @@ class ChatCompletionRequest(_GenerationRequest):
         # no limit by default: the answer may use the rest of max_model_len
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
-        return self._sampling_params(index, max_tokens, logprobs)
+        return self._sampling_params(index, max_tokens, logprobs, self.speech_params())
+
+    def speech_params(self) -> SpeechParams | None:
+        """The spoken answer asked for by modalities and audio; None for text only."""
+        if "audio" not in (self.modalities or []):
+            return None
+        if self.audio is None:
+            raise ValueError('modalities ["text", "audio"] needs the audio parameter: {"voice", "format"}')
+        if self.stream and self.audio.format != "pcm16":
+            raise ValueError(f"streamed audio is pcm16 only, got audio.format {self.audio.format!r}")
+        return SpeechParams(voice=self.audio.voice, format=self.audio.format)
 
     def output_constraint(self) -> StructuredOutputsParams | None:
         """A forced tool call (tool_choice required or named) is a grammar; otherwise the response format."""
@@ -250,11 +277,16 @@ class PromptTokensDetails(BaseModel):
     video_tokens: int = 0
 
 
+class CompletionTokensDetails(BaseModel):
+    audio_tokens: int = 0  # codec frames (80 ms each) of the spoken answers
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
     prompt_tokens_details: PromptTokensDetails
+    completion_tokens_details: CompletionTokensDetails | None = None  # with audio output
     audio_seconds: float = 0.0  # decoded audio the prompt carried (input_audio / audio_url parts)
 
 
@@ -272,10 +304,20 @@ class ChatLogprobs(BaseModel):
     content: list[ChatTokenLogprob]
 
 
+class ChatMessageAudio(BaseModel):
+    """The spoken answer: `data` is the base64 file in the asked format; `transcript` the text answer."""
+
+    id: str
+    data: str
+    expires_at: int
+    transcript: str
+
+
 class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
     tool_calls: list[ToolCall] = []
+    audio: ChatMessageAudio | None = None
 
 
 class ChatChoice(BaseModel):
@@ -298,6 +340,7 @@ class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
     tool_calls: list[ToolCallDelta] | None = None
+    audio: dict[str, Any] | None = None  # streamed audio: {id}, then transcript and base64 PCM16 data, {expires_at}
 
 
 class ChatChunkChoice(BaseModel):

@@ -15,8 +15,7 @@ import torch
 
 from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.model_executor.models.talker import Talker
-
-NUM_ASSISTANT_ROWS = 9
+from omnistream.scheduler import speech as speech_schedule
 
 
 class TtsRows(NamedTuple):
@@ -47,15 +46,8 @@ def speaker_id(config: SpeechConfig, voice: str) -> int:
 
 
 def user_turn_positions(token_ids: list[int], config: SpeechConfig) -> list[int]:
-    """Positions of the prompt that the talker keeps: every position of a user turn, from its <|im_start|> up
-    to the next <|im_start|> (so the `\n` after <|im_end|> too); system and assistant turns are dropped."""
-    kept, role = [], None
-    for index, token in enumerate(token_ids):
-        if token == config.im_start_token_id:
-            role = token_ids[index + 1] if index + 1 < len(token_ids) else None
-        if role == config.user_token_id:
-            kept.append(index)
-    return kept
+    """Positions of the prompt that the talker keeps (user turns only; the rule is scheduler/speech.py's)."""
+    return speech_schedule.user_turn_positions(token_ids, config.im_start_token_id, config.user_token_id)
 
 
 def user_rows(

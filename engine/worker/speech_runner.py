@@ -1,0 +1,225 @@
+"""The speech lane's runner: the talker's paged KV pool, one talker forward per step over every scheduled
+request's rows, codebook 0 and the code predictor's 15 codebooks sampled per request, and a stateful
+streaming code2wav per voice.
+
+Rows are built on the device from ids alone (text-only user turns): user and header rows from the thinker's
+embedding table through text_projection, decode rows from the fed-back frame's code embeddings plus a text row.
+Per-request state here (the code2wav stream, the c0 seen so far) lives until the scheduler ends its speech, so a
+talker preemption (recomputed rows) leaves the audio stream untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.models.code2wav_stream import Code2WavStream
+from omnistream.engine.model_executor.models.talker_prompt import assistant_rows, tts_rows, tts_token_ids
+from omnistream.engine.model_executor.speech_loader import SpeechModels
+from omnistream.engine.worker.kv_memory import zeroed_kv_cache
+from omnistream.engine.worker.request_state import RunnerRequestState
+from omnistream.engine.worker.speech_sampler import CodePredictorSampler, SpeechDraws, sample_c0
+from omnistream.engine.worker.talker_positions import talker_prompt_positions
+from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
+
+
+def to_pcm16(samples: torch.Tensor) -> bytes:
+    """float samples in [-1, 1] -> PCM16 little-endian bytes: round(clamp(x, -1, 1) * 32767)."""
+    ints = (samples.float().clamp(-1.0, 1.0) * 32767.0).round().to(torch.int16)
+    return ints.cpu().numpy().astype("<i2").tobytes()
+
+
+class SpeechRunner:
+    def __init__(
+        self,
+        models: SpeechModels,
+        thinker: torch.nn.Module,
+        num_blocks: int,
+        block_size: int,
+        device: torch.device,
+    ) -> None:
+        self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
+        self.thinker = thinker
+        self.block_size = block_size
+        self.device = device
+        self.dtype = self.talker.codec_head.weight.dtype
+        shape = self.talker.kv_cache_shape_per_layer(num_blocks, block_size)
+        self.kv_caches = [zeroed_kv_cache(shape, self.dtype, device) for _ in range(self.talker.num_layers)]
+        self.streams: dict[str, Code2WavStream] = {}
+        # [vocab] bool per request: the c0 it has sampled (repetition penalty)
+        self.seen: dict[str, torch.Tensor] = {}
+        # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
+        self.capture_positions: dict[str, set[int]] = {}
+        self.captured: dict[str, dict[int, torch.Tensor]] = {}
+        # requests whose user turns hold images: the talker prompt's M-RoPE positions [3, P] and decode delta
+        self.prompt_positions: dict[str, tuple[torch.Tensor, float]] = {}
+        with torch.inference_mode():
+            self.tts = tts_rows(self.talker, self._embed(tts_token_ids(self.config)))
+
+    def _embed(self, ids: list[int]) -> torch.Tensor:
+        """Thinker embeddings of ids, in the talker's dtype."""
+        table_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
+        return self.thinker.embed_input_ids(table_ids).to(self.dtype)
+
+    @torch.inference_mode()
+    def execute(
+        self, schedule: SpeechSchedule, thinker_requests: dict[str, RunnerRequestState]
+    ) -> list[SpeechFrame]:
+        """One talker step per scheduled request; `thinker_requests` (the runner's) give newly admitted requests'
+        media, whose encoder inputs are still there in their first step."""
+        for req_id in schedule.finished_req_ids:
+            for state in (
+                self.streams,
+                self.seen,
+                self.capture_positions,
+                self.captured,
+                self.prompt_positions,
+            ):
+                state.pop(req_id, None)
+        for req_id, positions in schedule.capture.items():
+            self.capture_positions[req_id] = set(positions)
+            request = thinker_requests[req_id]
+            if any(feature.modality == "image" for feature in request.mm_features):
+                self.prompt_positions[req_id] = talker_prompt_positions(
+                    self.config, request.token_ids[: request.num_prompt_tokens], request.mm_features
+                )
+        steps = schedule.steps
+        if not steps:
+            return []
+        rows, positions = self._rows(steps)
+        counts = [step.num_rows for step in steps]
+        ends = [step.num_computed + n for step, n in zip(steps, counts)]
+        width = max(len(step.block_ids) for step in steps)
+        table = [step.block_ids + [0] * (width - len(step.block_ids)) for step in steps]
+        metadata = AttentionMetadata.build(counts, ends, table, self.block_size, self.device)
+        hidden = self.talker(rows, positions, self.kv_caches, metadata)
+        last = hidden[torch.as_tensor(np.cumsum(counts) - 1, device=self.device)]
+        draws = SpeechDraws(
+            seeds=torch.tensor([step.seed for step in steps], dtype=torch.long, device=self.device),
+            frames=torch.tensor([step.frame_index for step in steps], dtype=torch.long, device=self.device),
+            do_sample=torch.tensor([step.do_sample for step in steps], dtype=torch.bool, device=self.device),
+        )
+        vocab = self.talker.config.text.vocab_size
+        for step in steps:
+            if step.req_id not in self.seen:
+                self.seen[step.req_id] = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        seen = torch.stack([self.seen[step.req_id] for step in steps])
+        eos = self.config.talker.codec_eos_token_id
+        c0 = sample_c0(self.talker.compute_logits(last), seen, draws, eos)
+        prediction = self.talker.code_predictor.predict(
+            last, self.talker.embed_codec(c0), CodePredictorSampler(draws)
+        )
+        codes = torch.cat((c0.unsqueeze(1), prediction.codes), dim=1)  # [B, G]
+        host_codes = codes.tolist()
+        frames = []
+        for i, step in enumerate(steps):
+            if host_codes[i][0] == eos:
+                frames.append(SpeechFrame(req_id=step.req_id, codes=[], pcm=b""))
+                continue
+            self.seen[step.req_id][c0[i]] = True
+            stream = self.streams.get(step.req_id)
+            if stream is None:
+                stream = self.streams[step.req_id] = Code2WavStream(self.code2wav)
+            pcm = to_pcm16(stream.push(codes[i].unsqueeze(1)))
+            frames.append(SpeechFrame(req_id=step.req_id, codes=host_codes[i], pcm=pcm))
+        return frames
+
+    def _rows(self, steps: list[TalkerStep]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The flat input rows [T, H] of the steps, in order, and their positions [3, T] (text-only prompts:
+        the talker's own row index on all three axes)."""
+        frames = [codes for step in steps for codes in step.frames]
+        frame_rows = None
+        if frames:
+            codes = torch.tensor(frames, dtype=torch.long, device=self.device)  # [F, G]
+            text_ids = [text_id for step in steps for text_id in step.text_ids]
+            frame_rows = self.talker.embed_codec(codes[:, 0]) + self._residual(codes[:, 1:])
+            frame_rows = frame_rows + self.talker.text_projection(self._embed(text_ids))
+        pieces, taken = [], 0
+        for step in steps:
+            if step.prompt is not None:
+                prompt = step.prompt
+                pieces.append(self._user_rows(step.req_id, prompt))
+                pieces.append(
+                    assistant_rows(
+                        self.talker, self.config, self._embed(prompt.header_ids), self.tts, prompt.speaker
+                    )
+                )
+            if step.frames:
+                pieces.append(frame_rows[taken : taken + len(step.frames)])
+                taken += len(step.frames)
+        return torch.cat(pieces), torch.cat([self._positions(step) for step in steps], dim=1)
+
+    def _positions(self, step: TalkerStep) -> torch.Tensor:
+        """M-RoPE positions [3, n] of a step's rows: the row index on all three axes for text and audio
+        prompts; the prompt's own positions, then index + delta, where user turns hold images."""
+        rows = np.arange(step.num_computed, step.num_computed + step.num_rows)
+        explicit = self.prompt_positions.get(step.req_id)
+        if explicit is None:
+            return torch.from_numpy(rows).to(self.device).expand(3, -1)
+        prompt, delta = explicit
+        after = torch.from_numpy(rows[rows >= prompt.shape[1]] + delta).float().expand(3, -1)
+        return torch.cat((prompt[:, rows[rows < prompt.shape[1]]], after), dim=1).to(self.device)
+
+    def _user_rows(self, req_id: str, prompt: TalkerPrompt) -> torch.Tensor:
+        """text_projection of the thinker's embeddings; hidden_projection of its kept rows at media."""
+        rows = self.talker.text_projection(self._embed(prompt.user_ids))
+        if prompt.media_rows:
+            kept = self.captured[req_id]
+            hidden = torch.stack([kept[p] for p in prompt.media_positions]).to(self.dtype)
+            index = torch.tensor(prompt.media_rows, dtype=torch.long, device=self.device)
+            rows[index] = self.talker.hidden_projection(hidden)
+        return rows
+
+    @property
+    def wants_thinker_rows(self) -> bool:
+        return bool(self.capture_positions)
+
+    @contextmanager
+    def capturing(
+        self, thinker: torch.nn.Module, req_ids: list[str], ends: list[int], counts: list[int]
+    ) -> Iterator[None]:
+        """Around one thinker forward over the flat batch (req_ids with `counts` rows ending at positions
+        `ends`): keep HF's hidden_states[accept_hidden_layer] at the wanted positions, on the device: the
+        output of layer accept_hidden_layer - 1 (final-normed when it is the last)."""
+        flat, owners, offset = [], [], 0
+        for req_id, end, count in zip(req_ids, ends, counts):
+            wanted = self.capture_positions.get(req_id, ())
+            for position in range(end - count, end):
+                if position in wanted:
+                    flat.append(offset + position - (end - count))
+                    owners.append((req_id, position))
+            offset += count
+        if not flat:
+            yield
+            return
+        index = torch.tensor(flat, dtype=torch.long, device=self.device)
+        kept: list[torch.Tensor] = []
+        level, layers = self.config.talker.accept_hidden_layer, thinker.model.layers
+        if level == len(layers):  # HF's last hidden state is the final-normed one
+            handle = thinker.model.norm.register_forward_hook(
+                lambda module, args, output: kept.append(output.index_select(0, index))
+            )
+        else:  # HF records layer level-1's output, before any DeepStack rows are added to it
+            handle = layers[level - 1].register_forward_hook(
+                lambda module, args, output: kept.append(output.index_select(0, index))
+            )
+        try:
+            yield
+        finally:
+            handle.remove()
+        for (req_id, position), row in zip(owners, kept[0]):
+            self.captured.setdefault(req_id, {})[position] = row
+
+    def _residual(self, codes: torch.Tensor) -> torch.Tensor:
+        """Σ_g E_cp[g](codes[:, g]) [F, H], summed in the code predictor's order."""
+        tables = self.talker.code_predictor.model.codec_embedding
+        residual = torch.zeros(
+            codes.shape[0], self.talker.config.text.hidden_size, dtype=self.dtype, device=self.device
+        )
+        for g, table in enumerate(tables):
+            residual = residual + table(codes[:, g])
+        return residual

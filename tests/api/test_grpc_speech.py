@@ -1,0 +1,87 @@
+"""Spoken answers over gRPC (grpc.aio server over AsyncLLM with the embedded tiny model, generated stubs):
+Generate with `speech` streams AudioDelta pieces (PCM16 24 kHz, contiguous first_sample, `last` once) beside
+the text, the answer's finish reason comes with its last audio, seeded audio repeats, and a bad voice or
+format is INVALID_ARGUMENT."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from omnistream.engine.entrypoints.cli import build_parser
+from omnistream.engine.entrypoints.grpc_server import GrpcServer
+from omnistream.engine.entrypoints.serve import build_server
+from omnistream.engine.grpc_gen import omnistream_pb2 as pb
+from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
+
+FRAMES = 5
+CHAT = pb.ChatMessages(
+    messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="Tell me a joke.")])]
+)
+SAMPLING = pb.SamplingParams(max_tokens=4, temperature=0.8, seed=5)
+
+
+@pytest.fixture(scope="module")
+def stub():
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--grpc-port",
+            "0",
+            "--grpc-only",
+            "--dtype",
+            "float32",
+            "--max-model-len",
+            "256",
+            "--num-kv-blocks",
+            "64",
+            "--max-audio-frames",
+            str(FRAMES),
+        ]
+    )
+    llm, _ = build_server(args)
+    server = GrpcServer(llm, args)
+    port = server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            yield pb_grpc.OmnistreamStub(channel)
+    finally:
+        server.stop(grace=1)
+        llm.shutdown()
+
+
+def _generate(stub, **speech) -> list[pb.GenerateResponse]:
+    request = pb.GenerateRequest(chat=CHAT, sampling=SAMPLING, speech=pb.SpeechOptions(**speech))
+    return list(stub.Generate(request, timeout=120))
+
+
+def test_generate_streams_audio_deltas_beside_the_text(stub):
+    responses = _generate(stub, voice="Chelsie")
+    audio = [r.audio for r in responses if r.HasField("audio")]
+    assert all(a.sample_rate == 24000 for a in audio)
+    position = 0
+    for delta in audio:
+        assert delta.first_sample == position
+        position += len(delta.data) // 2
+    assert position == FRAMES * 1920 - 555
+    assert [a.last for a in audio] == [False] * (len(audio) - 1) + [True]
+    assert [len(a.data) // 2 for a in audio if a.data][:2] == [1365, 1920]
+    reasons = [r.finish_reason for r in responses]
+    assert reasons[-1] != pb.FINISH_REASON_UNSPECIFIED and set(reasons[:-1]) == {pb.FINISH_REASON_UNSPECIFIED}
+    text_only = list(stub.Generate(pb.GenerateRequest(chat=CHAT, sampling=SAMPLING), timeout=120))
+    assert "".join(r.text for r in responses) == "".join(r.text for r in text_only)
+    again = _generate(stub, voice="chelsie")
+    assert b"".join(r.audio.data for r in again) == b"".join(a.data for a in audio)
+
+
+@pytest.mark.parametrize(
+    "speech, message",
+    [
+        ({"voice": "alloy"}, "unknown voice 'alloy'"),
+        ({"voice": "ethan", "format": pb.AUDIO_FORMAT_FLOAT32}, "PCM16 only"),
+    ],
+)
+def test_bad_speech_options_are_invalid_argument(stub, speech, message):
+    with pytest.raises(grpc.RpcError) as error:
+        _generate(stub, **speech)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in error.value.details()

@@ -1,0 +1,164 @@
+"""The speech lane end to end against HF transformers (fp32, tiny random stack saved with save_pretrained):
+greedy thinker tokens and greedy [16 x n] codes identical to one HF `generate` call per request, for text
+prompts and prompts with audio or an image in a user turn (the talker reads the thinker's hidden rows there,
+and an image's 3-D M-RoPE positions in the talker's own sequence), with
+replies that stop on a stop token (HF's thinker_eos_token_id), and the streamed PCM16 equal to the
+whole-sequence code2wav decode of those codes (HF's and ours) to one quantization step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream import LLM, SamplingParams
+from omnistream.multimodal.tensor_codec import from_tensor_data
+from omnistream.scheduler.sampling_params import SpeechParams
+from tests.parity.speech_oracle import build_hf_omni, save_hf_omni
+
+MAX_FRAMES = 24
+AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
+IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def _chat(*turns: tuple[str, str]) -> str:
+    body = "".join(f"<|im_start|>{role}\n{text}<|im_end|>\n" for role, text in turns)
+    return body + "<|im_start|>assistant\n"
+
+
+def _speech(seconds: float) -> tuple[np.ndarray, int]:
+    t = np.arange(int(seconds * 16000) // 160 * 160) / 16000
+    noise = 0.05 * np.random.default_rng(0).standard_normal(len(t))
+    return (0.3 * np.sin(2 * np.pi * (200 + 300 * t) * t) + noise).astype(np.float32), 16000
+
+
+CASES = {
+    "system_and_user": (_chat(("system", "Be brief."), ("user", "Say hello to the world.")), {}),
+    "user": (_chat(("user", "What is two plus two?")), {}),
+    "user_audio": (_chat(("user", AUDIO + "What is said?")), {"audio": _speech(2.0)}),
+    "two_turns_then_image": (  # HF's talker cannot place audio and images together (no audio_config)
+        _chat(
+            ("system", "Be kind."),
+            ("user", "Hi there."),
+            ("assistant", "Hello!"),
+            ("user", "And " + IMAGE + "?"),
+        ),
+        {"image": np.random.default_rng(2).integers(0, 256, (32, 64, 3), dtype=np.uint8)},
+    ),
+    "user_image": (
+        _chat(("system", "Look."), ("user", "See " + IMAGE + " and say.")),
+        {"image": np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)},
+    ),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    hf = build_hf_omni(seed=7)
+    path = save_hf_omni(hf, tmp_path_factory.mktemp("omni"))
+    llm = LLM(str(path), dtype="float32", max_audio_frames=MAX_FRAMES, max_num_voices=2)
+    yield hf, llm
+    llm.shutdown()
+
+
+def _hf_inputs(processed) -> dict:
+    """HF's inputs for our processed prompt: ids, the audio windows of its one clip joined, its images."""
+    ids = torch.tensor([processed.token_ids])
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    audio = [f for f in processed.mm_features if f.modality == "audio"]
+    images = [f for f in processed.mm_features if f.modality == "image"]
+    mels = [from_tensor_data(f.inputs["input_features"]) for f in audio]
+    if images:
+        inputs["pixel_values"] = torch.cat([from_tensor_data(f.inputs["pixel_values"]) for f in images])
+        inputs["image_grid_thw"] = torch.cat([from_tensor_data(f.inputs["grid_thw"]) for f in images])
+    if mels:
+        mel = torch.cat(mels, dim=1)
+        inputs["input_features"] = mel[None]
+        inputs["feature_attention_mask"] = torch.ones(1, mel.shape[1], dtype=torch.long)
+    return inputs
+
+
+def _stop_token(llm: LLM, prompt: dict) -> int:
+    """A token the greedy reply samples at step >= 2 that it has not sampled before: the reply's stop token."""
+    reply = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)[0]
+    tokens = reply.outputs[0].token_ids
+    return next(t for i, t in enumerate(tokens) if i >= 2 and t not in tokens[:i])
+
+
+def _pcm16(wav: torch.Tensor) -> np.ndarray:
+    return (wav.double().clamp(-1, 1) * 32767).round().to(torch.int64).numpy()
+
+
+@torch.no_grad()
+def _hf_generate(hf, inputs: dict, stop: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    captured = []
+    decode = hf.code2wav.chunked_decode
+
+    def capture(codes, **kwargs):
+        captured.append(codes)
+        return decode(codes, **kwargs)
+
+    hf.code2wav.chunked_decode = capture
+    try:
+        sequences, wav = hf.generate(
+            **inputs,
+            speaker="Chelsie",
+            thinker_max_new_tokens=8,
+            thinker_eos_token_id=stop,
+            thinker_do_sample=False,
+            talker_do_sample=False,
+            talker_max_new_tokens=MAX_FRAMES + 1,
+        )
+    finally:
+        hf.code2wav.chunked_decode = decode
+    return sequences[0, inputs["input_ids"].shape[1] :].tolist(), captured[0][0], wav.reshape(-1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_codes_and_audio_equal_hf_generate(stack, case):
+    hf, llm = stack
+    text, media = CASES[case]
+    prompt = {"prompt": text, "multi_modal_data": media}
+    stop = _stop_token(llm, prompt)
+    params = SamplingParams(
+        temperature=0,
+        max_tokens=8,
+        stop_token_ids=[stop],
+        speech=SpeechParams(voice="chelsie", do_sample=False),
+    )
+    speech = llm.engine.executor.runner.speech
+    execute, frames_sent = speech.execute, []
+
+    def record(schedule, thinker_requests):
+        frames = execute(schedule, thinker_requests)
+        frames_sent.extend(frame.codes for frame in frames if frame.codes)
+        return frames
+
+    speech.execute = record
+    try:
+        output = llm.generate(prompt, params, use_tqdm=False)[0]
+    finally:
+        speech.execute = execute
+    ours = output.outputs[0]
+    hf_tokens, hf_codes, hf_wav = _hf_generate(
+        hf, _hf_inputs(llm.input_processor.process(text, None, media, {})), stop
+    )
+    assert ours.token_ids == hf_tokens and ours.finish_reason == "stop"
+    assert torch.equal(torch.tensor(frames_sent).T, hf_codes)
+    pcm = np.frombuffer(ours.audio, dtype="<i2").astype(np.int64)
+    frames = hf_codes.shape[1]
+    assert frames >= 4 and len(pcm) == frames * 1920 - 555
+    assert ours.audio_finish_reason == ("length" if frames == MAX_FRAMES else "stop")
+    assert np.abs(pcm - _pcm16(hf_wav)).max() <= 1
+    assert np.abs(pcm).max() > 1000  # the calibrated vocoder is neither silent nor a comparison of zeros
+    ours_full = speech.code2wav(hf_codes.unsqueeze(0)).reshape(-1)
+    assert np.abs(pcm - _pcm16(ours_full)).max() <= 1
