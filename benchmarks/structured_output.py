@@ -22,7 +22,7 @@ import torch
 
 from omnistream.engine.core.request import EngineCoreRequest
 from omnistream.engine.entrypoints.llm import LLM
-from omnistream.engine.worker import model_runner
+from omnistream.engine.worker.token_bitmask import StepBitmask
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
@@ -42,18 +42,21 @@ def large_schema(fields: int) -> dict:
             "additionalProperties": False}
 
 
-class _Timed:
-    """Wraps a function to add its wall time to `total`."""
+class _Timer:
+    """Wraps functions (or methods) to add their wall time to `total`."""
 
-    def __init__(self, fn):
-        self.fn, self.total = fn, 0.0
+    def __init__(self) -> None:
+        self.total = 0.0
 
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+
+        return timed
 
 
 def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams | None, tag: str) -> list[float]:
@@ -80,10 +83,10 @@ def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams
 def engine_figures(args: argparse.Namespace) -> dict:
     llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
     manager = llm.engine.structured_output
-    fill = _Timed(manager.fill_bitmask)
-    manager.fill_bitmask = fill
-    apply = _Timed(model_runner.apply_token_bitmask)
-    model_runner.apply_token_bitmask = apply
+    fill, apply = _Timer(), _Timer()
+    manager.fill_bitmask = fill.wrap(manager.fill_bitmask)
+    StepBitmask.apply = apply.wrap(StepBitmask.apply)
+    StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)
     spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
     plain, constrained = [], []
     decode_steps(llm, args.batch, 4, None, "warm")

@@ -24,7 +24,7 @@ from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
-from omnistream.engine.worker.token_bitmask import apply_token_bitmask
+from omnistream.engine.worker.token_bitmask import StepBitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
@@ -254,14 +254,15 @@ class ModelRunner:
         num_outputs = [len(state.token_ids) - state.num_prompt_tokens for state in states]
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
-        if meta.plain_greedy and not so.grammar_req_ids and chunks_pay(meta.num_rows, hidden.device):
-            return greedy_tokens(self.model.lm_head, hidden).tolist(), [None] * meta.num_rows
+        grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids)  # structured outputs' masks
+        if meta.plain_greedy and chunks_pay(meta.num_rows, hidden.device):
+            tokens = greedy_tokens(self.model.lm_head, hidden)
+            if grammar is not None:
+                tokens = grammar.correct_greedy(tokens, hidden, self.model.lm_head, self.model.compute_logits)
+            return tokens.tolist(), [None] * meta.num_rows
         logits = self.model.compute_logits(hidden)
-        if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
-            words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
-            bitmask = words.view(len(so.grammar_req_ids), -1)
-            rows = {req_id: i for i, req_id in enumerate(batch.sample_req_ids)}
-            apply_token_bitmask(logits, bitmask, [rows[req_id] for req_id in so.grammar_req_ids])
+        if grammar is not None:
+            grammar.apply(logits)
         out = sample(logits, meta)
         self.sampling.record(meta, out.token_ids)
         return to_host(out, meta)
