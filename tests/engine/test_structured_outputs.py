@@ -15,7 +15,8 @@ import torch
 
 from omnistream import LLM, SamplingParams
 from omnistream.engine.core.structured_output.compiler import GrammarError
-from omnistream.engine.worker.token_bitmask import apply_token_bitmask
+from omnistream.engine.worker import model_runner
+from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
 
 SCHEMA = {
@@ -155,3 +156,38 @@ def test_the_bitmask_is_applied_like_a_full_masked_fill(kind):
         expected[row].masked_fill_(~allowed[i], float("-inf"))
     apply_token_bitmask(logits, mask, target)
     assert torch.equal(logits, expected)
+
+
+def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_logits(llm, monkeypatch):
+    """From 64 rows the greedy head serves the batch and only the rows whose grammar forbids its token are
+    recomputed; the answers equal full logits + mask (the greedy head switched off) and are all valid."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 5}},
+              "required": ["ok", "name"], "additionalProperties": False}  # short answers: a fast test
+    specs = [Spec(json=json.dumps(schema)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    prompts = [f"Row {i}:" for i in range(64)]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4]) for i in range(64)]
+    corrected = []
+    correct_greedy = StepBitmask.correct_greedy
+
+    def counted(self, token_ids, *args):
+        out = correct_greedy(self, token_ids, *args)
+        corrected.append(int((out != token_ids).sum()))
+        return out
+
+    monkeypatch.setattr(StepBitmask, "correct_greedy", counted)
+    fast = llm.generate(prompts, params, use_tqdm=False)
+    assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
+    monkeypatch.setattr(model_runner, "chunks_pay", lambda num_rows, device: False)
+    slow = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
+    for out, sp in zip(fast, params):
+        text, spec = out.outputs[0].text, sp.structured_outputs
+        assert out.outputs[0].finish_reason == "stop", text
+        if spec.json is not None:
+            jsonschema.validate(json.loads(text), schema)
+        elif spec.regex is not None:
+            assert re.fullmatch(REGEX, text), text
+        elif spec.choice is not None:
+            assert text in CHOICES
+        else:
+            assert re.fullmatch(LARK_LANGUAGE, text), text
