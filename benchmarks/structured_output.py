@@ -2,8 +2,9 @@
 
 1. Decode step at `--batch` rows (default 64) on the embedded model with every row constrained by a JSON
    schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
-   median step times, their difference as a share of the unconstrained step, and the two parts of the
-   difference: the engine core filling the bitmask (llguidance) and the runner applying it.
+   median step times, their difference as a share of the unconstrained step, and its parts per step: the
+   engine core naming the rows, llguidance filling the masks on a worker thread (beside the forward), the
+   runner waiting for them, applying them (or correcting the greedy head's tokens) and the matchers advancing.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.
@@ -83,18 +84,24 @@ def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams
 def engine_figures(args: argparse.Namespace) -> dict:
     llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
     manager = llm.engine.structured_output
-    fill, apply = _Timer(), _Timer()
-    manager.fill_bitmask = fill.wrap(manager.fill_bitmask)
+    select, fill, wait, apply = _Timer(), _Timer(), _Timer(), _Timer()
+    manager.fill_bitmask = select.wrap(manager.fill_bitmask)
+    manager._fill = fill.wrap(manager._fill)
+    StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
     StepBitmask.apply = apply.wrap(StepBitmask.apply)
     StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)
+    advance = _Timer()
+    manager.advance = advance.wrap(manager.advance)
+    timers = (select, fill, wait, apply, advance)
     spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
     plain, constrained = [], []
     decode_steps(llm, args.batch, 4, None, "warm")
     for r in range(args.repeats):
         plain += decode_steps(llm, args.batch, args.steps, None, f"plain{r}")
-        fill.total = apply.total = 0.0
+        for timer in timers:
+            timer.total = 0.0
         constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
-    fill_ms, apply_ms = fill.total / args.steps * 1e3, apply.total / args.steps * 1e3
+    select_ms, fill_ms, wait_ms, apply_ms, advance_ms = (timer.total / args.steps * 1e3 for timer in timers)
     compiler = manager.compiler
     big = StructuredOutputsParams(json=json.dumps(large_schema(args.fields)))
     start = time.perf_counter()
@@ -105,8 +112,10 @@ def engine_figures(args: argparse.Namespace) -> dict:
     cached = time.perf_counter() - start
     base, masked = statistics.median(plain) * 1e3, statistics.median(constrained) * 1e3
     return {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
-            "mask_share_of_step": (masked - base) / base, "fill_bitmask_ms_per_step_last_repeat": fill_ms,
-            "apply_bitmask_ms_per_step_last_repeat": apply_ms, "large_schema_fields": args.fields,
+            "mask_share_of_step": (masked - base) / base, "per_step_ms_last_repeat": {
+                "select_rows": select_ms, "fill_on_worker_thread": fill_ms, "runner_waits_for_fill": wait_ms,
+                "apply_or_correct": apply_ms, "matchers_advance": advance_ms},
+            "large_schema_fields": args.fields,
             "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3}
 
 

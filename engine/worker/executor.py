@@ -45,6 +45,7 @@ from omnistream.engine.model_executor.distributed import (
 )
 from omnistream.engine.model_executor.loader import load_model
 from omnistream.engine.worker.model_runner import ModelRunner
+from omnistream.engine.worker.token_bitmask import BitmaskFuture
 from omnistream.engine.worker.tp_worker import (
     ERROR_KEY,
     INIT_KEY,
@@ -77,7 +78,10 @@ class Executor(ABC):
     num_kv_blocks: int  # per rank: every rank holds this many blocks of its own KV heads
 
     @abstractmethod
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput: ...
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+    ) -> ModelRunnerOutput:
+        """Run one step; `grammar_bitmask` (structured outputs' masks being filled) is waited for before sampling."""
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -107,11 +111,13 @@ class UniProcExecutor(Executor):
                 max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
             )
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+    ) -> ModelRunnerOutput:
         if get_tp_world_size() == 1:
-            return self.runner.execute_model(scheduler_output)
+            return self.runner.execute_model(scheduler_output, grammar_bitmask)
         with tp_group_hidden():  # a TP engine lives in this process too: its group is not ours
-            return self.runner.execute_model(scheduler_output)
+            return self.runner.execute_model(scheduler_output, grammar_bitmask)
 
     def shutdown(self) -> None:
         pass
@@ -201,9 +207,13 @@ class MultiprocTPExecutor(Executor):
             finally:
                 pipe.close()
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+    ) -> ModelRunnerOutput:
         if self._dead is not None:
             raise self._dead
+        if grammar_bitmask is not None:  # every rank gets the same masks, in the broadcast step
+            scheduler_output.grammar_bitmask = grammar_bitmask.result().astype("<i4", copy=False).tobytes()
         try:
             for proc in self.procs:
                 if not proc.is_alive():

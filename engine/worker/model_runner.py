@@ -24,7 +24,7 @@ from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
-from omnistream.engine.worker.token_bitmask import StepBitmask
+from omnistream.engine.worker.token_bitmask import BitmaskFuture, StepBitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
@@ -83,7 +83,11 @@ class ModelRunner:
         )
 
     @torch.inference_mode()
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+    ) -> ModelRunnerOutput:
+        """Run one step. `grammar_bitmask`: the structured outputs' masks still being filled in this process
+        (waited for only when sampling); without it they are read from the SchedulerOutput."""
         self._update_states(scheduler_output)
         if scheduler_output.is_empty:
             return EMPTY_MODEL_RUNNER_OUTPUT
@@ -98,7 +102,7 @@ class ModelRunner:
                 inputs_embeds=embeds, deepstack_embeds=deepstack,
             )
         prompt_logprobs = self._prompt_logprobs(hidden, batch)
-        tokens, logprobs = self._sample(hidden, batch, scheduler_output)
+        tokens, logprobs = self._sample(hidden, batch, scheduler_output, grammar_bitmask)
         return ModelRunnerOutput(
             sampled_req_ids=batch.sample_req_ids,
             sampled_token_ids=tokens,
@@ -246,7 +250,7 @@ class ModelRunner:
         return result
 
     def _sample(
-        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput
+        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput, filling: BitmaskFuture | None
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if not batch.sample_rows:
             return [], []
@@ -254,13 +258,14 @@ class ModelRunner:
         num_outputs = [len(state.token_ids) - state.num_prompt_tokens for state in states]
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
-        grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids)  # structured outputs' masks
         if meta.plain_greedy and chunks_pay(meta.num_rows, hidden.device):
             tokens = greedy_tokens(self.model.lm_head, hidden)
+            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling)  # structured outputs
             if grammar is not None:
                 tokens = grammar.correct_greedy(tokens, hidden, self.model.lm_head, self.model.compute_logits)
             return tokens.tolist(), [None] * meta.num_rows
         logits = self.model.compute_logits(hidden)
+        grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling)  # (waits for the masks)
         if grammar is not None:
             grammar.apply(logits)
         out = sample(logits, meta)

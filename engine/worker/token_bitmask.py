@@ -1,8 +1,9 @@
 """StepBitmask: one step's grammar masks (structured outputs) and the two ways the runner applies them.
 
-The bitmask comes from the engine core (SchedulerOutput.grammar_bitmask): one row of little-endian int32
-words per constrained sampling row, bit t % 32 of word t // 32 set when token t is allowed. Tokens past the
-last word (padding rows of the vocabulary) are never allowed.
+The bitmask comes from the engine core: in this process a future that a worker thread completes while the
+forward runs, waited for only when the step samples; from another process, SchedulerOutput.grammar_bitmask.
+One row of little-endian int32 words per constrained sampling row, bit t % 32 of word t // 32 set when token
+t is allowed. Tokens past the last word (padding rows of the vocabulary) are never allowed.
 
 - `apply` sets the forbidden logits of the constrained rows to -inf before the sampler's pass. The words are
   unpacked to one bool per token in one vectorized call (numpy's table-driven unpackbits on the host; a gather
@@ -17,6 +18,7 @@ last word (padding rows of the vocabulary) are never allowed.
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -27,6 +29,7 @@ import torch.nn.functional as F
 from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
 from omnistream.scheduler.outputs import SchedulerOutput
 
+BitmaskFuture = concurrent.futures.Future  # of an [R, W] int32 numpy array, filled while the forward runs
 PROJECTED_FRACTION = 0.25  # a rejected row projects only the weight rows of the tokens it allows when these
 # are at most this share of the vocabulary; a row allowing more gets full logits
 
@@ -37,10 +40,16 @@ class StepBitmask:
     words: torch.Tensor  # [R, W] int32 on the host: the allowed tokens of rows[i] in words[i]
 
     @classmethod
-    def from_scheduler_output(cls, so: SchedulerOutput, sample_req_ids: list[str]) -> StepBitmask | None:
+    def from_scheduler_output(
+        cls, so: SchedulerOutput, sample_req_ids: list[str], filling: BitmaskFuture | None = None
+    ) -> StepBitmask | None:
+        """The masks of so.grammar_req_ids: from `filling` when given (waits for it), else from the SchedulerOutput."""
         if not so.grammar_req_ids:
             return None
-        words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
+        if filling is not None:
+            words = torch.from_numpy(filling.result())
+        else:
+            words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
         position = {req_id: i for i, req_id in enumerate(sample_req_ids)}
         rows = [position[req_id] for req_id in so.grammar_req_ids]
         return cls(rows, words.view(len(rows), -1))

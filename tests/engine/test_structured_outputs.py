@@ -191,3 +191,15 @@ def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_
             assert text in CHOICES
         else:
             assert re.fullmatch(LARK_LANGUAGE, text), text
+
+
+def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
+    """With TP the executor waits for the masks and broadcasts them in the step: every rank masks alike."""
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES)]
+    params = [SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=spec) for spec in specs]
+    prompts = ["One:", "Two:", "Three:"]
+    want = llm.generate(prompts, params, use_tqdm=False)
+    with LLM(dtype="float32", num_kv_blocks=64, tensor_parallel_size=2, distributed_timeout_s=20) as tp2:
+        got = tp2.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert re.fullmatch(REGEX, got[1].outputs[0].text) and got[2].outputs[0].text in CHOICES

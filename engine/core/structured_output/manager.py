@@ -3,10 +3,11 @@
 A request whose grammar is not compiled yet is added to the scheduler marked `grammar_pending`, which the
 scheduler skips; the grammar compiles on a worker thread while other requests keep stepping, and the
 request is released when it is ready. Each step, the rows that sample under a grammar get their bitmask of
-allowed tokens, filled in parallel by llguidance into the SchedulerOutput (so with tensor parallelism it is
-computed once, on rank 0, and every rank receives the same bytes); after the step each matcher consumes
-its sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
-request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a
+allowed tokens, filled in parallel by llguidance on a worker thread while the step's forward runs (llguidance
+drops the GIL): the runner waits for it only when it samples. With tensor parallelism the executor waits before
+it broadcasts the step, so the mask is computed once, on rank 0, and every rank receives the same bytes in the
+SchedulerOutput. After the step each matcher consumes its sampled token, and a matcher that has stopped (the
+output is complete and nothing may follow) ends its request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a
 preemption recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
 """
 
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import llguidance
 import llguidance.numpy
+import numpy as np
 
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
 from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
@@ -41,6 +43,8 @@ class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler) -> None:
         self.compiler = compiler
         self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, "grammar-mask")
+        self._filling: concurrent.futures.Future[np.ndarray] | None = None  # masks of the step in flight
         self._executor: llguidance.LLExecutor | None = None
         self._compiling: dict[str, concurrent.futures.Future] = {}
         self._grammars: dict[str, _Grammar] = {}
@@ -92,8 +96,13 @@ class StructuredOutputManager:
             request.grammar_pending = False
         return failed
 
-    def fill_bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> None:
-        """Write the allowed-token masks of this step's constrained sampling rows into the SchedulerOutput."""
+    def fill_bitmask(
+        self, scheduler_output: SchedulerOutput, requests: dict[str, Request]
+    ) -> concurrent.futures.Future[np.ndarray] | None:
+        """Name this step's constrained sampling rows in the SchedulerOutput and start filling their masks of
+        allowed tokens on a worker thread: the future's [R, W] int32 array (None: no constrained row). The
+        matchers are read there until the runner has the masks; they consume the step's tokens afterwards."""
+        self._settle()
         no_sample = set(scheduler_output.no_sample_req_ids)
         rows = []
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -104,17 +113,28 @@ class StructuredOutputManager:
             self._sync(grammar, request.output_token_ids)
             rows.append(req_id)
         if not rows:
-            return
+            return None
+        scheduler_output.grammar_req_ids = rows
+        matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
+        self._filling = self._mask_pool.submit(self._fill, matchers)
+        return self._filling
+
+    def _settle(self) -> None:
+        """Wait until no fill reads the matchers (the runner has normally waited for it already)."""
+        if self._filling is not None:
+            concurrent.futures.wait([self._filling])
+            self._filling = None
+
+    def _fill(self, matchers: list[tuple[llguidance.LLMatcher, int]]) -> np.ndarray:
         if self._executor is None:
             self._executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), self.compiler.vocab_size)
-        matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
-        scheduler_output.grammar_req_ids = rows
-        scheduler_output.grammar_bitmask = bitmask.astype("<i4", copy=False).tobytes()
+        bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), self.compiler.vocab_size)
+        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)  # without the GIL
+        return bitmask
 
     def advance(self, model_output: ModelRunnerOutput) -> set[str]:
         """Consume each constrained row's sampled token; the ids of requests whose output is now complete."""
+        self._settle()
         complete = set()
         for req_id, token in zip(model_output.sampled_req_ids, model_output.sampled_token_ids):
             grammar = self._grammars.get(req_id)
@@ -135,6 +155,7 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._mask_pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _sync(grammar: _Grammar, outputs: list[int]) -> None:
