@@ -64,7 +64,7 @@ class EngineCore:
         )
         vocab_size = self.model_config.text.vocab_size
         compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
-        self.structured_output = StructuredOutputManager(compiler)
+        self.structured_output = StructuredOutputManager(compiler, device.type)
         logger.info(
             "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d",
             self.model_path, dtype, device, config.tensor_parallel_size, num_blocks, capacity, self.max_model_len,

@@ -45,7 +45,7 @@ from omnistream.engine.model_executor.distributed import (
 )
 from omnistream.engine.model_executor.loader import load_model
 from omnistream.engine.worker.model_runner import ModelRunner
-from omnistream.engine.worker.token_bitmask import BitmaskFuture
+from omnistream.engine.worker.token_bitmask import PendingMasks
 from omnistream.engine.worker.tp_worker import (
     ERROR_KEY,
     INIT_KEY,
@@ -79,7 +79,7 @@ class Executor(ABC):
 
     @abstractmethod
     def execute_model(
-        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None
     ) -> ModelRunnerOutput:
         """Run one step; `grammar_bitmask` (structured outputs' masks being filled) is waited for before sampling."""
 
@@ -112,7 +112,7 @@ class UniProcExecutor(Executor):
             )
 
     def execute_model(
-        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None
     ) -> ModelRunnerOutput:
         if get_tp_world_size() == 1:
             return self.runner.execute_model(scheduler_output, grammar_bitmask)
@@ -208,7 +208,7 @@ class MultiprocTPExecutor(Executor):
                 pipe.close()
 
     def execute_model(
-        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None
     ) -> ModelRunnerOutput:
         if self._dead is not None:
             raise self._dead

@@ -24,7 +24,7 @@ from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.sampler import sample, to_host, top_logprobs
 from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
-from omnistream.engine.worker.token_bitmask import BitmaskFuture, StepBitmask
+from omnistream.engine.worker.token_bitmask import PendingMasks, StepBitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
@@ -84,7 +84,7 @@ class ModelRunner:
 
     @torch.inference_mode()
     def execute_model(
-        self, scheduler_output: SchedulerOutput, grammar_bitmask: BitmaskFuture | None = None
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None
     ) -> ModelRunnerOutput:
         """Run one step. `grammar_bitmask`: the structured outputs' masks still being filled in this process
         (waited for only when sampling); without it they are read from the SchedulerOutput."""
@@ -250,7 +250,7 @@ class ModelRunner:
         return result
 
     def _sample(
-        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput, filling: BitmaskFuture | None
+        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput, filling: PendingMasks | None
     ) -> tuple[list[int], list[TokenLogprobs | None]]:
         if not batch.sample_rows:
             return [], []
@@ -260,7 +260,7 @@ class ModelRunner:
         hidden = hidden[batch.sample_rows]
         if meta.plain_greedy and chunks_pay(meta.num_rows, hidden.device):
             tokens = greedy_tokens(self.model.lm_head, hidden)
-            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling)  # structured outputs
+            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling, tokens)  # structured outputs
             if grammar is not None:
                 tokens = grammar.correct_greedy(tokens, hidden, self.model.lm_head, self.model.compute_logits)
             return tokens.tolist(), [None] * meta.num_rows

@@ -1,7 +1,7 @@
 """StepBitmask: one step's grammar masks (structured outputs) and the two ways the runner applies them.
 
-The bitmask comes from the engine core: in this process a future that a worker thread completes while the
-forward runs, waited for only when the step samples; from another process, SchedulerOutput.grammar_bitmask.
+The bitmask comes from the engine core: in this process as PendingMasks, asked for only when the step samples
+(filled meanwhile, or then); from another process in SchedulerOutput.grammar_bitmask.
 One row of little-endian int32 words per constrained sampling row, bit t % 32 of word t // 32 set when token
 t is allowed. Tokens past the last word (padding rows of the vocabulary) are never allowed.
 
@@ -18,9 +18,9 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
 
 from __future__ import annotations
 
-import concurrent.futures
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -29,9 +29,16 @@ import torch.nn.functional as F
 from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
 from omnistream.scheduler.outputs import SchedulerOutput
 
-BitmaskFuture = concurrent.futures.Future  # of an [R, W] int32 numpy array, filled while the forward runs
 PROJECTED_FRACTION = 0.25  # a rejected row projects only the weight rows of the tokens it allows when these
 # are at most this share of the vocabulary; a row allowing more gets full logits
+
+
+class PendingMasks(Protocol):
+    """The engine core's masks of a step, still being filled (engine/core/structured_output/masks.py)."""
+
+    def result(self, chosen: list[int] | None = None) -> np.ndarray:
+        """[R, W] int32; given each row's greedy token, a row whose grammar allows it may allow every token."""
+        ...
 
 
 @dataclass
@@ -41,17 +48,22 @@ class StepBitmask:
 
     @classmethod
     def from_scheduler_output(
-        cls, so: SchedulerOutput, sample_req_ids: list[str], filling: BitmaskFuture | None = None
+        cls,
+        so: SchedulerOutput,
+        sample_req_ids: list[str],
+        pending: PendingMasks | None = None,
+        greedy: torch.Tensor | None = None,
     ) -> StepBitmask | None:
-        """The masks of so.grammar_req_ids: from `filling` when given (waits for it), else from the SchedulerOutput."""
+        """The masks of so.grammar_req_ids: from `pending` when given (waiting for them; `greedy`, the greedy
+        head's ids [B], lets it fill only the rows whose grammar rejects theirs), else from the SchedulerOutput."""
         if not so.grammar_req_ids:
             return None
-        if filling is not None:
-            words = torch.from_numpy(filling.result())
-        else:
-            words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
         position = {req_id: i for i, req_id in enumerate(sample_req_ids)}
         rows = [position[req_id] for req_id in so.grammar_req_ids]
+        if pending is not None:
+            words = torch.from_numpy(pending.result(None if greedy is None else greedy[rows].tolist()))
+        else:
+            words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
         return cls(rows, words.view(len(rows), -1))
 
     def apply(self, logits: torch.Tensor) -> None:

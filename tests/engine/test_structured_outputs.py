@@ -4,6 +4,7 @@ choices or is a sentence of its grammar, and ends by itself ("stop"); greedy con
 depend on batching, chunked prefill or preemption; specs that cannot compile are refused where they enter;
 the bitmask is applied exactly like a full masked_fill."""
 
+import concurrent.futures
 import json
 import random
 import re
@@ -15,6 +16,7 @@ import torch
 
 from omnistream import LLM, SamplingParams
 from omnistream.engine.core.structured_output.compiler import GrammarError
+from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand
 from omnistream.engine.worker import model_runner
 from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
@@ -175,9 +177,12 @@ def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_
         return out
 
     monkeypatch.setattr(StepBitmask, "correct_greedy", counted)
+    manager = llm.engine.structured_output
+    monkeypatch.setattr(manager, "_beside_forward", False)  # masks only for the rows the grammar rejects
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
     monkeypatch.setattr(model_runner, "chunks_pay", lambda num_rows, device: False)
+    monkeypatch.setattr(manager, "_beside_forward", True)  # every mask, filled while the forward runs
     slow = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
     for out, sp in zip(fast, params):
@@ -203,3 +208,19 @@ def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
         got = tp2.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert re.fullmatch(REGEX, got[1].outputs[0].text) and got[2].outputs[0].text in CHOICES
+
+
+def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar_rejects(llm):
+    compiler = llm.engine.structured_output.compiler
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    matchers = [(compiler.compile(spec), i) for i, spec in enumerate(specs)]
+    filler = MaskFiller(compiler.vocab_size, threads=1)
+    full = filler.fill(matchers, len(matchers))
+    allowed = np.unpackbits(full.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    chosen = [int(np.flatnonzero(row if i % 2 == 0 else ~row)[0]) for i, row in enumerate(allowed)]
+    got = MasksOnDemand(filler, matchers).result(chosen)
+    assert (got[0] == -1).all() and (got[2] == -1).all()  # their tokens are allowed: no mask computed
+    assert np.array_equal(got[1::2], full[1::2])
+    assert np.array_equal(MasksOnDemand(filler, matchers).result(), full)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert np.array_equal(MasksBesideForward(pool, filler, matchers).result(chosen), full)

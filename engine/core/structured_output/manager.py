@@ -3,12 +3,13 @@
 A request whose grammar is not compiled yet is added to the scheduler marked `grammar_pending`, which the
 scheduler skips; the grammar compiles on a worker thread while other requests keep stepping, and the
 request is released when it is ready. Each step, the rows that sample under a grammar get their bitmask of
-allowed tokens, filled in parallel by llguidance on a worker thread while the step's forward runs (llguidance
-drops the GIL): the runner waits for it only when it samples. With tensor parallelism the executor waits before
-it broadcasts the step, so the mask is computed once, on rank 0, and every rank receives the same bytes in the
-SchedulerOutput. After the step each matcher consumes its sampled token, and a matcher that has stopped (the
-output is complete and nothing may follow) ends its request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a
-preemption recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
+allowed tokens, filled by llguidance while the step's forward runs where a core is free for it, else when the
+runner asks after the forward, and then only for the rows whose greedy token the grammar rejects (masks.py).
+With tensor parallelism the executor waits for the masks and broadcasts them in the step, so they are
+computed once, on rank 0, and every rank receives the same bytes. After the step each matcher consumes its
+sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
+request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a preemption
+recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
 """
 
 from __future__ import annotations
@@ -18,10 +19,9 @@ import logging
 from dataclasses import dataclass
 
 import llguidance
-import llguidance.numpy
-import numpy as np
 
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
+from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
 from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from omnistream.scheduler.request import Request
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
@@ -29,9 +29,6 @@ from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 COMPILE_THREADS = 1
-MASK_THREADS = 2  # llguidance threads filling the rows' masks
-
-
 @dataclass
 class _Grammar:
     template: llguidance.LLMatcher  # at the start of the output; copied to rebuild `matcher`
@@ -40,12 +37,13 @@ class _Grammar:
 
 
 class StructuredOutputManager:
-    def __init__(self, compiler: GrammarCompiler) -> None:
+    def __init__(self, compiler: GrammarCompiler, device_type: str = "cpu") -> None:
         self.compiler = compiler
+        threads, self._beside_forward = mask_threads(device_type)
+        self._filler = MaskFiller(compiler.vocab_size, threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
         self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, "grammar-mask")
-        self._filling: concurrent.futures.Future[np.ndarray] | None = None  # masks of the step in flight
-        self._executor: llguidance.LLExecutor | None = None
+        self._filling: MasksBesideForward | MasksOnDemand | None = None  # this step's masks
         self._compiling: dict[str, concurrent.futures.Future] = {}
         self._grammars: dict[str, _Grammar] = {}
 
@@ -98,10 +96,10 @@ class StructuredOutputManager:
 
     def fill_bitmask(
         self, scheduler_output: SchedulerOutput, requests: dict[str, Request]
-    ) -> concurrent.futures.Future[np.ndarray] | None:
-        """Name this step's constrained sampling rows in the SchedulerOutput and start filling their masks of
-        allowed tokens on a worker thread: the future's [R, W] int32 array (None: no constrained row). The
-        matchers are read there until the runner has the masks; they consume the step's tokens afterwards."""
+    ) -> MasksBesideForward | MasksOnDemand | None:
+        """Name this step's constrained sampling rows in the SchedulerOutput and return their masks of allowed
+        tokens as they will be filled (masks.py); None: no constrained row. The matchers must not move until
+        the runner has the masks; they consume the step's tokens afterwards."""
         self._settle()
         no_sample = set(scheduler_output.no_sample_req_ids)
         rows = []
@@ -116,21 +114,17 @@ class StructuredOutputManager:
             return None
         scheduler_output.grammar_req_ids = rows
         matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
-        self._filling = self._mask_pool.submit(self._fill, matchers)
+        if self._beside_forward:
+            self._filling = MasksBesideForward(self._mask_pool, self._filler, matchers)
+        else:
+            self._filling = MasksOnDemand(self._filler, matchers)
         return self._filling
 
     def _settle(self) -> None:
         """Wait until no fill reads the matchers (the runner has normally waited for it already)."""
         if self._filling is not None:
-            concurrent.futures.wait([self._filling])
+            self._filling.settle()
             self._filling = None
-
-    def _fill(self, matchers: list[tuple[llguidance.LLMatcher, int]]) -> np.ndarray:
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(matchers), self.compiler.vocab_size)
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)  # without the GIL
-        return bitmask
 
     def advance(self, model_output: ModelRunnerOutput) -> set[str]:
         """Consume each constrained row's sampled token; the ids of requests whose output is now complete."""
