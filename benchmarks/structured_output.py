@@ -3,8 +3,9 @@
 1. Decode step at `--batch` rows (default 64) on the embedded model with every row constrained by a JSON
    schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
    median step times, their difference as a share of the unconstrained step, and its parts per step: the
-   engine core naming the rows, llguidance filling the masks on a worker thread (beside the forward), the
-   runner waiting for them, applying them (or correcting the greedy head's tokens) and the matchers advancing.
+   engine core naming the rows, llguidance filling masks (on a worker thread beside the forward, or on demand
+   inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting for them, applying
+   them (or correcting the greedy head's tokens) and the matchers advancing.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.
@@ -86,7 +87,7 @@ def engine_figures(args: argparse.Namespace) -> dict:
     manager = llm.engine.structured_output
     select, fill, wait, apply = _Timer(), _Timer(), _Timer(), _Timer()
     manager.fill_bitmask = select.wrap(manager.fill_bitmask)
-    manager._fill = fill.wrap(manager._fill)
+    manager._filler.fill = fill.wrap(manager._filler.fill)
     StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
     StepBitmask.apply = apply.wrap(StepBitmask.apply)
     StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)
@@ -112,8 +113,10 @@ def engine_figures(args: argparse.Namespace) -> dict:
     cached = time.perf_counter() - start
     base, masked = statistics.median(plain) * 1e3, statistics.median(constrained) * 1e3
     return {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
-            "mask_share_of_step": (masked - base) / base, "per_step_ms_last_repeat": {
-                "select_rows": select_ms, "fill_on_worker_thread": fill_ms, "runner_waits_for_fill": wait_ms,
+            "mask_share_of_step": (masked - base) / base,
+            "masks_filled": "beside the forward" if manager._beside_forward else "on demand, rejected rows only",
+            "per_step_ms_last_repeat": {
+                "select_rows": select_ms, "fill_masks": fill_ms, "runner_waits_for_masks": wait_ms,
                 "apply_or_correct": apply_ms, "matchers_advance": advance_ms},
             "large_schema_fields": args.fields,
             "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3}
