@@ -10,7 +10,8 @@
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.
 
-    python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--backends llguidance]
+    python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--threads 1] [--masks auto]
+                                           [--backends llguidance]
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams
 def engine_figures(args: argparse.Namespace) -> dict:
     llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
     manager = llm.engine.structured_output
+    if args.masks != "auto":
+        manager._beside_forward = args.masks == "beside"
     select, fill, wait, apply = _Timer(), _Timer(), _Timer(), _Timer()
     manager.fill_bitmask = select.wrap(manager.fill_bitmask)
     manager._filler.fill = fill.wrap(manager._filler.fill)
@@ -190,6 +193,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fields", type=int, default=200, help="properties of the large schema")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
+    parser.add_argument("--masks", choices=["auto", "beside", "on-demand"], default="auto",
+                        help="fill the masks beside the forward or on demand (auto: beside when a core is free)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:
