@@ -157,7 +157,7 @@ class EngineCore:
         if scheduler_output.is_empty and grammars.compiling and not failed:
             failed = grammars.release_compiled(requests, wait_s=GRAMMAR_WAIT_S)  # nothing else to do: wait
             self.abort_requests([output.req_id for output in failed])
-        masks = grammars.fill_bitmask(scheduler_output, requests)  # filled while the forward runs
+        masks = grammars.fill_bitmask(scheduler_output, requests)  # filled beside the forward, or when sampling
         model_output = self.executor.execute_model(scheduler_output, masks)  # in process, or on every TP rank
         complete = grammars.advance(model_output)
         outputs = self.scheduler.update_from_output(scheduler_output, model_output, complete)

@@ -260,7 +260,7 @@ class ModelRunner:
         hidden = hidden[batch.sample_rows]
         if meta.plain_greedy and chunks_pay(meta.num_rows, hidden.device):
             tokens = greedy_tokens(self.model.lm_head, hidden)
-            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling, tokens)  # structured outputs
+            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling, tokens)  # (waits)
             if grammar is not None:
                 tokens = grammar.correct_greedy(tokens, hidden, self.model.lm_head, self.model.compute_logits)
             return tokens.tolist(), [None] * meta.num_rows

@@ -10,10 +10,11 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
   of word t >> 5, bit t & 31 on any other device, so only the packed words travel there).
 - `correct_greedy` serves a batch whose rows all take the first maximum from the chunked greedy head, which
   never materialises the logits. A constrained row keeps its token when its grammar allows it: that token is the
-  first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed: a row whose
-  grammar allows few tokens (a brace, a keyword, an enum) projects just those rows of the lm_head weight; the
-  rest get full logits, masked like `apply`. The recomputed logits are the same products as the full
-  projection's (a GEMM of another shape may round the last bit differently).
+  first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
+  distinct mask (rows at the same grammar state share it): a forced token is taken as it is; a mask allowing at
+  most PROJECTED_FRACTION of the vocabulary (a brace, a keyword, an enum, a short string) projects just those
+  rows of the lm_head weight; the rest get full logits, masked like `apply`. The recomputed logits are the same
+  products as the full projection's (a GEMM of another shape may round the last bit differently).
 """
 
 from __future__ import annotations
