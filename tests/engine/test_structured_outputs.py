@@ -16,7 +16,8 @@ import torch
 
 from omnistream import LLM, SamplingParams
 from omnistream.engine.core.structured_output.compiler import GrammarError
-from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand
+from omnistream.engine.core.structured_output import masks
+from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
 from omnistream.engine.worker import model_runner
 from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
@@ -224,3 +225,12 @@ def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar
     assert np.array_equal(MasksOnDemand(filler, matchers).result(), full)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         assert np.array_equal(MasksBesideForward(pool, filler, matchers).result(chosen), full)
+
+
+def test_masks_are_filled_beside_the_forward_only_on_cores_the_forward_leaves_free(monkeypatch):
+    monkeypatch.setattr(masks.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(masks.torch, "get_num_threads", lambda: 4)
+    assert mask_threads("cpu") == (4, False)  # every core runs torch: fill on demand, on all of them
+    assert mask_threads("cuda") == (4, True)  # a GPU forward leaves the CPU free
+    monkeypatch.setattr(masks.torch, "get_num_threads", lambda: 3)
+    assert mask_threads("cpu") == (1, True)
