@@ -29,6 +29,8 @@ from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 COMPILE_THREADS = 1
+
+
 @dataclass
 class _Grammar:
     template: llguidance.LLMatcher  # at the start of the output; copied to rebuild `matcher`
