@@ -86,10 +86,16 @@ def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams
 def engine_figures(args: argparse.Namespace) -> dict:
     llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
     manager = llm.engine.structured_output
-    if args.masks != "auto":
-        manager._beside_forward = args.masks == "beside"
+    manager.fill_mode = args.masks
     select, fill, wait, apply = _Timer(), _Timer(), _Timer(), _Timer()
-    manager.fill_bitmask = select.wrap(manager.fill_bitmask)
+    kinds, fill_bitmask = set(), manager.fill_bitmask
+
+    def noting_kind(*args):
+        masks = fill_bitmask(*args)
+        kinds.add(type(masks).__name__)
+        return masks
+
+    manager.fill_bitmask = select.wrap(noting_kind)
     manager._filler.fill = fill.wrap(manager._filler.fill)
     StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
     StepBitmask.apply = apply.wrap(StepBitmask.apply)
@@ -117,7 +123,7 @@ def engine_figures(args: argparse.Namespace) -> dict:
     base, masked = statistics.median(plain) * 1e3, statistics.median(constrained) * 1e3
     return {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
             "mask_share_of_step": (masked - base) / base,
-            "masks_filled": "beside the forward" if manager._beside_forward else "on demand, rejected rows only",
+            "masks_filled": sorted(kinds - {"NoneType"}),
             "per_step_ms_last_repeat": {
                 "select_rows": select_ms, "fill_masks": fill_ms, "runner_waits_for_masks": wait_ms,
                 "apply_or_correct": apply_ms, "matchers_advance": advance_ms},
@@ -194,7 +200,7 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=200, help="properties of the large schema")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
     parser.add_argument("--masks", choices=["auto", "beside", "on-demand"], default="auto",
-                        help="fill the masks beside the forward or on demand (auto: beside when a core is free)")
+                        help="fill the masks beside the forward or on demand (auto: the engine's choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -179,11 +179,11 @@ def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_
 
     monkeypatch.setattr(StepBitmask, "correct_greedy", counted)
     manager = llm.engine.structured_output
-    monkeypatch.setattr(manager, "_beside_forward", False)  # masks only for the rows the grammar rejects
+    monkeypatch.setattr(manager, "fill_mode", "on-demand")  # masks only for the rows the grammar rejects
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
     monkeypatch.setattr(model_runner, "chunks_pay", lambda num_rows, device: False)
-    monkeypatch.setattr(manager, "_beside_forward", True)  # every mask, filled while the forward runs
+    monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
     slow = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
     for out, sp in zip(fast, params):
