@@ -3,9 +3,8 @@
 A request whose grammar is not compiled yet is added to the scheduler marked `grammar_pending`, which the
 scheduler skips; the grammar compiles on a worker thread while other requests keep stepping, and the
 request is released when it is ready. Each step, the rows that sample under a grammar get their bitmask of
-allowed tokens, filled by llguidance while the step's forward runs where a core is free for it, else (and on a
-CPU when every such row is greedy) when the runner asks after the forward, then only for the rows whose greedy
-token the grammar rejects (masks.py).
+allowed tokens, filled by llguidance while the step's forward runs where a core is free for it, else when the
+runner asks after the forward, and then only for the rows whose greedy token the grammar rejects (masks.py).
 With tensor parallelism the executor waits for the masks and broadcasts them in the step, so they are
 computed once, on rank 0, and every rank receives the same bytes. After the step each matcher consumes its
 sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
@@ -44,7 +43,6 @@ class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler, device_type: str = "cpu") -> None:
         self.compiler = compiler
         threads, self._free_cores = mask_threads(device_type)
-        self._cpu = device_type == "cpu"
         self.fill_mode: Literal["auto", "beside", "on-demand"] = "auto"  # where masks are filled (masks.py)
         self._filler = MaskFiller(compiler.vocab_size, threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
@@ -120,18 +118,13 @@ class StructuredOutputManager:
             return None
         scheduler_output.grammar_req_ids = rows
         matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
-        if self._fill_beside([requests[req_id] for req_id in rows]):
+        # auto: beside the forward where a core is free, which hides the whole fill; on demand fills fewer masks
+        beside = self._free_cores if self.fill_mode == "auto" else self.fill_mode == "beside"
+        if beside:
             self._filling = MasksBesideForward(self._mask_pool, self._filler, matchers)
         else:
             self._filling = MasksOnDemand(self._filler, matchers)
         return self._filling
-
-    def _fill_beside(self, requests: list[Request]) -> bool:
-        if self.fill_mode != "auto":
-            return self.fill_mode == "beside"
-        # a CPU runner serves all-greedy rows with the greedy head, and then needs only the masks of the rows
-        # whose grammar rejects their token: on demand costs less than every mask beside the forward
-        return self._free_cores and not (self._cpu and all(r.sampling_params.greedy for r in requests))
 
     def _settle(self) -> None:
         """Wait until no fill reads the matchers (the runner has normally waited for it already)."""

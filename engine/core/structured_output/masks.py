@@ -5,7 +5,7 @@ llguidance in parallel (without the GIL) in one of two ways, chosen once by `mas
   run meanwhile; used where cores are free during the forward (every core beside a GPU; on a CPU, those that
   torch's threads leave).
 - MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
-  core), and on a CPU when every constrained row is greedy, filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
+  core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
   whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
   of one token is microseconds, a mask over the vocabulary far more.
 """
