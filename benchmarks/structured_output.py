@@ -2,13 +2,16 @@
 
 1. Decode step at `--batch` rows (default 64) on the embedded model with every row constrained by a JSON
    schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
-   median step times, their difference as a share of the unconstrained step, and the two parts of the
-   difference: the engine core filling the bitmask (llguidance) and the runner applying it.
+   median step times, their difference as a share of the unconstrained step, and its parts per step: the
+   engine core naming the rows, llguidance filling masks (on a worker thread beside the forward, or on demand
+   inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting for them, applying
+   them (or correcting the greedy head's tokens) and the matchers advancing.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.
 
-    python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--backends llguidance]
+    python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--threads 1] [--masks auto]
+                                           [--backends llguidance]
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 
 from omnistream.engine.core.request import EngineCoreRequest
 from omnistream.engine.entrypoints.llm import LLM
-from omnistream.engine.worker import model_runner
+from omnistream.engine.worker.token_bitmask import StepBitmask
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
@@ -42,18 +45,21 @@ def large_schema(fields: int) -> dict:
             "additionalProperties": False}
 
 
-class _Timed:
-    """Wraps a function to add its wall time to `total`."""
+class _Timer:
+    """Wraps functions (or methods) to add their wall time to `total`."""
 
-    def __init__(self, fn):
-        self.fn, self.total = fn, 0.0
+    def __init__(self) -> None:
+        self.total = 0.0
 
-    def __call__(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return self.fn(*args, **kwargs)
-        finally:
-            self.total += time.perf_counter() - start
+    def wrap(self, fn):
+        def timed(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.total += time.perf_counter() - start
+
+        return timed
 
 
 def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams | None, tag: str) -> list[float]:
@@ -80,18 +86,32 @@ def decode_steps(llm: LLM, batch: int, steps: int, spec: StructuredOutputsParams
 def engine_figures(args: argparse.Namespace) -> dict:
     llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
     manager = llm.engine.structured_output
-    fill = _Timed(manager.fill_bitmask)
-    manager.fill_bitmask = fill
-    apply = _Timed(model_runner.apply_token_bitmask)
-    model_runner.apply_token_bitmask = apply
+    manager.fill_mode = args.masks
+    select, fill, wait, apply = _Timer(), _Timer(), _Timer(), _Timer()
+    kinds, fill_bitmask = set(), manager.fill_bitmask
+
+    def noting_kind(*args):
+        masks = fill_bitmask(*args)
+        kinds.add(type(masks).__name__)
+        return masks
+
+    manager.fill_bitmask = select.wrap(noting_kind)
+    manager._filler.fill = fill.wrap(manager._filler.fill)
+    StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
+    StepBitmask.apply = apply.wrap(StepBitmask.apply)
+    StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)
+    advance = _Timer()
+    manager.advance = advance.wrap(manager.advance)
+    timers = (select, fill, wait, apply, advance)
     spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
     plain, constrained = [], []
     decode_steps(llm, args.batch, 4, None, "warm")
     for r in range(args.repeats):
         plain += decode_steps(llm, args.batch, args.steps, None, f"plain{r}")
-        fill.total = apply.total = 0.0
+        for timer in timers:
+            timer.total = 0.0
         constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
-    fill_ms, apply_ms = fill.total / args.steps * 1e3, apply.total / args.steps * 1e3
+    select_ms, fill_ms, wait_ms, apply_ms, advance_ms = (timer.total / args.steps * 1e3 for timer in timers)
     compiler = manager.compiler
     big = StructuredOutputsParams(json=json.dumps(large_schema(args.fields)))
     start = time.perf_counter()
@@ -102,8 +122,12 @@ def engine_figures(args: argparse.Namespace) -> dict:
     cached = time.perf_counter() - start
     base, masked = statistics.median(plain) * 1e3, statistics.median(constrained) * 1e3
     return {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
-            "mask_share_of_step": (masked - base) / base, "fill_bitmask_ms_per_step_last_repeat": fill_ms,
-            "apply_bitmask_ms_per_step_last_repeat": apply_ms, "large_schema_fields": args.fields,
+            "mask_share_of_step": (masked - base) / base,
+            "masks_filled": sorted(kinds - {"NoneType"}),
+            "per_step_ms_last_repeat": {
+                "select_rows": select_ms, "fill_masks": fill_ms, "runner_waits_for_masks": wait_ms,
+                "apply_or_correct": apply_ms, "matchers_advance": advance_ms},
+            "large_schema_fields": args.fields,
             "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3}
 
 
@@ -175,6 +199,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fields", type=int, default=200, help="properties of the large schema")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
+    parser.add_argument("--masks", choices=["auto", "beside", "on-demand"], default="auto",
+                        help="fill the masks beside the forward or on demand (auto: the engine's choice)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -68,7 +68,7 @@ class EngineCore:
         )
         vocab_size = self.model_config.text.vocab_size
         compiler = GrammarCompiler(self.tokenizer, vocab_size, self.eos_token_ids)
-        self.structured_output = StructuredOutputManager(compiler)
+        self.structured_output = StructuredOutputManager(compiler, device.type)
         self.steps = make_steps(config.overlaps_steps(), self.scheduler, self.executor, self.structured_output)
         logger.info(
             "engine ready: model=%s dtype=%s device=%s tp=%d kv_blocks=%d (%d tokens) max_model_len=%d%s",

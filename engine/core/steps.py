@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from omnistream.engine.core.structured_output.manager import StructuredOutputManager
 from omnistream.engine.worker.executor import Executor
 from omnistream.engine.worker.step_future import StepFuture
+from omnistream.engine.worker.token_bitmask import PendingMasks
 from omnistream.scheduler.outputs import EngineCoreOutput, SchedulerOutput
 from omnistream.scheduler.request import RequestStatus
 from omnistream.scheduler.scheduler import Scheduler
@@ -41,8 +42,9 @@ class Steps(ABC):
     def step(self) -> list[EngineCoreOutput]:
         """Run the loop one turn; the outputs of the steps settled in it."""
 
-    def _schedule(self) -> tuple[list[EngineCoreOutput], SchedulerOutput]:
-        """Plan the next step; also returns the requests whose grammar failed to compile (aborted)."""
+    def _schedule(self) -> tuple[list[EngineCoreOutput], SchedulerOutput, PendingMasks | None]:
+        """Plan the next step; also returns the requests whose grammar failed to compile (aborted) and the step's
+        grammar masks when they are being filled beside the forward."""
         requests, grammars = self.scheduler.requests, self.grammars
         failed = grammars.release_compiled(requests)
         self._abort_failed(failed)
@@ -50,8 +52,8 @@ class Steps(ABC):
         if scheduler_output.is_empty and grammars.compiling and not failed and not self.in_flight:
             failed = grammars.release_compiled(requests, wait_s=GRAMMAR_WAIT_S)  # nothing else to do: wait
             self._abort_failed(failed)
-        grammars.fill_bitmask(scheduler_output, requests)
-        return failed, scheduler_output
+        masks = grammars.fill_bitmask(scheduler_output, requests)
+        return failed, scheduler_output, masks
 
     def _abort_failed(self, failed: list[EngineCoreOutput]) -> None:
         request_ids = [output.req_id for output in failed]
@@ -71,8 +73,8 @@ class SyncSteps(Steps):
     """Schedule, launch and settle each step before the next."""
 
     def step(self) -> list[EngineCoreOutput]:
-        failed, scheduler_output = self._schedule()
-        future = self.executor.launch(scheduler_output)  # in process, or on every TP rank
+        failed, scheduler_output, masks = self._schedule()
+        future = self.executor.launch(scheduler_output, masks)  # in process, or on every TP rank
         return failed + self._settle(scheduler_output, future)
 
 
@@ -88,9 +90,9 @@ class OverlappedSteps(Steps):
         return self._pending is not None
 
     def step(self) -> list[EngineCoreOutput]:
-        failed, scheduler_output = self._schedule()
+        failed, scheduler_output, masks = self._schedule()
         at_once = scheduler_output.is_empty or self._settles_at_once(scheduler_output)
-        future = self.executor.launch(scheduler_output)  # in process, or on every TP rank
+        future = self.executor.launch(scheduler_output, masks)  # in process, or on every TP rank
         outputs = failed
         if self._pending is not None:
             outputs += self._settle(*self._pending)

@@ -51,8 +51,9 @@ from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.model_executor.loader import load_model
 from omnistream.engine.model_executor.speech_loader import load_speech_models
 from omnistream.engine.worker.model_runner import ModelRunner
-from omnistream.engine.worker.step_future import StepFuture
 from omnistream.engine.worker.speech_runner import SpeechRunner
+from omnistream.engine.worker.step_future import StepFuture
+from omnistream.engine.worker.token_bitmask import PendingMasks
 from omnistream.engine.worker.tp_worker import (
     ERROR_KEY,
     INIT_KEY,
@@ -88,11 +89,14 @@ class Executor(ABC):
     speech_config: SpeechConfig | None = None  # the speech lane's models are loaded (TP=1 only in v1)
 
     @abstractmethod
-    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
-        """Start one step; its output arrives through the future."""
+    def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None) -> StepFuture:
+        """Start one step; its output arrives through the future. `grammar_bitmask` (structured outputs' masks
+        being filled) is waited for before sampling."""
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.launch(scheduler_output).result()
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None
+    ) -> ModelRunnerOutput:
+        return self.launch(scheduler_output, grammar_bitmask).result()
 
     @abstractmethod
     def shutdown(self) -> None:
@@ -131,11 +135,11 @@ class UniProcExecutor(Executor):
             )
         self.runner.speech = speech_runner
 
-    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+    def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None) -> StepFuture:
         if get_tp_world_size() == 1:
-            return self.runner.launch(scheduler_output)
+            return self.runner.launch(scheduler_output, grammar_bitmask)
         with tp_group_hidden():  # a TP engine lives in this process too: its group is not ours
-            return self.runner.launch(scheduler_output)
+            return self.runner.launch(scheduler_output, grammar_bitmask)
 
     def shutdown(self) -> None:
         pass
@@ -225,8 +229,10 @@ class MultiprocTPExecutor(Executor):
             finally:
                 pipe.close()
 
-    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+    def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None) -> StepFuture:
         def start() -> StepFuture:
+            if grammar_bitmask is not None:  # every rank gets the same masks, in the broadcast step
+                scheduler_output.grammar_bitmask = grammar_bitmask.result().astype("<i4", copy=False).tobytes()
             for proc in self.procs:
                 if not proc.is_alive():
                     raise RuntimeError(f"{proc.name} is not running")

@@ -33,8 +33,9 @@ from omnistream.engine.worker.sampling_state import SamplingState
 from omnistream.engine.worker.slot_tables import SlotTables
 from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.engine.worker.step_future import StepFuture, to_pinned_host
-from omnistream.engine.worker.token_bitmask import apply_token_bitmask
+from omnistream.engine.worker.token_bitmask import PendingMasks, StepBitmask
 from omnistream.scheduler.mm_feature import MultiModalFeature
+from omnistream.scheduler.speech_outputs import SpeechFrame
 from omnistream.scheduler.outputs import (
     EMPTY_MODEL_RUNNER_OUTPUT,
     ModelRunnerOutput,
@@ -103,12 +104,16 @@ class ModelRunner:
         prepare_greedy_head(model.lm_head)  # the greedy lm_head kernel is built now, not at the first greedy step
         self.speech: SpeechRunner | None = None  # the speech lane, set by the executor when it loads one
 
-    def execute_model(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        return self.launch(scheduler_output).result()
+    def execute_model(
+        self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None
+    ) -> ModelRunnerOutput:
+        return self.launch(scheduler_output, grammar_bitmask).result()
 
     @torch.inference_mode()
-    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
-        """Enqueue one step; its output arrives through the future (at once on CPU)."""
+    def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None) -> StepFuture:
+        """Enqueue one step; its output arrives through the future (at once on CPU). `grammar_bitmask`: the
+        structured outputs' masks still being filled in this process (waited for only when sampling); without it
+        they are read from the SchedulerOutput."""
         self._update_states(scheduler_output)
         speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech, self.requests)
         if scheduler_output.is_empty:
@@ -130,7 +135,7 @@ class ModelRunner:
         if not batch.sample_rows:
             return StepFuture.done(ModelRunnerOutput(sampled_req_ids=[], sampled_token_ids=[], logprobs=[],
                                                      prompt_logprobs=prompt_logprobs, speech=speech))
-        sampled = self._sample(hidden, batch, scheduler_output)
+        sampled = self._sample(hidden, batch, scheduler_output, grammar_bitmask)
         self.slots.record_sampled(batch.sample_slots, sampled.token_ids)
         return self._read_back(batch.sample_req_ids, sampled, prompt_logprobs, speech)
 
@@ -312,20 +317,24 @@ class ModelRunner:
             result[req_id] = rows
         return result
 
-    def _sample(self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput) -> DeviceSample:
+    def _sample(
+        self, hidden: torch.Tensor, batch: FlatBatch, so: SchedulerOutput, filling: PendingMasks | None
+    ) -> DeviceSample:
         states = [self.requests[req_id] for req_id in batch.sample_req_ids]
         num_outputs = [len(state.token_ids) + pending - state.num_prompt_tokens
                        for state, pending in zip(states, batch.sample_num_pending)]
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
-        if meta.plain_greedy and not so.grammar_req_ids and greedy_pays(self.model.lm_head, meta.num_rows):
-            return DeviceSample(greedy_tokens(self.model.lm_head, hidden), None, meta)
+        if meta.plain_greedy and greedy_pays(self.model.lm_head, meta.num_rows):
+            tokens = greedy_tokens(self.model.lm_head, hidden)
+            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling, tokens)  # (waits)
+            if grammar is not None:
+                tokens = grammar.correct_greedy(tokens, hidden, self.model.lm_head, self.model.compute_logits)
+            return DeviceSample(tokens, None, meta)
         logits = self.model.compute_logits(hidden)
-        if so.grammar_req_ids:  # structured outputs: only the tokens each row's grammar allows
-            words = torch.frombuffer(bytearray(so.grammar_bitmask), dtype=torch.int32)
-            bitmask = words.view(len(so.grammar_req_ids), -1)
-            rows = {req_id: i for i, req_id in enumerate(batch.sample_req_ids)}
-            apply_token_bitmask(logits, bitmask, [rows[req_id] for req_id in so.grammar_req_ids])
+        grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling)  # (waits for the masks)
+        if grammar is not None:
+            grammar.apply(logits)
         out = sample(logits, meta)
         self.sampling.record(meta, out.token_ids)
         return DeviceSample(out.token_ids, out, meta)

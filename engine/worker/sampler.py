@@ -9,7 +9,8 @@ waits for the device, and only the sampled ids and the asked-for logprobs are co
 
 A grammar's allowed tokens (structured outputs) arrive applied: the runner sets the others to -inf before the
 pass (token_bitmask.py). Penalties and blocking leave -inf as it is, so that acts as a mask applied just before
-temperature and the filters would, and logprobs then describe the constrained logits, as vLLM's do.
+temperature and the filters would, and logprobs then describe the constrained logits, as vLLM's do. (A batch
+that the greedy head serves skips this pass; the runner corrects its forbidden tokens instead.)
 
 Filters keep ties: top-k keeps every token at least as likely as the k-th; top-p keeps every token at least
 as likely as the last one of the shortest most-likely-first prefix whose mass reaches top_p (after top-k).

@@ -4,6 +4,7 @@ choices or is a sentence of its grammar, and ends by itself ("stop"); greedy con
 depend on batching, chunked prefill or preemption; specs that cannot compile are refused where they enter;
 the bitmask is applied exactly like a full masked_fill."""
 
+import concurrent.futures
 import json
 import random
 import re
@@ -15,7 +16,10 @@ import torch
 
 from omnistream import LLM, SamplingParams
 from omnistream.engine.core.structured_output.compiler import GrammarError
-from omnistream.engine.worker.token_bitmask import apply_token_bitmask
+from omnistream.engine.core.structured_output import masks
+from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
+from omnistream.engine.worker import model_runner
+from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
 
 SCHEMA = {
@@ -155,3 +159,78 @@ def test_the_bitmask_is_applied_like_a_full_masked_fill(kind):
         expected[row].masked_fill_(~allowed[i], float("-inf"))
     apply_token_bitmask(logits, mask, target)
     assert torch.equal(logits, expected)
+
+
+def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_logits(llm, monkeypatch):
+    """From 64 rows the greedy head serves the batch and only the rows whose grammar forbids its token are
+    recomputed; the answers equal full logits + mask (the greedy head switched off) and are all valid."""
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 5}},
+              "required": ["ok", "name"], "additionalProperties": False}  # short answers: a fast test
+    specs = [Spec(json=json.dumps(schema)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    prompts = [f"Row {i}:" for i in range(64)]
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4]) for i in range(64)]
+    corrected = []
+    correct_greedy = StepBitmask.correct_greedy
+
+    def counted(self, token_ids, *args):
+        out = correct_greedy(self, token_ids, *args)
+        corrected.append(int((out != token_ids).sum()))
+        return out
+
+    monkeypatch.setattr(StepBitmask, "correct_greedy", counted)
+    manager = llm.engine.structured_output
+    monkeypatch.setattr(manager, "fill_mode", "on-demand")  # masks only for the rows the grammar rejects
+    fast = llm.generate(prompts, params, use_tqdm=False)
+    assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
+    monkeypatch.setattr(model_runner, "chunks_pay", lambda num_rows, device: False)
+    monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
+    slow = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
+    for out, sp in zip(fast, params):
+        text, spec = out.outputs[0].text, sp.structured_outputs
+        assert out.outputs[0].finish_reason == "stop", text
+        if spec.json is not None:
+            jsonschema.validate(json.loads(text), schema)
+        elif spec.regex is not None:
+            assert re.fullmatch(REGEX, text), text
+        elif spec.choice is not None:
+            assert text in CHOICES
+        else:
+            assert re.fullmatch(LARK_LANGUAGE, text), text
+
+
+def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
+    """With TP the executor waits for the masks and broadcasts them in the step: every rank masks alike."""
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES)]
+    params = [SamplingParams(temperature=0.0, max_tokens=80, structured_outputs=spec) for spec in specs]
+    prompts = ["One:", "Two:", "Three:"]
+    want = llm.generate(prompts, params, use_tqdm=False)
+    with LLM(dtype="float32", num_kv_blocks=64, tensor_parallel_size=2, distributed_timeout_s=20) as tp2:
+        got = tp2.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert re.fullmatch(REGEX, got[1].outputs[0].text) and got[2].outputs[0].text in CHOICES
+
+
+def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar_rejects(llm):
+    compiler = llm.engine.structured_output.compiler
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    matchers = [(compiler.compile(spec), i) for i, spec in enumerate(specs)]
+    filler = MaskFiller(compiler.vocab_size, threads=1)
+    full = filler.fill(matchers, len(matchers))
+    allowed = np.unpackbits(full.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    chosen = [int(np.flatnonzero(row if i % 2 == 0 else ~row)[0]) for i, row in enumerate(allowed)]
+    got = MasksOnDemand(filler, matchers).result(chosen)
+    assert (got[0] == -1).all() and (got[2] == -1).all()  # their tokens are allowed: no mask computed
+    assert np.array_equal(got[1::2], full[1::2])
+    assert np.array_equal(MasksOnDemand(filler, matchers).result(), full)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        assert np.array_equal(MasksBesideForward(pool, filler, matchers).result(chosen), full)
+
+
+def test_masks_are_filled_beside_the_forward_only_on_cores_the_forward_leaves_free(monkeypatch):
+    monkeypatch.setattr(masks.os, "sched_getaffinity", lambda pid: set(range(4)), raising=False)
+    monkeypatch.setattr(masks.torch, "get_num_threads", lambda: 4)
+    assert mask_threads("cpu") == (4, False)  # every core runs torch: fill on demand, on all of them
+    assert mask_threads("cuda") == (4, True)  # a GPU forward leaves the CPU free
+    monkeypatch.setattr(masks.torch, "get_num_threads", lambda: 3)
+    assert mask_threads("cpu") == (1, True)

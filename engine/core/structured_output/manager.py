@@ -3,11 +3,13 @@
 A request whose grammar is not compiled yet is added to the scheduler marked `grammar_pending`, which the
 scheduler skips; the grammar compiles on a worker thread while other requests keep stepping, and the
 request is released when it is ready. Each step, the rows that sample under a grammar get their bitmask of
-allowed tokens, filled in parallel by llguidance into the SchedulerOutput (so with tensor parallelism it is
-computed once, on rank 0, and every rank receives the same bytes); after the step each matcher consumes
-its sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
-request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a
-preemption recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
+allowed tokens, filled by llguidance while the step's forward runs where a core is free for it, else when the
+runner asks after the forward, and then only for the rows whose greedy token the grammar rejects (masks.py).
+With tensor parallelism the executor waits for the masks and broadcasts them in the step, so they are
+computed once, on rank 0, and every rank receives the same bytes. After the step each matcher consumes its
+sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
+request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a preemption
+recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
 """
 
 from __future__ import annotations
@@ -15,11 +17,12 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 from dataclasses import dataclass
+from typing import Literal
 
 import llguidance
-import llguidance.numpy
 
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
+from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
 from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from omnistream.scheduler.request import Request
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
@@ -27,7 +30,6 @@ from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 logger = logging.getLogger(__name__)
 
 COMPILE_THREADS = 1
-MASK_THREADS = 2  # llguidance threads filling the rows' masks
 
 
 @dataclass
@@ -38,10 +40,14 @@ class _Grammar:
 
 
 class StructuredOutputManager:
-    def __init__(self, compiler: GrammarCompiler) -> None:
+    def __init__(self, compiler: GrammarCompiler, device_type: str = "cpu") -> None:
         self.compiler = compiler
+        threads, self._free_cores = mask_threads(device_type)
+        self.fill_mode: Literal["auto", "beside", "on-demand"] = "auto"  # where masks are filled (masks.py)
+        self._filler = MaskFiller(compiler.vocab_size, threads)
         self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
-        self._executor: llguidance.LLExecutor | None = None
+        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, "grammar-mask")
+        self._filling: MasksBesideForward | MasksOnDemand | None = None  # this step's masks
         self._compiling: dict[str, concurrent.futures.Future] = {}
         self._grammars: dict[str, _Grammar] = {}
 
@@ -92,8 +98,13 @@ class StructuredOutputManager:
             request.grammar_pending = False
         return failed
 
-    def fill_bitmask(self, scheduler_output: SchedulerOutput, requests: dict[str, Request]) -> None:
-        """Write the allowed-token masks of this step's constrained sampling rows into the SchedulerOutput."""
+    def fill_bitmask(
+        self, scheduler_output: SchedulerOutput, requests: dict[str, Request]
+    ) -> MasksBesideForward | MasksOnDemand | None:
+        """Name this step's constrained sampling rows in the SchedulerOutput and return their masks of allowed
+        tokens as they will be filled (masks.py); None: no constrained row. The matchers must not move until
+        the runner has the masks; they consume the step's tokens afterwards."""
+        self._settle()
         no_sample = set(scheduler_output.no_sample_req_ids)
         rows = []
         for req_id in scheduler_output.num_scheduled_tokens:
@@ -104,17 +115,26 @@ class StructuredOutputManager:
             self._sync(grammar, request.output_token_ids)
             rows.append(req_id)
         if not rows:
-            return
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=MASK_THREADS)
-        bitmask = llguidance.numpy.allocate_token_bitmask(len(rows), self.compiler.vocab_size)
-        matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
-        llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+            return None
         scheduler_output.grammar_req_ids = rows
-        scheduler_output.grammar_bitmask = bitmask.astype("<i4", copy=False).tobytes()
+        matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
+        # auto: beside the forward where a core is free, which hides the whole fill; on demand fills fewer masks
+        beside = self._free_cores if self.fill_mode == "auto" else self.fill_mode == "beside"
+        if beside:
+            self._filling = MasksBesideForward(self._mask_pool, self._filler, matchers)
+        else:
+            self._filling = MasksOnDemand(self._filler, matchers)
+        return self._filling
+
+    def _settle(self) -> None:
+        """Wait until no fill reads the matchers (the runner has normally waited for it already)."""
+        if self._filling is not None:
+            self._filling.settle()
+            self._filling = None
 
     def advance(self, model_output: ModelRunnerOutput) -> set[str]:
         """Consume each constrained row's sampled token; the ids of requests whose output is now complete."""
+        self._settle()
         complete = set()
         for req_id, token in zip(model_output.sampled_req_ids, model_output.sampled_token_ids):
             grammar = self._grammars.get(req_id)
@@ -135,6 +155,7 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._mask_pool.shutdown(wait=False, cancel_futures=True)
 
     @staticmethod
     def _sync(grammar: _Grammar, outputs: list[int]) -> None:

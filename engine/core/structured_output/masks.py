@@ -1,0 +1,79 @@
+"""One step's masks of allowed tokens as the runner receives them (token_bitmask.PendingMasks), filled by
+llguidance in parallel (without the GIL) in one of two ways, chosen once by `mask_threads`:
+
+- MasksBesideForward: on a worker thread, started before the forward, so the forward and the greedy head
+  run meanwhile; used where cores are free during the forward (every core beside a GPU; on a CPU, those that
+  torch's threads leave).
+- MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
+  core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
+  whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
+  of one token is microseconds, a mask over the vocabulary far more.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+
+import llguidance
+import llguidance.numpy
+import numpy as np
+import torch
+
+MAX_MASK_THREADS = 8  # llguidance threads filling the rows' masks, at most
+Matchers = list[tuple[llguidance.LLMatcher, int]]  # (matcher, its row in the mask array)
+
+
+def mask_threads(device_type: str) -> tuple[int, bool]:
+    """(llguidance threads, whether they fill beside the forward) for a model on `device_type`."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    free = cores if device_type != "cpu" else cores - torch.get_num_threads()
+    if free >= 1:
+        return min(free, MAX_MASK_THREADS), True
+    return min(cores, MAX_MASK_THREADS), False
+
+
+class MaskFiller:
+    """Fills masks into a fresh [R, W] int32 array; rows no matcher writes allow every token."""
+
+    def __init__(self, vocab_size: int, threads: int) -> None:
+        self.vocab_size = vocab_size
+        self._threads = threads
+        self._executor: llguidance.LLExecutor | None = None
+
+    def fill(self, matchers: Matchers, num_rows: int) -> np.ndarray:
+        if self._executor is None:
+            self._executor = llguidance.LLExecutor(num_threads=self._threads)
+        bitmask = llguidance.numpy.allocate_token_bitmask(num_rows, self.vocab_size)
+        if matchers:
+            llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+        return bitmask
+
+
+class MasksBesideForward:
+    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, filler: MaskFiller, matchers: Matchers) -> None:
+        self._future = pool.submit(filler.fill, matchers, len(matchers))
+
+    def result(self, chosen: list[int] | None = None) -> np.ndarray:
+        """Every row's mask (`chosen` is not needed: they were filled meanwhile)."""
+        return self._future.result()
+
+    def settle(self) -> None:
+        """Return once the worker thread no longer reads the matchers."""
+        concurrent.futures.wait([self._future])
+
+
+class MasksOnDemand:
+    def __init__(self, filler: MaskFiller, matchers: Matchers) -> None:
+        self._filler = filler
+        self._matchers = matchers
+
+    def result(self, chosen: list[int] | None = None) -> np.ndarray:
+        """The rows' masks; given each row's greedy token, only the rows whose grammar rejects it get one."""
+        todo = self._matchers
+        if chosen is not None:
+            todo = [(m, i) for (m, i), token in zip(self._matchers, chosen) if m.validate_tokens([token]) != 1]
+        return self._filler.fill(todo, len(self._matchers))
+
+    def settle(self) -> None:
+        """Nothing runs in the background."""
