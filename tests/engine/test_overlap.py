@@ -47,7 +47,8 @@ class LateRunner:
         self.events: list[tuple[str, int]] = []  # ("launch" | "result", step number)
         self.num_sampled = 0
 
-    def launch(self, scheduler_output: SchedulerOutput) -> StepFuture:
+    def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask: object = None) -> StepFuture:
+        assert grammar_bitmask is None  # no constrained rows in the fake-runner tests
         step = sum(1 for kind, _ in self.events if kind == "launch")
         self.events.append(("launch", step))
         output = self.runner.execute(self._with_placeholders(scheduler_output))

@@ -182,7 +182,7 @@ def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_
     monkeypatch.setattr(manager, "fill_mode", "on-demand")  # masks only for the rows the grammar rejects
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
-    monkeypatch.setattr(model_runner, "chunks_pay", lambda num_rows, device: False)
+    monkeypatch.setattr(model_runner, "greedy_pays", lambda lm_head, num_rows: False)
     monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
     slow = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
