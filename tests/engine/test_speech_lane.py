@@ -132,3 +132,10 @@ def test_a_one_word_answer_speaks_and_the_request_counts_until_its_audio_ends(en
         counted.append(engine.scheduler.get_num_unfinished_requests())
     assert len(text) == 1 and len(audio) == 2 * (FRAMES * 1920 - 555)
     assert counted[0] == 1 and counted[-1] == 0  # the request counts while only its audio goes on
+
+
+def test_speech_under_async_scheduling_equals_the_synchronous_loop(alone):
+    with LLM(max_audio_frames=FRAMES, async_scheduling=True) as llm:
+        assert llm.engine.config.overlaps_steps()
+        batched = _chat(llm, QUESTIONS, ["ethan", "chelsie", "aiden"])
+    assert batched[0] == alone
