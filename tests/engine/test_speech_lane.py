@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import torch
 
 from omnistream import LLM, SamplingParams
 from omnistream.engine.core.engine_core import EngineCore
@@ -20,12 +19,7 @@ FRAMES = 10
 QUESTIONS = ["Tell me a story.", "Hi!", "What is the capital of France?"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _params(voice: str = "ethan", seed: int = 3) -> SamplingParams:

@@ -57,17 +57,7 @@ def test_every_constrained_answer_of_the_random_model_is_valid(llm):
             prompts.append(f"Answer {seed}:")
             params.append(_params(spec, seed))
     outs = llm.generate(prompts, params, use_tqdm=False)
-    for out, sp in zip(outs, params):
-        text, spec = out.outputs[0].text, sp.structured_outputs
-        assert out.outputs[0].finish_reason == "stop", text
-        if spec.json is not None:
-            jsonschema.validate(json.loads(text), SCHEMA)
-        elif spec.regex is not None:
-            assert re.fullmatch(REGEX, text), text
-        elif spec.choice is not None:
-            assert text in CHOICES
-        else:
-            assert re.fullmatch(LARK_LANGUAGE, text), text
+    _assert_complete_and_valid(outs, params, SCHEMA)
 
 
 def test_any_json_object_admits_objects_only(llm):
@@ -186,17 +176,7 @@ def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_
     monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
     slow = llm.generate(prompts, params, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
-    for out, sp in zip(fast, params):
-        text, spec = out.outputs[0].text, sp.structured_outputs
-        assert out.outputs[0].finish_reason == "stop", text
-        if spec.json is not None:
-            jsonschema.validate(json.loads(text), schema)
-        elif spec.regex is not None:
-            assert re.fullmatch(REGEX, text), text
-        elif spec.choice is not None:
-            assert text in CHOICES
-        else:
-            assert re.fullmatch(LARK_LANGUAGE, text), text
+    _assert_complete_and_valid(fast, params, schema)
 
 
 def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
@@ -234,3 +214,18 @@ def test_masks_are_filled_beside_the_forward_only_on_cores_the_forward_leaves_fr
     assert mask_threads("cuda") == (4, True)  # a GPU forward leaves the CPU free
     monkeypatch.setattr(masks.torch, "get_num_threads", lambda: 3)
     assert mask_threads("cpu") == (1, True)
+
+
+def _assert_complete_and_valid(outs: list, params: list[SamplingParams], schema: dict) -> None:
+    """Every answer ended by its grammar and matches its spec (JSON against `schema`, regex, choice, Lark)."""
+    for out, sp in zip(outs, params):
+        text, spec = out.outputs[0].text, sp.structured_outputs
+        assert out.outputs[0].finish_reason == "stop", text
+        if spec.json is not None:
+            jsonschema.validate(json.loads(text), schema)
+        elif spec.regex is not None:
+            assert re.fullmatch(REGEX, text), text
+        elif spec.choice is not None:
+            assert text in CHOICES
+        else:
+            assert re.fullmatch(LARK_LANGUAGE, text), text

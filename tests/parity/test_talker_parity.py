@@ -27,13 +27,7 @@ TOL = 1e-4
 BLOCK = 16
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Many small ops: extra intra-op threads only contend on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,22 @@ import numpy as np
 import torch
 
 
+def check_kernel_shapes(
+    backend: str, dtypes: tuple[torch.dtype, ...], max_head_dim: int,
+    num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
+) -> None:
+    """Raise ValueError naming what a kernel backend cannot do: a cache dtype outside `dtypes`, a head wider than
+    `max_head_dim`, or query heads that are not a multiple of the KV heads (then select the `reference` backend)."""
+    if dtype not in dtypes:
+        *others, last = [str(d).removeprefix("torch.") for d in dtypes]
+        supported = f"{', '.join(others)} and {last}" if others else last
+        raise ValueError(f"the {backend} attention backend supports {supported} caches, not {dtype}; "
+                         "use attention_backend='reference'")
+    if head_dim > max_head_dim or num_heads % num_kv_heads:
+        raise ValueError(f"the {backend} attention backend needs head_dim <= {max_head_dim} and query heads a multiple "
+                         f"of KV heads, got head_dim {head_dim}, {num_heads}/{num_kv_heads} heads")
+
+
 @dataclass
 class AttentionMetadata:
     """Where each request's new tokens sit in the flat batch and in the paged cache.

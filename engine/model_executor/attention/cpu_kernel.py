@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata, check_kernel_shapes
 from omnistream.engine.model_executor.attention.cpu_flash import attend_paged
 from omnistream.multimodal.native_build import build_shared_library
 
@@ -82,12 +82,7 @@ def run_kernel(
 
 def check_supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
     """Raise ValueError naming what the kernel cannot do (then select the `reference` backend)."""
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"the cpu attention backend supports float32 and bfloat16 caches, not {dtype}; "
-                         "use attention_backend='reference'")
-    if head_dim > MAX_HEAD_DIM or num_heads % num_kv_heads:
-        raise ValueError(f"the cpu attention backend needs head_dim <= {MAX_HEAD_DIM} and query heads a multiple of "
-                         f"KV heads, got head_dim {head_dim}, {num_heads}/{num_kv_heads} heads")
+    check_kernel_shapes("cpu", CACHE_DTYPES, MAX_HEAD_DIM, num_heads, num_kv_heads, head_dim, dtype)
 
 
 @torch.library.custom_op("omnistream::attention_cpu", mutates_args=())

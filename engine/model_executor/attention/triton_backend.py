@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata, check_kernel_shapes
 from omnistream.engine.model_executor.attention.triton_plan import DEFAULT_NUM_SMS, AttentionPlan, plan_attention
 
 CACHE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -19,13 +19,8 @@ MAX_HEAD_DIM = 256  # a tile row of the head dimension stays in registers
 
 
 def check_supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> None:
-    """Raise ValueError naming what the kernels cannot do (then select the `reference` backend)."""
-    if dtype not in CACHE_DTYPES:
-        raise ValueError(f"the triton attention backend supports float32, bfloat16 and float16 caches, not {dtype}; "
-                         "use attention_backend='reference'")
-    if head_dim > MAX_HEAD_DIM or num_heads % num_kv_heads:
-        raise ValueError(f"the triton attention backend needs head_dim <= {MAX_HEAD_DIM} and query heads a multiple "
-                         f"of KV heads, got head_dim {head_dim}, {num_heads}/{num_kv_heads} heads")
+    """Raise ValueError naming what the kernel cannot do (then select the `reference` backend)."""
+    check_kernel_shapes("triton", CACHE_DTYPES, MAX_HEAD_DIM, num_heads, num_kv_heads, head_dim, dtype)
 
 
 @torch.library.custom_op("omnistream::kv_write_triton", mutates_args=("kv_cache",))
