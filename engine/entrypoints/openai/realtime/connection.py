@@ -21,6 +21,7 @@ from starlette.websockets import WebSocketDisconnect
 
 from omnistream.engine.entrypoints.openai.errors import APIError
 from omnistream.engine.entrypoints.openai.realtime import events
+from omnistream.engine.entrypoints.openai.realtime.audio import checkpoint_voices
 from omnistream.engine.entrypoints.openai.realtime.config import SessionConfig
 from omnistream.engine.entrypoints.openai.realtime.conversation import Conversation
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
@@ -54,7 +55,8 @@ class RealtimeConnection:
             except APIError as exc:
                 self._fail(RealtimeError(exc.message, code=exc.code or "invalid_value", param=exc.param), POLICY_VIOLATION)
                 return
-            conversation = Conversation(self.llm, SessionConfig(model=model), self._emit, self._answer_failed)
+            config = SessionConfig(model=model, voices=checkpoint_voices(self.llm.model_path))
+            conversation = Conversation(self.llm, config, self._emit, self._answer_failed)
             self._emit(events.event("session.created", session=conversation.config.as_dict(conversation.id)))
             while self.close_code is None:
                 message = await self.websocket.receive()
