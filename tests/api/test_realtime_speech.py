@@ -16,7 +16,7 @@ from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import openai_client, running_server
-from .test_realtime import CHUNK, RATE, recv_until, speak, speech
+from .test_realtime import CHUNK, RATE, recv_until, silence, speak, speech
 
 FRAMES = 24
 AUDIO_OUT = {"type": "realtime", "output_modalities": ["audio"], "max_output_tokens": 4, "temperature": 0.0,
@@ -129,3 +129,27 @@ def test_unknown_voices_and_modalities_are_error_events(client):
         assert recv_until(connection, "error")[-1].error.code == "unsupported_modality"
         connection.session.update(session={"type": "realtime", "audio": {"output": {"voice": "AIDEN"}}})
         assert recv_until(connection, "session.updated")[-1].session.audio.output.voice == "aiden"
+
+
+def test_server_vad_barge_in_then_truncate_keeps_the_new_speech(client):
+    vad = {"type": "server_vad", "threshold": 0.5, "prefix_padding_ms": 300, "silence_duration_ms": 500}
+    audio = {"input": {"format": {"type": "audio/pcm", "rate": RATE}, "turn_detection": vad},
+             "output": {"voice": "chelsie"}}
+    with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
+        _setup(connection, audio=audio, max_output_tokens=40)
+        speak(connection, np.concatenate([speech(1.2, seed=6), silence(0.8)]))
+        first = recv_until(connection, "response.output_audio.delta")[-1]
+        speak(connection, speech(0.6, seed=7))  # the user speaks over the answer: it stops (turn_detected)
+        stopped = recv_until(connection, "response.done")[-1].response
+        assert (stopped.status, stopped.status_details.reason) == ("cancelled", "turn_detected")
+        connection.conversation.item.truncate(item_id=first.item_id, content_index=0, audio_end_ms=20)
+        assert recv_until(connection, "conversation.item.truncated")[-1].audio_end_ms == 20
+        speak(connection, np.concatenate([speech(0.6, seed=8), silence(0.8)]))  # the same turn goes on, then ends
+        seen = recv_until(connection, "response.done")
+        committed = next(e for e in seen if e.type == "input_audio_buffer.committed")
+        assert seen[-1].response.status in ("completed", "incomplete", "cancelled")
+        assert committed.item_id and any(e.type == "response.output_audio.delta" for e in seen)
+        # the speech sent before the truncate was prefilled again behind the shortened answer: the turn holds
+        # all of its 1.2 s of speech and the silence that ended it (13 audio tokens a second)
+        before, after = (r.usage.input_token_details.audio_tokens for r in (stopped, seen[-1].response))
+        assert after - before >= 13 * 1.5, (before, after)
