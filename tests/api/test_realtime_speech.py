@@ -1,7 +1,7 @@
 """`WS /v1/realtime` answering in speech (the embedded tiny model with its talker), driven with the official
 `openai` client's realtime connection: a spoken turn answered in audio (GA event order, transcript = the text
 the model writes, audio length = its codec frames), barge-in with conversation.item.truncate (the conversation
-goes on; the voice is fixed once spoken), unknown voices and modalities."""
+goes on; the voice is fixed once spoken), unknown voices and modalities, no audio without voices."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
+from omnistream.engine.entrypoints.openai.realtime.config import SessionConfig
+from omnistream.engine.entrypoints.openai.realtime.protocol import RealtimeError, SessionFields
 from omnistream.scheduler.sampling_params import SamplingParams
 
 from .server_fixture import openai_client, running_server
@@ -153,3 +155,12 @@ def test_server_vad_barge_in_then_truncate_keeps_the_new_speech(client):
         # all of its 1.2 s of speech and the silence that ended it (13 audio tokens a second)
         before, after = (r.usage.input_token_details.audio_tokens for r in (stopped, seen[-1].response))
         assert after - before >= 13 * 1.5, (before, after)
+
+
+def test_an_engine_without_voices_refuses_audio_output(server):
+    assert server.llm.core.ready.voices == ["aiden", "chelsie", "ethan"]  # what connections offer
+    config = SessionConfig(model=DEFAULT_MODEL_NAME)  # no voices: no talker, or --no-enable-speech
+    with pytest.raises(RealtimeError) as error:
+        config.updated(SessionFields(output_modalities=["audio"]), conversation_started=False)
+    assert (error.value.code, error.value.param) == ("unsupported_modality", "session.output_modalities")
+    assert config.sampling_params().speech is None

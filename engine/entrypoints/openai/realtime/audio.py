@@ -1,5 +1,4 @@
-"""Base64 PCM16 (little-endian, mono) from Realtime events, decoded to int16 samples with clear errors; the
-checkpoint's voices for audio output."""
+"""Base64 PCM16 (little-endian, mono) from Realtime events, decoded to int16 samples with clear errors."""
 
 from __future__ import annotations
 
@@ -8,8 +7,6 @@ import binascii
 
 import numpy as np
 
-from omnistream.engine.checkpoint.model_config import read_model_config
-from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.entrypoints.openai.realtime.protocol import RealtimeError
 
 
@@ -23,9 +20,3 @@ def decode_pcm16(data: str, param: str, event_id: str | None = None) -> np.ndarr
         raise RealtimeError(f"{param} must hold whole PCM16 samples (an even number of bytes), got {len(raw)} bytes",
                             code="invalid_audio", param=param, event_id=event_id)
     return np.frombuffer(raw, dtype="<i2").astype(np.int16)
-
-
-def checkpoint_voices(model_path: str) -> tuple[str, ...]:
-    """The voices (lower-cased speakers) of the checkpoint's talker; () when it has none."""
-    speech = SpeechConfig.from_dict(read_model_config(model_path))
-    return () if speech is None else tuple(sorted(speech.talker.speakers))

@@ -21,7 +21,6 @@ from starlette.websockets import WebSocketDisconnect
 
 from omnistream.engine.entrypoints.openai.errors import APIError
 from omnistream.engine.entrypoints.openai.realtime import events
-from omnistream.engine.entrypoints.openai.realtime.audio import checkpoint_voices
 from omnistream.engine.entrypoints.openai.realtime.config import SessionConfig
 from omnistream.engine.entrypoints.openai.realtime.conversation import Conversation
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
@@ -55,7 +54,7 @@ class RealtimeConnection:
             except APIError as exc:
                 self._fail(RealtimeError(exc.message, code=exc.code or "invalid_value", param=exc.param), POLICY_VIOLATION)
                 return
-            config = SessionConfig(model=model, voices=checkpoint_voices(self.llm.model_path))
+            config = SessionConfig(model=model, voices=tuple(self.llm.core.ready.voices))
             conversation = Conversation(self.llm, config, self._emit, self._answer_failed)
             self._emit(events.event("session.created", session=conversation.config.as_dict(conversation.id)))
             while self.close_code is None:
