@@ -10,6 +10,10 @@ Reported per C (medians over the voices, and the worst voice):
   first packet (below 1: faster than real time);
 - `underruns`: a client that starts playing at the first packet (a one-packet prebuffer) and plays at 1x
   underruns whenever a packet arrives after everything before it has played; voices with none are counted.
+Then `end of speech -> first audio` (the Realtime target): a live session (AsyncLLM, the engine in its own
+process, as the servers run it) gets a `--utterance-s` utterance in 100 ms chunks at 1x, each sent once it has
+been "spoken", and commits a spoken turn; the time from the end of the utterance to the answer's first audio,
+over `--session-runs` turns (the WebSocket's own cost is not included).
 Also the engine's start-up time with and without the speech lane (`--enable-speech` off), to check that users who
 never ask for audio do not wait for it. Example (the numbers in the README, a loaded 2-core box):
     python benchmarks/speech.py --threads 1 --voices 1 4 8 --frames 50
@@ -18,15 +22,19 @@ never ask for audio do not wait for it. Example (the numbers in the README, a lo
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from omnistream.engine.core.engine_core import EngineCore
 from omnistream.engine.core.request import EngineCoreRequest
 from omnistream.engine.engine_config import EngineConfig
+from omnistream.engine.frontend.async_llm import AsyncLLM
 from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
 
 SAMPLE_RATE = 24000
@@ -122,6 +130,42 @@ def report(voices: int, timelines: dict[str, Voice]) -> str:
     )
 
 
+async def end_of_speech_to_first_audio(llm: AsyncLLM, seconds: float, max_tokens: int, seed: int) -> float:
+    """ms from the end of a `seconds` utterance streamed at 1x (16 kHz, 100 ms chunks) to the first audio."""
+    rate, chunk = 16000, 1600
+    t = np.arange(int(seconds * rate)) / rate
+    wave = (0.2 * np.sin(2 * np.pi * (180 + 40 * np.sin(2 * np.pi * 0.7 * t)) * t)).astype(np.float32)
+    session = await llm.open_session(None, SamplingParams(max_tokens=max_tokens), 2.0)
+    try:
+        start = time.perf_counter()
+        for i in range(0, len(wave), chunk):
+            end = min(i + chunk, len(wave))
+            await asyncio.sleep(max(0.0, start + end / rate - time.perf_counter()))  # this chunk has been spoken
+            await session.append_audio(wave[i:end], rate)
+        spoken = start + len(wave) / rate
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=seed, speech=SpeechParams())
+        async with contextlib.aclosing(await session.commit(params)) as answer:
+            async for output in answer:
+                if output.outputs[0].audio:
+                    return 1e3 * (time.perf_counter() - spoken)
+        raise RuntimeError("the answer ended without audio")
+    finally:
+        await session.close()
+
+
+def session_report(model: str | None, frames: int, runs: int, seconds: float, max_tokens: int) -> str:
+    llm = AsyncLLM(model=model, max_audio_frames=frames)
+    try:
+        asyncio.run(end_of_speech_to_first_audio(llm, 1.0, 2, seed=0))  # warm-up
+        times = [asyncio.run(end_of_speech_to_first_audio(llm, seconds, max_tokens, seed)) for seed in range(runs)]
+    finally:
+        llm.shutdown()
+    return (
+        f"end of speech -> first audio ({seconds:g} s utterance at 1x, {runs} turns): "
+        f"p50 {statistics.median(times):.0f} ms, max {max(times):.0f} ms"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -133,6 +177,8 @@ def main() -> None:
     parser.add_argument("--voices", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--frames", type=int, default=50, help="max audio frames (80 ms) per answer")
     parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--session-runs", type=int, default=5, help="live-session turns timed (0: none)")
+    parser.add_argument("--utterance-s", type=float, default=5.0, help="seconds of speech before each turn")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,6 +197,8 @@ def main() -> None:
             print(report(voices, run(engine, voices, args.max_tokens)))
         finally:
             engine.shutdown()
+    if args.session_runs:
+        print(session_report(args.model, args.frames, args.session_runs, args.utterance_s, args.max_tokens))
 
 
 if __name__ == "__main__":

@@ -154,6 +154,7 @@ class Scheduler:
             token_ids, mm_features or [], position_segments or [],
             time.monotonic() if arrival_time is None else arrival_time,
         )
+        self.speech.watch_session(request_id, mm_features or [])
 
     def commit_turn(
         self,
@@ -169,14 +170,34 @@ class Scheduler:
         room = self.config.max_model_len - num_prompt_tokens
         max_tokens = room if sampling_params.max_tokens is None else min(sampling_params.max_tokens, room)
         self._check_room(request_id, num_prompt_tokens, max(max_tokens, 1))
+        self._speak_turn(request, token_ids, sampling_params)
         self.append_input(request_id, token_ids, None, position_segments)
         request.start_turn(sampling_params, self.config.max_model_len)
 
+    def _speak_turn(self, request: Request, token_ids: list[int], sampling_params: SamplingParams) -> None:
+        """A turn that asks for speech takes a voice for the session's whole conversation (every user turn is
+        in its talker prompt); ValueError, and nothing changed, when it cannot speak."""
+        speech = sampling_params.speech
+        if speech is None:
+            return
+        request_id, prompt = request.request_id, request.all_token_ids + token_ids
+        if speech.reply_token_ids:
+            raise ValueError(f"session {request_id!r}: a turn cannot speak given text (reply_token_ids)")
+        self.speech.check(request_id, prompt, speech.voice, request.mm_features, open_input=True)
+        self.speech.end_turn(request_id)  # the previous turn's speech, if it still goes on
+        if not self.speech.admit(request_id, prompt, speech.voice, sampling_params.seed, speech.do_sample,
+                                 request.mm_features, session=True):
+            raise ValueError(f"session {request_id!r}: every voice is speaking (max_num_voices "
+                             f"{self.speech.config.max_num_voices}); try again when one ends")
+
     def cancel_turn(self, request_id: str) -> bool:
-        """Stop the answer being generated (the session stays open); False if none was."""
+        """Stop the answer being generated, its text and its speech (the session stays open); False if none was."""
         request = self.requests.get(request_id)
-        if request is None or not request.open_input or request.accepting_input:
+        if request is None or not request.open_input:
             return False
+        speaking = self.speech.end_turn(request_id)
+        if request.accepting_input:
+            return speaking
         request.end_turn()
         return True
 
@@ -405,8 +426,10 @@ class Scheduler:
     def _take_voice(self, request: Request) -> bool:
         """A request that speaks enters the thinker only with a voice slot."""
         speech = request.sampling_params.speech
-        if speech is None or (request.num_output_tokens and request.request_id not in self.speech.requests):
-            return True  # no speech, or it has ended (its text goes on): a resumed request never speaks twice
+        if speech is None or request.open_input:
+            return True  # a session's turn takes its voice when it is committed
+        if request.num_output_tokens and request.request_id not in self.speech.requests:
+            return True  # its speech has ended (its text goes on): a resumed request never speaks twice
         return self.speech.admit(request.request_id, request.prompt_token_ids, speech.voice,
                                  request.sampling_params.seed, speech.do_sample, request.mm_features)
 
@@ -599,6 +622,8 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         """Forget a finished request: free its blocks (cached ones stay hittable) and report it."""
         request.invalidate_in_flight()
+        if request.open_input:  # a session that outgrew max_model_len: its speech and kept rows go with it
+            self.speech.abort(request.request_id)
         self.kv_cache_manager.free(request)
         self._release_encoder_outputs(request, request.num_tokens)
         del self.requests[request.request_id]

@@ -6,6 +6,10 @@ Talker step 0 prefills the user turns and the 9 assistant rows once the first re
 the talker samples codec EOS or the frame limit. Each step samples one frame, so the first audio comes one
 engine step after the first text token. A request short of talker blocks is preempted and later recomputed
 from its stored frames and text ids: nothing is re-sampled, so audio already sent never changes.
+
+A live session's turn speaks like an offline request of the same conversation: its talker prompt is every user
+turn so far, so the thinker keeps the hidden rows at a session's media as they are prefilled (until the session
+ends), and the turn's talker KV and voice slot are freed when its speech ends or the turn is cancelled.
 """
 
 from __future__ import annotations
@@ -105,6 +109,7 @@ class SpeechRequest:
         self.text_ids: list[int] = []  # text_ids[j]: the thinker id read by talker step j + 1
         self.num_computed = 0  # talker rows in the KV
         self.blocks: list[int] = []
+        self.session = False  # a live session's turn: the thinker rows it reads outlive its speech
         self.reply_only = False  # talker only: the reply was given, no thinker request exists
         # user rows at media placeholders, fed the thinker's hidden rows
         self.media_rows: list[int] = []
@@ -141,6 +146,10 @@ class SpeechScheduler:
         self.pending: deque[_PendingReply] = deque()  # talker-only requests waiting for a voice slot
         self.new_captures: dict[str, list[int]] = {}  # admitted since the last schedule(): rows to capture
         self.finished: list[str] = []  # ended since the last schedule()
+        self.released: list[str] = []  # since the last schedule(): requests whose kept thinker rows are dropped
+        self.sessions: set[str] = set()  # open sessions whose media rows the thinker keeps
+        # each SpeechSchedule not settled yet (by id) -> the requests it planned (a turn's frames never reach the next)
+        self._planned: dict[int, dict[str, SpeechRequest]] = {}
         self.num_preemptions = 0
 
     @property
@@ -149,7 +158,7 @@ class SpeechScheduler:
 
     @property
     def has_work(self) -> bool:
-        return self.has_unfinished or bool(self.finished)
+        return self.has_unfinished or bool(self.finished or self.released or self.new_captures)
 
     @property
     def kv_usage(self) -> float:
@@ -182,8 +191,8 @@ class SpeechScheduler:
             raise ValueError(
                 f"unknown voice {params_voice!r}; this checkpoint speaks {sorted(config.speakers)}"
             )
-        if open_input:
-            raise ValueError("audio output is not supported yet for live sessions")
+        if open_input and any(feature.modality != "audio" for feature in media):
+            raise ValueError("audio output in a live session is not supported yet with camera frames or images")
         if any(feature.modality not in ("audio", "image") for feature in media):
             raise ValueError("audio output is not supported yet for prompts with video")
         header = len(prompt) - 3
@@ -208,9 +217,11 @@ class SpeechScheduler:
         seed: int | None,
         do_sample: bool,
         media: Sequence[MultiModalFeature] = (),
+        session: bool = False,
     ) -> bool:
-        """Take a voice slot for a request (checked) the thinker is about to admit; False when none is free.
-        A request that holds one already (resumed after a thinker preemption) keeps it."""
+        """Take a voice slot for a request (checked) the thinker is about to admit, or for a session's committed
+        turn; False when none is free. A request that holds one already (resumed after a thinker preemption)
+        keeps it."""
         if req_id in self.requests:
             return True
         if not self.free_slots:
@@ -230,11 +241,12 @@ class SpeechScheduler:
             do_sample,
             max_frames,
         )
+        self.requests[req_id].session = session
         media_rows = [row for row, p in enumerate(positions) if any(f.offset <= p < f.end for f in media)]
         if media_rows:  # the thinker keeps its hidden rows there for the talker's prompt
             self.requests[req_id].media_rows = media_rows
             self.requests[req_id].media_positions = [positions[row] for row in media_rows]
-            self.new_captures[req_id] = self.requests[req_id].media_positions
+            self.new_captures.setdefault(req_id, []).extend(self.requests[req_id].media_positions)
         return True
 
     def add_reply(
@@ -248,6 +260,25 @@ class SpeechScheduler:
             raise ValueError(f"request {req_id!r}: there is no text to speak")
         self.pending.append(_PendingReply(req_id, prompt, voice, seed, do_sample, list(reply)))
 
+    def watch_session(self, req_id: str, media: Sequence[MultiModalFeature]) -> None:
+        """New input of a live session: the thinker keeps its hidden rows at `media` (user-turn input), which
+        the talker prompt of any later spoken turn reads. Nothing happens without a speech lane."""
+        if self.config is None:
+            return
+        self.sessions.add(req_id)
+        positions = [position for feature in media for position in range(feature.offset, feature.end)]
+        if positions:
+            self.new_captures.setdefault(req_id, []).extend(positions)
+
+    def end_turn(self, req_id: str) -> bool:
+        """Stop a session turn's speech now (cancel, barge-in), keeping the session's thinker rows; False if
+        the session was not speaking."""
+        request = self.requests.get(req_id)
+        if request is None:
+            return False
+        self._end(request)
+        return True
+
     def on_reply(self, req_id: str, new_token_ids: list[int], finish_reason: str | None) -> None:
         """The thinker's new tokens (and finish) for a request; an aborted reply ends its speech."""
         request = self.requests.get(req_id)
@@ -260,7 +291,10 @@ class SpeechScheduler:
             request.reply_finish = finish_reason
 
     def abort(self, req_id: str) -> bool:
-        """End a request's speech now (abort, cancel); False if it had none."""
+        """End a request's speech now (abort, a session's end); False if it had none."""
+        if req_id in self.sessions:
+            self.sessions.discard(req_id)
+            self.released.append(req_id)
         request = self.requests.get(req_id)
         if request is None:
             kept = [pending for pending in self.pending if pending.req_id != req_id]
@@ -288,8 +322,13 @@ class SpeechScheduler:
             steps.append(step)
             scheduled.add(request.req_id)
         finished, self.finished = self.finished, []
+        released, self.released = self.released, []
         captures, self.new_captures = self.new_captures, {}
-        return SpeechSchedule(steps=steps, finished_req_ids=finished, capture=captures)
+        schedule = SpeechSchedule(
+            steps=steps, finished_req_ids=finished, released_req_ids=released, capture=captures
+        )
+        self._planned[id(schedule)] = {step.req_id: self.requests[step.req_id] for step in steps}
+        return schedule
 
     def update(self, schedule: SpeechSchedule | None, frames: list[SpeechFrame]) -> dict[str, AudioUpdate]:
         """Record the frames a step produced; per request its new PCM16 bytes and, when its speech ended, the
@@ -298,10 +337,11 @@ class SpeechScheduler:
             return {}
         result: dict[str, AudioUpdate] = {}
         by_id = {frame.req_id: frame for frame in frames}
+        planned = self._planned.pop(id(schedule), {})
         for step in schedule.steps:
             request, frame = self.requests.get(step.req_id), by_id.get(step.req_id)
-            if request is None or frame is None:
-                continue  # aborted meanwhile
+            if request is None or frame is None or planned.get(step.req_id) is not request:
+                continue  # aborted meanwhile (a session's next turn has the same id)
             request.num_computed = step.num_computed + step.num_rows
             del request.text_ids[step.frame_index - len(step.frames) :]
             request.text_ids.extend(step.text_ids)
@@ -382,3 +422,5 @@ class SpeechScheduler:
         self.free_slots.append(request.slot)
         del self.requests[request.req_id]
         self.finished.append(request.req_id)
+        if not request.session:
+            self.released.append(request.req_id)

@@ -43,6 +43,9 @@ class TalkerStep(msgspec.Struct, kw_only=True):
 class SpeechSchedule(msgspec.Struct, kw_only=True):
     steps: list[TalkerStep] = []
     finished_req_ids: list[str] = []  # voices whose speech ended (codec EOS, length, abort): drop their state
+    # requests (or live sessions) that are over: drop the thinker rows kept for them (a session keeps its rows
+    # from turn to turn, so its voices end without this)
+    released_req_ids: list[str] = []
     # newly admitted speaking requests: thinker positions whose hidden rows the thinker's forward must keep
     capture: dict[str, list[int]] = {}
 

@@ -127,6 +127,7 @@ class Ready(msgspec.Struct, tag=True):
     executor: str  # the executor class, e.g. UniProcExecutor
     num_kv_blocks: int
     cpu_threads: int  # torch CPU threads of the core
+    voices: list[str] = []  # the speech lane's voices (lower case); empty: this engine answers in text only
 
 
 class StartupFailed(msgspec.Struct, tag=True):

@@ -38,8 +38,10 @@ class CoreService:
 
     def ready(self) -> Ready:
         executor = self.engine.executor
+        speech = self.engine.scheduler.config.speech
         return Ready(max_model_len=self.engine.max_model_len, executor=type(executor).__name__,
-                     num_kv_blocks=executor.num_kv_blocks, cpu_threads=torch.get_num_threads())
+                     num_kv_blocks=executor.num_kv_blocks, cpu_threads=torch.get_num_threads(),
+                     voices=sorted(speech.speakers) if speech is not None else [])
 
     def apply(self, command: Command | Batch) -> EngineStats | SessionTailValue | None:
         """Apply one command (or a batch, in order); raises what the engine raises (ValueError: bad input)."""

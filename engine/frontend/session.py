@@ -91,7 +91,11 @@ class StreamingSession:
         self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
         self.num_video_tokens = 0  # video placeholder tokens in the conversation so far (for usage)
         self._turn = 0
+        # the last answer's start (positions, audio and video tokens there), kept until the next commit: what
+        # truncate_answer goes back to
+        self._answer_start: tuple[MRopeBuilder, int, int] | None = None
         self._in_user_turn = False
+        self._answer_end = 0  # the conversation's tokens when the user turn after the last answer began
         self._answering = False
         self._closed = False
         self._lock = asyncio.Lock()  # appends and commits apply in the order they were called
@@ -170,6 +174,7 @@ class StreamingSession:
             self._answering = True
             self._turn += 1
             self.streams.register(self.session_id, None, tokens, params)
+            self._answer_start = None
             try:
                 await self.streams.call(Batch(commands=ops))
             except BaseException as exc:
@@ -183,7 +188,30 @@ class StreamingSession:
                     raise
                 await self._roll_back(*self._before_media, exc)  # the segment's last window may have been applied
                 raise SegmentDiscardedError(f"{exc}; {_DISCARDED}") from exc
+            self._answer_start = (copy.copy(self.positions), self.num_audio_tokens, self.num_video_tokens)
         return self._answer(queue)
+
+    async def truncate_answer(self, num_tokens: int) -> int:
+        """Keep only the first `num_tokens` tokens of the last answer (what the user heard of it): the answer
+        is stopped (text and speech), and the engine drops the rest of it and all input after it (the caller
+        sends any input in progress again); the next user turn closes the shortened answer. Returns the number
+        of answer tokens kept. ValueError when no answer was given since the last commit."""
+        async with self._lock:
+            self._check_open()
+            if self._answer_start is None:
+                raise ValueError(f"session {self.session_id!r} has no answer to truncate")
+            if self._answering:
+                await self.streams.call(CancelTurn(session_id=self.session_id))
+                self._answering = False
+            positions, num_audio_tokens, num_video_tokens = self._answer_start
+            tail = await self.streams.call(SessionTail(session_id=self.session_id))
+            answer_tokens = (tail.num_tokens if not self._in_user_turn else self._answer_end) - positions.num_tokens
+            kept = max(0, min(num_tokens, answer_tokens))
+            await self.streams.call(RollbackInput(session_id=self.session_id, num_tokens=positions.num_tokens + kept))
+            self._restore(copy.copy(positions), num_audio_tokens, num_video_tokens)
+            self.positions.add_text(kept)
+            self._in_user_turn = False
+            return kept
 
     async def clear_audio(self) -> None:
         """Discard the media segment in progress (its audio and frames, appended since it began, not yet ended by
@@ -236,6 +264,7 @@ class StreamingSession:
             # an answer cut short (length, cancel) is closed with <|im_end|> as the chat format wants
             tail = await self.streams.call(SessionTail(session_id=self.session_id))
             self.positions.add_text(tail.num_tokens - self._num_tokens)
+            self._answer_end = tail.num_tokens
             text = ("\n" if tail.last_token_id == self.im_end else "<|im_end|>\n") + text
         self._in_user_turn = True
         tokens = self.tokenizer.encode(text)

@@ -239,16 +239,18 @@ class SpeechOptions(_message.Message):
     def __init__(self, voice: _Optional[str] = ..., format: _Optional[_Union[AudioFormat, str]] = ...) -> None: ...
 
 class AudioDelta(_message.Message):
-    __slots__ = ("data", "sample_rate", "first_sample", "last")
+    __slots__ = ("data", "sample_rate", "first_sample", "last", "turn")
     DATA_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
     FIRST_SAMPLE_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
     data: bytes
     sample_rate: int
     first_sample: int
     last: bool
-    def __init__(self, data: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., first_sample: _Optional[int] = ..., last: _Optional[bool] = ...) -> None: ...
+    turn: int
+    def __init__(self, data: _Optional[bytes] = ..., sample_rate: _Optional[int] = ..., first_sample: _Optional[int] = ..., last: _Optional[bool] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class Logprob(_message.Message):
     __slots__ = ("token_id", "token", "logprob", "rank")
@@ -293,7 +295,7 @@ class GenerateResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., index: _Optional[int] = ..., logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., tool_calls: _Optional[_Iterable[_Union[ToolCall, _Mapping]]] = ..., audio: _Optional[_Union[AudioDelta, _Mapping]] = ...) -> None: ...
 
 class SessionConfig(_message.Message):
-    __slots__ = ("model", "system_prompt", "sampling", "audio_format", "sample_rate", "audio_window_s", "video_fps", "logprobs", "tools", "tool_choice", "parallel_tool_calls")
+    __slots__ = ("model", "system_prompt", "sampling", "audio_format", "sample_rate", "audio_window_s", "video_fps", "logprobs", "tools", "tool_choice", "parallel_tool_calls", "speech")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
@@ -305,6 +307,7 @@ class SessionConfig(_message.Message):
     TOOLS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
     PARALLEL_TOOL_CALLS_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_FIELD_NUMBER: _ClassVar[int]
     model: str
     system_prompt: str
     sampling: SamplingParams
@@ -316,7 +319,8 @@ class SessionConfig(_message.Message):
     tools: _containers.RepeatedCompositeFieldContainer[Tool]
     tool_choice: ToolChoice
     parallel_tool_calls: bool
-    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., audio_format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate: _Optional[int] = ..., audio_window_s: _Optional[float] = ..., video_fps: _Optional[float] = ..., logprobs: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ...) -> None: ...
+    speech: SpeechOptions
+    def __init__(self, model: _Optional[str] = ..., system_prompt: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., audio_format: _Optional[_Union[AudioFormat, str]] = ..., sample_rate: _Optional[int] = ..., audio_window_s: _Optional[float] = ..., video_fps: _Optional[float] = ..., logprobs: _Optional[int] = ..., tools: _Optional[_Iterable[_Union[Tool, _Mapping]]] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., parallel_tool_calls: _Optional[bool] = ..., speech: _Optional[_Union[SpeechOptions, _Mapping]] = ...) -> None: ...
 
 class AudioChunk(_message.Message):
     __slots__ = ("data",)
@@ -331,14 +335,16 @@ class TextInput(_message.Message):
     def __init__(self, text: _Optional[str] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ("sampling", "logprobs", "tool_choice")
+    __slots__ = ("sampling", "logprobs", "tool_choice", "speech")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     TOOL_CHOICE_FIELD_NUMBER: _ClassVar[int]
+    SPEECH_FIELD_NUMBER: _ClassVar[int]
     sampling: SamplingParams
     logprobs: int
     tool_choice: ToolChoice
-    def __init__(self, sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ...) -> None: ...
+    speech: SpeechOptions
+    def __init__(self, sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., logprobs: _Optional[int] = ..., tool_choice: _Optional[_Union[ToolChoice, _Mapping]] = ..., speech: _Optional[_Union[SpeechOptions, _Mapping]] = ...) -> None: ...
 
 class Cancel(_message.Message):
     __slots__ = ()
@@ -425,18 +431,20 @@ class SessionError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class SessionOutput(_message.Message):
-    __slots__ = ("started", "turn_started", "delta", "turn_ended", "error")
+    __slots__ = ("started", "turn_started", "delta", "turn_ended", "error", "audio")
     STARTED_FIELD_NUMBER: _ClassVar[int]
     TURN_STARTED_FIELD_NUMBER: _ClassVar[int]
     DELTA_FIELD_NUMBER: _ClassVar[int]
     TURN_ENDED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
     started: SessionStarted
     turn_started: TurnStarted
     delta: TextDelta
     turn_ended: TurnEnded
     error: SessionError
-    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., turn_started: _Optional[_Union[TurnStarted, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., turn_ended: _Optional[_Union[TurnEnded, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ...) -> None: ...
+    audio: AudioDelta
+    def __init__(self, started: _Optional[_Union[SessionStarted, _Mapping]] = ..., turn_started: _Optional[_Union[TurnStarted, _Mapping]] = ..., delta: _Optional[_Union[TextDelta, _Mapping]] = ..., turn_ended: _Optional[_Union[TurnEnded, _Mapping]] = ..., error: _Optional[_Union[SessionError, _Mapping]] = ..., audio: _Optional[_Union[AudioDelta, _Mapping]] = ...) -> None: ...
 
 class AbortRequest(_message.Message):
     __slots__ = ("request_id",)

@@ -5,7 +5,8 @@ streaming code2wav per voice.
 Rows are built on the device from ids alone (text-only user turns): user and header rows from the thinker's
 embedding table through text_projection, decode rows from the fed-back frame's code embeddings plus a text row.
 Per-request state here (the code2wav stream, the c0 seen so far) lives until the scheduler ends its speech, so a
-talker preemption (recomputed rows) leaves the audio stream untouched.
+talker preemption (recomputed rows) leaves the audio stream untouched; the thinker rows kept for a request live
+until the scheduler releases it (a live session keeps them from turn to turn).
 """
 
 from __future__ import annotations
@@ -72,18 +73,15 @@ class SpeechRunner:
         """One talker step per scheduled request; `thinker_requests` (the runner's) give newly admitted requests'
         media, whose encoder inputs are still there in their first step."""
         for req_id in schedule.finished_req_ids:
-            for state in (
-                self.streams,
-                self.seen,
-                self.capture_positions,
-                self.captured,
-                self.prompt_positions,
-            ):
+            for state in (self.streams, self.seen, self.prompt_positions):
                 state.pop(req_id, None)
+        for req_id in schedule.released_req_ids:
+            self.capture_positions.pop(req_id, None)
+            self.captured.pop(req_id, None)
         for req_id, positions in schedule.capture.items():
-            self.capture_positions[req_id] = set(positions)
-            request = thinker_requests[req_id]
-            if any(feature.modality == "image" for feature in request.mm_features):
+            self.capture_positions.setdefault(req_id, set()).update(positions)
+            request = thinker_requests.get(req_id)  # a live session's input may come while it is preempted
+            if request is not None and any(feature.modality == "image" for feature in request.mm_features):
                 self.prompt_positions[req_id] = talker_prompt_positions(
                     self.config, request.token_ids[: request.num_prompt_tokens], request.mm_features
                 )

@@ -269,10 +269,10 @@ BAD_EVENTS = [
     ('{"type": "input_audio_buffer.append", "audio": "AAAA", "volume": 3}', "invalid_value", None),
     ('{"type": "input_audio_buffer.commit"}', "input_audio_buffer_commit_empty", None),
     ('{"type": "response.cancel"}', "response_cancel_not_active", None),
-    ('{"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio"]}}',
+    ('{"type": "session.update", "session": {"type": "realtime", "output_modalities": ["audio", "text"]}}',
      "unsupported_modality", "session.output_modalities"),
     ('{"type": "session.update", "session": {"type": "realtime", "audio": {"output": {"voice": "alloy"}}}}',
-     "unsupported_modality", "session.audio.output"),
+     "invalid_value", "session.audio.output.voice"),
     ('{"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"format": '
      '{"type": "audio/pcm", "rate": 8000}}}}}', "invalid_value", "session.audio.input.format.rate"),
     ('{"type": "session.update", "session": {"type": "realtime", "audio": {"input": {"format": '
@@ -289,7 +289,7 @@ BAD_EVENTS = [
      '"content": [{"type": "output_text", "text": "hi"}]}}', "invalid_value", "item.role"),
     ('{"type": "conversation.item.create", "item": {"type": "message", "role": "user", '
      '"content": [{"type": "input_image", "image_url": "data:,"}]}}', "invalid_value", "item.content[0].type"),
-    ('{"type": "response.create", "response": {"output_modalities": ["audio"]}}', "unsupported_modality",
+    ('{"type": "response.create", "response": {"output_modalities": ["image"]}}', "unsupported_modality",
      "response.output_modalities"),
     ('{"type": "response.create", "response": {"conversation": "none"}}', "invalid_value", "response.conversation"),
 ]

@@ -65,6 +65,7 @@ class FakeLane:
             r
             for r in output.num_scheduled_tokens
             if scheduler.requests[r].num_computed_tokens == scheduler.requests[r].num_tokens
+            and not scheduler.requests[r].accepting_input  # a live session prefilling its input samples nothing
         ]
         tokens = []
         for req_id in sampled:

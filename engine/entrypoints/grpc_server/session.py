@@ -2,7 +2,9 @@
 their log-probabilities when the config or the commit asks, and their tool calls when the config has tools).
 
 A reader task applies the inputs in order (audio, video frames, text, commit, cancel) while each committed turn's
-answer is pumped out by its own task, so the user can speak over (barge-in) or cancel an answer.
+answer is pumped out by its own task, so the user can speak over (barge-in) or cancel an answer. A turn that
+speaks (SessionConfig.speech or Commit.speech) streams its AudioDeltas beside its text deltas, and its
+TurnEnded follows its last audio; a cancel or barge-in stops text and speech at once.
 Ending the call, however it ends, closes the session and frees its KV. Holds no engine state itself.
 """
 
@@ -30,6 +32,7 @@ from omnistream.engine.entrypoints.grpc_server.protocol import (
     token_logprobs,
     turn_usage,
 )
+from omnistream.engine.entrypoints.grpc_server.speech import AudioSent, speech_params
 from omnistream.engine.entrypoints.grpc_server.tools import NO_TOOLS, finish_reason, tool_call, tools
 from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import StreamingSession
@@ -92,6 +95,7 @@ class LiveSession:
         self.tools = tools(list(config.tools), config.tool_choice, self.parallel_calls, "config.")
         self.params = sampling_params(config.sampling, max_tokens=DEFAULT_MAX_TOKENS, logprobs=self.logprobs,
                                       request_tools=self.tools)
+        self.params = msgspec.structs.replace(self.params, speech=speech_params(config, "config.speech"))
         system_prompt = system_prompt_with_tools(self.llm.tokenizer, config.system_prompt or None,
                                                  self.tools.template)
         self.sample_rate = check_sample_rate(config.sample_rate or DEFAULT_SAMPLE_RATE, "config.sample_rate")
@@ -161,6 +165,8 @@ class LiveSession:
                                      request_tools=turn_tools)
         else:
             params = msgspec.structs.replace(self.params, logprobs=logprobs)
+        speech = speech_params(commit, "commit.speech") if commit.HasField("speech") else self.params.speech
+        params = msgspec.structs.replace(params, speech=speech)
         if self.answer is not None and not self.answer.done():  # a commit during an answer replaces it
             await self.session.cancel()
             await self.answer
@@ -181,6 +187,7 @@ class LiveSession:
         commit; `logprobs` the alternatives per token its deltas carry (None: no log-probabilities); `calls`
         parses the answer's tool calls (None: no tools)."""
         sent_text = sent_tokens = 0
+        audio = AudioSent()
         try:
             async with contextlib.aclosing(stream):
                 async for output in stream:
@@ -198,6 +205,12 @@ class LiveSession:
                                                                  (sample.logprobs or [])[sent_tokens:], logprobs))
                         self._send(delta=delta)
                         sent_text, sent_tokens = len(sample.text), len(sample.token_ids)
+                    piece = audio.delta(sample)
+                    if output.finished and piece is None:
+                        piece = audio.cut()
+                    if piece is not None:
+                        piece.turn = turn
+                        self._send(audio=piece)
                     if output.finished:
                         reason = finish_reason(reason, calls.calls if calls is not None else [])
                         self._send(turn_ended=pb.TurnEnded(turn=turn, finish_reason=FINISH_REASONS[reason],

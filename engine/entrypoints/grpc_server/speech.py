@@ -1,5 +1,6 @@
-"""Spoken answers over gRPC: GenerateRequest.speech into SpeechParams, and each answer's AudioDelta (PCM16
-24 kHz mono, positioned by its first sample, `last` on the answer's final audio)."""
+"""Spoken answers over gRPC: the `speech` options of a GenerateRequest, SessionConfig or Commit into
+SpeechParams, and each answer's AudioDelta (PCM16 24 kHz mono, positioned by its first sample, `last` on the
+answer's final audio)."""
 
 from __future__ import annotations
 
@@ -11,12 +12,15 @@ from omnistream.scheduler.sampling_params import SpeechParams
 SAMPLE_RATE = 24000
 
 
-def speech_params(request: pb.GenerateRequest) -> SpeechParams | None:
-    if not request.HasField("speech"):
+def speech_params(
+    message: pb.GenerateRequest | pb.SessionConfig | pb.Commit, field: str = "speech"
+) -> SpeechParams | None:
+    """None when the message does not ask for speech; `field` names its `speech` in errors."""
+    if not message.HasField("speech"):
         return None
-    if request.speech.format not in (pb.AUDIO_FORMAT_UNSPECIFIED, pb.AUDIO_FORMAT_PCM16):
-        raise invalid("speech.format: spoken answers are PCM16 only")
-    return SpeechParams(voice=request.speech.voice or "ethan", format="pcm16")
+    if message.speech.format not in (pb.AUDIO_FORMAT_UNSPECIFIED, pb.AUDIO_FORMAT_PCM16):
+        raise invalid(f"{field}.format: spoken answers are PCM16 only")
+    return SpeechParams(voice=message.speech.voice or "ethan", format="pcm16")
 
 
 class AudioSent:
@@ -38,3 +42,10 @@ class AudioSent:
         data, first = sample.audio[self.num_bytes :], self.num_bytes // 2
         self.num_bytes, self.done = len(sample.audio), sample.audio_finish_reason is not None
         return pb.AudioDelta(data=data, sample_rate=SAMPLE_RATE, first_sample=first, last=self.done)
+
+    def cut(self) -> pb.AudioDelta | None:
+        """An empty last piece for audio stopped before its end (a cancelled turn); None if none is owed."""
+        if not self.num_bytes or self.done:
+            return None
+        self.done = True
+        return pb.AudioDelta(sample_rate=SAMPLE_RATE, first_sample=self.num_bytes // 2, last=True)

@@ -5,8 +5,9 @@ parameters of a response (with the grammar of a call that `tool_choice` forces).
 Function tools are rendered into the system prompt (as the chat template does), so, like the instructions,
 they are set before the conversation's first input; tool_choice may change at any time, per response too.
 
-Text output only (the thinker has no talker); input audio is PCM16 little-endian at 24 kHz (the GA
-default) or 16 kHz; turn detection is this server's energy VAD (`server_vad`) or off (null).
+Output is text (the default here) or audio with its transcript (`output_modalities: ["audio"]`, PCM16 24 kHz
+mono in one of the checkpoint's voices, per session or per response); input audio is PCM16 little-endian at
+24 kHz (the GA default) or 16 kHz; turn detection is this server's energy VAD (`server_vad`) or off (null).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from omnistream.engine.entrypoints.openai.structured import output_constraint
 from omnistream.engine.entrypoints.openai.structured_protocol import FunctionDefinition, StructuredOutputsBody
 from omnistream.engine.frontend.forced_tools import forced_tool_grammar
 from omnistream.multimodal.vad import FRAME_MS, threshold_db
-from omnistream.scheduler.sampling_params import SamplingParams
+from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 SAMPLE_RATES = (24_000, 16_000)
@@ -37,6 +38,8 @@ MAX_SILENCE_MS = 10_000
 MAX_PADDING_MS = 5_000
 MAX_TOOLS = 128
 _MODES = ("auto", "none", "required")
+OUTPUT_RATE = 24_000  # the talker's audio: PCM16 mono
+_OUTPUT_FORMAT = {"type": "audio/pcm", "rate": OUTPUT_RATE}
 
 
 @dataclass
@@ -62,15 +65,19 @@ class SessionConfig:
     sampling: dict[str, Any] = field(default_factory=dict)  # temperature, top_p, top_k, seed when given
     tools: list[dict[str, Any]] = field(default_factory=list)  # GA function tools (type, name, description...)
     tool_choice: str = "auto"  # auto, none, required or a function's name
+    output_modalities: list[str] = field(default_factory=lambda: ["text"])  # ["text"] or ["audio"]
+    voice: str = "ethan"  # a checkpoint speaker (lower case)
+    voices: tuple[str, ...] = ()  # the checkpoint's speakers; empty: it cannot speak
 
     def as_dict(self, session_id: str) -> dict[str, Any]:
         """The GA `session` object of session.created / session.updated."""
         return {
             "type": "realtime", "object": "realtime.session", "id": session_id, "model": self.model,
-            "output_modalities": ["text"], "instructions": self.instructions,
+            "output_modalities": list(self.output_modalities), "instructions": self.instructions,
             "audio": {"input": {"format": {"type": "audio/pcm", "rate": self.sample_rate}, "transcription": None,
                                 "noise_reduction": None,
-                                "turn_detection": self.vad.as_dict() if self.vad else None}},
+                                "turn_detection": self.vad.as_dict() if self.vad else None},
+                      "output": {"format": dict(_OUTPUT_FORMAT), "voice": self.voice, "speed": 1.0}},
             "tools": self.tools,
             "tool_choice": self.tool_choice if self.tool_choice in _MODES else {"type": "function",
                                                                                 "name": self.tool_choice},
@@ -92,7 +99,9 @@ class SessionConfig:
                 raise RealtimeError("session.instructions can only change before the conversation's first input",
                                     param="session.instructions")
             new.instructions = fields.instructions
-        check_modalities(fields.output_modalities, "session.output_modalities")
+        if fields.output_modalities is not UNSET:
+            new.output_modalities = check_modalities(fields.output_modalities, "session.output_modalities",
+                                                     self.voices)
         if fields.tools is not UNSET:
             tools = _tools(fields.tools)
             if conversation_started and tools != self.tools:
@@ -109,8 +118,7 @@ class SessionConfig:
         new.sampling.update(sampling_fields(fields, "session"))
         if fields.audio is not UNSET:
             if fields.audio.output not in (UNSET, None):
-                raise RealtimeError("audio output is not available: this server answers in text only",
-                                    code="unsupported_modality", param="session.audio.output")
+                new.voice = _apply_output(fields.audio.output, new.voice, self.voices)
             if fields.audio.input is not UNSET:
                 self._apply_input(new, fields.audio.input)
         return new
@@ -173,6 +181,11 @@ class SessionConfig:
                                     "structured_outputs",
                                     param="response.structured_outputs")
             values["structured_outputs"] = _response_format(response.structured_outputs)
+        modalities = self.output_modalities
+        if response is not None and response.output_modalities is not UNSET:
+            modalities = check_modalities(response.output_modalities, "response.output_modalities", self.voices)
+        if modalities == ["audio"]:
+            values["speech"] = SpeechParams(voice=self.voice)
         if response is not None:
             values.update(sampling_fields(response, "response"))
             if response.max_output_tokens is not UNSET:
@@ -260,10 +273,32 @@ def tool_choice(value: Any, param: str) -> str:
                         f"\"name\": ...}}, got {value!r}", param=param)
 
 
-def check_modalities(modalities: Any, param: str) -> None:
-    if modalities is not UNSET and modalities != ["text"]:
-        raise RealtimeError(f"output_modalities {modalities} is not supported: this server answers in text only "
-                            "(use [\"text\"])", code="unsupported_modality", param=param)
+def check_modalities(modalities: list[str], param: str, voices: tuple[str, ...]) -> list[str]:
+    """["text"] or ["audio"] (audio with its transcript), audio only where the checkpoint speaks."""
+    if modalities not in (["text"], ["audio"]):
+        raise RealtimeError(f"output_modalities {modalities} is not supported: use [\"text\"] or [\"audio\"] "
+                            "(audio with its transcript)", code="unsupported_modality", param=param)
+    if modalities == ["audio"] and not voices:
+        raise RealtimeError("audio output is not available: this model has no talker, so it answers in text only",
+                            code="unsupported_modality", param=param)
+    return list(modalities)
+
+
+def _apply_output(output: dict[str, Any], voice: str, voices: tuple[str, ...]) -> str:
+    """session.audio.output: PCM16 at 24 kHz, speed 1 and a checkpoint voice; the voice it names."""
+    param = "session.audio.output"
+    unknown = set(output) - {"format", "voice", "speed"}
+    if unknown:
+        raise RealtimeError(f"{param} has unknown fields {sorted(unknown)}", param=param)
+    if output.get("format", _OUTPUT_FORMAT) != _OUTPUT_FORMAT:
+        raise RealtimeError(f"output audio format {output['format']!r} is not supported; use "
+                            f"{_OUTPUT_FORMAT} (PCM16 little-endian, mono)", param=f"{param}.format")
+    if output.get("speed", 1.0) != 1.0:
+        raise RealtimeError("output audio speed other than 1.0 is not supported", param=f"{param}.speed")
+    given = output.get("voice", voice)
+    if not isinstance(given, str) or given.lower() not in voices:
+        raise RealtimeError(f"unknown voice {given!r}; this model speaks {sorted(voices)}", param=f"{param}.voice")
+    return given.lower()
 
 
 def max_tokens(value: int | str, param: str) -> int | None:

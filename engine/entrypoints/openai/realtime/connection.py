@@ -54,7 +54,8 @@ class RealtimeConnection:
             except APIError as exc:
                 self._fail(RealtimeError(exc.message, code=exc.code or "invalid_value", param=exc.param), POLICY_VIOLATION)
                 return
-            conversation = Conversation(self.llm, SessionConfig(model=model), self._emit, self._answer_failed)
+            config = SessionConfig(model=model, voices=tuple(self.llm.core.ready.voices))
+            conversation = Conversation(self.llm, config, self._emit, self._answer_failed)
             self._emit(events.event("session.created", session=conversation.config.as_dict(conversation.id)))
             while self.close_code is None:
                 message = await self.websocket.receive()

@@ -8,6 +8,10 @@ so instructions set before it become its system prompt. A response.create with u
 it first. Speech (any audio) during an answer interrupts it, as StreamingSession does (barge-in). Function
 tools go into the system prompt; a function_call_output item is the call's result in the user's turn (as
 the chat template renders a "tool" message), answered by the next response.
+A response speaks when its output_modalities are ["audio"]; conversation.item.truncate on the last spoken
+answer (barge-in: the client played audio_end_ms of it) stops it and keeps in the conversation only the
+answer's tokens the audio heard had reached (one per codec frame, as the talker reads them); audio the user
+sent after the answer is sent to the engine again behind the shortened answer.
 Server events go out through `emit`, in order; the answer of each response is pumped by its own task.
 """
 
@@ -23,12 +27,13 @@ from msgspec import UNSET
 
 from omnistream.engine.entrypoints.openai.realtime import events
 from omnistream.engine.entrypoints.openai.realtime.audio import decode_pcm16
-from omnistream.engine.entrypoints.openai.realtime.config import SessionConfig
+from omnistream.engine.entrypoints.openai.realtime.config import OUTPUT_RATE, SessionConfig
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
     BufferAppend,
     BufferClear,
     BufferCommit,
     ItemCreate,
+    ItemTruncate,
     RealtimeError,
     ResponseCancel,
     ResponseCreate,
@@ -71,6 +76,9 @@ class Conversation:
         self._last_item: str | None = None
         self._context_tokens = 0  # the conversation's tokens when the last answer ended
         self._tool_results = 0  # function_call_output items in the user's turn so far
+        self._pcm: list[np.ndarray] = []  # the audio in the engine since the last commit or clear (for truncate)
+        self._spoken: tuple[str, Answer] | None = None  # the last answer (item id, answer) while it is the last item
+        self._spoke = False  # a response has spoken: the voice is fixed
         self.response: Response | None = None
         self._reset_vad()
 
@@ -78,8 +86,8 @@ class Conversation:
 
     async def handle(self, event: Any) -> None:
         handler = {SessionUpdate: self._session_update, BufferAppend: self._append, BufferCommit: self._commit,
-                   BufferClear: self._clear, ItemCreate: self._item_create, ResponseCreate: self._response_create,
-                   ResponseCancel: self._response_cancel}[type(event)]
+                   BufferClear: self._clear, ItemCreate: self._item_create, ItemTruncate: self._truncate,
+                   ResponseCreate: self._response_create, ResponseCancel: self._response_cancel}[type(event)]
         try:
             await handler(event)
         except RealtimeError as exc:
@@ -88,6 +96,9 @@ class Conversation:
 
     async def _session_update(self, event: SessionUpdate) -> None:
         new = self.config.updated(event.session, conversation_started=self.session is not None)
+        if new.voice != self.config.voice and self._spoke:
+            raise RealtimeError("the voice cannot change once the session has spoken",
+                                param="session.audio.output.voice")
         audio_changed = (new.sample_rate, new.vad) != (self.config.sample_rate, self.config.vad)
         if new.sample_rate != self.config.sample_rate and self._buffer_samples:
             raise RealtimeError("the input audio rate cannot change while the buffer holds audio; commit or clear "
@@ -134,7 +145,7 @@ class Conversation:
     async def _clear(self, event: BufferClear) -> None:
         if self._buffer_samples:
             await self.session.clear_audio()
-            self._buffer_samples, self._buffer_item = 0, None
+            self._buffer_samples, self._buffer_item, self._pcm = 0, None, []
         self._reset_vad()
         self.emit(events.event("input_audio_buffer.cleared"))
 
@@ -191,6 +202,40 @@ class Conversation:
             raise RealtimeError("the input audio buffer holds uncommitted audio: commit or clear it first",
                                 code="input_audio_buffer_not_empty")
 
+    async def _truncate(self, event: ItemTruncate) -> None:
+        """Stop the last spoken answer where the client's playback reached and forget what was not heard."""
+        response = self.response
+        if response is not None and response.voice is not None and response.answer is not None:
+            spoken = (response.item_id, response.answer)
+        else:
+            spoken = self._spoken if response is None else None
+        if spoken is None or spoken[0] != event.item_id:
+            raise RealtimeError("only the last spoken answer can be truncated, before any item follows it",
+                                param="item_id")
+        if event.content_index != 0:
+            raise RealtimeError(f"the item has one content part (index 0), not {event.content_index}",
+                                param="content_index")
+        if response is not None:  # stop it first: its audio then has its final length
+            response.cancel_reason, response.cancelling = "client_cancelled", True
+            await self.session.cancel()
+            await self._let_cancelled_response_end()
+        answer = spoken[1]
+        produced_ms = answer.audio_bytes // 2 * 1000 // OUTPUT_RATE
+        if not 0 <= event.audio_end_ms <= produced_ms:
+            raise RealtimeError(f"audio_end_ms {event.audio_end_ms} is outside the item's audio (0 to {produced_ms} "
+                                "ms)", param="audio_end_ms")
+        heard = event.audio_end_ms * OUTPUT_RATE // 1000
+        frames = -(-(heard + 555) // 1920) if heard else 0  # the first frame's 1365 samples, then 1920 each
+        pending = np.concatenate(self._pcm) if self._pcm else None
+        kept = await self.session.truncate_answer(frames)
+        self._context_tokens -= answer.output_tokens - kept
+        answer.output_tokens, answer.audio_bytes = kept, heard * 2
+        self._buffer_samples, self._segment_committed, self._pcm = 0, False, []
+        self.emit(events.event("conversation.item.truncated", item_id=event.item_id, content_index=0,
+                               audio_end_ms=event.audio_end_ms))
+        if pending is not None:
+            await self._send_audio(pending)
+
     async def _response_create(self, event: ResponseCreate) -> None:
         await self._respond(event.response)
 
@@ -235,10 +280,11 @@ class Conversation:
         try:
             await session.append_audio(pcm, self.config.sample_rate)
         except SegmentDiscardedError:  # the conversation is full: the buffer's audio is gone from the engine too
-            self._buffer_samples, self._buffer_item = 0, None
+            self._buffer_samples, self._buffer_item, self._pcm = 0, None, []
             self._reset_vad()
             raise
         self._buffer_samples += len(pcm)
+        self._pcm.append(pcm)
 
     async def _close_segment(self) -> None:
         if self._segment_committed:
@@ -249,7 +295,7 @@ class Conversation:
         if not self._buffer_samples:
             raise RealtimeError("the input audio buffer is empty", code="input_audio_buffer_commit_empty")
         item_id = self._buffer_item_id()
-        self._buffer_item, self._buffer_samples, self._segment_committed = None, 0, True
+        self._buffer_item, self._buffer_samples, self._segment_committed, self._pcm = None, 0, True, []
         if self.vad is not None:
             self.vad.reset()
         self.emit(events.event("input_audio_buffer.committed", item_id=item_id, previous_item_id=self._last_item))
@@ -285,6 +331,7 @@ class Conversation:
                             param=f"{param}.type")
 
     def _add_item(self, item: dict[str, Any]) -> None:
+        self._spoken = None  # an item follows the last answer: it can no longer be truncated
         for kind in ("conversation.item.added", "conversation.item.done"):
             self.emit(events.event(kind, previous_item_id=self._last_item, item=item))
         self._last_item = item["id"]
@@ -311,7 +358,8 @@ class Conversation:
         self._segment_committed, self._tool_results = False, 0
         calls = ToolCallStream() if self.config.parses_calls(fields) else None
         metadata = None if fields is None or fields.metadata is UNSET else fields.metadata
-        response = Response(params.max_tokens, metadata)
+        response = Response(params.max_tokens, metadata, voice=params.speech.voice if params.speech else None)
+        self._spoke = self._spoke or response.voice is not None
         self.response = response
         self.emit(events.event("response.created", response=response.object("in_progress")))
         usage_base = (session.positions.num_tokens, session.num_audio_tokens)
@@ -320,13 +368,17 @@ class Conversation:
     async def _pump(self, stream: AsyncIterator[RequestOutput], response: Response, input_tokens: int,
                     audio_tokens: int, calls: ToolCallStream | None) -> None:
         answer, previous = Answer(), self._last_item
-        self._last_item = response.item_id
+        self._last_item, self._spoken = response.item_id, None
+        response.answer = answer
         try:
             await stream_answer(response, stream, self.emit, previous, answer, calls)
         finally:
             if answer.calls:
                 self._last_item = answer.calls[-1]["id"]
-            usage = events.usage(input_tokens, audio_tokens, self._context_tokens, answer.output_tokens)
+            elif response.voice is not None:
+                self._spoken = (response.item_id, answer)
+            usage = events.usage(input_tokens, audio_tokens, self._context_tokens, answer.output_tokens,
+                                 answer.num_frames)
             self._context_tokens = input_tokens + answer.output_tokens
             self.response = None
             for event in closing_events(response, answer, previous, usage):

@@ -37,19 +37,24 @@ def audio_content() -> dict[str, Any]:
     return {"type": "input_audio", "audio": None, "transcript": None}
 
 
-def assistant_item(item_id: str, text: str | None, status: str) -> dict[str, Any]:
-    content = [] if text is None else [{"type": "output_text", "text": text}]
+def assistant_item(item_id: str, text: str | None, status: str, spoken: bool = False) -> dict[str, Any]:
+    """An assistant message: its text, or (spoken) its audio's transcript (the audio itself is not echoed)."""
+    part = {"type": "output_audio", "transcript": text} if spoken else {"type": "output_text", "text": text}
+    content = [] if text is None else [part]
     return {"id": item_id, "object": "realtime.item", "type": "message", "role": "assistant", "status": status,
             "content": content}
 
 
 def response_object(response_id: str, status: str, *, max_output_tokens: int | None,
                     metadata: dict[str, str] | None, output: list[dict[str, Any]] | None = None,
-                    status_details: dict[str, Any] | None = None, usage: dict[str, Any] | None = None) -> dict[str, Any]:
+                    status_details: dict[str, Any] | None = None, usage: dict[str, Any] | None = None,
+                    voice: str | None = None) -> dict[str, Any]:
+    """A response object; `voice` for a spoken one (PCM16 at 24 kHz)."""
+    audio = None if voice is None else {"output": {"format": {"type": "audio/pcm", "rate": 24_000}, "voice": voice}}
     return {"id": response_id, "object": "realtime.response", "status": status, "status_details": status_details,
-            "output": output or [], "conversation_id": None, "output_modalities": ["text"],
+            "output": output or [], "conversation_id": None, "output_modalities": ["text" if voice is None else "audio"],
             "max_output_tokens": "inf" if max_output_tokens is None else max_output_tokens,
-            "metadata": metadata, "audio": None, "usage": usage}
+            "metadata": metadata, "audio": audio, "usage": usage}
 
 
 # finish_reason of the answer -> (response status, status_details.reason)
@@ -57,10 +62,13 @@ FINISH_STATUS = {"stop": ("completed", None), "length": ("incomplete", "max_outp
                  "abort": ("cancelled", "client_cancelled")}
 
 
-def usage(input_tokens: int, audio_tokens: int, cached_tokens: int, output_tokens: int) -> dict[str, Any]:
+def usage(input_tokens: int, audio_tokens: int, cached_tokens: int, output_tokens: int,
+          output_frames: int = 0) -> dict[str, Any]:
     """A response's usage: its whole conversation as input (audio placeholders and the rest as text), the
-    part of it already in the KV before this turn's input as cached, and the answer's tokens as output."""
-    return {"total_tokens": input_tokens + output_tokens, "input_tokens": input_tokens, "output_tokens": output_tokens,
+    part of it already in the KV before this turn's input as cached, and the answer's tokens (and its audio's
+    codec frames) as output."""
+    return {"total_tokens": input_tokens + output_tokens + output_frames, "input_tokens": input_tokens,
+            "output_tokens": output_tokens + output_frames,
             "input_token_details": {"text_tokens": input_tokens - audio_tokens, "audio_tokens": audio_tokens,
                                     "image_tokens": 0, "cached_tokens": cached_tokens},
-            "output_token_details": {"text_tokens": output_tokens, "audio_tokens": 0}}
+            "output_token_details": {"text_tokens": output_tokens, "audio_tokens": output_frames}}

@@ -151,6 +151,12 @@ class ItemCreate(_Event, tag="conversation.item.create"):
     previous_item_id: str | None = None
 
 
+class ItemTruncate(_Event, tag="conversation.item.truncate"):
+    item_id: str
+    content_index: Int64
+    audio_end_ms: Int64
+
+
 class ResponseCreate(_Event, tag="response.create"):
     response: ResponseFields = msgspec.field(default_factory=ResponseFields)
 
@@ -159,11 +165,11 @@ class ResponseCancel(_Event, tag="response.cancel"):
     response_id: str | None = None
 
 
-ClientEvent = Union[SessionUpdate, BufferAppend, BufferCommit, BufferClear, ItemCreate, ResponseCreate, ResponseCancel]
+ClientEvent = Union[SessionUpdate, BufferAppend, BufferCommit, BufferClear, ItemCreate, ItemTruncate, ResponseCreate,
+                    ResponseCancel]
 _SUPPORTED = {cls.__struct_config__.tag for cls in ClientEvent.__args__}
 # GA client events that exist but that this server does not implement
-_UNSUPPORTED = {"conversation.item.delete", "conversation.item.retrieve", "conversation.item.truncate",
-                "output_audio_buffer.clear"}
+_UNSUPPORTED = {"conversation.item.delete", "conversation.item.retrieve", "output_audio_buffer.clear"}
 _decoder = msgspec.json.Decoder(ClientEvent)
 
 

@@ -1,7 +1,10 @@
 """One Realtime response: the checks on response.create's fields, and its server events, from
 response.created through the text deltas of the StreamingSession's answer to response.done with usage.
 
-One assistant message item with one text part per response (output_index 0, content_index 0); with tools,
+One assistant message item with one text part per response (output_index 0, content_index 0), or, when the
+response speaks, one audio part: response.output_audio.delta events (base64 PCM16 24 kHz) interleaved with
+response.output_audio_transcript.delta (the text as it is written), the item's content `output_audio` with
+its transcript; a cancelled spoken response still sends its .done events. With tools,
 each `<tool_call>` block the answer closes becomes a function_call item after it (output_index 1, 2...: its
 added event, its whole arguments in one function_call_arguments.delta, then .done and output_item.done), and
 the message's text leaves the blocks out. The answer's finish reason gives the status: stop → completed,
@@ -12,6 +15,7 @@ interrupted it); an engine failure → failed.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -20,7 +24,6 @@ from typing import Any
 from msgspec import UNSET
 
 from omnistream.engine.entrypoints.openai.realtime import events
-from omnistream.engine.entrypoints.openai.realtime.config import check_modalities
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
     RealtimeError,
     ResponseFields,
@@ -40,10 +43,20 @@ class Response:
     cancel_reason: str = "client_cancelled"
     cancelling: bool = False  # a cancel (or speech) was sent to the engine; the answer is about to end
     task: asyncio.Task | None = None
+    voice: str | None = None  # the voice of a spoken response; None: text
+    answer: Answer | None = None  # what its stream gave so far, once it is pumped
 
     def object(self, status: str, **fields: Any) -> dict[str, Any]:
         return events.response_object(self.id, status, max_output_tokens=self.max_output_tokens,
-                                      metadata=self.metadata, **fields)
+                                      metadata=self.metadata, voice=self.voice, **fields)
+
+    @property
+    def text_delta(self) -> str:
+        return "response.output_text.delta" if self.voice is None else "response.output_audio_transcript.delta"
+
+    @property
+    def part(self) -> dict[str, Any]:
+        return {"type": "text", "text": ""} if self.voice is None else {"type": "audio", "transcript": ""}
 
 
 @dataclass
@@ -55,6 +68,12 @@ class Answer:
     finish_reason: str = "abort"  # until the stream says otherwise (a cancelled pump never hears)
     failure: BaseException | None = None
     calls: list[dict[str, Any]] = field(default_factory=list)  # the function_call items, completed
+    audio_bytes: int = 0  # PCM16 bytes of its audio sent so far
+
+    @property
+    def num_frames(self) -> int:
+        """Codec frames of the audio so far (the first frame gives 1365 samples, each further one 1920)."""
+        return -(-(self.audio_bytes // 2 + 555) // 1920) if self.audio_bytes else 0
 
 
 def check_fields(fields: ResponseFields) -> None:
@@ -65,12 +84,11 @@ def check_fields(fields: ResponseFields) -> None:
     if fields.instructions is not UNSET:
         raise RealtimeError("response.instructions is not supported by this server; set the session's before "
                             "the first input", param="response.instructions")
-    for name in ("input", "tools", "audio"):
+    for name in ("input", "tools", "audio"):  # the voice is the session's (session.audio.output.voice)
         if getattr(fields, name) not in (UNSET, None, []):
             hint = " (set the session's tools before the first input)" if name == "tools" else ""
             raise RealtimeError(f"response.{name} is not supported by this server{hint}",
                                 param=f"response.{name}")
-    check_modalities(fields.output_modalities, "response.output_modalities")
 
 
 async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput], emit: Emit,
@@ -82,7 +100,7 @@ async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput]
     item = events.assistant_item(response.item_id, None, "in_progress")
     emit(events.event("response.output_item.added", response_id=response.id, output_index=0, item=item))
     emit(events.event("conversation.item.added", previous_item_id=previous_item, item=item))
-    emit(events.event("response.content_part.added", **where, part={"type": "text", "text": ""}))
+    emit(events.event("response.content_part.added", **where, part=response.part))
     try:
         async with contextlib.aclosing(stream):
             async for output in stream:
@@ -90,13 +108,17 @@ async def stream_answer(response: Response, stream: AsyncIterator[RequestOutput]
                 if calls is not None:
                     text, new = calls.feed(sample.text, final=output.finished)
                     if text:
-                        emit(events.event("response.output_text.delta", **where, delta=text))
+                        emit(events.event(response.text_delta, **where, delta=text))
                         answer.text += text
                     for call in new:
                         _function_call(response, call, emit, answer)
                 elif sample.text[len(answer.text):]:
-                    emit(events.event("response.output_text.delta", **where, delta=sample.text[len(answer.text):]))
+                    emit(events.event(response.text_delta, **where, delta=sample.text[len(answer.text):]))
                     answer.text = sample.text
+                if len(sample.audio) > answer.audio_bytes:
+                    delta = base64.b64encode(sample.audio[answer.audio_bytes:]).decode()
+                    emit(events.event("response.output_audio.delta", **where, delta=delta))
+                    answer.audio_bytes = len(sample.audio)
                 answer.output_tokens = len(sample.token_ids)
                 if output.finished:
                     answer.finish_reason = sample.finish_reason
@@ -133,11 +155,20 @@ def closing_events(response: Response, answer: Answer, previous_item: str | None
         status = "failed"
         details = {"type": "failed", "reason": None,
                    "error": {"type": "server_error", "code": "engine_error", "message": "the answer failed"}}
-    item = events.assistant_item(response.item_id, answer.text, "completed" if status == "completed" else "incomplete")
+    spoken = response.voice is not None
+    item = events.assistant_item(response.item_id, answer.text, "completed" if status == "completed" else "incomplete",
+                                 spoken)
     where = {"response_id": response.id, "item_id": response.item_id, "output_index": 0, "content_index": 0}
+    if spoken:
+        content = [events.event("response.output_audio.done", **where),
+                   events.event("response.output_audio_transcript.done", **where, transcript=answer.text),
+                   events.event("response.content_part.done", **where,
+                                part={"type": "audio", "transcript": answer.text})]
+    else:
+        content = [events.event("response.output_text.done", **where, text=answer.text),
+                   events.event("response.content_part.done", **where, part={"type": "text", "text": answer.text})]
     return [
-        events.event("response.output_text.done", **where, text=answer.text),
-        events.event("response.content_part.done", **where, part={"type": "text", "text": answer.text}),
+        *content,
         events.event("response.output_item.done", response_id=response.id, output_index=0, item=item),
         events.event("conversation.item.done", previous_item_id=previous_item, item=item),
         events.event("response.done", response=response.object(status, output=[item, *answer.calls],

@@ -1,0 +1,125 @@
+"""Spoken turns of live sessions (the embedded tiny model): a session turn's text and audio equal the offline
+request of the same conversation (its talker prompt holds every user turn, with the hidden rows of audio that
+was prefilled while the user spoke, turns before it included); a cancel stops text and speech at once and
+frees the turn's talker blocks and voice, while the session keeps its kept rows until it closes; a turn's
+answer can be truncated to what was heard and the conversation goes on from there."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from omnistream.engine.frontend.async_llm import AsyncLLM
+from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
+
+FRAMES = 6
+AUDIO = "<|audio_start|><|audio_pad|><|audio_end|>"
+SPOKEN = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, seed=7, speech=SpeechParams(voice="chelsie"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def llm():
+    engine = AsyncLLM(dtype="float32", num_kv_blocks=512, max_num_batched_tokens=64, max_audio_frames=FRAMES,
+                      engine_process=False)
+    yield engine
+    engine.shutdown()
+
+
+def _speech(seconds: float, seed: int) -> np.ndarray:
+    n = int(seconds * 16000) // 160 * 160
+    t = np.arange(n) / 16000
+    wave = 0.2 * np.sin(2 * np.pi * (180 + 250 * t) * t) + 0.03 * np.random.default_rng(seed).standard_normal(n)
+    return wave.astype(np.float32)
+
+
+async def _turn(session, wave: np.ndarray, params: SamplingParams):
+    for start in range(0, len(wave), 1600):  # 100 ms chunks, prefilled while the "user" speaks
+        await session.append_audio(wave[start : start + 1600], 16000)
+    final = None
+    async for output in await session.commit(params):
+        final = output
+    assert final.finished
+    return final.outputs[0]
+
+
+async def _offline(llm: AsyncLLM, prompt_ids: list[int], clips: list[np.ndarray]):
+    request = {"prompt_token_ids": prompt_ids, "multi_modal_data": {"audio": [(c, 16000) for c in clips]},
+               "mm_processor_kwargs": {"audio_window_s": 2}}
+    final = None
+    async for output in llm.generate(request, SPOKEN):
+        final = output
+    return final.outputs[0]
+
+
+def test_spoken_session_turns_equal_offline_requests_of_the_conversation(llm):
+    first, second = _speech(2.4, 1), _speech(1.8, 2)
+
+    async def run():
+        session = await llm.open_session(system_prompt=None, sampling_params=SPOKEN, audio_window_s=2)
+        answer1 = await _turn(session, first, SPOKEN)
+        answer2 = await _turn(session, second, SPOKEN)
+        await session.close()
+        tok = llm.tokenizer
+        head, audio = tok.encode("<|im_start|>user\n"), tok.encode(AUDIO)
+        turn_end = tok.encode("<|im_end|>\n<|im_start|>assistant\n")
+        prompt1 = head + audio + turn_end
+        prompt2 = prompt1 + answer1.token_ids + tok.encode("<|im_end|>\n<|im_start|>user\n") + audio + turn_end
+        return answer1, answer2, await _offline(llm, prompt1, [first]), await _offline(llm, prompt2, [first, second])
+
+    answer1, answer2, offline1, offline2 = asyncio.run(run())
+    for live, offline in ((answer1, offline1), (answer2, offline2)):
+        assert live.token_ids == offline.token_ids
+        assert len(live.audio) == 2 * (FRAMES * 1920 - 555) and live.audio_finish_reason == "length"
+        assert live.audio == offline.audio
+    assert answer1.audio != answer2.audio  # the second turn's talker prompt holds both user turns
+    speech = llm.core.engine.scheduler.speech
+    assert not speech.requests and not speech.sessions and len(speech.free_slots) == speech.config.max_num_voices
+
+
+def test_cancel_stops_the_speech_and_truncate_keeps_what_was_heard(llm):
+    runner = llm.core.engine.executor.runner.speech
+    scheduler = llm.core.engine.scheduler
+
+    async def run():
+        session = await llm.open_session(system_prompt=None, sampling_params=SPOKEN, audio_window_s=2)
+        wave = _speech(2.0, 3)
+        for start in range(0, len(wave), 1600):
+            await session.append_audio(wave[start : start + 1600], 16000)
+        params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, speech=SpeechParams())
+        outputs = (await session.commit(params)).__aiter__()
+        while not (await outputs.__anext__()).outputs[0].audio:
+            pass  # until it speaks: then the user barges in
+        sid = session.session_id
+        rows = bool(runner.captured[sid])
+        kept = await session.truncate_answer(1)  # stops the answer (text and speech) first
+        async for output in outputs:
+            last = output
+        state = (sid in scheduler.speech.requests, rows, kept, last.outputs[0].finish_reason)
+        tail = list(scheduler.get_request(sid).all_token_ids)
+        answer = await _turn(session, _speech(1.0, 4), SamplingParams(temperature=0.0, max_tokens=2))
+        await session.close()
+        for _ in range(100):  # the engine's loop hands the release to the runner at its next step
+            if sid not in runner.captured:
+                break
+            await asyncio.sleep(0.02)
+        return state, tail, answer, sid in runner.captured
+
+    (speaking, rows_kept, kept, reason), tail, answer, rows_left = asyncio.run(run())
+    assert not speaking and rows_kept and kept == 1 and reason == "abort"  # the turn's voice is gone
+    im_start, assistant = llm.tokenizer.encode("<|im_start|>assistant\n")[:2]
+    header = max(i for i in range(len(tail) - 1) if tail[i : i + 2] == [im_start, assistant])
+    assert len(tail) == header + 3 + kept  # the answer holds only its heard tokens
+    assert len(answer.token_ids) == 2 and not rows_left
+    speech = scheduler.speech
+    assert len(speech.free_blocks) == speech.config.num_talker_blocks
