@@ -13,7 +13,8 @@ from omnistream.scheduler.request import Request
 
 
 def _is_decode(request: Request) -> bool:
-    return not request.accepting_input and request.num_tokens + request.num_placeholders - request.num_computed_tokens == 1
+    return (not request.accepting_input
+            and len(request.all_token_ids) + request.num_placeholders - request.num_computed_tokens == 1)
 
 
 def _is_live_input(request: Request) -> bool:
