@@ -12,10 +12,6 @@ from collections.abc import Iterable
 from omnistream.scheduler.request import Request
 
 
-def _is_decode(request: Request) -> bool:
-    return not request.accepting_input and request.num_tokens + request.num_placeholders - request.num_computed_tokens == 1
-
-
 def _is_live_input(request: Request) -> bool:
     return request.accepting_input and request.pending_since is not None
 
@@ -30,8 +26,12 @@ class FcfsPolicy:
 
     def running_order(self, running: Iterable[Request]) -> list[Request]:
         decodes, live, rest = [], [], []
-        for request in running:
-            (decodes if _is_decode(request) else live if _is_live_input(request) else rest).append(request)
+        for request in running:  # a decode: one token to compute, no input being appended (inline: hot)
+            if (not request.accepting_input
+                    and len(request.all_token_ids) + request.num_placeholders - request.num_computed_tokens == 1):
+                decodes.append(request)
+            else:
+                (live if _is_live_input(request) else rest).append(request)
         live.sort(key=lambda r: r.pending_since)
         rest.sort(key=self.rest_key)
         return decodes + live + rest

@@ -438,6 +438,8 @@ class Scheduler:
     ) -> list[EngineCoreOutput]:
         """Attach this step's audio to the requests' outputs (a request whose text ended gets its own)."""
         audio = self.speech.update(scheduler_output.speech, out.speech)
+        if not audio:
+            return outputs
         by_id = {engine_output.req_id: engine_output for engine_output in outputs}
         for req_id, update in audio.items():
             engine_output = by_id.get(req_id)

@@ -18,7 +18,9 @@ def check_stop(request: Request, max_model_len: int, grammar_complete: bool = Fa
     if grammar_complete:
         request.status = RequestStatus.FINISHED_STOPPED
         return True
-    if request.num_output_tokens >= params.min_tokens:
+    num_tokens = len(request.all_token_ids)
+    num_output_tokens = num_tokens - request.num_prompt_tokens
+    if num_output_tokens >= params.min_tokens:
         if token in params.stop_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             request.stop_reason = token
@@ -26,7 +28,7 @@ def check_stop(request: Request, max_model_len: int, grammar_complete: bool = Fa
         if not params.ignore_eos and token in request.eos_token_ids:
             request.status = RequestStatus.FINISHED_STOPPED
             return True
-    if request.num_output_tokens >= request.max_tokens or request.num_tokens >= max_model_len:
+    if num_output_tokens >= request.max_tokens or num_tokens >= max_model_len:
         request.status = RequestStatus.FINISHED_LENGTH_CAPPED
         return True
     return False

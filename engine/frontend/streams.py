@@ -130,14 +130,22 @@ class EngineStreams:
             else:
                 self.post(FinishStopped(request_ids=[request_id]))
         now = time.monotonic()
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, RequestOutput]]] = {}
         for output in outputs:
             for listener in self._listeners:
                 listener.on_output(output, now)
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 loop, queue = stream
-                loop.call_soon_threadsafe(queue.put_nowait, output)
+                batches.setdefault(loop, []).append((queue, output))
+        for loop, batch in batches.items():  # one wake-up of each event loop per step, not one per request
+            loop.call_soon_threadsafe(_put_all, batch)
 
     def _engine_died(self, error: EngineDeadError) -> None:
         for loop, queue in list(self._streams.values()):
             loop.call_soon_threadsafe(queue.put_nowait, error)
+
+
+def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, output in batch:
+        queue.put_nowait(output)

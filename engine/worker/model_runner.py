@@ -176,22 +176,26 @@ class ModelRunner:
             slot = self.slot_of[new.req_id] = self.slots.claim(new.num_computed_tokens)
             self.slots.add_pages(slot, new.block_ids)
         num_computed = self.slots.num_computed
-        for cached in so.scheduled_cached_reqs:
-            state = self.requests[cached.req_id]
-            turn_moved = cached.num_prompt_tokens != state.num_prompt_tokens
-            resample = turn_moved or cached.new_sampling_params is not None
-            state.token_ids.extend(cached.new_token_ids)
-            slot = self.slot_of[cached.req_id]
-            self.slots.add_pages(slot, cached.new_block_ids)
-            state.mm_features.extend(cached.new_mm_features)
-            state.add_segments(cached.new_position_segments)
-            state.num_prompt_tokens = cached.num_prompt_tokens
-            if cached.new_sampling_params is not None:
-                state.sampling_params = cached.new_sampling_params
+        requests, slot_of = self.requests, self.slot_of
+        for cached in so.scheduled_cached_reqs:  # most are decodes: one token, nothing else new
+            req_id = cached.req_id
+            state = requests[req_id]
+            slot = slot_of[req_id]
             num_computed[slot] = cached.num_computed_tokens
-            if resample:
-                self.sampling.set_request(cached.req_id, state.sampling_params, state.token_ids,
-                                          state.num_prompt_tokens)
+            if cached.new_token_ids:
+                state.token_ids.extend(cached.new_token_ids)
+            if cached.new_block_ids:
+                self.slots.add_pages(slot, cached.new_block_ids)
+            if cached.new_mm_features:
+                state.mm_features.extend(cached.new_mm_features)
+            if cached.new_position_segments:
+                state.add_segments(cached.new_position_segments)
+            turn_moved = cached.num_prompt_tokens != state.num_prompt_tokens
+            if turn_moved or cached.new_sampling_params is not None:
+                state.num_prompt_tokens = cached.num_prompt_tokens
+                if cached.new_sampling_params is not None:
+                    state.sampling_params = cached.new_sampling_params
+                self.sampling.set_request(req_id, state.sampling_params, state.token_ids, state.num_prompt_tokens)
         self.slots.apply_staged()
 
     def _run_encoders(self, so: SchedulerOutput) -> None:
@@ -250,9 +254,9 @@ class ModelRunner:
                 token_ids.append(0)
                 pending_rows.append(flat_start + num_known - start)
                 pending_slots.append(slot)
-            ids = state.explicit_positions(start, end)
+            ids = state.explicit_positions(start, end) if state.segment_starts else None
             if ids is None:
-                deltas.append(state.text_delta(start))
+                deltas.append(state.text_delta(start) if state.segment_ends else 0.0)
             else:
                 deltas.append(0.0)
                 explicit.append((flat_start, ids))
