@@ -7,6 +7,12 @@
  * logits of a bf16 lm_head are. Ties keep the lower id (the first maximum, as torch's argmax/max); a NaN logit is
  * never chosen.
  *
+ * With a `mask` [B, mask_words] of packed allowed tokens (bit v & 31 of word v >> 5 of row b set when row b may take
+ * id v, as llguidance writes them; mask_words * 32 >= V) only allowed ids compete, so the result is the first
+ * maximum of the masked logits (-inf where forbidden); a row that allows nothing gets id 0, as argmax over -inf.
+ * Work that no row needs is skipped: a tile every row forbids (not even converted from bf16), and in the lanes loop
+ * a step of KV vocabulary rows that every batch row of its block forbids.
+ *
  * Work: the vocabulary is split into one contiguous range per thread, each walked in tiles of TILE_VOCAB rows
  * (bf16 tiles converted to fp32 once into a per-thread scratch, which then stays in L1/L2 while every batch row
  * meets it). Inside a tile two loops compete:
@@ -41,7 +47,16 @@ typedef struct {
     const void *weight;
     int64_t vocab, row_stride;
     int bf16, round_bf16;
+    const uint32_t *mask; /* [B, mask_words] allowed ids, or NULL: every id allowed */
+    int64_t mask_words;
 } Problem;
+
+/* Per thread, the mask of the current tile in lanes: bit v of lo (v < 32) or hi (v - 32) of lane j of vector i is
+ * whether batch row 16i+j allows id v0 + v; `any` per vector: the 64 bits of its lanes or-ed. */
+typedef struct {
+    vuint *lo, *hi;
+    uint64_t *any;
+} LaneMask;
 
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t i; float f; } bits = {.i = (uint32_t)x << 16};
@@ -78,21 +93,53 @@ static const float *tile_rows(const Problem *p, int64_t v0, int64_t count, float
     return scratch;
 }
 
-/* Keep the larger of best/candidate per lane (the earlier id on ties: candidates come in increasing id). */
-static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
+/* The allowed ids [v0, v0 + 64) of row b (v0 a multiple of 64, so words v0 >> 5 and the next): bit v is id v0 + v. */
+static inline uint64_t tile_bits(const Problem *p, int64_t b, int64_t v0) {
+    const uint32_t *row = p->mask + b * p->mask_words;
+    int64_t w = v0 >> 5;
+    uint64_t hi = w + 1 < p->mask_words ? row[w + 1] : 0;
+    return row[w] | hi << 32;
+}
+
+/* The allowed ids of tile v0 of every row, or-ed. */
+static uint64_t rows_bits(const Problem *p, int64_t v0) {
+    uint64_t all = 0;
+    for (int64_t b = 0; b < p->num_rows; b++)
+        all |= tile_bits(p, b, v0);
+    return all;
+}
+
+/* Fill lm (its padding lanes stay 0) with tile v0's mask; returns the bits of every row or-ed. */
+static uint64_t lane_mask_fill(const Problem *p, int64_t v0, int64_t num_vectors, LaneMask *lm) {
+    uint64_t all = 0;
+    for (int64_t i = 0; i < num_vectors; i++)
+        lm->any[i] = 0;
+    for (int64_t b = 0; b < p->num_rows; b++) {
+        uint64_t bits = tile_bits(p, b, v0);
+        lm->lo[b / LANES][b % LANES] = (uint32_t)bits;
+        lm->hi[b / LANES][b % LANES] = (uint32_t)(bits >> 32);
+        lm->any[b / LANES] |= bits;
+        all |= bits;
+    }
+    return all;
+}
+
+/* Keep the larger of best/candidate per lane where `ok` (the earlier id on ties: candidates come in increasing id). */
+static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16, vint ok) {
     if (round_bf16)
         candidate = round_to_bf16_lanes(candidate);
-    vint better = candidate > *best;
+    vint better = (candidate > *best) & ok;
     *best = (vfloat)(((vint)candidate & better) | ((vint)*best & ~better));
     *best_id = (better & id) | (*best_id & ~better);
 }
 
 /* Rows in lanes, one block: vocabulary rows [v, v + kv) of w (ids v0 + v ..) against the nb vectors of batch rows
- * starting at vector b of the transposed hidden ht [H, num_vectors]; kv and nb are constants where it is inlined. */
+ * starting at vector b of the transposed hidden ht [H, num_vectors], each id competing only in the lanes of lm
+ * that allow it (lm NULL: in all); kv and nb are constants where it is inlined. */
 static inline __attribute__((always_inline)) void lanes_block(const Problem *p, const float *w, int64_t stride,
                                                               int64_t v, int kv, int64_t v0, const vfloat *ht,
-                                                              int64_t num_vectors, int64_t b, int nb, vfloat *best,
-                                                              vint *best_id) {
+                                                              int64_t num_vectors, int64_t b, int nb,
+                                                              const LaneMask *lm, vfloat *best, vint *best_id) {
     vfloat acc[KV][NB];
     for (int k = 0; k < kv; k++)
         for (int j = 0; j < nb; j++)
@@ -108,45 +155,71 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
         }
     }
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
-        for (int j = 0; j < nb; j++)
-            keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16);
+        for (int j = 0; j < nb; j++) {
+            vint ok = ~(vint){0};
+            if (lm) {
+                int64_t r = v + k;
+                vuint word = r < 32 ? lm->lo[b + j] : lm->hi[b + j];
+                ok = (vint)(-((word >> (uint32_t)(r & 31)) & 1u));
+            }
+            keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16, ok);
+        }
+}
+
+/* Whether some batch row of vectors [b, b + nb) allows one of the tile's ids [v, v + kv) (always without a mask). */
+static inline int block_needed(const LaneMask *lm, int64_t b, int nb, int64_t v, int kv) {
+    if (!lm)
+        return 1;
+    uint64_t bits = 0;
+    for (int j = 0; j < nb; j++)
+        bits |= lm->any[b + j];
+    return ((bits >> v) & ((1ull << kv) - 1)) != 0;
 }
 
 /* Rows in lanes: tile rows [0, count) of w (ids v0 ..) against the transposed hidden ht [H, num_vectors], in
- * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone). */
+ * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone); steps no row of a block allows are
+ * skipped. */
 static void tile_lanes(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0,
-                       const vfloat *ht, int64_t num_vectors, vfloat *best, vint *best_id) {
+                       const vfloat *ht, int64_t num_vectors, const LaneMask *lm, vfloat *best, vint *best_id) {
     for (int64_t b = 0; b < num_vectors;) {
         int64_t rest = num_vectors - b, v = 0;
-        if (rest >= NB && rest != 4) {
+        int nb = rest >= NB && rest != 4 ? NB : rest >= 2 ? 2 : 1;
+        if (nb == NB) {
             for (; v + KV <= count; v += KV)
-                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, best, best_id);
+                if (block_needed(lm, b, NB, v, KV))
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, lm, best, best_id);
             for (; v < count; v++)
-                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, best, best_id);
-            b += NB;
-        } else if (rest >= 2) {
+                if (block_needed(lm, b, NB, v, 1))
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, lm, best, best_id);
+        } else if (nb == 2) {
             for (; v + KV <= count; v += KV)
-                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, best, best_id);
+                if (block_needed(lm, b, 2, v, KV))
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, lm, best, best_id);
             for (; v < count; v++)
-                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, best, best_id);
-            b += 2;
+                if (block_needed(lm, b, 2, v, 1))
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, lm, best, best_id);
         } else {
             for (; v + KV <= count; v += KV)
-                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, best, best_id);
+                if (block_needed(lm, b, 1, v, KV))
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, lm, best, best_id);
             for (; v < count; v++)
-                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, best, best_id);
-            b += 1;
+                if (block_needed(lm, b, 1, v, 1))
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, lm, best, best_id);
         }
+        b += nb;
     }
 }
 
-/* Dot products: tile rows [0, count) of w (ids v0 ..) against every hidden row. */
+/* Dot products: tile rows [0, count) of w (ids v0 ..) against every hidden row that allows them. */
 static void tile_dots(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, float *best,
                       int64_t *best_id) {
     int64_t H = p->hidden_size;
     for (int64_t v = 0; v < count; v++) {
         const float *row = w + v * stride;
+        int64_t id = v0 + v;
         for (int64_t b = 0; b < p->num_rows; b++) {
+            if (p->mask && !((p->mask[b * p->mask_words + (id >> 5)] >> (id & 31)) & 1u))
+                continue;
             const float *x = p->hidden + b * H;
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -156,7 +229,7 @@ static void tile_dots(const Problem *p, const float *w, int64_t stride, int64_t 
                 sum = round_to_bf16(sum);
             if (sum > best[b]) {
                 best[b] = sum;
-                best_id[b] = v0 + v;
+                best_id[b] = id;
             }
         }
     }
@@ -171,6 +244,7 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     float *scratch = NULL;
     vfloat *lane_best = NULL;
     vint *lane_id = NULL;
+    LaneMask mask = {NULL, NULL, NULL}, *lm = NULL;
     int status = 0;
     if (p->bf16 && !(scratch = aligned_alloc(ALIGN, (size_t)(TILE_VOCAB * H * sizeof(float) + ALIGN))))
         status = 1;
@@ -178,6 +252,17 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         lane_best = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vfloat));
         lane_id = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vint));
         status = !lane_best || !lane_id;
+    }
+    if (lanes && p->mask && !status) {
+        mask.lo = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vuint));
+        mask.hi = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vuint));
+        mask.any = malloc((size_t)num_vectors * sizeof(uint64_t));
+        status = !mask.lo || !mask.hi || !mask.any;
+        if (!status) { /* the padding lanes allow nothing, so that they never keep a step alive */
+            memset(mask.lo, 0, (size_t)num_vectors * sizeof(vuint));
+            memset(mask.hi, 0, (size_t)num_vectors * sizeof(vuint));
+            lm = &mask;
+        }
     }
     for (int64_t b = 0; b < B; b++) {
         best[b] = -__builtin_inff();
@@ -192,9 +277,11 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         }
     for (int64_t v0 = lo; v0 < hi && !status; v0 += TILE_VOCAB) {
         int64_t count = hi - v0 < TILE_VOCAB ? hi - v0 : TILE_VOCAB, stride;
+        if (p->mask && !(lm ? lane_mask_fill(p, v0, num_vectors, lm) : rows_bits(p, v0)))
+            continue; /* every row forbids the whole tile */
         const float *w = tile_rows(p, v0, count, scratch, &stride);
         if (lanes)
-            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lane_best, lane_id);
+            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lane_best, lane_id);
         else
             tile_dots(p, w, stride, count, v0, best, best_id);
     }
@@ -206,13 +293,16 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     free(scratch);
     free(lane_best);
     free(lane_id);
+    free(mask.lo);
+    free(mask.hi);
+    free(mask.any);
     return status;
 }
 
 int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, const void *weight, int64_t vocab,
-                   int64_t row_stride, int bf16, int round_bf16, float *out_value, int64_t *out_id,
-                   int num_threads) {
-    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16};
+                   int64_t row_stride, int bf16, int round_bf16, const uint32_t *mask, int64_t mask_words,
+                   float *out_value, int64_t *out_id, int num_threads) {
+    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16, mask, mask_words};
     int64_t num_tiles = (vocab + TILE_VOCAB - 1) / TILE_VOCAB;
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > num_tiles)

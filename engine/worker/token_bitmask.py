@@ -8,13 +8,17 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
 - `apply` sets the forbidden logits of the constrained rows to -inf before the sampler's pass. The words are
   unpacked to one bool per token in one vectorized call (numpy's table-driven unpackbits on the host; a gather
   of word t >> 5, bit t & 31 on any other device, so only the packed words travel there).
+- `row_words` lays the masks out for the compiled greedy head (greedy_head.greedy_tokens with `allowed`), which
+  takes each row's first maximum over its allowed tokens directly: the runner's way where that kernel serves and
+  every mask is ready when the head runs (filled beside the forward, or received in the SchedulerOutput).
 - `correct_greedy` serves a batch whose rows all take the first maximum from the chunked greedy head, which
   never materialises the logits. A constrained row keeps its token when its grammar allows it: that token is the
   first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
   distinct mask (rows at the same grammar state share it): a forced token is taken as it is; a mask allowing at
   most PROJECTED_FRACTION of the vocabulary (a brace, a keyword, an enum, a short string) projects just those
-  rows of the lm_head weight; the rest get full logits, masked like `apply`. The recomputed logits are the same
-  products as the full projection's (a GEMM of another shape may round the last bit differently).
+  rows of the lm_head weight; the rest get full logits, masked like `apply` (or, given the compiled greedy head
+  with masks, every row not forced goes through it once). The recomputed logits are the same products as the
+  full projection's (a GEMM of another shape may round the last bit differently).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ PROJECTED_FRACTION = 0.25  # a rejected row projects only the weight rows of the
 
 class PendingMasks(Protocol):
     """The engine core's masks of a step, still being filled (engine/core/structured_output/masks.py)."""
+
+    beside_forward: bool  # every row's mask is being filled while the forward runs (else on demand, when asked)
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
         """[R, W] int32; given each row's greedy token, a row whose grammar allows it may allow every token."""
@@ -71,27 +77,41 @@ class StepBitmask:
         """In place: -inf for every token that a constrained row's grammar forbids."""
         apply_token_bitmask(logits, self.words, self.rows)
 
+    def row_words(self, num_rows: int, vocab: int) -> torch.Tensor:
+        """int32 [num_rows, ceil(vocab / 32)]: each constrained row's words, every token allowed in the other rows;
+        a constrained row's tokens past its words (padding rows of the vocabulary) are forbidden."""
+        width = -(-vocab // 32)
+        dense = torch.full((num_rows, width), -1, dtype=torch.int32)
+        used = min(width, self.words.shape[1])
+        dense[self.rows, :used] = self.words[:, :used]
+        dense[self.rows, used:] = 0
+        return dense
+
     def correct_greedy(
         self,
         token_ids: torch.Tensor,
         hidden: torch.Tensor,
         lm_head: ParallelLMHead,
         compute_logits: Callable[[torch.Tensor], torch.Tensor],
+        masked_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The greedy head's ids [B] (first maxima of the unmasked logits of hidden [B, H]), with each constrained
-        row whose grammar forbids its id recomputed as the first maximum of the tokens it allows."""
+        row whose grammar forbids its id recomputed as the first maximum of the tokens it allows. `masked_head`
+        (hidden [N, H], `row_words` of those rows -> ids [N]: the compiled greedy head with masks) recomputes every
+        such row that is not forced, in one pass, instead of projections and full logits."""
         chosen = token_ids[self.rows].cpu()
         rejected = (~is_allowed(self.words, chosen)).nonzero().flatten().tolist()
         if not rejected:
             return token_ids
         vocab = lm_head.rows_per_rank * lm_head.tp_size
         covered = min(vocab, self.words.shape[1] * 32)
-        limit = vocab * PROJECTED_FRACTION if lm_head.tp_size == 1 else 0  # a TP rank holds a weight shard
+        # no projection on a TP rank (it holds a weight shard), nor beside the masked head (one pass serves all)
+        limit = vocab * PROJECTED_FRACTION if lm_head.tp_size == 1 and masked_head is None else 0
         same_mask: dict[bytes, list[int]] = {}  # rows at the same grammar state share their projection
         for i in rejected:
             same_mask.setdefault(self.words[i].numpy().tobytes(), []).append(i)
         token_ids = token_ids.clone()
-        full = []
+        left = []
         for group in same_mask.values():
             rows = [self.rows[i] for i in group]
             ids = torch.from_numpy(np.flatnonzero(unpack_on_host(self.words[group[0] : group[0] + 1], covered)))
@@ -102,12 +122,16 @@ class StepBitmask:
                 values = F.linear(hidden[rows], weight).float()
                 token_ids[rows] = ids.to(token_ids.device)[values.max(dim=-1).indices]
             else:
-                full += group
-        if full:
-            rows = [self.rows[i] for i in full]
-            logits = compute_logits(hidden[rows])
-            apply_token_bitmask(logits, self.words[full], list(range(len(rows))))
-            token_ids[rows] = logits.max(dim=-1).indices
+                left += group
+        if left:
+            rows = [self.rows[i] for i in left]
+            if masked_head is not None:
+                words = StepBitmask(list(range(len(left))), self.words[left]).row_words(len(left), vocab)
+                token_ids[rows] = masked_head(hidden[rows], words).to(token_ids.device)
+            else:
+                logits = compute_logits(hidden[rows])
+                apply_token_bitmask(logits, self.words[left], list(range(len(rows))))
+                token_ids[rows] = logits.max(dim=-1).indices
         return token_ids
 
 

@@ -1,9 +1,9 @@
 """One step's masks of allowed tokens as the runner receives them (token_bitmask.PendingMasks), filled by
 llguidance in parallel (without the GIL) in one of two ways, chosen once by `mask_threads`:
 
-- MasksBesideForward: on a worker thread, started before the forward, so the forward and the greedy head
-  run meanwhile; used where cores are free during the forward (every core beside a GPU; on a CPU, those that
-  torch's threads leave).
+- MasksBesideForward: on a worker thread, started before the forward, so the forward runs meanwhile and the
+  compiled greedy head takes every row's mask when it starts; used where cores are free during the forward
+  (every core beside a GPU; on a CPU, those that torch's threads leave).
 - MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
   core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
   whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
@@ -51,6 +51,8 @@ class MaskFiller:
 
 
 class MasksBesideForward:
+    beside_forward = True
+
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, filler: MaskFiller, matchers: Matchers) -> None:
         self._future = pool.submit(filler.fill, matchers, len(matchers))
 
@@ -64,6 +66,8 @@ class MasksBesideForward:
 
 
 class MasksOnDemand:
+    beside_forward = False
+
     def __init__(self, filler: MaskFiller, matchers: Matchers) -> None:
         self._filler = filler
         self._matchers = matchers
