@@ -51,11 +51,11 @@ typedef struct {
     int64_t mask_words;
 } Problem;
 
-/* Per thread, the mask of the current tile in lanes: bit v of lo (v < 32) or hi (v - 32) of lane j of vector i is
- * whether batch row 16i+j allows id v0 + v; `any` per vector: the 64 bits of its lanes or-ed. */
+/* The mask of one tile in lanes: bit v of lo (v < 32) or hi (v - 32) of lane j of vector i is whether batch row
+ * 16i+j allows id v0 + v; `any` per vector: the 64 bits of its lanes or-ed. */
 typedef struct {
-    vuint *lo, *hi;
-    uint64_t *any;
+    const vuint *lo, *hi;
+    const uint64_t *any;
 } LaneMask;
 
 static inline float bf16_to_float(uint16_t x) {
@@ -109,28 +109,52 @@ static uint64_t rows_bits(const Problem *p, int64_t v0) {
     return all;
 }
 
-/* Fill lm (its padding lanes stay 0) with tile v0's mask; returns the bits of every row or-ed. */
-static uint64_t lane_mask_fill(const Problem *p, int64_t v0, int64_t num_vectors, LaneMask *lm) {
-    uint64_t all = 0;
-    for (int64_t i = 0; i < num_vectors; i++)
-        lm->any[i] = 0;
-    for (int64_t b = 0; b < p->num_rows; b++) {
-        uint64_t bits = tile_bits(p, b, v0);
-        lm->lo[b / LANES][b % LANES] = (uint32_t)bits;
-        lm->hi[b / LANES][b % LANES] = (uint32_t)(bits >> 32);
-        lm->any[b / LANES] |= bits;
-        all |= bits;
+/* The mask of tiles [lo, lo + 64 * num_tiles) in lanes, built once per call and per thread before any weight is
+ * read (gathered tile by tile between weight tiles, the 64 rows' words would miss the cache every time): tile t's
+ * lo vectors at words + 2t * num_vectors, its hi vectors right after, its `any` at any + t * (num_vectors + 1),
+ * and at any[t * (num_vectors + 1) + num_vectors] the bits of every row or-ed. Padding lanes allow nothing. */
+static void lane_masks(const Problem *p, int64_t lo, int64_t num_tiles, int64_t num_vectors, vuint *words,
+                       uint64_t *any) {
+    memset(words, 0, (size_t)(2 * num_tiles * num_vectors) * sizeof(vuint));
+    memset(any, 0, (size_t)(num_tiles * (num_vectors + 1)) * sizeof(uint64_t));
+    for (int64_t t = 0; t < num_tiles; t++) { /* the 64 rows' cache lines serve 8 tiles in turn */
+        int64_t w = (lo >> 5) + 2 * t;
+        vuint *low = words + 2 * t * num_vectors, *high = low + num_vectors;
+        uint64_t *tile_any = any + t * (num_vectors + 1);
+        for (int64_t b = 0; b < p->num_rows; b++) {
+            const uint32_t *row = p->mask + b * p->mask_words;
+            uint64_t bits = row[w] | (w + 1 < p->mask_words ? (uint64_t)row[w + 1] << 32 : 0);
+            low[b / LANES][b % LANES] = (uint32_t)bits;
+            high[b / LANES][b % LANES] = (uint32_t)(bits >> 32);
+            tile_any[b / LANES] |= bits;
+        }
+        for (int64_t i = 0; i < num_vectors; i++)
+            tile_any[num_vectors] |= tile_any[i];
     }
-    return all;
 }
 
-/* Keep the larger of best/candidate per lane where `ok` (the earlier id on ties: candidates come in increasing id). */
-static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16, vint ok) {
+/* Keep the larger of best/candidate per lane (the earlier id on ties: candidates come in increasing id). */
+static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
     if (round_bf16)
         candidate = round_to_bf16_lanes(candidate);
-    vint better = (candidate > *best) & ok;
+    vint better = candidate > *best;
     *best = (vfloat)(((vint)candidate & better) | ((vint)*best & ~better));
     *best_id = (better & id) | (*best_id & ~better);
+}
+
+/* -inf in the lanes of acc[k][j] (id v + k of the tile, batch vector b + j) that lm forbids, so that they never win;
+ * out of line, so that its constants take no registers from the accumulation loop of lanes_block. */
+static __attribute__((noinline)) void forbid_lanes(vfloat acc[KV][NB], const LaneMask *lm, int64_t v, int kv,
+                                                   int64_t b, int nb) {
+    const vint minus_inf = (vint)((vfloat){0} - __builtin_inff());
+    for (int k = 0; k < kv; k++) {
+        int64_t r = v + k;
+        const vuint *words = r < 32 ? lm->lo : lm->hi;
+        for (int j = 0; j < nb; j++) {
+            vint ok = (vint)(-((words[b + j] >> (uint32_t)(r & 31)) & 1u));
+            acc[k][j] = (vfloat)(((vint)acc[k][j] & ok) | (minus_inf & ~ok));
+        }
+    }
 }
 
 /* Rows in lanes, one block: vocabulary rows [v, v + kv) of w (ids v0 + v ..) against the nb vectors of batch rows
@@ -154,16 +178,11 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
                 acc[k][j] += wk * x[j];
         }
     }
+    if (lm)
+        forbid_lanes(acc, lm, v, kv, b, nb);
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
-        for (int j = 0; j < nb; j++) {
-            vint ok = ~(vint){0};
-            if (lm) {
-                int64_t r = v + k;
-                vuint word = r < 32 ? lm->lo[b + j] : lm->hi[b + j];
-                ok = (vint)(-((word >> (uint32_t)(r & 31)) & 1u));
-            }
-            keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16, ok);
-        }
+        for (int j = 0; j < nb; j++)
+            keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16);
 }
 
 /* Whether some batch row of vectors [b, b + nb) allows one of the tile's ids [v, v + kv) (always without a mask). */
@@ -244,7 +263,9 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     float *scratch = NULL;
     vfloat *lane_best = NULL;
     vint *lane_id = NULL;
-    LaneMask mask = {NULL, NULL, NULL}, *lm = NULL;
+    vuint *mask_words = NULL;
+    uint64_t *mask_any = NULL;
+    int64_t range_tiles = (hi - lo + TILE_VOCAB - 1) / TILE_VOCAB;
     int status = 0;
     if (p->bf16 && !(scratch = aligned_alloc(ALIGN, (size_t)(TILE_VOCAB * H * sizeof(float) + ALIGN))))
         status = 1;
@@ -253,16 +274,12 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         lane_id = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vint));
         status = !lane_best || !lane_id;
     }
-    if (lanes && p->mask && !status) {
-        mask.lo = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vuint));
-        mask.hi = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vuint));
-        mask.any = malloc((size_t)num_vectors * sizeof(uint64_t));
-        status = !mask.lo || !mask.hi || !mask.any;
-        if (!status) { /* the padding lanes allow nothing, so that they never keep a step alive */
-            memset(mask.lo, 0, (size_t)num_vectors * sizeof(vuint));
-            memset(mask.hi, 0, (size_t)num_vectors * sizeof(vuint));
-            lm = &mask;
-        }
+    if (lanes && p->mask && !status && range_tiles > 0) {
+        mask_words = aligned_alloc(ALIGN, (size_t)(2 * range_tiles * num_vectors) * sizeof(vuint));
+        mask_any = malloc((size_t)(range_tiles * (num_vectors + 1)) * sizeof(uint64_t));
+        status = !mask_words || !mask_any;
+        if (!status)
+            lane_masks(p, lo, range_tiles, num_vectors, mask_words, mask_any);
     }
     for (int64_t b = 0; b < B; b++) {
         best[b] = -__builtin_inff();
@@ -277,7 +294,14 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         }
     for (int64_t v0 = lo; v0 < hi && !status; v0 += TILE_VOCAB) {
         int64_t count = hi - v0 < TILE_VOCAB ? hi - v0 : TILE_VOCAB, stride;
-        if (p->mask && !(lm ? lane_mask_fill(p, v0, num_vectors, lm) : rows_bits(p, v0)))
+        int64_t t = (v0 - lo) / TILE_VOCAB;
+        LaneMask tile_mask, *lm = NULL;
+        if (mask_words) {
+            tile_mask = (LaneMask){mask_words + 2 * t * num_vectors, mask_words + (2 * t + 1) * num_vectors,
+                                   mask_any + t * (num_vectors + 1)};
+            lm = &tile_mask;
+        }
+        if (p->mask && !(lm ? lm->any[num_vectors] : rows_bits(p, v0)))
             continue; /* every row forbids the whole tile */
         const float *w = tile_rows(p, v0, count, scratch, &stride);
         if (lanes)
@@ -293,9 +317,8 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     free(scratch);
     free(lane_best);
     free(lane_id);
-    free(mask.lo);
-    free(mask.hi);
-    free(mask.any);
+    free(mask_words);
+    free(mask_any);
     return status;
 }
 
