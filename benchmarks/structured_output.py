@@ -100,7 +100,7 @@ def engine_figures(args: argparse.Namespace) -> dict:
         return masks
 
     manager.fill_bitmask = select.wrap(noting_kind)
-    manager._filler.fill = fill.wrap(manager._filler.fill)
+    manager._filler.fill_into = fill.wrap(manager._filler.fill_into)
     StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
     StepBitmask.apply = apply.wrap(StepBitmask.apply)
     StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)

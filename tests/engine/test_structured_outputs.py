@@ -8,6 +8,8 @@ import concurrent.futures
 import json
 import random
 import re
+import threading
+import time
 
 import jsonschema
 import numpy as np
@@ -239,6 +241,25 @@ def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar
     assert np.array_equal(MasksOnDemand(filler, matchers).result(), full)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         assert np.array_equal(MasksBesideForward(pool, filler, matchers).result(chosen), full)
+
+
+def test_the_runner_fills_the_masks_the_busy_worker_has_not_taken(llm):
+    compiler = llm.engine.structured_output.compiler
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    matchers = [(compiler.compile(spec), i) for i, spec in enumerate(specs)]
+    filler = MaskFiller(compiler.vocab_size, threads=1)
+    full = filler.fill(matchers, len(matchers))
+    assert not (full == -1).all(axis=1).any()  # every row forbids something: the comparison below is real
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(release.wait, 30)  # the worker thread is busy: no row is taken before the runner asks
+        masks_ = MasksBesideForward(pool, filler, matchers)
+        start = time.monotonic()
+        got = masks_.result()
+        assert time.monotonic() - start < 10  # without waiting for the busy worker
+        release.set()
+        masks_.settle()
+    assert np.array_equal(got, full)
 
 
 def test_masks_are_filled_beside_the_forward_only_on_cores_the_forward_leaves_free(monkeypatch):
