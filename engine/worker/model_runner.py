@@ -341,17 +341,15 @@ class ModelRunner:
         """The greedy head's ids [B] for hidden [B, H]; a constrained row takes the first maximum of the tokens its
         grammar allows. Where the compiled head takes masks and every mask is ready when it runs (filled beside
         the forward, or in the SchedulerOutput), it waits for them just before the head and masks inside it;
-        else the head runs unmasked, then the rows whose grammar rejects their token are corrected (by the masked
-        head over just those rows where it serves)."""
+        else the head runs unmasked, then the rows whose grammar rejects their token are corrected (on demand,
+        the masked head over just those rows did not beat the correction: benchmarks/structured_output.py)."""
         lm_head = self.model.lm_head
-        masked = masked_greedy_serves(lm_head, hidden.dtype)
-        if masked and (filling is None or filling.beside_forward):
+        if masked_greedy_serves(lm_head, hidden.dtype) and (filling is None or filling.beside_forward):
             grammar = StepBitmask.from_scheduler_output(so, req_ids, filling)  # (waits for the masks)
             allowed = None if grammar is None else grammar.row_words(hidden.shape[0], lm_head.weight.shape[0])
             return greedy_tokens(lm_head, hidden, allowed)
         tokens = greedy_tokens(lm_head, hidden)
         grammar = StepBitmask.from_scheduler_output(so, req_ids, filling, tokens)  # (waits)
         if grammar is not None:
-            masked_head = (lambda rows, words: greedy_tokens(lm_head, rows, words)) if masked else None
-            tokens = grammar.correct_greedy(tokens, hidden, lm_head, self.model.compute_logits, masked_head)
+            tokens = grammar.correct_greedy(tokens, hidden, lm_head, self.model.compute_logits)
         return tokens

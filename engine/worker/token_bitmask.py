@@ -16,9 +16,8 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
   first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
   distinct mask (rows at the same grammar state share it): a forced token is taken as it is; a mask allowing at
   most PROJECTED_FRACTION of the vocabulary (a brace, a keyword, an enum, a short string) projects just those
-  rows of the lm_head weight; the rest get full logits, masked like `apply` (or, given the compiled greedy head
-  with masks, every row not forced goes through it once). The recomputed logits are the same products as the
-  full projection's (a GEMM of another shape may round the last bit differently).
+  rows of the lm_head weight; the rest get full logits, masked like `apply`. The recomputed logits are the same
+  products as the full projection's (a GEMM of another shape may round the last bit differently).
 """
 
 from __future__ import annotations
@@ -93,25 +92,21 @@ class StepBitmask:
         hidden: torch.Tensor,
         lm_head: ParallelLMHead,
         compute_logits: Callable[[torch.Tensor], torch.Tensor],
-        masked_head: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The greedy head's ids [B] (first maxima of the unmasked logits of hidden [B, H]), with each constrained
-        row whose grammar forbids its id recomputed as the first maximum of the tokens it allows. `masked_head`
-        (hidden [N, H], `row_words` of those rows -> ids [N]: the compiled greedy head with masks) recomputes every
-        such row that is not forced, in one pass, instead of projections and full logits."""
+        row whose grammar forbids its id recomputed as the first maximum of the tokens it allows."""
         chosen = token_ids[self.rows].cpu()
         rejected = (~is_allowed(self.words, chosen)).nonzero().flatten().tolist()
         if not rejected:
             return token_ids
         vocab = lm_head.rows_per_rank * lm_head.tp_size
         covered = min(vocab, self.words.shape[1] * 32)
-        # no projection on a TP rank (it holds a weight shard), nor beside the masked head (one pass serves all)
-        limit = vocab * PROJECTED_FRACTION if lm_head.tp_size == 1 and masked_head is None else 0
+        limit = vocab * PROJECTED_FRACTION if lm_head.tp_size == 1 else 0  # a TP rank holds a weight shard
         same_mask: dict[bytes, list[int]] = {}  # rows at the same grammar state share their projection
         for i in rejected:
             same_mask.setdefault(self.words[i].numpy().tobytes(), []).append(i)
         token_ids = token_ids.clone()
-        left = []
+        full = []
         for group in same_mask.values():
             rows = [self.rows[i] for i in group]
             ids = torch.from_numpy(np.flatnonzero(unpack_on_host(self.words[group[0] : group[0] + 1], covered)))
@@ -122,16 +117,12 @@ class StepBitmask:
                 values = F.linear(hidden[rows], weight).float()
                 token_ids[rows] = ids.to(token_ids.device)[values.max(dim=-1).indices]
             else:
-                left += group
-        if left:
-            rows = [self.rows[i] for i in left]
-            if masked_head is not None:
-                words = StepBitmask(list(range(len(left))), self.words[left]).row_words(len(left), vocab)
-                token_ids[rows] = masked_head(hidden[rows], words).to(token_ids.device)
-            else:
-                logits = compute_logits(hidden[rows])
-                apply_token_bitmask(logits, self.words[left], list(range(len(rows))))
-                token_ids[rows] = logits.max(dim=-1).indices
+                full += group
+        if full:
+            rows = [self.rows[i] for i in full]
+            logits = compute_logits(hidden[rows])
+            apply_token_bitmask(logits, self.words[full], list(range(len(rows))))
+            token_ids[rows] = logits.max(dim=-1).indices
         return token_ids
 
 
