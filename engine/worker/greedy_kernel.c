@@ -142,10 +142,8 @@ static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32
     *best_id = (better & id) | (*best_id & ~better);
 }
 
-/* -inf in the lanes of acc[k][j] (id v + k of the tile, batch vector b + j) that lm forbids, so that they never win;
- * out of line, so that its constants take no registers from the accumulation loop of lanes_block. */
-static __attribute__((noinline)) void forbid_lanes(vfloat acc[KV][NB], const LaneMask *lm, int64_t v, int kv,
-                                                   int64_t b, int nb) {
+/* -inf in the lanes of acc[k][j] (id v + k of the tile, batch vector b + j) that lm forbids, so that they never win. */
+static inline void forbid_lanes(vfloat acc[KV][NB], const LaneMask *lm, int64_t v, int kv, int64_t b, int nb) {
     const vint minus_inf = (vint)((vfloat){0} - __builtin_inff());
     for (int k = 0; k < kv; k++) {
         int64_t r = v + k;
