@@ -4,14 +4,17 @@
    schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
    median step times, their difference as a share of the unconstrained step, and its parts per step: the
    engine core naming the rows, llguidance filling masks (on a worker thread beside the forward, or on demand
-   inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting for them, applying
-   them (or correcting the greedy head's tokens) and the matchers advancing.
+   inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting for them, the greedy
+   head (masked inside the compiled kernel where it serves), applying the masks or correcting the greedy
+   head's tokens, and the matchers advancing. With `--compare-correction` the constrained workload also runs
+   with the masked head switched off (the unmasked head, then the rows whose grammar rejects their token are
+   recomputed), interleaved in the same run.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.
 
     python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--threads 1] [--masks auto]
-                                           [--backends llguidance]
+                                           [--compare-correction] [--backends llguidance]
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import torch
 
 from omnistream.engine.core.request import EngineCoreRequest
 from omnistream.engine.entrypoints.llm import LLM
+from omnistream.engine.worker import model_runner
 from omnistream.engine.worker.token_bitmask import StepBitmask
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
@@ -96,22 +100,28 @@ def engine_figures(args: argparse.Namespace) -> dict:
         return masks
 
     manager.fill_bitmask = select.wrap(noting_kind)
-    manager._filler.fill = fill.wrap(manager._filler.fill)
+    manager._filler.fill_into = fill.wrap(manager._filler.fill_into)
     StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
     StepBitmask.apply = apply.wrap(StepBitmask.apply)
     StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)
-    advance = _Timer()
+    advance, head = _Timer(), _Timer()
     manager.advance = advance.wrap(manager.advance)
-    timers = (select, fill, wait, apply, advance)
+    model_runner.greedy_tokens = head.wrap(model_runner.greedy_tokens)
+    timers = (select, fill, wait, head, apply, advance)
     spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
-    plain, constrained = [], []
+    plain, constrained, corrected = [], [], []
+    masked_head_serves = model_runner.masked_greedy_serves
     decode_steps(llm, args.batch, 4, None, "warm")
     for r in range(args.repeats):
         plain += decode_steps(llm, args.batch, args.steps, None, f"plain{r}")
         for timer in timers:
             timer.total = 0.0
         constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
-    select_ms, fill_ms, wait_ms, apply_ms, advance_ms = (timer.total / args.steps * 1e3 for timer in timers)
+        parts = [timer.total / args.steps * 1e3 for timer in timers]
+        if args.compare_correction:
+            model_runner.masked_greedy_serves = lambda lm_head, dtype: False
+            corrected += decode_steps(llm, args.batch, args.steps, spec, f"corrected{r}")
+            model_runner.masked_greedy_serves = masked_head_serves
     compiler = manager.compiler
     big = StructuredOutputsParams(json=json.dumps(large_schema(args.fields)))
     start = time.perf_counter()
@@ -121,14 +131,19 @@ def engine_figures(args: argparse.Namespace) -> dict:
     compiler.compile(big)
     cached = time.perf_counter() - start
     base, masked = statistics.median(plain) * 1e3, statistics.median(constrained) * 1e3
-    return {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
-            "mask_share_of_step": (masked - base) / base,
-            "masks_filled": sorted(kinds - {"NoneType"}),
-            "per_step_ms_last_repeat": {
-                "select_rows": select_ms, "fill_masks": fill_ms, "runner_waits_for_masks": wait_ms,
-                "apply_or_correct": apply_ms, "matchers_advance": advance_ms},
-            "large_schema_fields": args.fields,
-            "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3}
+    figures = {"batch": args.batch, "step_ms_unconstrained": base, "step_ms_constrained": masked,
+               "mask_share_of_step": (masked - base) / base,
+               "masked_greedy_head": masked_head_serves(llm.engine.executor.model.lm_head, torch.float32),
+               "masks_filled": sorted(kinds - {"NoneType"}),
+               "per_step_ms_last_repeat": dict(zip(
+                   ["select_rows", "fill_masks", "runner_waits_for_masks", "greedy_head", "apply_or_correct",
+                    "matchers_advance"], parts))}
+    if corrected:
+        figures["step_ms_constrained_corrected"] = statistics.median(corrected) * 1e3
+        figures["mask_share_of_step_corrected"] = (figures["step_ms_constrained_corrected"] - base) / base
+    figures.update({"large_schema_fields": args.fields,
+                    "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3})
+    return figures
 
 
 def backend_figures(args: argparse.Namespace) -> dict:
@@ -201,6 +216,8 @@ def main() -> None:
     parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
     parser.add_argument("--masks", choices=["auto", "beside", "on-demand"], default="auto",
                         help="fill the masks beside the forward or on demand (auto: the engine's choice)")
+    parser.add_argument("--compare-correction", action="store_true",
+                        help="also time the constrained workload with the masked greedy head switched off")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
     if args.threads:

@@ -6,6 +6,9 @@ Both reduce each vocabulary row over the hidden size as the full lm_head does an
 the ids are `logits.max(-1).indices`, the first maximum, up to the rounding of the sums' order. With tensor
 parallelism each rank reduces its own vocabulary shard, then the ranks' maxima are gathered and the first rank
 holding the overall maximum wins (its ids are the lower ones).
+
+Greedy structured output: given each row's packed mask of allowed tokens, the kernel takes the first maximum over
+the allowed ids only (exact: the masked logits' argmax, with no correction pass), on one rank (`masked_greedy_serves`).
 """
 
 from __future__ import annotations
@@ -41,9 +44,22 @@ def prepare_greedy_head(lm_head: ParallelLMHead) -> None:
         greedy_kernel.load_kernel()
 
 
-def greedy_tokens(lm_head: ParallelLMHead, hidden: torch.Tensor) -> torch.Tensor:
-    """The id of the largest logit of each row of hidden [B, H] (int64 [B])."""
+def masked_greedy_serves(lm_head: ParallelLMHead, hidden_dtype: torch.dtype) -> bool:
+    """Whether greedy_tokens takes masks of allowed tokens: with the compiled kernel, on one rank (a rank's weight
+    shard starts at a vocabulary id that need not begin a mask word)."""
+    return lm_head.tp_size == 1 and greedy_kernel.supports(lm_head.weight, hidden_dtype)
+
+
+def greedy_tokens(
+    lm_head: ParallelLMHead, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The id of the largest logit of each row of hidden [B, H] (int64 [B]). With `allowed` (int32 [B, W] packed
+    words, W * 32 >= the vocabulary; only where masked_greedy_serves) the largest among each row's allowed ids."""
     weight = lm_head.weight
+    if allowed is not None:
+        if not masked_greedy_serves(lm_head, hidden.dtype):
+            raise ValueError("greedy lm_head: masks of allowed tokens need the compiled kernel on one rank")
+        return greedy_kernel.greedy_max(weight, hidden, allowed)[1]
     if greedy_kernel.supports(weight, hidden.dtype):
         values, ids = greedy_kernel.greedy_max(weight, hidden)
     else:

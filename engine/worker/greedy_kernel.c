@@ -7,6 +7,12 @@
  * logits of a bf16 lm_head are. Ties keep the lower id (the first maximum, as torch's argmax/max); a NaN logit is
  * never chosen.
  *
+ * With a `mask` [B, mask_words] of packed allowed tokens (bit v & 31 of word v >> 5 of row b set when row b may take
+ * id v, as llguidance writes them; mask_words * 32 >= V) only allowed ids compete, so the result is the first
+ * maximum of the masked logits (-inf where forbidden); a row that allows nothing gets id 0, as argmax over -inf.
+ * Work that no row needs is skipped: a tile every row forbids (not even converted from bf16), and in the lanes loop
+ * a step of KV vocabulary rows that every batch row of its block forbids.
+ *
  * Work: the vocabulary is split into one contiguous range per thread, each walked in tiles of TILE_VOCAB rows
  * (bf16 tiles converted to fp32 once into a per-thread scratch, which then stays in L1/L2 while every batch row
  * meets it). Inside a tile two loops compete:
@@ -41,7 +47,16 @@ typedef struct {
     const void *weight;
     int64_t vocab, row_stride;
     int bf16, round_bf16;
+    const uint32_t *mask; /* [B, mask_words] allowed ids, or NULL: every id allowed */
+    int64_t mask_words;
 } Problem;
+
+/* The mask of one tile in lanes: bit v of lo (v < 32) or hi (v - 32) of lane j of vector i is whether batch row
+ * 16i+j allows id v0 + v; `any` per vector: the 64 bits of its lanes or-ed. */
+typedef struct {
+    const vuint *lo, *hi;
+    const uint64_t *any;
+} LaneMask;
 
 static inline float bf16_to_float(uint16_t x) {
     union { uint32_t i; float f; } bits = {.i = (uint32_t)x << 16};
@@ -78,6 +93,46 @@ static const float *tile_rows(const Problem *p, int64_t v0, int64_t count, float
     return scratch;
 }
 
+/* The allowed ids [v0, v0 + 64) of row b (v0 a multiple of 64, so words v0 >> 5 and the next): bit v is id v0 + v. */
+static inline uint64_t tile_bits(const Problem *p, int64_t b, int64_t v0) {
+    const uint32_t *row = p->mask + b * p->mask_words;
+    int64_t w = v0 >> 5;
+    uint64_t hi = w + 1 < p->mask_words ? row[w + 1] : 0;
+    return row[w] | hi << 32;
+}
+
+/* The allowed ids of tile v0 of every row, or-ed. */
+static uint64_t rows_bits(const Problem *p, int64_t v0) {
+    uint64_t all = 0;
+    for (int64_t b = 0; b < p->num_rows; b++)
+        all |= tile_bits(p, b, v0);
+    return all;
+}
+
+/* The mask of tiles [lo, lo + 64 * num_tiles) in lanes, built once per call and per thread before any weight is
+ * read (gathered tile by tile between weight tiles, the 64 rows' words would miss the cache every time): tile t's
+ * lo vectors at words + 2t * num_vectors, its hi vectors right after, its `any` at any + t * (num_vectors + 1),
+ * and at any[t * (num_vectors + 1) + num_vectors] the bits of every row or-ed. Padding lanes allow nothing. */
+static void lane_masks(const Problem *p, int64_t lo, int64_t num_tiles, int64_t num_vectors, vuint *words,
+                       uint64_t *any) {
+    memset(words, 0, (size_t)(2 * num_tiles * num_vectors) * sizeof(vuint));
+    memset(any, 0, (size_t)(num_tiles * (num_vectors + 1)) * sizeof(uint64_t));
+    for (int64_t t = 0; t < num_tiles; t++) { /* the 64 rows' cache lines serve 8 tiles in turn */
+        int64_t w = (lo >> 5) + 2 * t;
+        vuint *low = words + 2 * t * num_vectors, *high = low + num_vectors;
+        uint64_t *tile_any = any + t * (num_vectors + 1);
+        for (int64_t b = 0; b < p->num_rows; b++) {
+            const uint32_t *row = p->mask + b * p->mask_words;
+            uint64_t bits = row[w] | (w + 1 < p->mask_words ? (uint64_t)row[w + 1] << 32 : 0);
+            low[b / LANES][b % LANES] = (uint32_t)bits;
+            high[b / LANES][b % LANES] = (uint32_t)(bits >> 32);
+            tile_any[b / LANES] |= bits;
+        }
+        for (int64_t i = 0; i < num_vectors; i++)
+            tile_any[num_vectors] |= tile_any[i];
+    }
+}
+
 /* Keep the larger of best/candidate per lane (the earlier id on ties: candidates come in increasing id). */
 static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
     if (round_bf16)
@@ -87,12 +142,26 @@ static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32
     *best_id = (better & id) | (*best_id & ~better);
 }
 
+/* -inf in the lanes of acc[k][j] (id v + k of the tile, batch vector b + j) that lm forbids, so that they never win. */
+static inline void forbid_lanes(vfloat acc[KV][NB], const LaneMask *lm, int64_t v, int kv, int64_t b, int nb) {
+    const vint minus_inf = (vint)((vfloat){0} - __builtin_inff());
+    for (int k = 0; k < kv; k++) {
+        int64_t r = v + k;
+        const vuint *words = r < 32 ? lm->lo : lm->hi;
+        for (int j = 0; j < nb; j++) {
+            vint ok = (vint)(-((words[b + j] >> (uint32_t)(r & 31)) & 1u));
+            acc[k][j] = (vfloat)(((vint)acc[k][j] & ok) | (minus_inf & ~ok));
+        }
+    }
+}
+
 /* Rows in lanes, one block: vocabulary rows [v, v + kv) of w (ids v0 + v ..) against the nb vectors of batch rows
- * starting at vector b of the transposed hidden ht [H, num_vectors]; kv and nb are constants where it is inlined. */
+ * starting at vector b of the transposed hidden ht [H, num_vectors], each id competing only in the lanes of lm
+ * that allow it (lm NULL: in all); kv and nb are constants where it is inlined. */
 static inline __attribute__((always_inline)) void lanes_block(const Problem *p, const float *w, int64_t stride,
                                                               int64_t v, int kv, int64_t v0, const vfloat *ht,
-                                                              int64_t num_vectors, int64_t b, int nb, vfloat *best,
-                                                              vint *best_id) {
+                                                              int64_t num_vectors, int64_t b, int nb,
+                                                              const LaneMask *lm, vfloat *best, vint *best_id) {
     vfloat acc[KV][NB];
     for (int k = 0; k < kv; k++)
         for (int j = 0; j < nb; j++)
@@ -107,46 +176,67 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
                 acc[k][j] += wk * x[j];
         }
     }
+    if (lm)
+        forbid_lanes(acc, lm, v, kv, b, nb);
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
         for (int j = 0; j < nb; j++)
             keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16);
 }
 
+/* Whether some batch row of vectors [b, b + nb) allows one of the tile's ids [v, v + kv) (always without a mask). */
+static inline int block_needed(const LaneMask *lm, int64_t b, int nb, int64_t v, int kv) {
+    if (!lm)
+        return 1;
+    uint64_t bits = 0;
+    for (int j = 0; j < nb; j++)
+        bits |= lm->any[b + j];
+    return ((bits >> v) & ((1ull << kv) - 1)) != 0;
+}
+
 /* Rows in lanes: tile rows [0, count) of w (ids v0 ..) against the transposed hidden ht [H, num_vectors], in
- * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone). */
+ * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone); steps no row of a block allows are
+ * skipped. */
 static void tile_lanes(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0,
-                       const vfloat *ht, int64_t num_vectors, vfloat *best, vint *best_id) {
+                       const vfloat *ht, int64_t num_vectors, const LaneMask *lm, vfloat *best, vint *best_id) {
     for (int64_t b = 0; b < num_vectors;) {
         int64_t rest = num_vectors - b, v = 0;
-        if (rest >= NB && rest != 4) {
+        int nb = rest >= NB && rest != 4 ? NB : rest >= 2 ? 2 : 1;
+        if (nb == NB) {
             for (; v + KV <= count; v += KV)
-                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, best, best_id);
+                if (block_needed(lm, b, NB, v, KV))
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, lm, best, best_id);
             for (; v < count; v++)
-                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, best, best_id);
-            b += NB;
-        } else if (rest >= 2) {
+                if (block_needed(lm, b, NB, v, 1))
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, lm, best, best_id);
+        } else if (nb == 2) {
             for (; v + KV <= count; v += KV)
-                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, best, best_id);
+                if (block_needed(lm, b, 2, v, KV))
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, lm, best, best_id);
             for (; v < count; v++)
-                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, best, best_id);
-            b += 2;
+                if (block_needed(lm, b, 2, v, 1))
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, lm, best, best_id);
         } else {
             for (; v + KV <= count; v += KV)
-                lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, best, best_id);
+                if (block_needed(lm, b, 1, v, KV))
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, lm, best, best_id);
             for (; v < count; v++)
-                lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, best, best_id);
-            b += 1;
+                if (block_needed(lm, b, 1, v, 1))
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, lm, best, best_id);
         }
+        b += nb;
     }
 }
 
-/* Dot products: tile rows [0, count) of w (ids v0 ..) against every hidden row. */
+/* Dot products: tile rows [0, count) of w (ids v0 ..) against every hidden row that allows them. */
 static void tile_dots(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, float *best,
                       int64_t *best_id) {
     int64_t H = p->hidden_size;
     for (int64_t v = 0; v < count; v++) {
         const float *row = w + v * stride;
+        int64_t id = v0 + v;
         for (int64_t b = 0; b < p->num_rows; b++) {
+            if (p->mask && !((p->mask[b * p->mask_words + (id >> 5)] >> (id & 31)) & 1u))
+                continue;
             const float *x = p->hidden + b * H;
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
@@ -156,7 +246,7 @@ static void tile_dots(const Problem *p, const float *w, int64_t stride, int64_t 
                 sum = round_to_bf16(sum);
             if (sum > best[b]) {
                 best[b] = sum;
-                best_id[b] = v0 + v;
+                best_id[b] = id;
             }
         }
     }
@@ -171,6 +261,9 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     float *scratch = NULL;
     vfloat *lane_best = NULL;
     vint *lane_id = NULL;
+    vuint *mask_words = NULL;
+    uint64_t *mask_any = NULL;
+    int64_t range_tiles = (hi - lo + TILE_VOCAB - 1) / TILE_VOCAB;
     int status = 0;
     if (p->bf16 && !(scratch = aligned_alloc(ALIGN, (size_t)(TILE_VOCAB * H * sizeof(float) + ALIGN))))
         status = 1;
@@ -178,6 +271,13 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         lane_best = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vfloat));
         lane_id = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vint));
         status = !lane_best || !lane_id;
+    }
+    if (lanes && p->mask && !status && range_tiles > 0) {
+        mask_words = aligned_alloc(ALIGN, (size_t)(2 * range_tiles * num_vectors) * sizeof(vuint));
+        mask_any = malloc((size_t)(range_tiles * (num_vectors + 1)) * sizeof(uint64_t));
+        status = !mask_words || !mask_any;
+        if (!status)
+            lane_masks(p, lo, range_tiles, num_vectors, mask_words, mask_any);
     }
     for (int64_t b = 0; b < B; b++) {
         best[b] = -__builtin_inff();
@@ -192,9 +292,18 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         }
     for (int64_t v0 = lo; v0 < hi && !status; v0 += TILE_VOCAB) {
         int64_t count = hi - v0 < TILE_VOCAB ? hi - v0 : TILE_VOCAB, stride;
+        int64_t t = (v0 - lo) / TILE_VOCAB;
+        LaneMask tile_mask, *lm = NULL;
+        if (mask_words) {
+            tile_mask = (LaneMask){mask_words + 2 * t * num_vectors, mask_words + (2 * t + 1) * num_vectors,
+                                   mask_any + t * (num_vectors + 1)};
+            lm = &tile_mask;
+        }
+        if (p->mask && !(lm ? lm->any[num_vectors] : rows_bits(p, v0)))
+            continue; /* every row forbids the whole tile */
         const float *w = tile_rows(p, v0, count, scratch, &stride);
         if (lanes)
-            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lane_best, lane_id);
+            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lane_best, lane_id);
         else
             tile_dots(p, w, stride, count, v0, best, best_id);
     }
@@ -206,13 +315,15 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     free(scratch);
     free(lane_best);
     free(lane_id);
+    free(mask_words);
+    free(mask_any);
     return status;
 }
 
 int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, const void *weight, int64_t vocab,
-                   int64_t row_stride, int bf16, int round_bf16, float *out_value, int64_t *out_id,
-                   int num_threads) {
-    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16};
+                   int64_t row_stride, int bf16, int round_bf16, const uint32_t *mask, int64_t mask_words,
+                   float *out_value, int64_t *out_id, int num_threads) {
+    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16, mask, mask_words};
     int64_t num_tiles = (vocab + TILE_VOCAB - 1) / TILE_VOCAB;
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > num_tiles)

@@ -1,6 +1,9 @@
 """The compiled greedy lm_head (greedy_kernel.c): each row's largest logit and its id over one vocabulary shard,
 without materialising the logits; built on first use with the system C compiler, cached, called through ctypes.
 
+Given a packed mask of allowed tokens per row (int32 words, bit t & 31 of word t >> 5, as llguidance writes them),
+only the allowed ids compete: the first maximum of the masked logits, exact, in one pass (greedy structured output).
+
 CPU only, float32 or bfloat16 weights (a bf16 lm_head's logits are rounded to bf16 before they are compared, as
 torch's are). It runs on torch.get_num_threads() threads of the OpenMP runtime torch itself loaded. Without a
 working compiler, or with OMNISTREAM_GREEDY_KERNEL=0, `load_kernel` returns None and greedy_head.py keeps its
@@ -28,6 +31,7 @@ DISABLE_ENV = "OMNISTREAM_GREEDY_KERNEL"  # "0": never build or use the kernel
 _ARGTYPES = [
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # hidden, rows, hidden size
     ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,  # weight, vocab, stride, bf16, round
+    ctypes.c_void_p, ctypes.c_int64,  # allowed-token mask (or NULL), its words per row
     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # out values, out ids, threads
 ]
 
@@ -59,19 +63,32 @@ def supports(weight: torch.Tensor, hidden_dtype: torch.dtype) -> bool:
     )
 
 
-def greedy_max(weight: torch.Tensor, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_max(
+    weight: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest logit of each row of hidden [B, H] against weight [V, H] and its id (first maximum): values in
-    hidden's dtype [B], ids int64 [B]. Call only where `supports(weight, hidden.dtype)` holds."""
+    hidden's dtype [B], ids int64 [B]. With `allowed` (int32 [B, W], W * 32 >= V: row b may take id t when bit
+    t & 31 of allowed[b, t >> 5] is set) only allowed ids compete; a row allowing none gets id 0 and value -inf.
+    Call only where `supports(weight, hidden.dtype)` holds."""
     library = load_kernel()
     if library is None:
         raise RuntimeError("greedy lm_head: the cpu kernel is not available")
     rows = hidden.float().contiguous()
+    mask_ptr, mask_words = None, 0
+    if allowed is not None:
+        if allowed.dtype != torch.int32 or allowed.shape[0] != rows.shape[0] or allowed.shape[1] * 32 < weight.shape[0]:
+            raise ValueError(
+                f"greedy lm_head: the mask must be int32 [{rows.shape[0]}, >= {-(-weight.shape[0] // 32)}] words, "
+                f"not {allowed.dtype} {list(allowed.shape)}"
+            )
+        allowed = allowed.contiguous()
+        mask_ptr, mask_words = allowed.data_ptr(), allowed.shape[1]
     values = torch.empty(rows.shape[0], dtype=torch.float32)
     ids = torch.empty(rows.shape[0], dtype=torch.int64)
     bf16 = int(weight.dtype == torch.bfloat16)
     status = library.greedy_lm_head(
         rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), weight.shape[0], weight.stride(0),
-        bf16, bf16, values.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
+        bf16, bf16, mask_ptr, mask_words, values.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("greedy lm_head: the cpu kernel could not allocate its scratch memory")

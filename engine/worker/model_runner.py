@@ -24,7 +24,7 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.worker.cuda_graphs import decode_graphs_for
-from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens, prepare_greedy_head
+from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens, masked_greedy_serves, prepare_greedy_head
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
@@ -330,11 +330,7 @@ class ModelRunner:
         meta = self.sampling.prepare(batch.sample_req_ids, num_outputs)
         hidden = hidden[batch.sample_rows]
         if meta.plain_greedy and greedy_pays(self.model.lm_head, meta.num_rows):
-            tokens = greedy_tokens(self.model.lm_head, hidden)
-            grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling, tokens)  # (waits)
-            if grammar is not None:
-                tokens = grammar.correct_greedy(tokens, hidden, self.model.lm_head, self.model.compute_logits)
-            return DeviceSample(tokens, None, meta)
+            return DeviceSample(self._greedy(hidden, batch.sample_req_ids, so, filling), None, meta)
         logits = self.model.compute_logits(hidden)
         grammar = StepBitmask.from_scheduler_output(so, batch.sample_req_ids, filling)  # (waits for the masks)
         if grammar is not None:
@@ -342,3 +338,22 @@ class ModelRunner:
         out = sample(logits, meta)
         self.sampling.record(meta, out.token_ids)
         return DeviceSample(out.token_ids, out, meta)
+
+    def _greedy(
+        self, hidden: torch.Tensor, req_ids: list[str], so: SchedulerOutput, filling: PendingMasks | None
+    ) -> torch.Tensor:
+        """The greedy head's ids [B] for hidden [B, H]; a constrained row takes the first maximum of the tokens its
+        grammar allows. Where the compiled head takes masks and every mask is ready when it runs (filled beside
+        the forward, or in the SchedulerOutput), it waits for them just before the head and masks inside it;
+        else the head runs unmasked, then the rows whose grammar rejects their token are corrected (on demand,
+        the masked head over just those rows did not beat the correction: benchmarks/structured_output.py)."""
+        lm_head = self.model.lm_head
+        if masked_greedy_serves(lm_head, hidden.dtype) and (filling is None or filling.beside_forward):
+            grammar = StepBitmask.from_scheduler_output(so, req_ids, filling)  # (waits for the masks)
+            allowed = None if grammar is None else grammar.row_words(hidden.shape[0], lm_head.weight.shape[0])
+            return greedy_tokens(lm_head, hidden, allowed)
+        tokens = greedy_tokens(lm_head, hidden)
+        grammar = StepBitmask.from_scheduler_output(so, req_ids, filling, tokens)  # (waits)
+        if grammar is not None:
+            tokens = grammar.correct_greedy(tokens, hidden, lm_head, self.model.compute_logits)
+        return tokens

@@ -8,6 +8,9 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
 - `apply` sets the forbidden logits of the constrained rows to -inf before the sampler's pass. The words are
   unpacked to one bool per token in one vectorized call (numpy's table-driven unpackbits on the host; a gather
   of word t >> 5, bit t & 31 on any other device, so only the packed words travel there).
+- `row_words` lays the masks out for the compiled greedy head (greedy_head.greedy_tokens with `allowed`), which
+  takes each row's first maximum over its allowed tokens directly: the runner's way where that kernel serves and
+  every mask is ready when the head runs (filled beside the forward, or received in the SchedulerOutput).
 - `correct_greedy` serves a batch whose rows all take the first maximum from the chunked greedy head, which
   never materialises the logits. A constrained row keeps its token when its grammar allows it: that token is the
   first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
@@ -36,6 +39,8 @@ PROJECTED_FRACTION = 0.25  # a rejected row projects only the weight rows of the
 
 class PendingMasks(Protocol):
     """The engine core's masks of a step, still being filled (engine/core/structured_output/masks.py)."""
+
+    beside_forward: bool  # every row's mask is being filled while the forward runs (else on demand, when asked)
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
         """[R, W] int32; given each row's greedy token, a row whose grammar allows it may allow every token."""
@@ -70,6 +75,16 @@ class StepBitmask:
     def apply(self, logits: torch.Tensor) -> None:
         """In place: -inf for every token that a constrained row's grammar forbids."""
         apply_token_bitmask(logits, self.words, self.rows)
+
+    def row_words(self, num_rows: int, vocab: int) -> torch.Tensor:
+        """int32 [num_rows, ceil(vocab / 32)]: each constrained row's words, every token allowed in the other rows;
+        a constrained row's tokens past its words (padding rows of the vocabulary) are forbidden."""
+        width = -(-vocab // 32)
+        dense = torch.full((num_rows, width), -1, dtype=torch.int32)
+        used = min(width, self.words.shape[1])
+        dense[self.rows, :used] = self.words[:, :used]
+        dense[self.rows, used:] = 0
+        return dense
 
     def correct_greedy(
         self,

@@ -1,10 +1,13 @@
 """The compiled greedy lm_head picks what its torch twin (greedy_head.chunked_max) and `logits.max(-1)` pick: the
 first maximum, in float32 and bfloat16, for any number of rows, vocabularies that are not a multiple of its tile,
 hidden sizes that are not a multiple of its vectors, vocabulary shards (views with a row stride), and any number of
-threads; without the kernel (OMNISTREAM_GREEDY_KERNEL=0) the torch path answers the same."""
+threads; without the kernel (OMNISTREAM_GREEDY_KERNEL=0) the torch path answers the same. Given masks of allowed
+tokens, the kernel answers as its twin (full logits, -inf where forbidden, first maximum) for dense, sparse,
+single-token, whole-tile and empty masks."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -126,3 +129,105 @@ def test_the_kernel_is_built_at_start_up_for_a_cpu_lm_head_only(monkeypatch):
     assert built == []
     greedy_head.prepare_greedy_head(ParallelLMHead(VOCAB, HIDDEN))
     assert built == [True]
+
+
+def _allowed_bits(words: torch.Tensor, vocab: int) -> torch.Tensor:
+    """bool [R, vocab], one bit at a time: id t is allowed when bit t % 32 of word t // 32 is set."""
+    allowed = torch.zeros(words.shape[0], vocab, dtype=torch.bool)
+    for i, row in enumerate(words.tolist()):
+        for t in range(vocab):
+            allowed[i, t] = (row[t // 32] >> (t % 32)) & 1 == 1
+    return allowed
+
+
+def _masks(rows: int, vocab: int, seed: int, extra_words: int = 0) -> torch.Tensor:
+    """int32 [rows, ceil(vocab / 32) + extra_words] of mixed kinds: dense, sparse, one id, every id, random, a few
+    whole tiles; row 4 allows nothing, and every row forbids a run of tiles (ids 128 to 639)."""
+    gen = torch.Generator().manual_seed(seed)
+    width = -(-vocab // 32) + extra_words
+    allowed = torch.zeros(rows, width * 32, dtype=torch.bool)
+    for i in range(rows):
+        kind = i % 6
+        if kind == 0:
+            allowed[i] = torch.rand(width * 32, generator=gen) < 0.9
+        elif kind == 1:
+            allowed[i] = torch.rand(width * 32, generator=gen) < 0.01
+        elif kind == 2:
+            allowed[i, int(torch.randint(vocab, (1,), generator=gen))] = True
+        elif kind == 3:
+            allowed[i] = True
+        elif kind == 4 and i != 4:  # row 4 forbids every id
+            allowed[i] = torch.rand(width * 32, generator=gen) < 0.5
+        elif kind == 5:
+            for tile in torch.randint(vocab // 64 + 1, (3,), generator=gen).tolist():
+                allowed[i, 64 * tile : 64 * tile + 64] = True
+    allowed[:, 128:640] = False
+    return torch.from_numpy(np.packbits(allowed.numpy(), axis=1, bitorder="little").view("<i4").copy())
+
+
+def _masked_twin(weight: torch.Tensor, hidden: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+    """Full logits, -inf where the bit is 0, argmax (the first maximum)."""
+    logits = F.linear(hidden, weight).float()
+    return logits.masked_fill(~_allowed_bits(words, weight.shape[0]), float("-inf")).max(dim=-1).indices
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("rows", [1, 5, 8, 24, 64, 70])  # dot products below 8 rows, lanes from 8
+def test_the_masked_kernel_picks_the_first_maximum_of_the_allowed_ids_as_its_twin(
+    monkeypatch, dtype, threads, rows
+):
+    monkeypatch.setattr(greedy_kernel.torch, "get_num_threads", lambda: threads)
+    weight, hidden = _weight(dtype, 20 + rows), _hidden(rows, dtype, 30 + rows)
+    words = _masks(rows, VOCAB, seed=rows, extra_words=rows % 2)
+    unmasked = F.linear(hidden, weight).max(dim=-1).indices
+    for row in range(0, rows, 2):  # these rows forbid their unmasked answer: the masks must change it
+        words[row, unmasked[row] // 32] &= ~(torch.tensor(1, dtype=torch.int32) << int(unmasked[row] % 32))
+    values, ids = greedy_kernel.greedy_max(weight, hidden, words)
+    want = _masked_twin(weight, hidden, words)
+    allowed = _allowed_bits(words, VOCAB)
+    logits = F.linear(hidden.double(), weight.double()).masked_fill(~allowed, float("-inf"))
+    top2 = logits.topk(2, dim=-1).values
+    clear = (top2[:, 0] - top2[:, 1]) > 1e-3 * top2[:, 0].abs().clamp(min=1.0)  # a single allowed id is clear
+    assert clear.float().mean() > 0.6
+    assert torch.equal(ids[clear], want[clear])
+    assert allowed[torch.arange(rows), ids][allowed.any(dim=-1)].all()  # every row that allows an id gets one
+    nothing = ~allowed.any(dim=-1)
+    assert torch.equal(ids[nothing], torch.zeros_like(ids[nothing]))  # as argmax over -inf
+    assert torch.isinf(values[nothing].float()).all()
+    assert (ids[::2] != unmasked[::2]).all()
+
+
+@pytest.mark.parametrize("rows", [3, 40])
+def test_the_masked_kernel_keeps_the_first_of_tied_allowed_ids(rows):
+    weight, hidden = _weight(torch.float32, 11), _hidden(rows, torch.float32, 12)
+    weight[1030] = weight[700] = weight[5] = 40.0 * hidden[-1]  # a tie across tiles
+    words = torch.full((rows, 33), -1, dtype=torch.int32)
+    words[-1, 0] = 0  # id 5 forbidden: 700 is the first allowed of the tie
+    _, ids = greedy_kernel.greedy_max(weight, hidden, words)
+    assert ids[-1] == 700
+    words[-1] = 0
+    words[-1, 1030 // 32] = 1 << (1030 % 32)  # only 1030
+    assert greedy_kernel.greedy_max(weight, hidden, words)[1][-1] == 1030
+
+
+def test_a_mask_too_narrow_for_the_vocabulary_is_refused():
+    weight, hidden = _weight(torch.float32), _hidden(4, torch.float32)
+    with pytest.raises(ValueError, match="int32"):
+        greedy_kernel.greedy_max(weight, hidden, torch.full((4, 32), -1, dtype=torch.int32))  # 1024 < 1037 ids
+    with pytest.raises(ValueError, match="int32"):
+        greedy_kernel.greedy_max(weight, hidden, torch.full((3, 33), -1, dtype=torch.int32))
+
+
+def test_greedy_tokens_takes_masks_only_where_the_kernel_serves_one_rank(monkeypatch):
+    lm_head = ParallelLMHead(VOCAB, HIDDEN)
+    lm_head.weight.normal_(generator=torch.Generator().manual_seed(13))
+    hidden = _hidden(16, torch.float32, 14)
+    words = _masks(16, VOCAB, seed=15)
+    assert greedy_head.masked_greedy_serves(lm_head, torch.float32)
+    want = greedy_kernel.greedy_max(lm_head.weight, hidden, words)[1]
+    assert torch.equal(greedy_head.greedy_tokens(lm_head, hidden, words), want)
+    monkeypatch.setattr(lm_head, "tp_size", 2)
+    assert not greedy_head.masked_greedy_serves(lm_head, torch.float32)
+    with pytest.raises(ValueError, match="one rank"):
+        greedy_head.greedy_tokens(lm_head, hidden, words)

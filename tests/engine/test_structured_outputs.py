@@ -8,6 +8,8 @@ import concurrent.futures
 import json
 import random
 import re
+import threading
+import time
 
 import jsonschema
 import numpy as np
@@ -18,7 +20,7 @@ from omnistream import LLM, SamplingParams
 from omnistream.engine.core.structured_output.compiler import GrammarError
 from omnistream.engine.core.structured_output import masks
 from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
-from omnistream.engine.worker import model_runner
+from omnistream.engine.worker import greedy_kernel, model_runner
 from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
 
@@ -151,32 +153,46 @@ def test_the_bitmask_is_applied_like_a_full_masked_fill(kind):
     assert torch.equal(logits, expected)
 
 
-def test_a_large_greedy_batch_corrects_the_greedy_head_exactly_like_full_masked_logits(llm, monkeypatch):
-    """From 64 rows the greedy head serves the batch and only the rows whose grammar forbids its token are
-    recomputed; the answers equal full logits + mask (the greedy head switched off) and are all valid."""
+def test_a_large_greedy_batch_masks_or_corrects_the_greedy_head_exactly_like_full_masked_logits(llm, monkeypatch):
+    """From 64 rows the greedy head serves the batch. With every mask filled beside the forward, the compiled head
+    takes them and picks among the allowed tokens itself; with masks on demand, only the rows whose grammar forbids
+    their greedy token are recomputed. Both answer exactly like full logits + mask (the greedy head switched off),
+    and every answer is valid."""
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 5}},
               "required": ["ok", "name"], "additionalProperties": False}  # short answers: a fast test
     specs = [Spec(json=json.dumps(schema)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
     prompts = [f"Row {i}:" for i in range(64)]
     params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4]) for i in range(64)]
-    corrected = []
-    correct_greedy = StepBitmask.correct_greedy
+    corrected, masked_heads = [], []
+    correct_greedy, greedy_tokens = StepBitmask.correct_greedy, model_runner.greedy_tokens
 
     def counted(self, token_ids, *args):
         out = correct_greedy(self, token_ids, *args)
         corrected.append(int((out != token_ids).sum()))
         return out
 
+    def noted(lm_head, hidden, allowed=None):
+        masked_heads.append(allowed is not None)
+        return greedy_tokens(lm_head, hidden, allowed)
+
     monkeypatch.setattr(StepBitmask, "correct_greedy", counted)
+    monkeypatch.setattr(model_runner, "greedy_tokens", noted)
     manager = llm.engine.structured_output
+    monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
+    masked = llm.generate(prompts, params, use_tqdm=False)
+    kernel = greedy_kernel.load_kernel() is not None
+    assert (sum(masked_heads) > 10) == kernel and (sum(corrected) == 0) == kernel
     monkeypatch.setattr(manager, "fill_mode", "on-demand")  # masks only for the rows the grammar rejects
+    corrected.clear()
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
     monkeypatch.setattr(model_runner, "greedy_pays", lambda lm_head, num_rows: False)
-    monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
+    monkeypatch.setattr(manager, "fill_mode", "beside")
     slow = llm.generate(prompts, params, use_tqdm=False)
-    assert [o.outputs[0].token_ids for o in fast] == [o.outputs[0].token_ids for o in slow]
-    _assert_complete_and_valid(fast, params, schema)
+    want = [o.outputs[0].token_ids for o in slow]
+    assert [o.outputs[0].token_ids for o in fast] == want
+    assert [o.outputs[0].token_ids for o in masked] == want
+    _assert_complete_and_valid(masked, params, schema)
 
 
 def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
@@ -205,6 +221,25 @@ def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar
     assert np.array_equal(MasksOnDemand(filler, matchers).result(), full)
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         assert np.array_equal(MasksBesideForward(pool, filler, matchers).result(chosen), full)
+
+
+def test_the_runner_fills_the_masks_the_busy_worker_has_not_taken(llm):
+    compiler = llm.engine.structured_output.compiler
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    matchers = [(compiler.compile(spec), i) for i, spec in enumerate(specs)]
+    filler = MaskFiller(compiler.vocab_size, threads=1)
+    full = filler.fill(matchers, len(matchers))
+    assert not (full == -1).all(axis=1).any()  # every row forbids something: the comparison below is real
+    release = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        pool.submit(release.wait, 30)  # the worker thread is busy: no row is taken before the runner asks
+        masks_ = MasksBesideForward(pool, filler, matchers)
+        start = time.monotonic()
+        got = masks_.result()
+        assert time.monotonic() - start < 10  # without waiting for the busy worker
+        release.set()
+        masks_.settle()
+    assert np.array_equal(got, full)
 
 
 def test_masks_are_filled_beside_the_forward_only_on_cores_the_forward_leaves_free(monkeypatch):

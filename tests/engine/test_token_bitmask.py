@@ -125,3 +125,15 @@ def test_the_step_bitmask_reads_the_rows_of_the_scheduler_output():
     so.grammar_req_ids = []
     assert StepBitmask.from_scheduler_output(so, ["a"]) is None
     assert np.array_equal(_allowed_twin(words, 96).numpy(), unpack_allowed(words, 96, "cpu").numpy())
+
+
+@pytest.mark.parametrize("vocab", [32 * 7, 32 * 7 - 5, 32 * 9 + 3])  # as wide as the words, narrower, wider
+def test_row_words_lay_the_masks_out_for_the_greedy_head(vocab):
+    words = _words(3, 7, seed=vocab, kinds=("random", "few", "none"))
+    dense = StepBitmask([4, 0, 2], words).row_words(6, vocab)
+    width = -(-vocab // 32)
+    assert dense.shape == (6, width) and dense.dtype == torch.int32
+    allowed = _allowed_twin(dense, vocab)
+    want = _allowed_twin(words, vocab)  # past the words: forbidden
+    assert torch.equal(allowed[[4, 0, 2]], want)
+    assert allowed[[1, 3, 5]].all()  # rows without a grammar allow every token

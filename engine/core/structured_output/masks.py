@@ -1,9 +1,10 @@
 """One step's masks of allowed tokens as the runner receives them (token_bitmask.PendingMasks), filled by
 llguidance in parallel (without the GIL) in one of two ways, chosen once by `mask_threads`:
 
-- MasksBesideForward: on a worker thread, started before the forward, so the forward and the greedy head
-  run meanwhile; used where cores are free during the forward (every core beside a GPU; on a CPU, those that
-  torch's threads leave).
+- MasksBesideForward: on a worker thread, started before the forward, so the forward runs meanwhile and the
+  compiled greedy head takes every row's mask when it starts; used where cores are free during the forward
+  (every core beside a GPU; on a CPU, those that torch's threads leave). Rows the worker has not taken when the
+  runner asks (the forward was faster) are filled by the runner's thread beside it.
 - MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
   core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
   whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import threading
 
 import llguidance
 import llguidance.numpy
@@ -38,25 +40,59 @@ class MaskFiller:
 
     def __init__(self, vocab_size: int, threads: int) -> None:
         self.vocab_size = vocab_size
-        self._threads = threads
+        self.threads = threads
         self._executor: llguidance.LLExecutor | None = None
 
-    def fill(self, matchers: Matchers, num_rows: int) -> np.ndarray:
+    def allocate(self, num_rows: int) -> np.ndarray:
+        """[num_rows, W] int32, every token allowed."""
+        return llguidance.numpy.allocate_token_bitmask(num_rows, self.vocab_size)
+
+    def fill_into(self, matchers: Matchers, bitmask: np.ndarray, parallel: bool = True) -> None:
+        """Each matcher's mask into its row of bitmask: on the filler's threads, or (parallel False) on the
+        calling thread, beside any fill running on those threads (llguidance drops the GIL either way)."""
+        if not parallel:
+            for matcher, row in matchers:
+                llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, row)
+            return
         if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=self._threads)
-        bitmask = llguidance.numpy.allocate_token_bitmask(num_rows, self.vocab_size)
+            self._executor = llguidance.LLExecutor(num_threads=self.threads)
         if matchers:
             llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+
+    def fill(self, matchers: Matchers, num_rows: int) -> np.ndarray:
+        bitmask = self.allocate(num_rows)
+        self.fill_into(matchers, bitmask)
         return bitmask
 
 
 class MasksBesideForward:
+    """The worker thread takes the rows in chunks (one row per filler thread); when the runner asks before every
+    row is taken (the forward ended first), it fills the rows left itself, beside the worker."""
+
+    beside_forward = True
+
     def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, filler: MaskFiller, matchers: Matchers) -> None:
-        self._future = pool.submit(filler.fill, matchers, len(matchers))
+        self._filler = filler
+        self._bitmask = filler.allocate(len(matchers))
+        self._left = matchers[::-1]  # taken from the end: in row order
+        self._lock = threading.Lock()
+        self._future = pool.submit(self._fill_left, filler.threads, True)
+
+    def _fill_left(self, chunk: int, parallel: bool) -> None:
+        while True:
+            with self._lock:
+                taken = self._left[-chunk:][::-1]
+                del self._left[-chunk:]
+            if not taken:
+                return
+            self._filler.fill_into(taken, self._bitmask, parallel)
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
-        """Every row's mask (`chosen` is not needed: they were filled meanwhile)."""
-        return self._future.result()
+        """Every row's mask (`chosen` is not needed: they are all filled); fills the rows not taken yet."""
+        self._fill_left(1, False)
+        if not self._future.cancel():  # the worker started: wait for the rows it has taken
+            self._future.result()
+        return self._bitmask
 
     def settle(self) -> None:
         """Return once the worker thread no longer reads the matchers."""
@@ -64,6 +100,8 @@ class MasksBesideForward:
 
 
 class MasksOnDemand:
+    beside_forward = False
+
     def __init__(self, filler: MaskFiller, matchers: Matchers) -> None:
         self._filler = filler
         self._matchers = matchers
