@@ -20,7 +20,11 @@
  *   one vector holds one hidden element of LANES batch rows; each weight element is broadcast and multiplied into
  *   KV x NB accumulators (KV vocabulary rows x NB vectors of batch rows), and a running maximum and its id are
  *   kept per lane with vector compares: no horizontal sums;
- * - dot products (fewer rows): one vectorised dot product per (row, vocabulary id), for a memory-bound GEMV.
+ * - ids in lanes (fewer rows): groups of LANES vocabulary rows; per batch row, one vector of partial sums per id
+ *   (hidden in blocks of HIDDEN_BLOCK, so that a group's rows stay in L1 while every batch row meets them), folded
+ *   into one vector that holds the group's LANES logits, one per lane; a running maximum and its id are kept per
+ *   lane, and the lanes are merged once per call. With `prefetch` the weight rows a tile ahead are asked for while
+ *   a group is computed (off where the weight lies on huge pages: there it measured slower).
  * Threads are OpenMP's (the runtime torch itself loaded when it is libgomp), at most `num_threads`; the ranges'
  * winners are merged in vocabulary order, so the result does not depend on the number of threads. */
 
@@ -35,18 +39,22 @@
 #define KV 8 /* vocabulary rows per micro-kernel step */
 #define NB 3 /* vectors of batch rows per micro-kernel step: KV x NB accumulators in registers */
 #define LANES_FROM_ROWS 8
+#define HIDDEN_BLOCK 256 /* ids in lanes: hidden elements per pass over a group's LANES rows (16 KB of fp32) */
+#define PREFETCH_AHEAD TILE_VOCAB /* ids in lanes: vocabulary rows between a group and the rows it prefetches */
+#define LINE 64
 #define ALIGN 64
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
 typedef uint32_t vuint __attribute__((vector_size(LANES * sizeof(uint32_t))));
+typedef float vfloat_unaligned __attribute__((vector_size(LANES * sizeof(float)), aligned(4), may_alias));
 
 typedef struct {
     const float *hidden;
     int64_t num_rows, hidden_size;
     const void *weight;
     int64_t vocab, row_stride;
-    int bf16, round_bf16;
+    int bf16, round_bf16, prefetch;
     const uint32_t *mask; /* [B, mask_words] allowed ids, or NULL: every id allowed */
     int64_t mask_words;
 } Problem;
@@ -133,13 +141,18 @@ static void lane_masks(const Problem *p, int64_t lo, int64_t num_tiles, int64_t 
     }
 }
 
-/* Keep the larger of best/candidate per lane (the earlier id on ties: candidates come in increasing id). */
-static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
+/* Keep the larger of best/candidate per lane (the earlier id on ties: each lane's candidates come in increasing
+ * id); id: the candidates' ids. */
+static inline void keep_max_ids(vfloat *best, vint *best_id, vfloat candidate, vint id, int round_bf16) {
     if (round_bf16)
         candidate = round_to_bf16_lanes(candidate);
     vint better = candidate > *best;
     *best = (vfloat)(((vint)candidate & better) | ((vint)*best & ~better));
     *best_id = (better & id) | (*best_id & ~better);
+}
+
+static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
+    keep_max_ids(best, best_id, candidate, (vint){0} + id, round_bf16);
 }
 
 /* -inf in the lanes of acc[k][j] (id v + k of the tile, batch vector b + j) that lm forbids, so that they never win. */
@@ -227,39 +240,127 @@ static void tile_lanes(const Problem *p, const float *w, int64_t stride, int64_t
     }
 }
 
-/* Dot products: tile rows [0, count) of w (ids v0 ..) against every hidden row that allows them. */
-static void tile_dots(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, float *best,
-                      int64_t *best_id) {
-    int64_t H = p->hidden_size;
-    for (int64_t v = 0; v < count; v++) {
-        const float *row = w + v * stride;
-        int64_t id = v0 + v;
-        for (int64_t b = 0; b < p->num_rows; b++) {
-            if (p->mask && !((p->mask[b * p->mask_words + (id >> 5)] >> (id & 31)) & 1u))
+/* Sixteen vectors of partial sums folded into one: lane `fold_order[k]` of the result holds the sum of the lanes of
+ * acc[k] (each step adds the halves of two vectors into one). */
+static inline vfloat fold_lanes(const vfloat acc[LANES]) {
+    const vint half_lo = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+    const vint half_hi = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+    const vint quarter_lo = {0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27};
+    const vint quarter_hi = {4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31};
+    const vint pair_lo = {0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29};
+    const vint pair_hi = {2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31};
+    const vint single_lo = {0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30};
+    const vint single_hi = {1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31};
+    vfloat s8[8], s4[4], s2[2];
+    for (int i = 0; i < 8; i++)
+        s8[i] = __builtin_shuffle(acc[2 * i], acc[2 * i + 1], half_lo) +
+                __builtin_shuffle(acc[2 * i], acc[2 * i + 1], half_hi);
+    for (int i = 0; i < 4; i++)
+        s4[i] = __builtin_shuffle(s8[2 * i], s8[2 * i + 1], quarter_lo) +
+                __builtin_shuffle(s8[2 * i], s8[2 * i + 1], quarter_hi);
+    for (int i = 0; i < 2; i++)
+        s2[i] = __builtin_shuffle(s4[2 * i], s4[2 * i + 1], pair_lo) +
+                __builtin_shuffle(s4[2 * i], s4[2 * i + 1], pair_hi);
+    return __builtin_shuffle(s2[0], s2[1], single_lo) + __builtin_shuffle(s2[0], s2[1], single_hi);
+}
+
+/* The id offset of each lane after fold_lanes: fold_lanes of vectors whose lanes sum to k. */
+static vint fold_order(void) {
+    vfloat acc[LANES];
+    for (int k = 0; k < LANES; k++)
+        for (int j = 0; j < LANES; j++)
+            acc[k][j] = j == 0 ? (float)k : 0.0f;
+    vfloat order = fold_lanes(acc);
+    vint ids;
+    for (int j = 0; j < LANES; j++)
+        ids[j] = (int32_t)order[j];
+    return ids;
+}
+
+/* acc[k] += the products of rows w + k * stride and x over hidden elements [0, n) (acc zeroed first when `fresh`);
+ * elements past the last full vector go to lane 0. */
+static inline __attribute__((always_inline)) void group_dots(const float *w, int64_t stride, const float *x, int64_t n,
+                                                             vfloat acc[LANES], int fresh) {
+    vfloat a[LANES];
+    for (int k = 0; k < LANES; k++)
+        a[k] = fresh ? (vfloat){0} : acc[k];
+    int64_t h = 0;
+    for (; h + LANES <= n; h += LANES) {
+        vfloat xv = *(const vfloat_unaligned *)(x + h);
+        for (int k = 0; k < LANES; k++)
+            a[k] += *(const vfloat_unaligned *)(w + k * stride + h) * xv;
+    }
+    for (; h < n; h++)
+        for (int k = 0; k < LANES; k++)
+            a[k][0] += w[k * stride + h] * x[h];
+    for (int k = 0; k < LANES; k++)
+        acc[k] = a[k];
+}
+
+/* Ask for the weight rows [v, v + count) (in the weight's own dtype) to be brought into the cache. */
+static inline void prefetch_rows(const Problem *p, int64_t v, int64_t count) {
+    int64_t size = p->bf16 ? 2 : 4, bytes = p->hidden_size * size;
+    const char *base = (const char *)p->weight;
+    for (int64_t r = v; r < v + count && r < p->vocab; r++)
+        for (int64_t offset = 0; offset < bytes; offset += LINE)
+            __builtin_prefetch(base + (r * p->row_stride) * size + offset, 0, 3);
+}
+
+/* Ids in lanes: tile rows [0, count) of w (ids v0 ..) against each batch row that allows them, in groups of LANES
+ * rows (a last group of fewer rows copied into pad [LANES, H] after zeros, its missing lanes never winning);
+ * best / best_id [B]: per batch row, the running maximum of each lane and its id. acc: [B, LANES] scratch. */
+static void tile_ids(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, vint order,
+                     float *pad, vfloat *acc, vfloat *best, vint *best_id) {
+    int64_t B = p->num_rows, H = p->hidden_size;
+    const vint minus_inf = (vint)((vfloat){0} - __builtin_inff());
+    for (int64_t g = 0; g < count; g += LANES) {
+        int64_t n = count - g < LANES ? count - g : LANES, group_stride = stride;
+        const float *rows = w + g * stride;
+        if (p->prefetch)
+            prefetch_rows(p, v0 + g + PREFETCH_AHEAD, LANES);
+        if (n < LANES) {
+            memset(pad, 0, (size_t)(LANES * H) * sizeof(float));
+            for (int64_t k = 0; k < n; k++)
+                memcpy(pad + k * H, rows + k * stride, (size_t)H * sizeof(float));
+            rows = pad;
+            group_stride = H;
+        }
+        uint32_t wanted[LANES_FROM_ROWS];
+        for (int64_t b = 0; b < B; b++) {
+            uint32_t bits = n < LANES ? (1u << n) - 1u : 0xFFFFu;
+            int64_t id = v0 + g;
+            if (p->mask)
+                bits &= p->mask[b * p->mask_words + (id >> 5)] >> (id & 31);
+            wanted[b] = bits;
+        }
+        for (int64_t h0 = 0; h0 < H; h0 += HIDDEN_BLOCK) {
+            int64_t n_h = H - h0 < HIDDEN_BLOCK ? H - h0 : HIDDEN_BLOCK;
+            for (int64_t b = 0; b < B; b++)
+                if (wanted[b])
+                    group_dots(rows + h0, group_stride, p->hidden + b * H + h0, n_h, acc + b * LANES, h0 == 0);
+        }
+        vint ids = order + (int32_t)(v0 + g);
+        for (int64_t b = 0; b < B; b++) {
+            if (!wanted[b])
                 continue;
-            const float *x = p->hidden + b * H;
-            float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-            for (int64_t h = 0; h < H; h++)
-                sum += x[h] * row[h];
-            if (p->round_bf16)
-                sum = round_to_bf16(sum);
-            if (sum > best[b]) {
-                best[b] = sum;
-                best_id[b] = id;
-            }
+            vfloat logits = fold_lanes(acc + b * LANES);
+            vint ok = -(vint)(((vuint){0} + wanted[b]) >> (vuint)order & 1u);
+            logits = (vfloat)(((vint)logits & ok) | (minus_inf & ~ok));
+            keep_max_ids(&best[b], &best_id[b], logits, ids, p->round_bf16);
         }
     }
 }
 
 /* One thread's vocabulary range [lo, hi): its best value and id per row into best / best_id [B].
  * Returns nonzero when scratch memory could not be allocated. */
-static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht, float *best, int64_t *best_id) {
+static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht, vint order, float *best,
+                     int64_t *best_id) {
     int64_t B = p->num_rows, H = p->hidden_size;
     int lanes = B >= LANES_FROM_ROWS;
     int64_t num_vectors = (B + LANES - 1) / LANES;
-    float *scratch = NULL;
-    vfloat *lane_best = NULL;
+    int64_t num_best = lanes ? num_vectors : B; /* rows in lanes: a lane per row; ids in lanes: a vector per row */
+    float *scratch = NULL, *pad = NULL;
+    vfloat *lane_best = NULL, *acc = NULL;
     vint *lane_id = NULL;
     vuint *mask_words = NULL;
     uint64_t *mask_any = NULL;
@@ -267,10 +368,15 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     int status = 0;
     if (p->bf16 && !(scratch = aligned_alloc(ALIGN, (size_t)(TILE_VOCAB * H * sizeof(float) + ALIGN))))
         status = 1;
-    if (lanes && !status) {
-        lane_best = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vfloat));
-        lane_id = aligned_alloc(ALIGN, (size_t)num_vectors * sizeof(vint));
+    if (!status) {
+        lane_best = aligned_alloc(ALIGN, (size_t)num_best * sizeof(vfloat));
+        lane_id = aligned_alloc(ALIGN, (size_t)num_best * sizeof(vint));
         status = !lane_best || !lane_id;
+    }
+    if (!lanes && !status) {
+        pad = aligned_alloc(ALIGN, (size_t)(LANES * H * sizeof(float) + ALIGN));
+        acc = aligned_alloc(ALIGN, (size_t)(B * LANES) * sizeof(vfloat));
+        status = !pad || !acc;
     }
     if (lanes && p->mask && !status && range_tiles > 0) {
         mask_words = aligned_alloc(ALIGN, (size_t)(2 * range_tiles * num_vectors) * sizeof(vuint));
@@ -279,17 +385,10 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         if (!status)
             lane_masks(p, lo, range_tiles, num_vectors, mask_words, mask_any);
     }
-    for (int64_t b = 0; b < B; b++) {
-        best[b] = -__builtin_inff();
-        best_id[b] = lo < hi ? lo : 0;
+    for (int64_t i = 0; i < num_best && !status; i++) {
+        lane_best[i] = (vfloat){0} - __builtin_inff();
+        lane_id[i] = (vint){0} + (int32_t)(lo < hi ? lo : 0);
     }
-    if (lanes && !status)
-        for (int64_t i = 0; i < num_vectors; i++) {
-            for (int j = 0; j < LANES; j++) {
-                lane_best[i][j] = -__builtin_inff();
-                lane_id[i][j] = (int32_t)lo;
-            }
-        }
     for (int64_t v0 = lo; v0 < hi && !status; v0 += TILE_VOCAB) {
         int64_t count = hi - v0 < TILE_VOCAB ? hi - v0 : TILE_VOCAB, stride;
         int64_t t = (v0 - lo) / TILE_VOCAB;
@@ -305,14 +404,25 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         if (lanes)
             tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lane_best, lane_id);
         else
-            tile_dots(p, w, stride, count, v0, best, best_id);
+            tile_ids(p, w, stride, count, v0, order, pad, acc, lane_best, lane_id);
     }
-    if (lanes && !status)
-        for (int64_t b = 0; b < B; b++) {
+    for (int64_t b = 0; b < B && !status; b++) {
+        if (lanes) {
             best[b] = lane_best[b / LANES][b % LANES];
             best_id[b] = lane_id[b / LANES][b % LANES];
+            continue;
         }
+        best[b] = lane_best[b][0]; /* the lanes merged: the largest value, the lowest id among equals */
+        best_id[b] = lane_id[b][0];
+        for (int j = 1; j < LANES; j++)
+            if (lane_best[b][j] > best[b] || (lane_best[b][j] == best[b] && lane_id[b][j] < best_id[b])) {
+                best[b] = lane_best[b][j];
+                best_id[b] = lane_id[b][j];
+            }
+    }
     free(scratch);
+    free(pad);
+    free(acc);
     free(lane_best);
     free(lane_id);
     free(mask_words);
@@ -321,9 +431,11 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
 }
 
 int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, const void *weight, int64_t vocab,
-                   int64_t row_stride, int bf16, int round_bf16, const uint32_t *mask, int64_t mask_words,
-                   float *out_value, int64_t *out_id, int num_threads) {
-    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16, mask, mask_words};
+                   int64_t row_stride, int bf16, int round_bf16, int prefetch, const uint32_t *mask,
+                   int64_t mask_words, float *out_value, int64_t *out_id, int num_threads) {
+    Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16, prefetch, mask,
+                 mask_words};
+    vint order = fold_order();
     int64_t num_tiles = (vocab + TILE_VOCAB - 1) / TILE_VOCAB;
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > num_tiles)
@@ -353,7 +465,7 @@ int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, c
             int64_t lo = num_tiles * t / n * TILE_VOCAB, hi = num_tiles * (t + 1) / n * TILE_VOCAB;
             if (hi > vocab)
                 hi = vocab;
-            failed |= run_range(&p, lo, hi, ht, values + (int64_t)t * num_rows, ids + (int64_t)t * num_rows);
+            failed |= run_range(&p, lo, hi, ht, order, values + (int64_t)t * num_rows, ids + (int64_t)t * num_rows);
         }
         /* ranges in vocabulary order; a later range wins only with a strictly larger value */
         for (int64_t b = 0; b < num_rows; b++) {

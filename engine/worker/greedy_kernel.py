@@ -29,10 +29,20 @@ SOURCE = Path(__file__).with_name("greedy_kernel.c")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
 DISABLE_ENV = "OMNISTREAM_GREEDY_KERNEL"  # "0": never build or use the kernel
 _ARGTYPES = [
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,  # hidden, rows, hidden size
-    ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, ctypes.c_int,  # weight, vocab, stride, bf16, round
-    ctypes.c_void_p, ctypes.c_int64,  # allowed-token mask (or NULL), its words per row
-    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,  # out values, out ids, threads
+    ctypes.c_void_p,  # hidden
+    ctypes.c_int64,  # rows
+    ctypes.c_int64,  # hidden size
+    ctypes.c_void_p,  # weight
+    ctypes.c_int64,  # vocabulary rows
+    ctypes.c_int64,  # weight row stride
+    ctypes.c_int,  # bf16 weight
+    ctypes.c_int,  # round logits to bf16
+    ctypes.c_int,  # prefetch weight rows
+    ctypes.c_void_p,  # allowed-token mask (or NULL)
+    ctypes.c_int64,  # its words per row
+    ctypes.c_void_p,  # out values
+    ctypes.c_void_p,  # out ids
+    ctypes.c_int,  # threads
 ]
 
 
@@ -87,8 +97,20 @@ def greedy_max(
     ids = torch.empty(rows.shape[0], dtype=torch.int64)
     bf16 = int(weight.dtype == torch.bfloat16)
     status = library.greedy_lm_head(
-        rows.data_ptr(), rows.shape[0], rows.shape[1], weight.data_ptr(), weight.shape[0], weight.stride(0),
-        bf16, bf16, mask_ptr, mask_words, values.data_ptr(), ids.data_ptr(), torch.get_num_threads(),
+        rows.data_ptr(),
+        rows.shape[0],
+        rows.shape[1],
+        weight.data_ptr(),
+        weight.shape[0],
+        weight.stride(0),
+        bf16,
+        bf16,
+        1,
+        mask_ptr,
+        mask_words,
+        values.data_ptr(),
+        ids.data_ptr(),
+        torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("greedy lm_head: the cpu kernel could not allocate its scratch memory")

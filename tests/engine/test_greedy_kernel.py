@@ -55,7 +55,7 @@ def test_kernel_twin_and_full_logits_pick_the_same_ids(dtype, rows):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("rows", [3, 40])
+@pytest.mark.parametrize("rows", [3, 7, 8, 40, 70])
 def test_ties_keep_the_first_maximum_whatever_the_threads(monkeypatch, dtype, threads, rows):
     monkeypatch.setattr(greedy_kernel.torch, "get_num_threads", lambda: threads)
     weight, hidden = _weight(torch.float32, 7), _hidden(rows, torch.float32, 8)
@@ -67,6 +67,36 @@ def test_ties_keep_the_first_maximum_whatever_the_threads(monkeypatch, dtype, th
     want = F.linear(hidden, weight).max(dim=-1).indices
     assert ids[0] == 0 and ids[1] == 600 and ids[-1] == 5
     assert torch.equal(ids[[0, 1, -1]], want[[0, 1, -1]])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_row_count_from_1_to_70_on_random_shapes_keeps_the_first_of_planted_ties(dtype):
+    gen = torch.Generator().manual_seed(17 + dtype.itemsize)
+    checked = 0
+    for rows in range(1, 71):
+        vocab, hidden_size = (
+            int(torch.randint(2, 400, (1,), generator=gen)),
+            int(torch.randint(1, 80, (1,), generator=gen)),
+        )
+        weight = torch.randn(vocab, hidden_size, generator=gen)
+        hidden = torch.randn(rows, hidden_size, generator=gen)
+        tied = torch.randperm(rows, generator=gen)[: max(1, rows // 4)].tolist()
+        first = {}
+        for b in tied:  # two ids share row b's dominant logit: the lower one must win
+            i, j = sorted(torch.randperm(vocab, generator=gen)[:2].tolist())
+            weight[i] = weight[j] = 40.0 * hidden[b]
+            first[b] = i
+        weight, hidden = weight.to(dtype), hidden.to(dtype)
+        _, ids = greedy_kernel.greedy_max(weight, hidden)
+        _, twin_ids = greedy_head.chunked_max(weight, hidden)
+        clear = _clear_winners(weight, hidden)
+        assert torch.equal(ids[clear], twin_ids[clear]), f"{rows} rows, vocabulary {vocab}, hidden {hidden_size}"
+        planted = F.linear(hidden, weight).max(dim=-1).indices
+        for b, i in first.items():
+            if planted[b] == i:  # the planted pair is row b's maximum (not beaten by another row's pair)
+                assert ids[b] == i == twin_ids[b], f"row {b} of {rows}: {ids[b]} instead of {i}"
+                checked += 1
+    assert checked > 300  # most planted ties were their row's maximum
 
 
 def test_every_logit_minus_infinity_gives_id_zero_as_argmax_does():
@@ -94,7 +124,9 @@ def test_greedy_tokens_uses_the_kernel_and_greedy_pays_follows_the_measured_thre
     lm_head.weight.normal_(generator=torch.Generator().manual_seed(5))
     hidden = _hidden(30, torch.float32, 6)
     calls = []
-    monkeypatch.setattr(greedy_kernel, "greedy_max", lambda w, h: calls.append(h.shape[0]) or greedy_head.chunked_max(w, h))
+    monkeypatch.setattr(
+        greedy_kernel, "greedy_max", lambda w, h: calls.append(h.shape[0]) or greedy_head.chunked_max(w, h)
+    )
     greedy_head.greedy_tokens(lm_head, hidden)
     assert calls == [30]
     assert not greedy_head.greedy_pays(lm_head, greedy_head.KERNEL_FROM_ROWS - 1)
@@ -173,10 +205,8 @@ def _masked_twin(weight: torch.Tensor, hidden: torch.Tensor, words: torch.Tensor
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("threads", [1, 3])
-@pytest.mark.parametrize("rows", [1, 5, 8, 24, 64, 70])  # dot products below 8 rows, lanes from 8
-def test_the_masked_kernel_picks_the_first_maximum_of_the_allowed_ids_as_its_twin(
-    monkeypatch, dtype, threads, rows
-):
+@pytest.mark.parametrize("rows", [1, 5, 8, 24, 64, 70])  # ids in lanes below 8 rows, rows in lanes from 8
+def test_the_masked_kernel_picks_the_first_maximum_of_the_allowed_ids_as_its_twin(monkeypatch, dtype, threads, rows):
     monkeypatch.setattr(greedy_kernel.torch, "get_num_threads", lambda: threads)
     weight, hidden = _weight(dtype, 20 + rows), _hidden(rows, dtype, 30 + rows)
     words = _masks(rows, VOCAB, seed=rows, extra_words=rows % 2)
