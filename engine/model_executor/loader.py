@@ -24,7 +24,7 @@ from omnistream.engine.checkpoint.model_config import (
     ThinkerConfig,
     read_model_config,
 )
-from omnistream.engine.model_executor import distributed
+from omnistream.engine.model_executor import distributed, huge_pages
 from omnistream.engine.model_executor.layers.linear import (
     ColumnParallelLinear,
     ReplicatedLinear,
@@ -34,9 +34,20 @@ from omnistream.engine.model_executor.models.audio_encoder import AudioEncoder
 from omnistream.engine.model_executor.models.registry import get_model_class
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                       "BOOL": torch.bool}
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+# read whole at every step: on transparent huge pages where the kernel offers them (huge_pages.py)
+HUGE_PAGE_PARAMETERS = ("lm_head.weight",)
 _NOT_THINKER = ("talker.", "code2wav.")  # the speech models' parts, loaded by speech_loader.py
 _HF_INTERNAL_PREFIXES = (  # HF-5.x state_dict names → checkpoint names
     ("model.language_model.", "model."),
@@ -59,6 +70,9 @@ def load_model(
     model_dtype = resolve_dtype(dtype, config.dtype)
     with torch.device(device), default_dtype(model_dtype):
         model = _build_model(get_model_class(raw), config, attention_backend)
+    for name, parameter in model.named_parameters():
+        if name in HUGE_PAGE_PARAMETERS:
+            huge_pages.place(parameter)  # before loading: the checkpoint's values are copied straight there
     full_layout = raw.get("model_type") == FULL_MODEL_TYPE or "thinker_config" in raw
     loaded = model.load_weights(iter_thinker_weights(model_dir, full_layout))
     missing = sorted(name for name, _ in model.named_parameters() if name not in loaded)
@@ -106,7 +120,7 @@ def iter_thinker_weights(model_dir: Path, full_layout: bool) -> Iterator[tuple[s
     """Yield (thinker-only name, lazy slice); a slice is valid until the next item is requested."""
     for path in checkpoint_files(model_dir):
         with safe_open(path, framework="pt") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not iterable)
                 name = thinker_name(key, full_layout)
                 if name is not None:
                     yield name, CheckpointSlice(f.get_slice(key))
@@ -154,8 +168,11 @@ class CheckpointSlice:
 
     def split(self, split_size: int | list[int], dim: int = 0) -> list[CheckpointSlice]:
         total = self.shape[dim]
-        sizes = list(split_size) if not isinstance(split_size, int) else [
-            min(split_size, total - start) for start in range(0, total, split_size)]
+        sizes = (
+            list(split_size)
+            if not isinstance(split_size, int)
+            else [min(split_size, total - start) for start in range(0, total, split_size)]
+        )
         if sum(sizes) != total:
             raise ValueError(f"split sizes {sizes} do not sum to {total}")
         starts = [sum(sizes[:i]) for i in range(len(sizes))]

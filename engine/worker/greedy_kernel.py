@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from omnistream.engine.model_executor import huge_pages
 from omnistream.multimodal.native_build import build_shared_library
 
 logger = logging.getLogger(__name__)
@@ -74,12 +75,13 @@ def supports(weight: torch.Tensor, hidden_dtype: torch.dtype) -> bool:
 
 
 def greedy_max(
-    weight: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor | None = None
+    weight: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor | None = None, prefetch: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest logit of each row of hidden [B, H] against weight [V, H] and its id (first maximum): values in
     hidden's dtype [B], ids int64 [B]. With `allowed` (int32 [B, W], W * 32 >= V: row b may take id t when bit
     t & 31 of allowed[b, t >> 5] is set) only allowed ids compete; a row allowing none gets id 0 and value -inf.
-    Call only where `supports(weight, hidden.dtype)` holds."""
+    `prefetch` (None: unless the weight lies on huge pages, where it measured slower) asks the kernel to prefetch
+    weight rows ahead of its scan. Call only where `supports(weight, hidden.dtype)` holds."""
     library = load_kernel()
     if library is None:
         raise RuntimeError("greedy lm_head: the cpu kernel is not available")
@@ -105,7 +107,7 @@ def greedy_max(
         weight.stride(0),
         bf16,
         bf16,
-        1,
+        int(not huge_pages.holds(weight) if prefetch is None else prefetch),
         mask_ptr,
         mask_words,
         values.data_ptr(),
