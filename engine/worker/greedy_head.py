@@ -21,19 +21,22 @@ from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
 from omnistream.engine.worker import greedy_kernel
 
 CHUNK_ELEMENTS = 1 << 19  # logits per chunk (rows x vocabulary columns): 2 MB in float32
-# On CPU, the batch sizes from which greedy_tokens beats full logits + max (benchmarks/greedy_head.py)
-KERNEL_FROM_ROWS = 8
+# On CPU, the batch sizes from which greedy_tokens beats full logits + max (benchmarks/greedy_head.py, the weight on
+# huge pages as the loader puts it): the kernel from one row in float32; in bfloat16, where torch's lm_head runs on
+# AMX, for a row alone (the kernel reads the weight once, at memory speed) and from 16 rows
+KERNEL_FROM_ROWS = {torch.float32: 1, torch.bfloat16: 16}
 CHUNKED_FROM_ROWS = 64
 
 
 def greedy_pays(lm_head: ParallelLMHead, num_rows: int) -> bool:
-    """Whether greedy_tokens beats full logits + max for num_rows greedy rows: on CPU from KERNEL_FROM_ROWS rows
-    with the compiled kernel, from CHUNKED_FROM_ROWS with torch chunks; a GPU keeps the single lm_head GEMM."""
+    """Whether greedy_tokens beats full logits + max for num_rows greedy rows: on CPU with the compiled kernel for
+    one row or from KERNEL_FROM_ROWS[dtype] rows, with torch chunks from CHUNKED_FROM_ROWS; a GPU keeps the single
+    lm_head GEMM."""
     weight = lm_head.weight
     if weight.device.type != "cpu":
         return False
     if greedy_kernel.supports(weight, weight.dtype):
-        return num_rows >= KERNEL_FROM_ROWS
+        return num_rows == 1 or num_rows >= KERNEL_FROM_ROWS[weight.dtype]
     return num_rows >= CHUNKED_FROM_ROWS
 
 
@@ -50,9 +53,7 @@ def masked_greedy_serves(lm_head: ParallelLMHead, hidden_dtype: torch.dtype) -> 
     return lm_head.tp_size == 1 and greedy_kernel.supports(lm_head.weight, hidden_dtype)
 
 
-def greedy_tokens(
-    lm_head: ParallelLMHead, hidden: torch.Tensor, allowed: torch.Tensor | None = None
-) -> torch.Tensor:
+def greedy_tokens(lm_head: ParallelLMHead, hidden: torch.Tensor, allowed: torch.Tensor | None = None) -> torch.Tensor:
     """The id of the largest logit of each row of hidden [B, H] (int64 [B]). With `allowed` (int32 [B, W] packed
     words, W * 32 >= the vocabulary; only where masked_greedy_serves) the largest among each row's allowed ids."""
     weight = lm_head.weight

@@ -129,8 +129,10 @@ def test_greedy_tokens_uses_the_kernel_and_greedy_pays_follows_the_measured_thre
     )
     greedy_head.greedy_tokens(lm_head, hidden)
     assert calls == [30]
-    assert not greedy_head.greedy_pays(lm_head, greedy_head.KERNEL_FROM_ROWS - 1)
-    assert greedy_head.greedy_pays(lm_head, greedy_head.KERNEL_FROM_ROWS)
+    for dtype, from_rows in greedy_head.KERNEL_FROM_ROWS.items():
+        lm_head = lm_head.to(dtype)
+        assert greedy_head.greedy_pays(lm_head, 1) and greedy_head.greedy_pays(lm_head, from_rows)
+        assert not greedy_head.greedy_pays(lm_head, from_rows - 1) or from_rows <= 2
     assert not greedy_head.greedy_pays(ParallelLMHead(VOCAB, HIDDEN).to("meta"), 256)  # a GPU keeps one GEMM
 
 
