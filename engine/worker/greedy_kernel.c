@@ -141,31 +141,20 @@ static void lane_masks(const Problem *p, int64_t lo, int64_t num_tiles, int64_t 
     }
 }
 
-/* Keep the larger of best/candidate per lane (the earlier id on ties: each lane's candidates come in increasing
- * id); id: the candidates' ids. */
-static inline void keep_max_ids(vfloat *best, vint *best_id, vfloat candidate, vint id, int round_bf16) {
+/* Keep the larger of best/candidate per lane where ok (all bits set) allows it (the earlier id on ties: each lane's
+ * candidates come in increasing id); id: the candidates' ids. A forbidden candidate is as one of -inf: it never wins. */
+static inline void keep_max_ids(vfloat *best, vint *best_id, vfloat candidate, vint id, vint ok, int round_bf16) {
     if (round_bf16)
         candidate = round_to_bf16_lanes(candidate);
-    vint better = candidate > *best;
+    vint better = (candidate > *best) & ok;
     *best = (vfloat)(((vint)candidate & better) | ((vint)*best & ~better));
     *best_id = (better & id) | (*best_id & ~better);
 }
 
-static inline void keep_max(vfloat *best, vint *best_id, vfloat candidate, int32_t id, int round_bf16) {
-    keep_max_ids(best, best_id, candidate, (vint){0} + id, round_bf16);
-}
-
-/* -inf in the lanes of acc[k][j] (id v + k of the tile, batch vector b + j) that lm forbids, so that they never win. */
-static inline void forbid_lanes(vfloat acc[KV][NB], const LaneMask *lm, int64_t v, int kv, int64_t b, int nb) {
-    const vint minus_inf = (vint)((vfloat){0} - __builtin_inff());
-    for (int k = 0; k < kv; k++) {
-        int64_t r = v + k;
-        const vuint *words = r < 32 ? lm->lo : lm->hi;
-        for (int j = 0; j < nb; j++) {
-            vint ok = (vint)(-((words[b + j] >> (uint32_t)(r & 31)) & 1u));
-            acc[k][j] = (vfloat)(((vint)acc[k][j] & ok) | (minus_inf & ~ok));
-        }
-    }
+/* The lanes of batch vector b whose rows allow id r of the tile (r < 64), as all bits set. */
+static inline vint allowed_lanes(const LaneMask *lm, int64_t r, int64_t b) {
+    const vuint *words = r < 32 ? lm->lo : lm->hi;
+    return (vint)((words[b] & (1u << (r & 31))) != 0);
 }
 
 /* Rows in lanes, one block: vocabulary rows [v, v + kv) of w (ids v0 + v ..) against the nb vectors of batch rows
@@ -189,11 +178,12 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
                 acc[k][j] += wk * x[j];
         }
     }
-    if (lm)
-        forbid_lanes(acc, lm, v, kv, b, nb);
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
-        for (int j = 0; j < nb; j++)
-            keep_max(&best[b + j], &best_id[b + j], acc[k][j], (int32_t)(v0 + v + k), p->round_bf16);
+        for (int j = 0; j < nb; j++) {
+            vint ok = lm ? allowed_lanes(lm, v + k, b + j) : (vint){0} - 1;
+            keep_max_ids(&best[b + j], &best_id[b + j], acc[k][j], (vint){0} + (int32_t)(v0 + v + k), ok,
+                         p->round_bf16);
+        }
 }
 
 /* Whether some batch row of vectors [b, b + nb) allows one of the tile's ids [v, v + kv) (always without a mask). */
@@ -312,7 +302,6 @@ static inline void prefetch_rows(const Problem *p, int64_t v, int64_t count) {
 static void tile_ids(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, vint order,
                      float *pad, vfloat *acc, vfloat *best, vint *best_id) {
     int64_t B = p->num_rows, H = p->hidden_size;
-    const vint minus_inf = (vint)((vfloat){0} - __builtin_inff());
     for (int64_t g = 0; g < count; g += LANES) {
         int64_t n = count - g < LANES ? count - g : LANES, group_stride = stride;
         const float *rows = w + g * stride;
@@ -345,10 +334,24 @@ static void tile_ids(const Problem *p, const float *w, int64_t stride, int64_t c
                 continue;
             vfloat logits = fold_lanes(acc + b * LANES);
             vint ok = -(vint)(((vuint){0} + wanted[b]) >> (vuint)order & 1u);
-            logits = (vfloat)(((vint)logits & ok) | (minus_inf & ~ok));
-            keep_max_ids(&best[b], &best_id[b], logits, ids, p->round_bf16);
+            keep_max_ids(&best[b], &best_id[b], logits, ids, ok, p->round_bf16);
         }
     }
+}
+
+/* This thread's scratch of at least `size` bytes, kept between calls (grown when too small; NULL when that fails):
+ * the lane masks of 64 rows take 1.2 MB, and allocated afresh at every call their pages were faulted in and zeroed
+ * by the OS each time. */
+static __thread void *kept_scratch;
+static __thread size_t kept_size;
+
+static void *thread_buffer(size_t size) {
+    if (size > kept_size) {
+        free(kept_scratch);
+        kept_scratch = aligned_alloc(ALIGN, (size + ALIGN - 1) / ALIGN * ALIGN);
+        kept_size = kept_scratch ? size : 0;
+    }
+    return kept_scratch;
 }
 
 /* One thread's vocabulary range [lo, hi): its best value and id per row into best / best_id [B].
@@ -379,9 +382,10 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         status = !pad || !acc;
     }
     if (lanes && p->mask && !status && range_tiles > 0) {
-        mask_words = aligned_alloc(ALIGN, (size_t)(2 * range_tiles * num_vectors) * sizeof(vuint));
-        mask_any = malloc((size_t)(range_tiles * (num_vectors + 1)) * sizeof(uint64_t));
-        status = !mask_words || !mask_any;
+        size_t words_size = (size_t)(2 * range_tiles * num_vectors) * sizeof(vuint);
+        mask_words = thread_buffer(words_size + (size_t)(range_tiles * (num_vectors + 1)) * sizeof(uint64_t));
+        mask_any = mask_words ? (uint64_t *)((char *)mask_words + words_size) : NULL;
+        status = !mask_words;
         if (!status)
             lane_masks(p, lo, range_tiles, num_vectors, mask_words, mask_any);
     }
@@ -425,8 +429,6 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     free(acc);
     free(lane_best);
     free(lane_id);
-    free(mask_words);
-    free(mask_any);
     return status;
 }
 
