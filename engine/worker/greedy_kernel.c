@@ -24,7 +24,7 @@
  *   (hidden in blocks of HIDDEN_BLOCK, so that a group's rows stay in L1 while every batch row meets them), folded
  *   into one vector that holds the group's LANES logits, one per lane; a running maximum and its id are kept per
  *   lane, and the lanes are merged once per call. With `prefetch` the weight rows a tile ahead are asked for while
- *   a group is computed (off where the weight lies on huge pages: there it measured slower).
+ *   a group is computed (off where the weight lies on huge pages: there it measured no better).
  * Threads are OpenMP's (the runtime torch itself loaded when it is libgomp), at most `num_threads`; the ranges'
  * winners are merged in vocabulary order, so the result does not depend on the number of threads. */
 

@@ -80,7 +80,7 @@ def greedy_max(
     """The largest logit of each row of hidden [B, H] against weight [V, H] and its id (first maximum): values in
     hidden's dtype [B], ids int64 [B]. With `allowed` (int32 [B, W], W * 32 >= V: row b may take id t when bit
     t & 31 of allowed[b, t >> 5] is set) only allowed ids compete; a row allowing none gets id 0 and value -inf.
-    `prefetch` (None: unless the weight lies on huge pages, where it measured slower) asks the kernel to prefetch
+    `prefetch` (None: unless the weight lies on huge pages, where it measured no better) asks the kernel to prefetch
     weight rows ahead of its scan. Call only where `supports(weight, hidden.dtype)` holds."""
     library = load_kernel()
     if library is None:
