@@ -108,8 +108,9 @@ class SparseMoeBlock(nn.Module):
         counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
         offs = counts.cumsum(0).to(torch.int32)
         gate, up = grouped_gemm(x.index_select(0, order // top_k), self.w13, offs).chunk(2, dim=-1)
-        y = grouped_gemm(F.silu(gate) * up, self.w2, offs)
-        y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        # silu(gate) * up written into the gate half (rows strided by 2I, which the grouped GEMM reads as they are)
+        y = grouped_gemm(F.silu(gate, inplace=True).mul_(up), self.w2, offs)
+        y.mul_(weights.reshape(-1).index_select(0, order).unsqueeze(-1))
         y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, x.shape[-1])  # token-major
         out = torch.zeros_like(x)
         for slot in range(top_k):

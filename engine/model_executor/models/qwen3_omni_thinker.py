@@ -25,7 +25,7 @@ from omnistream.engine.model_executor.layers.moe import SparseMoeBlock
 from omnistream.engine.model_executor.layers.norm import RMSNorm
 from omnistream.engine.model_executor.layers.rotary import (
     MRotaryEmbedding,
-    apply_rotary,
+    apply_rotary_,
 )
 from omnistream.engine.model_executor.models.audio_encoder import AudioEncoder
 from omnistream.engine.model_executor.models.vision_encoder import VisionEncoder
@@ -62,8 +62,9 @@ class ThinkerAttention(nn.Module):
     ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
-        q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
+        # q and k are normalised and rotated in place, in the projection's output (views of it)
+        q = apply_rotary_(self.q_norm.forward_(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
+        k = apply_rotary_(self.k_norm.forward_(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
