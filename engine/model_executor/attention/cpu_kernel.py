@@ -6,7 +6,8 @@ reading the pages in place), which is faster there (benchmarks/attention.py). Th
 caches (float16 is refused: select `reference`); queries are read as float32 and the output is returned in the
 query's dtype. It runs on torch.get_num_threads() threads of the OpenMP runtime torch itself loaded. Without a
 working compiler `load_kernel` returns None (logged once) and the engine falls back to `reference`. The op is a
-torch custom op with a fake implementation (shape-only), for meta runs and compile.
+torch custom op with a fake implementation (shape-only), for meta runs and compile, called without the dispatcher
+in eager mode (eager_ops.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata, check_kernel_shapes
 from omnistream.engine.model_executor.attention.cpu_flash import attend_paged
+from omnistream.engine.model_executor.eager_ops import eager_op
 from omnistream.multimodal.native_build import build_shared_library
 
 logger = logging.getLogger(__name__)
@@ -85,7 +87,7 @@ def check_supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
     check_kernel_shapes("cpu", CACHE_DTYPES, MAX_HEAD_DIM, num_heads, num_kv_heads, head_dim, dtype)
 
 
-@torch.library.custom_op("omnistream::attention_cpu", mutates_args=())
+@eager_op("omnistream::attention_cpu")
 def attention_cpu(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
