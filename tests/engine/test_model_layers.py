@@ -7,7 +7,7 @@ import torch
 from transformers import Qwen3OmniMoeTextConfig
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
-from omnistream.engine.model_executor.layers.norm import RMSNorm
+from omnistream.engine.model_executor.layers.norm import RMSNorm, rms_norm_heads_
 from omnistream.engine.model_executor.layers.rotary import (
     MRotaryEmbedding,
     apply_rotary,
@@ -99,3 +99,20 @@ def test_rms_norm_in_place_on_strided_views_equals_forward(dtype):
     assert norm.forward_(q) is q and norm.forward_(k) is k
     assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
     assert torch.equal(qkv[:, 5 * 64 :], untouched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_and_k_heads_normalised_together_equal_each_norm_on_its_heads(dtype):
+    q_norm, k_norm = RMSNorm(64, eps=1e-6), RMSNorm(64, eps=1e-6)
+    q_norm.weight.data.copy_(torch.randn(64))
+    k_norm.weight.data.copy_(torch.randn(64))
+    q_norm.to(dtype)
+    k_norm.to(dtype)
+    qkv, q, k = _qkv_views(dtype, 4, 64)
+    expected_q, expected_k, untouched = q_norm(q), k_norm(k), qkv[:, 5 * 64 :].clone()
+    qk = qkv[:, : 5 * 64].view(11, 5, 64)
+    assert rms_norm_heads_(qk, (q_norm, k_norm), (4, 1)) is qk
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, 5 * 64 :], untouched)
+    with pytest.raises(ValueError, match="share eps"):
+        rms_norm_heads_(qk, (q_norm, RMSNorm(64, eps=1e-5)), (4, 1))
