@@ -2,8 +2,7 @@
 
 `grouped_gemm(x, w, offs)` is a torch custom op, `omnistream::grouped_gemm` (called without the dispatcher in
 eager mode: eager_ops.py), with a fake (shape-only) kernel, so that meta-device runs and `torch.compile` see only
-its shape (torch's own meta kernel for `_grouped_mm`
-accepts bf16 alone). Its real kernel, by device:
+its shape (torch's own meta kernel for `_grouped_mm` accepts bf16 alone). Its real kernel, by device:
 - CUDA: `torch._grouped_mm` for bf16 on capability 9.x/10.x (torch's CUTLASS path, which keeps `offs` on
   the device); elsewhere (fp32 parity runs, fp16, older or newer GPUs, ROCm) `_grouped_mm` would read `offs`
   on the host, so our Triton kernel (`grouped_gemm_triton.py`, imported only here and only when triton is
