@@ -34,6 +34,7 @@ def _random_batch(seed: int, block_size: int, heads: int, kv_heads: int, dtype: 
     shapes = [(0, rng.randint(2, 30)), (rng.randint(1, 90), rng.randint(2, 20)),  # fresh prefill, chunk over a prefix
               (3 * block_size - 1, 1), (3 * block_size, 1), (2 * block_size - 3, 5),  # ends at and across page edges
               (rng.randint(100, 300), FLASH_MIN_QUERIES + rng.randint(0, 40)),  # a long chunk over a context
+              (0, FLASH_MIN_QUERIES + rng.randint(0, 40)),  # a long fresh prompt
               *[(rng.randint(1, 400), 1) for _ in range(6)]]  # decodes
     rng.shuffle(shapes)
     pages = [-(-(past + new) // block_size) for past, new in shapes]
@@ -80,6 +81,15 @@ def test_backend_equals_reference_on_a_mixed_batch(backend: str, block_size: int
     assert torch.equal(cache, ref_cache)  # both wrote the same slots
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not got[real_tokens:].any() and not want[real_tokens:].any()  # the padded row reads nothing
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_forward_with_this_steps_keys_equals_reading_them_back_from_the_cache(dtype: torch.dtype) -> None:
+    _needs_kernel("cpu")
+    query, key, value, cache, metadata, _ = _random_batch(4, 16, 4, 2, dtype)
+    fast = get_attention_backend("cpu", torch.device("cpu"), dtype, 4, 2, HEAD_DIM)
+    got = fast.forward(query, key, value, cache, metadata, HEAD_DIM**-0.5)  # long chunks: keys as given
+    assert torch.equal(got, fast.attend(query, cache, metadata, HEAD_DIM**-0.5))  # long chunks: keys read back
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)

@@ -7,10 +7,11 @@ import torch
 from transformers import Qwen3OmniMoeTextConfig
 from transformers.models.qwen3_omni_moe import modeling_qwen3_omni_moe as hf
 
-from omnistream.engine.model_executor.layers.norm import RMSNorm
+from omnistream.engine.model_executor.layers.norm import RMSNorm, rms_norm_heads_
 from omnistream.engine.model_executor.layers.rotary import (
     MRotaryEmbedding,
     apply_rotary,
+    apply_rotary_,
     mrope_rows,
 )
 
@@ -69,3 +70,49 @@ def test_rms_norm_matches_hf(dtype):
     ours.to(dtype)
     x = (torch.randn(7, 3, 64) * 3).to(dtype)
     assert torch.equal(ours(x), reference(x))
+
+
+def _qkv_views(dtype: torch.dtype, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A projection output [T, (heads + 2) * head_dim] and its q [T, heads, D] and k [T, 1, D] views (strided)."""
+    qkv = (torch.randn(11, (heads + 2) * head_dim, generator=torch.Generator().manual_seed(1)) * 3).to(dtype)
+    q, k, _ = qkv.split([heads * head_dim, head_dim, head_dim], dim=-1)
+    return qkv, q.view(11, heads, head_dim), k.view(11, 1, head_dim)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_in_place_on_strided_views_equals_the_out_of_place_rotation(dtype):
+    cos, sin = MRotaryEmbedding(64, 1e6, (12, 10, 10))(torch.randint(0, 5000, (3, 11)), dtype)
+    qkv, q, k = _qkv_views(dtype, 4, 64)
+    expected_q, expected_k, untouched = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), qkv[:, 5 * 64 :].clone()
+    assert apply_rotary_(q, cos, sin) is q and apply_rotary_(k, cos, sin) is k
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, 5 * 64 :], untouched)  # v is not written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_in_place_on_strided_views_equals_forward(dtype):
+    norm = RMSNorm(64, eps=1e-6)
+    norm.weight.data.copy_(torch.randn(64))
+    norm.to(dtype)
+    qkv, q, k = _qkv_views(dtype, 4, 64)
+    expected_q, expected_k, untouched = norm(q), norm(k), qkv[:, 5 * 64 :].clone()
+    assert norm.forward_(q) is q and norm.forward_(k) is k
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, 5 * 64 :], untouched)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_q_and_k_heads_normalised_together_equal_each_norm_on_its_heads(dtype):
+    q_norm, k_norm = RMSNorm(64, eps=1e-6), RMSNorm(64, eps=1e-6)
+    q_norm.weight.data.copy_(torch.randn(64))
+    k_norm.weight.data.copy_(torch.randn(64))
+    q_norm.to(dtype)
+    k_norm.to(dtype)
+    qkv, q, k = _qkv_views(dtype, 4, 64)
+    expected_q, expected_k, untouched = q_norm(q), k_norm(k), qkv[:, 5 * 64 :].clone()
+    qk = qkv[:, : 5 * 64].view(11, 5, 64)
+    assert rms_norm_heads_(qk, (q_norm, k_norm), (4, 1)) is qk
+    assert torch.equal(q, expected_q) and torch.equal(k, expected_k)
+    assert torch.equal(qkv[:, 5 * 64 :], untouched)
+    with pytest.raises(ValueError, match="share eps"):
+        rms_norm_heads_(qk, (q_norm, RMSNorm(64, eps=1e-5)), (4, 1))

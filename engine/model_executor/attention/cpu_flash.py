@@ -28,9 +28,8 @@ def attend_request(
     num_kv_heads = key.shape[1]
     group = num_heads // num_kv_heads
     q, key, value = query.to(kv_cache.dtype), key.to(kv_cache.dtype), value.to(kv_cache.dtype)
-    # this step's keys, causally: query j sees new keys 0..j
-    own_k = key.transpose(0, 1).repeat_interleave(group, dim=0)[None]
-    own_v = value.transpose(0, 1).repeat_interleave(group, dim=0)[None]
+    # this step's keys, causally: query j sees new keys 0..j (the flash kernel maps query head h to KV head h // group)
+    own_k, own_v = key.transpose(0, 1)[None], value.transpose(0, 1)[None]
     out, lse = _flash(q.transpose(0, 1)[None], own_k, own_v, 0.0, True, scale=scale)
     past = seq_len - num_query
     if past == 0:

@@ -6,7 +6,8 @@ reading the pages in place), which is faster there (benchmarks/attention.py). Th
 caches (float16 is refused: select `reference`); queries are read as float32 and the output is returned in the
 query's dtype. It runs on torch.get_num_threads() threads of the OpenMP runtime torch itself loaded. Without a
 working compiler `load_kernel` returns None (logged once) and the engine falls back to `reference`. The op is a
-torch custom op with a fake implementation (shape-only), for meta runs and compile.
+torch custom op with a fake implementation (shape-only), for meta runs and compile, called without the dispatcher
+in eager mode (eager_ops.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata, check_kernel_shapes
-from omnistream.engine.model_executor.attention.cpu_flash import attend_paged
+from omnistream.engine.model_executor.attention.backend import (
+    AttentionBackend,
+    AttentionMetadata,
+    check_kernel_shapes,
+    write_kv_cache,
+)
+from omnistream.engine.model_executor.attention.cpu_flash import attend_paged, attend_request
+from omnistream.engine.model_executor.attention.kv_views import block_runs
+from omnistream.engine.model_executor.eager_ops import eager_op
 from omnistream.multimodal.native_build import build_shared_library
 
 logger = logging.getLogger(__name__)
@@ -85,7 +93,7 @@ def check_supported(num_heads: int, num_kv_heads: int, head_dim: int, dtype: tor
     check_kernel_shapes("cpu", CACHE_DTYPES, MAX_HEAD_DIM, num_heads, num_kv_heads, head_dim, dtype)
 
 
-@torch.library.custom_op("omnistream::attention_cpu", mutates_args=())
+@eager_op("omnistream::attention_cpu")
 def attention_cpu(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -93,7 +101,11 @@ def attention_cpu(
     seq_lens: torch.Tensor,
     block_table: torch.Tensor,
     scale: float,
+    key: torch.Tensor | None = None,
+    value: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """Attention of `query` over the cache (this step's keys already written). Given this step's `key`/`value`,
+    long chunks take their own keys and values from them instead of reading them back from their slots."""
     library = load_kernel()
     if library is None:
         raise RuntimeError("attention: the cpu kernel is not available")
@@ -116,17 +128,39 @@ def attention_cpu(
     for i in long_chunks.tolist():
         start, end, seq_len = int(starts[i]), int(starts[i + 1]), int(lens[i])
         pages = table[i, : -(-seq_len // block_size)].tolist()
-        out[start:end] = attend_paged(query[start:end], kv_cache, pages, seq_len, scale)
+        if key is None or value is None:
+            out[start:end] = attend_paged(query[start:end], kv_cache, pages, seq_len, scale)
+        else:
+            runs = block_runs(pages)
+            out[start:end] = attend_request(
+                query[start:end], key[start:end], value[start:end], kv_cache, runs, seq_len, scale
+            )
     return out.to(query.dtype)
 
 
 @attention_cpu.register_fake
-def _(query, kv_cache, query_start_loc, seq_lens, block_table, scale):
+def _(query, kv_cache, query_start_loc, seq_lens, block_table, scale, key=None, value=None):
     return torch.empty_like(query)
 
 
 class CpuBackend(AttentionBackend):
     name = "cpu"
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        """As AttentionBackend.forward, but long chunks attend to this step's keys and values as given, which
+        saves gathering them back from their slots."""
+        write_kv_cache(key, value, kv_cache, metadata.slot_mapping)
+        return attention_cpu(
+            query, kv_cache, metadata.query_start_loc, metadata.seq_lens, metadata.block_table, scale, key, value
+        )
 
     def attend(
         self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, scale: float

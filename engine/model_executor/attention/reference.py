@@ -2,7 +2,8 @@
 
 Its body (torch_sdpa) goes request by request from host copies of the step's offsets and lengths, so it sits
 behind a custom op whose fake (shape-only) implementation lets meta-device runs and torch.compile see one opaque
-call per layer. On a GPU the read-back is a device sync per layer: faster backends avoid it.
+call per layer (eager calls skip the dispatcher: eager_ops.py). On a GPU the read-back is a device sync per layer:
+faster backends avoid it.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionBackend, AttentionMetadata
 from omnistream.engine.model_executor.attention.torch_sdpa import sdpa_attention
+from omnistream.engine.model_executor.eager_ops import eager_op
 
 
-@torch.library.custom_op("omnistream::attention_reference", mutates_args=())
+@eager_op("omnistream::attention_reference")
 def attention_reference(
     query: torch.Tensor,
     kv_cache: torch.Tensor,

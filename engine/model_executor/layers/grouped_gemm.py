@@ -1,8 +1,8 @@
 """The grouped GEMM of the MoE: rows sorted by expert, each group times its own expert's weight.
 
-`grouped_gemm(x, w, offs)` is a torch custom op, `omnistream::grouped_gemm`, with a fake (shape-only) kernel,
-so that meta-device runs and `torch.compile` see only its shape (torch's own meta kernel for `_grouped_mm`
-accepts bf16 alone). Its real kernel, by device:
+`grouped_gemm(x, w, offs)` is a torch custom op, `omnistream::grouped_gemm` (called without the dispatcher in
+eager mode: eager_ops.py), with a fake (shape-only) kernel, so that meta-device runs and `torch.compile` see only
+its shape (torch's own meta kernel for `_grouped_mm` accepts bf16 alone). Its real kernel, by device:
 - CUDA: `torch._grouped_mm` for bf16 on capability 9.x/10.x (torch's CUTLASS path, which keeps `offs` on
   the device); elsewhere (fp32 parity runs, fp16, older or newer GPUs, ROCm) `_grouped_mm` would read `offs`
   on the host, so our Triton kernel (`grouped_gemm_triton.py`, imported only here and only when triton is
@@ -19,6 +19,8 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+
+from omnistream.engine.model_executor.eager_ops import eager_op
 
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -88,7 +90,7 @@ def _grouped_gemm_cuda(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> 
     return grouped_gemm_loop(x, w, offs)
 
 
-@torch.library.custom_op("omnistream::grouped_gemm", mutates_args=())
+@eager_op("omnistream::grouped_gemm")
 def grouped_gemm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """x [M, K] rows sorted by group, w [E, N, K], offs [E] int32 group ends (offs[-1] == M) -> [M, N]:
     out[rows of group e] = x[rows of group e] @ w[e].T. The module docstring says which kernel runs."""

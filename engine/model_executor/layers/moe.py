@@ -64,6 +64,7 @@ class SparseMoeBlock(nn.Module):
         self.w13 = nn.Parameter(torch.empty(num_experts, 2 * self.local_width, hidden_size), requires_grad=False)
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, self.local_width), requires_grad=False)
         self.w13.weight_loader = self.w2.weight_loader = self.weight_loader
+        self.register_buffer("expert_ids", torch.arange(num_experts), persistent=False)
         experts = range(num_experts)
         self.w13.shard_ids = tuple((e, part) for e in experts for part in ("gate", "up"))
         self.w2.shard_ids = tuple((e, "down") for e in experts)
@@ -102,14 +103,14 @@ class SparseMoeBlock(nn.Module):
         experts, slots = experts.sort(dim=-1)
         weights = weights.gather(-1, slots)
         flat_experts = experts.reshape(-1)
-        order = torch.argsort(flat_experts, stable=True)  # grouped by expert, tokens ascending within a group
-        # scatter_add_ rather than bincount, which sizes its output from the data (a host read)
-        counts = torch.zeros(self.num_experts, dtype=torch.int64, device=x.device)
-        counts.scatter_add_(0, flat_experts, torch.ones_like(flat_experts))
-        offs = counts.cumsum(0).to(torch.int32)
+        # grouped by expert, tokens ascending within a group
+        sorted_experts, order = flat_experts.sort(stable=True)
+        # expert e's group ends where the sorted ids pass e (not bincount, which sizes its output from the data)
+        offs = torch.searchsorted(sorted_experts, self.expert_ids, right=True, out_int32=True)
         gate, up = grouped_gemm(x.index_select(0, order // top_k), self.w13, offs).chunk(2, dim=-1)
-        y = grouped_gemm(F.silu(gate) * up, self.w2, offs)
-        y = y * weights.reshape(-1).index_select(0, order).unsqueeze(-1)
+        # silu(gate) * up written into the gate half (rows strided by 2I, which the grouped GEMM reads as they are)
+        y = grouped_gemm(F.silu(gate, inplace=True).mul_(up), self.w2, offs)
+        y.mul_(weights.reshape(-1).index_select(0, order).unsqueeze(-1))
         y = torch.empty_like(y).index_copy_(0, order, y).view(num_tokens, top_k, x.shape[-1])  # token-major
         out = torch.zeros_like(x)
         for slot in range(top_k):

@@ -22,10 +22,10 @@ from omnistream.engine.model_executor.layers.linear import (
     RowParallelLinear,
 )
 from omnistream.engine.model_executor.layers.moe import SparseMoeBlock
-from omnistream.engine.model_executor.layers.norm import RMSNorm
+from omnistream.engine.model_executor.layers.norm import RMSNorm, rms_norm_heads_
 from omnistream.engine.model_executor.layers.rotary import (
     MRotaryEmbedding,
-    apply_rotary,
+    apply_rotary_,
 )
 from omnistream.engine.model_executor.models.audio_encoder import AudioEncoder
 from omnistream.engine.model_executor.models.vision_encoder import VisionEncoder
@@ -43,6 +43,8 @@ class ThinkerAttention(nn.Module):
             text.hidden_size, text.head_dim, text.num_attention_heads, text.num_key_value_heads, text.attention_bias
         )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
+        q_size, kv_size, _ = self.qkv_proj.split_sizes
+        self.qk_and_v_sizes = [q_size + kv_size, kv_size]
         self.o_proj = RowParallelLinear(text.num_attention_heads * text.head_dim, text.hidden_size, text.attention_bias)
         self.q_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
         self.k_norm = RMSNorm(text.head_dim, text.rms_norm_eps)
@@ -60,10 +62,12 @@ class ThinkerAttention(nn.Module):
         kv_cache: torch.Tensor,
         attn_metadata: AttentionMetadata,
     ) -> torch.Tensor:
-        num_tokens = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self.qkv_proj.split_sizes, dim=-1)
-        q = apply_rotary(self.q_norm(q.view(num_tokens, self.num_heads, self.head_dim)), cos, sin)
-        k = apply_rotary(self.k_norm(k.view(num_tokens, self.num_kv_heads, self.head_dim)), cos, sin)
+        num_tokens, heads = x.shape[0], [self.num_heads, self.num_kv_heads]
+        qk, v = self.qkv_proj(x).split(self.qk_and_v_sizes, dim=-1)
+        # q and k heads are normalised and rotated together, in place in the projection's output (views of it)
+        qk = qk.view(num_tokens, sum(heads), self.head_dim)
+        apply_rotary_(rms_norm_heads_(qk, (self.q_norm, self.k_norm), heads), cos, sin)
+        q, k = qk.split(heads, dim=1)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         o = self.backend.forward(q, k, v, kv_cache, attn_metadata, self.scale)
         return self.o_proj(o.reshape(num_tokens, self.num_heads * self.head_dim))
