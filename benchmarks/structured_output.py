@@ -1,20 +1,23 @@
-"""Structured outputs: what the grammar costs. Three figures, each against its baseline in the same run.
+"""Structured outputs: what the grammar costs. Four figures, each against its baseline in the same run.
 
 1. Decode step at `--batch` rows (default 64) on the embedded model with every row constrained by a JSON
    schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
    median step times, their difference as a share of the unconstrained step, and its parts per step: the
-   engine core naming the rows, llguidance filling masks (summed over the threads that fill: beside the forward,
-   or on demand inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting for them, the greedy
-   head (masked inside the compiled kernel where it serves), applying the masks or correcting the greedy
-   head's tokens, and the matchers advancing. With `--compare-correction` the constrained workload also runs
+   engine core naming the rows, llguidance filling masks (summed over the threads that fill: beside the
+   forward, or on demand inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting
+   for them, the greedy head (masked inside the compiled kernel where it serves), applying the masks or
+   correcting the greedy head's tokens, and the matchers advancing. With `--compare-correction` the constrained workload also runs
    with the masked head switched off (the unmasked head, then the rows whose grammar rejects their token are
    recomputed), interleaved in the same run.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.
+4. With `--fill` (instead of 1-3): llguidance's fill alone for `--batch` matchers of the step's schema: CPU per
+   step with its default slices and with ours (compiler.STRING_SLICES), and two threads on one template's copies
+   (one shared lock) against one template each (masks.py).
 
     python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--threads 1] [--masks auto]
-                                           [--compare-correction] [--backends llguidance]
+                                           [--compare-correction] [--backends llguidance] [--fill]
 """
 
 from __future__ import annotations
@@ -180,6 +183,57 @@ def engine_figures(args: argparse.Namespace) -> dict:
     return figures
 
 
+def fill_figures(args: argparse.Namespace) -> dict:
+    """llguidance alone, `--batch` matchers of STEP_SCHEMA along random valid outputs (the same with any slices):
+    CPU time per step to fill their masks on one thread, with llguidance's default slices and with the compiler's
+    STRING_SLICES, and the time to build each tokenizer; then the wall time per step on two threads with one
+    compiled template (its copies share one lock) and with one template per thread."""
+    import llguidance
+
+    from omnistream.engine.checkpoint.default_model import default_model_path
+    from omnistream.engine.checkpoint.tokenizer import Tokenizer
+    from omnistream.engine.core.structured_output.compiler import JSON_OPTIONS, STRING_SLICES
+
+    tokenizer = Tokenizer(default_model_path())
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(STEP_SCHEMA, defaults=JSON_OPTIONS)
+    result = {}
+    for name, slices in (("default_slices", None), ("string_slices", STRING_SLICES)):
+        start = time.process_time()
+        llg_tok = llguidance.LLTokenizer(
+            tokenizer.to_json(), n_vocab=152064, eos_token=tokenizer.eos_token_ids, slices=slices
+        )
+        build = time.process_time() - start
+        cpu, _ = _fill_steps(llg_tok, grammar, args, templates=1, threads=1)
+        result[name] = {"tokenizer_build_cpu_s": build, "fill_cpu_ms_per_step": cpu}
+    for templates in (1, 2):
+        cpu, wall = _fill_steps(llg_tok, grammar, args, templates=templates, threads=2)
+        result[f"two_threads_{templates}_templates"] = {"fill_ms_per_step": wall, "cpu_ms_per_step": cpu}
+    return result
+
+
+def _fill_steps(llg_tok, grammar: str, args: argparse.Namespace, templates: int, threads: int) -> tuple[float, float]:
+    """(CPU ms, wall ms) per step filling the masks of `--batch` matchers, row i copied from template i % templates
+    and filled by thread i % threads, over `--steps` steps; each row then takes a random allowed token."""
+    import llguidance
+    import numpy as np
+
+    sources = [llguidance.LLMatcher(llg_tok, grammar, log_level=0) for _ in range(templates)]
+    rows = [masks.MaskRow(sources[i % templates].deep_copy(), i, i % threads) for i in range(args.batch)]
+    filler = masks.MaskFiller(llg_tok.vocab_size, threads)
+    rng = np.random.default_rng(0)
+    cpu = wall = 0.0
+    for _ in range(args.steps):
+        start, start_cpu = time.perf_counter(), time.process_time()
+        bitmask = filler.fill(rows, len(rows))
+        wall += time.perf_counter() - start
+        cpu += time.process_time() - start_cpu
+        bits = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")
+        for row in rows:
+            row.matcher.consume_token(int(rng.choice(np.flatnonzero(bits[row.row]))))
+    filler.shutdown()
+    return cpu / args.steps * 1e3, wall / args.steps * 1e3
+
+
 def backend_figures(args: argparse.Namespace) -> dict:
     from omnistream.engine.checkpoint.default_model import default_model_path
     from omnistream.engine.checkpoint.tokenizer import Tokenizer
@@ -252,6 +306,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--fields", type=int, default=200, help="properties of the large schema")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
+    parser.add_argument("--fill", action="store_true", help="only figure 4: llguidance's fill, its slices and locks")
     parser.add_argument(
         "--masks",
         choices=["auto", "beside", "on-demand"],
@@ -267,7 +322,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    figures = {"engine": engine_figures(args)}
+    figures = {"engine": engine_figures(args)} if not args.fill else {"fill": fill_figures(args)}
     if args.backends:
         figures["backends"] = backend_figures(args)
     print(json.dumps(figures, indent=2))
