@@ -296,6 +296,32 @@ def test_the_runner_fills_the_masks_the_busy_worker_has_not_taken(llm):
     assert np.array_equal(got, full)
 
 
+def test_requests_spread_over_lineages_answer_as_if_they_all_copied_one_template(llm, monkeypatch):
+    """The requests of one spec take turns among its lineages, moving to their own (a replay of their tokens) once
+    it is compiled; their greedy answers equal those of requests that all copy one template."""
+    manager = llm.engine.structured_output
+    monkeypatch.setattr(manager, "fill_mode", "beside")
+    lineages_per_step = []
+    row_queue = RowQueue.__init__
+
+    def noting(self, rows):
+        lineages_per_step.append(len({row.lineage for row in rows}))
+        row_queue(self, rows)
+
+    monkeypatch.setattr(RowQueue, "__init__", noting)
+    schema = dict(SCHEMA, properties=dict(SCHEMA["properties"], name={"type": "string", "maxLength": 9}))
+    params = SamplingParams(temperature=0.0, max_tokens=200, structured_outputs=Spec(json=json.dumps(schema)))
+    prompts = [f"Lineage {i}:" for i in range(12)]
+    spread = llm.generate(prompts, params, use_tqdm=False)
+    assert manager.num_lineages >= 2 and max(lineages_per_step) >= 2
+    monkeypatch.setattr(manager, "num_lineages", 1)
+    lineages_per_step.clear()
+    one = llm.generate(prompts, params, use_tqdm=False)
+    assert max(lineages_per_step) == 1
+    assert [o.outputs[0].token_ids for o in spread] == [o.outputs[0].token_ids for o in one]
+    _assert_complete_and_valid(spread, [params] * len(prompts), schema)
+
+
 def test_threads_filling_masks_never_hold_one_lineage_at_once(monkeypatch):
     """Matchers of one lineage share llguidance's lock: the row queue never gives two threads one lineage, and
     every row is filled once."""
