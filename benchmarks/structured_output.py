@@ -6,9 +6,9 @@
    engine core naming the rows, llguidance filling masks (summed over the threads that fill: beside the
    forward, or on demand inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting
    for them, the greedy head (masked inside the compiled kernel where it serves), applying the masks or
-   correcting the greedy head's tokens, and the matchers advancing. With `--compare-correction` the constrained workload also runs
-   with the masked head switched off (the unmasked head, then the rows whose grammar rejects their token are
-   recomputed), interleaved in the same run.
+   correcting the greedy head's tokens, and the matchers advancing. With `--compare-correction` the
+   constrained workload also runs with the masked head switched off (the unmasked head, then the rows whose
+   grammar rejects their token are recomputed), interleaved in the same run.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
    and the time to fill the masks of `--batch` matchers per step along a valid document.

@@ -1,5 +1,5 @@
 """One step's masks of allowed tokens as the runner receives them (token_bitmask.PendingMasks), filled by
-llguidance (without the GIL) on the filler's threads and the runner's, in one of two ways chosen by `mask_threads`:
+llguidance (without the GIL) on the filler's threads and the runner's, one of two ways (`mask_threads`):
 
 - MasksBesideForward: the filler's threads start before the forward, so the forward runs meanwhile and the
   compiled greedy head takes every row's mask when it starts; used where cores are free during the forward
@@ -91,7 +91,7 @@ class MaskFiller:
         return [self.pool.submit(rows.fill, bitmask) for _ in range(threads)]
 
     def fill(self, rows: list[MaskRow], num_rows: int) -> np.ndarray:
-        """A fresh [num_rows, W] array with the masks of `rows`, filled by the caller beside the filler's threads."""
+        """A fresh [num_rows, W] array with the masks of `rows`, filled by the caller and the filler's threads."""
         bitmask = self.allocate(num_rows)
         queue = RowQueue(rows)
         futures = self.start(queue, bitmask, min(self.threads, len(rows)) - 1)
