@@ -17,8 +17,11 @@ import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
+from omnistream.engine.checkpoint.default_model import default_model_path
+from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.engine.core.structured_output import masks
-from omnistream.engine.core.structured_output.compiler import GrammarError
+from omnistream.engine.core.structured_output.compiler import GrammarCompiler, GrammarError
+from omnistream.engine.core.structured_output.manager import StructuredOutputManager
 from omnistream.engine.core.structured_output.masks import (
     MaskFiller,
     MaskRow,
@@ -29,6 +32,7 @@ from omnistream.engine.core.structured_output.masks import (
 )
 from omnistream.engine.worker import greedy_kernel, model_runner
 from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
+from omnistream.scheduler.request import Request
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
 
 SCHEMA = {
@@ -320,6 +324,26 @@ def test_requests_spread_over_lineages_answer_as_if_they_all_copied_one_template
     assert max(lineages_per_step) == 1
     assert [o.outputs[0].token_ids for o in spread] == [o.outputs[0].token_ids for o in one]
     _assert_complete_and_valid(spread, [params] * len(prompts), schema)
+
+
+def test_a_request_whose_compiled_grammar_left_the_cache_meanwhile_is_released_with_it():
+    """The compiler's cache is bounded: a grammar compiled for a waiting request may be evicted before the request
+    is released; it is compiled again, and the request gets a matcher."""
+    tokenizer = Tokenizer(default_model_path())
+    compiler = GrammarCompiler(tokenizer, 152064, tokenizer.eos_token_ids, cache_size=1)
+    manager = StructuredOutputManager(compiler)
+    specs = [Spec(regex=REGEX), Spec(choice=CHOICES)]
+    request = Request("r", [1, 2], SamplingParams(max_tokens=8, structured_outputs=specs[0]), [0], arrival_time=0.0)
+    manager.attach(request, specs[0])
+    assert request.grammar_pending
+    deadline = time.monotonic() + 60
+    while compiler.template(specs[0]) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    compiler.compile(specs[1])  # evicts the regex
+    assert compiler.template(specs[0]) is None
+    assert manager.release_compiled({"r": request}, wait_s=10) == [] and not request.grammar_pending
+    assert "r" in manager._grammars and compiler.template(specs[0]) is not None
+    manager.shutdown()
 
 
 def test_threads_filling_masks_never_hold_one_lineage_at_once(monkeypatch):

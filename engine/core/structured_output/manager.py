@@ -117,6 +117,9 @@ class StructuredOutputManager:
         template = self.compiler.template(spec, lineage)
         if template is None:
             template = self.compiler.template(spec)
+            if template is None:  # evicted from the bounded cache since it compiled: compiled again
+                self.compiler.compile(spec)
+                template = self.compiler.template(spec)
             if spec.key not in self._growing:
                 self._growing.add(spec.key)
                 grown = self._pool.submit(self.compiler.add_lineages, spec, self.num_lineages)
