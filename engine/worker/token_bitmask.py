@@ -78,8 +78,11 @@ class StepBitmask:
 
     def row_words(self, num_rows: int, vocab: int) -> torch.Tensor:
         """int32 [num_rows, ceil(vocab / 32)]: each constrained row's words, every token allowed in the other rows;
-        a constrained row's tokens past its words (padding rows of the vocabulary) are forbidden."""
+        a constrained row's tokens past its words (padding rows of the vocabulary) are forbidden. When every row
+        is constrained and the widths agree, that is `words` itself, not a copy."""
         width = -(-vocab // 32)
+        if self.words.shape[1] == width and self.rows == list(range(num_rows)):
+            return self.words
         dense = torch.full((num_rows, width), -1, dtype=torch.int32)
         used = min(width, self.words.shape[1])
         dense[self.rows, :used] = self.words[:, :used]

@@ -17,11 +17,22 @@ import pytest
 import torch
 
 from omnistream import LLM, SamplingParams
-from omnistream.engine.core.structured_output.compiler import GrammarError
+from omnistream.engine.checkpoint.default_model import default_model_path
+from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.engine.core.structured_output import masks
-from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
+from omnistream.engine.core.structured_output.compiler import GrammarCompiler, GrammarError
+from omnistream.engine.core.structured_output.manager import StructuredOutputManager
+from omnistream.engine.core.structured_output.masks import (
+    MaskFiller,
+    MaskRow,
+    MasksBesideForward,
+    MasksOnDemand,
+    RowQueue,
+    mask_threads,
+)
 from omnistream.engine.worker import greedy_kernel, model_runner
 from omnistream.engine.worker.token_bitmask import StepBitmask, apply_token_bitmask
+from omnistream.scheduler.request import Request
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams as Spec
 
 SCHEMA = {
@@ -73,18 +84,25 @@ def test_any_json_object_admits_objects_only(llm):
 
 
 def test_n_samples_and_greedy_rows_are_each_valid(llm):
-    outs = llm.generate("Pick:", SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=50,
-                                                structured_outputs=Spec(regex=REGEX)), use_tqdm=False)
+    outs = llm.generate(
+        "Pick:",
+        SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=50, structured_outputs=Spec(regex=REGEX)),
+        use_tqdm=False,
+    )
     assert len(outs[0].outputs) == 4
     assert all(re.fullmatch(REGEX, o.text) for o in outs[0].outputs)
-    greedy = llm.generate("Pick:", SamplingParams(temperature=0.0, max_tokens=50,
-                                                  structured_outputs=Spec(choice=CHOICES)), use_tqdm=False)
+    greedy = llm.generate(
+        "Pick:", SamplingParams(temperature=0.0, max_tokens=50, structured_outputs=Spec(choice=CHOICES)), use_tqdm=False
+    )
     assert greedy[0].outputs[0].text in CHOICES
 
 
 def test_a_stop_string_still_ends_a_constrained_answer(llm):
-    out = llm.generate("x", SamplingParams(temperature=0.0, max_tokens=50, stop=["-"],
-                                           structured_outputs=Spec(regex=r"abc-\d\d")), use_tqdm=False)[0]
+    out = llm.generate(
+        "x",
+        SamplingParams(temperature=0.0, max_tokens=50, stop=["-"], structured_outputs=Spec(regex=r"abc-\d\d")),
+        use_tqdm=False,
+    )[0]
     assert out.outputs[0].text == "abc" and out.outputs[0].finish_reason == "stop"
 
 
@@ -92,11 +110,14 @@ def test_greedy_constrained_answers_do_not_depend_on_batching_or_preemption():
     rng = random.Random(5)
     prompts = [[rng.randrange(151643) for _ in range(rng.randint(3, 60))] for _ in range(16)]
     specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), None, Spec(grammar=LARK)]
-    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4])
-              for i in range(len(prompts))]
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4]) for i in range(len(prompts))
+    ]
     alone_llm = LLM(dtype="float32", num_kv_blocks=64, enable_prefix_caching=False)
-    alone = [alone_llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids
-             for p, sp in zip(prompts, params)]
+    alone = [
+        alone_llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids
+        for p, sp in zip(prompts, params)
+    ]
     batched_llm = LLM(dtype="float32", num_kv_blocks=14, max_num_batched_tokens=48)
     outs = batched_llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     assert batched_llm.engine.scheduler.make_stats().num_preemptions > 0
@@ -104,14 +125,17 @@ def test_greedy_constrained_answers_do_not_depend_on_batching_or_preemption():
     assert not batched_llm.engine.structured_output._grammars  # every matcher was dropped with its request
 
 
-@pytest.mark.parametrize("spec, problem", [
-    (Spec(json='{"type": "object", "properties": {"a": {"type": "nonsense"}}}'), "nonsense"),
-    (Spec(json='{"type": '), "not valid JSON"),
-    (Spec(json='{"type": "integer", "minimum": 5, "maximum": 2}'), "Unsatisfiable"),
-    (Spec(regex="a(b"), "unclosed group"),
-    (Spec(regex="[^\\s\\S]"), "unsatisfiable"),
-    (Spec(grammar="start: missing_rule"), "missing_rule"),
-])
+@pytest.mark.parametrize(
+    "spec, problem",
+    [
+        (Spec(json='{"type": "object", "properties": {"a": {"type": "nonsense"}}}'), "nonsense"),
+        (Spec(json='{"type": '), "not valid JSON"),
+        (Spec(json='{"type": "integer", "minimum": 5, "maximum": 2}'), "Unsatisfiable"),
+        (Spec(regex="a(b"), "unclosed group"),
+        (Spec(regex="[^\\s\\S]"), "unsatisfiable"),
+        (Spec(grammar="start: missing_rule"), "missing_rule"),
+    ],
+)
 def test_specs_that_cannot_compile_are_refused_naming_the_problem(llm, spec, problem):
     with pytest.raises(GrammarError, match="structured_outputs") as info:
         llm.generate("x", SamplingParams(structured_outputs=spec), use_tqdm=False)
@@ -140,7 +164,7 @@ def test_the_bitmask_is_applied_like_a_full_masked_fill(kind):
         mask = torch.full((rows, words), -1, dtype=torch.int32)
         mask[:, ::4] = 0x7FFF0001
     else:
-        mask = torch.randint(-2**31, 2**31 - 1, (rows, words), dtype=torch.int32, generator=gen)
+        mask = torch.randint(-(2**31), 2**31 - 1, (rows, words), dtype=torch.int32, generator=gen)
     logits = torch.randn(rows + 2, vocab, generator=gen)
     target = [4, 0, 7, 2, 5, 1]
     expected = logits.clone()
@@ -158,8 +182,12 @@ def test_a_large_greedy_batch_masks_or_corrects_the_greedy_head_exactly_like_ful
     takes them and picks among the allowed tokens itself; with masks on demand, only the rows whose grammar forbids
     their greedy token are recomputed. Both answer exactly like full logits + mask (the greedy head switched off),
     and every answer is valid."""
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 5}},
-              "required": ["ok", "name"], "additionalProperties": False}  # short answers: a fast test
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 5}},
+        "required": ["ok", "name"],
+        "additionalProperties": False,
+    }  # short answers: a fast test
     specs = [Spec(json=json.dumps(schema)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
     prompts = [f"Row {i}:" for i in range(64)]
     params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4]) for i in range(64)]
@@ -207,39 +235,140 @@ def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
     assert re.fullmatch(REGEX, got[1].outputs[0].text) and got[2].outputs[0].text in CHOICES
 
 
+def _mask_rows(compiler, specs: list[Spec], lineages: int = 1) -> list[MaskRow]:
+    """One row per spec, the rows of one spec copying its templates (lineages) in turn."""
+    seen: dict[tuple[str, str], int] = {}
+    rows = []
+    for i, spec in enumerate(specs):
+        compiler.compile(spec)
+        compiler.add_lineages(spec, lineages)
+        seen[spec.key] = seen.get(spec.key, -1) + 1
+        template = compiler.template(spec, seen[spec.key] % lineages)
+        rows.append(MaskRow(template.deep_copy(), i, id(template)))
+    return rows
+
+
 def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar_rejects(llm):
     compiler = llm.engine.structured_output.compiler
     specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
-    matchers = [(compiler.compile(spec), i) for i, spec in enumerate(specs)]
+    rows = _mask_rows(compiler, specs)
     filler = MaskFiller(compiler.vocab_size, threads=1)
-    full = filler.fill(matchers, len(matchers))
+    full = filler.fill(rows, len(rows))
     allowed = np.unpackbits(full.view(np.uint8), axis=1, bitorder="little").astype(bool)
     chosen = [int(np.flatnonzero(row if i % 2 == 0 else ~row)[0]) for i, row in enumerate(allowed)]
-    got = MasksOnDemand(filler, matchers).result(chosen)
+    got = MasksOnDemand(filler, rows).result(chosen)
     assert (got[0] == -1).all() and (got[2] == -1).all()  # their tokens are allowed: no mask computed
     assert np.array_equal(got[1::2], full[1::2])
-    assert np.array_equal(MasksOnDemand(filler, matchers).result(), full)
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        assert np.array_equal(MasksBesideForward(pool, filler, matchers).result(chosen), full)
+    assert np.array_equal(MasksOnDemand(filler, rows).result(), full)
+    assert np.array_equal(MasksBesideForward(filler, rows).result(chosen), full)
+
+
+def test_on_demand_fills_several_rejected_rows_of_several_lineages_in_one_step(llm):
+    """Many rows rejected in one step, spread over two lineages of each spec and filled on two threads: each
+    rejected row gets exactly its own mask, each accepted row keeps every token."""
+    compiler = llm.engine.structured_output.compiler
+    specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)] * 3
+    rows = _mask_rows(compiler, specs, lineages=2)
+    assert len({row.lineage for row in rows}) == 8
+    filler = MaskFiller(compiler.vocab_size, threads=2)
+    full = filler.fill(rows, len(rows))
+    allowed = np.unpackbits(full.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    rejected = {1, 2, 3, 5, 6, 8, 11}
+    chosen = [int(np.flatnonzero(~row if i in rejected else row)[0]) for i, row in enumerate(allowed)]
+    for _ in range(3):
+        got = MasksOnDemand(filler, rows).result(chosen)
+        for i in range(len(rows)):
+            assert np.array_equal(got[i], full[i] if i in rejected else np.full_like(full[i], -1)), i
+    filler.shutdown()
 
 
 def test_the_runner_fills_the_masks_the_busy_worker_has_not_taken(llm):
     compiler = llm.engine.structured_output.compiler
     specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
-    matchers = [(compiler.compile(spec), i) for i, spec in enumerate(specs)]
+    rows = _mask_rows(compiler, specs)
     filler = MaskFiller(compiler.vocab_size, threads=1)
-    full = filler.fill(matchers, len(matchers))
+    full = filler.fill(rows, len(rows))
     assert not (full == -1).all(axis=1).any()  # every row forbids something: the comparison below is real
     release = threading.Event()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pool.submit(release.wait, 30)  # the worker thread is busy: no row is taken before the runner asks
-        masks_ = MasksBesideForward(pool, filler, matchers)
-        start = time.monotonic()
-        got = masks_.result()
-        assert time.monotonic() - start < 10  # without waiting for the busy worker
-        release.set()
-        masks_.settle()
+    filler.pool.submit(release.wait, 30)  # the filler's thread is busy: no row is taken before the runner asks
+    masks_ = MasksBesideForward(filler, rows)
+    start = time.monotonic()
+    got = masks_.result()
+    assert time.monotonic() - start < 10  # without waiting for the busy thread
+    release.set()
+    masks_.settle()
     assert np.array_equal(got, full)
+
+
+def test_requests_spread_over_lineages_answer_as_if_they_all_copied_one_template(llm, monkeypatch):
+    """The requests of one spec take turns among its lineages, moving to their own (a replay of their tokens) once
+    it is compiled; their greedy answers equal those of requests that all copy one template."""
+    manager = llm.engine.structured_output
+    monkeypatch.setattr(manager, "fill_mode", "beside")
+    lineages_per_step = []
+    row_queue = RowQueue.__init__
+
+    def noting(self, rows):
+        lineages_per_step.append(len({row.lineage for row in rows}))
+        row_queue(self, rows)
+
+    monkeypatch.setattr(RowQueue, "__init__", noting)
+    schema = dict(SCHEMA, properties=dict(SCHEMA["properties"], name={"type": "string", "maxLength": 9}))
+    params = SamplingParams(temperature=0.0, max_tokens=200, structured_outputs=Spec(json=json.dumps(schema)))
+    prompts = [f"Lineage {i}:" for i in range(12)]
+    spread = llm.generate(prompts, params, use_tqdm=False)
+    assert manager.num_lineages >= 2 and max(lineages_per_step) >= 2
+    monkeypatch.setattr(manager, "num_lineages", 1)
+    lineages_per_step.clear()
+    one = llm.generate(prompts, params, use_tqdm=False)
+    assert max(lineages_per_step) == 1
+    assert [o.outputs[0].token_ids for o in spread] == [o.outputs[0].token_ids for o in one]
+    _assert_complete_and_valid(spread, [params] * len(prompts), schema)
+
+
+def test_a_request_whose_compiled_grammar_left_the_cache_meanwhile_is_released_with_it():
+    """The compiler's cache is bounded: a grammar compiled for a waiting request may be evicted before the request
+    is released; it is compiled again, and the request gets a matcher."""
+    tokenizer = Tokenizer(default_model_path())
+    compiler = GrammarCompiler(tokenizer, 152064, tokenizer.eos_token_ids, cache_size=1)
+    manager = StructuredOutputManager(compiler)
+    specs = [Spec(regex=REGEX), Spec(choice=CHOICES)]
+    request = Request("r", [1, 2], SamplingParams(max_tokens=8, structured_outputs=specs[0]), [0], arrival_time=0.0)
+    manager.attach(request, specs[0])
+    assert request.grammar_pending
+    deadline = time.monotonic() + 60
+    while compiler.template(specs[0]) is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    compiler.compile(specs[1])  # evicts the regex
+    assert compiler.template(specs[0]) is None
+    assert manager.release_compiled({"r": request}, wait_s=10) == [] and not request.grammar_pending
+    assert "r" in manager._grammars and compiler.template(specs[0]) is not None
+    manager.shutdown()
+
+
+def test_threads_filling_masks_never_hold_one_lineage_at_once(monkeypatch):
+    """Matchers of one lineage share llguidance's lock: the row queue never gives two threads one lineage, and
+    every row is filled once."""
+    active: dict[int, int] = {}
+    filled: list[int] = []
+    lock = threading.Lock()
+
+    def fake_fill(matcher, bitmask, row):
+        with lock:
+            active[matcher] = active.get(matcher, 0) + 1
+            assert active[matcher] == 1
+        time.sleep(0.001)
+        with lock:
+            active[matcher] -= 1
+            filled.append(row)
+
+    monkeypatch.setattr(masks.llguidance.numpy, "fill_next_token_bitmask", fake_fill)
+    rows = [MaskRow(i % 3, i, i % 3) for i in range(30)]  # the lineage stands in for the matcher
+    queue = RowQueue(rows)
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        for future in [pool.submit(queue.fill, None) for _ in range(4)]:
+            future.result()
+    assert sorted(filled) == list(range(30))
 
 
 def test_masks_are_filled_beside_the_forward_only_on_cores_the_forward_leaves_free(monkeypatch):

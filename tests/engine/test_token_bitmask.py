@@ -137,3 +137,12 @@ def test_row_words_lay_the_masks_out_for_the_greedy_head(vocab):
     want = _allowed_twin(words, vocab)  # past the words: forbidden
     assert torch.equal(allowed[[4, 0, 2]], want)
     assert allowed[[1, 3, 5]].all()  # rows without a grammar allow every token
+
+
+@pytest.mark.parametrize("vocab", [32 * 7, 32 * 7 - 5])  # words exactly as wide as the vocabulary needs
+def test_row_words_of_a_batch_all_constrained_in_order_are_the_words_themselves(vocab):
+    words = _words(3, 7, seed=vocab, kinds=("random", "few", "none"))
+    dense = StepBitmask([0, 1, 2], words).row_words(3, vocab)
+    assert dense.data_ptr() == words.data_ptr()  # no copy
+    laid_out = StepBitmask([0, 1, 2], words).row_words(4, vocab)[:3]  # a fourth row: the copying layout
+    assert torch.equal(_allowed_twin(dense, vocab), _allowed_twin(laid_out, vocab))

@@ -7,9 +7,11 @@ about 2 ms per decode step with either (the step itself is some 100 ms). Compile
 new schema waits for, and llguidance also has no dependencies, while xgrammar requires torch, transformers
 and triton (a CUDA-sized install beside our CPU torch). So llguidance it is.
 
-Compiled grammars are cached (least recently used, bounded); a request gets a deep copy of the cached
-matcher, which costs microseconds. Errors (invalid JSON or schema, bad regex, unknown grammar rule, a spec
-that matches nothing) raise GrammarError naming the field and the problem. Thread-safe: the engine core
+Compiled grammars are cached (least recently used, bounded); a request gets a deep copy of a cached
+template, which costs microseconds. Copies of one template share llguidance's lock (their lexer), so two
+threads filling masks of the same lineage take turns: a spec may have several templates (`add_lineages`),
+one per thread that fills masks at once. Errors (invalid JSON or schema, bad regex, unknown grammar rule, a
+spec that matches nothing) raise GrammarError naming the field and the problem. Thread-safe: the engine core
 compiles on a worker thread (llguidance drops the GIL while it compiles) and the front end validates here.
 """
 
@@ -28,6 +30,18 @@ CACHE_SIZE = 256  # distinct compiled specs kept
 # JSON is written the way json.dumps writes it (", " and ": ", no other whitespace): a model cannot pad a
 # document with endless whitespace, so a complete value always comes within reach of max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llguidance's slices: sets of tokens whose mask bits it ORs in at once where the lexer allows every token of
+# the set, instead of walking their trie. Its default for string contents is 1-10, 1-30 or any number of
+# characters, so a bounded string (`maxLength`) with fewer than 10 characters left walks most of the
+# vocabulary; finer lengths take most of those tokens at once (benchmarks/structured_output.py, README).
+# Each slice reads every token once when the tokenizer is built: these add about 0.1 s of CPU to the 1 s
+# it takes with llguidance's default slices and this vocabulary.
+_STRING_CHAR = r'[^"\\\x00-\x1F\x7F]'
+STRING_SLICES = (
+    [r"[\x20\x0A\x0D\x09]+"]
+    + [f"{_STRING_CHAR}{{1,{n}}}" for n in (1, 2, 3, 4, 6, 8, 10, 16, 30)]
+    + [f"{_STRING_CHAR}+"]
+)
 
 
 class GrammarError(ValueError):
@@ -37,13 +51,14 @@ class GrammarError(ValueError):
 class GrammarCompiler:
     """Compiles specs against one tokenizer's vocabulary (padded to the model's `vocab_size` rows)."""
 
-    def __init__(self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int],
-                 cache_size: int = CACHE_SIZE) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, vocab_size: int, eos_token_ids: list[int], cache_size: int = CACHE_SIZE
+    ) -> None:
         self._tokenizer = tokenizer
         self.vocab_size = vocab_size
         self._eos_token_ids = list(eos_token_ids)
         self._cache_size = cache_size
-        self._cache: OrderedDict[tuple[str, str], llguidance.LLMatcher] = OrderedDict()
+        self._cache: OrderedDict[tuple[str, str], list[llguidance.LLMatcher]] = OrderedDict()  # templates
         self._lock = threading.Lock()
         self._llg_tokenizer: llguidance.LLTokenizer | None = None
 
@@ -53,18 +68,26 @@ class GrammarCompiler:
         with self._lock:
             if self._llg_tokenizer is None:
                 self._llg_tokenizer = llguidance.LLTokenizer(
-                    self._tokenizer.to_json(), n_vocab=self.vocab_size, eos_token=self._eos_token_ids
+                    self._tokenizer.to_json(),
+                    n_vocab=self.vocab_size,
+                    eos_token=self._eos_token_ids,
+                    slices=STRING_SLICES,
                 )
             return self._llg_tokenizer
 
     def cached(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher | None:
         """A fresh matcher for `spec` if it is compiled already, else None."""
+        template = self.template(spec)
+        return None if template is None else template.deep_copy()
+
+    def template(self, spec: StructuredOutputsParams, lineage: int = 0) -> llguidance.LLMatcher | None:
+        """The compiled template `lineage` of `spec` (never to be advanced: deep-copy it), None if not built."""
         with self._lock:
-            template = self._cache.get(spec.key)
-            if template is None:
+            templates = self._cache.get(spec.key)
+            if templates is None:
                 return None
             self._cache.move_to_end(spec.key)
-            return template.deep_copy()
+            return templates[lineage] if lineage < len(templates) else None
 
     def compile(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
         """A fresh matcher for `spec`, compiled now unless cached; GrammarError if it cannot be."""
@@ -73,11 +96,23 @@ class GrammarCompiler:
             return matcher
         template = self._build(spec)
         with self._lock:
-            self._cache[spec.key] = template
+            self._cache.setdefault(spec.key, [template])
             self._cache.move_to_end(spec.key)
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
         return template.deep_copy()
+
+    def add_lineages(self, spec: StructuredOutputsParams, count: int) -> None:
+        """Compile more templates of the cached `spec` until it has `count` (nothing if it is not cached)."""
+        while (templates := self._templates(spec)) is not None and len(templates) < count:
+            template = self._build(spec)
+            with self._lock:
+                if self._cache.get(spec.key) is templates and len(templates) < count:
+                    templates.append(template)
+
+    def _templates(self, spec: StructuredOutputsParams) -> list[llguidance.LLMatcher] | None:
+        with self._lock:
+            return self._cache.get(spec.key)
 
     def _build(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher:
         kind, text = spec.key

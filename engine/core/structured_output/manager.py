@@ -10,6 +10,8 @@ computed once, on rank 0, and every rank receives the same bytes. After the step
 sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
 request. A matcher whose count of consumed tokens differs from the request's outputs (e.g. after a preemption
 recomputed the request) is rebuilt from its compiled grammar and replays the output tokens.
+Requests of one spec take turns among its lineages (one template per thread that fills masks, masks.py); the
+lineages past the first compile in the background, and a request moves to its own (a replay) once it is built.
 """
 
 from __future__ import annotations
@@ -22,7 +24,13 @@ from typing import Literal
 import llguidance
 
 from omnistream.engine.core.structured_output.compiler import GrammarCompiler
-from omnistream.engine.core.structured_output.masks import MaskFiller, MasksBesideForward, MasksOnDemand, mask_threads
+from omnistream.engine.core.structured_output.masks import (
+    MaskFiller,
+    MaskRow,
+    MasksBesideForward,
+    MasksOnDemand,
+    mask_threads,
+)
 from omnistream.scheduler.outputs import EngineCoreOutput, ModelRunnerOutput, SchedulerOutput
 from omnistream.scheduler.request import Request
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
@@ -34,7 +42,9 @@ COMPILE_THREADS = 1
 
 @dataclass
 class _Grammar:
-    template: llguidance.LLMatcher  # at the start of the output; copied to rebuild `matcher`
+    spec: StructuredOutputsParams
+    lineage: int  # the template this request's matcher should copy, once it is built
+    template: llguidance.LLMatcher  # the compiler's template it copies now (lineage 0 until its own is built)
     matcher: llguidance.LLMatcher
     num_consumed: int = 0  # output tokens the matcher has consumed
 
@@ -45,11 +55,13 @@ class StructuredOutputManager:
         threads, self._free_cores = mask_threads(device_type)
         self.fill_mode: Literal["auto", "beside", "on-demand"] = "auto"  # where masks are filled (masks.py)
         self._filler = MaskFiller(compiler.vocab_size, threads)
+        self.num_lineages = threads + 1  # the filler's threads and the runner's
         self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS, "grammar-compile")
-        self._mask_pool = concurrent.futures.ThreadPoolExecutor(1, "grammar-mask")
         self._filling: MasksBesideForward | MasksOnDemand | None = None  # this step's masks
-        self._compiling: dict[str, concurrent.futures.Future] = {}
+        self._compiling: dict[str, tuple[StructuredOutputsParams, concurrent.futures.Future]] = {}
         self._grammars: dict[str, _Grammar] = {}
+        self._num_attached = 0  # spreads requests over the lineages
+        self._growing: set[tuple[str, str]] = set()  # specs whose lineages are being compiled
 
     def attach(self, request: Request, spec: StructuredOutputsParams | None) -> None:
         """Give `request` (new, or a session at a new turn) the grammar of `spec`: at once when compiled
@@ -58,18 +70,17 @@ class StructuredOutputManager:
         self.forget(req_id)
         if spec is None:
             return
-        matcher = self.compiler.cached(spec)
-        if matcher is not None:
-            self._grammars[req_id] = _Grammar(matcher, matcher.deep_copy())
+        if self.compiler.template(spec) is not None:
+            self._grammars[req_id] = self._grammar(spec)
             return
         request.grammar_pending = True
-        self._compiling[req_id] = self._pool.submit(self.compiler.compile, spec)
+        self._compiling[req_id] = spec, self._pool.submit(self.compiler.compile, spec)
 
     def forget(self, req_id: str) -> None:
         self._grammars.pop(req_id, None)
-        future = self._compiling.pop(req_id, None)
-        if future is not None:
-            future.cancel()
+        compiling = self._compiling.pop(req_id, None)
+        if compiling is not None:
+            compiling[1].cancel()
 
     @property
     def compiling(self) -> bool:
@@ -79,9 +90,10 @@ class StructuredOutputManager:
         """Release requests whose grammar is compiled (waiting up to `wait_s` for one); a grammar that failed
         to compile (the front end validates first, so this is a backstop) aborts its request: returned."""
         if wait_s and self._compiling:
-            concurrent.futures.wait(self._compiling.values(), wait_s, concurrent.futures.FIRST_COMPLETED)
+            futures = [future for _, future in self._compiling.values()]
+            concurrent.futures.wait(futures, wait_s, concurrent.futures.FIRST_COMPLETED)
         failed = []
-        for req_id, future in list(self._compiling.items()):
+        for req_id, (spec, future) in list(self._compiling.items()):
             if not future.done():
                 continue
             del self._compiling[req_id]
@@ -89,14 +101,30 @@ class StructuredOutputManager:
             if request is None:
                 continue
             try:
-                matcher = future.result()
+                future.result()
             except Exception as exc:  # noqa: BLE001 - reported as this request's end, the engine goes on
                 logger.warning("request %s: its grammar did not compile: %s", req_id, exc)
                 failed.append(EngineCoreOutput(req_id=req_id, new_token_ids=[], finish_reason="abort"))
                 continue
-            self._grammars[req_id] = _Grammar(matcher, matcher.deep_copy())
+            self._grammars[req_id] = self._grammar(spec)
             request.grammar_pending = False
         return failed
+
+    def _grammar(self, spec: StructuredOutputsParams) -> _Grammar:
+        """A matcher for a new request of the compiled `spec`; the spec's lineages are completed meanwhile."""
+        self._num_attached += 1
+        lineage = self._num_attached % self.num_lineages
+        template = self.compiler.template(spec, lineage)
+        if template is None:
+            template = self.compiler.template(spec)
+            if template is None:  # evicted from the bounded cache since it compiled: compiled again
+                self.compiler.compile(spec)
+                template = self.compiler.template(spec)
+            if spec.key not in self._growing:
+                self._growing.add(spec.key)
+                grown = self._pool.submit(self.compiler.add_lineages, spec, self.num_lineages)
+                grown.add_done_callback(lambda _: self._growing.discard(spec.key))
+        return _Grammar(spec, lineage, template, template.deep_copy())
 
     def fill_bitmask(
         self, scheduler_output: SchedulerOutput, requests: dict[str, Request]
@@ -117,11 +145,12 @@ class StructuredOutputManager:
         if not rows:
             return None
         scheduler_output.grammar_req_ids = rows
-        matchers = [(self._grammars[req_id].matcher, i) for i, req_id in enumerate(rows)]
+        grammars = [self._grammars[req_id] for req_id in rows]
+        matchers = [MaskRow(g.matcher, i, id(g.template)) for i, g in enumerate(grammars)]
         # auto: beside the forward where a core is free, which hides the whole fill; on demand fills fewer masks
         beside = self._free_cores if self.fill_mode == "auto" else self.fill_mode == "beside"
         if beside:
-            self._filling = MasksBesideForward(self._mask_pool, self._filler, matchers)
+            self._filling = MasksBesideForward(self._filler, matchers)
         else:
             self._filling = MasksOnDemand(self._filler, matchers)
         return self._filling
@@ -142,8 +171,12 @@ class StructuredOutputManager:
                 continue
             grammar.num_consumed += 1
             if not grammar.matcher.consume_token(token):
-                logger.warning("request %s: token %d is outside its grammar (%s); it stops here",
-                               req_id, token, grammar.matcher.get_error())
+                logger.warning(
+                    "request %s: token %d is outside its grammar (%s); it stops here",
+                    req_id,
+                    token,
+                    grammar.matcher.get_error(),
+                )
                 complete.add(req_id)
             elif grammar.matcher.is_stopped():
                 complete.add(req_id)
@@ -155,12 +188,15 @@ class StructuredOutputManager:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        self._mask_pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown()
 
-    @staticmethod
-    def _sync(grammar: _Grammar, outputs: list[int]) -> None:
-        """Rebuild the matcher from its grammar and replay `outputs` when it has not seen exactly them."""
-        if grammar.num_consumed == len(outputs):
+    def _sync(self, grammar: _Grammar, outputs: list[int]) -> None:
+        """Rebuild the matcher from its grammar and replay `outputs` when it has not seen exactly them, or when
+        its own lineage is built now."""
+        own = self.compiler.template(grammar.spec, grammar.lineage)
+        if own is not None and own is not grammar.template:
+            grammar.template = own
+        elif grammar.num_consumed == len(outputs):
             return
         grammar.matcher = grammar.template.deep_copy()
         grammar.matcher.consume_tokens(outputs)

@@ -1,14 +1,17 @@
 """One step's masks of allowed tokens as the runner receives them (token_bitmask.PendingMasks), filled by
-llguidance in parallel (without the GIL) in one of two ways, chosen once by `mask_threads`:
+llguidance (without the GIL) on the filler's threads and the runner's, one of two ways (`mask_threads`):
 
-- MasksBesideForward: on a worker thread, started before the forward, so the forward runs meanwhile and the
+- MasksBesideForward: the filler's threads start before the forward, so the forward runs meanwhile and the
   compiled greedy head takes every row's mask when it starts; used where cores are free during the forward
-  (every core beside a GPU; on a CPU, those that torch's threads leave). Rows the worker has not taken when the
-  runner asks (the forward was faster) are filled by the runner's thread beside it.
+  (every core beside a GPU; on a CPU, those that torch's threads leave). When the runner asks, its thread fills
+  the rows no thread has taken yet (the forward was faster).
 - MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
   core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
   whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
   of one token is microseconds, a mask over the vocabulary far more.
+
+Matchers copied from one compiled template share llguidance's lock, so a thread fills the rows of one lineage
+(template) at a time, a lineage no other thread holds (RowQueue): threads never wait on each other's lock.
 """
 
 from __future__ import annotations
@@ -16,18 +19,24 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import threading
+from typing import NamedTuple
 
 import llguidance
 import llguidance.numpy
 import numpy as np
 import torch
 
-MAX_MASK_THREADS = 8  # llguidance threads filling the rows' masks, at most
-Matchers = list[tuple[llguidance.LLMatcher, int]]  # (matcher, its row in the mask array)
+MAX_MASK_THREADS = 8  # threads filling the rows' masks, at most
+
+
+class MaskRow(NamedTuple):
+    matcher: llguidance.LLMatcher
+    row: int  # its row in the mask array
+    lineage: int  # the id of the template it was copied from: matchers of one lineage share a lock
 
 
 def mask_threads(device_type: str) -> tuple[int, bool]:
-    """(llguidance threads, whether they fill beside the forward) for a model on `device_type`."""
+    """(threads filling masks, whether they fill beside the forward) for a model on `device_type`."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     free = cores if device_type != "cpu" else cores - torch.get_num_threads()
     if free >= 1:
@@ -35,83 +44,104 @@ def mask_threads(device_type: str) -> tuple[int, bool]:
     return min(cores, MAX_MASK_THREADS), False
 
 
+class RowQueue:
+    """The rows left to fill, by lineage; each thread that fills holds one lineage at a time."""
+
+    def __init__(self, rows: list[MaskRow]) -> None:
+        self._left: dict[int, list[MaskRow]] = {}
+        for row in reversed(rows):  # popped from the end: in row order
+            self._left.setdefault(row.lineage, []).append(row)
+        self._held: set[int] = set()
+        self._lock = threading.Lock()
+
+    def fill(self, bitmask: np.ndarray) -> None:
+        """Fill rows into `bitmask` until every row left belongs to a lineage another thread holds."""
+        while (row := self._take()) is not None:
+            try:
+                llguidance.numpy.fill_next_token_bitmask(row.matcher, bitmask, row.row)
+            finally:
+                with self._lock:
+                    self._held.discard(row.lineage)
+
+    def _take(self) -> MaskRow | None:
+        """The next row of the free lineage with the most rows left (so lineages drain evenly), held."""
+        with self._lock:
+            free = [lineage for lineage, rows in self._left.items() if rows and lineage not in self._held]
+            if not free:
+                return None
+            lineage = max(free, key=lambda k: len(self._left[k]))
+            self._held.add(lineage)
+            return self._left[lineage].pop()
+
+
 class MaskFiller:
-    """Fills masks into a fresh [R, W] int32 array; rows no matcher writes allow every token."""
+    """Fills masks into [R, W] int32 arrays on `threads` threads of its own and the caller's."""
 
     def __init__(self, vocab_size: int, threads: int) -> None:
         self.vocab_size = vocab_size
         self.threads = threads
-        self._executor: llguidance.LLExecutor | None = None
+        self.pool = concurrent.futures.ThreadPoolExecutor(threads, "grammar-mask")
 
     def allocate(self, num_rows: int) -> np.ndarray:
         """[num_rows, W] int32, every token allowed."""
         return llguidance.numpy.allocate_token_bitmask(num_rows, self.vocab_size)
 
-    def fill_into(self, matchers: Matchers, bitmask: np.ndarray, parallel: bool = True) -> None:
-        """Each matcher's mask into its row of bitmask: on the filler's threads, or (parallel False) on the
-        calling thread, beside any fill running on those threads (llguidance drops the GIL either way)."""
-        if not parallel:
-            for matcher, row in matchers:
-                llguidance.numpy.fill_next_token_bitmask(matcher, bitmask, row)
-            return
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor(num_threads=self.threads)
-        if matchers:
-            llguidance.numpy.fill_next_token_bitmask_par(self._executor, matchers, bitmask)
+    def start(self, rows: RowQueue, bitmask: np.ndarray, threads: int) -> list[concurrent.futures.Future]:
+        """`threads` of the filler's threads fill rows into bitmask (until none is left to take)."""
+        return [self.pool.submit(rows.fill, bitmask) for _ in range(threads)]
 
-    def fill(self, matchers: Matchers, num_rows: int) -> np.ndarray:
+    def fill(self, rows: list[MaskRow], num_rows: int) -> np.ndarray:
+        """A fresh [num_rows, W] array with the masks of `rows`, filled by the caller and the filler's threads."""
         bitmask = self.allocate(num_rows)
-        self.fill_into(matchers, bitmask)
+        queue = RowQueue(rows)
+        futures = self.start(queue, bitmask, min(self.threads, len(rows)) - 1)
+        queue.fill(bitmask)
+        _finish(futures)
         return bitmask
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _finish(futures: list[concurrent.futures.Future]) -> None:
+    """Wait for the fills that started (the rows they hold); those not started are dropped: nothing is left."""
+    for future in futures:
+        if not future.cancel():
+            future.result()
 
 
 class MasksBesideForward:
-    """The worker thread takes the rows in chunks (one row per filler thread); when the runner asks before every
-    row is taken (the forward ended first), it fills the rows left itself, beside the worker."""
-
     beside_forward = True
 
-    def __init__(self, pool: concurrent.futures.ThreadPoolExecutor, filler: MaskFiller, matchers: Matchers) -> None:
-        self._filler = filler
-        self._bitmask = filler.allocate(len(matchers))
-        self._left = matchers[::-1]  # taken from the end: in row order
-        self._lock = threading.Lock()
-        self._future = pool.submit(self._fill_left, filler.threads, True)
-
-    def _fill_left(self, chunk: int, parallel: bool) -> None:
-        while True:
-            with self._lock:
-                taken = self._left[-chunk:][::-1]
-                del self._left[-chunk:]
-            if not taken:
-                return
-            self._filler.fill_into(taken, self._bitmask, parallel)
+    def __init__(self, filler: MaskFiller, rows: list[MaskRow]) -> None:
+        self._bitmask = filler.allocate(len(rows))
+        self._rows = RowQueue(rows)
+        self._futures = filler.start(self._rows, self._bitmask, filler.threads)
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
         """Every row's mask (`chosen` is not needed: they are all filled); fills the rows not taken yet."""
-        self._fill_left(1, False)
-        if not self._future.cancel():  # the worker started: wait for the rows it has taken
-            self._future.result()
+        self._rows.fill(self._bitmask)
+        _finish(self._futures)
         return self._bitmask
 
     def settle(self) -> None:
-        """Return once the worker thread no longer reads the matchers."""
-        concurrent.futures.wait([self._future])
+        """Return once no thread reads the matchers."""
+        _finish(self._futures)
 
 
 class MasksOnDemand:
     beside_forward = False
 
-    def __init__(self, filler: MaskFiller, matchers: Matchers) -> None:
+    def __init__(self, filler: MaskFiller, rows: list[MaskRow]) -> None:
         self._filler = filler
-        self._matchers = matchers
+        self._rows = rows
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
         """The rows' masks; given each row's greedy token, only the rows whose grammar rejects it get one."""
-        todo = self._matchers
+        todo = self._rows
         if chosen is not None:
-            todo = [(m, i) for (m, i), token in zip(self._matchers, chosen) if m.validate_tokens([token]) != 1]
-        return self._filler.fill(todo, len(self._matchers))
+            todo = [r for r, token in zip(self._rows, chosen) if r.matcher.validate_tokens([token]) != 1]
+        return self._filler.fill(todo, len(self._rows))
 
     def settle(self) -> None:
         """Nothing runs in the background."""
