@@ -115,7 +115,7 @@ class ModelRunner:
         structured outputs' masks still being filled in this process (waited for only when sampling); without it
         they are read from the SchedulerOutput."""
         self._update_states(scheduler_output)
-        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech, self.requests)
+        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech)
         if scheduler_output.is_empty:
             if not speech:
                 return StepFuture.done(EMPTY_MODEL_RUNNER_OUTPUT)
