@@ -199,10 +199,7 @@ class SpeechScheduler:
         """ValueError (a 400 at the front ends) unless this request can be spoken."""
         config = self.config
         if config is None:
-            raise ValueError(
-                "audio output: this engine has no talker (the checkpoint has none, speech is disabled, "
-                "or tensor_parallel_size > 1)"
-            )
+            raise ValueError("audio output: this engine has no talker (the checkpoint has none, or speech is disabled)")
         if params_voice not in config.speakers:
             raise ValueError(
                 f"unknown voice {params_voice!r}; this checkpoint speaks {sorted(config.speakers)}"

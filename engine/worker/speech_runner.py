@@ -38,13 +38,13 @@ class SpeechRunner:
     def __init__(
         self,
         models: SpeechModels,
-        thinker: torch.nn.Module,
+        embed_tokens: torch.nn.Module,
         num_blocks: int,
         block_size: int,
         device: torch.device,
     ) -> None:
         self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
-        self.thinker = thinker
+        self.embed_tokens = embed_tokens  # the thinker's token embedding, whole (thinker ids -> rows)
         self.block_size = block_size
         self.device = device
         self.dtype = self.talker.codec_head.weight.dtype
@@ -64,7 +64,7 @@ class SpeechRunner:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """Thinker embeddings of ids, in the talker's dtype."""
         table_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return self.thinker.embed_input_ids(table_ids).to(self.dtype)
+        return self.embed_tokens(table_ids).to(self.dtype)
 
     @torch.inference_mode()
     def execute(self, schedule: SpeechSchedule) -> list[SpeechFrame]:
