@@ -59,6 +59,11 @@ CASES = {  # prompt, multi_modal_data, mm_processor_kwargs
         {"image": np.random.default_rng(1).integers(0, 256, (64, 96, 3), dtype=np.uint8)},
         {},
     ),
+    "audio_then_image": (
+        _chat(("user", "Hear " + AUDIO + " then see " + IMAGE + ".")),
+        {"audio": _speech(1.5), "image": np.random.default_rng(4).integers(0, 256, (32, 32, 3), dtype=np.uint8)},
+        {},
+    ),
     "user_video": (
         _chat(("system", "Watch."), ("user", "What happens in " + VIDEO + "?")),
         {"video": (np.random.default_rng(3).integers(0, 256, (6, 64, 64, 3), dtype=np.uint8), 1.0)},
@@ -119,17 +124,17 @@ def _pcm16(wav: torch.Tensor) -> np.ndarray:
 
 
 @contextmanager
-def _talker_places_video_with_audio(hf, inputs: dict) -> Iterator[dict]:
-    """What HF's talker lacks for a video with its audio: the talker's `get_rope_index` sizes the soundtrack with
-    `config.audio_config.n_window`, but the talker config has no audio_config (AttributeError), so it gets the
-    thinker's; and `generate` never hands use_audio_in_video to the talker (it would read
-    <|vision_start|><|audio_start|> as a lone audio clip and the rest as text), so it is passed as talker_*."""
-    if not inputs.get("use_audio_in_video"):
+def _talker_places_audio_beside_vision(hf, inputs: dict) -> Iterator[dict]:
+    """What HF's talker lacks for audio beside an image or a video (a video's own soundtrack included): its
+    `get_rope_index` sizes audio with `config.audio_config.n_window`, but the talker config has no audio_config
+    (AttributeError), so it gets the thinker's; and `generate` never hands use_audio_in_video to the talker (it
+    would read <|vision_start|><|audio_start|> as a lone audio clip and the rest as text): it goes as talker_*."""
+    if "feature_attention_mask" not in inputs or not {"image_grid_thw", "video_grid_thw"} & inputs.keys():
         yield {}
         return
     hf.talker.config.audio_config = hf.config.thinker_config.audio_config
     try:
-        yield {"talker_use_audio_in_video": True}
+        yield {"talker_use_audio_in_video": True} if inputs.get("use_audio_in_video") else {}
     finally:
         del hf.talker.config.audio_config
 
@@ -145,7 +150,7 @@ def _hf_generate(hf, inputs: dict, stop: int) -> tuple[list[int], torch.Tensor, 
 
     hf.code2wav.chunked_decode = capture
     try:
-        with _talker_places_video_with_audio(hf, inputs) as talker_kwargs:
+        with _talker_places_audio_beside_vision(hf, inputs) as talker_kwargs:
             sequences, wav = hf.generate(
                 **inputs,
                 **talker_kwargs,
