@@ -52,6 +52,8 @@ def _add_content(builder: MRopeBuilder, piece: TalkerMedia) -> torch.Tensor:
         return builder.add_video(layout.grid_thw, layout.second_per_grid)
     if layout.kind == kinds.VIDEO_SLICE:
         return builder.add_video_slice(layout.slice_index, layout.grid_thw, layout.second_per_grid)
-    t, h, w = layout.grid_thw
+    if layout.kind != kinds.VIDEO_AUDIO:
+        raise ValueError(f"unknown media layout {layout.kind!r}")
+    t, h, w = layout.grid_thw  # the piece's rows are the video's and its soundtrack's
     num_video = t * h * w // builder.spatial_merge_size**2
     return builder.add_video_with_audio(layout.grid_thw, layout.second_per_grid, piece.length - num_video)[0]
