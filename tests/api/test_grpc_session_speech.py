@@ -104,7 +104,8 @@ def test_a_turn_with_camera_frames_beside_its_speech_speaks(stub):
                               audio_format=pb.AUDIO_FORMAT_PCM16, sample_rate=16000, video_fps=2.0)
     inputs, responses = _open(stub, config)
     inputs.put(*[_frame(pixels, i / 2.0) for i, pixels in enumerate(frames)])
-    inputs.put(*[pb.SessionInput(audio=pb.AudioChunk(data=speech[i : i + 1600].tobytes())) for i in range(0, 16000, 1600)])
+    chunks = [speech[i : i + 1600].tobytes() for i in range(0, len(speech), 1600)]
+    inputs.put(*[pb.SessionInput(audio=pb.AudioChunk(data=chunk)) for chunk in chunks])
     seen = _turn(inputs, responses, "What is going on?", pb.Commit())
     inputs.close()
     assert list(responses) == []
