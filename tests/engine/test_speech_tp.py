@@ -1,7 +1,7 @@
 """The speech lane under tensor parallelism (2 gloo ranks on CPU; the tiny stack with the speech oracle's O(1)
 weights, so the talker is sensitive to every input row): rank 0 runs it whole and the other rank never sees its
-work, and spoken answers (text, audio and video prompts, greedy and seeded codes) have the same tokens, the same
-[16 x n] codes and the same PCM16 as at TP=1."""
+work, and spoken answers (text, audio and video prompts, greedy and seeded codes) have the same tokens and the same
+[16 x n] codes as at TP=1, and PCM16 within one step of it."""
 
 from __future__ import annotations
 
@@ -68,6 +68,10 @@ def _spoken(llm: LLM) -> tuple[list, dict[str, list[list[int]]]]:
     return [o for batch in outputs for o in batch], codes
 
 
+def _pcm(audio: bytes) -> np.ndarray:
+    return np.frombuffer(audio, dtype="<i2").astype(np.int64)
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory) -> str:
     return str(save_hf_omni(build_hf_omni(seed=3), tmp_path_factory.mktemp("omni")))
@@ -87,7 +91,9 @@ def test_two_ranks_speak_exactly_as_one(checkpoint, tp1):
     assert get_tp_world_size() == 1
     for a, b in zip(want, got, strict=True):
         assert b.outputs[0].token_ids == a.outputs[0].token_ids
-        assert len(b.outputs[0].audio) == 2 * (FRAMES * 1920 - 555) and b.outputs[0].audio == a.outputs[0].audio
+        assert len(b.outputs[0].audio) == 2 * (FRAMES * 1920 - 555)
+        # the same codes decode to the same audio up to one PCM16 step: the ranks run on fewer CPU threads
+        assert np.abs(_pcm(b.outputs[0].audio) - _pcm(a.outputs[0].audio)).max() <= 1
     assert len({bytes(o.outputs[0].audio) for o in want}) == len(want)  # six different answers
     by_order = [want_codes[o.request_id] for o in want], [got_codes[o.request_id] for o in got]
     assert by_order[0] == by_order[1] and all(len(c) == FRAMES for c in by_order[0])
