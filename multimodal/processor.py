@@ -34,6 +34,7 @@ from omnistream.multimodal.placeholders import (
 )
 from omnistream.multimodal.tensor_codec import to_tensor_data
 from omnistream.multimodal.video import MAX_VIDEO_SECONDS, load_video, preprocess_video
+from omnistream.scheduler.media_layout import image_options, video_options
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.tensor_data import PositionSegment
 
@@ -221,8 +222,10 @@ class InputProcessor:
         if isinstance(entry.item, AudioItem):
             return _audio_windows(entry, placeholder.offset, window)
         inputs = {name: to_tensor_data(t) for name, t in entry.inputs.items()}
-        modality = "image" if isinstance(entry.item, ImageItem) else "video"
-        options: dict[str, int | float | bool] = {}
+        if isinstance(entry.item, ImageItem):
+            modality, options = "image", image_options(entry.item.grid_thw)
+        else:
+            modality, options = "video", video_options(entry.item.grid_thw, entry.item.second_per_grid)
         if isinstance(entry.item, VideoItem) and entry.item.has_audio:
             modality = "video_audio"
             inputs["input_features"] = to_tensor_data(entry.mel)

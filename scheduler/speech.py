@@ -21,11 +21,13 @@ from typing import NamedTuple
 
 import msgspec
 
+from omnistream.scheduler.media_layout import layout_of
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.speech_outputs import (
     NUM_ASSISTANT_ROWS,
     SpeechFrame,
     SpeechSchedule,
+    TalkerMedia,
     TalkerPrompt,
     TalkerStep,
 )
@@ -62,6 +64,19 @@ def user_turn_positions(token_ids: list[int], im_start_id: int, user_id: int) ->
         if role == user_id:
             kept.append(index)
     return kept
+
+
+def talker_media(kept: list[int], media: Sequence[MultiModalFeature]) -> list[TalkerMedia]:
+    """The user turns' media as the talker's prompt holds them (`kept`: the thinker positions of its user rows),
+    in order; media outside the user turns are dropped with their turn. ValueError for a feature whose options
+    carry no layout."""
+    row_of = {position: row for row, position in enumerate(kept)}
+    placed = []
+    for feature in sorted(media, key=lambda f: f.offset):
+        row = row_of.get(feature.offset)
+        if row is not None and feature.length:
+            placed.append(TalkerMedia(row=row, length=feature.length, layout=layout_of(feature)))
+    return placed
 
 
 class AudioUpdate(NamedTuple):
@@ -114,6 +129,7 @@ class SpeechRequest:
         # user rows at media placeholders, fed the thinker's hidden rows
         self.media_rows: list[int] = []
         self.media_positions: list[int] = []  # their positions in the thinker's prompt
+        self.media: list[TalkerMedia] = []  # the media there, for their positions in the talker's prompt
 
     @property
     def num_prompt_rows(self) -> int:
@@ -183,26 +199,19 @@ class SpeechScheduler:
         """ValueError (a 400 at the front ends) unless this request can be spoken."""
         config = self.config
         if config is None:
-            raise ValueError(
-                "audio output: this engine has no talker (the checkpoint has none, speech is disabled, "
-                "or tensor_parallel_size > 1)"
-            )
+            raise ValueError("audio output: this engine has no talker (the checkpoint has none, or speech is disabled)")
         if params_voice not in config.speakers:
             raise ValueError(
                 f"unknown voice {params_voice!r}; this checkpoint speaks {sorted(config.speakers)}"
             )
-        if open_input and any(feature.modality != "audio" for feature in media):
-            raise ValueError("audio output in a live session is not supported yet with camera frames or images")
-        if any(feature.modality not in ("audio", "image") for feature in media):
-            raise ValueError("audio output is not supported yet for prompts with video")
         header = len(prompt) - 3
         if header < 0 or prompt[header : header + 2] != [config.im_start_id, config.assistant_id]:
             raise ValueError(
                 f"request {req_id!r}: audio output needs a prompt that ends with the assistant header"
             )
-        num_rows = (
-            len(user_turn_positions(prompt, config.im_start_id, config.user_id)) + NUM_ASSISTANT_ROWS + 1
-        )
+        kept = user_turn_positions(prompt, config.im_start_id, config.user_id)
+        talker_media(kept, media)
+        num_rows = len(kept) + NUM_ASSISTANT_ROWS + 1
         if num_rows > config.num_talker_blocks * config.block_size:
             raise ValueError(
                 f"request {req_id!r}: the talker prompt needs {num_rows} rows, but the talker KV pool holds only "
@@ -242,8 +251,10 @@ class SpeechScheduler:
             max_frames,
         )
         self.requests[req_id].session = session
-        media_rows = [row for row, p in enumerate(positions) if any(f.offset <= p < f.end for f in media)]
+        placed = talker_media(positions, media)
+        media_rows = [row for piece in placed for row in range(piece.row, piece.row + piece.length)]
         if media_rows:  # the thinker keeps its hidden rows there for the talker's prompt
+            self.requests[req_id].media = placed
             self.requests[req_id].media_rows = media_rows
             self.requests[req_id].media_positions = [positions[row] for row in media_rows]
             self.new_captures.setdefault(req_id, []).extend(self.requests[req_id].media_positions)
@@ -378,6 +389,7 @@ class SpeechScheduler:
                 speaker=request.speaker,
                 media_rows=request.media_rows,
                 media_positions=request.media_positions,
+                media=request.media,
             )
         return TalkerStep(
             req_id=request.req_id,

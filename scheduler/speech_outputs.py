@@ -5,7 +5,17 @@ from __future__ import annotations
 
 import msgspec
 
+from omnistream.scheduler.media_layout import MediaLayout
+
 NUM_ASSISTANT_ROWS = 9  # the talker prompt's rows after the user turns (header, tts pads, bos, y0)
+
+
+class TalkerMedia(msgspec.Struct, kw_only=True, array_like=True):
+    """A media feature (an item or a piece of one) in the talker's prompt: its rows and how they are placed."""
+
+    row: int  # index into TalkerPrompt.user_ids of its first placeholder
+    length: int
+    layout: MediaLayout
 
 
 class TalkerPrompt(msgspec.Struct, kw_only=True):
@@ -17,6 +27,7 @@ class TalkerPrompt(msgspec.Struct, kw_only=True):
     speaker: int  # talker-vocabulary id of the voice
     media_rows: list[int] = []  # indices into user_ids of media placeholders: fed the thinker's hidden rows
     media_positions: list[int] = []  # their thinker positions (whose rows the runner captured)
+    media: list[TalkerMedia] = []  # the user turns' media in order, for their M-RoPE positions in the talker
 
 
 class TalkerStep(msgspec.Struct, kw_only=True):

@@ -22,6 +22,7 @@ from omnistream.multimodal.streaming_mel import (
     StreamingAudioWindows,
 )
 from omnistream.multimodal.tensor_codec import to_tensor_data
+from omnistream.scheduler.media_layout import SOUNDTRACK_OPTIONS, video_slice_options
 from omnistream.scheduler.mm_feature import MultiModalFeature
 
 AUDIO, VIDEO, VIDEO_AUDIO = "audio", "video", "video_audio"
@@ -191,7 +192,8 @@ class LiveSegment:
             offset=self.positions.num_tokens - count,
             length=count,
             inputs={"input_features": to_tensor_data(window.features.contiguous())},
-            options={"window_frames": self.window_frames, "part_of_longer_clip": window.stop_frame >= 100},
+            options={"window_frames": self.window_frames, "part_of_longer_clip": window.stop_frame >= 100,
+                     **(SOUNDTRACK_OPTIONS if self.kind == VIDEO_AUDIO else {})},
             row_offset=row,
             encoder_rows=0 if whole else window.num_tokens,
         )
@@ -201,7 +203,8 @@ class LiveSegment:
         pixels = torch.from_numpy(self._pairs[index])
         self._pairs[index] = None  # placed; its pixels travel with the feature
         grid_thw = self._frames.grid_thw
-        positions = self.positions.add_video_slice(index, grid_thw, self._frames.second_per_grid)
+        second_per_grid = self._frames.second_per_grid
+        positions = self.positions.add_video_slice(index, grid_thw, second_per_grid)
         count = positions.shape[1]
         grid = torch.tensor([grid_thw], dtype=torch.int64)
         feature = MultiModalFeature(
@@ -210,6 +213,7 @@ class LiveSegment:
             offset=self.positions.num_tokens - count,
             length=count,
             inputs={"pixel_values": to_tensor_data(pixels), "grid_thw": to_tensor_data(grid)},
+            options=video_slice_options(index, grid_thw, second_per_grid, with_audio=self.kind == VIDEO_AUDIO),
         )
         self._put([self.ids.video_pad] * count, positions, feature)
 

@@ -56,3 +56,15 @@ def tensor_model_parallel_all_gather(tensor: torch.Tensor, dim: int = -1) -> tor
     parts = [torch.empty_like(tensor) for _ in range(world_size)]
     dist.all_gather(parts, tensor.contiguous(), group=_tp_group)
     return torch.cat(parts, dim=dim)
+
+
+def tensor_model_parallel_gather(tensor: torch.Tensor, dim: int = 0) -> torch.Tensor | None:
+    """Every rank's `tensor` concatenated along `dim` in rank order, on the first TP rank; None on the others
+    (every rank must call it); identity at world size 1."""
+    world_size = get_tp_world_size()
+    if world_size == 1:
+        return tensor
+    first = get_tp_rank() == 0
+    parts = [torch.empty_like(tensor) for _ in range(world_size)] if first else None
+    dist.gather(tensor.contiguous(), parts, dst=dist.get_global_rank(_tp_group, 0), group=_tp_group)
+    return torch.cat(parts, dim=dim) if first else None

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from torch import nn
 
 from omnistream.engine.checkpoint.model_config import ThinkerConfig
+from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.engine_config import EngineConfig
 from omnistream.engine.errors import EngineDeadError
 from omnistream.engine.model_executor.distributed import (
@@ -47,11 +48,8 @@ from omnistream.engine.model_executor.distributed import (
     set_tp_group,
     tp_group_hidden,
 )
-from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.model_executor.loader import load_model
-from omnistream.engine.model_executor.speech_loader import load_speech_models
 from omnistream.engine.worker.model_runner import ModelRunner
-from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.engine.worker.step_future import StepFuture
 from omnistream.engine.worker.token_bitmask import PendingMasks
 from omnistream.engine.worker.tp_worker import (
@@ -65,6 +63,7 @@ from omnistream.engine.worker.tp_worker import (
     broadcast_bytes,
     cpu_threads_per_rank,
     kv_cache_blocks,
+    load_speech_lane,
     open_store,
     worker_main,
 )
@@ -86,7 +85,7 @@ class Executor(ABC):
     dtype: torch.dtype
     device: torch.device
     num_kv_blocks: int  # per rank: every rank holds this many blocks of its own KV heads
-    speech_config: SpeechConfig | None = None  # the speech lane's models are loaded (TP=1 only in v1)
+    speech_config: SpeechConfig | None = None  # the speech lane's models are loaded (whole, on rank 0 under TP)
 
     @abstractmethod
     def launch(self, scheduler_output: SchedulerOutput, grammar_bitmask: PendingMasks | None = None) -> StepFuture:
@@ -106,8 +105,6 @@ class Executor(ABC):
 def make_executor(config: EngineConfig, model_path: str, eos_token_ids: list[int]) -> Executor:
     if config.tensor_parallel_size == 1:
         return UniProcExecutor(config, model_path, eos_token_ids)
-    if config.enable_speech:
-        logger.warning("the speech lane runs at tensor_parallel_size 1 only: this engine answers in text")
     return MultiprocTPExecutor(config, model_path, eos_token_ids)
 
 
@@ -121,11 +118,9 @@ class UniProcExecutor(Executor):
                 model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
         # the speech lane (models and talker KV) first: the thinker's KV cache takes the memory left after it
-        speech = load_speech_models(model_path, self.dtype, self.device) if config.enable_speech else None
-        speech_runner = None
-        if speech is not None:
-            self.speech_config = speech.config
-            speech_runner = SpeechRunner(speech, self.model, config.talker_kv_blocks(), config.block_size, self.device)
+        with tp_group_hidden():
+            speech_runner = load_speech_lane(config, model_path, self.model, self.dtype, self.device)
+        self.speech_config = None if speech_runner is None else speech_runner.config
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group
             self.runner = ModelRunner(
@@ -212,6 +207,7 @@ class MultiprocTPExecutor(Executor):
         self.rank = Rank(info, init, self.store)
         self.model, self.model_config, self.dtype = self.rank.model, self.rank.model_config, self.rank.dtype
         self.device, self.num_kv_blocks, self.runner = self.rank.device, self.rank.num_kv_blocks, self.rank.runner
+        self.speech_config = self.rank.speech_config
         self._encoder = msgspec.msgpack.Encoder()
         threading.Thread(target=self._heartbeat, name="omnistream-tp-heartbeat", daemon=True).start()
         logger.info("tensor parallel: %d ranks on %d node(s), %s", topology.world_size, topology.nnodes, init.backend)
@@ -236,7 +232,8 @@ class MultiprocTPExecutor(Executor):
             for proc in self.procs:
                 if not proc.is_alive():
                     raise RuntimeError(f"{proc.name} is not running")
-            self._send(self._encoder.encode(scheduler_output))
+            # the speech lane runs on rank 0 alone: the other ranks get the thinker's work only
+            self._send(self._encoder.encode(msgspec.structs.replace(scheduler_output, speech=None)))
             return self.runner.launch(scheduler_output)
 
         future = self._guarded(start)

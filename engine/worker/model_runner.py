@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
+from omnistream.engine.model_executor.distributed import tp_group_hidden
 from omnistream.engine.worker.cuda_graphs import decode_graphs_for
 from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens, masked_greedy_serves, prepare_greedy_head
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
@@ -115,7 +116,10 @@ class ModelRunner:
         structured outputs' masks still being filled in this process (waited for only when sampling); without it
         they are read from the SchedulerOutput."""
         self._update_states(scheduler_output)
-        speech = [] if scheduler_output.speech is None else self.speech.execute(scheduler_output.speech, self.requests)
+        speech = []
+        if scheduler_output.speech is not None:
+            with tp_group_hidden():  # the lane is whole on rank 0 (v1): its forwards join no TP collective
+                speech = self.speech.execute(scheduler_output.speech)
         if scheduler_output.is_empty:
             if not speech:
                 return StepFuture.done(EMPTY_MODEL_RUNNER_OUTPUT)

@@ -22,9 +22,9 @@ from omnistream.engine.model_executor.models.code2wav_stream import Code2WavStre
 from omnistream.engine.model_executor.models.talker_prompt import assistant_rows, tts_rows, tts_token_ids
 from omnistream.engine.model_executor.speech_loader import SpeechModels
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
-from omnistream.engine.worker.request_state import RunnerRequestState
 from omnistream.engine.worker.speech_sampler import CodePredictorSampler, SpeechDraws, sample_c0
 from omnistream.engine.worker.talker_positions import talker_prompt_positions
+from omnistream.scheduler.media_layout import AUDIO
 from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
 
 
@@ -38,13 +38,13 @@ class SpeechRunner:
     def __init__(
         self,
         models: SpeechModels,
-        thinker: torch.nn.Module,
+        embed_tokens: torch.nn.Module,
         num_blocks: int,
         block_size: int,
         device: torch.device,
     ) -> None:
         self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
-        self.thinker = thinker
+        self.embed_tokens = embed_tokens  # the thinker's token embedding, whole (thinker ids -> rows)
         self.block_size = block_size
         self.device = device
         self.dtype = self.talker.codec_head.weight.dtype
@@ -56,7 +56,7 @@ class SpeechRunner:
         # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
         self.capture_positions: dict[str, set[int]] = {}
         self.captured: dict[str, dict[int, torch.Tensor]] = {}
-        # requests whose user turns hold images: the talker prompt's M-RoPE positions [3, P] and decode delta
+        # requests whose user turns hold images or video: the talker prompt's M-RoPE positions [3, P], decode delta
         self.prompt_positions: dict[str, tuple[torch.Tensor, float]] = {}
         with torch.inference_mode():
             self.tts = tts_rows(self.talker, self._embed(tts_token_ids(self.config)))
@@ -64,14 +64,11 @@ class SpeechRunner:
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """Thinker embeddings of ids, in the talker's dtype."""
         table_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
-        return self.thinker.embed_input_ids(table_ids).to(self.dtype)
+        return self.embed_tokens(table_ids).to(self.dtype)
 
     @torch.inference_mode()
-    def execute(
-        self, schedule: SpeechSchedule, thinker_requests: dict[str, RunnerRequestState]
-    ) -> list[SpeechFrame]:
-        """One talker step per scheduled request; `thinker_requests` (the runner's) give newly admitted requests'
-        media, whose encoder inputs are still there in their first step."""
+    def execute(self, schedule: SpeechSchedule) -> list[SpeechFrame]:
+        """One talker step per scheduled request."""
         for req_id in schedule.finished_req_ids:
             for state in (self.streams, self.seen, self.prompt_positions):
                 state.pop(req_id, None)
@@ -80,11 +77,6 @@ class SpeechRunner:
             self.captured.pop(req_id, None)
         for req_id, positions in schedule.capture.items():
             self.capture_positions.setdefault(req_id, set()).update(positions)
-            request = thinker_requests.get(req_id)  # a live session's input may come while it is preempted
-            if request is not None and any(feature.modality == "image" for feature in request.mm_features):
-                self.prompt_positions[req_id] = talker_prompt_positions(
-                    self.config, request.token_ids[: request.num_prompt_tokens], request.mm_features
-                )
         steps = schedule.steps
         if not steps:
             return []
@@ -153,8 +145,13 @@ class SpeechRunner:
 
     def _positions(self, step: TalkerStep) -> torch.Tensor:
         """M-RoPE positions [3, n] of a step's rows: the row index on all three axes for text and audio
-        prompts; the prompt's own positions, then index + delta, where user turns hold images."""
+        prompts; the prompt's own positions, then index + delta, where user turns hold images or video."""
         rows = np.arange(step.num_computed, step.num_computed + step.num_rows)
+        prompt = step.prompt
+        if prompt is not None and any(piece.layout.kind != AUDIO for piece in prompt.media):
+            self.prompt_positions[step.req_id] = talker_prompt_positions(
+                self.config, len(prompt.user_ids), prompt.media
+            )
         explicit = self.prompt_positions.get(step.req_id)
         if explicit is None:
             return torch.from_numpy(rows).to(self.device).expand(3, -1)

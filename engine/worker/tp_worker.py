@@ -25,10 +25,19 @@ import msgspec
 import torch
 import torch.distributed as dist
 
+from omnistream.engine.checkpoint.model_config import read_model_config
+from omnistream.engine.checkpoint.speech_config import SpeechConfig
 from omnistream.engine.engine_config import EngineConfig
-from omnistream.engine.model_executor.distributed import set_tp_group
+from omnistream.engine.model_executor.distributed import (
+    get_tp_rank,
+    set_tp_group,
+    tensor_model_parallel_gather,
+    tp_group_hidden,
+)
 from omnistream.engine.model_executor.loader import load_model
+from omnistream.engine.model_executor.speech_loader import load_speech_models
 from omnistream.engine.worker.model_runner import ModelRunner
+from omnistream.engine.worker.speech_runner import SpeechRunner
 from omnistream.scheduler.outputs import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -82,12 +91,16 @@ class Rank:
         self.model, self.model_config = load_model(
             init.model_path, None if config.dtype == "auto" else config.dtype, self.device, config.attention_backend)
         self.dtype = next(self.model.parameters()).dtype
+        # before the KV budget: rank 0's share of memory is smaller by the lane, and every rank takes its blocks
+        speech = load_speech_lane(config, init.model_path, self.model, self.dtype, self.device)
+        self.speech_config = None if speech is None else speech.config
         self.num_kv_blocks = self._agree_on_kv_blocks(config)
         self.runner = ModelRunner(
             self.model, num_kv_blocks=self.num_kv_blocks, block_size=config.block_size, dtype=self.dtype,
             device=self.device, eos_token_ids=init.eos_token_ids, max_num_seqs=config.max_num_seqs,
             max_model_len=config.max_model_len, seed=config.seed, enforce_eager=config.enforce_eager,
         )
+        self.runner.speech = speech
 
     def _agree_on_kv_blocks(self, config: EngineConfig) -> int:
         """Every rank holds the same number of blocks (of its own KV heads): the smallest any rank can afford."""
@@ -99,6 +112,26 @@ class Rank:
         set_tp_group(None)
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def load_speech_lane(
+    config: EngineConfig, model_path: str, thinker: torch.nn.Module, dtype: torch.dtype, device: torch.device
+) -> SpeechRunner | None:
+    """The speech lane (talker, code predictor, code2wav and the talker's KV) on the first TP rank, or None (no
+    talker in the checkpoint, speech disabled, or another rank). v1 runs the lane whole there: its models are
+    built unsharded, its forwards join no collective, and it reads the thinker's token embedding whole, which
+    under TP is gathered from the vocab shards once here (so every rank must call this, in step)."""
+    if not config.enable_speech or SpeechConfig.from_dict(read_model_config(model_path)) is None:
+        return None
+    table = tensor_model_parallel_gather(thinker.model.embed_tokens.weight, dim=0)
+    if get_tp_rank() != 0:
+        return None
+    with tp_group_hidden():
+        models = load_speech_models(model_path, dtype, device)
+        embed_tokens = thinker.model.embed_tokens
+        if table is not embed_tokens.weight:
+            embed_tokens = torch.nn.Embedding.from_pretrained(table, freeze=True)
+        return SpeechRunner(models, embed_tokens, config.talker_kv_blocks(), config.block_size, device)
 
 
 def kv_cache_blocks(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:

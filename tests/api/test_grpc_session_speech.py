@@ -1,13 +1,17 @@
 """Spoken answers in a gRPC Session (grpc server over AsyncLLM with the embedded tiny model): a turn that speaks
 streams AudioDelta outputs tagged with its turn (PCM16 24 kHz, contiguous, `last` once) before its TurnEnded;
-Commit.speech overrides the config's voice for one turn; a cancel mid-speech ends the audio with an empty last
-piece; an unknown voice is an INVALID_ARGUMENT SessionError and the session goes on."""
+Commit.speech overrides the config's voice for one turn; a turn with camera frames beside its speech speaks too;
+a cancel mid-speech ends the audio with an empty last piece; an unknown voice is an INVALID_ARGUMENT SessionError
+and the session goes on."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 
 import grpc
+import numpy as np
+import PIL.Image
 import pytest
 
 from omnistream.engine.entrypoints.cli import build_parser
@@ -26,7 +30,7 @@ LONG = pb.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, seed=2
 @pytest.fixture(scope="module")
 def stub():
     args = build_parser().parse_args(["serve", "--grpc-port", "0", "--grpc-only", "--dtype", "float32",
-                                      "--max-model-len", "256", "--num-kv-blocks", "64",
+                                      "--max-model-len", "1024", "--num-kv-blocks", "64",
                                       "--max-audio-frames", str(FRAMES)])
     llm, _ = build_server(args)
     server = GrpcServer(llm, args)
@@ -84,6 +88,30 @@ def test_spoken_turns_stream_audio_before_their_end(stub):
         assert seen[-1].turn_ended.finish_reason == pb.FINISH_REASON_LENGTH
         assert any(out.HasField("delta") for out in seen)
     assert _audio(first, 1) != _audio(second, 2)
+
+
+def _frame(pixels: np.ndarray, timestamp_s: float) -> pb.SessionInput:
+    buffer = io.BytesIO()
+    PIL.Image.fromarray(pixels).save(buffer, format="PNG")
+    return pb.SessionInput(video_frame=pb.VideoFrame(data=buffer.getvalue(), mime_type="image/png",
+                                                     timestamp_s=timestamp_s))
+
+
+def test_a_turn_with_camera_frames_beside_its_speech_speaks(stub):
+    frames = np.random.default_rng(5).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    speech = (0.2 * np.sin(np.arange(16000) * 0.05) * 32767).astype("<i2")  # 1 s at 16 kHz
+    config = pb.SessionConfig(sampling=SHORT, speech=pb.SpeechOptions(voice="ethan"), audio_window_s=1,
+                              audio_format=pb.AUDIO_FORMAT_PCM16, sample_rate=16000, video_fps=2.0)
+    inputs, responses = _open(stub, config)
+    inputs.put(*[_frame(pixels, i / 2.0) for i, pixels in enumerate(frames)])
+    chunks = [speech[i : i + 1600].tobytes() for i in range(0, len(speech), 1600)]
+    inputs.put(*[pb.SessionInput(audio=pb.AudioChunk(data=chunk)) for chunk in chunks])
+    seen = _turn(inputs, responses, "What is going on?", pb.Commit())
+    inputs.close()
+    assert list(responses) == []
+    assert not any(out.HasField("error") for out in seen)
+    assert seen[-1].turn_ended.usage.video_tokens > 0 and seen[-1].turn_ended.usage.audio_tokens > 0
+    assert len(_audio(seen, 1)) == 2 * (FRAMES * 1920 - 555)
 
 
 def test_cancel_mid_speech_and_unknown_voices(stub):

@@ -1,7 +1,7 @@
 """Spoken answers over gRPC (grpc.aio server over AsyncLLM with the embedded tiny model, generated stubs):
 Generate with `speech` streams AudioDelta pieces (PCM16 24 kHz, contiguous first_sample, `last` once) beside
-the text, the answer's finish reason comes with its last audio, seeded audio repeats, and a bad voice or
-format is INVALID_ARGUMENT."""
+the text, the answer's finish reason comes with its last audio, seeded audio repeats, a video with its
+soundtrack is answered in speech, and a bad voice or format is INVALID_ARGUMENT."""
 
 from __future__ import annotations
 
@@ -13,11 +13,10 @@ from omnistream.engine.entrypoints.grpc_server import GrpcServer
 from omnistream.engine.entrypoints.serve import build_server
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
+from tests.multimodal.media import encode_video
 
 FRAMES = 5
-CHAT = pb.ChatMessages(
-    messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="Tell me a joke.")])]
-)
+CHAT = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="Tell me a joke.")])])
 SAMPLING = pb.SamplingParams(max_tokens=4, temperature=0.8, seed=5)
 
 
@@ -32,7 +31,7 @@ def stub():
             "--dtype",
             "float32",
             "--max-model-len",
-            "256",
+            "512",  # a video prompt
             "--num-kv-blocks",
             "64",
             "--max-audio-frames",
@@ -72,6 +71,24 @@ def test_generate_streams_audio_deltas_beside_the_text(stub):
     assert "".join(r.text for r in responses) == "".join(r.text for r in text_only)
     again = _generate(stub, voice="chelsie")
     assert b"".join(r.audio.data for r in again) == b"".join(a.data for a in audio)
+
+
+def test_a_video_with_its_soundtrack_is_answered_in_speech(stub):
+    video = pb.MediaItem(data=encode_video(2.0, fps=10), mime_type="video/mp4")
+    chat = pb.ChatMessages(
+        messages=[
+            pb.ChatMessage(role="user", content=[pb.ContentPart(media=video), pb.ContentPart(text="What happens?")])
+        ]
+    )
+    options = pb.MediaOptions(fps=2.0, use_audio_in_video=True)
+    request = pb.GenerateRequest(chat=chat, sampling=SAMPLING, media_options=options)
+    text_only = list(stub.Generate(request, timeout=120))
+    request.speech.CopyFrom(pb.SpeechOptions(voice="aiden"))
+    spoken = list(stub.Generate(request, timeout=120))
+    assert "".join(r.text for r in spoken) == "".join(r.text for r in text_only)
+    usage = spoken[-1].usage
+    assert usage.video_tokens > 0 and usage.audio_tokens > 0
+    assert sum(len(r.audio.data) for r in spoken) == 2 * (FRAMES * 1920 - 555)
 
 
 @pytest.mark.parametrize(

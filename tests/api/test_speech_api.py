@@ -1,7 +1,8 @@
 """Chat completions with audio out, through the official openai client against the real server (embedded tiny
 model): message.audio is a 24 kHz mono 16-bit WAV whose transcript is the text answer, the streamed delta.audio
-pieces join into the same PCM16 as the whole answer, every PyAV format decodes, and an unknown voice, an
-unencodable format or audio asked of a server without a talker are OpenAI-style 400s."""
+pieces join into the same PCM16 as the whole answer, every PyAV format decodes, a video (with its soundtrack)
+is answered in speech, and an unknown voice, an unencodable format or audio asked of a server without a talker
+are OpenAI-style 400s."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pytest
 
 from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
 from omnistream.engine.entrypoints.openai.audio_encode import encode_audio
+from tests.multimodal.media import encode_video
 
 from .server_fixture import http_client, openai_client, running_server
 
@@ -25,7 +27,7 @@ USER = [{"role": "user", "content": "Say something nice."}]
 
 @pytest.fixture(scope="module")
 def server():
-    flags = ("--dtype", "float32", "--max-model-len", "256", "--num-kv-blocks", "64")
+    flags = ("--dtype", "float32", "--max-model-len", "512", "--num-kv-blocks", "64")  # 512: a video prompt
     with running_server(*flags, "--max-audio-frames", str(FRAMES), "--max-num-voices", "2") as running:
         yield running
 
@@ -75,6 +77,28 @@ def test_streamed_audio_joins_into_the_whole_answer(client):
     assert b"".join(pieces) == base64.b64decode(whole.data) and transcript == whole.transcript
     assert len(ids - {None}) == 1 and finish[-1] is not None and not any(finish[:-1])
     assert len(pieces[1]) in (0, 2730)
+
+
+def test_a_video_with_its_soundtrack_is_answered_in_speech(client):
+    video = "data:video/mp4;base64," + base64.b64encode(encode_video(2.0, fps=10)).decode()
+    content = [{"type": "video_url", "video_url": {"url": video}}, {"type": "text", "text": "What happens?"}]
+    request = {
+        "model": DEFAULT_MODEL_NAME,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": 5,
+        "seed": 4,
+        "temperature": 0.7,
+        "extra_body": {"mm_processor_kwargs": {"fps": 2.0, "use_audio_in_video": True}},
+    }
+    spoken = client.chat.completions.create(
+        **request, modalities=["text", "audio"], audio={"voice": "ethan", "format": "wav"}
+    )
+    text = client.chat.completions.create(**request)
+    audio = spoken.choices[0].message.audio
+    assert audio.transcript == text.choices[0].message.content
+    assert text.usage.prompt_tokens == spoken.usage.prompt_tokens > 30  # the video's rows are in the prompt
+    with wave.open(io.BytesIO(base64.b64decode(audio.data))) as wav:
+        assert wav.getnframes() == FRAMES * 1920 - 555
 
 
 @pytest.mark.parametrize("fmt", ["flac", "mp3", "opus", "aac"])

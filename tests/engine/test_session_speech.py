@@ -1,6 +1,7 @@
 """Spoken turns of live sessions (the embedded tiny model): a session turn's text and audio equal the offline
 request of the same conversation (its talker prompt holds every user turn, with the hidden rows of audio that
-was prefilled while the user spoke, turns before it included); a cancel stops text and speech at once and
+was prefilled while the user spoke, turns before it included; camera frames as the offline video, with or
+without its audio, placed in the talker's prompt as HF places it); a cancel stops text and speech at once and
 frees the turn's talker blocks and voice, while the session keeps its kept rows until it closes; a turn's
 answer can be truncated to what was heard and the conversation goes on from there."""
 
@@ -13,6 +14,8 @@ import pytest
 import torch
 
 from omnistream.engine.frontend.async_llm import AsyncLLM
+from omnistream.engine.worker import speech_runner
+from omnistream.engine.worker.talker_positions import talker_prompt_positions
 from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
 
 FRAMES = 6
@@ -85,6 +88,56 @@ def test_spoken_session_turns_equal_offline_requests_of_the_conversation(llm):
     assert answer1.audio != answer2.audio  # the second turn's talker prompt holds both user turns
     speech = llm.core.engine.scheduler.speech
     assert not speech.requests and not speech.sessions and len(speech.free_slots) == speech.config.max_num_voices
+
+
+@pytest.mark.parametrize("with_speech", [True, False])
+def test_a_spoken_turn_with_camera_frames_equals_the_offline_video_request(llm, with_speech, monkeypatch):
+    """Speech beside the frames is a video with its audio (use_audio_in_video), frames alone a silent video;
+    either way the talker reads the thinker's rows at every slice and soundtrack piece, and its prompt's
+    positions (placed piece by piece) equal those of the offline video (placed whole; HF parity elsewhere)."""
+    placed = []
+
+    def record(*args):
+        placed.append(talker_prompt_positions(*args))
+        return placed[-1]
+
+    monkeypatch.setattr(speech_runner, "talker_prompt_positions", record)
+    wave, frames = _speech(2.6, 5), np.random.default_rng(6).integers(0, 256, (5, 64, 96, 3), dtype=np.uint8)
+    fps = 2.0
+
+    async def run():
+        session = await llm.open_session(system_prompt=None, sampling_params=SPOKEN, audio_window_s=2, video_fps=fps)
+        sent = 0
+        for start in range(0, len(wave) if with_speech else 0, 1600):  # the frames up to each 100 ms of audio
+            while sent < len(frames) and sent / fps <= start / 16000:
+                await session.append_frame(frames[sent], sent / fps)
+                sent += 1
+            await session.append_audio(wave[start : start + 1600], 16000)
+        for index in range(sent, len(frames)):
+            await session.append_frame(frames[index], index / fps)
+        await session.append_text("Say what you see.")
+        live = None
+        async for output in await session.commit(SPOKEN):
+            live = output
+        await session.close()
+        video = (frames, fps, (wave, 16000)) if with_speech else (frames, fps)
+        request = {
+            "prompt": "<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>Say what you see.<|im_end|>\n"
+            "<|im_start|>assistant\n",
+            "multi_modal_data": {"video": [video]},
+            "mm_processor_kwargs": {"audio_window_s": 2, "use_audio_in_video": with_speech},
+        }
+        offline = None
+        async for output in llm.generate(request, SPOKEN):
+            offline = output
+        return live.outputs[0], offline.outputs[0]
+
+    live, offline = asyncio.run(run())
+    assert live.token_ids == offline.token_ids
+    assert len(live.audio) == 2 * (FRAMES * 1920 - 555) and live.audio == offline.audio
+    (live_positions, live_delta), (offline_positions, offline_delta) = placed
+    assert torch.equal(live_positions, offline_positions) and live_delta == offline_delta
+    assert live_delta < 0 and not torch.equal(live_positions[0], live_positions[2])  # 3-D, not the row index
 
 
 def test_cancel_stops_the_speech_and_truncate_keeps_what_was_heard(llm):

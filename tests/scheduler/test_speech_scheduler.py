@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 
+from omnistream.scheduler import media_layout
 from omnistream.scheduler.mm_feature import MultiModalFeature
 from omnistream.scheduler.request import Request, RequestStatus
 from omnistream.scheduler.sampling_params import SamplingParams, SpeechParams
@@ -186,12 +187,40 @@ def test_audio_in_a_user_turn_is_read_from_the_thinker_and_never_from_the_prefix
     assert fake.audio_finish["a"] == "stop"
 
 
-def test_speech_for_prompts_with_video_is_refused():
+def test_media_without_a_layout_is_refused_naming_the_missing_option():
     video = MultiModalFeature(modality="video", identifier="v", offset=10, length=3)
     request = _with_audio("a")
     request.mm_features = [video]
-    with pytest.raises(ValueError, match="not supported yet for prompts with video"):
+    with pytest.raises(ValueError, match="option 'grid_t' is not set"):
         make_scheduler().add_request(request)
+
+
+def test_a_live_video_with_audio_reaches_the_talker_prompt_piece_by_piece_with_its_layout():
+    """Pieces of one video (slices and soundtrack runs) keep their order and layouts, at their talker rows;
+    the talker reads the thinker's rows at every one of them."""
+    prompt = PROMPT[:9] + [151652, 151669] + [151656] * 4 + [151675] * 2 + [151670, 151653] + PROMPT[9:]
+    slice_0 = media_layout.video_slice_options(0, (1, 4, 4), 1.0, with_audio=True)
+    slice_1 = media_layout.video_slice_options(1, (1, 4, 4), 1.0, with_audio=True)
+    pieces = [
+        MultiModalFeature(modality="video", identifier="v0", offset=11, length=2, options=slice_0),
+        MultiModalFeature(modality="audio", identifier="w", offset=13, length=2,
+                          options=dict(media_layout.SOUNDTRACK_OPTIONS)),
+        MultiModalFeature(modality="video", identifier="v1", offset=15, length=2, options=slice_1),
+    ]
+    params = SamplingParams(max_tokens=4, seed=1, speech=SpeechParams())
+    scheduler = make_scheduler()
+    scheduler.add_request(Request("a", prompt, params, [2], arrival_time=0.0, mm_features=pieces[::-1]))
+    fake = FakeLane(scheduler, {"a": [20, 21]}, {"a": 2})
+    fake.step()
+    fake.step()
+    talker_prompt = fake.schedules[1].speech.steps[0].prompt
+    assert [(piece.row, piece.length) for piece in talker_prompt.media] == [(5, 2), (7, 2), (9, 2)]
+    assert [piece.layout for piece in talker_prompt.media] == [media_layout.layout_of(f) for f in pieces]
+    assert talker_prompt.media[0].layout.num_opening_tokens == 2
+    assert talker_prompt.media_positions == list(range(11, 17)) and talker_prompt.media_rows == list(range(5, 11))
+    assert fake.schedules[0].speech.capture == {"a": list(range(11, 17))}
+    fake.run()
+    assert fake.audio_finish["a"] == "stop"
 
 
 def test_a_request_whose_speech_ended_never_speaks_again_after_a_thinker_preemption():
