@@ -125,7 +125,9 @@ class UniProcExecutor(Executor):
         speech_runner = None
         if speech is not None:
             self.speech_config = speech.config
-            speech_runner = SpeechRunner(speech, self.model, config.talker_kv_blocks(), config.block_size, self.device)
+            speech_runner = SpeechRunner(
+                speech, self.model, config.talker_kv_blocks(), config.block_size, self.device, config.max_num_voices
+            )
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group
             self.runner = ModelRunner(
