@@ -126,7 +126,8 @@ class UniProcExecutor(Executor):
         if speech is not None:
             self.speech_config = speech.config
             speech_runner = SpeechRunner(
-                speech, self.model, config.talker_kv_blocks(), config.block_size, self.device, config.max_num_voices
+                speech, self.model, config.talker_kv_blocks(), config.block_size, self.device,
+                config.max_num_voices, config.enforce_eager,
             )
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group

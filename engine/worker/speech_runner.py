@@ -21,9 +21,12 @@ from omnistream.engine.model_executor.attention.backend import AttentionMetadata
 from omnistream.engine.model_executor.models.code2wav_voices import Code2WavVoices
 from omnistream.engine.model_executor.models.talker_prompt import assistant_rows, tts_rows, tts_token_ids
 from omnistream.engine.model_executor.speech_loader import SpeechModels
+from omnistream.engine.worker.code_predictor_block import CodePredictorBlock
+from omnistream.engine.worker.code_predictor_graphs import CodePredictorGraphs, code_predictor_graphs_off_reason
+from omnistream.engine.worker.cuda_graphs import CudaGraphCapture
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.request_state import RunnerRequestState
-from omnistream.engine.worker.speech_sampler import CodePredictorSampler, SpeechDraws, sample_c0
+from omnistream.engine.worker.speech_sampler import SpeechDraws, sample_c0
 from omnistream.engine.worker.talker_positions import talker_prompt_positions
 from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
 
@@ -43,6 +46,7 @@ class SpeechRunner:
         block_size: int,
         device: torch.device,
         max_num_voices: int = 8,
+        enforce_eager: bool = False,
     ) -> None:
         self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
         self.thinker = thinker
@@ -52,6 +56,7 @@ class SpeechRunner:
         shape = self.talker.kv_cache_shape_per_layer(num_blocks, block_size)
         self.kv_caches = [zeroed_kv_cache(shape, self.dtype, device) for _ in range(self.talker.num_layers)]
         self.streams = Code2WavVoices(self.code2wav, max_num_voices)
+        self.code_predictor = self._code_predictor(max_num_voices, enforce_eager)
         # [vocab] bool per request: the c0 it has sampled (repetition penalty)
         self.seen: dict[str, torch.Tensor] = {}
         # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
@@ -61,6 +66,15 @@ class SpeechRunner:
         self.prompt_positions: dict[str, tuple[torch.Tensor, float]] = {}
         with torch.inference_mode():
             self.tts = tts_rows(self.talker, self._embed(tts_token_ids(self.config)))
+
+    def _code_predictor(self, max_num_voices: int, enforce_eager: bool) -> CodePredictorBlock | CodePredictorGraphs:
+        """The block for every voice's 15 codebooks, replayed from CUDA graphs unless they are off."""
+        block = CodePredictorBlock(self.talker.code_predictor, max_num_voices)
+        if code_predictor_graphs_off_reason(self.device, enforce_eager) is not None:
+            return block
+        graphs = CodePredictorGraphs(block, CudaGraphCapture())
+        graphs.capture_all()
+        return graphs
 
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """Thinker embeddings of ids, in the talker's dtype."""
@@ -110,9 +124,7 @@ class SpeechRunner:
         seen = torch.stack([self.seen[step.req_id] for step in steps])
         eos = self.config.talker.codec_eos_token_id
         c0 = sample_c0(self.talker.compute_logits(last), seen, draws, eos)
-        prediction = self.talker.code_predictor.predict(
-            last, self.talker.embed_codec(c0), CodePredictorSampler(draws)
-        )
+        prediction = self.code_predictor(last, self.talker.embed_codec(c0), draws)
         codes = torch.cat((c0.unsqueeze(1), prediction.codes), dim=1)  # [B, G]
         host_codes = codes.tolist()
         speaking = [i for i, frame in enumerate(host_codes) if frame[0] != eos]
