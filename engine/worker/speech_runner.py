@@ -56,6 +56,7 @@ class SpeechRunner:
         shape = self.talker.kv_cache_shape_per_layer(num_blocks, block_size)
         self.kv_caches = [zeroed_kv_cache(shape, self.dtype, device) for _ in range(self.talker.num_layers)]
         self.streams = Code2WavVoices(self.code2wav, max_num_voices)
+        self.streams.warm_up()
         self.code_predictor = self._code_predictor(max_num_voices, enforce_eager)
         # [vocab] bool per request: the c0 it has sampled (repetition penalty)
         self.seen: dict[str, torch.Tensor] = {}

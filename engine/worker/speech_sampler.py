@@ -56,9 +56,7 @@ def _pick(
     return torch.where(draws.do_sample, drawn, logits.argmax(dim=-1))
 
 
-def sample_c0(
-    logits: torch.Tensor, seen: torch.Tensor, draws: SpeechDraws, codec_eos_id: int
-) -> torch.Tensor:
+def sample_c0(logits: torch.Tensor, seen: torch.Tensor, draws: SpeechDraws, codec_eos_id: int) -> torch.Tensor:
     """Codebook-0 ids [B] from talker logits [B, V] (float32); seen [B, V] bool marks each row's earlier c0."""
     penalized = torch.where(logits > 0, logits / REPETITION_PENALTY, logits * REPETITION_PENALTY)
     logits = torch.where(seen, penalized, logits)
@@ -80,9 +78,7 @@ class CodePredictorSampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self.step += 1
-        candidates = top_candidates(
-            logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P
-        )
+        candidates = top_candidates(logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P)
         return _pick(
             logits, candidates, self.draws, CODE_PREDICTOR_STREAM, self.draws.frames * DRAWS_PER_FRAME + self.step
         )

@@ -95,3 +95,12 @@ def test_a_voice_beyond_the_capacity_is_refused(model):
     batched.push(["a"], codes_of(0, 1).unsqueeze(0))
     with pytest.raises(ValueError, match="holds 1 voices"):
         batched.push(["b"], codes_of(1, 1).unsqueeze(0))
+
+
+def test_the_warm_up_leaves_no_voice_and_fresh_rows(model):
+    batched = Code2WavVoices(model, 3)
+    batched.warm_up()
+    assert len(batched) == 0
+    codes = codes_of(4, 3)
+    out = batched.push(["a"], codes.unsqueeze(0))
+    assert (out.samples - whole(model, codes)).abs().max() <= TOL

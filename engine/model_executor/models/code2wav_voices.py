@@ -59,6 +59,19 @@ class Code2WavVoices:
         self.num_frames[row] = 0
         self.ring.clear(row)  # the left buffers need no clearing: a voice's first frame writes all of them
 
+    def warm_up(self) -> None:
+        """Decode a first and a second frame for every number of voices up to the capacity, then forget them:
+        the first call of each convolution shape is slow (the backend builds its kernels), so this moves that cost
+        from the first steps that speak to start-up."""
+        quantizers = self.model.config.num_quantizers
+        for size in range(1, self.capacity + 1):
+            voices = [f"warm-up-{i}" for i in range(size)]
+            codes = torch.zeros(size, quantizers, 1, dtype=torch.long, device=self.device)
+            self.push(voices, codes)
+            self.push(voices, codes)
+            for voice in voices:
+                self.drop(voice)
+
     def _row(self, voice: str) -> int:
         row = self.row_of.get(voice)
         if row is None:
