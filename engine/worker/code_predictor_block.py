@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from omnistream.engine.model_executor.layers.rotary import rotate_half
 from omnistream.engine.model_executor.models.code_predictor import CodePredictor, CodePredictorLayer
-from omnistream.engine.worker.sampling_draws import race, row_keys
+from omnistream.engine.worker.sampling_draws import mix32, row_keys
 from omnistream.engine.worker.speech_sampler import (
     CODE_PREDICTOR_STREAM,
     CODE_PREDICTOR_TEMPERATURE,
@@ -31,6 +31,14 @@ from omnistream.engine.worker.speech_sampler import (
 class BlockOutput(NamedTuple):
     codes: torch.Tensor  # [B, G-1] int64: codebooks 1..G-1
     residual_embeds: torch.Tensor  # [B, H]: Σ_g E_cp[g-1](c_g)
+
+
+def _race(weights: torch.Tensor, keys: torch.Tensor, candidate_hashes: torch.Tensor) -> torch.Tensor:
+    """sampling_draws.race at level 0, with the candidates' hashes mix32(2 * id) looked up instead of
+    recomputed: the position in [0, N) won by weights [B, N]."""
+    bits = mix32(mix32(keys.unsqueeze(1) ^ candidate_hashes))
+    uniforms = ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+    return (weights / -torch.log(uniforms)).max(dim=-1).indices
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -107,11 +115,15 @@ class CodePredictorBlock:
         cos, sin = predictor.model.rotary_emb(positions, weight.dtype)
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [G, 1, d]
         self.visible = torch.ones(self.groups, self.groups, dtype=torch.bool, device=weight.device).tril()
+        self.id_hashes = mix32(2 * torch.arange(config.vocab_size, device=weight.device))  # [V]
 
     @torch.inference_mode()
-    def __call__(self, hidden: torch.Tensor, c0_embeds: torch.Tensor, draws: SpeechDraws) -> BlockOutput:
+    def __call__(
+        self, hidden: torch.Tensor, c0_embeds: torch.Tensor, draws: SpeechDraws, any_greedy: bool = True
+    ) -> BlockOutput:
         """hidden [B, H] (the talker's final-normed state that sampled c0), c0_embeds [B, H] -> codebooks 1..G-1
-        drawn as `CodePredictorSampler` draws them (counter frame * DRAWS_PER_FRAME + g)."""
+        drawn as `CodePredictorSampler` draws them (counter frame * DRAWS_PER_FRAME + g); `any_greedy` False
+        (every row samples) skips the argmax."""
         batch = hidden.shape[0]
         if batch > self.max_batch:
             raise ValueError(f"the code predictor block holds {self.max_batch} rows, got {batch}")
@@ -132,8 +144,9 @@ class CodePredictorBlock:
                 x = layer(x, cos, sin, layer_keys, layer_values, start, visible)
             logits = F.linear(_rms(x[:, -1], self.norm, self.norm_eps), self.heads[step]).float()
             ids, probs = top_candidates(logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P)
-            drawn = ids.gather(1, race(probs, keys[:, step], ids, 0).unsqueeze(1)).squeeze(1)
-            chosen = torch.where(draws.do_sample, drawn, logits.argmax(dim=-1))
+            chosen = ids.gather(1, _race(probs, keys[:, step], self.id_hashes[ids]).unsqueeze(1)).squeeze(1)
+            if any_greedy:
+                chosen = torch.where(draws.do_sample, chosen, logits.argmax(dim=-1))
             row = F.embedding(chosen, self.tables[step])
             residual = residual + row
             codes.append(chosen)

@@ -70,8 +70,11 @@ class CodePredictorGraphs:
         return step
 
     @torch.inference_mode()
-    def __call__(self, hidden: torch.Tensor, c0_embeds: torch.Tensor, draws: SpeechDraws) -> BlockOutput:
-        """The block's output for these rows (views of the static outputs: read them before the next call)."""
+    def __call__(
+        self, hidden: torch.Tensor, c0_embeds: torch.Tensor, draws: SpeechDraws, any_greedy: bool = True
+    ) -> BlockOutput:
+        """The block's output for these rows (views of the static outputs: read them before the next call); the
+        graphs always hold the greedy rows' argmax, whatever `any_greedy` says."""
         batch = hidden.shape[0]
         size = bucket_for(batch, self.sizes)
         self.hidden[:batch].copy_(hidden)

@@ -125,7 +125,8 @@ class SpeechRunner:
         seen = torch.stack([self.seen[step.req_id] for step in steps])
         eos = self.config.talker.codec_eos_token_id
         c0 = sample_c0(self.talker.compute_logits(last), seen, draws, eos)
-        prediction = self.code_predictor(last, self.talker.embed_codec(c0), draws)
+        any_greedy = not all(step.do_sample for step in steps)
+        prediction = self.code_predictor(last, self.talker.embed_codec(c0), draws, any_greedy)
         codes = torch.cat((c0.unsqueeze(1), prediction.codes), dim=1)  # [B, G]
         host_codes = codes.tolist()
         speaking = [i for i, frame in enumerate(host_codes) if frame[0] != eos]

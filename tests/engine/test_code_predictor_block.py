@@ -46,6 +46,15 @@ def test_the_block_draws_the_codes_of_the_step_by_step_predictor(predictor, batc
         assert len(set(expected.codes[0].tolist())) > 1  # the draws differ from step to step
 
 
+def test_rows_that_all_sample_may_skip_the_argmax(predictor):
+    block = CodePredictorBlock(predictor, max_batch=4)
+    hidden, c0, draws = inputs(predictor, 4, 9)
+    draws = draws._replace(do_sample=torch.ones(4, dtype=torch.bool))
+    with torch.inference_mode():
+        expected = predictor.predict(hidden, c0, CodePredictorSampler(draws))
+    assert torch.equal(block(hidden, c0, draws, any_greedy=False).codes, expected.codes)
+
+
 def test_a_batch_beyond_the_block_is_refused(predictor):
     block = CodePredictorBlock(predictor, max_batch=2)
     with pytest.raises(ValueError, match="holds 2 rows"):
