@@ -133,7 +133,7 @@ class SpeechRunner:
         pcm: dict[int, bytes] = {}
         if speaking:
             for i in speaking:
-                self.seen[steps[i].req_id][c0[i]] = True
+                self.seen[steps[i].req_id][host_codes[i][0]] = True
             voices = self.streams.push([steps[i].req_id for i in speaking], codes[speaking].unsqueeze(2))
             data = to_pcm16(voices.samples)  # every voice's samples converted at once
             pcm = {i: data[2 * start : 2 * stop] for i, (start, stop) in zip(speaking, voices.spans)}
