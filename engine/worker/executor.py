@@ -127,7 +127,7 @@ class UniProcExecutor(Executor):
             self.speech_config = speech.config
             speech_runner = SpeechRunner(
                 speech, self.model, config.talker_kv_blocks(), config.block_size, self.device,
-                config.max_num_voices, config.enforce_eager,
+                max_num_voices=config.max_num_voices, enforce_eager=config.enforce_eager,
             )
         self.num_kv_blocks = kv_cache_blocks(self.model, config, self.dtype, self.device)
         with tp_group_hidden():  # graph capture runs the forward, which must not join a TP engine's group

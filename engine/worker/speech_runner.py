@@ -45,8 +45,9 @@ class SpeechRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
-        max_num_voices: int = 8,
-        enforce_eager: bool = False,
+        *,
+        max_num_voices: int,  # voices decoded at once: the code2wav pool and the code predictor's buffers
+        enforce_eager: bool,  # no CUDA graphs of the code predictor
     ) -> None:
         self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
         self.thinker = thinker
