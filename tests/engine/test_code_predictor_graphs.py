@@ -1,7 +1,7 @@
 """The code predictor's graphs: one per bucket of voices, recorded largest first after one warm-up each; a
 replay of any batch (padded to its bucket) gives the eager block's codes; graphs are off on CPU and with
-enforce_eager. On CPU a stand-in capture reruns the block on the static buffers; the real CUDA test is marked
-gpu."""
+enforce_eager; the speech lane speaks the same through them. On CPU a stand-in capture reruns the block on the
+static buffers; the real CUDA test is marked gpu."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from omnistream import LLM, SamplingParams
 from omnistream.engine.checkpoint.default_model import default_model_path
 from omnistream.engine.model_executor.speech_loader import load_speech_models
 from omnistream.engine.worker.code_predictor_block import CodePredictorBlock
 from omnistream.engine.worker.code_predictor_graphs import CodePredictorGraphs, code_predictor_graphs_off_reason
 from omnistream.engine.worker.cuda_graphs import CudaGraphCapture
 from omnistream.engine.worker.speech_sampler import SpeechDraws
+from omnistream.scheduler.sampling_params import SpeechParams
 
 MAX_VOICES = 6
 
@@ -106,3 +108,21 @@ def test_real_cuda_graphs_give_the_eager_codes_without_host_syncs():
             torch.cuda.set_sync_debug_mode("default")
         assert torch.equal(got.codes, expected.codes)
         assert torch.allclose(got.residual_embeds, expected.residual_embeds, atol=1e-5)
+
+
+def test_the_speech_lane_speaks_the_same_through_stand_in_graphs():
+    def speak(llm: LLM) -> list[bytes]:
+        conversations = [[{"role": "user", "content": q}] for q in ("Hi!", "Tell me a story.")]
+        params = [SamplingParams(temperature=0.8, max_tokens=4, seed=s, speech=SpeechParams()) for s in (1, 2)]
+        return [o.outputs[0].audio for o in llm.chat(conversations, params, use_tqdm=False)]
+
+    with LLM(max_audio_frames=6, max_num_voices=3) as llm:
+        eager = speak(llm)
+        runner = llm.engine.executor.runner.speech
+        block = CountingBlock(runner.talker.code_predictor, 3)
+        runner.code_predictor = CodePredictorGraphs(block, StandInCapture(block))
+        runner.code_predictor.capture_all()
+        block.calls.clear()
+        graphed = speak(llm)
+    assert graphed == eager and all(len(audio) == 2 * (6 * 1920 - 555) for audio in eager)
+    assert set(block.calls) == {2}  # every frame of both voices replayed the bucket of 2
