@@ -42,7 +42,8 @@ class Code2WavVoices:
         weight = model.code_embedding.weight
         self.model, self.capacity, self.device = model, capacity, weight.device
         self.ring = TransformerRing(model.config, capacity, weight.dtype, weight.device)
-        self.tails: dict[nn.Module, torch.Tensor] = {}  # per causal layer [capacity, C, context], zeros when fresh
+        # per causal layer [capacity, C, context]: a voice's left buffers, read from its second frame on
+        self.tails: dict[nn.Module, torch.Tensor] = {}
         self.row_of: dict[str, int] = {}
         self.num_frames = [0] * capacity
 
