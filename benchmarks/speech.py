@@ -8,6 +8,8 @@ Reported per C (medians over the voices, and the worst voice):
 - `request -> first audio`: ms from adding the requests to a voice's first PCM delta (1365 samples);
 - `RTF`: wall time from a voice's first to its last audio over the duration of audio it got after the
   first packet (below 1: faster than real time);
+- `step CPU`: the process's CPU time per engine step that returned audio (median, and the slowest), the
+  lane's cost free of waiting on a loaded box;
 - `underruns`: a client that starts playing at the first packet (a one-packet prebuffer) and plays at 1x
   underruns whenever a packet arrives after everything before it has played; voices with none are counted.
 Then `end of speech -> first audio` (the Realtime target): a live session (AsyncLLM, the engine in its own
@@ -78,7 +80,15 @@ def startup_s(model: str | None, enable_speech: bool) -> float:
     return elapsed
 
 
-def run(engine: EngineCore, voices: int, max_tokens: int) -> dict[str, Voice]:
+@dataclass
+class Run:
+    """The voices' timelines and the CPU seconds of every engine step that returned audio."""
+
+    voices: dict[str, Voice]
+    step_cpu: list[float]
+
+
+def run(engine: EngineCore, voices: int, max_tokens: int) -> Run:
     tokenizer = engine.tokenizer
     timelines: dict[str, Voice] = {}
     now = time.perf_counter()
@@ -99,10 +109,13 @@ def run(engine: EngineCore, voices: int, max_tokens: int) -> dict[str, Voice]:
             )
         )
         timelines[request_id] = Voice(added=now)
-    step = 0
+    step, step_cpu = 0, []
     while engine.has_unfinished_requests():
+        cpu = time.process_time()
         outputs = engine.step()
         stamp = time.perf_counter()
+        if any(output.new_audio for output in outputs):
+            step_cpu.append(time.process_time() - cpu)
         for output in outputs:
             voice = timelines[output.req_id]
             if output.new_token_ids and voice.first_text is None:
@@ -111,11 +124,11 @@ def run(engine: EngineCore, voices: int, max_tokens: int) -> dict[str, Voice]:
                 voice.first_audio = voice.first_audio or (step, stamp)
                 voice.packets.append((stamp, len(output.new_audio) // 2))
         step += 1
-    return timelines
+    return Run(timelines, step_cpu)
 
 
-def report(voices: int, timelines: dict[str, Voice]) -> str:
-    items = list(timelines.values())
+def report(voices: int, result: Run) -> str:
+    items = list(result.voices.values())
     gap_steps = [v.first_audio[0] - v.first_text[0] for v in items]
     gap_ms = [1e3 * (v.first_audio[1] - v.first_text[1]) for v in items]
     first_ms = [1e3 * (v.first_audio[1] - v.added) for v in items]
@@ -126,7 +139,7 @@ def report(voices: int, timelines: dict[str, Voice]) -> str:
         f"| {voices} | {statistics.median(gap_steps):.0f} (max {max(gap_steps)}) | "
         f"{statistics.median(gap_ms):.1f} (max {max(gap_ms):.1f}) | {statistics.median(first_ms):.0f} "
         f"(max {max(first_ms):.0f}) | {statistics.median(rtfs):.2f} (max {max(rtfs):.2f}) | "
-        f"{smooth}/{voices} | {seconds:.1f} |"
+        f"{1e3 * statistics.median(result.step_cpu):.1f} (max {1e3 * max(result.step_cpu):.1f}) | {smooth}/{voices} | {seconds:.1f} |"
     )
 
 
@@ -167,12 +180,8 @@ def session_report(model: str | None, frames: int, runs: int, seconds: float, ma
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument(
-        "--model", default=None, help="checkpoint directory (default: the embedded tiny model)"
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=None, help="checkpoint directory (default: the embedded tiny model)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--voices", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--frames", type=int, default=50, help="max audio frames (80 ms) per answer")
@@ -186,9 +195,9 @@ def main() -> None:
     print(f"engine start-up: {with_speech:.2f} s with the speech lane, {without:.2f} s without")
     print(
         "| voices | first audio after first text (steps) | same (ms) | request -> first audio (ms) | RTF | "
-        "voices with no underrun | audio (s) |"
+        "step CPU (ms) | voices with no underrun | audio (s) |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for voices in args.voices:
         config = EngineConfig(model=args.model, max_audio_frames=args.frames, max_num_voices=max(args.voices))
         engine = EngineCore(config)

@@ -1,6 +1,6 @@
 """The speech lane's runner: the talker's paged KV pool, one talker forward per step over every scheduled
 request's rows, codebook 0 and the code predictor's 15 codebooks sampled per request, and a stateful
-streaming code2wav per voice.
+streaming code2wav per voice, run for all voices at once.
 
 Rows are built on the device from ids alone (text-only user turns): user and header rows from the thinker's
 embedding table through text_projection, decode rows from the fed-back frame's code embeddings plus a text row.
@@ -18,11 +18,14 @@ import numpy as np
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
-from omnistream.engine.model_executor.models.code2wav_stream import Code2WavStream
+from omnistream.engine.model_executor.models.code2wav_voices import Code2WavVoices
 from omnistream.engine.model_executor.models.talker_prompt import assistant_rows, tts_rows, tts_token_ids
 from omnistream.engine.model_executor.speech_loader import SpeechModels
+from omnistream.engine.worker.code_predictor_block import CodePredictorBlock
+from omnistream.engine.worker.code_predictor_graphs import CodePredictorGraphs, code_predictor_graphs_off_reason
+from omnistream.engine.worker.cuda_graphs import CudaGraphCapture
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
-from omnistream.engine.worker.speech_sampler import CodePredictorSampler, SpeechDraws, sample_c0
+from omnistream.engine.worker.speech_sampler import SpeechDraws, sample_c0
 from omnistream.engine.worker.talker_positions import talker_prompt_positions
 from omnistream.scheduler.media_layout import AUDIO
 from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
@@ -42,6 +45,9 @@ class SpeechRunner:
         num_blocks: int,
         block_size: int,
         device: torch.device,
+        *,
+        max_num_voices: int,  # voices decoded at once: the code2wav pool and the code predictor's buffers
+        enforce_eager: bool,  # no CUDA graphs of the code predictor
     ) -> None:
         self.config, self.talker, self.code2wav = models.config, models.talker, models.code2wav
         self.embed_tokens = embed_tokens  # the thinker's token embedding, whole (thinker ids -> rows)
@@ -50,7 +56,9 @@ class SpeechRunner:
         self.dtype = self.talker.codec_head.weight.dtype
         shape = self.talker.kv_cache_shape_per_layer(num_blocks, block_size)
         self.kv_caches = [zeroed_kv_cache(shape, self.dtype, device) for _ in range(self.talker.num_layers)]
-        self.streams: dict[str, Code2WavStream] = {}
+        self.streams = Code2WavVoices(self.code2wav, max_num_voices)
+        self.streams.warm_up()
+        self.code_predictor = self._code_predictor(max_num_voices, enforce_eager)
         # [vocab] bool per request: the c0 it has sampled (repetition penalty)
         self.seen: dict[str, torch.Tensor] = {}
         # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
@@ -61,6 +69,15 @@ class SpeechRunner:
         with torch.inference_mode():
             self.tts = tts_rows(self.talker, self._embed(tts_token_ids(self.config)))
 
+    def _code_predictor(self, max_num_voices: int, enforce_eager: bool) -> CodePredictorBlock | CodePredictorGraphs:
+        """The block for every voice's 15 codebooks, replayed from CUDA graphs unless they are off."""
+        block = CodePredictorBlock(self.talker.code_predictor, max_num_voices)
+        if code_predictor_graphs_off_reason(self.device, enforce_eager) is not None:
+            return block
+        graphs = CodePredictorGraphs(block, CudaGraphCapture())
+        graphs.capture_all()
+        return graphs
+
     def _embed(self, ids: list[int]) -> torch.Tensor:
         """Thinker embeddings of ids, in the talker's dtype."""
         table_ids = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -70,7 +87,8 @@ class SpeechRunner:
     def execute(self, schedule: SpeechSchedule) -> list[SpeechFrame]:
         """One talker step per scheduled request."""
         for req_id in schedule.finished_req_ids:
-            for state in (self.streams, self.seen, self.prompt_positions):
+            self.streams.drop(req_id)
+            for state in (self.seen, self.prompt_positions):
                 state.pop(req_id, None)
         for req_id in schedule.released_req_ids:
             self.capture_positions.pop(req_id, None)
@@ -100,23 +118,22 @@ class SpeechRunner:
         seen = torch.stack([self.seen[step.req_id] for step in steps])
         eos = self.config.talker.codec_eos_token_id
         c0 = sample_c0(self.talker.compute_logits(last), seen, draws, eos)
-        prediction = self.talker.code_predictor.predict(
-            last, self.talker.embed_codec(c0), CodePredictorSampler(draws)
-        )
+        any_greedy = not all(step.do_sample for step in steps)
+        prediction = self.code_predictor(last, self.talker.embed_codec(c0), draws, any_greedy)
         codes = torch.cat((c0.unsqueeze(1), prediction.codes), dim=1)  # [B, G]
         host_codes = codes.tolist()
-        frames = []
-        for i, step in enumerate(steps):
-            if host_codes[i][0] == eos:
-                frames.append(SpeechFrame(req_id=step.req_id, codes=[], pcm=b""))
-                continue
-            self.seen[step.req_id][c0[i]] = True
-            stream = self.streams.get(step.req_id)
-            if stream is None:
-                stream = self.streams[step.req_id] = Code2WavStream(self.code2wav)
-            pcm = to_pcm16(stream.push(codes[i].unsqueeze(1)))
-            frames.append(SpeechFrame(req_id=step.req_id, codes=host_codes[i], pcm=pcm))
-        return frames
+        speaking = [i for i, frame in enumerate(host_codes) if frame[0] != eos]
+        pcm: dict[int, bytes] = {}
+        if speaking:
+            for i in speaking:
+                self.seen[steps[i].req_id][host_codes[i][0]] = True
+            voices = self.streams.push([steps[i].req_id for i in speaking], codes[speaking].unsqueeze(2))
+            data = to_pcm16(voices.samples)  # every voice's samples converted at once
+            pcm = {i: data[2 * start : 2 * stop] for i, (start, stop) in zip(speaking, voices.spans)}
+        return [
+            SpeechFrame(req_id=step.req_id, codes=host_codes[i] if i in pcm else [], pcm=pcm.get(i, b""))
+            for i, step in enumerate(steps)
+        ]
 
     def _rows(self, steps: list[TalkerStep]) -> tuple[torch.Tensor, torch.Tensor]:
         """The flat input rows [T, H] of the steps, in order, and their positions [3, T] (text-only prompts:

@@ -17,6 +17,7 @@ TALKER_STREAM, CODE_PREDICTOR_STREAM = 2, 3  # beside the thinker's streams 0 an
 TALKER_TEMPERATURE, TALKER_TOP_K, TALKER_TOP_P = 0.9, 50, 1.0
 REPETITION_PENALTY = 1.05
 CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P = 1.0, 50, 0.8
+DRAWS_PER_FRAME = 16  # a frame's draw counters: frame * 16 + codebook
 NUM_SPECIAL_IDS = 1024  # the talker vocabulary's last ids are special; only codec EOS may be sampled
 
 
@@ -55,9 +56,7 @@ def _pick(
     return torch.where(draws.do_sample, drawn, logits.argmax(dim=-1))
 
 
-def sample_c0(
-    logits: torch.Tensor, seen: torch.Tensor, draws: SpeechDraws, codec_eos_id: int
-) -> torch.Tensor:
+def sample_c0(logits: torch.Tensor, seen: torch.Tensor, draws: SpeechDraws, codec_eos_id: int) -> torch.Tensor:
     """Codebook-0 ids [B] from talker logits [B, V] (float32); seen [B, V] bool marks each row's earlier c0."""
     penalized = torch.where(logits > 0, logits / REPETITION_PENALTY, logits * REPETITION_PENALTY)
     logits = torch.where(seen, penalized, logits)
@@ -71,7 +70,7 @@ def sample_c0(
 
 class CodePredictorSampler:
     """The code predictor's per-step sampler: call it with step logits [B, V]; step g draws with counter
-    frame * 16 + g."""
+    frame * DRAWS_PER_FRAME + g."""
 
     def __init__(self, draws: SpeechDraws) -> None:
         self.draws = draws
@@ -79,9 +78,7 @@ class CodePredictorSampler:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         self.step += 1
-        candidates = top_candidates(
-            logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P
-        )
+        candidates = top_candidates(logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P)
         return _pick(
-            logits, candidates, self.draws, CODE_PREDICTOR_STREAM, self.draws.frames * 16 + self.step
+            logits, candidates, self.draws, CODE_PREDICTOR_STREAM, self.draws.frames * DRAWS_PER_FRAME + self.step
         )

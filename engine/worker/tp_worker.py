@@ -131,7 +131,10 @@ def load_speech_lane(
         embed_tokens = thinker.model.embed_tokens
         if table is not embed_tokens.weight:
             embed_tokens = torch.nn.Embedding.from_pretrained(table, freeze=True)
-        return SpeechRunner(models, embed_tokens, config.talker_kv_blocks(), config.block_size, device)
+        return SpeechRunner(
+            models, embed_tokens, config.talker_kv_blocks(), config.block_size, device,
+            max_num_voices=config.max_num_voices, enforce_eager=config.enforce_eager,
+        )
 
 
 def kv_cache_blocks(model: torch.nn.Module, config: EngineConfig, dtype: torch.dtype, device: torch.device) -> int:

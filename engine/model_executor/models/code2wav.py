@@ -48,9 +48,7 @@ class Code2Wav(nn.Module):
     def __init__(self, config: Code2WavConfig) -> None:
         super().__init__()
         self.config = config
-        self.code_embedding = VocabParallelEmbedding(
-            config.codebook_size * config.num_quantizers, config.hidden_size
-        )
+        self.code_embedding = VocabParallelEmbedding(config.codebook_size * config.num_quantizers, config.hidden_size)
         self.pre_transformer = Code2WavTransformer(config)
         self.upsample = build_upsample(config.hidden_size, config.upsampling_ratios)
         self.decoder = build_decoder(config.hidden_size, config.decoder_dim, config.upsample_rates)
@@ -61,14 +59,13 @@ class Code2Wav(nn.Module):
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [B, Q, n] -> frame embeddings [B, n, H] (the mean over the Q codebooks)."""
         if codes.dim() != 3 or codes.shape[1] != self.config.num_quantizers:
-            raise ValueError(
-                f"codes must be [batch, {self.config.num_quantizers}, frames], got {tuple(codes.shape)}"
-            )
+            raise ValueError(f"codes must be [batch, {self.config.num_quantizers}, frames], got {tuple(codes.shape)}")
         return self.code_embedding(codes + self.code_offset).mean(1)
 
     def transform(self, codes: torch.Tensor, state: Code2WavState) -> torch.Tensor:
         """The transformer's output [B, H, n] for the next n frames of `state`'s voice (advances its ring)."""
-        hidden = self.pre_transformer(self.embed(codes), state.num_frames, state.ring)
+        first = torch.full((codes.shape[0],), state.num_frames, dtype=torch.long, device=codes.device)
+        hidden = self.pre_transformer(self.embed(codes), first, state.ring)
         state.num_frames += codes.shape[-1]
         return hidden.transpose(1, 2)
 

@@ -56,9 +56,7 @@ class DecoderBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, rate: int) -> None:
         super().__init__()
         units = [ResidualUnit(out_dim, dilation) for dilation in (1, 3, 9)]
-        self.block = nn.ModuleList(
-            [SnakeBeta(in_dim), CausalConvTranspose1d(in_dim, out_dim, 2 * rate, rate), *units]
-        )
+        self.block = nn.ModuleList([SnakeBeta(in_dim), CausalConvTranspose1d(in_dim, out_dim, 2 * rate, rate), *units])
 
     def forward(self, x: torch.Tensor, state: ConvState) -> torch.Tensor:
         x = self.block[1](self.block[0](x), state)
@@ -70,18 +68,14 @@ class DecoderBlock(nn.Module):
 def build_upsample(hidden_size: int, ratios: tuple[int, ...]) -> nn.ModuleList:
     """`upsample.i` = [causal ConvT(k=s=ratio), ConvNeXt block] per ratio (no look-ahead)."""
     return nn.ModuleList(
-        nn.ModuleList(
-            [CausalConvTranspose1d(hidden_size, hidden_size, ratio, ratio), ConvNeXtBlock(hidden_size)]
-        )
+        nn.ModuleList([CausalConvTranspose1d(hidden_size, hidden_size, ratio, ratio), ConvNeXtBlock(hidden_size)])
         for ratio in ratios
     )
 
 
 def build_decoder(hidden_size: int, decoder_dim: int, rates: tuple[int, ...]) -> nn.ModuleList:
     """`decoder` = [conv k7 to decoder_dim, a block per rate (channels halve), Snake, conv k7 to 1 out]."""
-    blocks = [
-        DecoderBlock(decoder_dim // 2**i, decoder_dim // 2 ** (i + 1), rate) for i, rate in enumerate(rates)
-    ]
+    blocks = [DecoderBlock(decoder_dim // 2**i, decoder_dim // 2 ** (i + 1), rate) for i, rate in enumerate(rates)]
     out_dim = decoder_dim // 2 ** len(rates)
     return nn.ModuleList(
         [CausalConv1d(hidden_size, decoder_dim, 7), *blocks, SnakeBeta(out_dim), CausalConv1d(out_dim, 1, 7)]

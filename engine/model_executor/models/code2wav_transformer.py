@@ -8,6 +8,8 @@ Checkpoint prefix `code2wav.pre_transformer.`.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 
@@ -26,14 +28,31 @@ class TransformerRing:
     def __init__(self, config: Code2WavConfig, batch: int, dtype: torch.dtype, device: torch.device) -> None:
         shape = (batch, config.sliding_window, config.num_key_value_heads, config.head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.values = [
-            torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)
-        ]
-        self.frames = torch.full((config.sliding_window,), _EMPTY, dtype=torch.long, device=device)
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        # [B, W]: the frame each slot of each voice holds
+        self.frames = torch.full((batch, config.sliding_window), _EMPTY, dtype=torch.long, device=device)
         self.window = config.sliding_window
 
     def num_values(self) -> int:
         return sum(t.numel() for t in self.keys + self.values)
+
+    def clear(self, row: int) -> None:
+        """Forget voice `row`'s frames: its slots then hold nothing a query can see (a fresh stream)."""
+        self.frames[row] = _EMPTY
+
+    def take(self, rows: slice | torch.Tensor) -> TransformerRing:
+        """The ring of some voices: views of these rows for a slice, a copy for an index tensor (then `put`
+        writes it back)."""
+        part = copy.copy(self)
+        part.keys = [keys[rows] for keys in self.keys]
+        part.values = [values[rows] for values in self.values]
+        part.frames = self.frames[rows]
+        return part
+
+    def put(self, rows: torch.Tensor, part: TransformerRing) -> None:
+        """Write back a ring that `take` copied for these rows."""
+        for mine, theirs in zip(self.keys + self.values + [self.frames], part.keys + part.values + [part.frames]):
+            mine.index_copy_(0, rows, theirs)
 
 
 class LayerScale(nn.Module):
@@ -75,15 +94,14 @@ class Code2WavTransformerLayer(nn.Module):
         visible: torch.Tensor,
         slots: torch.Tensor,
     ) -> torch.Tensor:
-        """x [B, n, H]; cache: this layer's ring keys/values; the last len(slots) new frames are written
-        there."""
+        """x [B, n, H], cos/sin [B, n, d]; cache: this layer's ring keys/values [B, W, kv_heads, d]; the last
+        k new frames of each voice are written there at slots [B, k]."""
         q, k, v = self.self_attn.project(self.input_layernorm(x), cos, sin)
         ring_keys, ring_values = cache
-        attn = self.self_attn.attend(
-            q, torch.cat((ring_keys, k), dim=1), torch.cat((ring_values, v), dim=1), visible
-        )
-        ring_keys.index_copy_(1, slots, k[:, k.shape[1] - len(slots) :])
-        ring_values.index_copy_(1, slots, v[:, v.shape[1] - len(slots) :])
+        attn = self.self_attn.attend(q, torch.cat((ring_keys, k), dim=1), torch.cat((ring_values, v), dim=1), visible)
+        voices, kept = torch.arange(x.shape[0], device=x.device).unsqueeze(1), slots.shape[1]
+        ring_keys[voices, slots] = k[:, k.shape[1] - kept :]
+        ring_values[voices, slots] = v[:, v.shape[1] - kept :]
         x = x + self.self_attn_layer_scale(attn)
         return x + self.mlp_layer_scale(self.mlp(self.post_attention_layernorm(x)))
 
@@ -97,16 +115,17 @@ class Code2WavTransformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
 
-    def forward(self, x: torch.Tensor, first_frame: int, ring: TransformerRing) -> torch.Tensor:
-        """Frames first_frame..first_frame+n-1 (x [B, n, H]) after everything `ring` has seen -> [B, n, H]."""
-        frames = torch.arange(first_frame, first_frame + x.shape[1], device=x.device)
+    def forward(self, x: torch.Tensor, first_frames: torch.Tensor, ring: TransformerRing) -> torch.Tensor:
+        """Each voice b's frames first_frames[b].. +n-1 (x [B, n, H]) after everything `ring` has seen for it
+        -> [B, n, H]; voices may be at different frames."""
+        frames = first_frames.unsqueeze(1) + torch.arange(x.shape[1], device=x.device)  # [B, n]
         cos, sin = self.rotary_emb(frames, x.dtype)
-        keys = torch.cat((ring.frames, frames))
-        age = frames.unsqueeze(1) - keys.unsqueeze(0)  # query frame minus key frame
+        keys = torch.cat((ring.frames, frames), dim=1)
+        age = frames.unsqueeze(2) - keys.unsqueeze(1)  # [B, n, W + n]: query frame minus key frame
         visible = (age >= 0) & (age < ring.window)
-        kept = frames[-ring.window :]
+        kept = frames[:, -ring.window :]
         slots = kept % ring.window
         for layer, cache in zip(self.layers, zip(ring.keys, ring.values)):
             x = layer(x, cos, sin, cache, visible, slots)
-        ring.frames.index_copy_(0, slots, kept)
+        ring.frames.scatter_(1, slots, kept)
         return self.norm(x)
