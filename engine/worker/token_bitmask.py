@@ -46,11 +46,26 @@ class PendingMasks(Protocol):
         """[R, W] int32; given each row's greedy token, a row whose grammar allows it may allow every token."""
         ...
 
+    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
+        """Only where not beside_forward: per row, the first of its candidate ids (best first) that its grammar
+        allows, -1 where none is known to be."""
+        ...
+
+    def fill_rows(self, rows: list[int]) -> np.ndarray:
+        """Only where not beside_forward: [len(rows), W] int32, the masks of the rows at these positions."""
+        ...
+
 
 @dataclass
 class StepBitmask:
     rows: list[int]  # the constrained rows among the step's sampling rows
     words: torch.Tensor  # [R, W] int32 on the host: the allowed tokens of rows[i] in words[i]
+
+    @staticmethod
+    def rows_of(so: SchedulerOutput, sample_req_ids: list[str]) -> list[int]:
+        """The positions of so.grammar_req_ids among the step's sampling rows."""
+        position = {req_id: i for i, req_id in enumerate(sample_req_ids)}
+        return [position[req_id] for req_id in so.grammar_req_ids]
 
     @classmethod
     def from_scheduler_output(
@@ -64,8 +79,7 @@ class StepBitmask:
         head's ids [B], lets it fill only the rows whose grammar rejects theirs), else from the SchedulerOutput."""
         if not so.grammar_req_ids:
             return None
-        position = {req_id: i for i, req_id in enumerate(sample_req_ids)}
-        rows = [position[req_id] for req_id in so.grammar_req_ids]
+        rows = cls.rows_of(so, sample_req_ids)
         if pending is not None:
             words = torch.from_numpy(pending.result(None if greedy is None else greedy[rows].tolist()))
         else:

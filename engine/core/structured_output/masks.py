@@ -5,10 +5,20 @@ llguidance (without the GIL) on the filler's threads and the runner's, one of tw
   compiled greedy head takes every row's mask when it starts; used where cores are free during the forward
   (every core beside a GPU; on a CPU, those that torch's threads leave). When the runner asks, its thread fills
   the rows no thread has taken yet (the forward was faster).
-- MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
-  core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
-  whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
-  of one token is microseconds, a mask over the vocabulary far more.
+- MasksOnDemand: filled when the runner asks, after the forward, and only for the rows that need one. The
+  runner's greedy head gives each row its best few ids in order (greedy_kernel.greedy_top); the first of them
+  that the row's grammar allows is the row's masked greedy token (`first_allowed`), and only a row where none is
+  known to be allowed gets a mask (`fill_rows`). A grammar check of one token is about 1.5 us, a mask over the
+  vocabulary 60 us (a forced token, a structural JSON position) to 0.7 ms (inside a string). Used on a CPU for a
+  step whose every sampling row is plain greedy (the manager's choice), and where no core is free (torch's OpenMP
+  threads slow down many times over when they share a core).
+
+`first_allowed` answers only where llguidance's mask is certain to agree with its per-token check
+(`validate_tokens`): not in a state with forced bytes (the mask then allows just the first token llguidance
+tokenizes them into, where the check accepts any prefix), not for special tokens (end of sequence, which the mask
+allows when the grammar accepts and the check refuses, and the vocabulary's padding), not for a stopped matcher,
+and only for grammars of JSON schemas, regular expressions and choices (a Lark grammar may name special tokens or
+token ranges). Elsewhere it answers -1 and the mask decides: the outcome is the masked maximum either way.
 
 Matchers copied from one compiled template share llguidance's lock, so a thread fills the rows of one lineage
 (template) at a time, a lineage no other thread holds (RowQueue): threads never wait on each other's lock.
@@ -33,6 +43,22 @@ class MaskRow(NamedTuple):
     matcher: llguidance.LLMatcher
     row: int  # its row in the mask array
     lineage: int  # the id of the template it was copied from: matchers of one lineage share a lock
+    checkable: bool = False  # its grammar's masks agree with per-token checks (first_allowed)
+
+
+def first_allowed(row: MaskRow, candidates: list[int], special: np.ndarray) -> int:
+    """The first of `candidates` that the row's mask allows, where per-token checks are certain to agree with the
+    mask (the module's docstring), checked in order; -1 where none is or where the mask must decide.
+    special: bool [V], the tokens llguidance treats as special (end of sequence included)."""
+    matcher = row.matcher
+    if not row.checkable or matcher.is_stopped() or matcher.compute_ff_bytes():
+        return -1
+    for token in candidates:
+        if not 0 <= token < len(special) or special[token]:
+            return -1
+        if matcher.validate_tokens([token]) == 1:
+            return token
+    return -1
 
 
 def mask_threads(device_type: str) -> tuple[int, bool]:
@@ -132,16 +158,27 @@ class MasksBesideForward:
 class MasksOnDemand:
     beside_forward = False
 
-    def __init__(self, filler: MaskFiller, rows: list[MaskRow]) -> None:
+    def __init__(self, filler: MaskFiller, rows: list[MaskRow], special: np.ndarray) -> None:
         self._filler = filler
         self._rows = rows
+        self._special = special
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
-        """The rows' masks; given each row's greedy token, only the rows whose grammar rejects it get one."""
+        """The rows' masks; given each row's greedy token, only the rows whose grammar is not known to allow it get
+        one (the others allow every token, so they keep theirs)."""
         todo = self._rows
         if chosen is not None:
-            todo = [r for r, token in zip(self._rows, chosen) if r.matcher.validate_tokens([token]) != 1]
+            todo = [r for r, token in zip(self._rows, chosen) if first_allowed(r, [token], self._special) != token]
         return self._filler.fill(todo, len(self._rows))
+
+    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
+        """Per row, the first of its candidate ids (best first) that its grammar allows, or -1 where none is known
+        to be: then fill_rows gives its mask."""
+        return [first_allowed(r, ids, self._special) for r, ids in zip(self._rows, candidates)]
+
+    def fill_rows(self, rows: list[int]) -> np.ndarray:
+        """[len(rows), W] int32: the masks of the rows at these positions, in this order."""
+        return self._filler.fill([self._rows[i]._replace(row=k) for k, i in enumerate(rows)], len(rows))
 
     def settle(self) -> None:
         """Nothing runs in the background."""
