@@ -9,22 +9,24 @@ holding the overall maximum wins (its ids are the lower ones).
 
 Greedy structured output, on one rank with the kernel (`masked_greedy_serves`): given each row's packed mask of
 allowed tokens, the kernel takes the first maximum over the allowed ids only (exact: the masked logits' argmax, with
-no correction pass). Without masks (`checked_greedy_tokens`) it keeps each row's CHECKED_IDS best ids in the same
-pass; the first that the row's grammar allows is the row's masked maximum (every id it passes over ranks higher and
-is forbidden, every id it did not keep ranks lower), and only the rows where none is known to be allowed get a
-mask and a second, masked pass over just those rows: computed as in the whole batch (`as_batch_of`), so with
-the very logits the single masked pass would have used, and a mask that allows a few ids skips most tiles.
+no correction pass). Without masks (`checked_greedy_tokens`) it keeps each row's KEPT_IDS best ids in the same
+pass; the first that the row's grammar allows is the row's masked maximum (every id before it ranks higher and is
+forbidden, every id not kept ranks lower). The grammar checks a row's first CHECKED_IDS ids one by one; a row none
+of them settles gets its mask, which checks all its kept ids at once, and a row none of those settles gets a
+second, masked pass over just such rows: computed as in the whole batch (`as_batch_of`), so with the very logits
+the single masked pass would have used; a mask that allows a few ids skips most tiles.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from omnistream.engine.model_executor.distributed import tensor_model_parallel_all_gather
 from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
 from omnistream.engine.worker import greedy_kernel
-from omnistream.engine.worker.token_bitmask import PendingMasks, StepBitmask
+from omnistream.engine.worker.token_bitmask import PendingMasks, StepBitmask, allowed_among
 
 CHUNK_ELEMENTS = 1 << 19  # logits per chunk (rows x vocabulary columns): 2 MB in float32
 # On CPU, the batch sizes from which greedy_tokens beats full logits + max (benchmarks/greedy_head.py, the weight on
@@ -32,10 +34,14 @@ CHUNK_ELEMENTS = 1 << 19  # logits per chunk (rows x vocabulary columns): 2 MB i
 # AMX, for a row alone (the kernel reads the weight once, at memory speed) and from 16 rows
 KERNEL_FROM_ROWS = {torch.float32: 1, torch.bfloat16: 16}
 CHUNKED_FROM_ROWS = 64
-# Ids kept per row for the grammar to check (benchmarks/structured_output.py --hit-rate: on its JSON workload 42%
-# of rows take their first id, 52% one of the first 8, 54% one of the first 32; the other rows sit at forced or
-# structural positions, whose masks allow a few tokens and fill in about 60 us). Each id checked costs ~1.5 us.
+# Greedy structured output (checked_greedy_tokens, benchmarks/structured_output.py --hit-rate: on its JSON workload 42%
+# of the rows take their best id, 52% one of their best 8, 54% of 32, 56% of 64; most others sit at forced or
+# structural positions, whose masks allow a few ids and fill in about 60 us): the kernel keeps KEPT_IDS ids per row,
+# the grammar checks the first CHECKED_IDS one by one (~1.5 us each), a filled mask all of them at once; rows left
+# with masks allowing at most NARROW_MASK ids are recomputed apart from wider ones (whose pass reads every tile).
+KEPT_IDS = 32
 CHECKED_IDS = 8
+NARROW_MASK = 4096
 
 
 def greedy_pays(lm_head: ParallelLMHead, num_rows: int) -> bool:
@@ -88,19 +94,33 @@ def checked_greedy_tokens(
     """The greedy ids [B] of hidden [B, H] where rows[i] is constrained by the grammar behind masks' row i: its
     first maximum over the tokens it allows, the other rows' over all (only where masked_greedy_serves)."""
     weight = lm_head.weight
-    candidates = greedy_kernel.greedy_top(weight, hidden, CHECKED_IDS)[1]
+    candidates = greedy_kernel.greedy_top(weight, hidden, KEPT_IDS)[1]
     tokens = candidates[:, 0].clone()
-    chosen = masks.first_allowed(candidates[rows].tolist())
+    chosen = masks.first_allowed(candidates[rows, :CHECKED_IDS].tolist())
     missed = [i for i, token in enumerate(chosen) if token < 0]
     settled = [i for i, token in enumerate(chosen) if token >= 0]
     if settled:
         tokens[[rows[i] for i in settled]] = torch.tensor([chosen[i] for i in settled])
-    if missed:
-        words = StepBitmask(list(range(len(missed))), torch.from_numpy(masks.fill_rows(missed)))
-        recomputed = [rows[i] for i in missed]
-        allowed = words.row_words(len(missed), weight.shape[0])
-        _, ids = greedy_kernel.greedy_max(weight, hidden[recomputed], allowed, as_batch_of=hidden.shape[0])
-        tokens[recomputed] = ids
+    if not missed:
+        return tokens
+    words = masks.fill_rows(missed)
+    missed_rows = [rows[i] for i in missed]
+    kept = candidates[missed_rows].numpy()
+    allowed = allowed_among(words, kept)
+    found = allowed.any(axis=1)
+    if found.any():
+        tokens[[r for r, hit in zip(missed_rows, found) if hit]] = torch.from_numpy(
+            kept[found, allowed[found].argmax(axis=1)]
+        )
+    left = np.flatnonzero(~found)
+    widths = np.bitwise_count(words[left].view(np.uint32)).sum(axis=1)
+    for group in (left[widths <= NARROW_MASK], left[widths > NARROW_MASK]):
+        if len(group):
+            group_rows = [missed_rows[j] for j in group]
+            row_words = StepBitmask(list(range(len(group))), torch.from_numpy(words[group]))
+            allowed_words = row_words.row_words(len(group), weight.shape[0])
+            _, ids = greedy_kernel.greedy_max(weight, hidden[group_rows], allowed_words, as_batch_of=hidden.shape[0])
+            tokens[group_rows] = ids
     return tokens
 
 

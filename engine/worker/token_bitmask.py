@@ -151,6 +151,15 @@ def is_allowed(words: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     return inside & (((word >> (token_ids & 31).to(torch.int32)) & 1) == 1)
 
 
+def allowed_among(words: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """bool [R, K]: whether token_ids[i, k] is allowed by words[i] ([R, W] int32); ids outside the words (or -1)
+    are not."""
+    inside = (token_ids >= 0) & (token_ids < words.shape[1] * 32)
+    ids = np.where(inside, token_ids, 0)
+    word = np.take_along_axis(words.view(np.uint32), ids >> 5, axis=1)
+    return inside & ((word >> (ids & 31).astype(np.uint32)) & 1 == 1)
+
+
 def unpack_allowed(words: torch.Tensor, vocab: int, device: torch.device | str) -> torch.Tensor:
     """bool [R, vocab] on `device`: token t of row i is allowed by words[i] ([R, W] int32 on the host)."""
     covered = min(vocab, words.shape[1] * 32)
