@@ -19,7 +19,7 @@
    (one shared lock) against one template each (masks.py).
 5. With `--hit-rate` (instead of 1-3): on the step's workload, with every mask filled, the share of constrained
    rows whose masked greedy token is among their K best unmasked ids, for K from 1 to 64 (what the checked ids
-   of greedy_head.CHECKED_IDS catch), and how many tokens the masks of the other rows allow.
+   of greedy_head.KEPT_IDS catch), and how many tokens the masks of the other rows allow.
 
     python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--threads 1] [--masks auto]
                                            [--compare-correction] [--backends llguidance] [--fill] [--hit-rate]
@@ -232,7 +232,7 @@ def hit_figures(args: argparse.Namespace) -> dict:
 
     model_runner.greedy_tokens = ranked
     decode_steps(llm, args.batch, args.steps, StructuredOutputsParams(json=json.dumps(STEP_SCHEMA)), "ranks")
-    k = greedy_head.CHECKED_IDS
+    k = greedy_head.KEPT_IDS
     others = sorted(width for rank, width in zip(ranks, widths) if rank >= k)
     return {
         "rows": len(ranks),

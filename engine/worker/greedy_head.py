@@ -11,8 +11,8 @@ Greedy structured output, on one rank with the kernel (`masked_greedy_serves`): 
 allowed tokens, the kernel takes the first maximum over the allowed ids only (exact: the masked logits' argmax, with
 no correction pass). Without masks (`checked_greedy_tokens`) it keeps each row's KEPT_IDS best ids in the same
 pass; the first that the row's grammar allows is the row's masked maximum (every id before it ranks higher and is
-forbidden, every id not kept ranks lower). The grammar checks a row's first CHECKED_IDS ids one by one; a row none
-of them settles gets its mask, which checks all its kept ids at once, and a row none of those settles gets a
+forbidden, every id not kept ranks lower). The grammar checks them one by one where its check can answer; a row it
+does not settle gets its mask, which checks all its kept ids at once, and a row none of those settles gets a
 second, masked pass over just such rows: computed as in the whole batch (`as_batch_of`), so with the very logits
 the single masked pass would have used; a mask that allows a few ids skips most tiles.
 """
@@ -35,12 +35,12 @@ CHUNK_ELEMENTS = 1 << 19  # logits per chunk (rows x vocabulary columns): 2 MB i
 KERNEL_FROM_ROWS = {torch.float32: 1, torch.bfloat16: 16}
 CHUNKED_FROM_ROWS = 64
 # Greedy structured output (checked_greedy_tokens, benchmarks/structured_output.py --hit-rate: on its JSON workload 42%
-# of the rows take their best id, 52% one of their best 8, 54% of 32, 56% of 64; most others sit at forced or
-# structural positions, whose masks allow a few ids and fill in about 60 us): the kernel keeps KEPT_IDS ids per row,
-# the grammar checks the first CHECKED_IDS one by one (~1.5 us each), a filled mask all of them at once; rows left
-# with masks allowing at most NARROW_MASK ids are recomputed apart from wider ones (whose pass reads every tile).
+# of the rows take their best id, 52% one of their best 8, 54% of 32, 56% of 64; nearly all others sit where the
+# grammar forces bytes, whose masks allow a few ids, are filled beside the forward and checked against all the kept
+# ids at once): the kernel keeps KEPT_IDS ids per row, which the grammar checks one by one (~1.5 us each, against
+# 0.5-3 ms for a wide mask); rows left with masks allowing at most NARROW_MASK ids are recomputed apart from wider
+# ones (whose pass reads every tile).
 KEPT_IDS = 32
-CHECKED_IDS = 8
 NARROW_MASK = 4096
 
 
@@ -96,7 +96,7 @@ def checked_greedy_tokens(
     weight = lm_head.weight
     candidates = greedy_kernel.greedy_top(weight, hidden, KEPT_IDS)[1]
     tokens = candidates[:, 0].clone()
-    chosen = masks.first_allowed(candidates[rows, :CHECKED_IDS].tolist())
+    chosen = masks.first_allowed(candidates[rows].tolist())
     missed = [i for i, token in enumerate(chosen) if token < 0]
     settled = [i for i, token in enumerate(chosen) if token >= 0]
     if settled:

@@ -157,7 +157,7 @@ class StructuredOutputManager:
         if beside:
             self._filling = MasksBesideForward(self._filler, matchers)
         else:
-            self._filling = MasksOnDemand(self._filler, matchers, self.compiler.special_tokens)
+            self._filling = MasksOnDemand(self._filler, matchers, self.compiler.special_tokens, self._free_cores)
         return self._filling
 
     def _settle(self) -> None:
