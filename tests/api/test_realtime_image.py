@@ -210,14 +210,15 @@ def test_bad_images_are_error_events_and_the_session_goes_on(client, media_host)
             connection.conversation.item.create(item=user_item(part))
             error = recv_until(connection, "error")[-1].error
             assert error.param == param and error.type == "invalid_request_error", error
-        # 1024 image tokens: past --max-model-len, refused by the engine
-        connection.conversation.item.create(item=user_item(image_part(data_url(png_flat(1024, 1024)))))
+        # 1024 image tokens: past --max-model-len, refused before any part is sent
+        too_long = user_item({"type": "input_text", "text": "Hi "}, image_part(data_url(png_flat(1024, 1024))))
+        connection.conversation.item.create(item=too_long)
         too_long = recv_until(connection, "error")[-1].error
         # nothing of the refused items reached the engine: the next item is answered as in a fresh session
         connection.conversation.item.create(item=user_item(image_part(data_url(IMAGE))))
         recv_until(connection, "conversation.item.done")
         text, done, _ = respond(connection)
-    assert "max_model_len" in too_long.message, too_long
+    assert too_long.param == "item.content" and "need 1026 tokens" in too_long.message, too_long
     for (url, says), error in zip(bad, errors):
         assert error.param == "item.content[1].image_url" and error.code == "invalid_image", (url, error)
         assert says in error.message, (url, error.message)

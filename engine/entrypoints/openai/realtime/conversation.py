@@ -171,6 +171,7 @@ class Conversation:
         images = [await self._image(index, value) if kind == "input_image" else None
                   for index, (kind, value) in enumerate(parts)]  # every image is usable before any part is sent
         session = await self._session()
+        self._check_room(session, [image for image in images if image is not None])
         await self._close_segment()
         for (kind, value), image in zip(parts, images):
             if kind == "input_text":
@@ -184,6 +185,15 @@ class Conversation:
         content = [{"type": "input_text", "text": value} if kind == "input_text" else
                    image_content(value) if kind == "input_image" else events.audio_content() for kind, value in parts]
         self._add_item(events.user_item(item_id, content))
+
+    def _check_room(self, session: StreamingSession, images: list[Any]) -> None:
+        """An item whose images alone outgrow the model is refused before any of its parts is sent (the engine would
+        refuse the first image that does not fit, after the parts before it)."""
+        need = sum(image.num_tokens + 2 for image in images)  # pads, vision start and end
+        left = self.llm.max_model_len - session.positions.num_tokens
+        if need > left:
+            raise RealtimeError(f"the item's images need {need} tokens but the conversation has {left} left of "
+                                f"max_model_len {self.llm.max_model_len}", param="item.content")
 
     async def _image(self, index: int, part: Any) -> Any:
         """An input_image part's image, fetched and preprocessed off the event loop."""
