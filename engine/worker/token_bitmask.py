@@ -11,6 +11,8 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
 - `row_words` lays the masks out for the compiled greedy head (greedy_head.greedy_tokens with `allowed`), which
   takes each row's first maximum over its allowed tokens directly: the runner's way where that kernel serves and
   every mask is ready when the head runs (filled beside the forward, or received in the SchedulerOutput).
+- greedy_head.checked_greedy_tokens asks the pending masks to check each constrained row's best ids (`first_allowed`)
+  and fills only the rows left (`fill_rows`); `allowed_among` checks kept ids against filled masks.
 - `correct_greedy` serves a batch whose rows all take the first maximum from the chunked greedy head, which
   never materialises the logits. A constrained row keeps its token when its grammar allows it: that token is the
   first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
