@@ -196,14 +196,17 @@ class MasksOnDemand:
         self._filler.fill_into(todo, self._bitmask)
         return self._bitmask
 
-    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
-        """Per row, the first of its candidate ids (best first) that its grammar allows, or -1 where none is known
-        to be: then fill_rows gives its mask."""
+    def prepared(self) -> list[int]:
+        """The rows whose masks are filled already: those whose check cannot answer (waits for them)."""
+        self._wait_prepared()
+        return sorted(self._early)
+
+    def first_allowed(self, rows: list[int], candidates: list[list[int]]) -> list[int]:
+        """For the rows at these positions, the first of each one's candidate ids (best first) that its grammar
+        allows, or -1 where none is known to be: then fill_rows gives its mask."""
         self._wait_prepared()
         early, special = self._early, self._special
-        return [
-            -1 if row.row in early else first_allowed(row, ids, special) for row, ids in zip(self._rows, candidates)
-        ]
+        return [-1 if i in early else first_allowed(self._rows[i], ids, special) for i, ids in zip(rows, candidates)]
 
     def fill_rows(self, rows: list[int]) -> np.ndarray:
         """[len(rows), W] int32: the masks of the rows at these positions, in this order."""
