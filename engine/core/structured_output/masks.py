@@ -182,7 +182,8 @@ class MasksOnDemand:
         self._rows = [row._replace(row=i) for i, row in enumerate(rows)]
         self._special = special
         self._bitmask = filler.allocate(len(rows))
-        self._early: set[int] = set()
+        self._early: set[int] = set()  # rows filled by _prepare
+        self._filled: set[int] = set()  # rows filled by fill_rows
         self._prepared = filler.pool.submit(self._prepare) if early else None
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
@@ -209,9 +210,11 @@ class MasksOnDemand:
         return [-1 if i in early else first_allowed(self._rows[i], ids, special) for i, ids in zip(rows, candidates)]
 
     def fill_rows(self, rows: list[int]) -> np.ndarray:
-        """[len(rows), W] int32: the masks of the rows at these positions, in this order."""
+        """[len(rows), W] int32: the masks of the rows at these positions, in this order (each filled once)."""
         self._wait_prepared()
-        self._filler.fill_into([self._rows[i] for i in rows if i not in self._early], self._bitmask)
+        todo = [i for i in dict.fromkeys(rows) if i not in self._early and i not in self._filled]
+        self._filler.fill_into([self._rows[i] for i in todo], self._bitmask)
+        self._filled.update(todo)
         return self._bitmask[rows]
 
     def settle(self) -> None:
