@@ -58,3 +58,32 @@ def test_media_and_long_prompts_are_processed_on_a_worker_thread():
     assert not async_llm._is_short_text({"prompt_token_ids": [1] * (async_llm.INLINE_PROMPT_TOKENS + 1)})
     assert not async_llm._is_short_text({"prompt": "<|audio_pad|>", "multi_modal_data": {"audio": b"RIFF"}})
     assert not async_llm._is_short_text({"prompt": None})
+
+
+def test_the_core_process_reports_each_step_of_a_batch_in_one_message():
+    llm = AsyncLLM(dtype="float32", num_kv_blocks=256)  # the engine core in its own process
+    messages: list[list[str]] = []
+    deliver = llm.core._on_outputs
+
+    def recording(outputs):
+        messages.append([output.req_id for output in outputs])
+        deliver(outputs)
+
+    llm.core._on_outputs = recording
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+
+    async def drain(i: int) -> None:
+        async for _ in llm.generate(f"Request {i} of the batch", params, request_id=f"batch-{i}"):
+            pass
+
+    async def scenario():
+        await asyncio.gather(*(drain(i) for i in range(4)))
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        llm.shutdown()
+    ids = {f"batch-{i}" for i in range(4)}
+    assert all(len(message) == len(set(message)) for message in messages)  # a request once per message
+    assert sum(set(message) == ids for message in messages) >= params.max_tokens - 2  # every decode step: one message
+    assert sum(len(message) for message in messages) == 4 * params.max_tokens  # every token reported once
