@@ -1,9 +1,10 @@
 """Where a serving run's CPU goes: `omnistream serve` (started as compare_servers.py starts it) under the
 benchmarks/serve.py workload, with the CPU seconds of each process measured around every run: the front end
 (HTTP, tokenizing, detokenizing, SSE), the engine core (scheduling and the model) and the load generator (this
-process). Per level (`--max-concurrency` list) it prints the medians over `--repeats` runs of: the run's wall time,
-each process's CPU seconds, its CPU per output token, and the engine core's busy share (core CPU / wall; near 1
-means the core is the bottleneck, well below 1 that it waits on the rest).
+process, while it sends: not its set-up). Per level (`--max-concurrency` list) it prints the medians over
+`--repeats` runs of: the run's wall time, each process's CPU seconds, its CPU per output token, and the engine
+core's busy share (core CPU / wall: near 1, the core computed all along; below 1, it waited on the rest or, on a
+loaded machine, for a CPU).
 
     python benchmarks/serve_cpu.py --omnistream-threads 1 --max-concurrency 1,4,16 --num-prompts 16 \
         --input-len 128 --output-len 32 --repeats 3
@@ -84,11 +85,24 @@ def one_run(args: argparse.Namespace, url: str, concurrency: int, pids: dict[str
         "--disable-summary",
     ]
     bench_args = serve.parse_args(argv)
+    load_cpu: list[float] = []
+    run_load = serve.run_load
+
+    async def timed_load(*load_args: Any) -> Any:  # the load generator's CPU while it sends, not its set-up
+        start = time.process_time()
+        try:
+            return await run_load(*load_args)
+        finally:
+            load_cpu.append(time.process_time() - start)
+
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    load_before = time.process_time()
-    result = asyncio.run(serve.benchmark(bench_args))
+    serve.run_load = timed_load
+    try:
+        result = asyncio.run(serve.benchmark(bench_args))
+    finally:
+        serve.run_load = run_load
     cpu = {name: cpu_seconds(pid) - before[name] for name, pid in pids.items()}
-    cpu["load generator"] = time.process_time() - load_before
+    cpu["load generator"] = load_cpu[0]
     return {
         "wall_s": result["duration"],
         "output_tokens": result["total_output_tokens"],
