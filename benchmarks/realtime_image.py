@@ -5,8 +5,8 @@ a fresh random image every time (no encoder or prefix cache hit).
 - chat: POST /v1/chat/completions (stream) with [image, text]: request -> first content delta (TTFT).
 - realtime now: conversation.item.create with [image, text], response.create as soon as conversation.item.done
   comes: item sent -> first text delta (the same work as the chat request, over the live session).
-- realtime ahead: the same item, then response.create `--gap` seconds later (the image sent while the user is
-  still talking): response.create -> first text delta, what the user waits for when the image went ahead.
+- realtime ahead: the same item, then response.create `--gap` seconds later (the image sent before the user's
+  question): response.create -> first text delta, what the user waits for when the image went ahead.
 
     python benchmarks/realtime_image.py --rounds 5 --size 1280x720 --cpu-threads 1
 """
