@@ -38,6 +38,9 @@
 #define KEY_CHUNK LANES
 #define ACC_VECTORS 4 /* vector accumulators of a row's weighted values kept in registers at once */
 #define MAX_HEAD_DIM 256
+#ifndef PREFETCH_KEYS
+#define PREFETCH_KEYS 16 /* how far ahead of the keys being computed their cache lines are asked for */
+#endif
 #define NO_SCORE -3.0e38f
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
@@ -200,18 +203,21 @@ static const float *chunk_rows(const Batch *bt, const void *plane, int32_t page,
     return scratch;
 }
 
-/* Ask for the cache lines of `count` keys and values of one KV head from token `first` of `page` (the next chunk,
- * while this one is computed: pages are scattered, so the hardware prefetchers cannot guess them). */
-static void prefetch_chunk(const Batch *bt, int32_t page, int first, int count, int h) {
+/* Ask for the cache lines of the keys and values at positions from .. to - 1 of one KV head of a request (pages
+ * `pages`), PREFETCH_KEYS positions before they are computed: pages are scattered, so the hardware prefetchers
+ * cannot guess them. */
+static inline __attribute__((always_inline)) void prefetch_keys(const Batch *bt, const int32_t *pages, int from, int to, int h) {
     int64_t token_stride = (int64_t)bt->num_kv_heads * bt->head_dim;
-    int64_t offset = ((int64_t)page * bt->block_size + first) * token_stride + (int64_t)h * bt->head_dim;
     int element = bt->bf16 ? 2 : 4;
-    const char *k = (const char *)bt->k + offset * element, *v = (const char *)bt->v + offset * element;
-    for (int j = 0; j < count; j++)
+    for (int p = from; p < to; p++) {
+        int64_t offset = ((int64_t)pages[p / bt->block_size] * bt->block_size + p % bt->block_size) * token_stride +
+                         (int64_t)h * bt->head_dim;
+        const char *k = (const char *)bt->k + offset * element, *v = (const char *)bt->v + offset * element;
         for (int line = 0; line < bt->head_dim * element; line += 64) {
-            __builtin_prefetch(k + j * token_stride * element + line);
-            __builtin_prefetch(v + j * token_stride * element + line);
+            __builtin_prefetch(k + line);
+            __builtin_prefetch(v + line);
         }
+    }
 }
 
 static void run_item(const Batch *bt, int64_t item) {
@@ -250,19 +256,16 @@ static void run_item(const Batch *bt, int64_t item) {
         row_sum[r] = 0.0f;
     }
     const int32_t *pages = bt->block_table + (int64_t)b * bt->table_stride;
+    prefetch_keys(bt, pages, 0, PREFETCH_KEYS < max_limit ? PREFETCH_KEYS : max_limit, h);
     for (int start = 0; start < max_limit;) {
         int32_t page = pages[start / bt->block_size];
         int in_page = start % bt->block_size;
         int count = bt->block_size - in_page;
         count = count > KEY_CHUNK ? KEY_CHUNK : count;
         count = count > max_limit - start ? max_limit - start : count;
-        int next = start + count;
-        if (next < max_limit) {
-            int next_count = bt->block_size - next % bt->block_size;
-            next_count = next_count > KEY_CHUNK ? KEY_CHUNK : next_count;
-            next_count = next_count > max_limit - next ? max_limit - next : next_count;
-            prefetch_chunk(bt, pages[next / bt->block_size], next % bt->block_size, next_count, h);
-        }
+        int ahead = start + PREFETCH_KEYS, ahead_end = ahead + count;
+        prefetch_keys(bt, pages, ahead < max_limit ? ahead : max_limit, ahead_end < max_limit ? ahead_end : max_limit,
+                      h);
         int64_t k_stride, v_stride;
         const float *keys = chunk_rows(bt, bt->k, page, in_page, count, h, kbuf, &k_stride);
         const float *values = chunk_rows(bt, bt->v, page, in_page, count, h, vbuf, &v_stride);
