@@ -210,6 +210,7 @@ class Scheduler:
         for feature in request.rollback_input(num_tokens):
             self.encoder_cache.release(request_id, feature.identifier)
         request.invalidate_in_flight()
+        self.speech.roll_back(request_id, num_tokens)
         kept_blocks = num_tokens // self.config.block_size
         request.num_computed_tokens = min(request.num_computed_tokens, kept_blocks * self.config.block_size)
         del request.block_hashes[kept_blocks:]

@@ -9,7 +9,8 @@ from its stored frames and text ids: nothing is re-sampled, so audio already sen
 
 A live session's turn speaks like an offline request of the same conversation: its talker prompt is every user
 turn so far, so the thinker keeps the hidden rows at a session's media as they are prefilled (until the session
-ends), and the turn's talker KV and voice slot are freed when its speech ends or the turn is cancelled.
+ends or its input is rolled back past them), and the turn's talker KV and voice slot are freed when its speech
+ends or the turn is cancelled.
 """
 
 from __future__ import annotations
@@ -163,6 +164,7 @@ class SpeechScheduler:
         self.new_captures: dict[str, list[int]] = {}  # admitted since the last schedule(): rows to capture
         self.finished: list[str] = []  # ended since the last schedule()
         self.released: list[str] = []  # since the last schedule(): requests whose kept thinker rows are dropped
+        self.rolled_back: dict[str, int] = {}  # since the last schedule(): sessions cut to this many tokens
         self.sessions: set[str] = set()  # open sessions whose media rows the thinker keeps
         # each SpeechSchedule not settled yet (by id) -> the requests it planned (a turn's frames never reach the next)
         self._planned: dict[int, dict[str, SpeechRequest]] = {}
@@ -174,7 +176,7 @@ class SpeechScheduler:
 
     @property
     def has_work(self) -> bool:
-        return self.has_unfinished or bool(self.finished or self.released or self.new_captures)
+        return self.has_unfinished or bool(self.finished or self.released or self.rolled_back or self.new_captures)
 
     @property
     def kv_usage(self) -> float:
@@ -281,6 +283,14 @@ class SpeechScheduler:
         if positions:
             self.new_captures.setdefault(req_id, []).extend(positions)
 
+    def roll_back(self, req_id: str, num_tokens: int) -> None:
+        """A live session dropped its input from num_tokens on: the rows kept past it are never read again."""
+        if req_id not in self.sessions:
+            return
+        self.rolled_back[req_id] = min(num_tokens, self.rolled_back.get(req_id, num_tokens))
+        if req_id in self.new_captures:
+            self.new_captures[req_id] = [p for p in self.new_captures[req_id] if p < num_tokens]
+
     def end_turn(self, req_id: str) -> bool:
         """Stop a session turn's speech now (cancel, barge-in), keeping the session's thinker rows; False if
         the session was not speaking."""
@@ -306,6 +316,7 @@ class SpeechScheduler:
         if req_id in self.sessions:
             self.sessions.discard(req_id)
             self.released.append(req_id)
+            self.rolled_back.pop(req_id, None)
         request = self.requests.get(req_id)
         if request is None:
             kept = [pending for pending in self.pending if pending.req_id != req_id]
@@ -335,8 +346,13 @@ class SpeechScheduler:
         finished, self.finished = self.finished, []
         released, self.released = self.released, []
         captures, self.new_captures = self.new_captures, {}
+        rolled_back, self.rolled_back = self.rolled_back, {}
         schedule = SpeechSchedule(
-            steps=steps, finished_req_ids=finished, released_req_ids=released, capture=captures
+            steps=steps,
+            finished_req_ids=finished,
+            released_req_ids=released,
+            rolled_back=rolled_back,
+            capture=captures,
         )
         self._planned[id(schedule)] = {step.req_id: self.requests[step.req_id] for step in steps}
         return schedule
