@@ -42,6 +42,10 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
     block_size: int = 16
     max_num_voices: int = 8
     max_audio_frames: int = 4096  # frames per answer (HF's talker limit); then the audio ends with "length"
+    # frames in a voice's first PCM delta: 1 (the first audio one engine step after the first text token), or
+    # more, each one step later, so that a client playing at once has that much more audio (the first frame is
+    # 1365 samples, 57 ms, each next one 1920, 80 ms) before the next delta must arrive
+    first_packet_frames: int = 1
     codec_eos_id: int
     tts_eos_id: int
     tts_pad_id: int
@@ -50,7 +54,7 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
     assistant_id: int
 
     def __post_init__(self) -> None:
-        for name in ("num_talker_blocks", "block_size", "max_num_voices", "max_audio_frames"):
+        for name in ("num_talker_blocks", "block_size", "max_num_voices", "max_audio_frames", "first_packet_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -124,6 +128,7 @@ class SpeechRequest:
         self.frames: list[list[int]] = []  # every sampled frame's codes, kept for recompute
         self.text_ids: list[int] = []  # text_ids[j]: the thinker id read by talker step j + 1
         self.num_computed = 0  # talker rows in the KV
+        self.held = b""  # PCM16 of the first frames, until the first packet has first_packet_frames of them
         self.blocks: list[int] = []
         self.session = False  # a live session's turn: the thinker rows it reads outlive its speech
         self.reply_only = False  # talker only: the reply was given, no thinker request exists
@@ -379,9 +384,13 @@ class SpeechScheduler:
                 request.frames.append(frame.codes)
                 if len(request.frames) >= request.max_frames:
                     finish = "length"
+            pcm, request.held = request.held + frame.pcm, b""
+            if finish is None and len(request.frames) < self.config.first_packet_frames:
+                pcm, request.held = b"", pcm  # the first packet is not full yet
             if finish is not None:
                 self._end(request)
-            result[step.req_id] = AudioUpdate(frame.pcm, finish, request.reply_only)
+            if pcm or finish is not None:
+                result[step.req_id] = AudioUpdate(pcm, finish, request.reply_only)
         return result
 
     def _plan(self, request: SpeechRequest) -> TalkerStep | None:
