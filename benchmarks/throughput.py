@@ -12,8 +12,10 @@ labelled "cpu s" and are not wall-clock throughput; vLLM runs its engine in othe
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import subprocess
 import sys
@@ -59,10 +61,24 @@ def run_omnistream(model_dir: str, workload: list[dict], args: argparse.Namespac
     prompts = [{"prompt_token_ids": w["prompt_token_ids"]} for w in workload]
     params = [SamplingParams(temperature=0.0, max_tokens=w["output_len"], ignore_eos=True) for w in workload]
     llm.generate(prompts[:2], params[:2], use_tqdm=False)  # warm-up
+    profiler = cProfile.Profile() if args.profile else None
     start = clock(args)
+    if profiler is not None:
+        profiler.enable()
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    if profiler is not None:
+        profiler.disable()
     elapsed = clock(args) - start
+    if profiler is not None:
+        print_profile(profiler, args.profile)
     return {"elapsed_s": elapsed, "outputs": [o.outputs[0].token_ids for o in outputs]}
+
+
+def print_profile(profiler: cProfile.Profile, top: int) -> None:
+    """The `top` functions of omnistream's timed run by own time, then by cumulative time (cProfile's overhead is
+    in these figures, not in the throughput, which --profile runs should not be quoted for)."""
+    for order in ("tottime", "cumulative"):
+        pstats.Stats(profiler, stream=sys.stdout).strip_dirs().sort_stats(order).print_stats(top)
 
 
 def run_hf(export_dir: str, workload: list[dict], args: argparse.Namespace) -> dict:
@@ -139,6 +155,8 @@ def main() -> None:
                         help="cpu: this process's CPU time instead of wall time (in-process backends only)")
     parser.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="python of a venv with vllm")
     parser.add_argument("--output-json", default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="cProfile omnistream's timed run and print its TOP functions (throughput then biased)")
     args = parser.parse_args()
 
     from omnistream.engine.checkpoint.default_model import default_model_path

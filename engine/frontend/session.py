@@ -8,6 +8,7 @@ turn (last partial window, <|audio_end|>, the assistant prompt) and streams the 
 then takes the next turn's input with all its KV kept. Positions continue through one MRopeBuilder.
 Frames with timestamps (append_frame) make the turn's media a video with its audio, interleaved by time as
 offline with use_audio_in_video, or a silent video (frontend/live_segment.py says how a segment is decided).
+A still image (append_image) is the offline image part at that place (frontend/still_image.py).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ from omnistream.engine.core.messages import (
 from omnistream.engine.frontend.grammar_check import GrammarCheck
 from omnistream.engine.frontend.live_segment import LiveSegment
 from omnistream.engine.frontend.outputs import RequestOutput
+from omnistream.engine.frontend.still_image import still_image_input
 from omnistream.engine.frontend.streams import EngineStreams
-from omnistream.multimodal.image import ImageSource
+from omnistream.multimodal.image import MAX_DECODED_PIXELS, ImageInputs, ImageSource, preprocess_image
 from omnistream.multimodal.mrope import MRopeBuilder
 from omnistream.multimodal.placeholders import MultimodalTokenIds
 from omnistream.multimodal.tensor_codec import to_tensor_data
@@ -90,6 +92,7 @@ class StreamingSession:
         self.video_fps = video_fps  # frame rate of live video: frame n of a segment at t0 + n / video_fps
         self.num_audio_tokens = 0  # audio placeholder tokens in the conversation so far (for usage)
         self.num_video_tokens = 0  # video placeholder tokens in the conversation so far (for usage)
+        self._images: list[tuple[int, int]] = []  # (first pad, pads) of each still image in the conversation
         self._turn = 0
         # the last answer's start (positions, audio and video tokens there), kept until the next commit: what
         # truncate_answer goes back to
@@ -137,6 +140,32 @@ class StreamingSession:
             await self._open_media()
             ops = await asyncio.to_thread(self._media_ops, self._media.feed_frame, image, timestamp_s)
             await self._send_media(ops)
+
+    async def append_image(self, image: ImageSource | ImageInputs, max_decoded_pixels: int = MAX_DECODED_PIXELS) -> int:
+        """A still image in the user's turn, here (it ends any media segment in progress): exactly the offline
+        request's image part at this place, preprocessed with the offline pixel budget (or given preprocessed, by
+        `preprocess_image`). Returns its image tokens. A MediaError (the image cannot be used: not an image, more
+        than `max_decoded_pixels`) or a ValueError from the engine (the session is full) leaves no part of it."""
+        async with self._lock:
+            self._check_open()
+            if not isinstance(image, ImageInputs):
+                image = await asyncio.to_thread(preprocess_image, image, max_decoded_pixels=max_decoded_pixels)
+            await self._begin_user_turn()
+            await self._end_media()
+            before = copy.copy(self.positions)
+            tokens, positions, feature = still_image_input(image, self.positions, self.ids)
+            try:
+                await self._append_tokens(tokens, positions, [feature])
+            except ValueError:
+                self.positions = before
+                raise
+            self._images.append((feature.offset, feature.length))
+            return feature.length
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Image placeholder tokens in the conversation so far (for usage)."""
+        return sum(count for _, count in self._images)
 
     async def append_text(self, text: str) -> None:
         """Typed input inside the user's turn (ends any audio segment in progress)."""
@@ -323,6 +352,7 @@ class StreamingSession:
 
     def _restore(self, positions: MRopeBuilder, num_audio_tokens: int, num_video_tokens: int) -> None:
         self.positions, self.num_audio_tokens, self.num_video_tokens = positions, num_audio_tokens, num_video_tokens
+        self._images = [image for image in self._images if image[0] < positions.num_tokens]
         self._media = self._before_media = None
 
     async def _end_media(self) -> None:

@@ -360,6 +360,14 @@ class VideoFrame(_message.Message):
     timestamp_s: float
     def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ..., timestamp_s: _Optional[float] = ...) -> None: ...
 
+class Image(_message.Message):
+    __slots__ = ("data", "mime_type")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    MIME_TYPE_FIELD_NUMBER: _ClassVar[int]
+    data: bytes
+    mime_type: str
+    def __init__(self, data: _Optional[bytes] = ..., mime_type: _Optional[str] = ...) -> None: ...
+
 class ToolResult(_message.Message):
     __slots__ = ("tool_call_id", "output")
     TOOL_CALL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -369,7 +377,7 @@ class ToolResult(_message.Message):
     def __init__(self, tool_call_id: _Optional[str] = ..., output: _Optional[str] = ...) -> None: ...
 
 class SessionInput(_message.Message):
-    __slots__ = ("config", "audio", "text", "commit", "cancel", "video_frame", "tool_result")
+    __slots__ = ("config", "audio", "text", "commit", "cancel", "video_frame", "tool_result", "image")
     CONFIG_FIELD_NUMBER: _ClassVar[int]
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
@@ -377,6 +385,7 @@ class SessionInput(_message.Message):
     CANCEL_FIELD_NUMBER: _ClassVar[int]
     VIDEO_FRAME_FIELD_NUMBER: _ClassVar[int]
     TOOL_RESULT_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
     config: SessionConfig
     audio: AudioChunk
     text: TextInput
@@ -384,7 +393,8 @@ class SessionInput(_message.Message):
     cancel: Cancel
     video_frame: VideoFrame
     tool_result: ToolResult
-    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., video_frame: _Optional[_Union[VideoFrame, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ...) -> None: ...
+    image: Image
+    def __init__(self, config: _Optional[_Union[SessionConfig, _Mapping]] = ..., audio: _Optional[_Union[AudioChunk, _Mapping]] = ..., text: _Optional[_Union[TextInput, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., video_frame: _Optional[_Union[VideoFrame, _Mapping]] = ..., tool_result: _Optional[_Union[ToolResult, _Mapping]] = ..., image: _Optional[_Union[Image, _Mapping]] = ...) -> None: ...
 
 class SessionStarted(_message.Message):
     __slots__ = ("session_id",)

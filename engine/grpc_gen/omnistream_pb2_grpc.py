@@ -68,8 +68,8 @@ class OmnistreamServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Session(self, request_iterator, context):
-        """A live conversation. The first input must be `config`; then audio chunks, text, commits and
-        cancels in any order. The session (and all its KV) ends when the client half-closes the stream
+        """A live conversation. The first input must be `config`; then audio chunks, camera frames, still
+        images, text, tool results, commits and cancels in any order. The session (and all its KV) ends when the client half-closes the stream
         (after the answer in progress finishes) or cancels the call.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

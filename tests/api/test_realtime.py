@@ -288,7 +288,8 @@ BAD_EVENTS = [
     ('{"type": "conversation.item.create", "item": {"type": "message", "role": "assistant", '
      '"content": [{"type": "output_text", "text": "hi"}]}}', "invalid_value", "item.role"),
     ('{"type": "conversation.item.create", "item": {"type": "message", "role": "user", '
-     '"content": [{"type": "input_image", "image_url": "data:,"}]}}', "invalid_value", "item.content[0].type"),
+     '"content": [{"type": "input_image", "image_url": "data:,"}]}}', "invalid_image",
+     "item.content[0].image_url"),
     ('{"type": "response.create", "response": {"output_modalities": ["image"]}}', "unsupported_modality",
      "response.output_modalities"),
     ('{"type": "response.create", "response": {"conversation": "none"}}', "invalid_value", "response.conversation"),

@@ -1,6 +1,6 @@
 """Every attention backend equals `reference` (fp32, atol 1e-5) on random flat batches that mix prefill chunks over
 cached prefixes, fresh prefills, long chunks, decodes and a padded row, with pages out of order, contexts ending on
-and across page edges, GQA groups of 1, 2 and 8, and block sizes 16 and 32; bfloat16 caches come close, float16 and
+and across page edges, GQA groups of 1, 2, 4 and 8, block sizes 8, 16, 24 and 32 and head dims 24 to 136; bfloat16 caches come close, float16 and
 other devices are refused by name; a padded row reads nothing, gets zeros and writes only the sink page."""
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ def _needs_kernel(name: str) -> None:
         pytest.fail("the cpu attention kernel did not build (is a C compiler installed?)")
 
 
-def _random_batch(seed: int, block_size: int, heads: int, kv_heads: int, dtype: torch.dtype = torch.float32):
+def _random_batch(seed: int, block_size: int, heads: int, kv_heads: int, dtype: torch.dtype = torch.float32,
+                  head_dim: int = HEAD_DIM):
     """(query, key, value, cache, metadata, live pages, sink page): requests of (context before, new tokens), the
     last one a padded row (seq_len 0, its tokens' slots in the sink page), every table a random sample of pages."""
     rng = random.Random(seed)
@@ -59,9 +60,9 @@ def _random_batch(seed: int, block_size: int, heads: int, kv_heads: int, dtype: 
         num_tokens=num_tokens, num_reqs=len(shapes) + 1, max_query_len=real.max_query_len,
         max_seq_len=real.max_seq_len,
     )
-    cache = torch.randn(2, num_pages + 1, block_size, kv_heads, HEAD_DIM).to(dtype)
-    query = torch.randn(num_tokens, heads, HEAD_DIM)
-    key, value = torch.randn(num_tokens, kv_heads, HEAD_DIM), torch.randn(num_tokens, kv_heads, HEAD_DIM)
+    cache = torch.randn(2, num_pages + 1, block_size, kv_heads, head_dim).to(dtype)
+    query = torch.randn(num_tokens, heads, head_dim)
+    key, value = torch.randn(num_tokens, kv_heads, head_dim), torch.randn(num_tokens, kv_heads, head_dim)
     return query, key, value, cache, metadata, real.num_tokens
 
 
@@ -81,6 +82,21 @@ def test_backend_equals_reference_on_a_mixed_batch(backend: str, block_size: int
     assert torch.equal(cache, ref_cache)  # both wrote the same slots
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not got[real_tokens:].any() and not want[real_tokens:].any()  # the padded row reads nothing
+
+
+@pytest.mark.parametrize(("head_dim", "block_size"), [(24, 16), (40, 8), (80, 24), (136, 16), (128, 32)])
+def test_cpu_kernel_equals_reference_for_head_dims_and_pages_off_its_vector_width(head_dim: int,
+                                                                                   block_size: int) -> None:
+    """The kernel works in vectors of 16 floats and chunks of 16 keys: heads with a scalar tail (24, 40, 136),
+    more vectors than it accumulates at once (80, 128, 136) and pages that split its chunks (8, 24)."""
+    _needs_kernel("cpu")
+    query, key, value, cache, metadata, real_tokens = _random_batch(2, block_size, 8, 2, head_dim=head_dim)
+    fast = get_attention_backend("cpu", torch.device("cpu"), torch.float32, 8, 2, head_dim)
+    ref_cache = cache.clone()
+    want = ReferenceBackend().forward(query, key, value, ref_cache, metadata, head_dim**-0.5)
+    got = fast.forward(query, key, value, cache, metadata, head_dim**-0.5)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert not got[real_tokens:].any()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -205,12 +205,12 @@ def usage(llm: Any, outputs: list[RequestOutput], audio_seconds: float) -> pb.Us
     )
 
 
-def turn_usage(output: RequestOutput, prompt_tokens: int, audio_tokens: int, video_tokens: int,
+def turn_usage(output: RequestOutput, prompt_tokens: int, audio_tokens: int, video_tokens: int, image_tokens: int,
                audio_seconds: float) -> pb.Usage:
-    """A session turn's token counts: the prompt is the whole conversation up to the answer (its audio and
-    video placeholders are `audio_tokens` and `video_tokens`; the rest is text)."""
+    """A session turn's token counts: the prompt is the whole conversation up to the answer (its audio, video
+    and image placeholders are `audio_tokens`, `video_tokens` and `image_tokens`; the rest is text)."""
     completion = len(output.outputs[0].token_ids)
     return pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=completion,
                     total_tokens=prompt_tokens + completion, cached_tokens=output.num_cached_tokens,
-                    text_tokens=prompt_tokens - audio_tokens - video_tokens, audio_tokens=audio_tokens,
-                    video_tokens=video_tokens, audio_seconds=round(audio_seconds, 3))
+                    text_tokens=prompt_tokens - audio_tokens - video_tokens - image_tokens, audio_tokens=audio_tokens,
+                    video_tokens=video_tokens, image_tokens=image_tokens, audio_seconds=round(audio_seconds, 3))

@@ -148,6 +148,14 @@ class LiveSession:
             if not frame.data:
                 raise ValueError("video_frame: data is empty (send an encoded image)")
             await self.session.append_frame(frame.data, frame.timestamp_s)
+        elif kind == "image":
+            image = message.image
+            if image.mime_type and not image.mime_type.startswith("image/"):
+                raise ValueError(f"image: mime_type must be an image type (image/jpeg, image/png...), "
+                                 f"got {image.mime_type!r}")
+            if not image.data:
+                raise ValueError("image: data is empty (send an encoded image)")
+            await self.session.append_image(image.data, self.llm.input_processor.limits.max_image_pixels)
         elif kind == "config":
             raise invalid("config: a session takes one config, as its first input")
         else:
@@ -174,16 +182,16 @@ class LiveSession:
         self.tool_results = 0
         self.turn += 1
         prompt = (self.session.positions.num_tokens, self.session.num_audio_tokens,  # the conversation so far
-                  self.session.num_video_tokens)
+                  self.session.num_video_tokens, self.session.num_image_tokens)
         sample_bytes = 2 if self.audio_format == pb.AUDIO_FORMAT_PCM16 else 4
         seconds, self.turn_bytes = self.turn_bytes // sample_bytes / self.sample_rate, 0
         self._send(turn_started=pb.TurnStarted(turn=self.turn))
         calls = ToolCallStream() if turn_tools.parse else None
         self.answer = asyncio.ensure_future(self._pump(stream, self.turn, prompt, seconds, logprobs, calls))
 
-    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int, int],
+    async def _pump(self, stream: AsyncIterator[RequestOutput], turn: int, prompt: tuple[int, int, int, int],
                     seconds: float, logprobs: int | None, calls: ToolCallStream | None) -> None:
-        """Stream one turn's answer; `prompt` is the conversation's (tokens, audio tokens, video tokens) at its
+        """Stream one turn's answer; `prompt` is the conversation's (tokens, audio, video, image tokens) at its
         commit; `logprobs` the alternatives per token its deltas carry (None: no log-probabilities); `calls`
         parses the answer's tool calls (None: no tools)."""
         sent_text = sent_tokens = 0

@@ -137,7 +137,7 @@ def build_app(llm: Any, args: argparse.Namespace, media_policy: MediaPolicy | No
         payload, content_type = await app.state.metrics.render()
         return Response(payload, media_type=content_type)
 
-    app.add_api_websocket_route("/v1/realtime", realtime_endpoint(llm, model_name))
+    app.add_api_websocket_route("/v1/realtime", realtime_endpoint(llm, model_name, media_policy))
 
     @app.post("/v1/audio/transcriptions")
     async def transcriptions(raw: Request) -> Any:

@@ -9,7 +9,13 @@
  * Work: one item = one KV head of one request and a tile of up to TILE_ROWS query rows, a row being (query, one
  * of the G query heads that share the KV head); the G heads of a query are adjacent rows, so one load of a key or
  * value serves all of them (GQA). Each row keeps an fp32 online softmax (running max, sum, weighted values) over
- * chunks of up to KEY_CHUNK keys of one page. Items run on `num_threads` threads: OpenMP (the runtime torch
+ * chunks of up to KEY_CHUNK = LANES keys of one page. A chunk's scores are computed in vector lanes: per key, the
+ * products of a row with the key are summed lane-wise over the head (LANES partial sums per key), and the LANES
+ * keys' partial sums are then folded into one vector of their LANES scores by a tree of shuffles (LANES - 1
+ * shuffle-add steps for LANES keys instead of one horizontal reduction per key); the softmax of the chunk and its
+ * weighted sum of values run on whole vectors too (values: up to ACC_VECTORS vector accumulators of a row held in
+ * registers across the chunk's keys). Head dims that are not a multiple of LANES finish the last dims in scalars.
+ * Items run on `num_threads` threads: OpenMP (the runtime torch
  * itself loaded when it is libgomp: one thread pool, no second runtime spinning beside it), or with
  * -DATTN_PTHREADS threads started per call, or with -DATTN_SERIAL on the calling thread only (the caller
  * splits the batch); benchmarks/attention.py measures the three.
@@ -28,9 +34,16 @@
 #endif
 
 #define TILE_ROWS 16
-#define KEY_CHUNK 32
+#define LANES 16 /* floats per vector (GCC/Clang vector extension: 512 bits, split by the compiler where narrower) */
+#define KEY_CHUNK LANES
+#define ACC_VECTORS 4 /* vector accumulators of a row's weighted values kept in registers at once */
 #define MAX_HEAD_DIM 256
 #define NO_SCORE -3.0e38f
+
+typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
+typedef int32_t vint __attribute__((vector_size(LANES * sizeof(int32_t))));
+/* the same vector read from or written to memory of any alignment, aliasing plain floats */
+typedef float vfloat_u __attribute__((vector_size(LANES * sizeof(float)), aligned(4), may_alias));
 
 typedef struct {
     const float *q;
@@ -67,12 +80,103 @@ static inline float exp_nonpositive(float x) {
     return x < -87.0f ? 0.0f : p * scale.f;
 }
 
-static inline float dot(const float *restrict a, const float *restrict b, int n) {
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int d = 0; d < n; d++)
-        sum += a[d] * b[d];
-    return sum;
+static inline vfloat load(const float *p) { return *(const vfloat_u *)p; }
+
+static inline void store(float *p, vfloat x) { *(vfloat_u *)p = x; }
+
+static inline vfloat broadcast(float x) { return (vfloat){0} + x; }
+
+/* Halves, quarters, eighths and single lanes of two vectors summed pairwise: (a0+a1, b0+b1, a2+a3, b2+b3, ...) in
+ * pieces of 8, 4, 2 and 1 lanes. */
+static inline vfloat fold8(vfloat a, vfloat b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(a, b, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+}
+static inline vfloat fold4(vfloat a, vfloat b) {
+    return __builtin_shufflevector(a, b, 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(a, b, 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+}
+static inline vfloat fold2(vfloat a, vfloat b) {
+    return __builtin_shufflevector(a, b, 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(a, b, 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+}
+static inline vfloat fold1(vfloat a, vfloat b) {
+    return __builtin_shufflevector(a, b, 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+           __builtin_shufflevector(a, b, 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+}
+
+/* Lane j of the result = the sum of the lanes of part[j]. The tree leaves key 8s + bitreverse3(k) in lane 2k + s;
+ * the last shuffle puts every key back in its own lane. */
+static inline vfloat sum_lanes_of_each(const vfloat part[LANES]) {
+    vfloat halves[8], quarters[4], eighths[2];
+    for (int i = 0; i < 8; i++)
+        halves[i] = fold8(part[2 * i], part[2 * i + 1]);
+    for (int i = 0; i < 4; i++)
+        quarters[i] = fold4(halves[2 * i], halves[2 * i + 1]);
+    for (int i = 0; i < 2; i++)
+        eighths[i] = fold2(quarters[2 * i], quarters[2 * i + 1]);
+    vfloat mixed = fold1(eighths[0], eighths[1]);
+    return __builtin_shufflevector(mixed, mixed, 0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15);
+}
+
+/* Scores of one row q (scaled, head_dim D) against `count` <= LANES keys `stride` apart; lanes at and past `valid`
+ * hold NO_SCORE. */
+static inline vfloat chunk_scores(const float *restrict q, const float *restrict keys, int64_t stride, int count,
+                                  int valid, int D) {
+    int full = D / LANES * LANES;
+    vfloat part[LANES];
+    for (int j = 0; j < LANES; j++) {
+        vfloat sum = {0};
+        if (j < count) {
+            const float *key = keys + j * stride;
+            for (int d = 0; d < full; d += LANES)
+                sum += load(q + d) * load(key + d);
+        }
+        part[j] = sum;
+    }
+    vfloat scores = sum_lanes_of_each(part);
+    if (full < D) {
+        float tail[LANES];
+        store(tail, scores);
+        for (int j = 0; j < count; j++) {
+            const float *key = keys + j * stride;
+            for (int d = full; d < D; d++)
+                tail[j] += q[d] * key[d];
+        }
+        scores = load(tail);
+    }
+    vint lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    vint seen = lane < valid; /* all bits set in the lanes of keys the row sees */
+    vint masked = ((vint)scores & seen) | ((vint)broadcast(NO_SCORE) & ~seen);
+    return (vfloat)masked;
+}
+
+/* acc[0 .. D) += sum over keys j < count of weight[j] * values[j * stride + d]; ACC_VECTORS vectors of acc at a
+ * time stay in registers over all keys. */
+static inline void add_weighted_values(float *restrict acc, const float *restrict weight,
+                                       const float *restrict values, int64_t stride, int count, int D) {
+    int full = D / LANES * LANES, d = 0;
+    for (; d + ACC_VECTORS * LANES <= full; d += ACC_VECTORS * LANES) {
+        vfloat a[ACC_VECTORS];
+        for (int c = 0; c < ACC_VECTORS; c++)
+            a[c] = load(acc + d + c * LANES);
+        for (int j = 0; j < count; j++) {
+            vfloat w = broadcast(weight[j]);
+            for (int c = 0; c < ACC_VECTORS; c++)
+                a[c] += w * load(values + j * stride + d + c * LANES);
+        }
+        for (int c = 0; c < ACC_VECTORS; c++)
+            store(acc + d + c * LANES, a[c]);
+    }
+    for (; d < full; d += LANES) {
+        vfloat a = load(acc + d);
+        for (int j = 0; j < count; j++)
+            a += broadcast(weight[j]) * load(values + j * stride + d);
+        store(acc + d, a);
+    }
+    for (; d < D; d++)
+        for (int j = 0; j < count; j++)
+            acc[d] += weight[j] * values[j * stride + d];
 }
 
 /* Rows of `count` keys (or values) of one KV head starting at token `first` of `page`, as fp32 rows `stride`
@@ -127,7 +231,7 @@ static void run_item(const Batch *bt, int64_t item) {
     int rows = q_len * G - first_row < TILE_ROWS ? q_len * G - first_row : TILE_ROWS;
     int context = seq_len - q_len;
 
-    float q[TILE_ROWS][MAX_HEAD_DIM], acc[TILE_ROWS][MAX_HEAD_DIM], scores[KEY_CHUNK];
+    float q[TILE_ROWS][MAX_HEAD_DIM], acc[TILE_ROWS][MAX_HEAD_DIM];
     float kbuf[KEY_CHUNK * MAX_HEAD_DIM], vbuf[KEY_CHUNK * MAX_HEAD_DIM];
     float row_max[TILE_ROWS], row_sum[TILE_ROWS];
     int limit[TILE_ROWS]; /* keys each row sees */
@@ -167,16 +271,17 @@ static void run_item(const Batch *bt, int64_t item) {
             valid = valid > count ? count : valid;
             if (valid <= 0)
                 continue;
+            float scores[LANES];
+            store(scores, chunk_scores(q[r], keys, k_stride, count, valid, D));
             float chunk_max = NO_SCORE;
-            for (int j = 0; j < valid; j++) {
-                scores[j] = dot(q[r], keys + j * k_stride, D);
+#pragma omp simd reduction(max : chunk_max)
+            for (int j = 0; j < LANES; j++)
                 chunk_max = scores[j] > chunk_max ? scores[j] : chunk_max;
-            }
             float new_max = chunk_max > row_max[r] ? chunk_max : row_max[r];
             float correction = exp_nonpositive(row_max[r] - new_max), sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-            for (int j = 0; j < valid; j++) {
-                scores[j] = exp_nonpositive(scores[j] - new_max);
+            for (int j = 0; j < LANES; j++) {
+                scores[j] = j < valid ? exp_nonpositive(scores[j] - new_max) : 0.0f;
                 sum += scores[j];
             }
             row_sum[r] = row_sum[r] * correction + sum;
@@ -187,13 +292,7 @@ static void run_item(const Batch *bt, int64_t item) {
                 for (int d = 0; d < D; d++)
                     a[d] *= correction;
             }
-            for (int j = 0; j < valid; j++) {
-                const float *restrict value = values + j * v_stride;
-                float weight = scores[j];
-#pragma omp simd
-                for (int d = 0; d < D; d++)
-                    a[d] += weight * value[d];
-            }
+            add_weighted_values(a, scores, values, v_stride, valid, D);
         }
         start += count;
     }

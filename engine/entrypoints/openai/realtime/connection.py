@@ -29,6 +29,7 @@ from omnistream.engine.entrypoints.openai.realtime.protocol import (
 )
 from omnistream.engine.errors import EngineDeadError
 from omnistream.engine.frontend.admission import EngineOverloadedError
+from omnistream.multimodal.media_fetch import MediaPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +38,10 @@ _CLOSE = object()  # the outbox's last item
 
 
 class RealtimeConnection:
-    def __init__(self, llm: Any, websocket: WebSocket, model_name: Callable[[str | None], str]) -> None:
+    def __init__(self, llm: Any, websocket: WebSocket, model_name: Callable[[str | None], str],
+                 media_policy: MediaPolicy | None = None) -> None:
         self.llm = llm
+        self.media_policy = media_policy
         self.websocket = websocket
         self.model_name = model_name
         self.outbox: asyncio.Queue = asyncio.Queue()
@@ -55,7 +58,7 @@ class RealtimeConnection:
                 self._fail(RealtimeError(exc.message, code=exc.code or "invalid_value", param=exc.param), POLICY_VIOLATION)
                 return
             config = SessionConfig(model=model, voices=tuple(self.llm.core.ready.voices))
-            conversation = Conversation(self.llm, config, self._emit, self._answer_failed)
+            conversation = Conversation(self.llm, config, self._emit, self._answer_failed, self.media_policy)
             self._emit(events.event("session.created", session=conversation.config.as_dict(conversation.id)))
             while self.close_code is None:
                 message = await self.websocket.receive()
@@ -122,10 +125,12 @@ class RealtimeConnection:
             return
 
 
-def realtime_endpoint(llm: Any, model_name: Callable[[str | None], str]) -> Callable[[WebSocket], Awaitable[None]]:
-    """The route handler for `WS /v1/realtime?model=...`."""
+def realtime_endpoint(llm: Any, model_name: Callable[[str | None], str],
+                      media_policy: MediaPolicy | None = None) -> Callable[[WebSocket], Awaitable[None]]:
+    """The route handler for `WS /v1/realtime?model=...`; image URLs are fetched under `media_policy` (none
+    but data: URLs without one)."""
 
     async def endpoint(websocket: WebSocket) -> None:
-        await RealtimeConnection(llm, websocket, model_name).run()
+        await RealtimeConnection(llm, websocket, model_name, media_policy).run()
 
     return endpoint

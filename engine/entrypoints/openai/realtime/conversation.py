@@ -7,7 +7,8 @@ the engine turn and streams the answer as text events. The engine's session is o
 so instructions set before it become its system prompt. A response.create with uncommitted audio commits
 it first. Speech (any audio) during an answer interrupts it, as StreamingSession does (barge-in). Function
 tools go into the system prompt; a function_call_output item is the call's result in the user's turn (as
-the chat template renders a "tool" message), answered by the next response.
+the chat template renders a "tool" message), answered by the next response. An input_image part is a still
+image at its place in the user's turn, as the chat request's image part (realtime/image.py).
 A response speaks when its output_modalities are ["audio"]; conversation.item.truncate on the last spoken
 answer (barge-in: the client played audio_end_ms of it) stops it and keeps in the conversation only the
 answer's tokens the audio heard had reached (one per codec frame, as the talker reads them); audio the user
@@ -28,6 +29,7 @@ from msgspec import UNSET
 from omnistream.engine.entrypoints.openai.realtime import events
 from omnistream.engine.entrypoints.openai.realtime.audio import decode_pcm16
 from omnistream.engine.entrypoints.openai.realtime.config import OUTPUT_RATE, SessionConfig
+from omnistream.engine.entrypoints.openai.realtime.image import check_image_part, image_content, load_image_part
 from omnistream.engine.entrypoints.openai.realtime.protocol import (
     BufferAppend,
     BufferClear,
@@ -51,6 +53,7 @@ from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import SegmentDiscardedError, StreamingSession
 from omnistream.engine.frontend.tool_calls import ToolCallStream
 from omnistream.engine.frontend.tool_prompt import system_prompt_with_tools, tool_response
+from omnistream.multimodal.media_fetch import MediaPolicy
 from omnistream.multimodal.vad import EnergyVad
 
 Emit = Callable[[dict[str, Any]], None]
@@ -58,8 +61,10 @@ AUDIO_WINDOW_S = 2.0
 
 
 class Conversation:
-    def __init__(self, llm: Any, config: SessionConfig, emit: Emit, on_failure: Callable[[BaseException], None]) -> None:
+    def __init__(self, llm: Any, config: SessionConfig, emit: Emit, on_failure: Callable[[BaseException], None],
+                 media_policy: MediaPolicy | None = None) -> None:
         self.llm = llm
+        self.media_policy = media_policy or MediaPolicy()  # what image URLs may be fetched (the chat requests' rules)
         self.config = config
         self.emit = emit
         self.on_failure = on_failure  # an answer failed (the engine died): the connection ends
@@ -163,18 +168,37 @@ class Conversation:
             raise RealtimeError("the message has no content", param="item.content")
         await self._ready_for_item(event)
         parts = [self._content_part(index, part) for index, part in enumerate(item.content)]
+        images = [await self._image(index, value) if kind == "input_image" else None
+                  for index, (kind, value) in enumerate(parts)]  # every image is usable before any part is sent
         session = await self._session()
+        self._check_room(session, [image for image in images if image is not None])
         await self._close_segment()
-        for kind, value in parts:
+        for (kind, value), image in zip(parts, images):
             if kind == "input_text":
                 await session.append_text(value)
+            elif kind == "input_image":
+                await session.append_image(image)
             else:
                 await session.append_audio(value, self.config.sample_rate)
                 await session.append_text("")  # ends this audio item's segment
         item_id = item.id or events.new_id("item")
-        content = [{"type": "input_text", "text": value} if kind == "input_text" else events.audio_content()
-                   for kind, value in parts]
+        content = [{"type": "input_text", "text": value} if kind == "input_text" else
+                   image_content(value) if kind == "input_image" else events.audio_content() for kind, value in parts]
         self._add_item(events.user_item(item_id, content))
+
+    def _check_room(self, session: StreamingSession, images: list[Any]) -> None:
+        """An item whose images alone outgrow the model is refused before any of its parts is sent (the engine would
+        refuse the first image that does not fit, after the parts before it)."""
+        need = sum(image.num_tokens + 2 for image in images)  # pads, vision start and end
+        left = self.llm.max_model_len - session.positions.num_tokens
+        if need > left:
+            raise RealtimeError(f"the item's images need {need} tokens but the conversation has {left} left of "
+                                f"max_model_len {self.llm.max_model_len}", param="item.content")
+
+    async def _image(self, index: int, part: Any) -> Any:
+        """An input_image part's image, fetched and preprocessed off the event loop."""
+        max_pixels = self.llm.input_processor.limits.max_image_pixels
+        return await asyncio.to_thread(load_image_part, part, f"item.content[{index}]", self.media_policy, max_pixels)
 
     async def _function_output(self, event: ItemCreate) -> None:
         item = event.item
@@ -327,8 +351,11 @@ class Conversation:
             if not part.audio:
                 raise RealtimeError("an input_audio part needs `audio` (base64 PCM16)", param=f"{param}.audio")
             return "input_audio", decode_pcm16(part.audio, f"{param}.audio")
-        raise RealtimeError(f"content parts of type {part.type!r} are not supported; use input_text or input_audio",
-                            param=f"{param}.type")
+        if part.type == "input_image":
+            check_image_part(part, param)
+            return "input_image", part
+        raise RealtimeError(f"content parts of type {part.type!r} are not supported; use input_text, input_audio or "
+                            "input_image", param=f"{param}.type")
 
     def _add_item(self, item: dict[str, Any]) -> None:
         self._spoken = None  # an item follows the last answer: it can no longer be truncated
@@ -362,11 +389,11 @@ class Conversation:
         self._spoke = self._spoke or response.voice is not None
         self.response = response
         self.emit(events.event("response.created", response=response.object("in_progress")))
-        usage_base = (session.positions.num_tokens, session.num_audio_tokens)
+        usage_base = (session.positions.num_tokens, session.num_audio_tokens, session.num_image_tokens)
         response.task = asyncio.ensure_future(self._pump(stream, response, *usage_base, calls))
 
     async def _pump(self, stream: AsyncIterator[RequestOutput], response: Response, input_tokens: int,
-                    audio_tokens: int, calls: ToolCallStream | None) -> None:
+                    audio_tokens: int, image_tokens: int, calls: ToolCallStream | None) -> None:
         answer, previous = Answer(), self._last_item
         self._last_item, self._spoken = response.item_id, None
         response.answer = answer
@@ -378,7 +405,7 @@ class Conversation:
             elif response.voice is not None:
                 self._spoken = (response.item_id, answer)
             usage = events.usage(input_tokens, audio_tokens, self._context_tokens, answer.output_tokens,
-                                 answer.num_frames)
+                                 answer.num_frames, image_tokens)
             self._context_tokens = input_tokens + answer.output_tokens
             self.response = None
             for event in closing_events(response, answer, previous, usage):

@@ -63,12 +63,13 @@ FINISH_STATUS = {"stop": ("completed", None), "length": ("incomplete", "max_outp
 
 
 def usage(input_tokens: int, audio_tokens: int, cached_tokens: int, output_tokens: int,
-          output_frames: int = 0) -> dict[str, Any]:
-    """A response's usage: its whole conversation as input (audio placeholders and the rest as text), the
-    part of it already in the KV before this turn's input as cached, and the answer's tokens (and its audio's
-    codec frames) as output."""
+          output_frames: int = 0, image_tokens: int = 0) -> dict[str, Any]:
+    """A response's usage: its whole conversation as input (audio placeholders, image placeholders and the rest
+    as text), the part of it already in the KV before this turn's input as cached, and the answer's tokens (and
+    its audio's codec frames) as output."""
     return {"total_tokens": input_tokens + output_tokens + output_frames, "input_tokens": input_tokens,
             "output_tokens": output_tokens + output_frames,
-            "input_token_details": {"text_tokens": input_tokens - audio_tokens, "audio_tokens": audio_tokens,
-                                    "image_tokens": 0, "cached_tokens": cached_tokens},
+            "input_token_details": {"text_tokens": input_tokens - audio_tokens - image_tokens,
+                                    "audio_tokens": audio_tokens, "image_tokens": image_tokens,
+                                    "cached_tokens": cached_tokens},
             "output_token_details": {"text_tokens": output_tokens, "audio_tokens": output_frames}}
