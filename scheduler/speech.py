@@ -264,7 +264,8 @@ class SpeechScheduler:
             self.requests[req_id].media = placed
             self.requests[req_id].media_rows = media_rows
             self.requests[req_id].media_positions = [positions[row] for row in media_rows]
-            self.new_captures.setdefault(req_id, []).extend(self.requests[req_id].media_positions)
+            if not session:  # a session's rows were asked for as its input came (watch_session)
+                self.new_captures.setdefault(req_id, []).extend(self.requests[req_id].media_positions)
         return True
 
     def add_reply(

@@ -18,20 +18,21 @@ import torch
 
 
 class TalkerRows:
-    """Per request: the thinker positions whose rows are wanted, and the rows kept there, in chunks as the
-    thinker's forwards produced them."""
+    """Per request: the thinker positions whose rows are wanted and not kept yet, and the rows kept, in chunks
+    as the thinker's forwards produced them. A row is a function of the tokens before it, so a kept row stays
+    right until a rollback cuts below it: a recomputed prefill (a preemption) does not capture it again."""
 
     def __init__(self) -> None:
-        self.wanted: dict[str, set[int]] = {}
+        self.wanted: dict[str, set[int]] = {}  # no empty sets: a request is here only while it waits for rows
         self._chunks: dict[str, list[tuple[list[int], torch.Tensor]]] = {}  # (positions, rows [n, H])
 
     def want(self, req_id: str, positions: list[int]) -> None:
         self.wanted.setdefault(req_id, set()).update(positions)
 
     def add(self, req_id: str, positions: list[int], rows: torch.Tensor) -> None:
-        """Keep rows [n, H] at positions, replacing rows held there before (a recomputed prefill)."""
-        self._discard(req_id, set(positions).__contains__)
+        """Keep rows [n, H] at positions (wanted ones): they are wanted no more."""
         self._chunks.setdefault(req_id, []).append((positions, rows))
+        self._unwant(req_id, set(positions).__contains__)
 
     def gather(self, req_id: str, positions: list[int]) -> torch.Tensor:
         """The rows at positions, in order [len(positions), H]."""
@@ -46,8 +47,7 @@ class TalkerRows:
 
     def roll_back(self, req_id: str, num_tokens: int) -> None:
         """A session dropped every position from num_tokens on: their rows are never read again."""
-        if req_id in self.wanted:
-            self.wanted[req_id] = {p for p in self.wanted[req_id] if p < num_tokens}
+        self._unwant(req_id, num_tokens.__le__)
         self._discard(req_id, num_tokens.__le__)
 
     def num_rows(self, req_id: str) -> int:
@@ -55,6 +55,13 @@ class TalkerRows:
 
     def nbytes(self, req_id: str) -> int:
         return sum(rows.nbytes for _, rows in self._chunks.get(req_id, ()))
+
+    def _unwant(self, req_id: str, dropped: Callable[[int], bool]) -> None:
+        wanted = {p for p in self.wanted.get(req_id, ()) if not dropped(p)}
+        if wanted:
+            self.wanted[req_id] = wanted
+        else:
+            self.wanted.pop(req_id, None)
 
     def _discard(self, req_id: str, dropped: Callable[[int], bool]) -> None:
         """Drop the rows at positions for which dropped(position); a chunk partly dropped keeps a copy of the

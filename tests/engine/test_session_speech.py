@@ -182,7 +182,8 @@ def test_cancel_stops_the_speech_and_truncate_keeps_what_was_heard(llm):
 def test_a_session_keeps_rows_only_for_the_media_of_its_context(llm):
     """Each turn starts with a false start (a long segment prefilled, then cleared, as a VAD would) before the
     real speech: the rows held are one per audio placeholder left in the context, hidden_projection's output at
-    the talker's width, and the spoken turns still equal the offline requests of the conversation."""
+    the talker's width, none is waited for once the input is prefilled, and the spoken turns still equal the
+    offline requests of the conversation."""
     runner = llm.core.engine.executor.runner.speech
     scheduler = llm.core.engine.scheduler
     first, second = _speech(1.0, 11), _speech(0.8, 12)
@@ -209,6 +210,7 @@ def test_a_session_keeps_rows_only_for_the_media_of_its_context(llm):
             await false_start(session, 20 + index)
             answers.append(await _turn(session, wave, SPOKEN))
             counts.append((held(sid), runner.kept.nbytes(sid)))
+            assert sid not in runner.kept.wanted  # every row captured: the thinker's forwards capture nothing more
         await session.close()
         tok = llm.tokenizer
         head, audio = tok.encode("<|im_start|>user\n"), tok.encode(AUDIO)
