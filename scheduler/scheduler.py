@@ -98,6 +98,8 @@ class Scheduler:
                 self.speech.add_reply(request.request_id, request.prompt_token_ids, speech.voice,
                                       request.sampling_params.seed, speech.do_sample, speech.reply_token_ids)
                 return
+        if request.open_input:  # a session's opening media are user input a spoken turn may read too
+            self.speech.watch_session(request.request_id, request.mm_features)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
