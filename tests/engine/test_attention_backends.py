@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata
-from omnistream.engine.model_executor.attention.cpu_kernel import FLASH_MIN_QUERIES, load_kernel
+from omnistream.engine.model_executor.attention.cpu_kernel import FLASH_MIN_QUERIES, load_kernel, run_kernel
 from omnistream.engine.model_executor.attention.reference import ReferenceBackend
 from omnistream.engine.model_executor.attention.selector import get_attention_backend
 from omnistream.engine.model_executor.layers.grouped_gemm import triton_installed
@@ -97,6 +97,22 @@ def test_cpu_kernel_equals_reference_for_head_dims_and_pages_off_its_vector_widt
     got = fast.forward(query, key, value, cache, metadata, head_dim**-0.5)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
     assert not got[real_tokens:].any()
+
+
+@pytest.mark.parametrize("variant", ["openmp", "pthreads", "serial"])
+@pytest.mark.parametrize("num_threads", [1, 64])
+def test_cpu_kernel_per_request_or_per_kv_head_items_equal_reference(variant: str, num_threads: int) -> None:
+    """One work item reads all KV heads of a request, or, with more threads than a quarter of the requests (64 here),
+    one KV head each: both equal `reference` on every row, long chunks included (the kernel is called directly)."""
+    _needs_kernel("cpu")
+    library = load_kernel(variant)
+    query, key, value, cache, metadata, _ = _random_batch(3, 16, 8, 2)
+    want = ReferenceBackend().forward(query, key, value, cache, metadata, HEAD_DIM**-0.5)
+    got = torch.empty_like(query)
+    arrays = [np.ascontiguousarray(t.numpy()) for t in (metadata.query_start_loc, metadata.seq_lens,
+                                                         metadata.block_table)]
+    run_kernel(library, query, cache, *arrays, HEAD_DIM**-0.5, got, num_threads)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -6,9 +6,12 @@
  * pages are block_table[b, 0 ..]. Query i of request b is at position seq_len - q_len + i and sees keys 0 .. that
  * position. A request with seq_len 0 (a padded row) reads nothing and gets zeros.
  *
- * Work: one item = one KV head of one request and a tile of up to TILE_ROWS query rows, a row being (query, one
- * of the G query heads that share the KV head); the G heads of a query are adjacent rows, so one load of a key or
- * value serves all of them (GQA). Each row keeps an fp32 online softmax (running max, sum, weighted values) over
+ * Work: one item = a group of KV heads of one request (all of them, or one when there are too few requests to keep
+ * the threads busy) and a tile of up to TILE_ROWS query rows, a row being (query, one of the query heads of the
+ * group); one pass over the request's pages then reads whole token rows of the group's heads, in address order
+ * within a page (reading one head at a time skips through every page once per head, which measured up to twice
+ * slower on pages scattered over the cache), and one load of a key or value serves the G query heads that share
+ * it (GQA). Each row keeps an fp32 online softmax (running max, sum, weighted values) over
  * chunks of up to KEY_CHUNK = LANES keys of one page. A chunk's scores are computed in vector lanes: per key, the
  * products of a row with the key are summed lane-wise over the head (LANES partial sums per key), and the LANES
  * keys' partial sums are then folded into one vector of their LANES scores by a tree of shuffles (LANES - 1
@@ -33,11 +36,14 @@
 #include <omp.h>
 #endif
 
-#define TILE_ROWS 16
+#define TILE_ROWS 32
 #define LANES 16 /* floats per vector (GCC/Clang vector extension: 512 bits, split by the compiler where narrower) */
 #define KEY_CHUNK LANES
 #define ACC_VECTORS 4 /* vector accumulators of a row's weighted values kept in registers at once */
 #define MAX_HEAD_DIM 256
+#ifndef PREFETCH_KEYS
+#define PREFETCH_KEYS 16 /* how far ahead of the keys being computed their cache lines are asked for */
+#endif
 #define NO_SCORE -3.0e38f
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
@@ -57,6 +63,7 @@ typedef struct {
     float *out;
     const int64_t *tile_start; /* [num_reqs + 1]: first work item of each request */
     int num_reqs;
+    int group_heads; /* KV heads per item: num_kv_heads or 1 */
 } Batch;
 
 /* e^x for x <= 0, vectorisable: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^7, times 2^n
@@ -179,39 +186,46 @@ static inline void add_weighted_values(float *restrict acc, const float *restric
             acc[d] += weight[j] * values[j * stride + d];
 }
 
-/* Rows of `count` keys (or values) of one KV head starting at token `first` of `page`, as fp32 rows `stride`
- * apart: the cache itself for fp32, else converted into `scratch` [KEY_CHUNK, head_dim]. */
-static const float *chunk_rows(const Batch *bt, const void *plane, int32_t page, int first, int count, int h,
+/* Rows of `count` keys (or values) of the KV heads h0 .. h0 + group_heads - 1 starting at token `first` of `page`,
+ * as fp32 rows `stride` apart (head h at + (h - h0) * head_dim): the cache itself for fp32, else converted into
+ * `scratch` [KEY_CHUNK, group_heads * head_dim]. */
+static const float *chunk_rows(const Batch *bt, const void *plane, int32_t page, int first, int count, int h0,
                                float *scratch, int64_t *stride) {
     int64_t token_stride = (int64_t)bt->num_kv_heads * bt->head_dim;
-    int64_t offset = ((int64_t)page * bt->block_size + first) * token_stride + (int64_t)h * bt->head_dim;
+    int64_t offset = ((int64_t)page * bt->block_size + first) * token_stride + (int64_t)h0 * bt->head_dim;
     if (!bt->bf16) {
         *stride = token_stride;
         return (const float *)plane + offset;
     }
+    int width = bt->group_heads * bt->head_dim;
     const uint16_t *src = (const uint16_t *)plane + offset;
     for (int j = 0; j < count; j++) {
-        uint32_t *dst = (uint32_t *)(scratch + (int64_t)j * bt->head_dim);
+        uint32_t *dst = (uint32_t *)(scratch + (int64_t)j * width);
         const uint16_t *row = src + j * token_stride;
-        for (int d = 0; d < bt->head_dim; d++)
+        for (int d = 0; d < width; d++)
             dst[d] = (uint32_t)row[d] << 16;
     }
-    *stride = bt->head_dim;
+    *stride = width;
     return scratch;
 }
 
-/* Ask for the cache lines of `count` keys and values of one KV head from token `first` of `page` (the next chunk,
- * while this one is computed: pages are scattered, so the hardware prefetchers cannot guess them). */
-static void prefetch_chunk(const Batch *bt, int32_t page, int first, int count, int h) {
+/* Ask for the cache lines of the keys and values at positions from .. to - 1 of the KV heads h0 .. h0 +
+ * group_heads - 1 of a request (pages `pages`), PREFETCH_KEYS positions before they are computed: pages are
+ * scattered, so the hardware prefetchers cannot guess them. Always inlined: GCC deems a static function made of
+ * prefetches free of side effects and drops the calls to it. */
+static inline __attribute__((always_inline)) void prefetch_keys(const Batch *bt, const int32_t *pages, int from,
+                                                                int to, int h0) {
     int64_t token_stride = (int64_t)bt->num_kv_heads * bt->head_dim;
-    int64_t offset = ((int64_t)page * bt->block_size + first) * token_stride + (int64_t)h * bt->head_dim;
-    int element = bt->bf16 ? 2 : 4;
-    const char *k = (const char *)bt->k + offset * element, *v = (const char *)bt->v + offset * element;
-    for (int j = 0; j < count; j++)
-        for (int line = 0; line < bt->head_dim * element; line += 64) {
-            __builtin_prefetch(k + j * token_stride * element + line);
-            __builtin_prefetch(v + j * token_stride * element + line);
+    int element = bt->bf16 ? 2 : 4, bytes = bt->group_heads * bt->head_dim * element;
+    for (int p = from; p < to; p++) {
+        int64_t offset = ((int64_t)pages[p / bt->block_size] * bt->block_size + p % bt->block_size) * token_stride +
+                         (int64_t)h0 * bt->head_dim;
+        const char *k = (const char *)bt->k + offset * element, *v = (const char *)bt->v + offset * element;
+        for (int line = 0; line < bytes; line += 64) {
+            __builtin_prefetch(k + line);
+            __builtin_prefetch(v + line);
         }
+    }
 }
 
 static void run_item(const Batch *bt, int64_t item) {
@@ -224,21 +238,25 @@ static void run_item(const Batch *bt, int64_t item) {
             hi = mid;
     }
     int b = lo, D = bt->head_dim, G = bt->num_heads / bt->num_kv_heads;
-    int64_t tiles_per_head = (bt->tile_start[b + 1] - bt->tile_start[b]) / bt->num_kv_heads;
+    int groups = bt->num_kv_heads / bt->group_heads, group_rows = bt->group_heads * G; /* query heads per group */
+    int64_t tiles_per_group = (bt->tile_start[b + 1] - bt->tile_start[b]) / groups;
     int64_t local = item - bt->tile_start[b];
-    int h = (int)(local / tiles_per_head), first_row = (int)(local % tiles_per_head) * TILE_ROWS;
+    int h0 = (int)(local / tiles_per_group) * bt->group_heads, first_row = (int)(local % tiles_per_group) * TILE_ROWS;
     int q0 = bt->query_start_loc[b], q_len = bt->query_start_loc[b + 1] - q0, seq_len = bt->seq_lens[b];
-    int rows = q_len * G - first_row < TILE_ROWS ? q_len * G - first_row : TILE_ROWS;
+    int rows = q_len * group_rows - first_row < TILE_ROWS ? q_len * group_rows - first_row : TILE_ROWS;
     int context = seq_len - q_len;
 
     float q[TILE_ROWS][MAX_HEAD_DIM], acc[TILE_ROWS][MAX_HEAD_DIM];
-    float kbuf[KEY_CHUNK * MAX_HEAD_DIM], vbuf[KEY_CHUNK * MAX_HEAD_DIM];
+    int scratch = bt->bf16 ? KEY_CHUNK * bt->group_heads * D : 1;
+    float kbuf[scratch], vbuf[scratch];
     float row_max[TILE_ROWS], row_sum[TILE_ROWS];
-    int limit[TILE_ROWS]; /* keys each row sees */
+    int limit[TILE_ROWS];  /* keys each row sees */
+    int64_t offset[TILE_ROWS]; /* of its KV head's row in a chunk's keys or values */
     int max_limit = 0;
     for (int r = 0; r < rows; r++) {
-        int i = (first_row + r) / G, g = (first_row + r) % G;
-        const float *src = bt->q + (int64_t)(q0 + i) * bt->q_token_stride + (int64_t)(h * G + g) * D;
+        int i = (first_row + r) / group_rows, head = h0 * G + (first_row + r) % group_rows; /* query head */
+        offset[r] = (int64_t)(head / G - h0) * D;
+        const float *src = bt->q + (int64_t)(q0 + i) * bt->q_token_stride + (int64_t)head * D;
         for (int d = 0; d < D; d++) {
             q[r][d] = src[d] * bt->scale;
             acc[r][d] = 0.0f;
@@ -250,29 +268,26 @@ static void run_item(const Batch *bt, int64_t item) {
         row_sum[r] = 0.0f;
     }
     const int32_t *pages = bt->block_table + (int64_t)b * bt->table_stride;
+    prefetch_keys(bt, pages, 0, PREFETCH_KEYS < max_limit ? PREFETCH_KEYS : max_limit, h0);
     for (int start = 0; start < max_limit;) {
         int32_t page = pages[start / bt->block_size];
         int in_page = start % bt->block_size;
         int count = bt->block_size - in_page;
         count = count > KEY_CHUNK ? KEY_CHUNK : count;
         count = count > max_limit - start ? max_limit - start : count;
-        int next = start + count;
-        if (next < max_limit) {
-            int next_count = bt->block_size - next % bt->block_size;
-            next_count = next_count > KEY_CHUNK ? KEY_CHUNK : next_count;
-            next_count = next_count > max_limit - next ? max_limit - next : next_count;
-            prefetch_chunk(bt, pages[next / bt->block_size], next % bt->block_size, next_count, h);
-        }
+        int ahead = start + PREFETCH_KEYS, ahead_end = ahead + count;
+        prefetch_keys(bt, pages, ahead < max_limit ? ahead : max_limit, ahead_end < max_limit ? ahead_end : max_limit,
+                      h0);
         int64_t k_stride, v_stride;
-        const float *keys = chunk_rows(bt, bt->k, page, in_page, count, h, kbuf, &k_stride);
-        const float *values = chunk_rows(bt, bt->v, page, in_page, count, h, vbuf, &v_stride);
+        const float *keys = chunk_rows(bt, bt->k, page, in_page, count, h0, kbuf, &k_stride);
+        const float *values = chunk_rows(bt, bt->v, page, in_page, count, h0, vbuf, &v_stride);
         for (int r = 0; r < rows; r++) {
             int valid = limit[r] - start;
             valid = valid > count ? count : valid;
             if (valid <= 0)
                 continue;
             float scores[LANES];
-            store(scores, chunk_scores(q[r], keys, k_stride, count, valid, D));
+            store(scores, chunk_scores(q[r], keys + offset[r], k_stride, count, valid, D));
             float chunk_max = NO_SCORE;
 #pragma omp simd reduction(max : chunk_max)
             for (int j = 0; j < LANES; j++)
@@ -292,13 +307,13 @@ static void run_item(const Batch *bt, int64_t item) {
                 for (int d = 0; d < D; d++)
                     a[d] *= correction;
             }
-            add_weighted_values(a, scores, values, v_stride, valid, D);
+            add_weighted_values(a, scores, values + offset[r], v_stride, valid, D);
         }
         start += count;
     }
     for (int r = 0; r < rows; r++) {
-        int i = (first_row + r) / G, g = (first_row + r) % G;
-        float *dst = bt->out + ((int64_t)(q0 + i) * bt->num_heads + h * G + g) * D;
+        int i = (first_row + r) / group_rows, head = h0 * G + (first_row + r) % group_rows;
+        float *dst = bt->out + ((int64_t)(q0 + i) * bt->num_heads + head) * D;
         float inverse = row_sum[r] > 0.0f ? 1.0f / row_sum[r] : 0.0f;
         for (int d = 0; d < D; d++)
             dst[d] = acc[r][d] * inverse;
@@ -350,14 +365,16 @@ int attention_cpu(const float *q, int64_t q_token_stride, const void *k, const v
     int64_t *tile_start = malloc(sizeof(int64_t) * (num_reqs + 1));
     if (tile_start == NULL)
         return -1;
-    int G = num_heads / num_kv_heads;
+    /* one KV head per item only where whole requests would leave threads idle */
+    int group_heads = num_threads > 1 && num_reqs < 4 * num_threads ? 1 : num_kv_heads;
+    int groups = num_kv_heads / group_heads, group_rows = group_heads * (num_heads / num_kv_heads);
     tile_start[0] = 0;
     for (int b = 0; b < num_reqs; b++) {
-        int rows = (query_start_loc[b + 1] - query_start_loc[b]) * G;
-        tile_start[b + 1] = tile_start[b] + (int64_t)num_kv_heads * ((rows + TILE_ROWS - 1) / TILE_ROWS);
+        int rows = (query_start_loc[b + 1] - query_start_loc[b]) * group_rows;
+        tile_start[b + 1] = tile_start[b] + (int64_t)groups * ((rows + TILE_ROWS - 1) / TILE_ROWS);
     }
     Batch batch = {q, q_token_stride, k, v, bf16, block_size, num_heads, num_kv_heads, head_dim, query_start_loc,
-                   seq_lens, block_table, table_stride, scale, out, tile_start, num_reqs};
+                   seq_lens, block_table, table_stride, scale, out, tile_start, num_reqs, group_heads};
     run_items(&batch, tile_start[num_reqs], num_threads);
     free(tile_start);
     return 0;
