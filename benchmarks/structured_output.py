@@ -9,7 +9,7 @@
    and filling masks for the rows left, with a masked pass over those: greedy_head.checked_greedy_tokens),
    the checks alone, applying the masks or correcting the greedy head's tokens, and the matchers advancing;
    and how many rows per step their best ids settled and how many masks were filled, beside the forward (on
-   the filler's threads) and after the head. With `--compare-correction`
+   the filler's threads) and after the head (counted over the workload's steps, its prefill step included). With `--compare-correction`
    the constrained workload also runs with the masked head switched off (the unmasked head, then the rows whose
    grammar rejects their token are recomputed), interleaved in the same run.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
@@ -164,6 +164,7 @@ def engine_figures(args: argparse.Namespace) -> dict:
             counts.clear()
         constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
         parts = [timer.total / args.steps * 1e3 for timer in timers]
+        rows = [sum(counts) / args.steps for counts in (settled, beside, after)]
         if args.compare_correction:
             model_runner.masked_greedy_serves = lambda lm_head, dtype: False
             corrected += decode_steps(llm, args.batch, args.steps, spec, f"corrected{r}")
@@ -200,9 +201,9 @@ def engine_figures(args: argparse.Namespace) -> dict:
             )
         ),
         "rows_per_step_last_repeat": {
-            "settled_by_best_ids": sum(settled) / args.steps,
-            "masks_filled_beside_forward": sum(beside) / args.steps,
-            "masks_filled_after_head": sum(after) / args.steps,
+            "settled_by_best_ids": rows[0],
+            "masks_filled_beside_forward": rows[1],
+            "masks_filled_after_head": rows[2],
         },
     }
     if corrected:
