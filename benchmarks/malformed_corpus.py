@@ -145,6 +145,9 @@ def realtime_probes() -> list[Probe]:
         {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
             {"type": "input_text", "text": "Hi"}, {"type": "input_audio", "audio": pcm}]}},
         {"type": "response.create", "response": {"max_output_tokens": 2, "temperature": 0}},
+        {"type": "conversation.item.create", "item": {"type": "message", "role": "user", "content": [
+            {"type": "input_text", "text": "Hi"}, {"type": "input_image", "image_url": _data_url("image/png", png(8, 8)),
+                                                   "detail": "auto"}]}},
     ]
     probes = [Probe("realtime", f"edge value in {event['type']} {'.'.join(map(str, path))}",
                     json.dumps(_with(event, path, value)))
@@ -152,6 +155,15 @@ def realtime_probes() -> list[Probe]:
     for text in ("", "{", "[]", "null", '{"type": 5}', '{"type": "no.such.event"}', '{"type": "a\\ud800"}',
                  "[" * 10_000 + "]" * 10_000):
         probes.append(Probe("realtime", "not an event", text))
+    rng = random.Random(1)
+    images = [("forged 9000x9000 PNG header", _data_url("image/png", png(8, 8, forged=(9000, 9000)))),
+              ("remote image URL", "http://example.com/a.png"), ("local image path", "file:///etc/passwd"),
+              ("image URL that is not one", "not a url \u00ff"), ("bad base64", "data:image/png;base64,@@")]
+    images += [("corrupt image", _data_url("image/png", bytes(rng.getrandbits(8) for _ in range(size))))
+               for size in (0, 1, 16, 500)]
+    for kind, url in images:
+        item = {"type": "message", "role": "user", "content": [{"type": "input_image", "image_url": url}]}
+        probes.append(Probe("realtime", kind, json.dumps({"type": "conversation.item.create", "item": item})))
     return probes
 
 
@@ -203,6 +215,9 @@ def grpc_probes(max_model_len: int, rng: random.Random) -> list[Probe]:
         [pb.SessionInput(audio=pb.AudioChunk(data=b"\x01"))],
         [pb.SessionInput(video_frame=pb.VideoFrame(data=b"x"))],
         [pb.SessionInput(video_frame=pb.VideoFrame(data=png(8, 8, forged=(9000, 9000)), mime_type="image/png"))],
+        [pb.SessionInput(image=pb.Image(data=png(8, 8, forged=(9000, 9000)), mime_type="image/png"))],
+        [pb.SessionInput(image=pb.Image(data=b"\x89PNG\r\n")), pb.SessionInput(image=pb.Image())],
+        [pb.SessionInput(image=pb.Image(data=png(8, 8), mime_type="audio/wav"))],
         [pb.SessionInput(text=pb.TextInput(text="Hi")),
          pb.SessionInput(commit=pb.Commit(sampling=pb.SamplingParams(max_tokens=2**32 - 1)))],
         [pb.SessionInput(commit=pb.Commit(logprobs=2**32 - 1))], [pb.SessionInput(config=config)],

@@ -357,10 +357,28 @@ def _rss(disconnects: dict[str, Any], process: str) -> str:
     return f"{before}→{after} MB ({disconnects[f'rss_{process}_change_pct']:+}%)"
 
 
+def _malformed_row(bad: dict[str, Any]) -> tuple[str, str, bool]:
+    total = bad["total"]
+    return ("Malformed inputs", f"{total['requests']} (HTTP {bad['http']['requests']}, Realtime "
+                                f"{bad['realtime']['requests']}, gRPC {bad['grpc']['requests']}): "
+                                f"{total['4xx']} 4xx, {total['2xx']} 2xx, {total['5xx']} 5xx, {total['hangs']} hangs, "
+                                f"{total['engine_deaths']} engine deaths",
+            total["requests"] >= 1000 and not (total["5xx"] or total["hangs"] or total["engine_deaths"]))
+
+
 def table(results: dict[str, Any]) -> str:
+    if set(results) == {"config", "malformed"}:  # --malformed-only
+        rows = [_malformed_row(results["malformed"])]
+    else:
+        rows = _rows(results)
+    lines = ["| scenario | result | target met |", "| --- | --- | --- |"]
+    lines += [f"| {name} | {result} | {'yes' if ok else 'no'} |" for name, result, ok in rows]
+    return "\n".join(lines)
+
+
+def _rows(results: dict[str, Any]) -> list[tuple[str, str, bool]]:
     names = ("kv_pressure", "disconnects", "malformed", "core_kill", "sigterm")
     kv, dc, bad, kill, term = (results[name] for name in names)
-    total = bad["total"]
     rss = max(abs(dc["rss_server_change_pct"]), abs(dc["rss_core_change_pct"]))
     rows = [
         ("KV pressure", f"{kv['streams']} streams on {kv['pool_blocks']} of {kv['blocks_needed']} blocks: "
@@ -371,11 +389,7 @@ def table(results: dict[str, Any]) -> str:
         ("Mass disconnects", f"{dc['disconnects']} hang-ups: freed in {dc['freed_s']} s, RSS server "
                              f"{_rss(dc, 'server')}, core {_rss(dc, 'core')}",
          not dc["kv_usage_after"] and rss <= 5),
-        ("Malformed inputs", f"{total['requests']} (HTTP {bad['http']['requests']}, Realtime "
-                             f"{bad['realtime']['requests']}, gRPC {bad['grpc']['requests']}): "
-                             f"{total['4xx']} 4xx, {total['2xx']} 2xx, {total['5xx']} 5xx, {total['hangs']} hangs, "
-                             f"{total['engine_deaths']} engine deaths",
-         total["requests"] >= 1000 and not (total["5xx"] or total["hangs"] or total["engine_deaths"])),
+        _malformed_row(bad),
         ("Engine-core kill", f"{kill['ended_engine_dead']}/{kill['streams']} streams end engine_dead in "
                              f"{kill['streams_ended_s']} s; server exits {kill['exit_code']} in "
                              f"{kill['exited_s']} s",
@@ -384,15 +398,18 @@ def table(results: dict[str, Any]) -> str:
                           f"{term['exited_s']} s; core gone: {term['core_gone']}",
          term["finished"] == term["streams"] and term["exit_code"] == 0 and term["core_gone"]),
     ]
-    lines = ["| scenario | result | target met |", "| --- | --- | --- |"]
-    lines += [f"| {name} | {result} | {'yes' if ok else 'no'} |" for name, result, ok in rows]
-    return "\n".join(lines)
+    return rows
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     log_dir = Path(args.log_dir or tempfile.mkdtemp(prefix="omnistream-reliability-"))
     results: dict[str, Any] = {"config": vars(args)}
     print(f"server logs in {log_dir}", file=sys.stderr)
+    if args.malformed_only:
+        grpc_port = free_port()
+        with _server("hostile", log_dir, "--max-model-len", str(args.max_model_len), grpc_port=grpc_port) as server:
+            results["malformed"] = await malformed(args, server, grpc_port)
+        return results
     results["kv_pressure"] = await kv_pressure(args, log_dir)
     grpc_port = free_port()
     with _server("hostile", log_dir, "--max-model-len", str(args.max_model_len), grpc_port=grpc_port) as server:
@@ -414,6 +431,7 @@ def parse_args() -> argparse.Namespace:
                         help="of the server that takes the disconnects and the malformed corpus")
     parser.add_argument("--concurrency", type=int, default=8, help="malformed requests in flight at once")
     parser.add_argument("--log-dir", default=None, help="where the servers' logs go (default: a temporary folder)")
+    parser.add_argument("--malformed-only", action="store_true", help="run the malformed-input corpus alone")
     parser.add_argument("--out", default=None, help="write every number as JSON here")
     return parser.parse_args()
 

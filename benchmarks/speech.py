@@ -188,6 +188,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--session-runs", type=int, default=5, help="live-session turns timed (0: none)")
     parser.add_argument("--utterance-s", type=float, default=5.0, help="seconds of speech before each turn")
+    parser.add_argument(
+        "--first-packet-frames", type=int, default=1, help="frames in a voice's first audio packet (engine option)"
+    )
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -199,7 +202,10 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for voices in args.voices:
-        config = EngineConfig(model=args.model, max_audio_frames=args.frames, max_num_voices=max(args.voices))
+        first_packet = {} if args.first_packet_frames == 1 else {"speech_first_packet_frames": args.first_packet_frames}
+        config = EngineConfig(
+            model=args.model, max_audio_frames=args.frames, max_num_voices=max(args.voices), **first_packet
+        )
         engine = EngineCore(config)
         try:
             run(engine, 1, 2)  # warm-up

@@ -4,10 +4,12 @@
    schema vs the same workload unconstrained (greedy, same prompts), interleaved `--repeats` times; the
    median step times, their difference as a share of the unconstrained step, and its parts per step: the
    engine core naming the rows, llguidance filling masks (summed over the threads that fill: beside the
-   forward, or on demand inside the runner's wait: engine/core/structured_output/masks.py), the runner waiting
-   for them, the greedy head (masked inside the compiled kernel where it serves), applying the masks or
-   correcting the greedy head's tokens, and the matchers advancing. With `--compare-correction` the
-   constrained workload also runs with the masked head switched off (the unmasked head, then the rows whose
+   forward, or on demand: engine/core/structured_output/masks.py), the runner waiting for them, the greedy
+   head (masked inside the compiled kernel, or keeping each row's best ids, checking them against the grammar
+   and filling masks for the rows left, with a masked pass over those: greedy_head.checked_greedy_tokens),
+   the checks alone, applying the masks or correcting the greedy head's tokens, and the matchers advancing;
+   and how many rows per step their best ids settled and how many needed a mask. With `--compare-correction`
+   the constrained workload also runs with the masked head switched off (the unmasked head, then the rows whose
    grammar rejects their token are recomputed), interleaved in the same run.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
 3. With `--backends llguidance,xgrammar`: both libraries on the same schema and vocabulary: compile time
@@ -15,9 +17,12 @@
 4. With `--fill` (instead of 1-3): llguidance's fill alone for `--batch` matchers of the step's schema: CPU per
    step with its default slices and with ours (compiler.STRING_SLICES), and two threads on one template's copies
    (one shared lock) against one template each (masks.py).
+5. With `--hit-rate` (instead of 1-3): on the step's workload, with every mask filled, the share of constrained
+   rows whose masked greedy token is among their K best unmasked ids, for K from 1 to 64 (what the checked ids
+   of greedy_head.KEPT_IDS catch), and how many tokens the masks of the other rows allow.
 
     python benchmarks/structured_output.py [--batch 64] [--steps 24] [--repeats 3] [--threads 1] [--masks auto]
-                                           [--compare-correction] [--backends llguidance] [--fill]
+                                           [--compare-correction] [--backends llguidance] [--fill] [--hit-rate]
 """
 
 from __future__ import annotations
@@ -32,8 +37,8 @@ import torch
 from omnistream.engine.core.request import EngineCoreRequest
 from omnistream.engine.core.structured_output import masks
 from omnistream.engine.entrypoints.llm import LLM
-from omnistream.engine.worker import model_runner
-from omnistream.engine.worker.token_bitmask import StepBitmask
+from omnistream.engine.worker import greedy_head, model_runner
+from omnistream.engine.worker.token_bitmask import StepBitmask, unpack_on_host
 from omnistream.scheduler.sampling_params import SamplingParams
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
@@ -123,10 +128,25 @@ def engine_figures(args: argparse.Namespace) -> dict:
     StepBitmask.from_scheduler_output = wait.wrap(StepBitmask.from_scheduler_output)
     StepBitmask.apply = apply.wrap(StepBitmask.apply)
     StepBitmask.correct_greedy = apply.wrap(StepBitmask.correct_greedy)
-    advance, head = _Timer(), _Timer()
+    advance, head, check = _Timer(), _Timer(), _Timer()
     manager.advance = advance.wrap(manager.advance)
     model_runner.greedy_tokens = head.wrap(model_runner.greedy_tokens)
-    timers = (select, fill, wait, head, apply, advance)
+    model_runner.checked_greedy_tokens = head.wrap(model_runner.checked_greedy_tokens)
+    settled, missed = [], []
+    first_allowed, fill_rows = masks.MasksOnDemand.first_allowed, masks.MasksOnDemand.fill_rows
+
+    def counted_checks(self, candidates):
+        chosen = first_allowed(self, candidates)
+        settled.append(sum(token >= 0 for token in chosen))
+        return chosen
+
+    def counted_fills(self, rows):
+        missed.append(len(rows))
+        return fill_rows(self, rows)
+
+    masks.MasksOnDemand.first_allowed = check.wrap(counted_checks)
+    masks.MasksOnDemand.fill_rows = counted_fills
+    timers = (select, fill, wait, head, check, apply, advance)
     spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
     plain, constrained, corrected = [], [], []
     masked_head_serves = model_runner.masked_greedy_serves
@@ -137,6 +157,8 @@ def engine_figures(args: argparse.Namespace) -> dict:
         plain_head = head.total / args.steps * 1e3
         for timer in timers:
             timer.total = 0.0
+        settled.clear()
+        missed.clear()
         constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
         parts = [timer.total / args.steps * 1e3 for timer in timers]
         if args.compare_correction:
@@ -167,12 +189,17 @@ def engine_figures(args: argparse.Namespace) -> dict:
                     "fill_masks",
                     "runner_waits_for_masks",
                     "greedy_head",
+                    "check_best_ids",
                     "apply_or_correct",
                     "matchers_advance",
                 ],
                 parts,
             )
         ),
+        "rows_per_step_last_repeat": {
+            "settled_by_best_ids": sum(settled) / args.steps,
+            "masks_filled_after_checks": sum(missed) / args.steps,
+        },
     }
     if corrected:
         figures["step_ms_constrained_corrected"] = statistics.median(corrected) * 1e3
@@ -181,6 +208,41 @@ def engine_figures(args: argparse.Namespace) -> dict:
         {"large_schema_fields": args.fields, "compile_ms_first": first * 1e3, "compile_ms_cached": cached * 1e3}
     )
     return figures
+
+
+def hit_figures(args: argparse.Namespace) -> dict:
+    """Ranks of the masked greedy tokens among the unmasked logits (value descending, id ascending), every mask
+    filled beside the forward so that the masked head has them all: the share of rows with rank < K."""
+    llm = LLM(dtype="float32", max_num_seqs=args.batch, num_kv_blocks=args.batch * 6)
+    llm.engine.structured_output.fill_mode = "beside"
+    ranks, widths = [], []
+    greedy_tokens = model_runner.greedy_tokens
+
+    def ranked(lm_head, hidden, allowed=None):
+        tokens = greedy_tokens(lm_head, hidden, allowed)
+        if allowed is not None:
+            logits = hidden.float() @ lm_head.weight.float().T
+            ids = torch.arange(logits.shape[1])
+            for row, token in enumerate(tokens.tolist()):
+                best = logits[row, token]
+                ahead = (logits[row] > best) | ((logits[row] == best) & (ids < token))
+                ranks.append(int(ahead.sum()))
+            widths.extend(unpack_on_host(allowed, logits.shape[1]).sum(dim=1).tolist())
+        return tokens
+
+    model_runner.greedy_tokens = ranked
+    decode_steps(llm, args.batch, args.steps, StructuredOutputsParams(json=json.dumps(STEP_SCHEMA)), "ranks")
+    k = greedy_head.KEPT_IDS
+    others = sorted(width for rank, width in zip(ranks, widths) if rank >= k)
+    return {
+        "rows": len(ranks),
+        "share_within_top_k": {n: sum(r < n for r in ranks) / len(ranks) for n in (1, 2, 4, 8, 16, 32, 64)},
+        f"allowed_tokens_of_rows_past_top_{k}": {
+            "rows": len(others),
+            "median": statistics.median(others) if others else None,
+            "at_most_300": sum(w <= 300 for w in others),
+        },
+    }
 
 
 def fill_figures(args: argparse.Namespace) -> dict:
@@ -307,6 +369,7 @@ def main() -> None:
     parser.add_argument("--fields", type=int, default=200, help="properties of the large schema")
     parser.add_argument("--backends", type=lambda s: s.split(","), default=[])
     parser.add_argument("--fill", action="store_true", help="only figure 4: llguidance's fill, its slices and locks")
+    parser.add_argument("--hit-rate", action="store_true", help="only figure 5: masked tokens among the best ids")
     parser.add_argument(
         "--masks",
         choices=["auto", "beside", "on-demand"],
@@ -322,7 +385,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    figures = {"engine": engine_figures(args)} if not args.fill else {"fill": fill_figures(args)}
+    if args.fill:
+        figures = {"fill": fill_figures(args)}
+    elif args.hit_rate:
+        figures = {"hit_rate": hit_figures(args)}
+    else:
+        figures = {"engine": engine_figures(args)}
     if args.backends:
         figures["backends"] = backend_figures(args)
     print(json.dumps(figures, indent=2))

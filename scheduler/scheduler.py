@@ -98,6 +98,8 @@ class Scheduler:
                 self.speech.add_reply(request.request_id, request.prompt_token_ids, speech.voice,
                                       request.sampling_params.seed, speech.do_sample, speech.reply_token_ids)
                 return
+        if request.open_input:  # a session's opening media are user input a spoken turn may read too
+            self.speech.watch_session(request.request_id, request.mm_features)
         request.status = RequestStatus.WAITING
         self.requests[request.request_id] = request
         self.waiting.append(request)
@@ -210,6 +212,7 @@ class Scheduler:
         for feature in request.rollback_input(num_tokens):
             self.encoder_cache.release(request_id, feature.identifier)
         request.invalidate_in_flight()
+        self.speech.roll_back(request_id, num_tokens)
         kept_blocks = num_tokens // self.config.block_size
         request.num_computed_tokens = min(request.num_computed_tokens, kept_blocks * self.config.block_size)
         del request.block_hashes[kept_blocks:]

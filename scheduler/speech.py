@@ -9,7 +9,8 @@ from its stored frames and text ids: nothing is re-sampled, so audio already sen
 
 A live session's turn speaks like an offline request of the same conversation: its talker prompt is every user
 turn so far, so the thinker keeps the hidden rows at a session's media as they are prefilled (until the session
-ends), and the turn's talker KV and voice slot are freed when its speech ends or the turn is cancelled.
+ends or its input is rolled back past them), and the turn's talker KV and voice slot are freed when its speech
+ends or the turn is cancelled.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
     block_size: int = 16
     max_num_voices: int = 8
     max_audio_frames: int = 4096  # frames per answer (HF's talker limit); then the audio ends with "length"
+    # frames in a voice's first PCM delta: 1 (the first audio one engine step after the first text token), or
+    # more, each one step later, so that a client playing at once has that much more audio (the first frame is
+    # 1365 samples, 57 ms, each next one 1920, 80 ms) before the next delta must arrive
+    first_packet_frames: int = 1
     codec_eos_id: int
     tts_eos_id: int
     tts_pad_id: int
@@ -49,7 +54,7 @@ class SpeechLaneConfig(msgspec.Struct, kw_only=True):
     assistant_id: int
 
     def __post_init__(self) -> None:
-        for name in ("num_talker_blocks", "block_size", "max_num_voices", "max_audio_frames"):
+        for name in ("num_talker_blocks", "block_size", "max_num_voices", "max_audio_frames", "first_packet_frames"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
@@ -123,6 +128,7 @@ class SpeechRequest:
         self.frames: list[list[int]] = []  # every sampled frame's codes, kept for recompute
         self.text_ids: list[int] = []  # text_ids[j]: the thinker id read by talker step j + 1
         self.num_computed = 0  # talker rows in the KV
+        self.held = b""  # PCM16 of the first frames, until the first packet has first_packet_frames of them
         self.blocks: list[int] = []
         self.session = False  # a live session's turn: the thinker rows it reads outlive its speech
         self.reply_only = False  # talker only: the reply was given, no thinker request exists
@@ -163,6 +169,7 @@ class SpeechScheduler:
         self.new_captures: dict[str, list[int]] = {}  # admitted since the last schedule(): rows to capture
         self.finished: list[str] = []  # ended since the last schedule()
         self.released: list[str] = []  # since the last schedule(): requests whose kept thinker rows are dropped
+        self.rolled_back: dict[str, int] = {}  # since the last schedule(): sessions cut to this many tokens
         self.sessions: set[str] = set()  # open sessions whose media rows the thinker keeps
         # each SpeechSchedule not settled yet (by id) -> the requests it planned (a turn's frames never reach the next)
         self._planned: dict[int, dict[str, SpeechRequest]] = {}
@@ -174,7 +181,7 @@ class SpeechScheduler:
 
     @property
     def has_work(self) -> bool:
-        return self.has_unfinished or bool(self.finished or self.released or self.new_captures)
+        return self.has_unfinished or bool(self.finished or self.released or self.rolled_back or self.new_captures)
 
     @property
     def kv_usage(self) -> float:
@@ -257,7 +264,8 @@ class SpeechScheduler:
             self.requests[req_id].media = placed
             self.requests[req_id].media_rows = media_rows
             self.requests[req_id].media_positions = [positions[row] for row in media_rows]
-            self.new_captures.setdefault(req_id, []).extend(self.requests[req_id].media_positions)
+            if not session:  # a session's rows were asked for as its input came (watch_session)
+                self.new_captures.setdefault(req_id, []).extend(self.requests[req_id].media_positions)
         return True
 
     def add_reply(
@@ -280,6 +288,14 @@ class SpeechScheduler:
         positions = [position for feature in media for position in range(feature.offset, feature.end)]
         if positions:
             self.new_captures.setdefault(req_id, []).extend(positions)
+
+    def roll_back(self, req_id: str, num_tokens: int) -> None:
+        """A live session dropped its input from num_tokens on: the rows kept past it are never read again."""
+        if req_id not in self.sessions:
+            return
+        self.rolled_back[req_id] = min(num_tokens, self.rolled_back.get(req_id, num_tokens))
+        if req_id in self.new_captures:
+            self.new_captures[req_id] = [p for p in self.new_captures[req_id] if p < num_tokens]
 
     def end_turn(self, req_id: str) -> bool:
         """Stop a session turn's speech now (cancel, barge-in), keeping the session's thinker rows; False if
@@ -306,6 +322,7 @@ class SpeechScheduler:
         if req_id in self.sessions:
             self.sessions.discard(req_id)
             self.released.append(req_id)
+            self.rolled_back.pop(req_id, None)
         request = self.requests.get(req_id)
         if request is None:
             kept = [pending for pending in self.pending if pending.req_id != req_id]
@@ -335,8 +352,13 @@ class SpeechScheduler:
         finished, self.finished = self.finished, []
         released, self.released = self.released, []
         captures, self.new_captures = self.new_captures, {}
+        rolled_back, self.rolled_back = self.rolled_back, {}
         schedule = SpeechSchedule(
-            steps=steps, finished_req_ids=finished, released_req_ids=released, capture=captures
+            steps=steps,
+            finished_req_ids=finished,
+            released_req_ids=released,
+            rolled_back=rolled_back,
+            capture=captures,
         )
         self._planned[id(schedule)] = {step.req_id: self.requests[step.req_id] for step in steps}
         return schedule
@@ -363,9 +385,13 @@ class SpeechScheduler:
                 request.frames.append(frame.codes)
                 if len(request.frames) >= request.max_frames:
                     finish = "length"
+            pcm, request.held = request.held + frame.pcm, b""
+            if finish is None and len(request.frames) < self.config.first_packet_frames:
+                pcm, request.held = b"", pcm  # the first packet is not full yet
             if finish is not None:
                 self._end(request)
-            result[step.req_id] = AudioUpdate(frame.pcm, finish, request.reply_only)
+            if pcm or finish is not None:
+                result[step.req_id] = AudioUpdate(pcm, finish, request.reply_only)
         return result
 
     def _plan(self, request: SpeechRequest) -> TalkerStep | None:

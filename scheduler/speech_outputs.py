@@ -57,6 +57,9 @@ class SpeechSchedule(msgspec.Struct, kw_only=True):
     # requests (or live sessions) that are over: drop the thinker rows kept for them (a session keeps its rows
     # from turn to turn, so its voices end without this)
     released_req_ids: list[str] = []
+    # live sessions that dropped their input from this many tokens on: drop the rows kept past it (applied
+    # before `capture`, which may want those positions again for new input)
+    rolled_back: dict[str, int] = {}
     # newly admitted speaking requests: thinker positions whose hidden rows the thinker's forward must keep
     capture: dict[str, list[int]] = {}
 

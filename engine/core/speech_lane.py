@@ -18,6 +18,7 @@ def speech_lane_config(speech: SpeechConfig | None, config: EngineConfig) -> Spe
         block_size=config.block_size,
         max_num_voices=config.max_num_voices,
         max_audio_frames=config.max_audio_frames,
+        first_packet_frames=config.speech_first_packet_frames,
         codec_eos_id=speech.talker.codec_eos_token_id,
         tts_eos_id=speech.tts_eos_token_id,
         tts_pad_id=speech.tts_pad_token_id,

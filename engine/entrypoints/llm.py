@@ -53,6 +53,7 @@ class LLM:
         max_num_voices: int = EngineConfig.max_num_voices,
         num_talker_kv_blocks: int | None = None,
         max_audio_frames: int = EngineConfig.max_audio_frames,
+        speech_first_packet_frames: int = EngineConfig.speech_first_packet_frames,
     ) -> None:
         config = EngineConfig(
             model=model,
@@ -76,6 +77,7 @@ class LLM:
             max_num_voices=max_num_voices,
             num_talker_kv_blocks=num_talker_kv_blocks,
             max_audio_frames=max_audio_frames,
+            speech_first_packet_frames=speech_first_packet_frames,
         )
         self.engine = EngineCore(config)
         self._finalizer = weakref.finalize(self, self.engine.shutdown)  # TP workers never outlive this object

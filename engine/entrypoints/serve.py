@@ -20,7 +20,7 @@ import torch
 import uvicorn
 
 from omnistream.engine.entrypoints.args import engine_kwargs
-from omnistream.engine.entrypoints.openai.app import build_app
+from omnistream.engine.entrypoints.openai.app import DEFAULT_MAX_BODY_BYTES, build_app
 from omnistream.engine.frontend.async_llm import AsyncLLM
 from omnistream.multimodal.media_fetch import MediaPolicy
 from omnistream.multimodal.processor import MediaLimits
@@ -47,6 +47,7 @@ def build_server(args: argparse.Namespace, media_policy: MediaPolicy | None = No
         app, host=args.host, port=args.port, log_level=args.log_level.lower(),
         loop="auto",  # uvloop when installed, else asyncio
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
+        ws_max_size=getattr(args, "max_request_body_bytes", DEFAULT_MAX_BODY_BYTES),  # a Realtime event (an image in it)
     )
     return llm, uvicorn.Server(config)
 

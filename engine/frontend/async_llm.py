@@ -31,6 +31,23 @@ from omnistream.engine.frontend.streams import EngineStreams, RequestListener
 from omnistream.multimodal.processor import InputProcessor, MediaLimits
 from omnistream.scheduler.sampling_params import SamplingParams, check_token_ids
 
+# Prompts this small are processed on the event loop (about a millisecond at most: a hop to a worker thread and
+# back costs as much, and under a burst of requests it lets them reach the engine one scheduling delay apart).
+INLINE_PROMPT_CHARS = 2048
+INLINE_PROMPT_TOKENS = 8192
+
+
+def _is_short_text(prompt: str | dict[str, Any]) -> bool:
+    """A prompt without media whose text or token ids are short."""
+    if isinstance(prompt, str):
+        return len(prompt) <= INLINE_PROMPT_CHARS
+    if not isinstance(prompt, dict) or prompt.get("multi_modal_data"):
+        return False
+    text, token_ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+    if token_ids is not None:
+        return isinstance(token_ids, list) and len(token_ids) <= INLINE_PROMPT_TOKENS
+    return isinstance(text, str) and len(text) <= INLINE_PROMPT_CHARS
+
 
 class AsyncLLM:
     def __init__(self, model: str | None = None, limit_mm_per_prompt: dict[str, int] | None = None,
@@ -67,7 +84,10 @@ class AsyncLLM:
         self.admission.admit_request()
         waiting = True  # for its first output: counted against max_queued_requests
         try:
-            processed = await asyncio.to_thread(self.input_processor.process_prompt, prompt)
+            if _is_short_text(prompt):  # cheaper here than the hop to a worker thread and back
+                processed = self.input_processor.process_prompt(prompt)
+            else:
+                processed = await asyncio.to_thread(self.input_processor.process_prompt, prompt)
             check_token_ids(processed.token_ids, self.model_config.text.vocab_size, "prompt_token_ids")
             request_id = request_id or f"req-{next(self._ids)}"
             queue = self.streams.open_stream(request_id)

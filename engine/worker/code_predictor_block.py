@@ -14,7 +14,6 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from omnistream.engine.model_executor.layers.rotary import rotate_half
 from omnistream.engine.model_executor.models.code_predictor import CodePredictor, CodePredictorLayer
 from omnistream.engine.worker.sampling_draws import mix32, row_keys
 from omnistream.engine.worker.speech_sampler import (
@@ -42,7 +41,10 @@ def _race(weights: torch.Tensor, keys: torch.Tensor, candidate_hashes: torch.Ten
 
 
 def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as layers/norm.py computes it (fp32 variance), weight broadcast over the last dims."""
+    """RMSNorm as layers/norm.py computes it (fp32 variance), weight broadcast over the last dims; no casts
+    dispatched when x is float32 already (the same values, fewer ops)."""
+    if x.dtype == torch.float32:  # torch's rms_norm: these very ops in one call
+        return F.rms_norm(x, x.shape[-1:], None, eps) * weight
     x32 = x.float()
     return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
@@ -81,7 +83,7 @@ class _FusedLayer:
         qkv = F.linear(_rms(x, self.input_norm, self.eps), self.qkv, self.qkv_bias)
         qkv = qkv.view(batch, n, self.heads + 2 * self.kv_heads, self.head_dim)
         qk = _rms(qkv[:, :, : self.heads + self.kv_heads], self.qk_norm, self.qk_eps)
-        qk = qk * cos + rotate_half(qk) * sin
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin  # sin signed: rotate_half(qk) * sin, 1 op
         keys[:, start : start + n] = qk[:, :, self.heads :]
         values[:, start : start + n] = qkv[:, :, self.heads + self.kv_heads :]
         attn = F.scaled_dot_product_attention(
@@ -113,6 +115,9 @@ class CodePredictorBlock:
         self.values = [weight.new_zeros(shape) for _ in self.layers]
         positions = torch.arange(self.groups, device=weight.device)
         cos, sin = predictor.model.rotary_emb(positions, weight.dtype)
+        # rotate_half(x) * sin == roll(x, d/2) * [-sin_1, sin_2] exactly ((-a) * b == a * (-b))
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
         self.cos, self.sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [G, 1, d]
         self.visible = torch.ones(self.groups, self.groups, dtype=torch.bool, device=weight.device).tril()
         self.id_hashes = mix32(2 * torch.arange(config.vocab_size, device=weight.device))  # [V]
@@ -142,7 +147,8 @@ class CodePredictorBlock:
             cos, sin, visible = self.cos[start:end], self.sin[start:end], self.visible[start:end]
             for layer, (layer_keys, layer_values) in zip(self.layers, buffers):
                 x = layer(x, cos, sin, layer_keys, layer_values, start, visible)
-            logits = F.linear(_rms(x[:, -1], self.norm, self.norm_eps), self.heads[step]).float()
+            logits = F.linear(_rms(x[:, -1], self.norm, self.norm_eps), self.heads[step])
+            logits = logits if logits.dtype == torch.float32 else logits.float()
             ids, probs = top_candidates(logits, CODE_PREDICTOR_TEMPERATURE, CODE_PREDICTOR_TOP_K, CODE_PREDICTOR_TOP_P)
             chosen = ids.gather(1, _race(probs, keys[:, step], self.id_hashes[ids]).unsqueeze(1)).squeeze(1)
             if any_greedy:

@@ -13,6 +13,14 @@
  * Work that no row needs is skipped: a tile every row forbids (not even converted from bf16), and in the lanes loop
  * a step of KV vocabulary rows that every batch row of its block forbids.
  *
+ * With `top_k` (>= 1, no mask) each row gets its top_k best ids instead, in the order (value descending, id
+ * ascending): the first is the argmax above, and the first of them a grammar allows is the masked argmax whenever
+ * one is allowed (structured output checks them instead of filling a mask). Each lane keeps a sorted list and its
+ * last value as a threshold; a step's candidates are compared with it at once (their maximum), so that the lists
+ * are touched only by the few candidates that enter them. A list slot never filled has value -inf and id -1.
+ * `path_rows` (0: num_rows) picks the loop as for a batch of that many rows, so that rows recomputed apart (the
+ * few whose checked ids a grammar all rejects) get the very logits they had in their batch.
+ *
  * Work: the vocabulary is split into one contiguous range per thread, each walked in tiles of TILE_VOCAB rows
  * (bf16 tiles converted to fp32 once into a per-thread scratch, which then stays in L1/L2 while every batch row
  * meets it). Inside a tile two loops compete:
@@ -42,6 +50,7 @@
 #define HIDDEN_BLOCK 256 /* ids in lanes: hidden elements per pass over a group's LANES rows (16 KB of fp32) */
 #define PREFETCH_AHEAD TILE_VOCAB /* ids in lanes: vocabulary rows between a group and the rows it prefetches */
 #define LINE 64
+#define TOP_K_MAX 64
 #define ALIGN 64
 
 typedef float vfloat __attribute__((vector_size(LANES * sizeof(float))));
@@ -57,7 +66,18 @@ typedef struct {
     int bf16, round_bf16, prefetch;
     const uint32_t *mask; /* [B, mask_words] allowed ids, or NULL: every id allowed */
     int64_t mask_words;
+    int top_k;        /* 0: the best id per row; else the top_k best (no mask) */
+    int64_t path_rows; /* the batch size that picks the loop (rows or ids in lanes) */
 } Problem;
+
+/* Per-lane lists of the best candidates (top-k): list of lane j of vector i at values / ids + i * k * LANES + j,
+ * entry r at stride LANES, sorted by value descending then id ascending; thresh[i][j]: the list's last value. */
+typedef struct {
+    float *values;
+    int32_t *ids;
+    vfloat *thresh;
+    int k;
+} TopLists;
 
 /* The mask of one tile in lanes: bit v of lo (v < 32) or hi (v - 32) of lane j of vector i is whether batch row
  * 16i+j allows id v0 + v; `any` per vector: the 64 bits of its lanes or-ed. */
@@ -151,6 +171,48 @@ static inline void keep_max_ids(vfloat *best, vint *best_id, vfloat candidate, v
     *best_id = (better & id) | (*best_id & ~better);
 }
 
+/* Whether some lane of m is set. */
+static inline int any_lane(vint m) {
+    uint64_t words[LANES / 2];
+    memcpy(words, &m, sizeof(m));
+    uint64_t all = 0;
+    for (int i = 0; i < LANES / 2; i++)
+        all |= words[i];
+    return all != 0;
+}
+
+/* Enter candidate (id) into lane j's list of vector i where it beats the list's last value; `allowed` gates lanes
+ * (all bits set: may enter). Equal values stay behind the ones entered before (lower ids: each lane's candidates
+ * come in increasing id), a NaN never enters. */
+static inline void keep_top(const TopLists *top, int64_t i, vfloat candidate, vint id, vint allowed, int round_bf16) {
+    if (round_bf16)
+        candidate = round_to_bf16_lanes(candidate);
+    vint enter = (candidate > top->thresh[i]) & allowed;
+    if (!any_lane(enter))
+        return;
+    int k = top->k;
+    float *values = top->values + i * k * LANES;
+    int32_t *ids = top->ids + i * k * LANES;
+    for (int j = 0; j < LANES; j++) {
+        if (!enter[j])
+            continue;
+        int r = k - 1;
+        for (; r > 0 && values[(r - 1) * LANES + j] < candidate[j]; r--) {
+            values[r * LANES + j] = values[(r - 1) * LANES + j];
+            ids[r * LANES + j] = ids[(r - 1) * LANES + j];
+        }
+        values[r * LANES + j] = candidate[j];
+        ids[r * LANES + j] = id[j];
+        top->thresh[i][j] = values[(k - 1) * LANES + j];
+    }
+}
+
+/* The larger of a and b per lane, never a NaN of a (b: a running maximum that starts finite or -inf). */
+static inline vfloat max_lanes(vfloat a, vfloat b) {
+    vint larger = a > b;
+    return (vfloat)(((vint)a & larger) | ((vint)b & ~larger));
+}
+
 /* The lanes of batch vector b whose rows allow id r of the tile (r < 64), as all bits set. */
 static inline vint allowed_lanes(const LaneMask *lm, int64_t r, int64_t b) {
     const vuint *words = r < 32 ? lm->lo : lm->hi;
@@ -163,7 +225,8 @@ static inline vint allowed_lanes(const LaneMask *lm, int64_t r, int64_t b) {
 static inline __attribute__((always_inline)) void lanes_block(const Problem *p, const float *w, int64_t stride,
                                                               int64_t v, int kv, int64_t v0, const vfloat *ht,
                                                               int64_t num_vectors, int64_t b, int nb,
-                                                              const LaneMask *lm, vfloat *best, vint *best_id) {
+                                                              const LaneMask *lm, vfloat *best, vint *best_id,
+                                                              const TopLists *top) {
     vfloat acc[KV][NB];
     for (int k = 0; k < kv; k++)
         for (int j = 0; j < nb; j++)
@@ -177,6 +240,20 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
             for (int j = 0; j < nb; j++)
                 acc[k][j] += wk * x[j];
         }
+    }
+    if (top) { /* the step's maximum per lane against the lists' thresholds first: most steps stop there */
+        for (int j = 0; j < nb; j++) {
+            vfloat most = acc[0][j];
+            for (int k = 1; k < kv; k++)
+                most = max_lanes(acc[k][j], most);
+            if (p->round_bf16)
+                most = round_to_bf16_lanes(most);
+            if (!any_lane(most > top->thresh[b + j]))
+                continue;
+            for (int k = 0; k < kv; k++)
+                keep_top(top, b + j, acc[k][j], (vint){0} + (int32_t)(v0 + v + k), (vint){0} - 1, p->round_bf16);
+        }
+        return;
     }
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
         for (int j = 0; j < nb; j++) {
@@ -198,33 +275,34 @@ static inline int block_needed(const LaneMask *lm, int64_t b, int nb, int64_t v,
 
 /* Rows in lanes: tile rows [0, count) of w (ids v0 ..) against the transposed hidden ht [H, num_vectors], in
  * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone); steps no row of a block allows are
- * skipped. */
+ * skipped. With `top`, its lists take the candidates instead of best / best_id. */
 static void tile_lanes(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0,
-                       const vfloat *ht, int64_t num_vectors, const LaneMask *lm, vfloat *best, vint *best_id) {
+                       const vfloat *ht, int64_t num_vectors, const LaneMask *lm, vfloat *best, vint *best_id,
+                       const TopLists *top) {
     for (int64_t b = 0; b < num_vectors;) {
         int64_t rest = num_vectors - b, v = 0;
         int nb = rest >= NB && rest != 4 ? NB : rest >= 2 ? 2 : 1;
         if (nb == NB) {
             for (; v + KV <= count; v += KV)
                 if (block_needed(lm, b, NB, v, KV))
-                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, lm, best, best_id);
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, lm, best, best_id, top);
             for (; v < count; v++)
                 if (block_needed(lm, b, NB, v, 1))
-                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, lm, best, best_id);
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, lm, best, best_id, top);
         } else if (nb == 2) {
             for (; v + KV <= count; v += KV)
                 if (block_needed(lm, b, 2, v, KV))
-                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, lm, best, best_id);
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, lm, best, best_id, top);
             for (; v < count; v++)
                 if (block_needed(lm, b, 2, v, 1))
-                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, lm, best, best_id);
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, lm, best, best_id, top);
         } else {
             for (; v + KV <= count; v += KV)
                 if (block_needed(lm, b, 1, v, KV))
-                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, lm, best, best_id);
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, lm, best, best_id, top);
             for (; v < count; v++)
                 if (block_needed(lm, b, 1, v, 1))
-                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, lm, best, best_id);
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, lm, best, best_id, top);
         }
         b += nb;
     }
@@ -298,9 +376,10 @@ static inline void prefetch_rows(const Problem *p, int64_t v, int64_t count) {
 
 /* Ids in lanes: tile rows [0, count) of w (ids v0 ..) against each batch row that allows them, in groups of LANES
  * rows (a last group of fewer rows copied into pad [LANES, H] after zeros, its missing lanes never winning);
- * best / best_id [B]: per batch row, the running maximum of each lane and its id. acc: [B, LANES] scratch. */
+ * best / best_id [B]: per batch row, the running maximum of each lane and its id (or `top`'s lists, one vector of
+ * lanes per row). acc: [B, LANES] scratch. */
 static void tile_ids(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0, vint order,
-                     float *pad, vfloat *acc, vfloat *best, vint *best_id) {
+                     float *pad, vfloat *acc, vfloat *best, vint *best_id, const TopLists *top) {
     int64_t B = p->num_rows, H = p->hidden_size;
     for (int64_t g = 0; g < count; g += LANES) {
         int64_t n = count - g < LANES ? count - g : LANES, group_stride = stride;
@@ -334,7 +413,10 @@ static void tile_ids(const Problem *p, const float *w, int64_t stride, int64_t c
                 continue;
             vfloat logits = fold_lanes(acc + b * LANES);
             vint ok = -(vint)(((vuint){0} + wanted[b]) >> (vuint)order & 1u);
-            keep_max_ids(&best[b], &best_id[b], logits, ids, ok, p->round_bf16);
+            if (top)
+                keep_top(top, b, logits, ids, ok, p->round_bf16);
+            else
+                keep_max_ids(&best[b], &best_id[b], logits, ids, ok, p->round_bf16);
         }
     }
 }
@@ -354,12 +436,31 @@ static void *thread_buffer(size_t size) {
     return kept_scratch;
 }
 
-/* One thread's vocabulary range [lo, hi): its best value and id per row into best / best_id [B].
- * Returns nonzero when scratch memory could not be allocated. */
+/* Whether entry (va, ia) comes before (vb, ib): the larger value, then the lower id. */
+static inline int comes_first(float va, int64_t ia, float vb, int64_t ib) {
+    return va > vb || (va == vb && ia < ib);
+}
+
+/* The k first entries of two lists of k in order (a and b), into out (which may be a). */
+static void merge_two(int k, const float *a_value, const int64_t *a_id, const float *b_value, const int64_t *b_id,
+                      float *out_value, int64_t *out_id) {
+    float value[TOP_K_MAX];
+    int64_t id[TOP_K_MAX];
+    for (int r = 0, i = 0, j = 0; r < k; r++) {
+        int take_a = !comes_first(b_value[j], b_id[j], a_value[i], a_id[i]);
+        value[r] = take_a ? a_value[i] : b_value[j];
+        id[r] = take_a ? a_id[i++] : b_id[j++];
+    }
+    memcpy(out_value, value, (size_t)k * sizeof(float));
+    memcpy(out_id, id, (size_t)k * sizeof(int64_t));
+}
+
+/* One thread's vocabulary range [lo, hi): its best value and id per row into best / best_id [B] (with top_k: its
+ * top_k best per row, in order, into [B, top_k]). Returns nonzero when scratch memory could not be allocated. */
 static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht, vint order, float *best,
                      int64_t *best_id) {
     int64_t B = p->num_rows, H = p->hidden_size;
-    int lanes = B >= LANES_FROM_ROWS;
+    int lanes = p->path_rows >= LANES_FROM_ROWS, k = p->top_k;
     int64_t num_vectors = (B + LANES - 1) / LANES;
     int64_t num_best = lanes ? num_vectors : B; /* rows in lanes: a lane per row; ids in lanes: a vector per row */
     float *scratch = NULL, *pad = NULL;
@@ -367,6 +468,7 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     vint *lane_id = NULL;
     vuint *mask_words = NULL;
     uint64_t *mask_any = NULL;
+    TopLists lists = {NULL, NULL, NULL, k}, *top = NULL;
     int64_t range_tiles = (hi - lo + TILE_VOCAB - 1) / TILE_VOCAB;
     int status = 0;
     if (p->bf16 && !(scratch = aligned_alloc(ALIGN, (size_t)(TILE_VOCAB * H * sizeof(float) + ALIGN))))
@@ -380,6 +482,17 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         pad = aligned_alloc(ALIGN, (size_t)(LANES * H * sizeof(float) + ALIGN));
         acc = aligned_alloc(ALIGN, (size_t)(B * LANES) * sizeof(vfloat));
         status = !pad || !acc;
+    }
+    if (k && !status) { /* the lanes' running maxima serve as the lists' thresholds */
+        lists.values = malloc((size_t)(num_best * k * LANES) * sizeof(float));
+        lists.ids = malloc((size_t)(num_best * k * LANES) * sizeof(int32_t));
+        lists.thresh = lane_best;
+        status = !lists.values || !lists.ids;
+        for (int64_t i = 0; i < num_best * k * LANES && !status; i++) {
+            lists.values[i] = -__builtin_inff();
+            lists.ids[i] = -1;
+        }
+        top = &lists;
     }
     if (lanes && p->mask && !status && range_tiles > 0) {
         size_t words_size = (size_t)(2 * range_tiles * num_vectors) * sizeof(vuint);
@@ -406,11 +519,31 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
             continue; /* every row forbids the whole tile */
         const float *w = tile_rows(p, v0, count, scratch, &stride);
         if (lanes)
-            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lane_best, lane_id);
+            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lane_best, lane_id, top);
         else
-            tile_ids(p, w, stride, count, v0, order, pad, acc, lane_best, lane_id);
+            tile_ids(p, w, stride, count, v0, order, pad, acc, lane_best, lane_id, top);
     }
-    for (int64_t b = 0; b < B && !status; b++) {
+    for (int64_t b = 0; b < B && !status && top; b++) { /* a lane's list, or the lists of a row's lanes merged */
+        float *row_value = best + b * k;
+        int64_t *row_id = best_id + b * k, lane_ids[TOP_K_MAX];
+        float lane_values[TOP_K_MAX];
+        int first = lanes ? (int)(b % LANES) : 0, last = lanes ? first : LANES - 1;
+        const float *values = lists.values + (lanes ? b / LANES : b) * k * LANES;
+        const int32_t *ids = lists.ids + (lanes ? b / LANES : b) * k * LANES;
+        for (int j = first; j <= last; j++) {
+            for (int r = 0; r < k; r++) {
+                lane_values[r] = values[r * LANES + j];
+                lane_ids[r] = ids[r * LANES + j];
+            }
+            if (j == first) {
+                memcpy(row_value, lane_values, (size_t)k * sizeof(float));
+                memcpy(row_id, lane_ids, (size_t)k * sizeof(int64_t));
+            } else {
+                merge_two(k, row_value, row_id, lane_values, lane_ids, row_value, row_id);
+            }
+        }
+    }
+    for (int64_t b = 0; b < B && !status && !top; b++) {
         if (lanes) {
             best[b] = lane_best[b / LANES][b % LANES];
             best_id[b] = lane_id[b / LANES][b % LANES];
@@ -429,25 +562,31 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
     free(acc);
     free(lane_best);
     free(lane_id);
+    free(lists.values);
+    free(lists.ids);
     return status;
 }
 
 int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, const void *weight, int64_t vocab,
                    int64_t row_stride, int bf16, int round_bf16, int prefetch, const uint32_t *mask,
-                   int64_t mask_words, float *out_value, int64_t *out_id, int num_threads) {
+                   int64_t mask_words, int top_k, int64_t path_rows, float *out_value, int64_t *out_id,
+                   int num_threads) {
+    if (top_k < 0 || top_k > TOP_K_MAX || (top_k && mask))
+        return 2;
     Problem p = {hidden, num_rows, hidden_size, weight, vocab, row_stride, bf16, round_bf16, prefetch, mask,
-                 mask_words};
+                 mask_words, top_k, path_rows > 0 ? path_rows : num_rows};
     vint order = fold_order();
     int64_t num_tiles = (vocab + TILE_VOCAB - 1) / TILE_VOCAB;
     int threads = num_threads < 1 ? 1 : num_threads;
     if (threads > num_tiles)
         threads = (int)num_tiles;
-    int64_t num_vectors = (num_rows + LANES - 1) / LANES;
+    int64_t num_vectors = (num_rows + LANES - 1) / LANES, per_row = top_k ? top_k : 1;
+    int64_t per_thread = num_rows * per_row;
     vfloat *ht = NULL;
-    float *values = malloc((size_t)threads * num_rows * sizeof(float));
-    int64_t *ids = malloc((size_t)threads * num_rows * sizeof(int64_t));
+    float *values = malloc((size_t)(threads * per_thread) * sizeof(float));
+    int64_t *ids = malloc((size_t)(threads * per_thread) * sizeof(int64_t));
     int status = !values || !ids;
-    if (!status && num_rows >= LANES_FROM_ROWS) { /* hidden transposed: ht[h * num_vectors + i][j] = row 16i+j */
+    if (!status && p.path_rows >= LANES_FROM_ROWS) { /* hidden transposed: ht[h * num_vectors + i][j] = row 16i+j */
         ht = aligned_alloc(ALIGN, (size_t)(hidden_size * num_vectors) * sizeof(vfloat));
         status = !ht;
         if (ht) {
@@ -467,10 +606,17 @@ int greedy_lm_head(const float *hidden, int64_t num_rows, int64_t hidden_size, c
             int64_t lo = num_tiles * t / n * TILE_VOCAB, hi = num_tiles * (t + 1) / n * TILE_VOCAB;
             if (hi > vocab)
                 hi = vocab;
-            failed |= run_range(&p, lo, hi, ht, order, values + (int64_t)t * num_rows, ids + (int64_t)t * num_rows);
+            failed |= run_range(&p, lo, hi, ht, order, values + t * per_thread, ids + t * per_thread);
         }
         /* ranges in vocabulary order; a later range wins only with a strictly larger value */
-        for (int64_t b = 0; b < num_rows; b++) {
+        for (int64_t b = 0; b < num_rows && top_k; b++) {
+            memcpy(out_value + b * top_k, values + b * top_k, (size_t)top_k * sizeof(float));
+            memcpy(out_id + b * top_k, ids + b * top_k, (size_t)top_k * sizeof(int64_t));
+            for (int t = 1; t < team; t++)
+                merge_two(top_k, out_value + b * top_k, out_id + b * top_k, values + t * per_thread + b * top_k,
+                          ids + t * per_thread + b * top_k, out_value + b * top_k, out_id + b * top_k);
+        }
+        for (int64_t b = 0; b < num_rows && !top_k; b++) {
             float best = values[b];
             int64_t best_id = ids[b];
             for (int t = 1; t < team; t++)

@@ -3,6 +3,8 @@ without materialising the logits; built on first use with the system C compiler,
 
 Given a packed mask of allowed tokens per row (int32 words, bit t & 31 of word t >> 5, as llguidance writes them),
 only the allowed ids compete: the first maximum of the masked logits, exact, in one pass (greedy structured output).
+`greedy_top` gives each row's best `k` ids in order instead (same pass, same logits): the first of them that a
+grammar allows is that row's masked maximum, when one is (structured output checks them before it fills a mask).
 
 CPU only, float32 or bfloat16 weights (a bf16 lm_head's logits are rounded to bf16 before they are compared, as
 torch's are). It runs on torch.get_num_threads() threads of the OpenMP runtime torch itself loaded. Without a
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("greedy_kernel.c")
 WEIGHT_DTYPES = (torch.float32, torch.bfloat16)
+TOP_K_MAX = 64  # greedy_kernel.c's TOP_K_MAX
 DISABLE_ENV = "OMNISTREAM_GREEDY_KERNEL"  # "0": never build or use the kernel
 _ARGTYPES = [
     ctypes.c_void_p,  # hidden
@@ -41,6 +44,8 @@ _ARGTYPES = [
     ctypes.c_int,  # prefetch weight rows
     ctypes.c_void_p,  # allowed-token mask (or NULL)
     ctypes.c_int64,  # its words per row
+    ctypes.c_int,  # top-k (0: the best id per row)
+    ctypes.c_int64,  # the batch size that picks the kernel's loop (0: the rows')
     ctypes.c_void_p,  # out values
     ctypes.c_void_p,  # out ids
     ctypes.c_int,  # threads
@@ -75,16 +80,19 @@ def supports(weight: torch.Tensor, hidden_dtype: torch.dtype) -> bool:
 
 
 def greedy_max(
-    weight: torch.Tensor, hidden: torch.Tensor, allowed: torch.Tensor | None = None, prefetch: bool | None = None
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    allowed: torch.Tensor | None = None,
+    prefetch: bool | None = None,
+    as_batch_of: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The largest logit of each row of hidden [B, H] against weight [V, H] and its id (first maximum): values in
     hidden's dtype [B], ids int64 [B]. With `allowed` (int32 [B, W], W * 32 >= V: row b may take id t when bit
     t & 31 of allowed[b, t >> 5] is set) only allowed ids compete; a row allowing none gets id 0 and value -inf.
     `prefetch` (None: unless the weight lies on huge pages, where it measured no better) asks the kernel to prefetch
-    weight rows ahead of its scan. Call only where `supports(weight, hidden.dtype)` holds."""
-    library = load_kernel()
-    if library is None:
-        raise RuntimeError("greedy lm_head: the cpu kernel is not available")
+    weight rows ahead of its scan. `as_batch_of`: compute each row's logits as in a batch of that many rows (the
+    kernel's loop, hence the sums' rounding, depends on the batch size). Call only where `supports(weight,
+    hidden.dtype)` holds."""
     rows = hidden.float().contiguous()
     mask_ptr, mask_words = None, 0
     if allowed is not None:
@@ -95,8 +103,36 @@ def greedy_max(
             )
         allowed = allowed.contiguous()
         mask_ptr, mask_words = allowed.data_ptr(), allowed.shape[1]
-    values = torch.empty(rows.shape[0], dtype=torch.float32)
-    ids = torch.empty(rows.shape[0], dtype=torch.int64)
+    values, ids = _run(weight, rows, mask_ptr, mask_words, 0, as_batch_of, prefetch)
+    return values.to(hidden.dtype), ids
+
+
+def greedy_top(
+    weight: torch.Tensor, hidden: torch.Tensor, k: int, prefetch: bool | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest logits of each row of hidden [B, H] against weight [V, H] and their ids, in the order (value
+    descending, id ascending): float32 [B, k], int64 [B, k]; the first column is greedy_max's. A slot no finite
+    logit filled has value -inf and id -1. 1 <= k <= TOP_K_MAX; `prefetch` as in greedy_max."""
+    if not 1 <= k <= TOP_K_MAX:
+        raise ValueError(f"greedy lm_head: top-k must be in [1, {TOP_K_MAX}], not {k}")
+    values, ids = _run(weight, hidden.float().contiguous(), None, 0, k, None, prefetch)
+    return values.view(-1, k), ids.view(-1, k)
+
+
+def _run(
+    weight: torch.Tensor,
+    rows: torch.Tensor,
+    mask_ptr: int | None,
+    mask_words: int,
+    top_k: int,
+    as_batch_of: int | None,
+    prefetch: bool | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    library = load_kernel()
+    if library is None:
+        raise RuntimeError("greedy lm_head: the cpu kernel is not available")
+    values = torch.empty(rows.shape[0] * max(top_k, 1), dtype=torch.float32)
+    ids = torch.empty(rows.shape[0] * max(top_k, 1), dtype=torch.int64)
     bf16 = int(weight.dtype == torch.bfloat16)
     status = library.greedy_lm_head(
         rows.data_ptr(),
@@ -110,10 +146,12 @@ def greedy_max(
         int(not huge_pages.holds(weight) if prefetch is None else prefetch),
         mask_ptr,
         mask_words,
+        top_k,
+        as_batch_of or 0,
         values.data_ptr(),
         ids.data_ptr(),
         torch.get_num_threads(),
     )
     if status != 0:
         raise MemoryError("greedy lm_head: the cpu kernel could not allocate its scratch memory")
-    return values.to(hidden.dtype), ids
+    return values, ids

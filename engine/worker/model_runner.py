@@ -25,7 +25,13 @@ import torch
 from omnistream.engine.model_executor.attention.backend import AttentionMetadata, token_positions
 from omnistream.engine.model_executor.distributed import tp_group_hidden
 from omnistream.engine.worker.cuda_graphs import decode_graphs_for
-from omnistream.engine.worker.greedy_head import greedy_pays, greedy_tokens, masked_greedy_serves, prepare_greedy_head
+from omnistream.engine.worker.greedy_head import (
+    checked_greedy_tokens,
+    greedy_pays,
+    greedy_tokens,
+    masked_greedy_serves,
+    prepare_greedy_head,
+)
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.mm_encode import EncoderOutput, encode_feature
 from omnistream.engine.worker.request_state import RunnerRequestState
@@ -347,11 +353,14 @@ class ModelRunner:
         self, hidden: torch.Tensor, req_ids: list[str], so: SchedulerOutput, filling: PendingMasks | None
     ) -> torch.Tensor:
         """The greedy head's ids [B] for hidden [B, H]; a constrained row takes the first maximum of the tokens its
-        grammar allows. Where the compiled head takes masks and every mask is ready when it runs (filled beside
-        the forward, or in the SchedulerOutput), it waits for them just before the head and masks inside it;
-        else the head runs unmasked, then the rows whose grammar rejects their token are corrected (on demand,
-        the masked head over just those rows did not beat the correction: benchmarks/structured_output.py)."""
+        grammar allows. Where the compiled head takes masks: with masks filled on demand, it keeps each row's best
+        ids and the grammar checks them, and only the rows none of them settles get a mask (greedy_head.py); with
+        masks filled beside the forward, or in the SchedulerOutput, it waits for them just before the head and
+        masks inside it. Else the head runs unmasked, then the rows whose grammar rejects their token are corrected."""
         lm_head = self.model.lm_head
+        checks = filling is not None and not filling.beside_forward and bool(so.grammar_req_ids)
+        if checks and masked_greedy_serves(lm_head, hidden.dtype):
+            return checked_greedy_tokens(lm_head, hidden, StepBitmask.rows_of(so, req_ids), filling)
         if masked_greedy_serves(lm_head, hidden.dtype) and (filling is None or filling.beside_forward):
             grammar = StepBitmask.from_scheduler_output(so, req_ids, filling)  # (waits for the masks)
             allowed = None if grammar is None else grammar.row_words(hidden.shape[0], lm_head.weight.shape[0])

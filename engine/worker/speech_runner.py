@@ -5,8 +5,9 @@ streaming code2wav per voice, run for all voices at once.
 Rows are built on the device from ids alone (text-only user turns): user and header rows from the thinker's
 embedding table through text_projection, decode rows from the fed-back frame's code embeddings plus a text row.
 Per-request state here (the code2wav stream, the c0 seen so far) lives until the scheduler ends its speech, so a
-talker preemption (recomputed rows) leaves the audio stream untouched; the thinker rows kept for a request live
-until the scheduler releases it (a live session keeps them from turn to turn).
+talker preemption (recomputed rows) leaves the audio stream untouched; the thinker rows kept for a request
+(talker_rows.py, projected to the talker's width) live until the scheduler releases it or a live session rolls
+back past them (a session keeps them from turn to turn: every spoken turn's prompt holds every user turn).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from omnistream.engine.worker.cuda_graphs import CudaGraphCapture
 from omnistream.engine.worker.kv_memory import zeroed_kv_cache
 from omnistream.engine.worker.speech_sampler import SpeechDraws, sample_c0
 from omnistream.engine.worker.talker_positions import talker_prompt_positions
+from omnistream.engine.worker.talker_rows import TalkerRows
 from omnistream.scheduler.media_layout import AUDIO
 from omnistream.scheduler.speech_outputs import SpeechFrame, SpeechSchedule, TalkerPrompt, TalkerStep
 
@@ -61,9 +63,8 @@ class SpeechRunner:
         self.code_predictor = self._code_predictor(max_num_voices, enforce_eager)
         # [vocab] bool per request: the c0 it has sampled (repetition penalty)
         self.seen: dict[str, torch.Tensor] = {}
-        # speaking requests' user-turn media: thinker positions to keep, and the rows kept (until speech ends)
-        self.capture_positions: dict[str, set[int]] = {}
-        self.captured: dict[str, dict[int, torch.Tensor]] = {}
+        # speaking requests' and sessions' user-turn media: hidden_projection of the thinker's rows there
+        self.kept = TalkerRows()
         # requests whose user turns hold images or video: the talker prompt's M-RoPE positions [3, P], decode delta
         self.prompt_positions: dict[str, tuple[torch.Tensor, float]] = {}
         with torch.inference_mode():
@@ -91,10 +92,11 @@ class SpeechRunner:
             for state in (self.seen, self.prompt_positions):
                 state.pop(req_id, None)
         for req_id in schedule.released_req_ids:
-            self.capture_positions.pop(req_id, None)
-            self.captured.pop(req_id, None)
+            self.kept.release(req_id)
+        for req_id, num_tokens in schedule.rolled_back.items():
+            self.kept.roll_back(req_id, num_tokens)
         for req_id, positions in schedule.capture.items():
-            self.capture_positions.setdefault(req_id, set()).update(positions)
+            self.kept.want(req_id, positions)
         steps = schedule.steps
         if not steps:
             return []
@@ -177,33 +179,31 @@ class SpeechRunner:
         return torch.cat((prompt[:, rows[rows < prompt.shape[1]]], after), dim=1).to(self.device)
 
     def _user_rows(self, req_id: str, prompt: TalkerPrompt) -> torch.Tensor:
-        """text_projection of the thinker's embeddings; hidden_projection of its kept rows at media."""
+        """text_projection of the thinker's embeddings; at media the kept hidden_projection of its rows."""
         rows = self.talker.text_projection(self._embed(prompt.user_ids))
         if prompt.media_rows:
-            kept = self.captured[req_id]
-            hidden = torch.stack([kept[p] for p in prompt.media_positions]).to(self.dtype)
             index = torch.tensor(prompt.media_rows, dtype=torch.long, device=self.device)
-            rows[index] = self.talker.hidden_projection(hidden)
+            rows[index] = self.kept.gather(req_id, prompt.media_positions)
         return rows
 
     @property
     def wants_thinker_rows(self) -> bool:
-        return bool(self.capture_positions)
+        return bool(self.kept.wanted)
 
     @contextmanager
     def capturing(
         self, thinker: torch.nn.Module, req_ids: list[str], ends: list[int], counts: list[int]
     ) -> Iterator[None]:
         """Around one thinker forward over the flat batch (req_ids with `counts` rows ending at positions
-        `ends`): keep HF's hidden_states[accept_hidden_layer] at the wanted positions, on the device: the
-        output of layer accept_hidden_layer - 1 (final-normed when it is the last)."""
-        flat, owners, offset = [], [], 0
+        `ends`): keep hidden_projection of HF's hidden_states[accept_hidden_layer] at the wanted positions, on
+        the device: the output of layer accept_hidden_layer - 1 (final-normed when it is the last)."""
+        flat, owners, offset = [], {}, 0
         for req_id, end, count in zip(req_ids, ends, counts):
-            wanted = self.capture_positions.get(req_id, ())
+            wanted = self.kept.wanted.get(req_id, ())
             for position in range(end - count, end):
                 if position in wanted:
+                    owners.setdefault(req_id, []).append((len(flat), position))
                     flat.append(offset + position - (end - count))
-                    owners.append((req_id, position))
             offset += count
         if not flat:
             yield
@@ -223,8 +223,10 @@ class SpeechRunner:
             yield
         finally:
             handle.remove()
-        for (req_id, position), row in zip(owners, kept[0]):
-            self.captured.setdefault(req_id, {})[position] = row
+        projected = self.talker.hidden_projection(kept[0].to(self.dtype))
+        for req_id, rows in owners.items():
+            index = torch.tensor([i for i, _ in rows], dtype=torch.long, device=self.device)
+            self.kept.add(req_id, [position for _, position in rows], projected.index_select(0, index))
 
     def _residual(self, codes: torch.Tensor) -> torch.Tensor:
         """Σ_g E_cp[g](codes[:, g]) [F, H], summed in the code predictor's order."""

@@ -11,6 +11,8 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
 - `row_words` lays the masks out for the compiled greedy head (greedy_head.greedy_tokens with `allowed`), which
   takes each row's first maximum over its allowed tokens directly: the runner's way where that kernel serves and
   every mask is ready when the head runs (filled beside the forward, or received in the SchedulerOutput).
+- greedy_head.checked_greedy_tokens asks the pending masks to check each constrained row's best ids (`first_allowed`)
+  and fills only the rows left (`fill_rows`); `allowed_among` checks kept ids against filled masks.
 - `correct_greedy` serves a batch whose rows all take the first maximum from the chunked greedy head, which
   never materialises the logits. A constrained row keeps its token when its grammar allows it: that token is the
   first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
@@ -46,11 +48,26 @@ class PendingMasks(Protocol):
         """[R, W] int32; given each row's greedy token, a row whose grammar allows it may allow every token."""
         ...
 
+    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
+        """Only where not beside_forward: per row, the first of its candidate ids (best first) that its grammar
+        allows, -1 where none is known to be."""
+        ...
+
+    def fill_rows(self, rows: list[int]) -> np.ndarray:
+        """Only where not beside_forward: [len(rows), W] int32, the masks of the rows at these positions."""
+        ...
+
 
 @dataclass
 class StepBitmask:
     rows: list[int]  # the constrained rows among the step's sampling rows
     words: torch.Tensor  # [R, W] int32 on the host: the allowed tokens of rows[i] in words[i]
+
+    @staticmethod
+    def rows_of(so: SchedulerOutput, sample_req_ids: list[str]) -> list[int]:
+        """The positions of so.grammar_req_ids among the step's sampling rows."""
+        position = {req_id: i for i, req_id in enumerate(sample_req_ids)}
+        return [position[req_id] for req_id in so.grammar_req_ids]
 
     @classmethod
     def from_scheduler_output(
@@ -64,8 +81,7 @@ class StepBitmask:
         head's ids [B], lets it fill only the rows whose grammar rejects theirs), else from the SchedulerOutput."""
         if not so.grammar_req_ids:
             return None
-        position = {req_id: i for i, req_id in enumerate(sample_req_ids)}
-        rows = [position[req_id] for req_id in so.grammar_req_ids]
+        rows = cls.rows_of(so, sample_req_ids)
         if pending is not None:
             words = torch.from_numpy(pending.result(None if greedy is None else greedy[rows].tolist()))
         else:
@@ -135,6 +151,15 @@ def is_allowed(words: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
     inside = index < words.shape[1]
     word = words.gather(1, index.clamp(max=words.shape[1] - 1).unsqueeze(1)).squeeze(1)
     return inside & (((word >> (token_ids & 31).to(torch.int32)) & 1) == 1)
+
+
+def allowed_among(words: np.ndarray, token_ids: np.ndarray) -> np.ndarray:
+    """bool [R, K]: whether token_ids[i, k] is allowed by words[i] ([R, W] int32); ids outside the words (or -1)
+    are not."""
+    inside = (token_ids >= 0) & (token_ids < words.shape[1] * 32)
+    ids = np.where(inside, token_ids, 0)
+    word = np.take_along_axis(words.view(np.uint32), ids >> 5, axis=1)
+    return inside & ((word >> (ids & 31).astype(np.uint32)) & 1 == 1)
 
 
 def unpack_allowed(words: torch.Tensor, vocab: int, device: torch.device | str) -> torch.Tensor:

@@ -224,3 +224,17 @@ def test_bad_images_are_error_events_and_the_session_goes_on(client, media_host)
         assert says in error.message, (url, error.message)
     fresh_text, _, fresh_usage = realtime_answer(client, image_part(data_url(IMAGE)))
     assert (text, done.response.usage.input_tokens) == (fresh_text, fresh_usage.input_tokens)
+
+
+def test_an_image_event_over_16_mib_reaches_the_media_policy(client):
+    """The WebSocket takes events up to --max-request-body-bytes (64 MiB), like HTTP bodies: an image past the
+    policy's byte limit is an error event, not a closed connection."""
+    payload = np.random.default_rng(5).integers(0, 256, 20 << 20, dtype=np.uint8).tobytes()
+    with client.realtime.connect(model=DEFAULT_MODEL_NAME) as connection:
+        setup(connection, max_output_tokens=MAX_TOKENS)
+        connection.conversation.item.create(item=user_item(image_part(data_url(payload))))
+        error = recv_until(connection, "error")[-1].error
+        assert error.code == "invalid_image" and "media size is 20971520 bytes" in error.message, error
+        connection.conversation.item.create(item=user_item(image_part(data_url(IMAGE))))
+        recv_until(connection, "conversation.item.done")
+        assert respond(connection)[1].response.usage.input_token_details.image_tokens == 15

@@ -3,7 +3,9 @@ first maximum, in float32 and bfloat16, for any number of rows, vocabularies tha
 hidden sizes that are not a multiple of its vectors, vocabulary shards (views with a row stride), and any number of
 threads; without the kernel (OMNISTREAM_GREEDY_KERNEL=0) the torch path answers the same. Given masks of allowed
 tokens, the kernel answers as its twin (full logits, -inf where forbidden, first maximum) for dense, sparse,
-single-token, whole-tile and empty masks."""
+single-token, whole-tile and empty masks. Its top-k (greedy_top) is the kernel's own logits in the order (value
+descending, id ascending), whatever the threads, with ties and NaNs; rows recomputed apart `as_batch_of` their batch
+get bit for bit the values they had in it, masked or not."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 from omnistream.engine.model_executor.layers.embedding import ParallelLMHead
 from omnistream.engine.worker import greedy_head, greedy_kernel
+from omnistream.engine.worker.token_bitmask import StepBitmask
 
 pytestmark = pytest.mark.skipif(greedy_kernel.load_kernel() is None, reason="no C compiler: the kernel is not built")
 
@@ -263,3 +266,113 @@ def test_greedy_tokens_takes_masks_only_where_the_kernel_serves_one_rank(monkeyp
     assert not greedy_head.masked_greedy_serves(lm_head, torch.float32)
     with pytest.raises(ValueError, match="one rank"):
         greedy_head.greedy_tokens(lm_head, hidden, words)
+
+
+def _kernel_order(weight: torch.Tensor, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The twin of greedy_top given the kernel's own logits: the masked kernel, one allowed id at a time, gives
+    each logit exactly as the kernel computes it; then a stable sort (value descending, id ascending)."""
+    rows, vocab = hidden.shape[0], weight.shape[0]
+    logits = torch.empty(rows, vocab)
+    for v in range(vocab):
+        words = torch.zeros(rows, -(-vocab // 32), dtype=torch.int32)
+        words[:, v // 32] = torch.tensor(1 << (v % 32)).to(torch.int32)
+        logits[:, v] = greedy_kernel.greedy_max(weight, hidden, words)[0].float()
+    order = torch.sort(-logits, dim=-1, stable=True).indices[:, :k]
+    return logits.gather(1, order), order
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("rows", [3, 8, 40])  # ids in lanes, rows in lanes
+def test_top_k_is_the_kernels_logits_in_order_with_ties_by_id(monkeypatch, dtype, threads, rows):
+    monkeypatch.setattr(greedy_kernel.torch, "get_num_threads", lambda: threads)
+    vocab = 300
+    weight, hidden = _weight(dtype, 40 + rows, vocab), _hidden(rows, dtype, 41 + rows)
+    weight[250] = weight[17] = weight[130] = 3.0 * hidden[0]  # a three-way tie across threads' ranges, on top
+    weight[64:70] = weight[3]  # ties in the middle
+    values, ids = greedy_kernel.greedy_top(weight, hidden, 12)
+    want_values, want_ids = _kernel_order(weight, hidden, 12)
+    assert torch.equal(ids, want_ids) and torch.equal(values, want_values)
+    assert ids[0, :3].tolist() == [17, 130, 250]
+    assert torch.equal(ids[:, 0], greedy_kernel.greedy_max(weight, hidden)[1])
+
+
+def test_top_k_never_keeps_nan_and_pads_rows_with_few_finite_logits():
+    weight, hidden = _weight(torch.float32, 50, 100), _hidden(9, torch.float32, 51)
+    weight[7] = float("nan")
+    weight[20:] = float("-inf") * torch.sign(hidden[-1])  # the last row: -inf from id 20 on (0 * inf is nan)
+    values, ids = greedy_kernel.greedy_top(weight, hidden, 30)
+    assert not (ids == 7).any() and not torch.isnan(values).any()
+    last = ids[-1]
+    assert set(last[last >= 0].tolist()) <= set(range(20)) - {7} and (last[last < 0] == -1).all()
+    assert (last == -1).any() and torch.isinf(values[-1][last == -1]).all()
+
+
+def test_top_k_outside_its_bounds_is_refused():
+    weight, hidden = _weight(torch.float32), _hidden(2, torch.float32)
+    for k in (0, greedy_kernel.TOP_K_MAX + 1):
+        with pytest.raises(ValueError, match="top-k"):
+            greedy_kernel.greedy_top(weight, hidden, k)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [5, 64])
+def test_rows_recomputed_as_in_their_batch_get_the_same_values_bit_for_bit(dtype, rows):
+    weight, hidden = _weight(dtype, 60 + rows), _hidden(rows, dtype, 61 + rows)
+    words = _masks(rows, VOCAB, seed=62 + rows)
+    picked = [1, 3, 4]
+    for masked in (None, words):
+        values, ids = greedy_kernel.greedy_max(weight, hidden, masked)
+        part = None if masked is None else masked[picked]
+        got_values, got_ids = greedy_kernel.greedy_max(weight, hidden[picked], part, as_batch_of=rows)
+        assert torch.equal(got_ids, ids[picked]) and torch.equal(got_values, values[picked])
+    top_values = greedy_kernel.greedy_top(weight, hidden, 4)[0]
+    assert torch.equal(top_values[:, 0], greedy_kernel.greedy_max(weight, hidden)[0].float())
+
+
+class _Masks:
+    """PendingMasks on demand over fixed masks: a row's check answers from its mask, except where it hides."""
+
+    beside_forward = False
+
+    def __init__(self, words: torch.Tensor, hidden_rows: set[int]) -> None:
+        self.words = words
+        self.hidden_rows = hidden_rows  # rows whose check says nothing (as forced bytes would): -1
+        self.filled: list[int] = []
+
+    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
+        allowed = _allowed_bits(self.words, VOCAB)
+        return [
+            -1 if i in self.hidden_rows else next((t for t in ids if t >= 0 and allowed[i, t]), -1)
+            for i, ids in enumerate(candidates)
+        ]
+
+    def fill_rows(self, rows: list[int]) -> np.ndarray:
+        self.filled += rows
+        return self.words[rows].numpy()
+
+
+@pytest.mark.parametrize("batch", [6, 40])  # ids in lanes, rows in lanes
+def test_checked_greedy_tokens_are_the_masked_kernels_tokens(monkeypatch, batch):
+    """Rows settled by the check of their first ids, by their mask over all their kept ids, and recomputed with
+    a narrow or a wide mask, among unconstrained rows: every id is the single masked pass's, bit for bit."""
+    monkeypatch.setattr(greedy_head, "NARROW_MASK", 64)
+    lm_head = ParallelLMHead(VOCAB, HIDDEN)
+    with torch.no_grad():
+        lm_head.weight.copy_(_weight(torch.float32, 70 + batch))
+    hidden = _hidden(batch, torch.float32, 71 + batch)
+    rows = list(range(1, batch, 2))
+    words = _masks(len(rows), VOCAB, seed=72 + batch)
+    top = greedy_kernel.greedy_top(lm_head.weight, hidden, greedy_head.KEPT_IDS)[1]
+    for i, row in enumerate(rows[: len(rows) // 2]):  # the first half forbids their best id: not settled at once
+        best = int(top[row, 0])
+        words[i, best // 32] &= ~(torch.tensor(1, dtype=torch.int32) << (best % 32))
+    masks = _Masks(words, hidden_rows={0, 2})
+    got = greedy_head.checked_greedy_tokens(lm_head, hidden, rows, masks)
+    dense = StepBitmask(rows, words).row_words(batch, VOCAB)
+    want = greedy_kernel.greedy_max(lm_head.weight, hidden, dense)[1]
+    assert torch.equal(got, want)
+    assert 0 in masks.filled and 2 in masks.filled and len(masks.filled) < len(rows)
+    allowed = _allowed_bits(words, VOCAB)
+    kept_hits = [i for i in range(len(rows)) if allowed[i, top[rows[i]]].any()]
+    assert any(i not in kept_hits for i in masks.filled)  # some rows needed the second pass

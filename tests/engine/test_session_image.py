@@ -136,14 +136,15 @@ def test_a_bad_or_refused_image_leaves_the_session_as_it_was(llm):
     async def run():
         session = await llm.open_session(system_prompt=SYSTEM, sampling_params=GREEDY)
         await session.append_text("Hi")
-        before = (session.positions.num_tokens, _state(llm, session)[0])
+        scheduled = llm.core.engine.scheduler.requests[session.session_id]  # the tokens the engine took
+        before = (session.positions.num_tokens, list(scheduled.all_token_ids))
         with pytest.raises(MediaError, match="cannot decode"):
             await session.append_image(b"not an image")
         with pytest.raises(MediaError, match="pixel count"):
             await session.append_image(png(40, 50, 4), max_decoded_pixels=1000)
         with pytest.raises(ValueError, match="max_model_len|tokens"):  # 1024 image tokens: past max_model_len
             await session.append_image(png(1024, 1024, 5))
-        after = (session.positions.num_tokens, _state(llm, session)[0])
+        after = (session.positions.num_tokens, list(scheduled.all_token_ids))
         assert session.num_image_tokens == 0
         answer = await commit_answer(session, GREEDY)
         await session.close()

@@ -3,7 +3,8 @@ request of the same conversation (its talker prompt holds every user turn, with 
 was prefilled while the user spoke, turns before it included; camera frames as the offline video, with or
 without its audio, placed in the talker's prompt as HF places it); a cancel stops text and speech at once and
 frees the turn's talker blocks and voice, while the session keeps its kept rows until it closes; a turn's
-answer can be truncated to what was heard and the conversation goes on from there."""
+answer can be truncated to what was heard and the conversation goes on from there; the rows a session keeps are
+exactly its context's media, at the talker's width (a discarded segment leaves none behind)."""
 
 from __future__ import annotations
 
@@ -154,7 +155,7 @@ def test_cancel_stops_the_speech_and_truncate_keeps_what_was_heard(llm):
         while not (await outputs.__anext__()).outputs[0].audio:
             pass  # until it speaks: then the user barges in
         sid = session.session_id
-        rows = bool(runner.captured[sid])
+        rows = runner.kept.num_rows(sid) > 0
         kept = await session.truncate_answer(1)  # stops the answer (text and speech) first
         async for output in outputs:
             last = output
@@ -163,10 +164,10 @@ def test_cancel_stops_the_speech_and_truncate_keeps_what_was_heard(llm):
         answer = await _turn(session, _speech(1.0, 4), SamplingParams(temperature=0.0, max_tokens=2))
         await session.close()
         for _ in range(100):  # the engine's loop hands the release to the runner at its next step
-            if sid not in runner.captured:
+            if not runner.kept.num_rows(sid):
                 break
             await asyncio.sleep(0.02)
-        return state, tail, answer, sid in runner.captured
+        return state, tail, answer, runner.kept.num_rows(sid) > 0
 
     (speaking, rows_kept, kept, reason), tail, answer, rows_left = asyncio.run(run())
     assert not speaking and rows_kept and kept == 1 and reason == "abort"  # the turn's voice is gone
@@ -176,3 +177,50 @@ def test_cancel_stops_the_speech_and_truncate_keeps_what_was_heard(llm):
     assert len(answer.token_ids) == 2 and not rows_left
     speech = scheduler.speech
     assert len(speech.free_blocks) == speech.config.num_talker_blocks
+
+
+def test_a_session_keeps_rows_only_for_the_media_of_its_context(llm):
+    """Each turn starts with a false start (a long segment prefilled, then cleared, as a VAD would) before the
+    real speech: the rows held are one per audio placeholder left in the context, hidden_projection's output at
+    the talker's width, none is waited for once the input is prefilled, and the spoken turns still equal the
+    offline requests of the conversation."""
+    runner = llm.core.engine.executor.runner.speech
+    scheduler = llm.core.engine.scheduler
+    first, second = _speech(1.0, 11), _speech(0.8, 12)
+
+    async def false_start(session, seed: int) -> None:
+        wave = _speech(3.0, seed)
+        for start in range(0, len(wave), 1600):
+            await session.append_audio(wave[start : start + 1600], 16000)
+        for _ in range(200):  # until its first window's rows are kept
+            if runner.kept.num_rows(session.session_id) > held(session.session_id)[0]:
+                break
+            await asyncio.sleep(0.02)
+        await session.clear_audio()
+
+    def held(sid: str) -> tuple[int, int]:
+        media = sum(feature.length for feature in scheduler.get_request(sid).mm_features)
+        return runner.kept.num_rows(sid), media
+
+    async def run():
+        session = await llm.open_session(system_prompt=None, sampling_params=SPOKEN, audio_window_s=2)
+        sid, counts = session.session_id, []
+        answers = []
+        for index, wave in enumerate((first, second)):
+            await false_start(session, 20 + index)
+            answers.append(await _turn(session, wave, SPOKEN))
+            counts.append((held(sid), runner.kept.nbytes(sid)))
+            assert sid not in runner.kept.wanted  # every row captured: the thinker's forwards capture nothing more
+        await session.close()
+        tok = llm.tokenizer
+        head, audio = tok.encode("<|im_start|>user\n"), tok.encode(AUDIO)
+        turn_end = tok.encode("<|im_end|>\n<|im_start|>assistant\n")
+        prompt = head + audio + turn_end + answers[0].token_ids + tok.encode("<|im_end|>\n<|im_start|>user\n")
+        return answers[1], await _offline(llm, prompt + audio + turn_end, [first, second]), counts
+
+    live, offline, counts = asyncio.run(run())
+    assert live.token_ids == offline.token_ids and live.audio == offline.audio
+    width = runner.talker.config.text.hidden_size * runner.dtype.itemsize
+    for (rows, media), nbytes in counts:
+        assert rows == media and nbytes == rows * width
+    assert counts[1][0][0] > counts[0][0][0] > 0

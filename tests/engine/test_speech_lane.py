@@ -119,10 +119,11 @@ def _add(engine: EngineCore, req_id: str) -> None:
     )
 
 
-def test_the_first_audio_comes_one_step_after_the_first_text_token(engine):
-    _add(engine, "first")
+def _first_audio(engine: EngineCore, req_id: str) -> tuple[int, list[int], bytes]:
+    """Steps from the first text token to the first audio, the PCM deltas' sample counts, the audio."""
+    _add(engine, req_id)
     first_text = first_audio = None
-    pieces = []
+    pieces, audio = [], b""
     for step in range(40):
         for output in engine.step():
             if output.new_token_ids and first_text is None:
@@ -130,10 +131,25 @@ def test_the_first_audio_comes_one_step_after_the_first_text_token(engine):
             if output.new_audio:
                 first_audio = step if first_audio is None else first_audio
                 pieces.append(len(output.new_audio) // 2)
+                audio += output.new_audio
         if not engine.has_unfinished_requests():
             break
-    assert first_audio == first_text + 1
-    assert pieces == [1365] + [1920] * (FRAMES - 1)
+    return first_audio - first_text, pieces, audio
+
+
+def test_the_first_audio_comes_one_step_after_the_first_text_token(engine):
+    gap, pieces, _ = _first_audio(engine, "first")
+    assert gap == 1 and pieces == [1365] + [1920] * (FRAMES - 1)
+
+
+def test_a_first_packet_of_two_frames_comes_a_step_later_with_the_same_audio(engine):
+    _, _, audio = _first_audio(engine, "one-frame-first")
+    later = EngineCore(EngineConfig(max_audio_frames=FRAMES, max_num_voices=1, speech_first_packet_frames=2))
+    try:
+        gap, pieces, two_frames = _first_audio(later, "one-frame-first")
+    finally:
+        later.shutdown()
+    assert gap == 2 and pieces == [1365 + 1920] + [1920] * (FRAMES - 2) and two_frames == audio
 
 
 def test_an_abort_mid_speech_frees_blocks_the_voice_and_the_stream(engine):

@@ -177,22 +177,26 @@ def test_the_bitmask_is_applied_like_a_full_masked_fill(kind):
     assert torch.equal(logits, expected)
 
 
-def test_a_large_greedy_batch_masks_or_corrects_the_greedy_head_exactly_like_full_masked_logits(llm, monkeypatch):
+def test_a_large_greedy_batch_masks_checks_or_corrects_the_greedy_head_exactly_like_full_masked_logits(
+    llm, monkeypatch
+):
     """From 64 rows the greedy head serves the batch. With every mask filled beside the forward, the compiled head
-    takes them and picks among the allowed tokens itself; with masks on demand, only the rows whose grammar forbids
-    their greedy token are recomputed. Both answer exactly like full logits + mask (the greedy head switched off),
-    and every answer is valid."""
+    takes them and picks among the allowed tokens itself; with masks on demand, the grammar checks each row's best
+    ids and only the rows none of them settles get a mask and a masked pass; without the masked head, the rows
+    whose grammar forbids their greedy token are recomputed. All answer exactly like full logits + mask (the greedy
+    head switched off), and every answer is valid; a few rows are unconstrained."""
     schema = {
         "type": "object",
         "properties": {"ok": {"type": "boolean"}, "name": {"type": "string", "maxLength": 5}},
         "required": ["ok", "name"],
         "additionalProperties": False,
     }  # short answers: a fast test
-    specs = [Spec(json=json.dumps(schema)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
+    specs = [Spec(json=json.dumps(schema)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK), None]
     prompts = [f"Row {i}:" for i in range(64)]
-    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 4]) for i in range(64)]
-    corrected, masked_heads = [], []
+    params = [SamplingParams(temperature=0.0, max_tokens=40, structured_outputs=specs[i % 5]) for i in range(64)]
+    corrected, masked_heads, settled, missed = [], [], [], []
     correct_greedy, greedy_tokens = StepBitmask.correct_greedy, model_runner.greedy_tokens
+    first_allowed, fill_rows = MasksOnDemand.first_allowed, MasksOnDemand.fill_rows
 
     def counted(self, token_ids, *args):
         out = correct_greedy(self, token_ids, *args)
@@ -203,14 +207,29 @@ def test_a_large_greedy_batch_masks_or_corrects_the_greedy_head_exactly_like_ful
         masked_heads.append(allowed is not None)
         return greedy_tokens(lm_head, hidden, allowed)
 
+    def checked(self, candidates):
+        chosen = first_allowed(self, candidates)
+        settled.append(sum(token >= 0 for token in chosen))
+        return chosen
+
+    def filled(self, rows):
+        missed.append(len(rows))
+        return fill_rows(self, rows)
+
     monkeypatch.setattr(StepBitmask, "correct_greedy", counted)
     monkeypatch.setattr(model_runner, "greedy_tokens", noted)
+    monkeypatch.setattr(MasksOnDemand, "first_allowed", checked)
+    monkeypatch.setattr(MasksOnDemand, "fill_rows", filled)
     manager = llm.engine.structured_output
     monkeypatch.setattr(manager, "fill_mode", "beside")  # every mask, filled while the forward runs
     masked = llm.generate(prompts, params, use_tqdm=False)
     kernel = greedy_kernel.load_kernel() is not None
-    assert (sum(masked_heads) > 10) == kernel and (sum(corrected) == 0) == kernel
-    monkeypatch.setattr(manager, "fill_mode", "on-demand")  # masks only for the rows the grammar rejects
+    assert (sum(masked_heads) > 10) == kernel and (sum(corrected) == 0) == kernel and not settled
+    monkeypatch.setattr(manager, "fill_mode", "on-demand")  # the best ids checked, masks for the rows left
+    checked_ids = llm.generate(prompts, params, use_tqdm=False)
+    if kernel:  # most rows settled by their best ids, some needed a mask
+        assert sum(settled) > 10 and sum(missed) > 64 and sum(corrected) == 0
+    monkeypatch.setattr(model_runner, "masked_greedy_serves", lambda lm_head, dtype: False)
     corrected.clear()
     fast = llm.generate(prompts, params, use_tqdm=False)
     assert sum(corrected) > 64  # the greedy head's tokens were corrected, often
@@ -219,8 +238,10 @@ def test_a_large_greedy_batch_masks_or_corrects_the_greedy_head_exactly_like_ful
     slow = llm.generate(prompts, params, use_tqdm=False)
     want = [o.outputs[0].token_ids for o in slow]
     assert [o.outputs[0].token_ids for o in fast] == want
+    assert [o.outputs[0].token_ids for o in checked_ids] == want
     assert [o.outputs[0].token_ids for o in masked] == want
-    _assert_complete_and_valid(masked, params, schema)
+    constrained = [i for i in range(64) if specs[i % 5] is not None]
+    _assert_complete_and_valid([masked[i] for i in constrained], [params[i] for i in constrained], schema)
 
 
 def test_tensor_parallel_ranks_receive_the_masks_and_answer_like_one_rank(llm):
@@ -244,11 +265,14 @@ def _mask_rows(compiler, specs: list[Spec], lineages: int = 1) -> list[MaskRow]:
         compiler.add_lineages(spec, lineages)
         seen[spec.key] = seen.get(spec.key, -1) + 1
         template = compiler.template(spec, seen[spec.key] % lineages)
-        rows.append(MaskRow(template.deep_copy(), i, id(template)))
+        rows.append(MaskRow(template.deep_copy(), i, id(template), compiler.checks_tokens(spec)))
     return rows
 
 
-def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar_rejects(llm):
+def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_is_not_known_to_be_allowed(llm):
+    """The choice row's token is allowed and checked: no mask. The regex and Lark rows' tokens are rejected, and a
+    Lark grammar is never checked token by token; the JSON row starts with forced bytes, where the check and the
+    mask disagree: those rows get their masks."""
     compiler = llm.engine.structured_output.compiler
     specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)]
     rows = _mask_rows(compiler, specs)
@@ -256,16 +280,66 @@ def test_masks_on_demand_are_filled_only_for_rows_whose_greedy_token_the_grammar
     full = filler.fill(rows, len(rows))
     allowed = np.unpackbits(full.view(np.uint8), axis=1, bitorder="little").astype(bool)
     chosen = [int(np.flatnonzero(row if i % 2 == 0 else ~row)[0]) for i, row in enumerate(allowed)]
-    got = MasksOnDemand(filler, rows).result(chosen)
-    assert (got[0] == -1).all() and (got[2] == -1).all()  # their tokens are allowed: no mask computed
-    assert np.array_equal(got[1::2], full[1::2])
-    assert np.array_equal(MasksOnDemand(filler, rows).result(), full)
+    special = compiler.special_tokens
+    got = MasksOnDemand(filler, rows, special).result(chosen)
+    assert (got[2] == -1).all()  # its token is allowed: no mask computed
+    assert np.array_equal(got[[0, 1, 3]], full[[0, 1, 3]])
+    assert np.array_equal(MasksOnDemand(filler, rows, special).result(), full)
     assert np.array_equal(MasksBesideForward(filler, rows).result(chosen), full)
+    assert np.array_equal(MasksOnDemand(filler, rows, special).fill_rows([3, 1]), full[[3, 1]])
+
+
+@pytest.mark.parametrize("kind", ["json", "strings", "regex", "choice"])
+def test_the_first_allowed_candidate_is_the_first_that_the_mask_allows(llm, kind):
+    """Along random valid answers, at every state: for lists of candidates mixing allowed, forbidden and special
+    ids, first_allowed answers -1 or exactly the first candidate that the state's mask allows, and it answers in
+    most states; outside forced bytes, the per-token check agrees with the mask on every id tried."""
+    strings = {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 3, "maxItems": 3}
+    spec = {
+        "json": Spec(json=json.dumps(SCHEMA)),
+        "strings": Spec(json=json.dumps(strings)),
+        "regex": Spec(regex=REGEX),
+        "choice": Spec(choice=CHOICES),
+    }[kind]
+    compiler = llm.engine.structured_output.compiler
+    special = compiler.special_tokens
+    rng = np.random.default_rng(7)
+    answered = states = 0
+    for answer in range(3):
+        row = _mask_rows(compiler, [spec])[0]
+        filler = MaskFiller(compiler.vocab_size, threads=1)
+        while not row.matcher.is_stopped():
+            lists = []
+            for _ in range(6):
+                candidates = rng.integers(0, compiler.vocab_size, 8)
+                candidates[rng.integers(0, 8)] = rng.choice(np.flatnonzero(special))
+                lists.append(candidates.tolist())
+            got = [masks.first_allowed(row, c, special) for c in lists]
+            forced = bool(row.matcher.compute_ff_bytes())
+            tried = rng.integers(0, compiler.vocab_size, 3000).tolist()
+            checks = [row.matcher.validate_tokens([t]) == 1 for t in tried]
+            bits = np.unpackbits(filler.fill([row], 1).view(np.uint8), bitorder="little").astype(bool)
+            allowed = np.flatnonzero(bits)
+            with_allowed = [list(c) for c in lists]
+            for candidates in with_allowed:
+                candidates[rng.integers(0, 8)] = int(rng.choice(allowed))
+            got += [masks.first_allowed(row, c, special) for c in with_allowed]
+            for candidates, first in zip(lists + with_allowed, got):
+                want = next(c for c in candidates if bits[c]) if bits[candidates].any() else -1
+                assert first in (-1, want), (candidates, first, want)
+            answered += sum(first >= 0 for first in got)
+            states += 1
+            if not forced:
+                assert all(check == bits[t] for t, check in zip(tried, checks) if not special[t])
+                assert all(row.matcher.validate_tokens([int(t)]) == 1 for t in allowed if not special[t])
+            row.matcher.consume_token(int(rng.choice(allowed)))
+        filler.shutdown()
+    assert answered > states // 2, (answered, states)  # (a forced state answers none)
 
 
 def test_on_demand_fills_several_rejected_rows_of_several_lineages_in_one_step(llm):
     """Many rows rejected in one step, spread over two lineages of each spec and filled on two threads: each
-    rejected row gets exactly its own mask, each accepted row keeps every token."""
+    rejected row gets exactly its own mask, each row whose token is checked and allowed keeps every token."""
     compiler = llm.engine.structured_output.compiler
     specs = [Spec(json=json.dumps(SCHEMA)), Spec(regex=REGEX), Spec(choice=CHOICES), Spec(grammar=LARK)] * 3
     rows = _mask_rows(compiler, specs, lineages=2)
@@ -275,10 +349,11 @@ def test_on_demand_fills_several_rejected_rows_of_several_lineages_in_one_step(l
     allowed = np.unpackbits(full.view(np.uint8), axis=1, bitorder="little").astype(bool)
     rejected = {1, 2, 3, 5, 6, 8, 11}
     chosen = [int(np.flatnonzero(~row if i in rejected else row)[0]) for i, row in enumerate(allowed)]
+    filled = rejected | {0, 4, 8} | {3, 7, 11}  # and the JSON rows (forced bytes) and the Lark rows (never checked)
     for _ in range(3):
-        got = MasksOnDemand(filler, rows).result(chosen)
+        got = MasksOnDemand(filler, rows, compiler.special_tokens).result(chosen)
         for i in range(len(rows)):
-            assert np.array_equal(got[i], full[i] if i in rejected else np.full_like(full[i], -1)), i
+            assert np.array_equal(got[i], full[i] if i in filled else np.full_like(full[i], -1)), i
     filler.shutdown()
 
 

@@ -146,3 +146,13 @@ def test_row_words_of_a_batch_all_constrained_in_order_are_the_words_themselves(
     assert dense.data_ptr() == words.data_ptr()  # no copy
     laid_out = StepBitmask([0, 1, 2], words).row_words(4, vocab)[:3]  # a fourth row: the copying layout
     assert torch.equal(_allowed_twin(dense, vocab), _allowed_twin(laid_out, vocab))
+
+
+def test_allowed_among_checks_each_kept_id_like_the_twin():
+    words = _words(5, 7, seed=9, kinds=("random", "few", "one", "none", "many"))
+    ids = torch.randint(0, 7 * 32 + 10, (5, 12), generator=torch.Generator().manual_seed(10))
+    ids[:, 0] = -1  # an empty slot of the kernel's top-k
+    got = token_bitmask.allowed_among(words.numpy(), ids.numpy())
+    allowed = _allowed_twin(words, 7 * 32)
+    want = [[0 <= t < 7 * 32 and bool(allowed[i, t]) for t in row] for i, row in enumerate(ids.tolist())]
+    assert got.tolist() == want and got.any()

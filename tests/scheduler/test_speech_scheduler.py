@@ -236,3 +236,23 @@ def test_a_request_whose_speech_ended_never_speaks_again_after_a_thinker_preempt
         "b": "length",
     }
     assert fake.text_finish == {"a": "length", "b": "length"}
+
+
+@pytest.mark.parametrize("frames_until_eos", [5, 1, 0])
+def test_a_first_packet_of_two_frames_comes_one_step_later_with_both(frames_until_eos):
+    """first_packet_frames 2: nothing at the first frame, both frames' PCM at the second, then a frame per step;
+    speech that ends sooner sends what it has with its finish; the audio is the same bytes either way."""
+    scheduler = make_scheduler(lane(first_packet_frames=2))
+    scheduler.add_request(speaking("a"))
+    fake = FakeLane(scheduler, {"a": [10, 11, 12]}, {"a": frames_until_eos})
+    deltas = []
+    while scheduler.has_unfinished_requests():
+        before = fake.audio.get("a", b"")
+        fake.step()
+        deltas.append(fake.audio.get("a", b"")[len(before) :])
+    assert fake.audio_finish["a"] == "stop" and fake.audio.get("a", b"") == b"ab" * frames_until_eos
+    spoken = [delta for delta in deltas if delta]
+    if frames_until_eos == 5:
+        assert deltas[:3] == [b"", b"", b"abab"] and spoken == [b"abab", b"ab", b"ab", b"ab"]
+    else:
+        assert spoken == [b"ab"] * frames_until_eos  # flushed with the finish

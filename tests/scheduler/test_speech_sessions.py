@@ -79,3 +79,26 @@ def test_cancel_stops_the_speech_and_a_frame_in_flight_never_reaches_the_next_tu
     assert speech.requests["s"].frames == [] and not any(o.new_audio for o in outputs)
     assert scheduler.schedule().speech.finished_req_ids == ["s"]  # the runner drops the first turn's voice
     assert not scheduler.cancel_turn("missing")
+
+
+def test_input_rolled_back_drops_the_rows_kept_past_it_before_new_input_is_captured():
+    """A segment discarded before its commit (or the input after a truncated answer) leaves the context: the
+    runner is told to drop the rows kept past the cut, before the rows of input appended after it."""
+    scheduler = make_scheduler()
+    _open(scheduler)
+    fake = FakeLane(scheduler, {}, {})
+    start = len(SYSTEM) + 3
+    scheduler.append_input("s", [IM_START, USER, NL])
+    clip = MultiModalFeature(modality="audio", identifier="clip", offset=start + 1, length=3)
+    scheduler.append_input("s", AUDIO, [clip])
+    fake.step()
+    assert fake.schedules[-1].speech.capture == {"s": [start + 1, start + 2, start + 3]}
+    scheduler.rollback_input("s", start)  # the clip was a false start
+    again = MultiModalFeature(modality="audio", identifier="again", offset=start + 1, length=2)
+    scheduler.append_input("s", AUDIO[:3] + AUDIO[-1:], [again])
+    pending = MultiModalFeature(modality="audio", identifier="pending", offset=start + 4, length=1)
+    scheduler.append_input("s", AUDIO[:2] + AUDIO[-1:], [pending])
+    scheduler.rollback_input("s", start + 4)  # the last one too, before any step saw it
+    speech = scheduler.schedule().speech
+    assert speech.rolled_back == {"s": start} and speech.capture == {"s": [start + 1, start + 2]}
+    assert scheduler.schedule().speech is None  # nothing left to tell the runner

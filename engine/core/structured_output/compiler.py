@@ -22,11 +22,15 @@ import threading
 from collections import OrderedDict
 
 import llguidance
+import numpy as np
 
 from omnistream.engine.checkpoint.tokenizer import Tokenizer
 from omnistream.scheduler.structured_outputs import StructuredOutputsParams
 
 CACHE_SIZE = 256  # distinct compiled specs kept
+# The kinds of spec whose grammars name no special token and no token range, so that their masks agree with
+# llguidance's per-token checks outside forced bytes (masks.first_allowed); a Lark grammar may name either.
+CHECKABLE_KINDS = ("json", "regex", "choice")
 # JSON is written the way json.dumps writes it (", " and ": ", no other whitespace): a model cannot pad a
 # document with endless whitespace, so a complete value always comes within reach of max_tokens.
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
@@ -61,6 +65,7 @@ class GrammarCompiler:
         self._cache: OrderedDict[tuple[str, str], list[llguidance.LLMatcher]] = OrderedDict()  # templates
         self._lock = threading.Lock()
         self._llg_tokenizer: llguidance.LLTokenizer | None = None
+        self._special: np.ndarray | None = None
 
     @property
     def llg_tokenizer(self) -> llguidance.LLTokenizer:
@@ -74,6 +79,24 @@ class GrammarCompiler:
                     slices=STRING_SLICES,
                 )
             return self._llg_tokenizer
+
+    @property
+    def special_tokens(self) -> np.ndarray:
+        """bool [vocab_size]: the tokens llguidance treats as special (end of sequence, control tokens, the
+        vocabulary's padding), whose masks per-token checks do not predict; computed once (some 30 ms)."""
+        tokenizer = self.llg_tokenizer
+        with self._lock:
+            if self._special is None:
+                special = np.array([tokenizer.is_special_token(t) for t in range(tokenizer.vocab_size)], dtype=bool)
+                special = np.pad(special, (0, max(0, self.vocab_size - len(special))), constant_values=True)
+                special[[t for t in self._eos_token_ids if t < len(special)]] = True
+                self._special = special
+            return self._special
+
+    @staticmethod
+    def checks_tokens(spec: StructuredOutputsParams) -> bool:
+        """Whether per-token checks may stand for `spec`'s masks where masks.first_allowed trusts them."""
+        return spec.key[0] in CHECKABLE_KINDS
 
     def cached(self, spec: StructuredOutputsParams) -> llguidance.LLMatcher | None:
         """A fresh matcher for `spec` if it is compiled already, else None."""

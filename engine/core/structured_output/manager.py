@@ -3,8 +3,9 @@
 A request whose grammar is not compiled yet is added to the scheduler marked `grammar_pending`, which the
 scheduler skips; the grammar compiles on a worker thread while other requests keep stepping, and the
 request is released when it is ready. Each step, the rows that sample under a grammar get their bitmask of
-allowed tokens, filled by llguidance while the step's forward runs where a core is free for it, else when the
-runner asks after the forward, and then only for the rows whose greedy token the grammar rejects (masks.py).
+allowed tokens, filled by llguidance while the step's forward runs where a core is free for it, or when the
+runner asks after the forward, and then only for the rows where the greedy head's best ids do not settle it
+(masks.py): on a CPU for a step whose sampling rows are all plain greedy, and where no core is free.
 With tensor parallelism the executor waits for the masks and broadcasts them in the step, so they are
 computed once, on rank 0, and every rank receives the same bytes. After the step each matcher consumes its
 sampled token, and a matcher that has stopped (the output is complete and nothing may follow) ends its
@@ -53,6 +54,7 @@ class StructuredOutputManager:
     def __init__(self, compiler: GrammarCompiler, device_type: str = "cpu") -> None:
         self.compiler = compiler
         threads, self._free_cores = mask_threads(device_type)
+        self._device_type = device_type
         self.fill_mode: Literal["auto", "beside", "on-demand"] = "auto"  # where masks are filled (masks.py)
         self._filler = MaskFiller(compiler.vocab_size, threads)
         self.num_lineages = threads + 1  # the filler's threads and the runner's
@@ -146,13 +148,16 @@ class StructuredOutputManager:
             return None
         scheduler_output.grammar_req_ids = rows
         grammars = [self._grammars[req_id] for req_id in rows]
-        matchers = [MaskRow(g.matcher, i, id(g.template)) for i, g in enumerate(grammars)]
-        # auto: beside the forward where a core is free, which hides the whole fill; on demand fills fewer masks
-        beside = self._free_cores if self.fill_mode == "auto" else self.fill_mode == "beside"
+        checks = self.compiler.checks_tokens
+        matchers = [MaskRow(g.matcher, i, id(g.template), checks(g.spec)) for i, g in enumerate(grammars)]
+        if self.fill_mode == "auto":  # on demand: the greedy head's best ids spare most masks (masks.py)
+            beside = self._free_cores and not (self._device_type == "cpu" and _plain_greedy(scheduler_output, requests))
+        else:
+            beside = self.fill_mode == "beside"
         if beside:
             self._filling = MasksBesideForward(self._filler, matchers)
         else:
-            self._filling = MasksOnDemand(self._filler, matchers)
+            self._filling = MasksOnDemand(self._filler, matchers, self.compiler.special_tokens, self._free_cores)
         return self._filling
 
     def _settle(self) -> None:
@@ -201,3 +206,19 @@ class StructuredOutputManager:
         grammar.matcher = grammar.template.deep_copy()
         grammar.matcher.consume_tokens(outputs)
         grammar.num_consumed = len(outputs)
+
+
+def _plain_greedy(so: SchedulerOutput, requests: dict[str, Request]) -> bool:
+    """Whether every request that samples in this step takes the first maximum of its raw logits and wants no
+    logprobs: then the runner's greedy head serves the step (as far as the engine core can tell)."""
+    no_sample = set(so.no_sample_req_ids)
+    for req_id in so.num_scheduled_tokens:
+        request = requests[req_id]
+        if req_id in no_sample or request.num_computed_tokens < request.num_tokens:
+            continue
+        p = request.sampling_params
+        if not p.greedy or p.logprobs is not None or request.num_output_tokens < p.min_tokens:
+            return False
+        if p.presence_penalty or p.frequency_penalty or p.repetition_penalty != 1.0:
+            return False
+    return True

@@ -5,10 +5,22 @@ llguidance (without the GIL) on the filler's threads and the runner's, one of tw
   compiled greedy head takes every row's mask when it starts; used where cores are free during the forward
   (every core beside a GPU; on a CPU, those that torch's threads leave). When the runner asks, its thread fills
   the rows no thread has taken yet (the forward was faster).
-- MasksOnDemand: where no core is free (torch's OpenMP threads slow down many times over when they share a
-  core), filled when the runner asks, after the forward. Given the greedy tokens of the rows, only the rows
-  whose grammar rejects theirs get a mask (the others allow every token, so they keep theirs): a grammar check
-  of one token is microseconds, a mask over the vocabulary far more.
+- MasksOnDemand: filled when the runner asks, after the forward, and only for the rows that need one. The
+  runner's greedy head gives each row its best few ids in order (greedy_kernel.greedy_top); the first of them
+  that the row's grammar allows is the row's masked greedy token (`first_allowed`), and only a row where none is
+  known to be allowed gets a mask (`fill_rows`). A grammar check of one token is about 1.5 us, a mask over the
+  vocabulary 60 us (a forced token, a structural JSON position) to 0.7 ms (inside a string). Used on a CPU for a
+  step whose every sampling row is plain greedy (the manager's choice), and where no core is free (torch's OpenMP
+  threads slow down many times over when they share a core). The rows the check cannot settle whatever the head
+  picks (most of them in a forced state, 42% of the rows of the benchmark's JSON workload) are filled beside the
+  forward where a core is free.
+
+`first_allowed` answers only where llguidance's mask is certain to agree with its per-token check
+(`validate_tokens`): not in a state with forced bytes (the mask then allows just the first token llguidance
+tokenizes them into, where the check accepts any prefix), not for special tokens (end of sequence, which the mask
+allows when the grammar accepts and the check refuses, and the vocabulary's padding), not for a stopped matcher,
+and only for grammars of JSON schemas, regular expressions and choices (a Lark grammar may name special tokens or
+token ranges). Elsewhere it answers -1 and the mask decides: the outcome is the masked maximum either way.
 
 Matchers copied from one compiled template share llguidance's lock, so a thread fills the rows of one lineage
 (template) at a time, a lineage no other thread holds (RowQueue): threads never wait on each other's lock.
@@ -33,6 +45,27 @@ class MaskRow(NamedTuple):
     matcher: llguidance.LLMatcher
     row: int  # its row in the mask array
     lineage: int  # the id of the template it was copied from: matchers of one lineage share a lock
+    checkable: bool = False  # its grammar's masks agree with per-token checks (first_allowed)
+
+
+def checks_answer(row: MaskRow) -> bool:
+    """Whether per-token checks may stand for the row's mask in its matcher's state (the module's docstring)."""
+    return row.checkable and not row.matcher.is_stopped() and not row.matcher.compute_ff_bytes()
+
+
+def first_allowed(row: MaskRow, candidates: list[int], special: np.ndarray) -> int:
+    """The first of `candidates` that the row's mask allows, where per-token checks are certain to agree with the
+    mask (the module's docstring), checked in order; -1 where none is or where the mask must decide.
+    special: bool [V], the tokens llguidance treats as special (end of sequence included)."""
+    if not checks_answer(row):
+        return -1
+    matcher = row.matcher
+    for token in candidates:
+        if not 0 <= token < len(special) or special[token]:
+            return -1
+        if matcher.validate_tokens([token]) == 1:
+            return token
+    return -1
 
 
 def mask_threads(device_type: str) -> tuple[int, bool]:
@@ -93,11 +126,17 @@ class MaskFiller:
     def fill(self, rows: list[MaskRow], num_rows: int) -> np.ndarray:
         """A fresh [num_rows, W] array with the masks of `rows`, filled by the caller and the filler's threads."""
         bitmask = self.allocate(num_rows)
+        self.fill_into(rows, bitmask)
+        return bitmask
+
+    def fill_into(self, rows: list[MaskRow], bitmask: np.ndarray) -> None:
+        """The masks of `rows` into their rows of bitmask, filled by the caller and the filler's threads."""
+        if not rows:
+            return
         queue = RowQueue(rows)
         futures = self.start(queue, bitmask, min(self.threads, len(rows)) - 1)
         queue.fill(bitmask)
         _finish(futures)
-        return bitmask
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
@@ -130,18 +169,59 @@ class MasksBesideForward:
 
 
 class MasksOnDemand:
+    """Masks for the rows that need one, filled into one [R, W] array (every token allowed in the other rows).
+    The rows whose check cannot answer (`checks_answer`: forced bytes, a Lark grammar, a stopped matcher) need
+    theirs whatever the greedy head picks: where a core is free (`early`), the filler's threads fill them while
+    the forward runs; the checks and the other masks wait until they are done, so that no thread reads a matcher
+    another one is filling."""
+
     beside_forward = False
 
-    def __init__(self, filler: MaskFiller, rows: list[MaskRow]) -> None:
+    def __init__(self, filler: MaskFiller, rows: list[MaskRow], special: np.ndarray, early: bool = False) -> None:
         self._filler = filler
-        self._rows = rows
+        self._rows = [row._replace(row=i) for i, row in enumerate(rows)]
+        self._special = special
+        self._bitmask = filler.allocate(len(rows))
+        self._early = {row.row for row in self._rows if not checks_answer(row)}
+        self._queue = RowQueue([row for row in self._rows if row.row in self._early])
+        self._futures = filler.start(self._queue, self._bitmask, filler.threads) if early and self._early else None
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
-        """The rows' masks; given each row's greedy token, only the rows whose grammar rejects it get one."""
-        todo = self._rows
+        """The rows' masks; given each row's greedy token, only the rows whose grammar is not known to allow it get
+        one (the others allow every token, so they keep theirs)."""
+        self._fill_early()
+        todo = [row for row in self._rows if row.row not in self._early]
         if chosen is not None:
-            todo = [r for r, token in zip(self._rows, chosen) if r.matcher.validate_tokens([token]) != 1]
-        return self._filler.fill(todo, len(self._rows))
+            special = self._special
+            todo = [row for row in todo if first_allowed(row, [chosen[row.row]], special) != chosen[row.row]]
+        self._filler.fill_into(todo, self._bitmask)
+        return self._bitmask
+
+    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
+        """Per row, the first of its candidate ids (best first) that its grammar allows, or -1 where none is known
+        to be: then fill_rows gives its mask."""
+        self._fill_early()
+        early, special = self._early, self._special
+        return [
+            -1 if row.row in early else first_allowed(row, ids, special) for row, ids in zip(self._rows, candidates)
+        ]
+
+    def fill_rows(self, rows: list[int]) -> np.ndarray:
+        """[len(rows), W] int32: the masks of the rows at these positions, in this order."""
+        self._fill_early()
+        self._filler.fill_into([self._rows[i] for i in rows if i not in self._early], self._bitmask)
+        return self._bitmask[rows]
 
     def settle(self) -> None:
-        """Nothing runs in the background."""
+        """Return once no thread reads the matchers."""
+        if self._futures is not None:
+            _finish(self._futures)
+
+    def _fill_early(self) -> None:
+        """Fill the early rows not filled yet (on the filler's threads too, where they did not start early)."""
+        if self._futures is None:
+            self._futures = self._filler.start(
+                self._queue, self._bitmask, min(self._filler.threads, len(self._early)) - 1
+            )
+        self._queue.fill(self._bitmask)
+        _finish(self._futures)

@@ -59,6 +59,14 @@ class Choices:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(choice index, cumulative output) as they come, across all choices; closing aborts the rest."""
+        if len(self.generators) == 1:  # one choice (the usual case): read it here, no task or queue per output
+            try:
+                yield 0, self.first[0]
+                async for output in self.generators[0]:
+                    yield 0, output
+            finally:
+                await _close_all(self.generators)
+            return
         queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
 
         async def pump(index: int, generator: AsyncIterator[RequestOutput]) -> None:

@@ -53,6 +53,7 @@ from omnistream.engine.frontend.outputs import RequestOutput
 from omnistream.engine.frontend.session import SegmentDiscardedError, StreamingSession
 from omnistream.engine.frontend.tool_calls import ToolCallStream
 from omnistream.engine.frontend.tool_prompt import system_prompt_with_tools, tool_response
+from omnistream.multimodal.image import ImageInputs
 from omnistream.multimodal.media_fetch import MediaPolicy
 from omnistream.multimodal.vad import EnergyVad
 
@@ -186,7 +187,7 @@ class Conversation:
                    image_content(value) if kind == "input_image" else events.audio_content() for kind, value in parts]
         self._add_item(events.user_item(item_id, content))
 
-    def _check_room(self, session: StreamingSession, images: list[Any]) -> None:
+    def _check_room(self, session: StreamingSession, images: list[ImageInputs]) -> None:
         """An item whose images alone outgrow the model is refused before any of its parts is sent (the engine would
         refuse the first image that does not fit, after the parts before it)."""
         need = sum(image.num_tokens + 2 for image in images)  # pads, vision start and end
@@ -195,7 +196,7 @@ class Conversation:
             raise RealtimeError(f"the item's images need {need} tokens but the conversation has {left} left of "
                                 f"max_model_len {self.llm.max_model_len}", param="item.content")
 
-    async def _image(self, index: int, part: Any) -> Any:
+    async def _image(self, index: int, part: Any) -> ImageInputs:
         """An input_image part's image, fetched and preprocessed off the event loop."""
         max_pixels = self.llm.input_processor.limits.max_image_pixels
         return await asyncio.to_thread(load_image_part, part, f"item.content[{index}]", self.media_policy, max_pixels)
