@@ -270,6 +270,12 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
         }
         return;
     }
+    vint beats = (vint){0}; /* a candidate that is not above its lane's maximum (even rounded) changes nothing */
+    for (int k = 0; k < kv; k++)
+        for (int j = 0; j < nb; j++)
+            beats |= acc[k][j] > best[b + j];
+    if (!any_lane(beats))
+        return;
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
         for (int j = 0; j < nb; j++) {
             vint ok = lm ? allowed_lanes(lm, v + k, b + j) : (vint){0} - 1;
