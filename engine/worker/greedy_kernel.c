@@ -27,7 +27,10 @@
  * - rows in lanes (B >= LANES_FROM_ROWS): the hidden rows are transposed once to [H, B padded to LANES], so that
  *   one vector holds one hidden element of LANES batch rows; each weight element is broadcast and multiplied into
  *   KV x NB accumulators (KV vocabulary rows x NB vectors of batch rows), and a running maximum and its id are
- *   kept per lane with vector compares: no horizontal sums;
+ *   kept per lane with vector compares (skipped for a step none of whose candidates is above it): no horizontal
+ *   sums. Without a mask, the next tile's rows are prefetched into L2 while a tile is computed, a line of each of
+ *   the step's KV rows every 16 hidden elements: at 16 rows the FMAs and the weight's memory stream take about as
+ *   long each, and without it they followed each other instead of overlapping;
  * - ids in lanes (fewer rows): groups of LANES vocabulary rows; per batch row, one vector of partial sums per id
  *   (hidden in blocks of HIDDEN_BLOCK, so that a group's rows stay in L1 while every batch row meets them), folded
  *   into one vector that holds the group's LANES logits, one per lane; a running maximum and its id are kept per
