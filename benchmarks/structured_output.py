@@ -8,7 +8,8 @@
    head (masked inside the compiled kernel, or keeping each row's best ids, checking them against the grammar
    and filling masks for the rows left, with a masked pass over those: greedy_head.checked_greedy_tokens),
    the checks alone, applying the masks or correcting the greedy head's tokens, and the matchers advancing;
-   and how many rows per step their best ids settled and how many needed a mask. With `--compare-correction`
+   and how many rows per step their best ids settled and how many masks were filled, beside the forward (on
+   the filler's threads) and after the head. With `--compare-correction`
    the constrained workload also runs with the masked head switched off (the unmasked head, then the rows whose
    grammar rejects their token are recomputed), interleaved in the same run.
 2. Compiling a large JSON schema (`--fields` properties) the first time and again (cached).
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import threading
 import time
 
 import torch
@@ -132,20 +134,21 @@ def engine_figures(args: argparse.Namespace) -> dict:
     manager.advance = advance.wrap(manager.advance)
     model_runner.greedy_tokens = head.wrap(model_runner.greedy_tokens)
     model_runner.checked_greedy_tokens = head.wrap(model_runner.checked_greedy_tokens)
-    settled, missed = [], []
-    first_allowed, fill_rows = masks.MasksOnDemand.first_allowed, masks.MasksOnDemand.fill_rows
+    settled, beside, after = [], [], []
+    first_allowed, fill_into = masks.MasksOnDemand.first_allowed, masks.MaskFiller.fill_into
 
-    def counted_checks(self, candidates):
-        chosen = first_allowed(self, candidates)
+    def counted_checks(self, rows, candidates):
+        chosen = first_allowed(self, rows, candidates)
         settled.append(sum(token >= 0 for token in chosen))
         return chosen
 
-    def counted_fills(self, rows):
-        missed.append(len(rows))
-        return fill_rows(self, rows)
+    def counted_fills(self, rows, bitmask):
+        on_filler = threading.current_thread().name.startswith("grammar-mask")
+        (beside if on_filler else after).append(len(rows))
+        return fill_into(self, rows, bitmask)
 
     masks.MasksOnDemand.first_allowed = check.wrap(counted_checks)
-    masks.MasksOnDemand.fill_rows = counted_fills
+    masks.MaskFiller.fill_into = counted_fills
     timers = (select, fill, wait, head, check, apply, advance)
     spec = StructuredOutputsParams(json=json.dumps(STEP_SCHEMA))
     plain, constrained, corrected = [], [], []
@@ -157,8 +160,8 @@ def engine_figures(args: argparse.Namespace) -> dict:
         plain_head = head.total / args.steps * 1e3
         for timer in timers:
             timer.total = 0.0
-        settled.clear()
-        missed.clear()
+        for counts in (settled, beside, after):
+            counts.clear()
         constrained += decode_steps(llm, args.batch, args.steps, spec, f"json{r}")
         parts = [timer.total / args.steps * 1e3 for timer in timers]
         if args.compare_correction:
@@ -198,7 +201,8 @@ def engine_figures(args: argparse.Namespace) -> dict:
         ),
         "rows_per_step_last_repeat": {
             "settled_by_best_ids": sum(settled) / args.steps,
-            "masks_filled_after_checks": sum(missed) / args.steps,
+            "masks_filled_beside_forward": sum(beside) / args.steps,
+            "masks_filled_after_head": sum(after) / args.steps,
         },
     }
     if corrected:

@@ -13,8 +13,10 @@ no correction pass). Without masks (`checked_greedy_tokens`) it keeps each row's
 pass; the first that the row's grammar allows is the row's masked maximum (every id before it ranks higher and is
 forbidden, every id not kept ranks lower). The grammar checks them one by one where its check can answer; a row it
 does not settle gets its mask, which checks all its kept ids at once, and a row none of those settles gets a
-second, masked pass over just such rows: computed as in the whole batch (`as_batch_of`), so with the very logits
-the single masked pass would have used; a mask that allows a few ids skips most tiles.
+second, masked pass over just such rows, as do the rows whose masks were filled beside the forward (their check
+could not answer: forced bytes, mostly), which skip the first pass (its cost grows with the rows). Every pass runs
+as in the whole batch (`as_batch_of`), so with the very logits the single masked pass would have used; a mask that
+allows a few ids skips most tiles.
 """
 
 from __future__ import annotations
@@ -92,35 +94,44 @@ def checked_greedy_tokens(
     lm_head: ParallelLMHead, hidden: torch.Tensor, rows: list[int], masks: PendingMasks
 ) -> torch.Tensor:
     """The greedy ids [B] of hidden [B, H] where rows[i] is constrained by the grammar behind masks' row i: its
-    first maximum over the tokens it allows, the other rows' over all (only where masked_greedy_serves)."""
-    weight = lm_head.weight
-    candidates = greedy_kernel.greedy_top(weight, hidden, KEPT_IDS)[1]
-    tokens = candidates[:, 0].clone()
-    chosen = masks.first_allowed(candidates[rows].tolist())
-    missed = [i for i, token in enumerate(chosen) if token < 0]
-    settled = [i for i, token in enumerate(chosen) if token >= 0]
-    if settled:
-        tokens[[rows[i] for i in settled]] = torch.tensor([chosen[i] for i in settled])
-    if not missed:
-        return tokens
-    words = masks.fill_rows(missed)
-    missed_rows = [rows[i] for i in missed]
-    kept = candidates[missed_rows].numpy()
-    allowed = allowed_among(words, kept)
-    found = allowed.any(axis=1)
-    if found.any():
-        tokens[[r for r, hit in zip(missed_rows, found) if hit]] = torch.from_numpy(
-            kept[found, allowed[found].argmax(axis=1)]
-        )
-    left = np.flatnonzero(~found)
-    widths = np.bitwise_count(words[left].view(np.uint32)).sum(axis=1)
-    for group in (left[widths <= NARROW_MASK], left[widths > NARROW_MASK]):
-        if len(group):
-            group_rows = [missed_rows[j] for j in group]
-            row_words = StepBitmask(list(range(len(group))), torch.from_numpy(words[group]))
-            allowed_words = row_words.row_words(len(group), weight.shape[0])
-            _, ids = greedy_kernel.greedy_max(weight, hidden[group_rows], allowed_words, as_batch_of=hidden.shape[0])
-            tokens[group_rows] = ids
+    first maximum over the tokens it allows, the other rows' over all (only where masked_greedy_serves). The rows
+    whose masks were filled beside the forward skip the top-k pass and take the masked pass at once."""
+    weight, batch = lm_head.weight, hidden.shape[0]
+    prepared = masks.prepared()
+    ready = {rows[i] for i in prepared}
+    tokens = torch.empty(batch, dtype=torch.int64)
+    scanned = [b for b in range(batch) if b not in ready]
+    checked = [i for i, row in enumerate(rows) if row not in ready]
+    missed: list[int] = []
+    if scanned:
+        candidates = greedy_kernel.greedy_top(weight, hidden[scanned], KEPT_IDS, as_batch_of=batch)[1]
+        tokens[scanned] = candidates[:, 0]
+        at = {b: j for j, b in enumerate(scanned)}
+        kept = candidates[[at[rows[i]] for i in checked]]
+        chosen = masks.first_allowed(checked, kept.tolist())
+        missed = [i for i, token in zip(checked, chosen) if token < 0]
+        settled = [(rows[i], token) for i, token in zip(checked, chosen) if token >= 0]
+        if settled:
+            tokens[[r for r, _ in settled]] = torch.tensor([token for _, token in settled])
+        if missed:
+            words = masks.fill_rows(missed)
+            missed_kept = candidates[[at[rows[i]] for i in missed]].numpy()
+            allowed = allowed_among(words, missed_kept)
+            found = allowed.any(axis=1)
+            for i, token in zip(np.array(missed)[found], missed_kept[found, allowed[found].argmax(axis=1)]):
+                tokens[rows[i]] = int(token)
+            missed = [i for i, hit in zip(missed, found) if not hit]
+    left = list(prepared) + missed
+    if left:
+        words = masks.fill_rows(left)
+        widths = np.bitwise_count(words.view(np.uint32)).sum(axis=1)
+        for group in (np.flatnonzero(widths <= NARROW_MASK), np.flatnonzero(widths > NARROW_MASK)):
+            if len(group):
+                group_rows = [rows[left[j]] for j in group]
+                row_words = StepBitmask(list(range(len(group))), torch.from_numpy(words[group]))
+                allowed_words = row_words.row_words(len(group), weight.shape[0])
+                _, ids = greedy_kernel.greedy_max(weight, hidden[group_rows], allowed_words, as_batch_of=batch)
+                tokens[group_rows] = ids
     return tokens
 
 

@@ -108,14 +108,18 @@ def greedy_max(
 
 
 def greedy_top(
-    weight: torch.Tensor, hidden: torch.Tensor, k: int, prefetch: bool | None = None
+    weight: torch.Tensor,
+    hidden: torch.Tensor,
+    k: int,
+    prefetch: bool | None = None,
+    as_batch_of: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest logits of each row of hidden [B, H] against weight [V, H] and their ids, in the order (value
     descending, id ascending): float32 [B, k], int64 [B, k]; the first column is greedy_max's. A slot no finite
-    logit filled has value -inf and id -1. 1 <= k <= TOP_K_MAX; `prefetch` as in greedy_max."""
+    logit filled has value -inf and id -1. 1 <= k <= TOP_K_MAX; `prefetch` and `as_batch_of` as in greedy_max."""
     if not 1 <= k <= TOP_K_MAX:
         raise ValueError(f"greedy lm_head: top-k must be in [1, {TOP_K_MAX}], not {k}")
-    values, ids = _run(weight, hidden.float().contiguous(), None, 0, k, None, prefetch)
+    values, ids = _run(weight, hidden.float().contiguous(), None, 0, k, as_batch_of, prefetch)
     return values.view(-1, k), ids.view(-1, k)
 
 

@@ -11,8 +11,9 @@ t is allowed. Tokens past the last word (padding rows of the vocabulary) are nev
 - `row_words` lays the masks out for the compiled greedy head (greedy_head.greedy_tokens with `allowed`), which
   takes each row's first maximum over its allowed tokens directly: the runner's way where that kernel serves and
   every mask is ready when the head runs (filled beside the forward, or received in the SchedulerOutput).
-- greedy_head.checked_greedy_tokens asks the pending masks to check each constrained row's best ids (`first_allowed`)
-  and fills only the rows left (`fill_rows`); `allowed_among` checks kept ids against filled masks.
+- greedy_head.checked_greedy_tokens asks the pending masks which rows' masks are filled already (`prepared`), to
+  check the other rows' best ids (`first_allowed`), and fills only the rows left (`fill_rows`); `allowed_among`
+  checks kept ids against filled masks.
 - `correct_greedy` serves a batch whose rows all take the first maximum from the chunked greedy head, which
   never materialises the logits. A constrained row keeps its token when its grammar allows it: that token is the
   first maximum of the whole row, so also of the allowed tokens. Only the other rows are recomputed, once per
@@ -48,9 +49,13 @@ class PendingMasks(Protocol):
         """[R, W] int32; given each row's greedy token, a row whose grammar allows it may allow every token."""
         ...
 
-    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
-        """Only where not beside_forward: per row, the first of its candidate ids (best first) that its grammar
-        allows, -1 where none is known to be."""
+    def prepared(self) -> list[int]:
+        """Only where not beside_forward: the rows whose masks were filled meanwhile (waits for them)."""
+        ...
+
+    def first_allowed(self, rows: list[int], candidates: list[list[int]]) -> list[int]:
+        """Only where not beside_forward: for the rows at these positions, the first of each one's candidate ids
+        (best first) that its grammar allows, -1 where none is known to be."""
         ...
 
     def fill_rows(self, rows: list[int]) -> np.ndarray:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from omnistream.engine.model_executor.attention.backend import AttentionMetadata
+from omnistream.engine.model_executor.attention.backend import AttentionMetadata, write_kv_cache
 from omnistream.engine.model_executor.attention.cpu_kernel import FLASH_MIN_QUERIES, load_kernel, run_kernel
 from omnistream.engine.model_executor.attention.reference import ReferenceBackend
 from omnistream.engine.model_executor.attention.selector import get_attention_backend
@@ -101,13 +101,18 @@ def test_cpu_kernel_equals_reference_for_head_dims_and_pages_off_its_vector_widt
 
 @pytest.mark.parametrize("variant", ["openmp", "pthreads", "serial"])
 @pytest.mark.parametrize("num_threads", [1, 64])
-def test_cpu_kernel_per_request_or_per_kv_head_items_equal_reference(variant: str, num_threads: int) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_kernel_per_request_or_per_kv_head_items_equal_reference(variant: str, num_threads: int,
+                                                                      dtype: torch.dtype) -> None:
     """One work item reads all KV heads of a request, or, with more threads than a quarter of the requests (64 here),
-    one KV head each: both equal `reference` on every row, long chunks included (the kernel is called directly)."""
+    one KV head each: both equal `reference` on every row, long chunks included (the kernel is called directly), for
+    float32 caches and bfloat16 ones (which the kernel widens exactly: the reference reads the same values in fp32)."""
     _needs_kernel("cpu")
     library = load_kernel(variant)
-    query, key, value, cache, metadata, _ = _random_batch(3, 16, 8, 2)
-    want = ReferenceBackend().forward(query, key, value, cache, metadata, HEAD_DIM**-0.5)
+    query, key, value, cache, metadata, _ = _random_batch(3, 16, 8, 2, dtype)
+    want = ReferenceBackend().forward(query, key.to(dtype).float(), value.to(dtype).float(), cache.float(), metadata,
+                                      HEAD_DIM**-0.5)
+    write_kv_cache(key, value, cache, metadata.slot_mapping)
     got = torch.empty_like(query)
     arrays = [np.ascontiguousarray(t.numpy()) for t in (metadata.query_start_loc, metadata.seq_lens,
                                                          metadata.block_table)]

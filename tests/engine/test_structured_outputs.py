@@ -207,8 +207,8 @@ def test_a_large_greedy_batch_masks_checks_or_corrects_the_greedy_head_exactly_l
         masked_heads.append(allowed is not None)
         return greedy_tokens(lm_head, hidden, allowed)
 
-    def checked(self, candidates):
-        chosen = first_allowed(self, candidates)
+    def checked(self, rows, candidates):
+        chosen = first_allowed(self, rows, candidates)
         settled.append(sum(token >= 0 for token in chosen))
         return chosen
 

@@ -171,9 +171,9 @@ class MasksBesideForward:
 class MasksOnDemand:
     """Masks for the rows that need one, filled into one [R, W] array (every token allowed in the other rows).
     The rows whose check cannot answer (`checks_answer`: forced bytes, a Lark grammar, a stopped matcher) need
-    theirs whatever the greedy head picks: where a core is free (`early`), the filler's threads fill them while
-    the forward runs; the checks and the other masks wait until they are done, so that no thread reads a matcher
-    another one is filling."""
+    theirs whatever the greedy head picks: where a core is free (`early`), a filler's thread finds and fills them
+    while the forward runs; the checks and the other masks wait until it is done, so that no two threads read
+    one matcher."""
 
     beside_forward = False
 
@@ -182,14 +182,14 @@ class MasksOnDemand:
         self._rows = [row._replace(row=i) for i, row in enumerate(rows)]
         self._special = special
         self._bitmask = filler.allocate(len(rows))
-        self._early = {row.row for row in self._rows if not checks_answer(row)}
-        self._queue = RowQueue([row for row in self._rows if row.row in self._early])
-        self._futures = filler.start(self._queue, self._bitmask, filler.threads) if early and self._early else None
+        self._early: set[int] = set()  # rows filled by _prepare
+        self._filled: set[int] = set()  # rows filled by fill_rows
+        self._prepared = filler.pool.submit(self._prepare) if early else None
 
     def result(self, chosen: list[int] | None = None) -> np.ndarray:
         """The rows' masks; given each row's greedy token, only the rows whose grammar is not known to allow it get
         one (the others allow every token, so they keep theirs)."""
-        self._fill_early()
+        self._wait_prepared()
         todo = [row for row in self._rows if row.row not in self._early]
         if chosen is not None:
             special = self._special
@@ -197,31 +197,40 @@ class MasksOnDemand:
         self._filler.fill_into(todo, self._bitmask)
         return self._bitmask
 
-    def first_allowed(self, candidates: list[list[int]]) -> list[int]:
-        """Per row, the first of its candidate ids (best first) that its grammar allows, or -1 where none is known
-        to be: then fill_rows gives its mask."""
-        self._fill_early()
+    def prepared(self) -> list[int]:
+        """The rows whose masks are filled already: those whose check cannot answer (waits for them)."""
+        self._wait_prepared()
+        return sorted(self._early)
+
+    def first_allowed(self, rows: list[int], candidates: list[list[int]]) -> list[int]:
+        """For the rows at these positions, the first of each one's candidate ids (best first) that its grammar
+        allows, or -1 where none is known to be: then fill_rows gives its mask."""
+        self._wait_prepared()
         early, special = self._early, self._special
-        return [
-            -1 if row.row in early else first_allowed(row, ids, special) for row, ids in zip(self._rows, candidates)
-        ]
+        return [-1 if i in early else first_allowed(self._rows[i], ids, special) for i, ids in zip(rows, candidates)]
 
     def fill_rows(self, rows: list[int]) -> np.ndarray:
-        """[len(rows), W] int32: the masks of the rows at these positions, in this order."""
-        self._fill_early()
-        self._filler.fill_into([self._rows[i] for i in rows if i not in self._early], self._bitmask)
+        """[len(rows), W] int32: the masks of the rows at these positions, in this order (each filled once)."""
+        self._wait_prepared()
+        todo = [i for i in dict.fromkeys(rows) if i not in self._early and i not in self._filled]
+        self._filler.fill_into([self._rows[i] for i in todo], self._bitmask)
+        self._filled.update(todo)
         return self._bitmask[rows]
 
     def settle(self) -> None:
         """Return once no thread reads the matchers."""
-        if self._futures is not None:
-            _finish(self._futures)
+        if self._prepared is not None:
+            self._prepared.result()
 
-    def _fill_early(self) -> None:
-        """Fill the early rows not filled yet (on the filler's threads too, where they did not start early)."""
-        if self._futures is None:
-            self._futures = self._filler.start(
-                self._queue, self._bitmask, min(self._filler.threads, len(self._early)) - 1
-            )
-        self._queue.fill(self._bitmask)
-        _finish(self._futures)
+    def _prepare(self) -> None:
+        """Find the rows whose check cannot answer and fill their masks."""
+        self._early = {row.row for row in self._rows if not checks_answer(row)}
+        self._filler.fill_into([row for row in self._rows if row.row in self._early], self._bitmask)
+
+    def _wait_prepared(self) -> None:
+        """The early rows found and filled (here, where no filler's thread started on them)."""
+        if self._prepared is None:
+            self._prepare()
+            self._prepared = concurrent.futures.Future()
+            self._prepared.set_result(None)
+        self._prepared.result()
