@@ -261,8 +261,8 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
     }
     if (top) { /* the step's maximum per lane against the lists' thresholds first: most steps stop there */
         for (int j = 0; j < nb; j++) {
-            vfloat most = acc[0][j];
-            for (int k = 1; k < kv; k++)
+            vfloat most = (vfloat){0} - __builtin_inff(); /* not acc[0]: a NaN there would hide the step */
+            for (int k = 0; k < kv; k++)
                 most = max_lanes(acc[k][j], most);
             if (p->round_bf16)
                 most = round_to_bf16_lanes(most);

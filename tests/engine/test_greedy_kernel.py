@@ -356,6 +356,15 @@ def test_top_k_never_keeps_nan_and_pads_rows_with_few_finite_logits():
     assert (last == -1).any() and torch.isinf(values[-1][last == -1]).all()
 
 
+@pytest.mark.parametrize("rows", [3, 16])  # ids in lanes, rows in lanes
+def test_top_k_keeps_a_step_whose_first_candidate_is_nan(rows):
+    weight, hidden = _weight(torch.float32, 52, 300), _hidden(rows, torch.float32, 53)
+    weight[3] = 40.0 * hidden[0]  # row 0's best id, in the rows-in-lanes step of ids 0..7
+    weight[0] = float("nan")  # that step's first candidate
+    ids = greedy_kernel.greedy_top(weight, hidden, 4)[1]
+    assert ids[0, 0] == 3 == greedy_kernel.greedy_max(weight, hidden)[1][0]
+
+
 def test_top_k_outside_its_bounds_is_refused():
     weight, hidden = _weight(torch.float32), _hidden(2, torch.float32)
     for k in (0, greedy_kernel.TOP_K_MAX + 1):
