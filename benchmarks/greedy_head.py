@@ -73,7 +73,7 @@ def case(lm_head: ParallelLMHead, batch: int, repeats: int, prefetch: bool | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batches", default="1,2,4,8,16,48,64,128,256")
+    parser.add_argument("--batches", default="1,2,4,8,16,32,48,64,128,256")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the kernel uses as many)")
     parser.add_argument("--repeats", type=int, default=5)

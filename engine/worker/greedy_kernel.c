@@ -27,7 +27,10 @@
  * - rows in lanes (B >= LANES_FROM_ROWS): the hidden rows are transposed once to [H, B padded to LANES], so that
  *   one vector holds one hidden element of LANES batch rows; each weight element is broadcast and multiplied into
  *   KV x NB accumulators (KV vocabulary rows x NB vectors of batch rows), and a running maximum and its id are
- *   kept per lane with vector compares: no horizontal sums;
+ *   kept per lane with vector compares (skipped for a step none of whose candidates is above it): no horizontal
+ *   sums. Without a mask, the next tile's rows are prefetched into L2 while a tile is computed, a line of each of
+ *   the step's KV rows every 16 hidden elements: at 16 rows the FMAs and the weight's memory stream take about as
+ *   long each, and without it they followed each other instead of overlapping;
  * - ids in lanes (fewer rows): groups of LANES vocabulary rows; per batch row, one vector of partial sums per id
  *   (hidden in blocks of HIDDEN_BLOCK, so that a group's rows stay in L1 while every batch row meets them), folded
  *   into one vector that holds the group's LANES logits, one per lane; a running maximum and its id are kept per
@@ -219,32 +222,47 @@ static inline vint allowed_lanes(const LaneMask *lm, int64_t r, int64_t b) {
     return (vint)((words[b] & (1u << (r & 31))) != 0);
 }
 
+/* The weight rows of the next tile, in the weight's own dtype, for the rows in lanes loop to prefetch while it
+ * computes this one: rows [0, count) at `rows`, `stride` bytes apart, `elem` bytes per element. */
+typedef struct {
+    const char *rows;
+    int64_t stride, count, elem;
+} Ahead;
+
 /* Rows in lanes, one block: vocabulary rows [v, v + kv) of w (ids v0 + v ..) against the nb vectors of batch rows
  * starting at vector b of the transposed hidden ht [H, num_vectors], each id competing only in the lanes of lm
- * that allow it (lm NULL: in all); kv and nb are constants where it is inlined. */
+ * that allow it (lm NULL: in all); kv and nb are constants where it is inlined. With `ahead`, the lines of the next
+ * tile's rows [v, v + kv) are asked for, a line per row every LINE / 4 hidden elements, so that the memory stream
+ * overlaps the FMAs instead of following them. */
 static inline __attribute__((always_inline)) void lanes_block(const Problem *p, const float *w, int64_t stride,
                                                               int64_t v, int kv, int64_t v0, const vfloat *ht,
                                                               int64_t num_vectors, int64_t b, int nb,
-                                                              const LaneMask *lm, vfloat *best, vint *best_id,
-                                                              const TopLists *top) {
+                                                              const LaneMask *lm, const Ahead *ahead,
+                                                              vfloat *best, vint *best_id, const TopLists *top) {
     vfloat acc[KV][NB];
     for (int k = 0; k < kv; k++)
         for (int j = 0; j < nb; j++)
             acc[k][j] = (vfloat){0};
-    for (int64_t h = 0; h < p->hidden_size; h++) {
-        vfloat x[NB];
-        for (int j = 0; j < nb; j++)
-            x[j] = ht[h * num_vectors + b + j];
-        for (int k = 0; k < kv; k++) {
-            float wk = w[(v + k) * stride + h];
+    for (int64_t h0 = 0; h0 < p->hidden_size; h0 += LINE / (int64_t)sizeof(float)) {
+        int64_t end = h0 + LINE / (int64_t)sizeof(float) < p->hidden_size ? h0 + LINE / (int64_t)sizeof(float)
+                                                                          : p->hidden_size;
+        for (int k = 0; ahead && (h0 * ahead->elem) % LINE == 0 && k < kv && v + k < ahead->count; k++)
+            __builtin_prefetch(ahead->rows + (v + k) * ahead->stride + h0 * ahead->elem, 0, 2); /* into L2 */
+        for (int64_t h = h0; h < end; h++) {
+            vfloat x[NB];
             for (int j = 0; j < nb; j++)
-                acc[k][j] += wk * x[j];
+                x[j] = ht[h * num_vectors + b + j];
+            for (int k = 0; k < kv; k++) {
+                float wk = w[(v + k) * stride + h];
+                for (int j = 0; j < nb; j++)
+                    acc[k][j] += wk * x[j];
+            }
         }
     }
     if (top) { /* the step's maximum per lane against the lists' thresholds first: most steps stop there */
         for (int j = 0; j < nb; j++) {
-            vfloat most = acc[0][j];
-            for (int k = 1; k < kv; k++)
+            vfloat most = (vfloat){0} - __builtin_inff(); /* not acc[0]: a NaN there would hide the step */
+            for (int k = 0; k < kv; k++)
                 most = max_lanes(acc[k][j], most);
             if (p->round_bf16)
                 most = round_to_bf16_lanes(most);
@@ -255,6 +273,12 @@ static inline __attribute__((always_inline)) void lanes_block(const Problem *p, 
         }
         return;
     }
+    vint beats = (vint){0}; /* a candidate that is not above its lane's maximum (even rounded) changes nothing */
+    for (int k = 0; k < kv; k++)
+        for (int j = 0; j < nb; j++)
+            beats |= acc[k][j] > best[b + j];
+    if (!any_lane(beats))
+        return;
     for (int k = 0; k < kv; k++) /* in increasing id, so that ties keep the first */
         for (int j = 0; j < nb; j++) {
             vint ok = lm ? allowed_lanes(lm, v + k, b + j) : (vint){0} - 1;
@@ -277,32 +301,33 @@ static inline int block_needed(const LaneMask *lm, int64_t b, int nb, int64_t v,
  * blocks of NB vectors of batch rows (a rest of 4 as 2 + 2, of 2 or 1 alone); steps no row of a block allows are
  * skipped. With `top`, its lists take the candidates instead of best / best_id. */
 static void tile_lanes(const Problem *p, const float *w, int64_t stride, int64_t count, int64_t v0,
-                       const vfloat *ht, int64_t num_vectors, const LaneMask *lm, vfloat *best, vint *best_id,
-                       const TopLists *top) {
+                       const vfloat *ht, int64_t num_vectors, const LaneMask *lm, const Ahead *ahead,
+                       vfloat *best, vint *best_id, const TopLists *top) {
     for (int64_t b = 0; b < num_vectors;) {
         int64_t rest = num_vectors - b, v = 0;
+        const Ahead *first = b == 0 ? ahead : NULL; /* the first block of batch rows prefetches for all */
         int nb = rest >= NB && rest != 4 ? NB : rest >= 2 ? 2 : 1;
         if (nb == NB) {
             for (; v + KV <= count; v += KV)
                 if (block_needed(lm, b, NB, v, KV))
-                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, lm, best, best_id, top);
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, NB, lm, first, best, best_id, top);
             for (; v < count; v++)
                 if (block_needed(lm, b, NB, v, 1))
-                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, lm, best, best_id, top);
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, NB, lm, first, best, best_id, top);
         } else if (nb == 2) {
             for (; v + KV <= count; v += KV)
                 if (block_needed(lm, b, 2, v, KV))
-                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, lm, best, best_id, top);
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 2, lm, first, best, best_id, top);
             for (; v < count; v++)
                 if (block_needed(lm, b, 2, v, 1))
-                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, lm, best, best_id, top);
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 2, lm, first, best, best_id, top);
         } else {
             for (; v + KV <= count; v += KV)
                 if (block_needed(lm, b, 1, v, KV))
-                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, lm, best, best_id, top);
+                    lanes_block(p, w, stride, v, KV, v0, ht, num_vectors, b, 1, lm, first, best, best_id, top);
             for (; v < count; v++)
                 if (block_needed(lm, b, 1, v, 1))
-                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, lm, best, best_id, top);
+                    lanes_block(p, w, stride, v, 1, v0, ht, num_vectors, b, 1, lm, first, best, best_id, top);
         }
         b += nb;
     }
@@ -518,8 +543,11 @@ static int run_range(const Problem *p, int64_t lo, int64_t hi, const vfloat *ht,
         if (p->mask && !(lm ? lm->any[num_vectors] : rows_bits(p, v0)))
             continue; /* every row forbids the whole tile */
         const float *w = tile_rows(p, v0, count, scratch, &stride);
-        if (lanes)
-            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lane_best, lane_id, top);
+        int64_t next = v0 + TILE_VOCAB, elem = p->bf16 ? 2 : 4;
+        Ahead ahead = {(const char *)p->weight + (next < hi ? next : v0) * p->row_stride * elem,
+                       p->row_stride * elem, next < hi ? (hi - next < TILE_VOCAB ? hi - next : TILE_VOCAB) : 0, elem};
+        if (lanes) /* unmasked: the next tile is prefetched (masked, it may well be skipped) */
+            tile_lanes(p, w, stride, count, v0, ht, num_vectors, lm, lm ? NULL : &ahead, lane_best, lane_id, top);
         else
             tile_ids(p, w, stride, count, v0, order, pad, acc, lane_best, lane_id, top);
     }

@@ -102,6 +102,54 @@ def test_every_row_count_from_1_to_70_on_random_shapes_keeps_the_first_of_plante
     assert checked > 300  # most planted ties were their row's maximum
 
 
+# ties across the rows-in-lanes loop's steps of 8 ids, its tiles of 64 (whose successors it prefetches), the thread
+# ranges, and the last, partial tile (VOCAB = 1037)
+BOUNDARY_TIES = [(7, 8), (15, 16), (63, 64), (127, 128), (191, 200), (1023, 1024), (1030, 1036)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [8, 9, 19, 24, 33, 40, 47])  # rows in lanes, not whole vectors of 16
+def test_rows_in_lanes_keep_the_first_of_ties_across_its_blocks_and_never_pick_nan(monkeypatch, dtype, threads, rows):
+    monkeypatch.setattr(greedy_kernel.torch, "get_num_threads", lambda: threads)
+    weight, hidden = _weight(torch.float32, 80 + rows), _hidden(rows, torch.float32, 81 + rows)
+    planted = dict(zip(range(rows), BOUNDARY_TIES, strict=False))
+    for b, (i, j) in planted.items():
+        weight[i] = weight[j] = 40.0 * hidden[b]
+    weight[9] = weight[500] = float("nan")  # in the step after the first tie's; in the middle of a tile
+    weight, hidden = weight.to(dtype), hidden.to(dtype)
+    values, ids = greedy_kernel.greedy_max(weight, hidden)
+    logits = F.linear(hidden, weight).float().nan_to_num(nan=-float("inf"))
+    want = logits.max(dim=-1).indices
+    assert not ((ids == 9) | (ids == 500)).any()
+    for b, (i, _) in planted.items():
+        assert want[b] == i and ids[b] == i, f"row {b}: {ids[b]} instead of {i}"
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2  # every row: the chosen logit is the maximum
+    chosen = logits.gather(1, ids[:, None]).squeeze(1)
+    torch.testing.assert_close(chosen, logits.max(dim=-1).values, atol=tolerance, rtol=tolerance)
+    top_values, top_ids = greedy_kernel.greedy_top(weight, hidden, 2)  # the same logits through the top-k lists
+    assert torch.equal(top_ids[:, 0], ids) and torch.equal(top_values[:, 0], values.float())
+
+
+@pytest.mark.parametrize("rows", [8, 19, 47])
+def test_rows_in_lanes_compare_bf16_logits_rounded_so_the_first_of_a_rounded_tie_wins(rows):
+    weight, hidden = _weight(torch.bfloat16, 90 + rows), _hidden(rows, torch.bfloat16, 91 + rows)
+    b, first, later = rows - 1, 63, 64  # the later id in the next tile, larger before rounding
+    weight[first] = (40.0 * hidden[b].float()).bfloat16()
+
+    def rounded_tie(h: int) -> bool:
+        """Whether weight[later, h] nudged away from zero (as hidden[b, h] is 40 times) makes a larger logit (by far more
+        than fp32 sums differ) that rounds (with a margin) to the same bf16 logit as weight[first]'s."""
+        weight[later] = weight[first]
+        weight[later, h] = (weight[later, h].float() * (1 + 2**-7)).bfloat16()  # one or two bf16 steps out
+        exact = F.linear(hidden[b].double(), weight[[first, later]].double())
+        ends = torch.stack([exact - 0.01, exact + 0.01]).float().bfloat16()
+        return bool(exact[1] - exact[0] > 0.01) and bool((ends == ends[0, 0]).all())
+
+    assert any(rounded_tie(h) for h in (hidden[b].float().abs() - 0.5).abs().argsort().tolist())
+    assert greedy_kernel.greedy_max(weight, hidden)[1][b] == first
+
+
 def test_every_logit_minus_infinity_gives_id_zero_as_argmax_does():
     weight = torch.zeros(VOCAB, HIDDEN)
     weight[:, 0] = -float("inf")
@@ -306,6 +354,15 @@ def test_top_k_never_keeps_nan_and_pads_rows_with_few_finite_logits():
     last = ids[-1]
     assert set(last[last >= 0].tolist()) <= set(range(20)) - {7} and (last[last < 0] == -1).all()
     assert (last == -1).any() and torch.isinf(values[-1][last == -1]).all()
+
+
+@pytest.mark.parametrize("rows", [3, 16])  # ids in lanes, rows in lanes
+def test_top_k_keeps_a_step_whose_first_candidate_is_nan(rows):
+    weight, hidden = _weight(torch.float32, 52, 300), _hidden(rows, torch.float32, 53)
+    weight[3] = 40.0 * hidden[0]  # row 0's best id, in the rows-in-lanes step of ids 0..7
+    weight[0] = float("nan")  # that step's first candidate
+    ids = greedy_kernel.greedy_top(weight, hidden, 4)[1]
+    assert ids[0, 0] == 3 == greedy_kernel.greedy_max(weight, hidden)[1][0]
 
 
 def test_top_k_outside_its_bounds_is_refused():
