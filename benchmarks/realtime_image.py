@@ -42,16 +42,31 @@ def image_url(width: int, height: int, seed: int) -> str:
 
 
 async def chat_ttft(client: httpx.AsyncClient, url: str, max_tokens: int) -> float:
-    body = {"model": MODEL, "stream": True, "temperature": 0, "max_tokens": max_tokens,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": "What is in the picture?"}]}]}
+    body = {
+        "model": MODEL,
+        "stream": True,
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": url}},
+                    {"type": "text", "text": "What is in the picture?"},
+                ],
+            }
+        ],
+    }
     start = time.perf_counter()
     first = None
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
         async for line in response.aiter_lines():
-            if first is None and line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get(
-                    "content"):
+            if (
+                first is None
+                and line.startswith("data: {")
+                and json.loads(line[6:])["choices"][0]["delta"].get("content")
+            ):
                 first = time.perf_counter() - start
     return first
 
@@ -69,12 +84,29 @@ async def realtime_times(ws_url: str, url: str, max_tokens: int, gap_s: float) -
     """(item sent -> conversation.item.done, response.create -> first delta) on a fresh conversation."""
     async with connect(ws_url, max_size=None) as ws:
         await _until(ws, "session.created")
-        await ws.send(json.dumps({"type": "session.update", "session": {
-            "type": "realtime", "output_modalities": ["text"], "max_output_tokens": max_tokens, "temperature": 0,
-            "audio": {"input": {"turn_detection": None}}}}))
+        await ws.send(
+            json.dumps(
+                {
+                    "type": "session.update",
+                    "session": {
+                        "type": "realtime",
+                        "output_modalities": ["text"],
+                        "max_output_tokens": max_tokens,
+                        "temperature": 0,
+                        "audio": {"input": {"turn_detection": None}},
+                    },
+                }
+            )
+        )
         await _until(ws, "session.updated")
-        item = {"type": "message", "role": "user", "content": [
-            {"type": "input_image", "image_url": url}, {"type": "input_text", "text": "What is in the picture?"}]}
+        item = {
+            "type": "message",
+            "role": "user",
+            "content": [
+                {"type": "input_image", "image_url": url},
+                {"type": "input_text", "text": "What is in the picture?"},
+            ],
+        }
         start = time.perf_counter()
         await ws.send(json.dumps({"type": "conversation.item.create", "item": item}))
         await _until(ws, "conversation.item.done")
@@ -91,8 +123,12 @@ async def realtime_times(ws_url: str, url: str, max_tokens: int, gap_s: float) -
 async def measure(args: argparse.Namespace, server: ServerProcess) -> dict[str, list[float]]:
     width, height = (int(v) for v in args.size.split("x"))
     ws_url = server.url.replace("http://", "ws://") + f"/v1/realtime?model={MODEL}"
-    times: dict[str, list[float]] = {"chat_ttft": [], "realtime_now_ttft": [], "realtime_item_done": [],
-                                     "realtime_ahead_ttft": []}
+    times: dict[str, list[float]] = {
+        "chat_ttft": [],
+        "realtime_now_ttft": [],
+        "realtime_item_done": [],
+        "realtime_ahead_ttft": [],
+    }
     async with httpx.AsyncClient(base_url=server.url, timeout=300) as client:
         await chat_ttft(client, image_url(width, height, 10_000), args.max_tokens)  # warm-up
         await realtime_times(ws_url, image_url(width, height, 10_001), args.max_tokens, 0.0)
@@ -117,15 +153,31 @@ def main() -> None:
     parser.add_argument("--cpu-threads", type=int, default=1)
     args = parser.parse_args()
     port = free_port()
-    argv = [sys.executable, "-m", "omnistream.engine.entrypoints.cli", "serve", *([args.model] if args.model else []),
-            "--port", str(port), "--dtype", "float32", "--served-model-name", MODEL, "--max-model-len", "4096",
-            "--cpu-threads", str(args.cpu_threads)]
+    argv = [
+        sys.executable,
+        "-m",
+        "omnistream.engine.entrypoints.cli",
+        "serve",
+        *([args.model] if args.model else []),
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--served-model-name",
+        MODEL,
+        "--max-model-len",
+        "4096",
+        "--cpu-threads",
+        str(args.cpu_threads),
+    ]
     log = Path(tempfile.mkdtemp(prefix="omnistream-realtime-image-")) / "server.log"
     with ServerProcess("omnistream", argv, port, log, env={"OMNISTREAM_API_KEY": ""}) as server:
         times = asyncio.run(measure(args, server))
     for name, values in times.items():
-        print(f"{name:22s} median {1000 * statistics.median(values):8.1f} ms   "
-              f"({', '.join(f'{1000 * v:.0f}' for v in values)})")
+        print(
+            f"{name:22s} median {1000 * statistics.median(values):8.1f} ms   "
+            f"({', '.join(f'{1000 * v:.0f}' for v in values)})"
+        )
 
 
 if __name__ == "__main__":
