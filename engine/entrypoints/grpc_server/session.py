@@ -142,20 +142,11 @@ class LiveSession:
             await self.session.cancel()
         elif kind == "video_frame":
             frame = message.video_frame
-            if frame.mime_type and not frame.mime_type.startswith("image/"):
-                raise ValueError(f"video_frame: mime_type must be an image type (image/jpeg, image/png...), "
-                                 f"got {frame.mime_type!r}")
-            if not frame.data:
-                raise ValueError("video_frame: data is empty (send an encoded image)")
-            await self.session.append_frame(frame.data, frame.timestamp_s)
+            await self.session.append_frame(_encoded_image(kind, frame.mime_type, frame.data), frame.timestamp_s)
         elif kind == "image":
             image = message.image
-            if image.mime_type and not image.mime_type.startswith("image/"):
-                raise ValueError(f"image: mime_type must be an image type (image/jpeg, image/png...), "
-                                 f"got {image.mime_type!r}")
-            if not image.data:
-                raise ValueError("image: data is empty (send an encoded image)")
-            await self.session.append_image(image.data, self.llm.input_processor.limits.max_image_pixels)
+            await self.session.append_image(_encoded_image(kind, image.mime_type, image.data),
+                                            self.llm.input_processor.limits.max_image_pixels)
         elif kind == "config":
             raise invalid("config: a session takes one config, as its first input")
         else:
@@ -228,6 +219,16 @@ class LiveSession:
 
     def _send(self, **field: Any) -> None:
         self.outbox.put_nowait(pb.SessionOutput(**field))
+
+
+def _encoded_image(field: str, mime_type: str, data: bytes) -> bytes:
+    """The bytes of an encoded image sent in `field` (a video_frame or an image); ValueError when its MIME type is
+    not an image type or it is empty."""
+    if mime_type and not mime_type.startswith("image/"):
+        raise ValueError(f"{field}: mime_type must be an image type (image/jpeg, image/png...), got {mime_type!r}")
+    if not data:
+        raise ValueError(f"{field}: data is empty (send an encoded image)")
+    return data
 
 
 def _samples(data: bytes, audio_format: int) -> bytes | np.ndarray:
