@@ -1,4 +1,5 @@
-"""The real server (uvicorn + AsyncLLM on the embedded default model) in a background thread, on a free port."""
+"""The real server (uvicorn + AsyncLLM on the embedded default model) in a background thread, on a free port; the
+gRPC server alone on a free port (running_grpc_server)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import openai
 from PIL import Image
 
 from omnistream.engine.entrypoints.cli import build_parser
+from omnistream.engine.entrypoints.grpc_server import GrpcServer
 from omnistream.engine.entrypoints.serve import build_server
 from omnistream.multimodal.media_fetch import MediaPolicy
 
@@ -50,6 +52,20 @@ def running_server(*flags: str, media_policy: MediaPolicy | None = None) -> Iter
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+        llm.shutdown()
+
+
+@contextmanager
+def running_grpc_server(*flags: str) -> Iterator[tuple[GrpcServer, str]]:
+    """`omnistream serve --grpc-only` with these flags on a free port: the server and its host:port."""
+    args = build_parser().parse_args(["serve", "--grpc-port", "0", "--grpc-only", *flags])
+    llm, _ = build_server(args)
+    grpc_server = GrpcServer(llm, args)
+    port = grpc_server.start()
+    try:
+        yield grpc_server, f"127.0.0.1:{port}"
+    finally:
+        grpc_server.stop(grace=1)
         llm.shutdown()
 
 

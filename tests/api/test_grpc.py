@@ -22,17 +22,16 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from omnistream.engine.entrypoints.cli import build_parser, main
+from omnistream.engine.entrypoints.cli import main
 from omnistream.engine.entrypoints.grpc_server import GrpcServer
 from omnistream.engine.entrypoints.openai.app import DEFAULT_MODEL_NAME
-from omnistream.engine.entrypoints.serve import build_server
 from omnistream.engine.errors import EngineDeadError
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.engine.grpc_gen.regenerate import HERE, generate
 from omnistream.scheduler.sampling_params import SamplingParams
 
-from .server_fixture import engine_stats, png_data_url, wait_until_idle, wav_base64
+from .server_fixture import engine_stats, png_data_url, running_grpc_server, wait_until_idle, wav_base64
 from .session_inputs import SessionInputs
 
 API_KEY = "grpc-key-456"
@@ -47,19 +46,12 @@ LONG = pb.SamplingParams(max_tokens=200, ignore_eos=True)  # seconds of decoding
 
 @pytest.fixture(scope="module")
 def server():
-    args = build_parser().parse_args([
-        "serve", "--grpc-port", "0", "--grpc-only", "--api-key", API_KEY, "--dtype", "float32",
-        "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "256",
-        "--limit-mm-per-prompt", '{"image": 1}',
-    ])
-    llm, _ = build_server(args)
-    grpc_server = GrpcServer(llm, args)
-    port = grpc_server.start()
-    try:
-        yield grpc_server, f"127.0.0.1:{port}"
-    finally:
-        grpc_server.stop(grace=1)
-        llm.shutdown()
+    flags = (
+        "--api-key", API_KEY, "--dtype", "float32", "--max-model-len", str(MAX_MODEL_LEN), "--num-kv-blocks",
+        str(NUM_BLOCKS), "--max-num-batched-tokens", "256", "--limit-mm-per-prompt", '{"image": 1}',
+    )
+    with running_grpc_server(*flags) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

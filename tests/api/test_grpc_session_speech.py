@@ -14,12 +14,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from omnistream.engine.entrypoints.cli import build_parser
-from omnistream.engine.entrypoints.grpc_server import GrpcServer
-from omnistream.engine.entrypoints.serve import build_server
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 
+from .server_fixture import running_grpc_server
 from .session_inputs import SessionInputs
 
 FRAMES = 6
@@ -29,18 +27,11 @@ LONG = pb.SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True, seed=2
 
 @pytest.fixture(scope="module")
 def stub():
-    args = build_parser().parse_args(["serve", "--grpc-port", "0", "--grpc-only", "--dtype", "float32",
-                                      "--max-model-len", "1024", "--num-kv-blocks", "64",
-                                      "--max-audio-frames", str(FRAMES)])
-    llm, _ = build_server(args)
-    server = GrpcServer(llm, args)
-    port = server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.OmnistreamStub(channel)
-    finally:
-        server.stop(grace=1)
-        llm.shutdown()
+    flags = (
+        "--dtype", "float32", "--max-model-len", "1024", "--num-kv-blocks", "64", "--max-audio-frames", str(FRAMES),
+    )
+    with running_grpc_server(*flags) as (_, address), grpc.insecure_channel(address) as channel:
+        yield pb_grpc.OmnistreamStub(channel)
 
 
 def _open(stub, config: pb.SessionConfig) -> tuple[SessionInputs, Iterator[pb.SessionOutput]]:

@@ -8,12 +8,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from omnistream.engine.entrypoints.cli import build_parser
-from omnistream.engine.entrypoints.grpc_server import GrpcServer
-from omnistream.engine.entrypoints.serve import build_server
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from tests.multimodal.media import encode_video
+
+from .server_fixture import running_grpc_server
 
 FRAMES = 5
 CHAT = pb.ChatMessages(messages=[pb.ChatMessage(role="user", content=[pb.ContentPart(text="Tell me a joke.")])])
@@ -22,31 +21,9 @@ SAMPLING = pb.SamplingParams(max_tokens=4, temperature=0.8, seed=5)
 
 @pytest.fixture(scope="module")
 def stub():
-    args = build_parser().parse_args(
-        [
-            "serve",
-            "--grpc-port",
-            "0",
-            "--grpc-only",
-            "--dtype",
-            "float32",
-            "--max-model-len",
-            "512",  # a video prompt
-            "--num-kv-blocks",
-            "64",
-            "--max-audio-frames",
-            str(FRAMES),
-        ]
-    )
-    llm, _ = build_server(args)
-    server = GrpcServer(llm, args)
-    port = server.start()
-    try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
-            yield pb_grpc.OmnistreamStub(channel)
-    finally:
-        server.stop(grace=1)
-        llm.shutdown()
+    flags = ("--dtype", "float32", "--max-model-len", "512", "--num-kv-blocks", "64", "--max-audio-frames", str(FRAMES))
+    with running_grpc_server(*flags) as (_, address), grpc.insecure_channel(address) as channel:  # 512: a video prompt
+        yield pb_grpc.OmnistreamStub(channel)
 
 
 def _generate(stub, **speech) -> list[pb.GenerateResponse]:

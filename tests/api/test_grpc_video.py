@@ -12,14 +12,11 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from omnistream.engine.entrypoints.cli import build_parser
-from omnistream.engine.entrypoints.grpc_server import GrpcServer
-from omnistream.engine.entrypoints.serve import build_server
 from omnistream.engine.grpc_gen import omnistream_pb2 as pb
 from omnistream.engine.grpc_gen import omnistream_pb2_grpc as pb_grpc
 from omnistream.scheduler.sampling_params import SamplingParams
 
-from .server_fixture import wait_until_idle
+from .server_fixture import running_grpc_server, wait_until_idle
 from .session_inputs import SessionInputs
 
 API_KEY = "grpc-video-key"
@@ -32,18 +29,12 @@ FPS = 2.0  # the session's default frame rate
 
 @pytest.fixture(scope="module")
 def server():
-    args = build_parser().parse_args([
-        "serve", "--grpc-port", "0", "--grpc-only", "--api-key", API_KEY, "--dtype", "float32",
-        "--max-model-len", "2048", "--num-kv-blocks", str(NUM_BLOCKS), "--max-num-batched-tokens", "256",
-    ])
-    llm, _ = build_server(args)
-    grpc_server = GrpcServer(llm, args)
-    port = grpc_server.start()
-    try:
-        yield grpc_server.llm, f"127.0.0.1:{port}"
-    finally:
-        grpc_server.stop(grace=1)
-        llm.shutdown()
+    flags = (
+        "--api-key", API_KEY, "--dtype", "float32", "--max-model-len", "2048", "--num-kv-blocks", str(NUM_BLOCKS),
+        "--max-num-batched-tokens", "256",
+    )
+    with running_grpc_server(*flags) as (grpc_server, address):
+        yield grpc_server.llm, address
 
 
 def _speech(seconds: float) -> np.ndarray:
